@@ -1,0 +1,136 @@
+"""Shared plumbing: logging, rank-0 printing, device and distributed init, code version.
+
+Nothing here runs on import; stages call `compute_init()` once and `compute_cleanup()` at the end.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+
+log = logging.getLogger("nanochat")
+
+
+def setup_logging(level=logging.INFO):
+    """One-line log records on stderr, tagged with the rank under torchrun."""
+    rank = os.environ.get("RANK")
+    tag = f"[rank {rank}] " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def dist_info():
+    """(rank, local_rank, world_size) from the torchrun environment; (0, 0, 1) without it."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def is_rank0():
+    return dist_info()[0] == 0
+
+
+def print0(*args, **kwargs):
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type():
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclasses.dataclass
+class Compute:
+    device: "object"  # torch.device
+    device_type: str
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def compute_init(device_type=None, seed=None):
+    """Picks the device (cuda > mps > cpu), joins the process group under torchrun
+    (nccl on CUDA, gloo otherwise) and seeds torch. Returns a `Compute`."""
+    import torch
+    import torch.distributed as dist
+
+    device_type = device_type or autodetect_device_type()
+    rank, local_rank, world_size = dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Compute(device, device_type, rank, local_rank, world_size)
+
+
+def compute_cleanup():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def source_hash(packages=("nanochat", "tasks", "rustbpe")):
+    """sha256 over the Python and Rust sources of the given packages (stable across machines)."""
+    h = hashlib.sha256()
+    for package in packages:
+        root = REPO_ROOT / package
+        files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".rs") and "target" not in p.parts)
+        for path in files:
+            h.update(str(path.relative_to(REPO_ROOT)).encode())
+            h.update(b"\0")
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def git_commit():
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def code_version():
+    """What produced an artifact: package version, git commit (if any) and a hash of the sources."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("nanochat")
+    except PackageNotFoundError:
+        package_version = None
+    return {"version": package_version, "commit": git_commit(), "source_sha256": source_hash()}

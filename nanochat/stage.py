@@ -1,0 +1,91 @@
+"""The stage contract shared by every program in nanochat/stages.
+
+A stage takes `--run RUN_URI --preset NAME [options]`; the preset supplies the defaults and each
+option overrides its own. Outputs go under `<run>/<stage>/`, and the stage commits by writing
+`<run>/<stage>/stage.json` last (config, inputs and outputs with sha256, metrics, wall time, code
+version). No stage.json means the stage is not done.
+"""
+
+import argparse
+import sys
+import time
+
+from nanochat import presets, storage
+from nanochat.common import code_version
+
+SUMMARY = "stage.json"
+
+
+class StageError(Exception):
+    """A stage cannot run: bad arguments or missing/invalid inputs. Reported as one line."""
+
+
+def parser(stage, doc):
+    """An argument parser with the options every stage shares; `doc` is the module docstring."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m nanochat.stages.{stage}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", required=True, help="run URI, path, or name (a name X means <storage>/runs/X)")
+    p.add_argument("--preset", required=True, choices=sorted(presets.PRESETS), help="defaults for every option below")
+    p.add_argument("--storage", default=None, help="storage root for run names and the data cache (default: $NANOCHAT_STORAGE or file://~/.cache/nanochat)")
+    return p
+
+
+def parse_args(p, stage, argv=None):
+    """Parses in two passes: the preset first, whose values become the defaults, then the rest."""
+    known, _ = p.parse_known_args(argv)
+    p.set_defaults(**presets.get(known.preset, stage))
+    args = p.parse_args(argv)
+    args.run = storage.run_uri(args.run, args.storage)
+    return args
+
+
+def stage_uri(run, stage, *parts):
+    return storage.join(run, stage, *parts)
+
+
+def read_summary(run, stage):
+    """The committed summary of an upstream stage; a clear StageError if it is not done."""
+    uri = stage_uri(run, stage, SUMMARY)
+    if not storage.exists(uri):
+        raise StageError(f"stage {stage!r} has not completed in run {run} (no {uri}); run it first")
+    return storage.read_json(uri)
+
+
+def artifact(uri):
+    """An input/output entry: the URI with the sha256 and size of its bytes."""
+    return {"uri": uri, "sha256": storage.sha256(uri), "bytes": storage.size(uri)}
+
+
+def commit(run, stage, args, inputs, outputs, metrics, started):
+    """Writes stage.json last, recording everything needed to trust and reuse the outputs."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in ("run", "storage")}
+    summary = {
+        "stage": stage,
+        "run": run,
+        "config": config,
+        "inputs": {name: artifact(uri) for name, uri in inputs.items()},
+        "outputs": {name: artifact(uri) for name, uri in outputs.items()},
+        "metrics": metrics,
+        "wall_time_s": round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": code_version(),
+    }
+    storage.write_json(stage_uri(run, stage, SUMMARY), summary)
+    return summary
+
+
+def run_main(main, p, stage, argv=None):
+    """Entry point for `python -m nanochat.stages.X`: one-line reason on stderr and exit 1 on a
+    StageError, exit 0 when done."""
+    from nanochat.common import setup_logging
+
+    setup_logging()
+    args = parse_args(p, stage, argv)
+    try:
+        main(args)
+    except StageError as e:
+        print(f"{stage}: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,71 @@
+"""Train the BPE tokenizer on the pretraining shards (all but the last, which is validation).
+
+    python -m nanochat.stages.tok_train --run myrun --preset d20
+    python -m nanochat.stages.tok_train --run myrun --preset tiny --vocab-size 4096
+    python -m nanochat.stages.tok_train --run /tmp/run --preset tiny --data ../shared/data/pretrain
+
+Reads shards from the data cache (<storage>/data/pretrain) unless --data names another directory
+URI. Writes <run>/tok_train/tokenizer/{ranks.tiktoken,tokenizer.json}, then stage.json.
+"""
+
+import sys
+import time
+
+from tqdm import tqdm
+
+from nanochat import shards, stage, storage
+from nanochat.common import log
+from nanochat.tokenizer import Tokenizer
+
+STAGE = "tok_train"
+
+
+def build_parser():
+    p = stage.parser(STAGE, __doc__)
+    p.add_argument("--vocab-size", type=int, help="vocabulary size including the special tokens")
+    p.add_argument("--max-chars", type=int, help="train on at most this many characters")
+    p.add_argument("--doc-cap", type=int, help="cut each document to this many characters")
+    p.add_argument("--data", default=None, help="directory URI of shard_NNNNN.parquet files (default: <storage>/data/pretrain)")
+    return p
+
+
+def main(args):
+    started = time.time()
+    data = args.data or storage.join(storage.data_root(args.storage), "pretrain")
+    if args.vocab_size < 256 + 9:
+        raise stage.StageError(f"--vocab-size {args.vocab_size} is too small (minimum 265: 256 bytes + 9 special tokens)")
+    try:
+        train_shards = shards.split_shards(shards.list_shards(data), "train")
+    except shards.ShardError as e:
+        raise stage.StageError(str(e)) from None
+    log.info("training a %d-token tokenizer on up to %s chars from %d shards in %s",
+             args.vocab_size, f"{args.max_chars:,}", len(train_shards), data)
+
+    counted = {"docs": 0, "chars": 0}
+    bar = tqdm(total=args.max_chars, unit="char", unit_scale=True, desc="tokenizer", file=sys.stderr, mininterval=1.0)
+
+    def texts():
+        for text in shards.iter_texts(train_shards, max_chars=args.max_chars, doc_cap=args.doc_cap):
+            counted["docs"] += 1
+            counted["chars"] += len(text)
+            bar.update(len(text))
+            yield text
+
+    t0 = time.time()
+    tokenizer = Tokenizer.train(texts(), args.vocab_size)
+    train_time = time.time() - t0
+    bar.close()
+    out = tokenizer.save(stage.stage_uri(args.run, STAGE, "tokenizer"))
+    metrics = {
+        "vocab_size": tokenizer.vocab_size,
+        "docs": counted["docs"],
+        "chars": counted["chars"],
+        "train_time_s": round(train_time, 3),
+        "chars_per_s": round(counted["chars"] / max(train_time, 1e-9)),
+    }
+    log.info("trained %d tokens on %s chars in %.1fs", tokenizer.vocab_size, f"{counted['chars']:,}", train_time)
+    return stage.commit(args.run, STAGE, args, {}, out, metrics, started)
+
+
+if __name__ == "__main__":
+    stage.run_main(main, build_parser(), STAGE)
