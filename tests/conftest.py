@@ -1,0 +1,43 @@
+"""Shared fixtures: the real data folder, and a real S3-compatible server."""
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.s3server import make_bucket, moto_server, s3_env
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real datasets (../shared/data or $NANOCHAT_TEST_DATA). Missing: a skip with the reason,
+    except in CI (CI=true), where it is an error."""
+    path = Path(os.environ.get("NANOCHAT_TEST_DATA") or REPO.parent / "shared" / "data").resolve()
+    if not (path / "pretrain").is_dir():
+        reason = f"real test data not found at {path} (set NANOCHAT_TEST_DATA)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_root(s3_endpoint, monkeypatch):
+    """A fresh bucket on the moto server, as `s3://bucket/nanochat`, with the environment set so
+    that s3fs reaches it."""
+    import s3fs
+
+    s3_env(monkeypatch, s3_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    make_bucket(s3_endpoint, bucket)
+    return f"s3://{bucket}/nanochat"
