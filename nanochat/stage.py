@@ -35,11 +35,20 @@ def parser(stage, doc):
 
 def parse_args(p, stage, argv=None):
     """Parses in two passes: the preset first, whose values become the defaults, then the rest."""
+    show_preset_defaults(p, stage)
     known, _ = p.parse_known_args(argv)
     p.set_defaults(**presets.get(known.preset, stage))
     args = p.parse_args(argv)
     args.run = storage.run_uri(args.run, args.storage)
     return args
+
+
+def show_preset_defaults(p, stage):
+    """Appends each option's value under every preset to its --help text."""
+    for action in p._actions:
+        values = {name: presets.get(name, stage).get(action.dest) for name in sorted(presets.PRESETS)}
+        if any(v is not None for v in values.values()) and action.help:
+            action.help += " [" + ", ".join(f"{k}: {v}" for k, v in values.items() if v is not None) + "]"
 
 
 def stage_uri(run, stage, *parts):

@@ -1,0 +1,64 @@
+# nanochat: the README's commands. `make help` lists them.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# pip is noisy here about extra indexes that lack a package; drop only those lines.
+PIP := $(PY) -m pip --disable-pip-version-check
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+TORCH := torch==2.13.0
+PRESET ?= tiny
+RUN ?= speedrun-$(PRESET)
+# Where the datasets come from: in this workplace a local mirror of the real sources (see
+# ../shared/data/README.md); elsewhere leave it empty to download from the real URLs.
+DATA_MIRROR ?= $(if $(wildcard ../shared/data/pretrain),$(abspath ../shared/data),)
+export NANOCHAT_DATA_MIRROR ?= $(DATA_MIRROR)
+
+RUST_SOURCES := rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs)
+
+.PHONY: help setup dev speedrun test bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | expand -t 12
+
+setup: $(VENV)/.setup  ## create .venv and install nanochat (no-op when current)
+
+dev: $(VENV)/.dev  ## setup + test and benchmark dependencies
+
+$(VENV)/.setup: pyproject.toml $(RUST_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip $(QUIET_PIP)
+	# A machine without an NVIDIA GPU gets the CPU build of torch (a local wheel here, else the
+	# PyTorch CPU index), never the multi-GB CUDA build that PyPI serves by default.
+	if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PIP) install -q "$(TORCH)" $(QUIET_PIP); \
+	else \
+	  $(PIP) install -q "$(TORCH)+cpu" $(QUIET_PIP) || \
+	  $(PIP) install -q "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu $(QUIET_PIP); \
+	fi
+	$(PIP) install -q -e . $(QUIET_PIP)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.setup
+	$(PIP) install -q -e ".[dev]" $(QUIET_PIP)
+	# The upstream PyPI rustbpe, an oracle for ours: same import name, so it lives apart and
+	# tests drive it in a subprocess.
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/upstream-rustbpe rustbpe==0.1.0 $(QUIET_PIP)
+	touch $@
+
+speedrun: setup  ## run the pipeline (PRESET=tiny|cpu|d20|d26|d32, RUN=name)
+	$(PY) -m nanochat.stages.tok_train --run $(RUN) --preset $(PRESET) $(if $(DATA_MIRROR),--data $(DATA_MIRROR)/pretrain,)
+	$(PY) -m nanochat.stages.tok_eval --run $(RUN) --preset $(PRESET) $(if $(DATA_MIRROR),--data $(DATA_MIRROR)/pretrain,)
+
+test: dev  ## run the whole test suite (Rust and Python)
+	cargo test --quiet --release --manifest-path rustbpe/Cargo.toml
+	$(PY) -m pytest
+
+bench: dev  ## run every benchmark in bench/ (each prints one JSON line)
+	for b in bench/*.py; do $(PY) $$b; done
+
+clean:  ## remove build outputs (keeps .venv)
+	rm -rf rustbpe/target rustbpe/_native .pytest_cache

@@ -1,0 +1,47 @@
+"""The `nanochat` command: runs pipeline stages and (later) chats and serves.
+
+    nanochat tok_train --run myrun --preset tiny     any stage, with the options of `python -m nanochat.stages.<stage>`
+    nanochat tok_train --help                        a stage's options
+    nanochat version                                 package version, git commit and source hash
+"""
+
+import importlib
+import json
+import pkgutil
+import sys
+
+import nanochat.stages
+
+
+def stage_names():
+    return sorted(m.name for m in pkgutil.iter_modules(nanochat.stages.__path__) if not m.name.startswith("_"))
+
+
+def usage():
+    stages = "\n".join(f"  {name}" for name in stage_names())
+    return f"{__doc__}\nstages:\n{stages}\n"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "version":
+        from nanochat.common import code_version
+
+        print(json.dumps(code_version(), indent=2))
+        return 0
+    if command in stage_names():
+        from nanochat import stage
+
+        module = importlib.import_module(f"nanochat.stages.{command}")
+        stage.run_main(module.main, module.build_parser(), command, rest)
+        return 0
+    print(f"nanochat: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
