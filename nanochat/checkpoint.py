@@ -1,0 +1,239 @@
+"""Checkpoints through storage URIs: safetensors weights, per-rank optimizer state, meta.json, and a
+manifest written last.
+
+Layout of one checkpoint, `<dir>/step_NNNNNN/`:
+    model.safetensors          the weights (rank 0 writes them; every rank holds the same model)
+    optim_rank_RRR.safetensors each rank's optimizer state and RNG state (tensors)
+    optim_rank_RRR.json        the non-tensor part of that state
+    meta.json                  model config, step, dataloader state, metrics, code version
+    manifest.json              sha256 and size of every file above: written last, by rank 0
+
+A checkpoint exists only once its manifest does, so a crash mid-save leaves nothing that a loader
+would take. Loading verifies every file against the manifest; resuming skips a corrupt checkpoint
+and falls back to the previous complete one. Weights are never unpickled.
+"""
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+
+from nanochat import storage
+from nanochat.common import log
+
+MANIFEST = "manifest.json"
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, partial or corrupt; the message names the file."""
+
+
+def step_dir(directory, step):
+    return storage.join(directory, f"step_{step:06d}")
+
+
+# saving
+
+def write_tensors(tensors, uri):
+    """Writes a dict of tensors as safetensors at `uri` atomically; returns (sha256, size)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with tempfile.TemporaryDirectory(prefix="nanochat-ckpt-") as tmp:
+        path = os.path.join(tmp, "t.safetensors")
+        save_file(tensors, path)
+        digest = file_sha256(path)
+        storage.upload(path, uri)
+        return digest, os.path.getsize(path)
+
+
+def write_json(obj, uri):
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    storage.write_bytes(uri, data)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(storage.CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def split_state(state, prefix=""):
+    """Splits a nested state (dicts/lists of tensors and plain values) into a flat dict of tensors
+    keyed by dotted path and the same structure with tensors replaced by their key."""
+    tensors = {}
+
+    def walk(x, path):
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x
+            return {"__tensor__": path}
+        if isinstance(x, dict):
+            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(x.items())]}
+        if isinstance(x, (list, tuple)):
+            return {"__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot checkpoint a {type(x).__name__} at {path}")
+
+    return tensors, walk(state, prefix or "s")
+
+
+def join_state(skeleton, tensors):
+    """Inverse of split_state."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {join_state(k, tensors): join_state(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__list__" in skeleton:
+            return [join_state(v, tensors) for v in skeleton["__list__"]]
+    return skeleton
+
+
+def save(directory, step, model_state, optim_state, meta, rank=0, world_size=1, keep_last=None):
+    """Saves a checkpoint; call on every rank with that rank's optimizer state. Rank 0 writes the
+    weights, meta.json and, after all ranks' files are written, the manifest. Returns its URI."""
+    import torch.distributed as dist
+
+    target = step_dir(directory, step)
+    files = {}
+    if rank == 0:
+        files["model.safetensors"] = write_tensors(model_state, storage.join(target, "model.safetensors"))
+        files["meta.json"] = write_json({**meta, "step": step, "world_size": world_size}, storage.join(target, "meta.json"))
+    rank_state = {"optimizer": optim_state, "rng": rng_state()}
+    tensors, skeleton = split_state(rank_state)
+    name = f"optim_rank_{rank:03d}"
+    files[f"{name}.safetensors"] = write_tensors(tensors, storage.join(target, f"{name}.safetensors"))
+    files[f"{name}.json"] = write_json(skeleton, storage.join(target, f"{name}.json"))
+
+    if world_size > 1 and dist.is_initialized():
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, files)  # also a barrier: every rank's files are written
+        files = {k: v for part in gathered for k, v in part.items()}
+    if rank == 0:
+        manifest = {"step": step, "world_size": world_size,
+                    "files": {k: {"sha256": h, "bytes": n} for k, (h, n) in sorted(files.items())}}
+        write_json(manifest, storage.join(target, MANIFEST))
+        log.info("checkpoint saved: %s", target)
+        if keep_last:
+            prune(directory, keep_last)
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+    return target
+
+
+def prune(directory, keep_last):
+    """Deletes all but the newest `keep_last` complete checkpoints (manifest first, so a partly
+    deleted checkpoint never looks complete) and any incomplete ones older than the newest."""
+    steps = list_steps(directory)
+    complete = [s for s, done in steps if done]
+    keep = set(complete[-keep_last:])
+    newest = complete[-1] if complete else -1
+    for step, done in steps:
+        if step in keep or (not done and step > newest):
+            continue
+        uri = step_dir(directory, step)
+        storage.remove(storage.join(uri, MANIFEST))
+        storage.remove(uri, recursive=True)
+
+
+def rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# finding and loading
+
+def list_steps(directory):
+    """[(step, has_manifest)] of the checkpoints under `directory`, oldest first."""
+    out = []
+    for name in storage.listdir(directory):
+        m = STEP_RE.match(name)
+        if m:
+            out.append((int(m.group(1)), storage.exists(storage.join(directory, name, MANIFEST))))
+    return sorted(out)
+
+
+def read_verified(uri, entry):
+    data = storage.read_bytes(uri)
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"{uri}: does not match its manifest (corrupt or partial)")
+    return data
+
+
+def read_manifest(target):
+    uri = storage.join(target, MANIFEST)
+    if not storage.exists(uri):
+        raise CheckpointError(f"{target}: no {MANIFEST} (an incomplete checkpoint)")
+    try:
+        return storage.read_json(uri)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load(target, rank=0, device="cpu", load_optimizer=True):
+    """Loads and verifies one checkpoint: (model_state, optimizer_state or None, meta). The
+    optimizer state (and RNG state, restored here) is that of `rank`."""
+    manifest = read_manifest(target)
+    files = manifest["files"]
+
+    def entry(name):
+        if name not in files:
+            raise CheckpointError(f"{target}: {name} is not in the manifest")
+        return files[name]
+
+    meta = json.loads(read_verified(storage.join(target, "meta.json"), entry("meta.json")))
+    model_state = st_load(read_verified(storage.join(target, "model.safetensors"), entry("model.safetensors")))
+    model_state = {k: v.to(device) for k, v in model_state.items()}
+    optim_state = None
+    if load_optimizer:
+        if manifest["world_size"] != meta["world_size"] or rank >= manifest["world_size"]:
+            raise CheckpointError(f"{target}: saved by {manifest['world_size']} ranks, cannot restore rank {rank}")
+        name = f"optim_rank_{rank:03d}"
+        tensors = st_load(read_verified(storage.join(target, f"{name}.safetensors"), entry(f"{name}.safetensors")))
+        skeleton = json.loads(read_verified(storage.join(target, f"{name}.json"), entry(f"{name}.json")))
+        rank_state = join_state(skeleton, tensors)
+        set_rng_state(rank_state["rng"])
+        optim_state = rank_state["optimizer"]
+    return model_state, optim_state, meta
+
+
+def load_latest(directory, rank=0, device="cpu", load_optimizer=True):
+    """Loads the newest checkpoint that verifies, skipping (with a warning) partial or corrupt
+    newer ones. Returns (model_state, optimizer_state, meta), or None if there is none."""
+    for step, _ in reversed(list_steps(directory)):
+        target = step_dir(directory, step)
+        try:
+            loaded = load(target, rank=rank, device=device, load_optimizer=load_optimizer)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+            loaded = None
+        if all_ranks_agree(loaded is not None, device):
+            return loaded
+    return None
+
+
+def all_ranks_agree(ok, device):
+    """True only if `ok` on every rank, so that all ranks resume from the same checkpoint."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([int(ok)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
