@@ -5,3 +5,4 @@
 
 pub mod ffi;
 pub mod pretok;
+pub mod unicode_tables;
