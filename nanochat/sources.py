@@ -1,0 +1,179 @@
+"""Registry of the real data sources, and the one mirror setting that can stand in for all of them.
+
+Every file the pipeline downloads is a `Source`: a relative path, which is both its path in the data
+cache (`<storage>/data/<relpath>`) and its path in a mirror (the layout of ../shared/data), plus its
+real upstream URL and, optionally, a pinned size and sha256:
+
+    pretrain/shard_NNNNN.parquet   karpathy/fineweb-edu-100b-shuffle on Hugging Face, shards 0..1822
+    eval_bundle.zip                nanochat's CORE eval bundle
+    identity_conversations.jsonl   nanochat's synthetic identity conversations
+    words/words_alpha.txt          dwyl/english-words
+    hf/<org>/<dataset>/<path>      https://huggingface.co/datasets/<org>/<dataset>/resolve/main/<path>
+
+`NANOCHAT_DATA_MIRROR` (or a stage's `--data-mirror`) maps every source onto `<mirror>/<relpath>`;
+the mirror is anything fsspec opens: a path, file://, http(s)://, s3://. No size or sha256 is
+pinned yet: they cannot be checked offline, and the files of ../shared/data are stand-ins, not
+byte copies. Pin them per source where a byte-exact upstream matters; the downloader checks both.
+
+Which shard is validation. By convention the last shard is the validation split, and
+`shards.list_shards` applied to the cache directory keeps that meaning, so the validation shard
+must be the highest-numbered file there. A source of shards therefore has a shard set: upstream it
+is known from the registry (0..1822); a mirror is asked (fsspec `ls` of `<mirror>/pretrain/`, or,
+when an HTTP server lists nothing, a HEAD probe of `shard_NNNNN.parquet`). `pretrain_plan(n)` takes
+the first n shards of that set for training plus the set's last shard for validation: `-n 8`
+fetches 0..7 + 1822 upstream and 0..7 + 23 from ../shared/data. The validation shard sorts last in
+the cache whatever n is, and the downloader fetches it before any training shard, so "last =
+validation" also holds at every moment of a download running in the background.
+"""
+
+import dataclasses
+import os
+import re
+import urllib.error
+import urllib.request
+
+from nanochat import storage
+
+HF = "https://huggingface.co/datasets"
+KARPATHY_S3 = "https://karpathy-public.s3.us-west-2.amazonaws.com"
+PRETRAIN_REPO = "karpathy/fineweb-edu-100b-shuffle"
+PRETRAIN_SHARDS = 1823  # shard_00000 .. shard_01822 upstream; the last one is validation
+PRETRAIN_DIR = "pretrain"
+SHARD_RE = re.compile(r"^pretrain/shard_(\d{5})\.parquet$")
+EVAL_BUNDLE = "eval_bundle.zip"
+
+
+class SourceError(ValueError):
+    """An unknown data file, or a mirror that cannot serve the sources; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    relpath: str  # path in the data cache and in a mirror
+    url: str  # the real upstream URL
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def kind(self):
+        """What the integrity check looks at: 'shard' (parquet with a `text` column), 'parquet',
+        'zip', 'jsonl' or 'text'."""
+        if SHARD_RE.match(self.relpath):
+            return "shard"
+        ext = self.relpath.rsplit(".", 1)[-1]
+        return {"parquet": "parquet", "zip": "zip", "jsonl": "jsonl"}.get(ext, "text")
+
+
+def _hf(repo, *paths):
+    return [Source(f"hf/{repo}/{p}", f"{HF}/{repo}/resolve/main/{p}") for p in paths]
+
+
+TASK_SOURCES = [
+    *_hf("allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet", "ARC-Challenge/test-00000-of-00001.parquet"),
+    *_hf("cais/mmlu", *(f"all/{split}-00000-of-00001.parquet" for split in ("dev", "validation", "test"))),
+    *_hf("openai/gsm8k", "main/train-00000-of-00001.parquet", "main/test-00000-of-00001.parquet"),
+    *_hf("openai/openai_humaneval", "openai_humaneval/test-00000-of-00001.parquet"),
+    *_hf("HuggingFaceTB/smol-smoltalk", "data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"),
+    Source("identity_conversations.jsonl", f"{KARPATHY_S3}/identity_conversations.jsonl"),
+    Source("words/words_alpha.txt", "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"),
+]
+# Registered for fetch() but in no group: ../shared/data does not have it.
+OPTIONAL_SOURCES = _hf("cais/mmlu", "auxiliary_train/train-00000-of-00001.parquet")
+
+REGISTRY = {s.relpath: s for s in [Source(EVAL_BUNDLE, f"{KARPATHY_S3}/eval_bundle.zip"), *TASK_SOURCES, *OPTIONAL_SOURCES]}
+# What a stage's `--what` names; "pretrain" is planned by `pretrain_plan`, not listed here.
+GROUPS = {"eval": [EVAL_BUNDLE], "tasks": [s.relpath for s in TASK_SOURCES]}
+
+
+def shard_relpath(index):
+    return f"{PRETRAIN_DIR}/shard_{index:05d}.parquet"
+
+
+def get(relpath):
+    """The Source of a data file, by its relative path; a SourceError for an unknown one."""
+    if relpath in REGISTRY:
+        return REGISTRY[relpath]
+    m = SHARD_RE.match(relpath)
+    if m and int(m.group(1)) < PRETRAIN_SHARDS:
+        return Source(relpath, f"{HF}/{PRETRAIN_REPO}/resolve/main/{relpath.split('/', 1)[1]}")
+    raise SourceError(f"unknown data file {relpath!r}: not in the registry (nanochat/sources.py)")
+
+
+def mirror_root(mirror=None):
+    """The mirror URI: the argument, else NANOCHAT_DATA_MIRROR, else None (the real sources)."""
+    mirror = mirror or os.environ.get("NANOCHAT_DATA_MIRROR") or None
+    return storage.normalize(mirror) if mirror else None
+
+
+def url(source, mirror=None):
+    """Where to fetch a source from: `<mirror>/<relpath>` with a mirror, else its upstream URL."""
+    root = mirror_root(mirror)
+    return storage.join(root, source.relpath) if root else source.url
+
+
+def check_mirror(mirror=None):
+    """Fails early, naming the mirror, when a path or bucket mirror does not exist. (An HTTP
+    mirror answers per file: its first 404 names the URL.)"""
+    root = mirror_root(mirror)
+    if root is None or root.startswith(("http://", "https://")):
+        return
+    try:
+        found = storage.isdir(root)
+    except Exception as e:  # noqa: BLE001 - any filesystem error means the mirror is unusable
+        raise SourceError(f"data mirror {root} is not readable ({type(e).__name__}: {e})") from None
+    if not found:
+        raise SourceError(f"data mirror {root} does not exist (NANOCHAT_DATA_MIRROR / --data-mirror)")
+
+
+def shard_indices(mirror=None):
+    """The shard numbers a source offers, in order: upstream 0..1822, a mirror whatever it holds."""
+    root = mirror_root(mirror)
+    if root is None:
+        return list(range(PRETRAIN_SHARDS))
+    directory = storage.join(root, PRETRAIN_DIR)
+    try:
+        names = storage.listdir(directory)
+    except Exception:  # noqa: BLE001 - e.g. an HTTP server without directory listings
+        names = []
+    found = sorted(int(m.group(1)) for n in names if (m := SHARD_RE.match(f"{PRETRAIN_DIR}/{n}")))
+    if not found and root.startswith(("http://", "https://")):
+        found = list(range(_probe_count(root)))
+    if not found:
+        raise SourceError(f"data mirror {root} has no {PRETRAIN_DIR}/shard_NNNNN.parquet files")
+    return found
+
+
+def _probe_count(root):
+    """Number of contiguous shards 0..k-1 an HTTP mirror serves, by HEAD requests (O(log k))."""
+    def exists(i):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(storage.join(root, shard_relpath(i)), method="HEAD"), timeout=30):
+                return True
+        except urllib.error.HTTPError as e:
+            if e.code in (403, 404, 410):
+                return False
+            raise SourceError(f"data mirror {root}: HTTP {e.code} probing for shards") from None
+        except OSError as e:
+            raise SourceError(f"data mirror {root} is unreachable ({e})") from None
+
+    if not exists(0):
+        return 0
+    lo, hi = 0, 1  # exists(lo); find hi with not exists(hi), then bisect
+    while exists(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if exists(mid) else (lo, mid)
+    return hi
+
+
+def pretrain_plan(num_shards, mirror=None):
+    """(train shard numbers, validation shard number) for `num_shards` training shards (-1: all).
+    More than the source has is clamped to what it has; see the module docstring."""
+    if num_shards < -1 or num_shards == 0:
+        raise SourceError(f"number of shards must be -1 (all) or >= 1, not {num_shards}")
+    indices = shard_indices(mirror)
+    if len(indices) < 2:
+        raise SourceError(f"the shard source has {len(indices)} shard(s); need at least 2 (train + validation)")
+    train = indices[:-1] if num_shards == -1 else indices[:-1][:num_shards]
+    return train, indices[-1]
