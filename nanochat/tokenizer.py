@@ -144,7 +144,11 @@ class Tokenizer:
         """Token ids of a whole conversation and a mask that is 1 exactly where the model is
         trained: assistant text, python tool calls and <|assistant_end|> (never user text, never
         tool output). A leading system message folds into the first user message."""
-        messages = normalize_messages(conversation)
+        ids, mask = self._render(normalize_messages(conversation))
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def _render(self, messages):
+        """Ids and training mask of normalized messages."""
         ids, mask = [self.bos_token_id], [0]
 
         def add(tokens, m):
@@ -166,7 +170,7 @@ class Tokenizer:
                 else:  # python_output: produced by the tool at inference time
                     add([s["<|output_start|>"], *text, s["<|output_end|>"]], 0)
             add([s["<|assistant_end|>"]], 1)
-        return ids[:max_tokens], mask[:max_tokens]
+        return ids, mask
 
     def render_for_completion(self, conversation):
         """Prompt ids that ask the model for the next assistant turn: the conversation without
@@ -174,7 +178,7 @@ class Tokenizer:
         messages = normalize_messages(conversation, allow_open_end=True)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 62)
+        ids, _ = self._render(messages)
         return ids + [self.special_ids["<|assistant_start|>"]]
 
 

@@ -4,11 +4,16 @@ The Rust core (see rustbpe/src) is reached through cffi; this module owns valida
 (buffers are freed by their matching Rust function) and turns error codes into exceptions.
 """
 
+from array import array
+from itertools import accumulate
+
 from ._native import ffi, lib
 
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 NANOCHAT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 _PATTERN_IDS = {GPT4_PATTERN: 0, NANOCHAT_PATTERN: 1}
+# Far beyond any real vocabulary (GPT-4o has 200k tokens), and token ids stay well inside u32.
+MAX_VOCAB_SIZE = 1 << 24
 
 
 def _pattern_id(pattern):
@@ -54,3 +59,128 @@ def split(text, pattern=None):
         out.append(data[start:end].decode("utf-8"))
         start = end
     return out
+
+
+def _vec_u32(ptr_p, n_p):
+    """The Rust u32 buffer behind an out-pointer pair, as a Python list (the buffer is freed)."""
+    try:
+        return ffi.unpack(ptr_p[0], n_p[0])
+    finally:
+        lib.rbpe_free_u32(ptr_p[0], n_p[0])
+
+
+def _batch(texts):
+    """UTF-8 texts end to end and their end offsets, as the Rust side takes them."""
+    return b"".join(texts), array("Q", accumulate(map(len, texts)))
+
+
+class Tokenizer:
+    """Byte-level BPE: train on an iterator of str, then read the merges or encode with them."""
+
+    def __init__(self):
+        self._pattern = ""
+        self._merges = []  # (left id, right id) of merge i, which makes token 256 + i
+        self._encoder = None
+
+    @property
+    def vocab_size(self):
+        return 256 + len(self._merges)
+
+    def get_pattern(self):
+        """The split pattern of the last training ('' before any)."""
+        return self._pattern
+
+    def train_from_iterator(self, iterator, vocab_size, buffer_size=8192, pattern=None):
+        """Learns `vocab_size - 256` merges from the texts of `iterator` (fewer when the corpus runs
+        out of pairs). Texts are split by `pattern` (default GPT-4's) and counted on all cores,
+        `buffer_size` texts at a time."""
+        pid = _pattern_id(pattern)
+        _check_int("vocab_size", vocab_size, 256, MAX_VOCAB_SIZE)
+        _check_int("buffer_size", buffer_size, 1, None)
+        trainer_p = ffi.new("Trainer **")
+        _check(lib.rbpe_trainer_new(pid, trainer_p))
+        trainer = trainer_p[0]
+        try:
+            n_texts = self._feed(trainer, iterator, buffer_size)
+            if n_texts == 0:
+                raise ValueError("the iterator yielded no text to train on")
+            pairs_p, n_p = ffi.new("uint32_t **"), ffi.new("uintptr_t *")
+            _check(lib.rbpe_trainer_train(trainer, vocab_size - 256, pairs_p, n_p))
+        finally:
+            lib.rbpe_trainer_free(trainer)
+        pairs = _vec_u32(pairs_p, n_p)
+        self._set_merges(list(zip(pairs[::2], pairs[1::2])), pattern or GPT4_PATTERN)
+
+    @staticmethod
+    def _feed(trainer, iterator, buffer_size):
+        """Sends the texts to the counting threads in batches; returns how many there were."""
+        n_texts, buffer = 0, []
+        for text in iterator:
+            buffer.append(_utf8(text, f"item {n_texts} of the iterator"))
+            n_texts += 1
+            if len(buffer) == buffer_size:
+                _send(trainer, buffer)
+                buffer = []
+        if buffer:
+            _send(trainer, buffer)
+        return n_texts
+
+    def _set_merges(self, merges, pattern):
+        encoder_p = ffi.new("Encoder **")
+        flat = array("I", (i for pair in merges for i in pair))
+        _check(lib.rbpe_encoder_new(_pattern_id(pattern), ffi.from_buffer("uint32_t[]", flat), len(merges), encoder_p))
+        self._encoder = ffi.gc(encoder_p[0], lib.rbpe_encoder_free)
+        self._merges, self._pattern = merges, pattern
+
+    def get_mergeable_ranks(self):
+        """[(token bytes, rank)] for every token: the 256 bytes, then one per merge."""
+        tokens = [bytes([i]) for i in range(256)]
+        for left, right in self._merges:
+            tokens.append(tokens[left] + tokens[right])
+        return [(token, rank) for rank, token in enumerate(tokens)]
+
+    def encode(self, text):
+        """The token ids of `text`."""
+        return self.batch_encode([text])[0]
+
+    def batch_encode(self, texts):
+        """The token ids of each text, encoded on all cores."""
+        if self._encoder is None:
+            raise RuntimeError("the tokenizer is not trained yet: call train_from_iterator first")
+        if isinstance(texts, str):
+            raise TypeError("batch_encode takes a list of str, not a str")
+        data, ends = _batch([_utf8(t, f"text {i}") for i, t in enumerate(texts)])
+        ids_p, n_ids_p = ffi.new("uint32_t **"), ffi.new("uintptr_t *")
+        ends_p, n_ends_p = ffi.new("uint64_t **"), ffi.new("uintptr_t *")
+        _check(lib.rbpe_encode(self._encoder, data, len(data), ffi.from_buffer("uint64_t[]", ends), len(ends),
+                               ids_p, n_ids_p, ends_p, n_ends_p))
+        try:
+            id_ends = ffi.unpack(ends_p[0], n_ends_p[0])
+        finally:
+            lib.rbpe_free_u64(ends_p[0], n_ends_p[0])
+        ids = _vec_u32(ids_p, n_ids_p)
+        return [ids[start:end] for start, end in zip([0, *id_ends], id_ends)]
+
+    def decode(self, ids):
+        """The text of token ids (invalid UTF-8 across token boundaries becomes U+FFFD)."""
+        tokens = [token for token, _ in self.get_mergeable_ranks()]
+        try:
+            return b"".join(tokens[i] for i in ids).decode("utf-8", "replace")
+        except (IndexError, TypeError):
+            raise ValueError(f"token ids must be ints in [0, {self.vocab_size})") from None
+
+    def __repr__(self):
+        return f"rustbpe.Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _send(trainer, texts):
+    data, ends = _batch(texts)
+    _check(lib.rbpe_trainer_feed(trainer, data, len(data), ffi.from_buffer("uint64_t[]", ends), len(ends)))
+
+
+def _check_int(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" + ("" if high is None else f" and at most {high:,}")
+        raise ValueError(f"{name} must be {bound}, got {value:,}")
