@@ -11,14 +11,17 @@ PRESETS = {
     "tiny": {
         "tok_train": {"vocab_size": 2048, "max_chars": 5_000_000, "doc_cap": 10_000},
         "tok_eval": {"max_docs": 200},
+        "download": {"num_shards": 2},
     },
     "cpu": {
         "tok_train": {"vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000},
         "tok_eval": {"max_docs": 2000},
+        "download": {"num_shards": -1},
     },
-    "d20": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}},
-    "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}},
-    "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}},
+    # shards as in the original speedrun scripts (about 250M characters each upstream)
+    "d20": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 240}},
+    "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450}},
+    "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800}},
 }
 
 

@@ -1,0 +1,71 @@
+"""Download the data: pretraining shards, the CORE eval bundle and the task files, into the data
+cache (<storage>/data/), from the real sources or a mirror.
+
+    python -m nanochat.stages.download --run myrun --preset d20
+    python -m nanochat.stages.download --run myrun --preset d20 -n 8 &   # train while it downloads
+    python -m nanochat.stages.download --run /tmp/run --preset tiny --data-mirror ../shared/data
+
+`-n` training shards (-1: all) plus the validation shard, which is fetched first; then the eval
+bundle (also extracted to <storage>/data/eval_bundle/) and the task files. Files already in the
+cache are not fetched again. Writes <run>/download/files.json (relpath, URI, bytes, sha256 of
+every file), then stage.json.
+"""
+
+import time
+
+from nanochat import dataset, sources, stage, storage
+from nanochat.common import log
+
+STAGE = "download"
+
+
+def build_parser():
+    p = stage.parser(STAGE, __doc__)
+    p.add_argument("-n", "--num-shards", type=int, help="training shards to fetch (-1: all); the validation shard comes too")
+    p.add_argument("--data-mirror", default=None, help="mirror root laid out like ../shared/data (default: $NANOCHAT_DATA_MIRROR, else the real sources)")
+    p.add_argument("--workers", type=int, default=4, help="files fetched at once")
+    p.add_argument("--retries", type=int, default=5, help="consecutive failed attempts without progress before giving up on a file")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a connection counts as failed")
+    p.add_argument("--verify", action="store_true", help="re-hash the files already cached and re-fetch any that do not match")
+    return p
+
+
+def main(args):
+    started = time.time()
+    if args.workers < 1 or args.retries < 0 or args.timeout <= 0:
+        raise stage.StageError("--workers must be >= 1, --retries >= 0 and --timeout > 0")
+    try:
+        sources.check_mirror(args.data_mirror)
+        train, val = sources.pretrain_plan(args.num_shards, args.data_mirror)
+    except sources.SourceError as e:
+        raise stage.StageError(str(e)) from None
+    relpaths = [sources.shard_relpath(i) for i in [val, *train]]
+    relpaths += sources.GROUPS["eval"] + sources.GROUPS["tasks"]
+    log.info("fetching %d training shards + the validation shard, the eval bundle and %d task files from %s",
+             len(train), len(sources.GROUPS["tasks"]), sources.mirror_root(args.data_mirror) or "the real sources")
+    downloader = dataset.Downloader(args.storage, args.data_mirror, workers=args.workers, retries=args.retries,
+                                    timeout=args.timeout, verify=args.verify)
+    try:
+        entries = downloader.download(relpaths)
+    except dataset.DownloadError as e:
+        raise stage.StageError(str(e)) from None
+    bundle = dataset.extract_zip(downloader.cache_uri(sources.EVAL_BUNDLE), downloader.data_root)
+
+    files = {e["relpath"]: {k: e[k] for k in ("uri", "url", "bytes", "sha256")} for e in entries}
+    files_uri = stage.stage_uri(args.run, STAGE, "files.json")
+    storage.write_json(files_uri, files)
+    metrics = {
+        "files": len(entries),
+        "train_shards": len(train),
+        "bytes": sum(e["bytes"] for e in entries),
+        "fetched_bytes": sum(e["fetched"] for e in entries),
+        "eval_bundle_files": len(bundle),
+        "data_root": downloader.data_root,
+    }
+    log.info("%d files (%s bytes, %s fetched now) in %s", metrics["files"], f"{metrics['bytes']:,}",
+             f"{metrics['fetched_bytes']:,}", downloader.data_root)
+    return stage.commit(args.run, STAGE, args, {}, {"files": files_uri}, metrics, started)
+
+
+if __name__ == "__main__":
+    stage.run_main(main, build_parser(), STAGE)

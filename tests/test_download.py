@@ -1,0 +1,188 @@
+"""Downloads from a real HTTP server on 127.0.0.1 serving ../shared/data, with injected faults:
+each ends in a correct file or a clear one-line error, never a corrupt file in the cache."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat import dataset, sources, storage
+from tests.httpserver import serve
+
+SHARD = "pretrain/shard_00000.parquet"
+
+
+@pytest.fixture
+def server(shared_data):
+    with serve(shared_data) as s:
+        yield s
+
+
+def downloader(tmp_path, mirror, **options):
+    options = {"backoff": 0.01, "timeout": 5.0, "progress": False, **options}
+    return dataset.Downloader(str(tmp_path / "storage"), mirror, **options)
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_stage(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "nanochat.stages.download", *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_stage_downloads_everything_then_moves_no_bytes(server, shared_data, tmp_path):
+    args = ["--run", str(tmp_path / "run"), "--preset", "tiny", "--storage", str(tmp_path / "storage"),
+            "--data-mirror", server.url]
+    first = run_stage(*args)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((tmp_path / "run" / "download" / "stage.json").read_text())
+    files = json.loads((tmp_path / "run" / "download" / "files.json").read_text())
+    data = tmp_path / "storage" / "data"
+    # the tiny preset: 2 training shards + the last shard (validation), the eval bundle, every task file
+    expected = ["pretrain/shard_00023.parquet", "pretrain/shard_00000.parquet", "pretrain/shard_00001.parquet",
+                *sources.GROUPS["eval"], *sources.GROUPS["tasks"]]
+    assert sorted(files) == sorted(expected)
+    for relpath, entry in files.items():
+        assert sha256(data / relpath) == sha256(shared_data / relpath) == entry["sha256"]
+        assert entry["url"] == f"{server.url}/{relpath}"
+    assert json.loads((data / "manifest.json").read_text()) == {r: {k: e[k] for k in ("url", "bytes", "sha256")}
+                                                                 for r, e in files.items()}
+    assert (data / "eval_bundle" / "core.yaml").is_file()
+    assert not [p for p in (data / ".partial").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert summary["metrics"]["fetched_bytes"] == summary["metrics"]["bytes"] > 10_000_000
+    assert "download:" in first.stderr and "B/s" in first.stderr  # the tqdm bar: bytes and rate
+
+    server.requests.clear()
+    second = run_stage(*args)
+    assert second.returncode == 0, second.stderr
+    assert server.gets() == []  # a second run moves no bytes
+    assert json.loads((tmp_path / "run" / "download" / "stage.json").read_text())["metrics"]["fetched_bytes"] == 0
+
+
+@pytest.mark.parametrize("faults, timeout, requests, resumed", [
+    (["drop:1000000"], 5.0, 2, None),  # connection reset mid-body (what arrived before the RST is kept)
+    (["truncate:700000", "truncate:1500000"], 5.0, 3, True),  # body shorter than Content-Length, twice
+    (["status:500", "status:503"], 5.0, 3, False),  # server errors, then success
+    (["status:429"], 5.0, 2, False),  # rate limited (Retry-After: 0)
+    (["short:2000000"], 5.0, 2, False),  # a consistent but short file: footer check fails, fetched again
+    (["truncate:1000000", "norange"], 5.0, 2, False),  # the server ignores Range: start over
+    (["slow:0.01"], 5.0, 1, False),  # slow but steady: one request
+    (["slow:3"], 0.5, 2, False),  # stalls past the timeout: retried
+])
+def test_faults_end_in_a_correct_file(server, shared_data, tmp_path, faults, timeout, requests, resumed):
+    server.inject("/" + SHARD, *faults)
+    entry = downloader(tmp_path, server.url, timeout=timeout).download([SHARD])[0]
+    path = tmp_path / "storage" / "data" / SHARD
+    assert sha256(path) == sha256(shared_data / SHARD) == entry["sha256"]
+    gets = server.gets("/" + SHARD)
+    assert len(gets) == requests
+    size = (shared_data / SHARD).stat().st_size
+    if resumed is not None:
+        assert (gets[-1][1] == 206) == resumed  # a Range request continued the partial file
+    assert entry["fetched"] == size if resumed else entry["fetched"] >= size
+
+
+def test_permanent_failures_are_one_line_naming_url_and_reason(server, tmp_path):
+    server.inject("/" + SHARD, *["status:500"] * 3)
+    d = downloader(tmp_path, server.url, retries=2)
+    with pytest.raises(dataset.DownloadError) as e:
+        d.download([SHARD])
+    assert str(e.value) == f"{server.url}/{SHARD}: HTTP 500 Internal Server Error (gave up after 3 failed attempts)"
+    assert not (tmp_path / "storage" / "data" / SHARD).exists()
+    # after the server recovers, the same cache works
+    assert d.download([SHARD])[0]["fetched"] > 0
+
+    server.inject("/" + SHARD, "truncate:1000000")  # progress is not a failure: it resumes
+    (tmp_path / "storage" / "data" / SHARD).unlink()
+    assert downloader(tmp_path, server.url, retries=0).download([SHARD])[0]["fetched"] > 0
+
+    with pytest.raises(dataset.DownloadError, match=rf"^{server.url}/nothing/here: HTTP 404 Not Found$"):
+        dataset._open_http(f"{server.url}/nothing/here", 0, 5)
+
+
+def test_stage_failure_is_one_line_and_leaves_no_file(server, tmp_path):
+    server.inject("/" + SHARD, *["status:503"] * 10)
+    result = run_stage("--run", str(tmp_path / "run"), "--preset", "tiny", "--storage", str(tmp_path / "storage"),
+                       "--data-mirror", server.url, "--retries", "1", "--workers", "1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"download: error: {server.url}/{SHARD}: HTTP 503 Service Unavailable (gave up after 2 failed attempts)")
+    assert not (tmp_path / "storage" / "data" / SHARD).exists()
+    assert not (tmp_path / "run" / "download" / "stage.json").exists()
+    missing = run_stage("--run", str(tmp_path / "run"), "--preset", "tiny", "--data-mirror", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_bad_shards_in_the_mirror_are_refused(tmp_path):
+    mirror = tmp_path / "mirror"
+    (mirror / "pretrain").mkdir(parents=True)
+    pq.write_table(pa.table({"content": ["a", "b"]}), mirror / SHARD)
+    (mirror / "pretrain" / "shard_00001.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+    with serve(mirror) as server:
+        for relpath, reason in [(SHARD, "no 'text' column"), ("pretrain/shard_00001.parquet", "not a readable parquet file")]:
+            with pytest.raises(dataset.DownloadError, match=rf"^{server.url}/{relpath}: shard check failed: {reason}"):
+                downloader(tmp_path, server.url, retries=1).download([relpath])
+            assert not (tmp_path / "storage" / "data" / relpath).exists()
+
+
+def test_verify_refetches_a_damaged_file_and_a_lost_manifest_costs_no_bytes(server, shared_data, tmp_path):
+    downloader(tmp_path, server.url).download([SHARD])
+    path = tmp_path / "storage" / "data" / SHARD
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only a re-hash notices
+    path.write_bytes(bytes(data))
+    assert downloader(tmp_path, server.url).download([SHARD])[0]["fetched"] == 0
+    assert downloader(tmp_path, server.url, verify=True).download([SHARD])[0]["fetched"] > 0
+    assert sha256(path) == sha256(shared_data / SHARD)
+
+    (tmp_path / "storage" / "data" / "manifest.json").unlink()
+    server.requests.clear()
+    entry = downloader(tmp_path, server.url).download([SHARD])[0]
+    assert entry["fetched"] == 0 and entry["sha256"] == sha256(path) and server.gets() == []
+
+
+def test_concurrent_fetchers_of_one_file_move_it_once(server, shared_data, tmp_path):
+    """A training process waiting for a shard that the download stage is fetching: the partial
+    file's lock makes the second fetcher wait, then find the file done."""
+    server.inject("/" + SHARD, "slow:0.01")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(downloader(tmp_path, server.url).download([SHARD])[0]))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(server.gets("/" + SHARD)) == 1
+    assert sorted(r["fetched"] for r in results)[0] == 0
+    waiter = dataset.shard_waiter(str(tmp_path / "storage"), server.url)
+    assert waiter(storage.join("file:///anywhere", SHARD)) == storage.join(dataset.Downloader(str(tmp_path / "storage")).data_root, SHARD)
+
+
+def test_shard_plan_from_an_http_mirror(shared_data):
+    """The mirror's shards are listed, or probed with HEAD requests where listings are off; the
+    validation shard is the mirror's last."""
+    for listings in (True, False):
+        with serve(shared_data, listings=listings) as server:
+            assert sources.pretrain_plan(-1, server.url) == (list(range(23)), 23)
+            assert sources.pretrain_plan(2, server.url) == ([0, 1], 23)
+    assert sources.pretrain_plan(2, None) == ([0, 1], 1822)
+    assert sources.url(sources.get(SHARD), None) == \
+        "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet"
+    with pytest.raises(sources.SourceError, match="unknown data file 'pretrain/shard_01823.parquet'"):
+        sources.get("pretrain/shard_01823.parquet")
+
+
+def test_remote_cache_on_s3(server, shared_data, s3_root):
+    relpath = "hf/openai/gsm8k/main/test-00000-of-00001.parquet"
+    uri = dataset.fetch(relpath, s3_root, server.url, backoff=0.01)
+    assert uri == f"{s3_root}/data/{relpath}"
+    assert storage.sha256(uri) == sha256(shared_data / relpath)
+    server.requests.clear()
+    assert dataset.fetch(relpath, s3_root, server.url) == uri and server.gets() == []
