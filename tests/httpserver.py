@@ -173,7 +173,7 @@ class FaultyServer(ThreadingHTTPServer):
 @contextlib.contextmanager
 def serve(root, listings=True):
     server = FaultyServer(root, listings)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server

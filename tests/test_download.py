@@ -165,13 +165,14 @@ def test_concurrent_fetchers_of_one_file_move_it_once(server, shared_data, tmp_p
     assert waiter(storage.join("file:///anywhere", SHARD)) == storage.join(dataset.Downloader(str(tmp_path / "storage")).data_root, SHARD)
 
 
-def test_shard_plan_from_an_http_mirror(shared_data):
+def test_shard_plan_from_an_http_mirror(shared_data, monkeypatch):
     """The mirror's shards are listed, or probed with HEAD requests where listings are off; the
     validation shard is the mirror's last."""
     for listings in (True, False):
         with serve(shared_data, listings=listings) as server:
             assert sources.pretrain_plan(-1, server.url) == (list(range(23)), 23)
             assert sources.pretrain_plan(2, server.url) == ([0, 1], 23)
+    monkeypatch.delenv("NANOCHAT_DATA_MIRROR", raising=False)
     assert sources.pretrain_plan(2, None) == ([0, 1], 1822)
     assert sources.url(sources.get(SHARD), None) == \
         "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet"

@@ -32,9 +32,6 @@ def data(shared_data, tmp_path_factory):
     """Tasks read the real files through the registry, with the shared folder as the mirror and an
     empty data cache."""
     with pytest.MonkeyPatch.context() as mp:
-        if importlib.util.find_spec("nanochat.dataset") is None:
-            # Until nanochat.dataset lands on main: read the shared folder directly.
-            mp.setattr(tasks.common, "data_file", lambda relpath: str(shared_data / relpath))
         mp.setenv("NANOCHAT_DATA_MIRROR", f"file://{shared_data}")
         mp.setenv("NANOCHAT_STORAGE", str(tmp_path_factory.mktemp("storage")))
         yield shared_data
