@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset, sources, storage
+from nanochat.dataloader import PretrainLoader
+from nanochat.tokenizer import Tokenizer
 from tests.httpserver import serve
 
 SHARD = "pretrain/shard_00000.parquet"
@@ -187,3 +189,18 @@ def test_remote_cache_on_s3(server, shared_data, s3_root):
     assert storage.sha256(uri) == sha256(shared_data / relpath)
     server.requests.clear()
     assert dataset.fetch(relpath, s3_root, server.url) == uri and server.gets() == []
+
+
+def test_training_starts_on_the_first_shards(server, tmp_path):
+    """The loader takes the planned shard list while later shards are not in the cache yet; it
+    fetches (or waits for) each one only when it gets there."""
+    store = str(tmp_path / "storage")
+    train, val = dataset.pretrain_shards(2, store, server.url)
+    dataset.fetch(SHARD, store, server.url)
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    loader = PretrainLoader(tok, 64, 64, train, wait_for_shard=dataset.shard_waiter(store, server.url))
+    next(loader)
+    assert not storage.exists(train[1]) and not storage.exists(val)
+    while loader.cursor["shard"] == 0:
+        next(loader)
+    assert storage.exists(train[1]) and len(server.gets("/pretrain/shard_00001.parquet")) == 1

@@ -1,0 +1,68 @@
+"""Pretraining loader throughput: tokens/s of packed (B, T) batches with the project's tokenizer.
+
+    .venv/bin/python bench/dataloader.py [--data ../shared/data/pretrain] [--threads 2] [--tokenizer URI]
+
+Trains a tokenizer of the cpu preset's vocabulary size on the first `--train-chars` characters of
+the shards (or loads `--tokenizer`), then times `--batches` batches of the PretrainLoader after
+one warm-up batch. Prints one JSON line. The loader must outrun training by a wide margin (target:
+>= 20x the cpu preset's training tokens/s), so the figure is the loader's alone.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from nanochat import presets, shards, storage
+from nanochat.common import git_commit
+from nanochat.dataloader import PretrainLoader
+from nanochat.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.environ.get("NANOCHAT_TEST_DATA", str(REPO.parent / "shared" / "data")) + "/pretrain")
+    p.add_argument("--tokenizer", default=None, help="a saved tokenizer directory URI (default: train one)")
+    p.add_argument("--train-chars", type=int, default=20_000_000)
+    p.add_argument("-B", type=int, default=32)
+    p.add_argument("-T", type=int, default=512)
+    p.add_argument("--batches", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    data = storage.normalize(args.data)
+    if args.tokenizer:
+        tok = Tokenizer.load(args.tokenizer)
+    else:
+        train = shards.split_shards(shards.list_shards(data), "train")
+        vocab_size = presets.get("cpu", "tok_train")["vocab_size"]
+        tok = Tokenizer.train(shards.iter_texts(train, max_chars=args.train_chars, doc_cap=10_000), vocab_size)
+
+    loader = PretrainLoader(tok, args.B, args.T, data, threads=args.threads)
+    next(loader)  # warm-up: opens the first shard
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        next(loader)
+    seconds = time.perf_counter() - t0
+    tokens = args.batches * args.B * args.T
+    print(json.dumps({
+        "bench": "dataloader",
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "commit": git_commit(),
+        "tokens_per_s": round(tokens / seconds),
+        "threads": args.threads,
+        "B": args.B,
+        "T": args.T,
+        "vocab_size": tok.vocab_size,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "crop_fraction": round(loader.crop_fraction(), 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()
