@@ -170,16 +170,16 @@ def _transfer(url, partial, timeout, bar):
     return moved
 
 
-def check_file(path, source, expected_size=None):
-    """The sha256 of a complete local file, after the integrity checks of its kind; Corrupt if
-    one fails."""
+def check_file(path, source):
+    """The sha256 of a complete local file, after the integrity checks of its kind (the size
+    the server announced is checked by the transfer); Corrupt if one fails."""
+    uri = storage.normalize(path)
     size = os.path.getsize(path)
-    for expected in (expected_size, source.size):
-        if expected is not None and size != expected:
-            raise Corrupt(f"size {size:,} bytes, expected {expected:,}")
+    if source.size is not None and size != source.size:
+        raise Corrupt(f"size {size:,} bytes, expected {source.size:,}")
     try:
         if source.kind == "shard":
-            shards.open_shard(storage.normalize(path)).close(force=True)
+            shards.open_shard(uri).close(force=True)
         elif source.kind == "parquet":
             pq.ParquetFile(path).close()
         elif source.kind == "zip":
@@ -188,19 +188,11 @@ def check_file(path, source, expected_size=None):
                 if bad is not None:
                     raise Corrupt(f"zip member {bad} fails its CRC")
     except (shards.ShardError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise Corrupt(f"{source.kind} check failed: {e}".replace(storage.normalize(path) + ": ", "")) from None
-    digest = file_sha256(path)
+        raise Corrupt(f"{source.kind} check failed: {e}".replace(uri + ": ", "")) from None
+    digest = storage.sha256(uri)
     if source.sha256 is not None and digest != source.sha256:
         raise Corrupt(f"sha256 {digest} does not match the pinned {source.sha256}")
     return digest
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Progress(tqdm):
