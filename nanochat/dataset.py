@@ -99,10 +99,12 @@ def _partial_file(data_root, dest, relpath):
         yield path
 
 
-def _open_http(url, offset, timeout):
+def _open_http(url, offset, timeout, validator=None):
     """(response, start, total) for the bytes of `url` from `offset`; start is 0 when the server
-    ignores the Range request. Raises Transient or DownloadError."""
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    ignores the Range request, or when the file changed since `validator` (an ETag or date, sent
+    as If-Range) was seen. Raises Transient or DownloadError."""
+    headers = {"Range": f"bytes={offset}-", **({"If-Range": validator} if validator else {})} if offset else {}
+    request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -141,10 +143,18 @@ def _open_fsspec(uri, offset):
 
 def _transfer(url, partial, timeout, bar):
     """Appends the rest of `url` to the `partial` file; returns the number of bytes moved.
-    Raises Transient when the body ends early or the connection fails mid-way."""
+    Raises Transient when the body ends early or the connection fails mid-way. Over HTTP the
+    file's validator (strong ETag, else Last-Modified) is kept next to the partial file, so that a
+    resume never appends bytes of a newer version of the file."""
     offset = os.path.getsize(partial) if os.path.exists(partial) else 0
     if url.startswith(("http://", "https://")):
-        stream, start, total = _open_http(url, offset, timeout)
+        validator_path = partial + ".validator"
+        validator = _read_text(validator_path) if offset else None
+        stream, start, total = _open_http(url, offset, timeout, validator)
+        if start == 0:
+            etag = stream.headers.get("ETag", "")
+            storage.write_text(storage.normalize(validator_path),
+                               etag if etag and not etag.startswith("W/") else stream.headers.get("Last-Modified", ""))
     else:
         stream, start, total = _open_fsspec(url, offset)
     expected = total - start if total is not None else 0
@@ -168,6 +178,12 @@ def _transfer(url, partial, timeout, bar):
     if total is not None and start + moved != total:
         raise Transient(f"body ended after {start + moved:,} of {total:,} bytes", moved=moved)
     return moved
+
+
+def _read_text(path):
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        return f.read() or None
+    return None
 
 
 def check_file(path, source):
@@ -311,6 +327,8 @@ class Downloader:
         else:
             storage.upload(partial, dest)
             os.unlink(partial)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial + ".validator")
 
 
 def fetch(relpath, storage_uri=None, mirror=None, **options):

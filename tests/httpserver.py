@@ -13,6 +13,7 @@ Faults:
     short:N       serve only the first N bytes, with a Content-Length of N (a lying server)
     slow:SECONDS  pause SECONDS before each 64 KiB chunk of the body
     norange       ignore the Range header and answer 200 with the whole file
+Files carry an ETag and honour If-Range (a stale validator gets the whole file, status 200).
 Directories answer with an HTML listing (as fsspec's http `ls` expects), or 403 with
 `listings=False` (like a bucket website or nginx without autoindex).
 """
@@ -60,9 +61,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._status(path, 404)
         with open(local, "rb") as f:
             data = f.read()
+        etag = f'"{len(data)}-{os.stat(local).st_mtime_ns}"'
         start, status = 0, 200
         m = RANGE_RE.match(self.headers.get("Range", ""))
-        if m and fault != "norange":
+        if m and fault != "norange" and self.headers.get("If-Range", etag) == etag:
             start = int(m.group(1))
             if start >= len(data):
                 self.send_response(416)
@@ -78,6 +80,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()

@@ -204,3 +204,25 @@ def test_training_starts_on_the_first_shards(server, tmp_path):
     while loader.cursor["shard"] == 0:
         next(loader)
     assert storage.exists(train[1]) and len(server.gets("/pretrain/shard_00001.parquet")) == 1
+
+
+def test_a_later_run_resumes_the_partial_file_of_the_same_version_only(server, shared_data, tmp_path):
+    server.inject("/" + SHARD, "truncate:1000000", "status:404")  # the first run dies mid-file
+    with pytest.raises(dataset.DownloadError, match="HTTP 404"):
+        downloader(tmp_path, server.url).download([SHARD])
+    partial = tmp_path / "storage" / "data" / ".partial" / SHARD
+    assert partial.stat().st_size == 1_000_000 and not (tmp_path / "storage" / "data" / SHARD).exists()
+    server.requests.clear()
+    entry = downloader(tmp_path, server.url).download([SHARD])[0]
+    assert server.gets("/" + SHARD) == [("bytes=1000000-", 206, entry["bytes"] - 1_000_000)]
+    assert sha256(tmp_path / "storage" / "data" / SHARD) == sha256(shared_data / SHARD)
+
+    # a partial file of another version of the file (If-Range does not match): start over
+    (tmp_path / "storage" / "data" / SHARD).unlink()
+    (tmp_path / "storage" / "data" / "manifest.json").unlink()
+    partial.write_bytes(b"x" * 1_000_000)
+    (partial.parent / (partial.name + ".validator")).write_text('"an-older-version"')
+    server.requests.clear()
+    entry = downloader(tmp_path, server.url).download([SHARD])[0]
+    assert server.gets("/" + SHARD) == [("bytes=1000000-", 200, entry["bytes"])]
+    assert sha256(tmp_path / "storage" / "data" / SHARD) == sha256(shared_data / SHARD)
