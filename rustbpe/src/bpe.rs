@@ -10,47 +10,68 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::thread;
 
-use crate::count::ChunkCounts;
+use crate::chunks::ChunkCounts;
 use crate::hash::FastMap;
 use crate::pretok::{self, Pattern};
+use crate::prefetch;
 
 /// A pair of token ids packed as `left << 32 | right`, so that integer order is pair order.
 type Pair = u64;
+
+/// How many words ahead of the one being merged to prefetch.
+const PREFETCH_DISTANCE: usize = 8;
 
 #[inline]
 fn pair(left: u32, right: u32) -> Pair {
     (left as u64) << 32 | right as u64
 }
 
+/// Where a word's ids are, and how many times the word occurs.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    len: u32,
+    count: i64,
+}
+
 /// The distinct chunks as token ids, end to end; merging shrinks a word in place.
 struct Words {
     ids: Vec<u32>,
-    starts: Vec<usize>,
-    lens: Vec<u32>,
-    counts: Vec<i64>,
+    spans: Vec<Span>,
 }
 
 impl Words {
     /// One word per chunk of two bytes or more (a single byte holds no pair).
     fn new(chunks: ChunkCounts) -> Words {
-        let mut words = Words { ids: Vec::new(), starts: Vec::new(), lens: Vec::new(), counts: Vec::new() };
-        for (chunk, n) in chunks {
+        let mut words = Words { ids: Vec::new(), spans: Vec::new() };
+        chunks.for_each(|chunk, n| {
             if chunk.len() >= 2 {
-                words.starts.push(words.ids.len());
-                words.lens.push(chunk.len() as u32);
-                words.counts.push(n as i64);
+                words.spans.push(Span { start: words.ids.len(), len: chunk.len() as u32, count: n as i64 });
                 words.ids.extend(chunk.iter().map(|&b| b as u32));
             }
-        }
+        });
         words
     }
 
     fn len(&self) -> usize {
-        self.starts.len()
+        self.spans.len()
     }
 
     fn word(&self, w: usize) -> &[u32] {
-        &self.ids[self.starts[w]..self.starts[w] + self.lens[w] as usize]
+        let span = self.spans[w];
+        &self.ids[span.start..span.start + span.len as usize]
+    }
+
+    /// Starts loading word `w`'s span (`ids = false`) or its ids (`ids = true`, which reads the
+    /// span: prefetch that first). Visiting the words of a merge is otherwise dominated by cache
+    /// misses, as they are scattered over the whole corpus.
+    #[inline]
+    fn prefetch(&self, w: usize, ids: bool) {
+        if ids {
+            prefetch(&self.ids[self.spans[w].start]);
+        } else {
+            prefetch(&self.spans[w]);
+        }
     }
 }
 
@@ -73,7 +94,7 @@ fn count_byte_pairs(words: &Words, n_threads: usize) -> PairStats {
                     for w in first..(first + per_thread).min(words.len()) {
                         for ab in words.word(w).windows(2) {
                             let i = (ab[0] << 8 | ab[1]) as usize;
-                            counts[i] += words.counts[w];
+                            counts[i] += words.spans[w].count;
                             let list: &mut Vec<u32> = &mut positions[i];
                             if list.last() != Some(&(w as u32)) {
                                 list.push(w as u32);
@@ -106,6 +127,11 @@ pub fn train(chunks: ChunkCounts, n_merges: usize, n_threads: usize) -> Vec<(u32
     let mut heap: BinaryHeap<(i64, Reverse<Pair>)> =
         stats.counts.iter().map(|(&p, &n)| (n, Reverse(p))).collect();
     let mut merges = Vec::with_capacity(n_merges);
+    // Scratch space of one merge, kept across merges: the net change of each pair's count (most
+    // changes of a merge hit a few pairs, so they are summed here before touching the big map),
+    // and the words where each new pair appears.
+    let mut deltas: FastMap<Pair, i64> = FastMap::default();
+    let mut gained: FastMap<Pair, Vec<u32>> = FastMap::default();
     while merges.len() < n_merges {
         let Some((n, Reverse(p))) = heap.pop() else { break };
         let current = stats.counts.get(&p).copied().unwrap_or(0);
@@ -117,20 +143,29 @@ pub fn train(chunks: ChunkCounts, n_merges: usize, n_threads: usize) -> Vec<(u32
         }
         let new_id = 256 + merges.len() as u32;
         merges.push(((p >> 32) as u32, p as u32));
-        let mut gained: FastMap<Pair, Vec<u32>> = FastMap::default();
-        for w in stats.positions.remove(&p).unwrap_or_default() {
-            merge_word(&mut words, w as usize, p, new_id, &mut stats.counts, &mut gained);
+        let positions = stats.positions.remove(&p).unwrap_or_default();
+        for (k, &w) in positions.iter().enumerate() {
+            if let Some(&ahead) = positions.get(k + 2 * PREFETCH_DISTANCE) {
+                words.prefetch(ahead as usize, false);
+            }
+            if let Some(&ahead) = positions.get(k + PREFETCH_DISTANCE) {
+                words.prefetch(ahead as usize, true);
+            }
+            merge_word(&mut words, w as usize, p, new_id, &mut deltas, &mut gained);
         }
         stats.counts.remove(&p);
-        for (q, positions) in gained {
-            match stats.counts.get(&q).copied().unwrap_or(0) {
-                n if n > 0 => {
-                    heap.push((n, Reverse(q)));
-                    stats.positions.insert(q, positions);
-                }
-                _ => {
-                    stats.counts.remove(&q);
-                }
+        for (q, delta) in deltas.drain() {
+            let count = stats.counts.entry(q).or_insert(0);
+            *count += delta;
+            if *count == 0 {
+                stats.counts.remove(&q);
+                stats.positions.remove(&q);
+            }
+        }
+        for (q, positions) in gained.drain() {
+            if let Some(&n) = stats.counts.get(&q) {
+                heap.push((n, Reverse(q)));
+                stats.positions.insert(q, positions);
             }
         }
     }
@@ -138,14 +173,14 @@ pub fn train(chunks: ChunkCounts, n_merges: usize, n_threads: usize) -> Vec<(u32
 }
 
 /// Replaces each occurrence of `p` in word `w` by `new_id`, moving the counts of the neighbouring
-/// pairs to the pairs they become, and noting `w` in `gained` for each pair that appears.
-fn merge_word(words: &mut Words, w: usize, p: Pair, new_id: u32, counts: &mut FastMap<Pair, i64>, gained: &mut FastMap<Pair, Vec<u32>>) {
+/// pairs to the pairs they become (in `deltas`), and noting `w` in `gained` for each pair that
+/// appears.
+fn merge_word(words: &mut Words, w: usize, p: Pair, new_id: u32, deltas: &mut FastMap<Pair, i64>, gained: &mut FastMap<Pair, Vec<u32>>) {
     let (a, b) = ((p >> 32) as u32, p as u32);
-    let n = words.counts[w];
-    let start = words.starts[w];
-    let ids = &mut words.ids[start..start + words.lens[w] as usize];
+    let Span { start, len, count: n } = words.spans[w];
+    let ids = &mut words.ids[start..start + len as usize];
     let mut add = |q: Pair, delta: i64| {
-        *counts.entry(q).or_insert(0) += delta;
+        *deltas.entry(q).or_insert(0) += delta;
         if delta > 0 {
             let list = gained.entry(q).or_default();
             if list.last() != Some(&(w as u32)) {
@@ -173,7 +208,7 @@ fn merge_word(words: &mut Words, w: usize, p: Pair, new_id: u32, counts: &mut Fa
         }
         write += 1;
     }
-    words.lens[w] = write as u32;
+    words.spans[w].len = write as u32;
 }
 
 /// Encodes text with learned merges: within each chunk, repeatedly merge the adjacent pair with the
@@ -257,7 +292,11 @@ mod tests {
     use super::*;
 
     fn chunks(items: &[(&str, u64)]) -> ChunkCounts {
-        items.iter().map(|&(c, n)| (c.as_bytes().into(), n)).collect()
+        let mut counts = ChunkCounts::default();
+        for &(c, n) in items {
+            counts.add(c.as_bytes(), n);
+        }
+        counts
     }
 
     #[test]

@@ -9,11 +9,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use crate::hash::FastMap;
+use crate::chunks::ChunkCounts;
 use crate::pretok::{self, Pattern};
-
-/// How many times each distinct chunk (as UTF-8 bytes) occurs.
-pub type ChunkCounts = FastMap<Box<[u8]>, u64>;
 
 /// Documents as UTF-8 bytes end to end, with the end offset of each.
 pub struct Batch {
@@ -86,8 +83,11 @@ impl Counter {
         drop(self.jobs.take());
         let mut total = ChunkCounts::default();
         for worker in self.workers.drain(..) {
-            let counts = worker.join().map_err(|_| "a counting thread panicked".to_string())??;
-            total = merge(total, counts);
+            let mut counts = worker.join().map_err(|_| "a counting thread panicked".to_string())??;
+            if counts.len() > total.len() {
+                std::mem::swap(&mut counts, &mut total);
+            }
+            total.merge(counts);
         }
         Ok(total)
     }
@@ -110,29 +110,16 @@ fn count_jobs(jobs: &Mutex<Receiver<Job>>, pattern: Pattern) -> Result<ChunkCoun
             return Ok(counts);
         };
         let mut start = batch.doc_start(docs.start);
+        let mut chunks: Vec<&[u8]> = Vec::new();
         for &end in &batch.ends[docs] {
             let doc = std::str::from_utf8(&batch.text[start..end as usize])
                 .map_err(|e| format!("a document is not valid UTF-8: {e}"))?;
-            for chunk in pretok::split(doc, pattern) {
-                match counts.get_mut(chunk.as_bytes()) {
-                    Some(n) => *n += 1,
-                    None => {
-                        counts.insert(chunk.as_bytes().into(), 1);
-                    }
-                }
-            }
+            chunks.extend(pretok::split(doc, pattern).map(str::as_bytes));
+            counts.add_each(&chunks);
+            chunks.clear();
             start = end as usize;
         }
     }
-}
-
-/// The sum of two counts, inserting the smaller map into the larger.
-fn merge(a: ChunkCounts, b: ChunkCounts) -> ChunkCounts {
-    let (mut large, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
-    for (chunk, n) in small {
-        *large.entry(chunk).or_insert(0) += n;
-    }
-    large
 }
 
 #[cfg(test)]
@@ -154,10 +141,12 @@ mod tests {
         let mut counter = Counter::new(Pattern::Gpt4, 3);
         counter.feed(batch(&["a cat", " cat", "", "dog a"])).unwrap();
         counter.feed(batch(&["cat cat"])).unwrap();
-        let counts = counter.finish().unwrap();
-        let get = |c: &str| counts.get(c.as_bytes()).copied();
-        assert_eq!((get("a"), get(" cat"), get("cat"), get("dog"), get(" a")), (Some(1), Some(3), Some(1), Some(1), Some(1)));
-        assert_eq!(counts.len(), 5);
+        let mut counts = std::collections::HashMap::new();
+        counter.finish().unwrap().for_each(|c, n| {
+            counts.insert(String::from_utf8(c.to_vec()).unwrap(), n);
+        });
+        let expected = [("a", 1), (" cat", 3), ("cat", 1), ("dog", 1), (" a", 1)];
+        assert_eq!(counts, expected.iter().map(|&(c, n)| (c.to_string(), n)).collect());
     }
 
     #[test]
@@ -165,6 +154,6 @@ mod tests {
         let mut counter = Counter::new(Pattern::Gpt4, 2);
         assert!(counter.feed(Batch { text: b"abc".to_vec(), ends: vec![2] }).is_err());
         counter.feed(Batch { text: vec![b'a', 0xff], ends: vec![2] }).unwrap();
-        assert!(counter.finish().unwrap_err().contains("UTF-8"));
+        assert!(counter.finish().err().unwrap().contains("UTF-8"));
     }
 }
