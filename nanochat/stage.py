@@ -7,6 +7,7 @@ version). No stage.json means the stage is not done.
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -86,6 +87,22 @@ def commit(run, stage, args, inputs, outputs, metrics, started):
     return summary
 
 
+def fault(stage, step=None):
+    """Fault injection for fail-and-resume tests: `NANOCHAT_FAULT=<stage>[:<step>][:hang]` makes
+    `stage` crash (exit code 3) or hang at its start, or right after step <step> for a training loop
+    that calls `fault(STAGE, step)` once a step (and its checkpoint) is done."""
+    spec = os.environ.get("NANOCHAT_FAULT", "")
+    hang = spec.endswith(":hang")
+    name, _, at = spec.removesuffix(":hang").partition(":")
+    if name != stage or at != ("" if step is None else str(step)):
+        return
+    where = "start" if step is None else f"step {step}"
+    print(f"{stage}: injected fault at {where} ({'hang' if hang else 'crash'})", file=sys.stderr, flush=True)
+    while hang:
+        time.sleep(60)
+    os._exit(3)
+
+
 def run_main(main, p, stage, argv=None):
     """Entry point for `python -m nanochat.stages.X`: one-line reason on stderr and exit 1 on a
     StageError, exit 0 when done."""
@@ -93,6 +110,7 @@ def run_main(main, p, stage, argv=None):
 
     setup_logging()
     args = parse_args(p, stage, argv)
+    fault(stage)
     try:
         main(args)
     except StageError as e:

@@ -1,0 +1,88 @@
+"""The `speedrun` flow: every available stage as a DAG of cached, retryable tasks, then the report.
+
+    python -m flows.speedrun --preset tiny                     runs it now (a temporary local Prefect server)
+    prefect deployment run speedrun/speedrun -p preset=tiny    through a server and a worker (prefect.yaml)
+    prefect deployment run stage/tok_train -p run_name=speedrun-tiny   re-runs one stage on an existing run
+
+Stages run as soon as their upstream stages are done (tok_eval beside base_train). A re-run of a
+finished run is all cache hits; after a failure, the finished stages are cache hits and the failed
+one resumes from its checkpoints.
+"""
+
+import argparse
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
+
+import nanochat.storage
+from flows import stages
+from nanochat import report
+
+# The final artifact: the output of the last of these stages in the DAG.
+FINAL = ("chat_rl", "chat_sft", "mid_train", "base_train", "tok_train")
+
+
+def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes, overrides):
+    root = nanochat.storage.storage_root(storage_root)
+    return stages.RunSpec(run=nanochat.storage.run_uri(run_name or f"speedrun-{preset}", root), preset=preset,
+                          storage=root, data_mirror=data_mirror, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                          overrides=overrides or {})
+
+
+@task
+def publish_report(run: str) -> str:
+    """Writes <run>/report.md and publishes it (artifact `report-card`) with the stage table."""
+    uri, markdown = report.write(run)
+    create_markdown_artifact(markdown, key="report-card", description=f"report card of {run}")
+    create_table_artifact(report.stage_rows(report.load(run)), key="stage-outputs", description=f"stages of {run}")
+    return uri
+
+
+@flow(name="speedrun")
+def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | None = None,
+             data_mirror: str | None = None, nproc_per_node: int = 1, nnodes: int = 1,
+             overrides: dict[str, dict] | None = None, retries: int = 2) -> str:
+    """Runs the pipeline on `preset` in run `run_name` (default speedrun-<preset>) under `storage`
+    (default $NANOCHAT_STORAGE); `overrides` = {stage: {option: value}}. Returns the URI of the final
+    checkpoint (the last training stage's `checkpoint` output; its directory if it has none)."""
+    spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
+    futures = {}
+    for stage in stages.available():
+        task_ = stages.stage_task(stage, spec, retries=retries)
+        futures[stage.name] = task_.submit(stage, spec, wait_for=[futures[n] for n in stage.needs])
+    wait(list(futures.values()))
+    summaries = {name: future.result() for name, future in futures.items()}  # raises the first failure
+    publish_report(spec.run)
+    final = next(name for name in FINAL if name in summaries)
+    return summaries[final]["outputs"].get("checkpoint", {}).get("uri") or nanochat.storage.join(spec.run, final)
+
+
+@flow(name="stage")
+def one_stage(name: str, preset: str = "tiny", run_name: str | None = None, storage: str | None = None,
+              data_mirror: str | None = None, nproc_per_node: int = 1, nnodes: int = 1,
+              overrides: dict[str, dict] | None = None, retries: int = 2) -> dict:
+    """Re-runs stage `name` on an existing run (its upstream stages must be done there), bypassing
+    the cache; returns its stage.json."""
+    spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
+    stage = stages.stage_named(name)
+    return stages.stage_task(stage, spec, retries=retries, force=True)(stage, spec)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m flows.speedrun", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--run", default=None, help="run name or URI (default: speedrun-<preset>)")
+    p.add_argument("--storage", default=None, help="storage root (default: $NANOCHAT_STORAGE or file://~/.cache/nanochat)")
+    p.add_argument("--data-mirror", default=None, help="mirror of the data sources (default: $NANOCHAT_DATA_MIRROR)")
+    p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--nnodes", type=int, default=1)
+    args = p.parse_args(argv)
+    final = speedrun(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes)
+    run = run_spec(args.preset, args.run, args.storage, None, 1, 1, None).run
+    print(f"\nfinal artifact: {final}\nreport card:    {nanochat.storage.join(run, report.REPORT)}")
+
+
+if __name__ == "__main__":
+    main()
