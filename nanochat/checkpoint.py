@@ -237,3 +237,16 @@ def all_ranks_agree(ok, device):
     flag = torch.tensor([int(ok)], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def load_model(target, device="cpu"):
+    """The GPT of a checkpoint directory, weights verified, in eval mode: (model, meta)."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    model_state, _, meta = load(target, device=device, load_optimizer=False)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # the buffers that are not saved (rotary tables)
+    model.load_state_dict(model_state)
+    return model.eval(), meta

@@ -20,6 +20,10 @@ def base_train(**overrides):
     return {**BASE_TRAIN, **overrides}
 
 
+def base_eval(**overrides):
+    return {"max_per_task": -1, "eval_tokens": BASE_TRAIN["eval_tokens"], **overrides}
+
+
 PRESETS = {
     "tiny": {
         "tok_train": {"vocab_size": 2048, "max_chars": 5_000_000, "doc_cap": 10_000},
@@ -28,6 +32,7 @@ PRESETS = {
         "base_train": base_train(depth=2, head_dim=64, n_kv_head=1, max_seq_len=128, device_batch_size=4,
                                  total_batch_size=1024, num_steps=20, eval_every=10, eval_tokens=4096,
                                  sample_every=-1, checkpoint_every=10, num_shards=2),
+        "base_eval": {"max_per_task": 8, "eval_tokens": 4096, "device_batch_size": 4, "num_shards": 2},
     },
     "cpu": {
         "tok_train": {"vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000},
@@ -36,15 +41,19 @@ PRESETS = {
         "base_train": base_train(depth=4, head_dim=64, max_seq_len=512, device_batch_size=8, total_batch_size=8192,
                                  num_steps=2000, eval_every=250, eval_tokens=65536, sample_every=500,
                                  checkpoint_every=250, num_shards=-1),
+        "base_eval": {"max_per_task": 200, "eval_tokens": 262144, "device_batch_size": 8, "num_shards": -1},
     },
     # shards as in the original speedrun scripts (about 250M characters each upstream)
     # device batch sizes as the original speedrun scripts set them for 80 GB GPUs
     "d20": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 240},
-            "base_train": base_train(depth=20, device_batch_size=32, num_shards=240)},
+            "base_train": base_train(depth=20, device_batch_size=32, num_shards=240),
+            "base_eval": base_eval(device_batch_size=32, num_shards=240)},
     "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450},
-            "base_train": base_train(depth=26, device_batch_size=16, num_shards=450)},
+            "base_train": base_train(depth=26, device_batch_size=16, num_shards=450),
+            "base_eval": base_eval(device_batch_size=16, num_shards=450)},
     "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800},
-            "base_train": base_train(depth=32, device_batch_size=8, num_shards=800)},
+            "base_train": base_train(depth=32, device_batch_size=8, num_shards=800),
+            "base_eval": base_eval(device_batch_size=8, num_shards=800)},
 }
 
 

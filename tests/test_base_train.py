@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 
@@ -55,11 +56,17 @@ def final_weights_sha(run):
     return manifest["files"]["model.safetensors"]["sha256"], summary
 
 
-def test_trains_and_resumes_bit_identical_after_kill_9(run, shared_data, tmp_path):
-    # Uninterrupted reference run.
-    reference = tmp_path / "reference"
-    shutil.copytree(run, reference)
-    base_train(reference, shared_data)
+@pytest.fixture(scope="module")
+def trained(tokenizer_run, shared_data, tmp_path_factory):
+    """A finished 2-process deterministic tiny run."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(tokenizer_run, run)
+    base_train(run, shared_data)
+    return run
+
+
+def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data):
+    reference = trained
     reference_sha, summary = final_weights_sha(reference)
     metrics = [json.loads(line) for line in (reference / "base_train" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -111,3 +118,19 @@ def test_needs_the_tokenizer(shared_data, tmp_path):
     done = base_train(tmp_path / "empty", shared_data, 1, check=False)
     assert done.returncode == 1
     assert "stage 'tok_train' has not completed" in done.stderr
+
+
+def test_base_eval(trained, shared_data, tmp_path):
+    with zipfile.ZipFile(shared_data / "eval_bundle.zip") as z:
+        z.extractall(tmp_path)
+    cmd = [*TORCHRUN, "2", "-m", "nanochat.stages.base_eval", "--", "--run", str(trained), "--preset", "tiny",
+           "--data", str(shared_data / "pretrain"), "--eval-bundle", str(tmp_path / "eval_bundle"), "--max-per-task", "3"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((trained / "base_eval" / "stage.json").read_text())["metrics"]
+    train_bpb = json.loads((trained / "base_train" / "stage.json").read_text())["metrics"]["val_bpb"]
+    assert abs(metrics["val_bpb"] - train_bpb) < 0.2 * train_bpb
+    tasks = metrics["core_tasks"]
+    assert len(tasks) == 18 and sorted(metrics["core_tasks_absent"]) == ["coqa", "hellaswag", "hellaswag_zeroshot", "squad"]
+    assert all(t["examples"] == 3 and t["accuracy"] in (0, 1 / 3, 2 / 3, 1) for t in tasks.values())
+    assert metrics["core"] == pytest.approx(sum(t["centered"] for t in tasks.values()) / 18)

@@ -248,27 +248,17 @@ def resume(ckpt_dir, model, optimizer, config, compute):
 
 
 def train_loader(args, tokenizer, device, state):
-    from nanochat import dataset
-    from nanochat.dataloader import PretrainLoader
+    from nanochat.dataloader import pretrain_loader
 
-    B, T = args.device_batch_size, args.max_seq_len
-    if args.data:
-        return PretrainLoader(tokenizer, B, T, args.data, split="train", device=device, state=state)
-    train, _ = dataset.pretrain_shards(args.num_shards, args.storage)
-    return PretrainLoader(tokenizer, B, T, train, device=device, state=state,
-                          wait_for_shard=dataset.shard_waiter(args.storage))
+    return pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data, args.num_shards,
+                           args.storage, device, state)
 
 
 def val_loader(args, tokenizer, device):
-    from nanochat import dataset
-    from nanochat.dataloader import PretrainLoader
+    from nanochat.dataloader import pretrain_loader
 
-    B, T = args.device_batch_size, args.max_seq_len
-    if args.data:
-        return PretrainLoader(tokenizer, B, T, args.data, split="val", device=device)
-    _, val = dataset.pretrain_shards(args.num_shards, args.storage)
-    return PretrainLoader(tokenizer, B, T, [val], split="val", device=device,
-                          wait_for_shard=dataset.shard_waiter(args.storage))
+    return pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", args.data, args.num_shards,
+                           args.storage, device)
 
 
 def gather(obj):

@@ -1,0 +1,105 @@
+"""Evaluate the base model: validation bits per byte and the CORE metric.
+
+    torchrun --nproc_per_node 8 -m nanochat.stages.base_eval -- --run myrun --preset d20
+    python -m nanochat.stages.base_eval --run myrun --preset tiny --max-per-task 20
+
+Reads the final checkpoint of base_train in the same run (or --checkpoint DIR), the validation
+shard (of the data cache, or of --data) and the CORE eval bundle (<storage>/data/eval_bundle,
+fetched and unpacked first if it is not there, or --eval-bundle DIR). Examples are spread over the
+processes. Writes <run>/base_eval/stage.json: val_bpb, CORE, per task the accuracy, the centered
+accuracy and the random baseline, and which tasks of core.yaml the bundle lacks.
+"""
+
+import itertools
+import time
+
+from nanochat import checkpoint, stage, storage
+from nanochat.common import log
+
+STAGE = "base_eval"
+
+
+def build_parser():
+    p = stage.parser(STAGE, __doc__)
+    a = p.add_argument
+    a("--max-per-task", type=int, help="examples per CORE task (a fixed random subset; -1: all)")
+    a("--eval-tokens", type=int, help="validation tokens for bits per byte")
+    a("--device-batch-size", type=int, help="rows per forward pass for bits per byte")
+    a("--checkpoint", default=None, help="checkpoint directory URI (default: base_train's final checkpoint)")
+    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: <storage>/data/eval_bundle)")
+    a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files (the last is validation)")
+    a("--num-shards", type=int, help="training shards of the data cache (only locates the validation shard)")
+    a("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="autocast dtype")
+    a("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: cuda > mps > cpu, whichever exists")
+    return p
+
+
+def main(args):
+    import torch
+
+    from nanochat import common
+    from nanochat.dataloader import pretrain_loader
+    from nanochat.evaluation import core
+    from nanochat.evaluation.loss import bits_per_byte
+    from nanochat.tokenizer import Tokenizer
+
+    started = time.time()
+    target = args.checkpoint or upstream_checkpoint(args.run)
+    bundle = args.eval_bundle or eval_bundle(args.storage)
+    try:
+        tasks, missing = core.load_tasks(bundle)
+    except (core.BundleError, FileNotFoundError) as e:
+        raise stage.StageError(f"eval bundle {bundle}: {e}") from None
+    compute = common.compute_init(args.device_type)
+    device = compute.device
+    model, meta = checkpoint.load_model(target, device)
+    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
+    dtype = common.autocast_dtype(compute.device_type) if args.dtype == "auto" else getattr(torch, args.dtype)
+    autocast = common.autocast_context(compute.device_type, dtype)
+    max_len = model.config.sequence_len
+
+    B, T = args.device_batch_size, max_len
+    steps = max(1, args.eval_tokens // (B * T * compute.world_size))
+    batches = itertools.islice(pretrain_loader(tokenizer, B, T, "val", args.data, args.num_shards, args.storage, device), steps)
+    val_bpb = bits_per_byte(model, batches, torch.tensor(tokenizer.token_byte_lengths(), device=device), autocast)
+    log.info("validation: %.4f bits per byte", val_bpb)
+
+    def progress(label, result):
+        log.info("CORE %-34s accuracy %.3f  centered %+.3f  (%d examples)", label, result["accuracy"],
+                 result["centered"], result["examples"])
+
+    log.info("CORE on %d tasks (absent from the bundle: %s), %s examples each", len(tasks), ", ".join(missing) or "none",
+             "all" if args.max_per_task < 0 else f"at most {args.max_per_task}")
+    results = core.core_metric(model, tokenizer, tasks, device, autocast, max_len, args.max_per_task, compute.rank,
+                               compute.world_size, progress=progress if compute.master else None)
+    log.info("CORE %.4f over %d tasks; validation %.4f bits per byte", results["core"], len(tasks), val_bpb)
+    if compute.master:
+        metrics = {"val_bpb": val_bpb, "core": results["core"], "core_tasks": results["tasks"],
+                   "core_tasks_absent": missing, "max_per_task": args.max_per_task}
+        inputs = {"checkpoint": storage.join(target, checkpoint.MANIFEST), "eval_bundle": storage.join(bundle, "core.yaml")}
+        stage.commit(args.run, STAGE, args, inputs, {}, metrics, started)
+    common.compute_cleanup()
+
+
+def upstream_checkpoint(run):
+    """The final checkpoint directory of base_train in `run`."""
+    manifest = stage.read_summary(run, "base_train")["outputs"]["checkpoint"]["uri"]
+    return manifest.rsplit("/", 1)[0]
+
+
+def eval_bundle(storage_uri):
+    """The unpacked eval bundle in the data cache, fetched and unpacked first if needed."""
+    from nanochat import dataset, sources
+
+    root = storage.data_root(storage_uri)
+    bundle = storage.join(root, "eval_bundle")
+    if not storage.exists(storage.join(bundle, "core.yaml")):
+        try:
+            dataset.extract_zip(dataset.fetch(sources.EVAL_BUNDLE, storage_uri), root)
+        except (dataset.DownloadError, sources.SourceError) as e:
+            raise stage.StageError(str(e)) from None
+    return bundle
+
+
+if __name__ == "__main__":
+    stage.run_main(main, build_parser(), STAGE)
