@@ -19,7 +19,11 @@ export NANOCHAT_DATA_MIRROR ?= $(DATA_MIRROR)
 
 RUST_SOURCES := rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs)
 
-.PHONY: help setup dev speedrun test bench clean
+# The Prefect server of `make server`, which `make worker` and `make deploy` talk to.
+PREFECT_API ?= http://127.0.0.1:4200/api
+NPROC ?= 1
+
+.PHONY: help setup dev speedrun test bench server worker deploy clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | expand -t 12
@@ -49,9 +53,21 @@ $(VENV)/.dev: $(VENV)/.setup
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/upstream-rustbpe rustbpe==0.1.0 $(QUIET_PIP)
 	touch $@
 
-speedrun: setup  ## run the pipeline (PRESET=tiny|cpu|d20|d26|d32, RUN=name)
-	$(PY) -m nanochat.stages.tok_train --run $(RUN) --preset $(PRESET) $(if $(DATA_MIRROR),--data $(DATA_MIRROR)/pretrain,)
-	$(PY) -m nanochat.stages.tok_eval --run $(RUN) --preset $(PRESET) $(if $(DATA_MIRROR),--data $(DATA_MIRROR)/pretrain,)
+speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d26|d32, RUN=name, NPROC=1)
+	$(PY) -m flows.speedrun --preset $(PRESET) --run $(RUN) --nproc-per-node $(NPROC)
+
+server: setup  ## Prefect server and UI on http://127.0.0.1:4200 (SQLite under PREFECT_HOME)
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+worker: setup  ## a process worker on work pool "gpu" (creates the pool from deployments/gpu-pool.json)
+	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create gpu --type process \
+	  --base-job-template deployments/gpu-pool.json --overwrite
+	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect worker start --pool gpu
+
+deploy: setup  ## register prefect.yaml's deployments (speedrun, one per stage) with the server
+	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create gpu --type process \
+	  --base-job-template deployments/gpu-pool.json --overwrite
+	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect --no-prompt deploy --all
 
 test: dev  ## run the whole test suite (Rust and Python)
 	cargo test --quiet --release --manifest-path rustbpe/Cargo.toml

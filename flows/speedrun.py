@@ -42,13 +42,14 @@ def publish_report(run: str) -> str:
 @flow(name="speedrun")
 def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | None = None,
              data_mirror: str | None = None, nproc_per_node: int = 1, nnodes: int = 1,
-             overrides: dict[str, dict] | None = None, retries: int = 2) -> str:
+             overrides: dict[str, dict] | None = None, retries: int = 2, only: list[str] | None = None) -> str:
     """Runs the pipeline on `preset` in run `run_name` (default speedrun-<preset>) under `storage`
-    (default $NANOCHAT_STORAGE); `overrides` = {stage: {option: value}}. Returns the URI of the final
+    (default $NANOCHAT_STORAGE); `overrides` = {stage: {option: value}}; `only`: just these stages
+    and the ones they need. Returns the URI of the final
     checkpoint (the last training stage's `checkpoint` output; its directory if it has none)."""
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
     futures = {}
-    for stage in stages.available():
+    for stage in stages.available(only):
         task_ = stages.stage_task(stage, spec, retries=retries)
         futures[stage.name] = task_.submit(stage, spec, wait_for=[futures[n] for n in stage.needs])
     wait(list(futures.values()))

@@ -30,11 +30,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.filesystems import RemoteFileSystem
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_HOME
 from prefect.tasks import exponential_backoff
 from prefect.transactions import IsolationLevel
 
+from flows.locks import FlockLockManager
 from nanochat import presets, storage
 from nanochat.common import code_version
 from nanochat.stage import SUMMARY
@@ -68,20 +68,27 @@ PIPELINE = (
 )
 
 
-def available(pipeline=PIPELINE):
-    """The stages that can run today: their module exists and so do their upstream stages."""
+def available(only=None):
+    """The stages that can run today: their module exists and so do their upstream stages. With
+    `only`, just those stages and the ones they need."""
     dag = {}
-    for s in pipeline:
+    for s in PIPELINE:
         if importlib.util.find_spec(f"nanochat.stages.{s.module}") and all(n in dag for n in s.needs):
             dag[s.name] = s
-    return list(dag.values())
+    if not only:
+        return list(dag.values())
+    if unknown := set(only) - dag.keys():
+        raise ValueError(f"unknown or unavailable stages {sorted(unknown)}; choose from {', '.join(dag)}")
+    keep, todo = set(), list(only)
+    while todo:
+        name = todo.pop()
+        keep.add(name)
+        todo += dag[name].needs
+    return [s for name, s in dag.items() if name in keep]
 
 
 def stage_named(name):
-    for s in available():
-        if s.name == name:
-            return s
-    raise ValueError(f"unknown or unavailable stage {name!r}; choose from {', '.join(s.name for s in available())}")
+    return available(only=[name])[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,9 +257,8 @@ class StageCache(CachePolicy):
 
 def stage_task(stage, spec, retries=2, force=False):
     """The task that runs `stage` in the run: cached beside the run, and locked so that concurrent
-    runs of one stage execute it once (locks are local files: one machine; across machines use a
-    shared lock manager such as prefect-redis). `force` runs it even on a cache hit."""
-    locks = FileSystemLockManager(lock_files_directory=Path(PREFECT_HOME.value()) / "locks")
+    runs of one stage on this machine execute it once. `force` runs it even on a cache hit."""
+    locks = FlockLockManager(Path(PREFECT_HOME.value()) / "locks")
     return run_stage.with_options(
         name=stage.name,
         cache_policy=StageCache().configure(lock_manager=locks, isolation_level=IsolationLevel.SERIALIZABLE),

@@ -41,3 +41,14 @@ def s3_root(s3_endpoint, monkeypatch):
     bucket = f"b-{uuid.uuid4().hex[:10]}"
     make_bucket(s3_endpoint, bucket)
     return f"s3://{bucket}/nanochat"
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One real Prefect API for the session (the test harness: a temporary server on SQLite), with
+    PREFECT_HOME in a temporary directory; yields the API URL for subprocesses (workers, CLI)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}), prefect_test_harness():
+        yield PREFECT_API_URL.value()

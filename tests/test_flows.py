@@ -1,0 +1,168 @@
+"""The speedrun flow through a real Prefect API (one test harness per session) on the tiny preset,
+with the real stages as child processes: two concurrent runs execute each stage once, a re-run is
+all cache hits, a failed stage resumes from its checkpoint to the same weights, s3:// storage, the
+stage launcher leaves no torchrun worker behind."""
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowRunFilter,
+                                            FlowRunFilterId, LogFilter, LogFilterFlowRunId)
+
+from flows import stages
+from flows.speedrun import speedrun
+from nanochat import storage
+
+# base_train on the tiny preset, shorter still; deterministic, so a resumed run ends in the same weights
+OVERRIDES = {"base_train": {"num_steps": 4, "checkpoint_every": 2, "eval_tokens": 1024, "deterministic": True}}
+# The flow tests run the stages up to base_train, so later stages do not lengthen them.
+ONLY = [s for s in ("tok_eval", "base_train") if s in [a.name for a in stages.available()]]
+AVAILABLE = [s.name for s in stages.available(ONLY)]
+
+
+def run_speedrun(root, run, shared_data, **kwargs):
+    state = speedrun(preset="tiny", run_name=run, storage=str(root), data_mirror=str(shared_data),
+                     overrides=OVERRIDES, retries=0, only=ONLY, return_state=True, **kwargs)
+    return state, state.state_details.flow_run_id
+
+
+def task_states(flow_run_id):
+    """{task run name: state name} of one flow run."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def logs(flow_run_id):
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+
+def artifacts(key, flow_run_id=None):
+    """The artifacts with this key (of one flow run, if given)."""
+    flow_run = ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=flow_run))
+
+
+def summaries(run):
+    return {name: storage.read_json(storage.join(run, name, "stage.json")) for name in AVAILABLE}
+
+
+def final_weights_sha(run):
+    manifest = storage.read_json(storage.join(run, "base_train", "stage.json"))["outputs"]["checkpoint"]["uri"]
+    return storage.read_json(manifest)["files"]["model.safetensors"]["sha256"]
+
+
+@pytest.fixture(scope="module")
+def finished(prefect_api, shared_data, tmp_path_factory):
+    """Two concurrent speedruns of one run, then a third (all cache hits): (run URI, first two
+    runs, third run, stage.json of every stage after the first two)."""
+    root = tmp_path_factory.mktemp("storage")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = list(pool.map(lambda _: run_speedrun(root, "e2e", shared_data), range(2)))
+    after_first = summaries(storage.run_uri("e2e", str(root)))
+    third = run_speedrun(root, "e2e", shared_data)
+    return storage.run_uri("e2e", str(root)), first, third, after_first
+
+
+def test_concurrent_runs_execute_each_stage_once(finished):
+    run, first, _, _ = finished
+    for state, _ in first:
+        assert state.is_completed(), state.message
+    per_stage = [task_states(flow_run_id) for _, flow_run_id in first]
+    for name in AVAILABLE:
+        assert sorted(states[name] for states in per_stage) == ["Cached", "Completed"], name
+    assert storage.exists(storage.join(run, "report.md"))
+
+
+def test_rerun_is_all_cache_hits_and_publishes_the_report(finished):
+    run, _, (state, flow_run_id), after_first = finished
+    assert state.is_completed(), state.message
+    states = task_states(flow_run_id)
+    assert {name: states[name] for name in AVAILABLE} == {name: "Cached" for name in AVAILABLE}
+    assert summaries(run) == after_first  # nothing ran again
+    final = state.result()
+    if "base_train" in AVAILABLE:  # the flow returns the final checkpoint
+        assert final == after_first["base_train"]["outputs"]["checkpoint"]["uri"]
+        assert "data:image/png;base64," in storage.read_text(storage.join(run, "report.md"))  # loss curve
+        assert [a.data for a in artifacts("progress-base-train")] == [100.0]  # the run that trained
+    card = artifacts("report-card", flow_run_id)[0].data
+    assert card == storage.read_text(storage.join(run, "report.md")) and "## Stages" in card
+    table = artifacts("stage-outputs", flow_run_id)[0].data
+    assert all(name in table for name in AVAILABLE)
+
+
+def test_missing_artifact_runs_its_stage_again(finished, prefect_api, shared_data):
+    run, _, _, after_first = finished
+    last = AVAILABLE[-1]  # no stage depends on it, so the others stay cache hits
+    storage.remove(storage.join(run, last), recursive=True)
+    state, flow_run_id = run_speedrun(storage.local_path(run).rsplit("/runs/", 1)[0], "e2e", shared_data)
+    assert state.is_completed(), state.message
+    states = task_states(flow_run_id)
+    assert states[last] == "Completed"
+    assert all(states[name] == "Cached" for name in AVAILABLE if name != last)
+    assert storage.read_json(storage.join(run, last, "stage.json"))["outputs"].keys() == after_first[last]["outputs"].keys()
+
+
+@pytest.mark.skipif("base_train" not in AVAILABLE, reason="needs a checkpointed training stage")
+def test_failed_stage_resumes_from_its_checkpoint(finished, prefect_api, shared_data, tmp_path, monkeypatch):
+    reference, *_ = finished
+    monkeypatch.setenv("NANOCHAT_FAULT", "base_train:3")  # crash right after step 3; step 2 is checkpointed
+    state, _ = run_speedrun(tmp_path, "r", shared_data)
+    run = storage.run_uri("r", str(tmp_path))
+    assert state.is_failed()
+    assert "base_train exited with code 3" in state.message and "injected fault at step 3" in state.message
+    assert not storage.exists(storage.join(run, "base_train", "stage.json"))
+    assert storage.exists(storage.join(run, "base_train", "checkpoints", "step_000002", "manifest.json"))
+
+    monkeypatch.delenv("NANOCHAT_FAULT")
+    state, flow_run_id = run_speedrun(tmp_path, "r", shared_data)
+    assert state.is_completed(), state.message
+    states = task_states(flow_run_id)
+    assert all(states[name] == "Cached" for name in AVAILABLE if name != "base_train")
+    assert states["base_train"] == "Completed"
+    assert any("resumed at step 2" in line for line in logs(flow_run_id))
+    assert final_weights_sha(run) == final_weights_sha(reference)  # as if it never failed
+
+
+def test_s3_storage(prefect_api, shared_data, s3_root):
+    state, _ = run_speedrun(s3_root, "s3run", shared_data)
+    assert state.is_completed(), state.message
+    run = storage.run_uri("s3run", s3_root)
+    assert run.startswith("s3://")
+    for name, summary in summaries(run).items():
+        assert all(o["uri"].startswith("s3://") for o in summary["outputs"].values()), name
+    assert "## Stages" in storage.read_text(storage.join(run, "report.md"))
+    state, flow_run_id = run_speedrun(s3_root, "s3run", shared_data)  # results are cached on s3 too
+    assert state.is_completed(), state.message
+    assert all(task_states(flow_run_id)[name] == "Cached" for name in AVAILABLE)
+
+
+def test_launcher_streams_output_and_leaves_no_torchrun_worker(tmp_path, monkeypatch):
+    """torchrun's workers run in sessions of their own: even when the torchrun agent is killed
+    outright, the launcher kills them."""
+    monkeypatch.setenv("NANOCHAT_FAULT", "base_train:hang")
+    spec = stages.RunSpec(run=storage.normalize(str(tmp_path / "run")), preset="tiny",
+                          storage=storage.normalize(str(tmp_path)), nproc_per_node=2)
+    stage = stages.Stage("base_train", torchrun=True)
+    lines, result = [], {}
+    thread = threading.Thread(target=lambda: result.update(out=stages.launch(
+        stages.command(stage, spec), stages.child_env(spec), lines.append, grace=5.0)))
+    thread.start()
+    while sum("injected fault" in line for line in lines) < 2:  # both ranks hang
+        time.sleep(0.2)
+    agent = next(p for p in psutil.Process().children() if "torch.distributed.run" in " ".join(p.cmdline()))
+    workers = agent.children(recursive=True)
+    assert len(workers) == 2 and all(os.getsid(w.pid) != os.getsid(agent.pid) for w in workers)
+    agent.send_signal(signal.SIGKILL)
+    thread.join()
+    assert result["out"][0] == -signal.SIGKILL
+    assert "injected fault" in result["out"][1]
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
