@@ -369,3 +369,13 @@ def extract_zip(zip_uri, dest_root):
                         dst.write(block)
             out.append(uri)
     return out
+
+
+def eval_bundle_dir(storage_uri=None, mirror=None):
+    """The unpacked CORE eval bundle in the data cache (<data>/eval_bundle), fetched and unpacked
+    first if it is not there."""
+    root = storage.data_root(storage_uri)
+    bundle = storage.join(root, "eval_bundle")
+    if not storage.exists(storage.join(bundle, "core.yaml")):
+        extract_zip(fetch(sources.EVAL_BUNDLE, storage_uri, mirror), root)
+    return bundle

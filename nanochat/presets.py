@@ -12,7 +12,8 @@ BASE_TRAIN = {
     "n_kv_head": None, "num_steps": -1, "param_data_ratio": 20.0, "matrix_lr": 0.02, "embedding_lr": 0.2,
     "unembedding_lr": 0.004, "weight_decay": 0.0, "warmup_ratio": 0.0, "warmdown_ratio": 0.2,
     "eval_tokens": 10 * 524288, "eval_every": 250, "sample_every": 2000, "checkpoint_every": 1000,
-    "keep_last": 2, "head_dim": 128, "max_seq_len": 2048, "total_batch_size": 524288,
+    "keep_last": 2, "head_dim": 128, "max_seq_len": 2048, "total_batch_size": 524288, "core_every": 2000,
+    "core_max_per_task": 500,
 }
 
 
@@ -21,7 +22,7 @@ def base_train(**overrides):
 
 
 def base_eval(**overrides):
-    return {"max_per_task": -1, "eval_tokens": BASE_TRAIN["eval_tokens"], **overrides}
+    return {"max_per_task": -1, "eval_tokens": BASE_TRAIN["eval_tokens"], "unigram_tokens": 20_000_000, **overrides}
 
 
 PRESETS = {
@@ -31,8 +32,9 @@ PRESETS = {
         "download": {"num_shards": 2},
         "base_train": base_train(depth=2, head_dim=64, n_kv_head=1, max_seq_len=128, device_batch_size=4,
                                  total_batch_size=1024, num_steps=20, eval_every=10, eval_tokens=4096,
-                                 sample_every=-1, checkpoint_every=10, num_shards=2),
-        "base_eval": {"max_per_task": 8, "eval_tokens": 4096, "device_batch_size": 4, "num_shards": 2},
+                                 sample_every=-1, checkpoint_every=10, num_shards=2, core_every=-1),
+        "base_eval": {"max_per_task": 8, "eval_tokens": 4096, "unigram_tokens": 65536, "device_batch_size": 4,
+                      "num_shards": 2},
     },
     "cpu": {
         "tok_train": {"vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000},
@@ -40,8 +42,9 @@ PRESETS = {
         "download": {"num_shards": -1},
         "base_train": base_train(depth=4, head_dim=64, max_seq_len=512, device_batch_size=8, total_batch_size=8192,
                                  num_steps=2000, eval_every=250, eval_tokens=65536, sample_every=500,
-                                 checkpoint_every=250, num_shards=-1),
-        "base_eval": {"max_per_task": 200, "eval_tokens": 262144, "device_batch_size": 8, "num_shards": -1},
+                                 checkpoint_every=250, num_shards=-1, core_every=1000, core_max_per_task=50),
+        "base_eval": {"max_per_task": 200, "eval_tokens": 262144, "unigram_tokens": 4_000_000, "device_batch_size": 8,
+                      "num_shards": -1},
     },
     # shards as in the original speedrun scripts (about 250M characters each upstream)
     # device batch sizes as the original speedrun scripts set them for 80 GB GPUs

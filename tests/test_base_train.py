@@ -99,8 +99,19 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     assert len(meta["loader_states"]) == 2
 
 
-def test_resume_with_another_world_size_is_refused(run, shared_data):
-    base_train(run, shared_data, 2, "--num-steps", "2", "--checkpoint-every", "1")
+@pytest.fixture(scope="module")
+def bundle(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    with zipfile.ZipFile(shared_data / "eval_bundle.zip") as z:
+        z.extractall(root)
+    return root / "eval_bundle"
+
+
+def test_periodic_core_and_resume_with_another_world_size_is_refused(run, shared_data, bundle):
+    base_train(run, shared_data, 2, "--num-steps", "2", "--checkpoint-every", "1", "--core-every", "1",
+               "--core-max-per-task", "1", "--eval-bundle", str(bundle))
+    records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "core" in r] == [1]
     (run / "base_train" / "stage.json").unlink()
     done = base_train(run, shared_data, 1, "--num-steps", "4", check=False)
     assert done.returncode != 0
@@ -120,16 +131,15 @@ def test_needs_the_tokenizer(shared_data, tmp_path):
     assert "stage 'tok_train' has not completed" in done.stderr
 
 
-def test_base_eval(trained, shared_data, tmp_path):
-    with zipfile.ZipFile(shared_data / "eval_bundle.zip") as z:
-        z.extractall(tmp_path)
+def test_base_eval(trained, shared_data, bundle):
     cmd = [*TORCHRUN, "2", "-m", "nanochat.stages.base_eval", "--", "--run", str(trained), "--preset", "tiny",
-           "--data", str(shared_data / "pretrain"), "--eval-bundle", str(tmp_path / "eval_bundle"), "--max-per-task", "3"]
+           "--data", str(shared_data / "pretrain"), "--eval-bundle", str(bundle), "--max-per-task", "3"]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((trained / "base_eval" / "stage.json").read_text())["metrics"]
     train_bpb = json.loads((trained / "base_train" / "stage.json").read_text())["metrics"]["val_bpb"]
     assert abs(metrics["val_bpb"] - train_bpb) < 0.2 * train_bpb
+    assert metrics["val_bpb"] < metrics["unigram_val_bpb"] < 8  # it learned more than token frequencies
     tasks = metrics["core_tasks"]
     assert len(tasks) == 18 and sorted(metrics["core_tasks_absent"]) == ["coqa", "hellaswag", "hellaswag_zeroshot", "squad"]
     assert all(t["examples"] == 3 and t["accuracy"] in (0, 1 / 3, 2 / 3, 1) for t in tasks.values())

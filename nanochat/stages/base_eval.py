@@ -6,7 +6,8 @@
 Reads the final checkpoint of base_train in the same run (or --checkpoint DIR), the validation
 shard (of the data cache, or of --data) and the CORE eval bundle (<storage>/data/eval_bundle,
 fetched and unpacked first if it is not there, or --eval-bundle DIR). Examples are spread over the
-processes. Writes <run>/base_eval/stage.json: val_bpb, CORE, per task the accuracy, the centered
+processes. Writes <run>/base_eval/stage.json: val_bpb (and that of a unigram model of the training tokens, the
+baseline to beat), CORE, per task the accuracy, the centered
 accuracy and the random baseline, and which tasks of core.yaml the bundle lacks.
 """
 
@@ -24,6 +25,7 @@ def build_parser():
     a = p.add_argument
     a("--max-per-task", type=int, help="examples per CORE task (a fixed random subset; -1: all)")
     a("--eval-tokens", type=int, help="validation tokens for bits per byte")
+    a("--unigram-tokens", type=int, help="training tokens counted for the unigram baseline of bits per byte")
     a("--device-batch-size", type=int, help="rows per forward pass for bits per byte")
     a("--checkpoint", default=None, help="checkpoint directory URI (default: base_train's final checkpoint)")
     a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: <storage>/data/eval_bundle)")
@@ -40,7 +42,7 @@ def main(args):
     from nanochat import common
     from nanochat.dataloader import pretrain_loader
     from nanochat.evaluation import core
-    from nanochat.evaluation.loss import bits_per_byte
+    from nanochat.evaluation.loss import bits_per_byte, model_losses, token_counts, unigram_losses
     from nanochat.tokenizer import Tokenizer
 
     started = time.time()
@@ -59,10 +61,16 @@ def main(args):
     max_len = model.config.sequence_len
 
     B, T = args.device_batch_size, max_len
-    steps = max(1, args.eval_tokens // (B * T * compute.world_size))
-    batches = itertools.islice(pretrain_loader(tokenizer, B, T, "val", args.data, args.num_shards, args.storage, device), steps)
-    val_bpb = bits_per_byte(model, batches, torch.tensor(tokenizer.token_byte_lengths(), device=device), autocast)
-    log.info("validation: %.4f bits per byte", val_bpb)
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
+
+    def batches(split, tokens):
+        loader = pretrain_loader(tokenizer, B, T, split, args.data, args.num_shards, args.storage, device)
+        return itertools.islice(loader, max(1, tokens // (B * T * compute.world_size)))
+
+    val_bpb = bits_per_byte(model_losses(model, autocast), batches("val", args.eval_tokens), token_bytes)
+    counts = token_counts(batches("train", args.unigram_tokens), tokenizer.vocab_size, device)
+    unigram_bpb = bits_per_byte(unigram_losses(counts), batches("val", args.eval_tokens), token_bytes)
+    log.info("validation: %.4f bits per byte (unigram baseline: %.4f)", val_bpb, unigram_bpb)
 
     def progress(label, result):
         log.info("CORE %-34s accuracy %.3f  centered %+.3f  (%d examples)", label, result["accuracy"],
@@ -74,7 +82,7 @@ def main(args):
                                compute.world_size, progress=progress if compute.master else None)
     log.info("CORE %.4f over %d tasks; validation %.4f bits per byte", results["core"], len(tasks), val_bpb)
     if compute.master:
-        metrics = {"val_bpb": val_bpb, "core": results["core"], "core_tasks": results["tasks"],
+        metrics = {"val_bpb": val_bpb, "unigram_val_bpb": unigram_bpb, "core": results["core"], "core_tasks": results["tasks"],
                    "core_tasks_absent": missing, "max_per_task": args.max_per_task}
         inputs = {"checkpoint": storage.join(target, checkpoint.MANIFEST), "eval_bundle": storage.join(bundle, "core.yaml")}
         stage.commit(args.run, STAGE, args, inputs, {}, metrics, started)
@@ -88,17 +96,12 @@ def upstream_checkpoint(run):
 
 
 def eval_bundle(storage_uri):
-    """The unpacked eval bundle in the data cache, fetched and unpacked first if needed."""
     from nanochat import dataset, sources
 
-    root = storage.data_root(storage_uri)
-    bundle = storage.join(root, "eval_bundle")
-    if not storage.exists(storage.join(bundle, "core.yaml")):
-        try:
-            dataset.extract_zip(dataset.fetch(sources.EVAL_BUNDLE, storage_uri), root)
-        except (dataset.DownloadError, sources.SourceError) as e:
-            raise stage.StageError(str(e)) from None
-    return bundle
+    try:
+        return dataset.eval_bundle_dir(storage_uri)
+    except (dataset.DownloadError, sources.SourceError) as e:
+        raise stage.StageError(str(e)) from None
 
 
 if __name__ == "__main__":

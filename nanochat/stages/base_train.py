@@ -52,6 +52,9 @@ def build_parser():
     a("--warmdown-ratio", type=float, help="fraction of steps decaying the learning rate at the end")
     a("--eval-every", type=int, help="steps between validation bits-per-byte evaluations (-1: only at the end)")
     a("--eval-tokens", type=int, help="validation tokens per evaluation")
+    a("--core-every", type=int, help="steps between CORE evaluations on a subset of each task (-1: never)")
+    a("--core-max-per-task", type=int, help="examples per CORE task in those evaluations")
+    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: <storage>/data/eval_bundle)")
     a("--sample-every", type=int, help="steps between printed samples (-1: only at the end)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (-1: only at the end)")
     a("--keep-last", type=int, help="checkpoints kept (older ones are deleted)")
@@ -71,7 +74,7 @@ def main(args):
     import torch
 
     from nanochat import common
-    from nanochat.evaluation.loss import bits_per_byte
+    from nanochat.evaluation.loss import bits_per_byte, model_losses
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import Tokenizer
 
@@ -107,11 +110,25 @@ def main(args):
     def evaluate():
         batches = itertools.islice(val_loader(args, tokenizer, device), plan["eval_steps"])
         model.eval()
-        bpb = bits_per_byte(train_model, batches, token_bytes, autocast)
+        bpb = bits_per_byte(model_losses(train_model, autocast), batches, token_bytes)
         model.train()
         metrics.add({"step": step, "val_bpb": bpb})
         log.info("step %d/%d: validation %.4f bits per byte", step, plan["num_steps"], bpb)
         return bpb
+
+    core_tasks = []
+
+    def evaluate_core():
+        from nanochat.evaluation import core
+        from nanochat.stages.base_eval import eval_bundle
+
+        if not core_tasks:
+            core_tasks.extend(core.load_tasks(args.eval_bundle or eval_bundle(args.storage))[0])
+        model.eval()
+        result = core.core_metric(model, tokenizer, core_tasks, device, autocast, config.sequence_len,
+                                  args.core_max_per_task, compute.rank, compute.world_size)
+        model.train()
+        metrics.add({"step": step, "core": result["core"]})
 
     def save():
         loader_states = gather(train_batches.state_dict())
@@ -161,6 +178,8 @@ def main(args):
         if step < plan["num_steps"]:
             if every(args.eval_every, step):
                 evaluate()
+            if every(args.core_every, step):
+                evaluate_core()
             if every(args.sample_every, step) and compute.master:
                 print_samples(model, tokenizer, autocast, device)
             if every(args.checkpoint_every, step):
