@@ -10,6 +10,7 @@ import sys
 import time
 import zipfile
 
+import psutil
 import pytest
 
 from nanochat import storage
@@ -36,14 +37,14 @@ def run(tokenizer_run, tmp_path):
 
 def base_train(run, shared_data, nproc=2, *options, check=True, fault=None):
     """Runs the stage to its end; with `fault` (a NANOCHAT_FAULT spec), starts it in the background
-    in its own process group and returns the Popen."""
+    and returns the Popen."""
     # `--` ends torchrun's options: its parser would take `--run` for an abbreviation of `--run-path`.
     cmd = [*TORCHRUN, str(nproc), "-m", "nanochat.stages.base_train", "--", "--run", str(run), "--preset", "tiny",
            "--data", str(shared_data / "pretrain"), "--deterministic", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if fault:
         env["NANOCHAT_FAULT"] = fault
-        return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if check and done.returncode != 0:
         raise AssertionError(f"base_train failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -84,8 +85,14 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
         assert proc.poll() is None and time.time() < deadline, "the faulty run did not reach its checkpoint"
         time.sleep(0.5)
     time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each worker in a session of its own: kill the whole tree, as a crash would.
+    tree = psutil.Process(proc.pid)
+    procs = [tree, *tree.children(recursive=True)]
+    assert len(procs) >= 3  # torchrun and its 2 workers
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
     proc.wait()
+    assert not psutil.wait_procs(procs, timeout=30)[1]
     assert not (run / "base_train" / "stage.json").exists()
 
     resumed = base_train(run, shared_data)
