@@ -118,7 +118,7 @@ def test_failed_stage_resumes_from_its_checkpoint(finished, prefect_api, shared_
     state, _ = run_speedrun(tmp_path, "r", shared_data)
     run = storage.run_uri("r", str(tmp_path))
     assert state.is_failed()
-    assert "base_train exited with code 3" in state.message and "injected fault at step 3" in state.message
+    assert "stage base_train exited with code" in state.message and "injected fault at step 3" in state.message
     assert not storage.exists(storage.join(run, "base_train", "stage.json"))
     assert storage.exists(storage.join(run, "base_train", "checkpoints", "step_000002", "manifest.json"))
 
