@@ -1,0 +1,120 @@
+"""prefect.yaml and deployments/: the templates parse and resolve; a real deployment run is picked
+up by a process worker on pool "gpu"; cancelling a run leaves no stage process behind."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.states import Cancelling
+from prefect.utilities.templating import apply_values
+from prefect.workers.process import ProcessJobConfiguration
+
+from flows import stages
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOYMENTS = REPO / "deployments"
+
+
+def defaults(template):
+    return {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+
+
+def test_prefect_yaml_has_speedrun_and_one_deployment_per_stage():
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in config["deployments"]}
+    assert by_name["speedrun"]["entrypoint"] == "flows/speedrun.py:speedrun"
+    per_stage = {n: d for n, d in by_name.items() if n != "speedrun"}
+    assert sorted(per_stage) == sorted(s.name for s in stages.available())
+    for name, d in by_name.items():
+        assert d["work_pool"]["name"] == "gpu"
+        assert name == "speedrun" or (d["entrypoint"] == "flows/speedrun.py:one_stage" and d["parameters"] == {"name": name})
+
+
+def test_process_pool_template_resolves(prefect_api):
+    template = yaml.safe_load((DEPLOYMENTS / "gpu-pool.json").read_text())
+    config = asyncio.run(ProcessJobConfiguration.from_template_and_values(template, defaults(template)))
+    assert config.env["OMP_NUM_THREADS"] == "1" and config.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+
+def test_kubernetes_template_resolves_to_an_indexed_job_with_rendezvous():
+    template = yaml.safe_load((DEPLOYMENTS / "kubernetes" / "base-job-template.yaml").read_text())
+    values = {**defaults(template), "image": "nanochat:latest", "stage": "base_train", "run": "s3://b/runs/x", "preset": "d20"}
+    job = apply_values(template["job_configuration"], values)["job_manifest"]
+    assert "{{" not in yaml.safe_dump(job)  # every placeholder is a declared variable
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "--nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d" in args
+    assert "-m nanochat.stages.base_train -- --run s3://b/runs/x --preset d20" in args
+    service = yaml.safe_load((DEPLOYMENTS / "kubernetes" / "rendezvous-service.yaml").read_text())
+    assert service["metadata"]["name"] == job["spec"]["template"]["spec"]["subdomain"]
+
+
+def test_slurm_example_is_valid_bash():
+    subprocess.run(["bash", "-n", str(DEPLOYMENTS / "slurm" / "worker.sbatch")], check=True)
+
+
+@pytest.fixture(scope="module")
+def worker(prefect_api, tmp_path_factory):
+    """Pool "gpu" from deployments/gpu-pool.json, prefect.yaml deployed with the real CLI, and a
+    process worker polling every second."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run([*prefect, "work-pool", "create", "gpu", "--type", "process", "--base-job-template",
+                    str(DEPLOYMENTS / "gpu-pool.json"), "--overwrite"], env=env, cwd=REPO, check=True, capture_output=True)
+    subprocess.run([*prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, check=True, capture_output=True)
+    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "w")
+    proc = subprocess.Popen([*prefect, "worker", "start", "--pool", "gpu"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    yield
+    stages.kill_tree([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)], grace=10)
+    proc.wait()
+    log.close()
+
+
+def wait_final(flow_run_id, timeout=240):
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            flow_run = client.read_flow_run(flow_run_id)
+            if flow_run.state.is_final():
+                return flow_run.state
+            time.sleep(0.5)
+    raise TimeoutError(f"flow run {flow_run_id} did not finish")
+
+
+def stage_processes(marker):
+    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+def test_deployment_run_is_picked_up_by_a_process_worker(worker, shared_data, tmp_path):
+    params = {"run_name": "deployed", "storage": str(tmp_path), "data_mirror": str(shared_data)}
+    flow_run = run_deployment("stage/download", parameters=params, timeout=0)
+    state = wait_final(flow_run.id)
+    assert state.is_completed(), state.message
+    assert (tmp_path / "runs" / "deployed" / "download" / "stage.json").is_file()
+
+
+def test_cancelled_run_leaves_no_stage_process(worker, shared_data, tmp_path):
+    """A torchrun stage hangs (its workers in sessions of their own); cancelling the flow run ends
+    the whole tree."""
+    params = {"run_name": "cancelled", "storage": str(tmp_path), "data_mirror": str(shared_data), "nproc_per_node": 2}
+    flow_run = run_deployment("stage/base_train", parameters=params, timeout=0,
+                              job_variables={"env": {"NANOCHAT_FAULT": "base_train:hang"}})
+    marker = str(tmp_path / "runs" / "cancelled")
+    while len(stage_processes(marker)) < 3:  # torchrun and its two workers
+        assert not get_client(sync_client=True).read_flow_run(flow_run.id).state.is_final()
+        time.sleep(0.5)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+    assert wait_final(flow_run.id).is_cancelled()
+    deadline = time.monotonic() + 30
+    while stage_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert stage_processes(marker) == []
