@@ -76,6 +76,7 @@ def main(args):
     from nanochat import common
     from nanochat.evaluation.loss import bits_per_byte, model_losses
     from nanochat.gpt import GPT, GPTConfig
+    from nanochat.optim import setup_optimizers
     from nanochat.tokenizer import Tokenizer
 
     started = time.time()
@@ -96,8 +97,8 @@ def main(args):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    optimizer = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                 matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     plan = training_plan(args, model, compute.world_size)
 
     ckpt_dir = stage.stage_uri(args.run, STAGE, "checkpoints")
