@@ -4,8 +4,10 @@
 
 Trains a tokenizer of the cpu preset's vocabulary size on the first `--train-chars` characters of
 the shards (or loads `--tokenizer`), then times `--batches` batches of the PretrainLoader after
-one warm-up batch. Prints one JSON line. The loader must outrun training by a wide margin (target:
->= 20x the cpu preset's training tokens/s), so the figure is the loader's alone.
+one warm-up batch. The loader must outrun training by a wide margin (target: >= 20x the cpu
+preset's training tokens/s), so the script also times a few training steps of the cpu preset's
+model and batch in this process (all cores, the preset's autocast dtype) and prints the ratio.
+Prints one JSON line.
 """
 
 import argparse
@@ -21,6 +23,31 @@ from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def train_tokens_per_s(vocab_size, steps=6, warmup=2):
+    """Tokens/s of forward + backward + optimizer steps of the cpu preset's model and batch."""
+    import torch
+
+    from nanochat.common import autocast_context, autocast_dtype
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.optim import setup_optimizers
+
+    cfg = presets.get("cpu", "base_train")
+    B, T = cfg["device_batch_size"], cfg["max_seq_len"]
+    model = GPT(GPTConfig.from_depth(cfg["depth"], vocab_size, T, head_dim=cfg["head_dim"], n_kv_head=cfg["n_kv_head"]))
+    optimizer = setup_optimizers(model)
+    autocast = autocast_context("cpu", autocast_dtype("cpu"))
+    x = torch.randint(0, vocab_size, (B, T + 1))
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        with autocast():
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    return steps * B * T / (time.perf_counter() - t0)
 
 
 def main():
@@ -49,11 +76,14 @@ def main():
         next(loader)
     seconds = time.perf_counter() - t0
     tokens = args.batches * args.B * args.T
+    train_tok_s = train_tokens_per_s(tok.vocab_size)
     print(json.dumps({
         "bench": "dataloader",
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "commit": git_commit(),
         "tokens_per_s": round(tokens / seconds),
+        "cpu_preset_train_tokens_per_s": round(train_tok_s),
+        "ratio_to_training": round(tokens / seconds / train_tok_s, 1),
         "threads": args.threads,
         "B": args.B,
         "T": args.T,
