@@ -21,6 +21,21 @@ def base_train(**overrides):
     return {**BASE_TRAIN, **overrides}
 
 
+# mid_train and chat_sft: nanochat's settings (SFT at 2% of the base learning rates, decaying to 0)
+FINETUNE = {"matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004, "weight_decay": 0.0, "warmup_ratio": 0.0,
+            "warmdown_ratio": 0.2, "eval_every": 150, "checkpoint_every": 200, "keep_last": 2, "eval_conversations": 200,
+            "identity_weight": 2.0, "spelling_size": 10_000, "max_seq_len": None}
+SFT_LR = {"matrix_lr": 0.0004, "embedding_lr": 0.004, "unembedding_lr": 0.00008, "warmdown_ratio": 1.0}
+
+
+def mid_train(**overrides):
+    return {**FINETUNE, **overrides}
+
+
+def chat_sft(**overrides):
+    return {**FINETUNE, **SFT_LR, **overrides}
+
+
 def base_eval(**overrides):
     return {"max_per_task": -1, "eval_tokens": BASE_TRAIN["eval_tokens"], "unigram_tokens": 20_000_000, **overrides}
 
@@ -35,6 +50,10 @@ PRESETS = {
                                  sample_every=-1, checkpoint_every=10, num_shards=2, core_every=-1),
         "base_eval": {"max_per_task": 8, "eval_tokens": 4096, "unigram_tokens": 65536, "device_batch_size": 4,
                       "num_shards": 2},
+        "mid_train": mid_train(device_batch_size=4, total_batch_size=1032, num_steps=10, eval_every=-1, checkpoint_every=5,
+                               eval_conversations=8, spelling_size=50),
+        "chat_sft": chat_sft(device_batch_size=4, total_batch_size=1032, num_steps=10, eval_every=-1, checkpoint_every=5,
+                             eval_conversations=8, spelling_size=50),
     },
     "cpu": {
         "tok_train": {"vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000},
@@ -45,18 +64,28 @@ PRESETS = {
                                  checkpoint_every=250, num_shards=-1, core_every=1000, core_max_per_task=50),
         "base_eval": {"max_per_task": 200, "eval_tokens": 262144, "unigram_tokens": 4_000_000, "device_batch_size": 8,
                       "num_shards": -1},
+        "mid_train": mid_train(device_batch_size=8, total_batch_size=16416, num_steps=400, eval_every=100,
+                               checkpoint_every=100, eval_conversations=100, spelling_size=2000),
+        "chat_sft": chat_sft(device_batch_size=8, total_batch_size=16416, num_steps=200, eval_every=100,
+                             checkpoint_every=100, eval_conversations=100, spelling_size=1000),
     },
     # shards as in the original speedrun scripts (about 250M characters each upstream)
     # device batch sizes as the original speedrun scripts set them for 80 GB GPUs
     "d20": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 240},
             "base_train": base_train(depth=20, device_batch_size=32, num_shards=240),
-            "base_eval": base_eval(device_batch_size=32, num_shards=240)},
+            "base_eval": base_eval(device_batch_size=32, num_shards=240),
+            "mid_train": mid_train(device_batch_size=32, total_batch_size=524544, num_steps=800),
+            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700)},
     "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450},
             "base_train": base_train(depth=26, device_batch_size=16, num_shards=450),
-            "base_eval": base_eval(device_batch_size=16, num_shards=450)},
+            "base_eval": base_eval(device_batch_size=16, num_shards=450),
+            "mid_train": mid_train(device_batch_size=16, total_batch_size=524544, num_steps=800),
+            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700)},
     "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800},
             "base_train": base_train(depth=32, device_batch_size=8, num_shards=800),
-            "base_eval": base_eval(device_batch_size=8, num_shards=800)},
+            "base_eval": base_eval(device_batch_size=8, num_shards=800),
+            "mid_train": mid_train(device_batch_size=8, total_batch_size=524544, num_steps=800),
+            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700)},
 }
 
 

@@ -254,3 +254,91 @@ def start_wandb(args):
         raise stage.StageError("--wandb needs the wandb package: pip install wandb") from None
     return wandb.init(project="nanochat", name=args.run.rstrip("/").rsplit("/", 1)[-1], mode=args.wandb,
                       config={k: v for k, v in vars(args).items() if k != "storage"})
+
+
+def add_finetune_options(p):
+    """Options of the stages that continue training a checkpoint on conversations."""
+    a = p.add_argument
+    a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: the upstream stage's final one)")
+    a("--total-batch-size", type=int, help="row tokens (T+1 capacity, padding included) per optimizer step over all processes")
+    a("--max-seq-len", type=int, help="tokens per row (default: the model's training length)")
+    a("--eval-conversations", type=int, help="held-out conversations for the validation loss")
+    a("--identity", default=None, help="a JSONL file of your own conversations (e.g. an identity/personality) to mix in")
+    a("--identity-weight", type=float, help="how many times the --identity conversations are repeated in the mixture")
+    add_options(p)
+
+
+def conversation_mixture(tasks, args, seed):
+    """A fixed shuffled mixture of `tasks`, plus the user's --identity conversations (if given)
+    repeated --identity-weight times."""
+    from tasks.customjson import CustomJSON
+    from tasks.mixtures import TaskMixture
+
+    weights = [1] * len(tasks)
+    if args.identity:
+        tasks = [*tasks, CustomJSON(path=args.identity)]
+        weights.append(args.identity_weight)
+    return TaskMixture(tasks, weights=weights, seed=seed)
+
+
+def upstream_checkpoint(run, upstream):
+    """The final checkpoint directory of stage `upstream` in `run`."""
+    return stage.read_summary(run, upstream)["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
+
+
+def finetune(args, stage_name, upstream, mode, train_task, val_task, started):
+    """Trains the `upstream` stage's model on the conversations of `train_task` (mode 'pack' or
+    'pad', see ConversationLoader), evaluating bits per byte of the assistant tokens on `val_task`;
+    commits the stage with its final checkpoint."""
+    import itertools
+
+    import torch
+
+    from nanochat.dataloader import ConversationLoader
+    from nanochat.evaluation.loss import bits_per_byte, model_losses
+    from nanochat.optim import setup_optimizers
+    from nanochat.tokenizer import Tokenizer
+
+    from tasks.common import TaskDataError
+
+    source = args.checkpoint or upstream_checkpoint(args.run, upstream)
+    try:
+        n_conversations = len(train_task)  # loads and checks every file of the mixture
+    except (TaskDataError, OSError) as e:
+        raise stage.StageError(str(e)) from None
+    run = Training(args, stage_name)
+    model, meta = checkpoint.load_model(source, run.device)
+    model.train()
+    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
+    T = args.max_seq_len or model.config.sequence_len
+    accum = grad_accum(args.total_batch_size, args.device_batch_size, T + 1, run.compute.world_size)
+    plan = Plan(args.num_steps, accum, args.total_batch_size)
+    optimizer = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                 matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    state = run.resume(model, optimizer)
+    batches = ConversationLoader(tokenizer, train_task, args.device_batch_size, T, mode=mode, device=run.device,
+                                 state=state)
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=run.device)
+
+    def evaluate(step):
+        val = ConversationLoader(tokenizer, val_task, args.device_batch_size, T, mode="pad", epochs=1, device=run.device)
+        bpb = bits_per_byte(model_losses(model, run.autocast), itertools.islice(val, len(val_task)), token_bytes)
+        run.metrics.add({"step": step, "val_bpb": bpb})
+        log.info("step %d/%d: validation %.4f bits per byte of assistant text", step, plan.num_steps, bpb)
+        return bpb
+
+    log.info("%s from %s: %d steps of %d x %d-token rows x %d processes x %d accumulation, %d conversations (%s)",
+             stage_name, source, plan.num_steps, args.device_batch_size, T + 1, run.compute.world_size, accum,
+             n_conversations, mode)
+    if run.step == 0 and args.eval_every > 0:
+        evaluate(0)
+    final = run.run(model, optimizer, batches, plan, [(args.eval_every, evaluate)], meta={"tokenizer": meta["tokenizer"]})
+    val_bpb = evaluate(run.step)
+    if run.master:
+        metrics = {"val_bpb": val_bpb, **run.summary(), "conversations": n_conversations,
+                   "epochs_started": batches.epoch + 1}
+        outputs = {"checkpoint": storage.join(final, checkpoint.MANIFEST), "metrics": run.metrics.uri}
+        stage.commit(args.run, stage_name, args, {"checkpoint": storage.join(source, checkpoint.MANIFEST)}, outputs,
+                     metrics, started)
+        log.info("done: validation %.4f bits per byte of assistant text; checkpoint %s", val_bpb, final)
+    run.close()

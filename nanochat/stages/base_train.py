@@ -1,7 +1,7 @@
 """Pretrain the GPT on the pretraining shards: distributed, checkpointed, exactly resumable.
 
-    torchrun --nproc_per_node 2 -m nanochat.stages.base_train --run myrun --preset tiny
-    torchrun --nproc_per_node 8 -m nanochat.stages.base_train --run s3://bucket/runs/x --preset d20
+    torchrun --nproc_per_node 2 -m nanochat.stages.base_train -- --run myrun --preset tiny
+    torchrun --nproc_per_node 8 -m nanochat.stages.base_train -- --run s3://bucket/runs/x --preset d20
     python -m nanochat.stages.base_train --run myrun --preset cpu --num-steps 500
 
 Needs the tokenizer of `tok_train` in the same run. Reads the training shards from the data cache

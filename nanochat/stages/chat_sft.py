@@ -1,0 +1,46 @@
+"""Supervised finetuning of the midtrained model on curated conversations.
+
+    torchrun --nproc_per_node 2 -m nanochat.stages.chat_sft -- --run myrun --preset tiny
+    python -m nanochat.stages.chat_sft --run myrun --preset cpu --identity my_identity.jsonl
+
+Starts from mid_train's final checkpoint in the same run (or --checkpoint). Trains on a fixed,
+shuffled mixture of SmolTalk, GSM8K (with tool calls), the identity conversations, your own
+--identity conversations (if given) and SpellingBee, one conversation per row, each batch padded to
+its longest; the loss covers assistant tokens only. Validation, checkpoints, exact resume and
+outputs as in mid_train.
+"""
+
+import time
+
+from nanochat import stage, training
+
+STAGE = "chat_sft"
+
+
+def build_parser():
+    p = stage.parser(STAGE, __doc__)
+    p.add_argument("--spelling-size", type=int, help="SpellingBee examples in the mixture")
+    training.add_finetune_options(p)
+    return p
+
+
+def mixture(args):
+    from tasks.customjson import CustomJSON
+    from tasks.gsm8k import GSM8K
+    from tasks.smoltalk import SmolTalk
+    from tasks.spellingbee import SpellingBee
+
+    tasks = [SmolTalk(split="train"), GSM8K(split="train"), CustomJSON(), SpellingBee(size=args.spelling_size)]
+    return training.conversation_mixture(tasks, args, seed=43)
+
+
+def main(args):
+    from tasks.smoltalk import SmolTalk
+
+    started = time.time()
+    val = SmolTalk(split="test", stop=args.eval_conversations)
+    training.finetune(args, STAGE, "mid_train", "pad", mixture(args), val, started)
+
+
+if __name__ == "__main__":
+    stage.run_main(main, build_parser(), STAGE)

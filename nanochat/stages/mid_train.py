@@ -1,0 +1,49 @@
+"""Midtrain the base model on conversations: the chat format, tool use, multiple choice, spelling.
+
+    torchrun --nproc_per_node 2 -m nanochat.stages.mid_train -- --run myrun --preset tiny
+    python -m nanochat.stages.mid_train --run myrun --preset cpu --identity my_identity.jsonl
+
+Starts from base_train's final checkpoint in the same run (or --checkpoint). Trains on a fixed,
+shuffled mixture of SmolTalk, MMLU (dev + validation, as multiple choice), GSM8K (calculator steps as
+python tool calls), the identity conversations, your own --identity conversations (if given) and
+SpellingBee, packed best-fit into rows; the loss covers assistant tokens only. Validation: bits per
+byte of assistant text on SmolTalk's test split. Checkpoints, exact resume and metrics.jsonl as in
+base_train; stage.json's `checkpoint` output is the final checkpoint.
+"""
+
+import time
+
+from nanochat import stage, training
+
+STAGE = "mid_train"
+
+
+def build_parser():
+    p = stage.parser(STAGE, __doc__)
+    p.add_argument("--spelling-size", type=int, help="SpellingBee examples in the mixture")
+    training.add_finetune_options(p)
+    return p
+
+
+def mixture(args):
+    from tasks.customjson import CustomJSON
+    from tasks.gsm8k import GSM8K
+    from tasks.mmlu import MMLU
+    from tasks.smoltalk import SmolTalk
+    from tasks.spellingbee import SpellingBee
+
+    tasks = [SmolTalk(split="train"), MMLU(split="dev"), MMLU(split="validation"), GSM8K(split="train"), CustomJSON(),
+             SpellingBee(size=args.spelling_size)]
+    return training.conversation_mixture(tasks, args, seed=42)
+
+
+def main(args):
+    from tasks.smoltalk import SmolTalk
+
+    started = time.time()
+    val = SmolTalk(split="test", stop=args.eval_conversations)
+    training.finetune(args, STAGE, "base_train", "pack", mixture(args), val, started)
+
+
+if __name__ == "__main__":
+    stage.run_main(main, build_parser(), STAGE)
