@@ -11,7 +11,8 @@ Features (as nanochat):
 Generation goes through a KVCache: prefill the prompt in one forward, then one token per forward;
 each call's rotary positions start at the number of tokens already cached.
 
-Large models can be built without allocating twice:
+GPT(config) allocates on the default device and draws every weight in init_weights(), so a seed
+gives the same weights either way; to allocate on a device only later:
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -194,52 +195,25 @@ def chunked_cross_entropy(x, w, targets, grad_logits=None):
     losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
     for i in range(0, x.size(0), chunk):
         rows = slice(i, i + chunk)
-        # 15 tanh(z / 15) = 30 sigmoid(2z / 15) - 15: CPU sigmoid kernels are several times faster than tanh
-        gate = torch.sigmoid((x[rows] @ w.T).float().mul_(2 / LOGIT_SOFTCAP))
-        probs = torch.softmax(gate * (2 * LOGIT_SOFTCAP) - LOGIT_SOFTCAP, dim=-1)
+        # 15 tanh(z / 15) = 30 sigmoid(2z / 15) - 15, and softmax ignores the -15; CPU sigmoid kernels
+        # are several times faster than tanh. The 2/15 scales x, which is much smaller than z.
+        gate = ((x[rows] * (2 / LOGIT_SOFTCAP)) @ w.T).float().sigmoid_()
+        probs = torch.softmax(gate * (2 * LOGIT_SOFTCAP), dim=-1)
         # The cap bounds the logits to +-15, so no probability underflows and log(p) is accurate.
         losses[rows] = probs.gather(1, targets[rows]).squeeze(1).log_().neg_()
         if grad_logits is not None:
             # d loss / d capped logits = probs - onehot(target); d cap / dz = 1 - tanh^2 = 4 gate (1 - gate)
             probs.scatter_add_(1, targets[rows], torch.full_like(probs[:, :1], -1.0))
             probs.mul_(gate)
-            probs.mul_(gate.neg_().add_(1)).mul_(4)
-            grad_logits[rows] = probs
+            probs.addcmul_(probs, gate, value=-1)
+            torch.mul(probs, 4, out=grad_logits[rows])
     if grad_logits is not None:
         grad_logits[ignored] = 0
     return losses.masked_fill_(ignored, 0.0)
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """lm_head matmul + soft cap + per-token cross-entropy, with the logits' gradient computed during
-    the forward pass chunk by chunk (as Liger-Kernel's fused linear cross-entropy), so backward is two
-    matmuls. Holds one (tokens, vocab) buffer in the matmul dtype instead of several fp32 logits."""
-
-    @staticmethod
-    def forward(ctx, x, w, targets):
-        dtype = matmul_dtype(x)
-        ctx.dtypes = x.dtype, w.dtype
-        x, w = x.to(dtype), w.to(dtype)
-        grad_logits = torch.empty(x.size(0), w.size(0), dtype=dtype, device=x.device)
-        losses = chunked_cross_entropy(x, w, targets, grad_logits)
-        ctx.save_for_backward(x, w, grad_logits)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        x, w, grad_logits = ctx.saved_tensors
-        grad_logits = grad_logits * grad_losses[:, None].to(grad_logits.dtype)
-        return (grad_logits @ w).to(ctx.dtypes[0]), (grad_logits.T @ x).to(ctx.dtypes[1]), None
-
-
-def cross_entropy(x, w, targets, reduction="mean"):
-    """F.cross_entropy(softcap(x @ w.T), targets, ignore_index=-1, reduction=reduction), fused and
-    chunked; 'none' gives 0 for ignored tokens."""
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        losses = LinearCrossEntropy.apply(x, w, targets)
-    else:
-        dtype = matmul_dtype(x)
-        losses = chunked_cross_entropy(x.to(dtype), w.to(dtype), targets)
+def reduce_losses(losses, targets, reduction):
+    """F.cross_entropy's reductions of per-token losses (ignored tokens hold 0)."""
     if reduction == "none":
         return losses
     if reduction == "sum":
@@ -249,20 +223,60 @@ def cross_entropy(x, w, targets, reduction="mean"):
     raise ValueError(f"unknown loss reduction {reduction!r}")
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """lm_head matmul + soft cap + cross-entropy, with the logits' gradient computed during the
+    forward pass chunk by chunk (as Liger-Kernel's fused linear cross-entropy), so backward is two
+    matmuls. Holds one (tokens, vocab) buffer in the matmul dtype instead of several fp32 logits."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, reduction):
+        dtype = matmul_dtype(x)
+        ctx.dtypes, ctx.reduction = (x.dtype, w.dtype), reduction
+        x, w = x.to(dtype), w.to(dtype)
+        grad_logits = torch.empty(x.size(0), w.size(0), dtype=dtype, device=x.device)
+        losses = chunked_cross_entropy(x, w, targets, grad_logits)
+        ctx.save_for_backward(x, w, grad_logits, (targets != -1).sum())
+        return reduce_losses(losses, targets, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, w, grad_logits, count = ctx.saved_tensors
+        if ctx.reduction == "none":  # a weight per token: scale the rows
+            grad_logits = grad_logits * grad_output[:, None].to(grad_logits.dtype)
+            grad_output = 1.0
+        elif ctx.reduction == "mean":  # one weight for all: scale the two (smaller) products instead
+            grad_output = grad_output / count
+        grad_x = (grad_logits @ w).to(ctx.dtypes[0]) * grad_output
+        grad_w = (grad_logits.T @ x).to(ctx.dtypes[1]) * grad_output
+        return grad_x, grad_w, None, None
+
+
+def cross_entropy(x, w, targets, reduction="mean"):
+    """F.cross_entropy(softcap(x @ w.T), targets, ignore_index=-1, reduction=reduction), fused and
+    chunked; 'none' gives 0 for ignored tokens."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return LinearCrossEntropy.apply(x, w, targets, reduction)
+    dtype = matmul_dtype(x)
+    return reduce_losses(chunked_cross_entropy(x.to(dtype), w.to(dtype), targets), targets, reduction)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.padded_vocab_size = math.ceil(config.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
-            "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-        })
-        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
-        # Not saved in checkpoints: rebuilt from the config by init_weights().
-        rotary_len = ROTARY_HEADROOM * config.sequence_len
-        self.register_buffer("cos", torch.empty(rotary_len, config.head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(rotary_len, config.head_dim // 2), persistent=False)
+        device = torch.get_default_device()
+        with torch.device("meta"):  # skip the layers' own init: the weights depend on init_weights only
+            self.transformer = nn.ModuleDict({
+                "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+                "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            })
+            self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+            # Not saved in checkpoints: rebuilt from the config by init_weights().
+            rotary_len = ROTARY_HEADROOM * config.sequence_len
+            self.register_buffer("cos", torch.empty(rotary_len, config.head_dim // 2), persistent=False)
+            self.register_buffer("sin", torch.empty(rotary_len, config.head_dim // 2), persistent=False)
+        self.to_empty(device=device)
         self.init_weights()
 
     @torch.no_grad()
@@ -298,7 +312,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
-        w = self.lm_head.weight[:self.config.vocab_size]
+        w = self.lm_head.weight
+        if self.padded_vocab_size != self.config.vocab_size:  # even a full slice would cost a copy in backward
+            w = w[:self.config.vocab_size]
         if targets is None:
             return softcap(F.linear(x, w).float())
         loss = cross_entropy(x.reshape(B * T, -1), w, targets.reshape(B * T), loss_reduction)
