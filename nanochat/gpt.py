@@ -8,8 +8,10 @@ Features (as nanochat):
 - untied embedding and lm_head; vocabulary padded to a multiple of 64 (logits are sliced back)
 - logit soft-capping: 15 * tanh(logits / 15)
 
-Generation goes through a KVCache: prefill the prompt in one forward, then one token per forward;
-each call's rotary positions start at the number of tokens already cached.
+Generation goes through a KV cache: prefill the prompt in one forward, then one token per forward.
+The cache's get_pos() is the rotary offset of the call: an int for all rows (KVCache), or a (B,)
+tensor when each row is at its own position (nanochat.engine batches sequences of different
+lengths); then its attn_mask says which cached keys each row sees.
 
 GPT(config) allocates on the default device and draws every weight in init_weights(), so a seed
 gives the same weights either way; to allocate on a device only later:
@@ -58,6 +60,8 @@ class KVCache:
     allocated on first use with the dtype and device of the keys. The model calls insert_kv once
     per layer and advance once per forward; get_pos is the rotary offset of the next call."""
 
+    attn_mask = None  # every row at the same position: plain causal attention over the cache
+
     def __init__(self, n_layer, max_len):
         self.max_len = max_len
         self.pos = 0
@@ -84,11 +88,14 @@ class KVCache:
         self.pos += num_tokens
 
 
-def causal_attention(q, k, v):
+def causal_attention(q, k, v, mask=None):
     """SDPA where the Tq queries are the last Tq of the Tk key positions; any earlier keys are a
-    cached prefix that every query sees in full."""
+    cached prefix that every query sees in full. A boolean `mask` (B, 1, Tq, Tk), given by a cache
+    whose rows are at different positions, says instead which keys each query sees."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if Tq == 1:
@@ -117,9 +124,11 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        mask = None
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        y = causal_attention(q, k, v)
+            mask = kv_cache.attn_mask
+        y = causal_attention(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -300,10 +309,7 @@ class GPT(nn.Module):
         """idx: (B, T) token ids. Without targets: logits (B, T, vocab_size), fp32. With targets
         (B, T; -1 = ignore): the cross-entropy in fp32, a scalar ('mean'/'sum') or (B, T) ('none')."""
         B, T = idx.shape
-        pos = 0 if kv_cache is None else kv_cache.get_pos()
-        if pos + T > self.cos.size(0):
-            raise ValueError(f"position {pos + T} is beyond the rotary tables ({self.cos.size(0)})")
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        cos, sin = self.rotary(0 if kv_cache is None else kv_cache.get_pos(), T)
 
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
@@ -319,6 +325,16 @@ class GPT(nn.Module):
             return softcap(F.linear(x, w).float())
         loss = cross_entropy(x.reshape(B * T, -1), w, targets.reshape(B * T), loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def rotary(self, pos, T):
+        """cos and sin of T positions from pos: an int (every row alike; (T, D/2) each) or a (B,)
+        tensor of each row's offset ((B, 1, T, D/2) each, broadcasting over heads)."""
+        if isinstance(pos, int):
+            if pos + T > self.cos.size(0):
+                raise ValueError(f"position {pos + T} is beyond the rotary tables ({self.cos.size(0)})")
+            return self.cos[pos:pos + T], self.sin[pos:pos + T]
+        positions = pos[:, None] + torch.arange(T, device=pos.device)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,367 @@
+"""Generation: a preallocated KV cache whose rows sit at their own positions, batched decoding of
+many requests at once (continuous batching: a request joins the running batch after its prefill;
+finished rows leave), sampling, stops, the python tool, and UTF-8-safe streaming text.
+
+    engine = Engine(model, tokenizer)
+    request = engine.generate(tokenizer.render_for_completion(messages), SamplingParams(temperature=0))
+    request.completions[0].text
+
+A request's prompt is prefilled once and fanned out to its n samples (its KV rows are copied).
+Each `step()` feeds every active row's last token through the model in one forward. A row that
+writes <|python_start|> expr <|python_end|> gets the expression evaluated in the sandbox (in a
+thread, so other rows keep decoding) and the result forced in as <|output_start|> result
+<|output_end|>. The server drives `add`/`step` from one thread per device (nanochat/serve/).
+"""
+
+import codecs
+import concurrent.futures
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.execution import calculator
+
+TOOL_WORKERS = 4  # tool calls evaluated at once (each in its own sandbox process)
+MAX_ROWS = 16  # default batch capacity: sequences decoded together
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None  # keep the k most likely tokens (None: all)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+    max_tokens: int = 256
+    stop: tuple = ()  # strings that end a completion (not included in its text)
+    seed: int | None = None  # sample i of a request draws from a generator seeded with seed + i
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (end token or stop string) or "length"
+
+
+class Request:
+    """A prompt, its sampling parameters and n completions. `on_event(index, text, finish_reason)`
+    is called from the engine's thread for every released piece of text and once more (with
+    text possibly empty) when completion `index` finishes. Set `cancelled` to stop it."""
+
+    def __init__(self, prompt_ids, params=None, n=1, on_event=None):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.prompt_ids = list(prompt_ids)
+        self.params = params or SamplingParams()
+        self.n = n
+        self.on_event = on_event
+        self.completions = [Completion(i) for i in range(n)]
+        self.cancelled = False
+
+    @property
+    def done(self):
+        return all(c.finish_reason is not None for c in self.completions)
+
+    def emit(self, index, text, finish_reason=None):
+        completion = self.completions[index]
+        completion.text += text
+        if finish_reason is not None:
+            completion.finish_reason = finish_reason
+        if self.on_event is not None and (text or finish_reason is not None):
+            self.on_event(index, text, finish_reason)
+
+
+class TextStream:
+    """The text of a growing sequence of tokens, released in pieces that never end inside a UTF-8
+    character (a multi-byte character can span tokens) nor show any part of a stop string."""
+
+    def __init__(self, stops=()):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.released = 0
+        self.stopped = False  # a stop string was found; the text is cut before it
+
+    def add(self, data):
+        """Appends a token's bytes; returns the text that is now safe to release."""
+        start = len(self.text)
+        self.text += self.decoder.decode(data)
+        for stop in self.stops:
+            i = self.text.find(stop, max(0, start - len(stop) + 1))
+            if i >= 0:
+                self.text, self.stopped = self.text[:i], True
+        held = 0 if self.stopped else self.held_back()
+        return self.release(len(self.text) - held)
+
+    def held_back(self):
+        """Length of the longest end of the text that could begin a stop string."""
+        for n in range(min(len(self.text), max(map(len, self.stops), default=1) - 1), 0, -1):
+            if any(stop.startswith(self.text[-n:]) for stop in self.stops):
+                return n
+        return 0
+
+    def finish(self):
+        """The rest of the text (an unfinished UTF-8 character becomes U+FFFD)."""
+        if not self.stopped:
+            self.text += self.decoder.decode(b"", final=True)
+        return self.release(len(self.text))
+
+    def release(self, end):
+        piece = self.text[self.released:end]
+        self.released = max(self.released, end)
+        return piece
+
+
+class RowCache:
+    """Keys and values for up to `rows` sequences of `max_len` positions, each row at its own
+    length. Active rows are kept in slots 0..B-1, so a decode step reads a view, never a gather.
+    `view(...)` gives the object a model forward uses (nanochat.gpt's KV-cache protocol)."""
+
+    def __init__(self, config, rows, max_len, dtype, device):
+        shape = (config.n_layer, rows, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * rows
+        self.max_len = max_len
+
+    def prefill(self, slot):
+        """A view for a fresh prompt in `slot`."""
+        self.lengths[slot] = 0
+        return CacheView(self, slice(slot, slot + 1), 0)
+
+    def decode(self, num_rows):
+        """A view for one new token in each of the slots 0..num_rows-1."""
+        return CacheView(self, slice(0, num_rows), self.lengths[:num_rows])
+
+    def copy(self, src, dst):
+        """Slot dst takes slot src's keys, values and length."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
+class CacheView:
+    """One forward's window on a RowCache: `rows` (a slice of slots), all at the int `pos`
+    (prefill), or each at its own length (a list; decode, one token per row)."""
+
+    def __init__(self, cache, rows, pos):
+        self.cache, self.rows = cache, rows
+        device = cache.k.device
+        if isinstance(pos, int):
+            self.pos, self.attn_mask = pos, None
+            return
+        self.pos = torch.tensor(pos, device=device)
+        self.end = max(pos) + 1
+        self.row_index = torch.arange(rows.start, rows.stop, device=device)
+        # Row b sees its own keys 0..pos[b]; the rest of the window belongs to longer rows.
+        self.attn_mask = (torch.arange(self.end, device=device) <= self.pos[:, None])[:, None, None, :]
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer, k, v):
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        if self.attn_mask is None:
+            end = self.pos + k.size(2)
+            keys[self.rows, :, self.pos:end] = k
+            values[self.rows, :, self.pos:end] = v
+        else:
+            end = self.end
+            keys[self.row_index, :, self.pos] = k[:, :, 0]
+            values[self.row_index, :, self.pos] = v[:, :, 0]
+        return keys[self.rows, :, :end], values[self.rows, :, :end]
+
+    def advance(self, num_tokens):
+        lengths = self.cache.lengths
+        for slot in range(self.rows.start, self.rows.stop):
+            lengths[slot] += num_tokens
+
+
+class Row:
+    """One sample being generated: its request, its place there, its sampling state."""
+
+    def __init__(self, request, index, device):
+        self.request, self.index = request, index
+        params = request.params
+        self.generator = None
+        if params.temperature > 0:
+            seed = params.seed + index if params.seed is not None else random.getrandbits(63)
+            self.generator = torch.Generator(device).manual_seed(seed)
+        self.text = TextStream(params.stop)
+        self.token = None  # the next token to feed (generated, not yet in the cache)
+        self.forced = deque()  # tool output tokens to feed instead of sampling
+        self.tool_call = None  # token ids of a python call being written
+        self.tool_result = None  # the future of a running call
+        self.finished = False
+
+    @property
+    def completion(self):
+        return self.request.completions[self.index]
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_rows=MAX_ROWS, max_len=None):
+        self.model, self.tokenizer = model, tokenizer
+        param = next(model.parameters())
+        self.device = param.device
+        self.max_len = max_len or model.config.sequence_len
+        self.cache = RowCache(model.config, max_rows, self.max_len, param.dtype, self.device)
+        self.max_rows = max_rows
+        self.rows = []  # the active rows; rows[i] lives in cache slot i
+        special = tokenizer.special_ids
+        self.end_ids = {special["<|assistant_end|>"], special["<|bos|>"]}
+        self.python_start, self.python_end = special["<|python_start|>"], special["<|python_end|>"]
+        self.output_start, self.output_end = special["<|output_start|>"], special["<|output_end|>"]
+        self.tools = concurrent.futures.ThreadPoolExecutor(TOOL_WORKERS, thread_name_prefix="tool")
+
+    @property
+    def free_rows(self):
+        return self.max_rows - len(self.rows)
+
+    def check(self, request):
+        """Raises ValueError if the request can never run here."""
+        if len(request.prompt_ids) >= self.max_len:
+            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_len}")
+        if request.n > self.max_rows:
+            raise ValueError(f"n={request.n} is more than the {self.max_rows} rows this engine decodes at once")
+
+    @torch.inference_mode()
+    def add(self, request):
+        """Prefills the request's prompt once, fans it out to n rows and samples their first
+        tokens. Needs request.n free rows."""
+        self.check(request)
+        if request.n > self.free_rows:
+            raise RuntimeError(f"{request.n} rows needed, {self.free_rows} free")
+        slot = len(self.rows)
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        logits = self.model(ids, kv_cache=self.cache.prefill(slot))[:, -1]
+        rows = [Row(request, i, self.device) for i in range(request.n)]
+        for i in range(1, request.n):
+            self.cache.copy(slot, slot + i)
+        self.rows.extend(rows)
+        for row, token in zip(rows, self.sample(logits.expand(request.n, -1), rows)):
+            self.accept(row, token)
+        self.remove_finished()
+
+    @torch.inference_mode()
+    def step(self):
+        """Decodes one token for every active row."""
+        for row in self.rows:
+            if row.request.cancelled:
+                row.finished = True
+        self.remove_finished()
+        if not self.rows:
+            return
+        self.wait_if_all_in_tools()
+        ids = torch.tensor([[row.token] for row in self.rows], device=self.device)
+        logits = self.model(ids, kv_cache=self.cache.decode(len(self.rows)))[:, -1]
+        for slot, (row, token) in enumerate(zip(self.rows, self.sample(logits, self.rows))):
+            if row.tool_result is not None:
+                if not row.tool_result.done():
+                    self.cache.lengths[slot] -= 1  # not fed after all: the same token goes in again
+                    continue
+                self.force_tool_output(row)
+            self.accept(row, row.forced.popleft() if row.forced else token)
+        self.remove_finished()
+
+    def generate(self, prompt_ids, params=None, n=1, on_event=None):
+        """Runs one request to completion on this (otherwise idle) engine."""
+        request = Request(prompt_ids, params, n, on_event)
+        self.add(request)
+        while not request.done:
+            self.step()
+        return request
+
+    def stream(self, prompt_ids, params=None):
+        """Yields the text of one completion piece by piece (driving this otherwise idle engine)."""
+        pieces = []
+        request = Request(prompt_ids, params, 1, lambda index, text, finish: pieces.append(text))
+        try:
+            self.add(request)
+            while True:
+                yield from pieces
+                pieces.clear()
+                if request.done:
+                    return
+                self.step()
+        finally:
+            request.cancelled = True
+            self.step()
+
+    # sampling and the per-row state machine
+
+    def sample(self, logits, rows):
+        """One token per row of logits (B, vocab), each with its row's parameters."""
+        if all(row.generator is None for row in rows):
+            return logits.argmax(dim=-1).tolist()
+        return [sample_one(logits[i], row.request.params, row.generator) for i, row in enumerate(rows)]
+
+    def accept(self, row, token):
+        """Appends a generated (or forced) token to its row: stops, tool calls, text, limits."""
+        completion, params = row.completion, row.request.params
+        completion.token_ids.append(token)
+        if token in self.end_ids:
+            return self.finish(row, "stop")
+        if token == self.python_start:
+            row.tool_call = []
+        elif token == self.python_end and row.tool_call is not None:
+            expression = self.tokenizer.decode(row.tool_call)
+            row.tool_call, row.tool_result = None, self.tools.submit(calculator, expression)
+        elif row.tool_call is not None:
+            row.tool_call.append(token)
+        text = row.text.add(self.tokenizer.id_to_bytes(token))
+        if text:
+            row.request.emit(row.index, text)
+        row.token = token
+        if row.text.stopped:
+            self.finish(row, "stop")
+        elif len(completion.token_ids) >= params.max_tokens or len(row.request.prompt_ids) + len(completion.token_ids) >= self.max_len:
+            self.finish(row, "length")
+
+    def force_tool_output(self, row):
+        result, row.tool_result = row.tool_result.result(), None
+        if result is not None:
+            row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+
+    def wait_if_all_in_tools(self):
+        """Blocks (briefly) rather than recompute rows that are all waiting for their tools."""
+        futures = [row.tool_result for row in self.rows]
+        if all(f is not None and not f.done() for f in futures):
+            concurrent.futures.wait(futures, timeout=0.1, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def finish(self, row, reason):
+        row.finished = True
+        row.request.emit(row.index, row.text.finish(), reason)
+
+    def remove_finished(self):
+        """Drops finished rows, moving the last active rows into their slots."""
+        slot = 0
+        while slot < len(self.rows):
+            if not self.rows[slot].finished:
+                slot += 1
+                continue
+            last = len(self.rows) - 1
+            if slot != last:
+                self.cache.copy(last, slot)
+                self.rows[slot] = self.rows[last]
+            self.rows.pop()
+
+
+def sample_one(logits, params, generator):
+    """A token from fp32 logits (vocab,) with temperature, top-k and top-p."""
+    logits = logits / params.temperature
+    candidates = None
+    if params.top_k is not None and params.top_k < logits.size(0):
+        logits, candidates = torch.topk(logits, params.top_k)
+    if params.top_p < 1.0:
+        logits, order = torch.sort(logits, descending=True)
+        candidates = order if candidates is None else candidates[order]
+        probs = torch.softmax(logits, dim=-1)
+        # keep each token whose preceding mass is below top_p (the first one always)
+        keep = int((probs.cumsum(0) - probs < params.top_p).sum())
+        logits, candidates = logits[:keep], candidates[:keep]
+    choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item()
+    return choice if candidates is None else int(candidates[choice])

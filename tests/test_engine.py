@@ -1,0 +1,224 @@
+"""The engine: cached batched greedy decoding equals uncached decoding token for token (the oracle),
+continuous batching, sampling parameters, stops, the python tool, UTF-8-safe streaming."""
+
+import pytest
+import torch
+
+from nanochat.engine import Engine, Request, SamplingParams, TextStream
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A real tokenizer with no merges: every byte is a token (so multi-byte characters span tokens)."""
+    return Tokenizer({bytes([i]): i for i in range(256)})
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A random GPT with weights large enough that greedy choices are never near ties (fp32), with
+    grouped-query attention."""
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=96, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.eval()
+
+
+def greedy_uncached(model, prompt, num_tokens):
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(num_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def assert_matches_oracle(model, engine, request, max_tokens):
+    expected = greedy_uncached(model, request.prompt_ids, max_tokens)
+    for completion in request.completions:
+        got = completion.token_ids
+        assert got == expected[:len(got)]
+        assert len(got) == max_tokens or got[-1] in engine.end_ids
+
+
+def test_cached_batched_greedy_equals_uncached(model, tokenizer):
+    """Requests of different lengths join a running batch at different steps; each row is at its
+    own position, and every completion is what uncached greedy decoding gives."""
+    engine = Engine(model, tokenizer, max_rows=8)
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    prompts = [[tokenizer.bos_token_id, *tokenizer.encode(text)] for text in ("hi", "hello there, model", "x" * 40)]
+    requests = [Request(p, greedy, n=n) for p, n in zip(prompts, (1, 3, 2))]
+    engine.add(requests[0])
+    for _ in range(5):
+        engine.step()
+    engine.add(requests[1])
+    engine.step()
+    engine.add(requests[2])
+    while engine.rows:
+        engine.step()
+    for request in requests:
+        assert request.done
+        assert_matches_oracle(model, engine, request, 24)
+
+
+def test_row_reuse_after_finishing(model, tokenizer):
+    """Short requests finish and leave; later ones reuse their slots (moved rows keep their cache)."""
+    engine = Engine(model, tokenizer, max_rows=3)
+    prompts = [[tokenizer.bos_token_id, *tokenizer.encode(f"prompt {i} " * (i + 1))] for i in range(6)]
+    requests = [Request(p, SamplingParams(temperature=0, max_tokens=4 + 3 * i)) for i, p in enumerate(prompts)]
+    pending = list(requests)
+    while pending or engine.rows:
+        while pending and engine.free_rows:
+            engine.add(pending.pop(0))
+        engine.step()
+    for i, request in enumerate(requests):
+        assert_matches_oracle(model, engine, request, 4 + 3 * i)
+
+
+def test_limits_and_finish_reasons(model, tokenizer):
+    engine = Engine(model, tokenizer, max_rows=4)
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("abc")]
+    request = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=5))
+    completion = request.completions[0]
+    assert len(completion.token_ids) <= 5 and completion.finish_reason in ("length", "stop")
+    # the context (96 positions) ends the completion
+    long_prompt = [tokenizer.bos_token_id, *tokenizer.encode("y" * 90)]
+    request = engine.generate(long_prompt, SamplingParams(temperature=0, max_tokens=50))
+    assert len(long_prompt) + len(request.completions[0].token_ids) <= 96
+    with pytest.raises(ValueError, match="context"):
+        engine.generate([1] * 96)
+    with pytest.raises(ValueError, match="n=5"):
+        engine.generate(prompt, n=5)
+
+
+def test_sampling_parameters(model, tokenizer):
+    engine = Engine(model, tokenizer, max_rows=8)
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("sample me")]
+
+    def tokens(n=1, **kw):
+        request = engine.generate(prompt, SamplingParams(max_tokens=12, **kw), n=n)
+        return [c.token_ids for c in request.completions]
+
+    greedy = tokens(temperature=0)[0]
+    assert tokens(temperature=1.0, top_k=1, seed=1)[0] == greedy
+    assert tokens(temperature=1.0, top_p=1e-9, seed=2)[0] == greedy
+    a, b = tokens(temperature=1.5, seed=7, n=2), tokens(temperature=1.5, seed=7, n=2)
+    assert a == b  # a seed makes sampling reproducible
+    assert a[0] != a[1]  # samples i of a request use seed + i
+    assert tokens(temperature=1.5, seed=7)[0] == a[0]
+    assert len({tuple(t) for t in tokens(temperature=2.0, n=6)}) > 1
+
+
+def test_top_k_and_top_p_restrict_the_choices(model, tokenizer):
+    """Every sampled token is among the allowed ones (the prefill's first token, many draws)."""
+    engine = Engine(model, tokenizer, max_rows=8)
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("restrict")]
+    with torch.inference_mode():
+        probs = torch.softmax(model(torch.tensor([prompt]))[0, -1], dim=-1)
+    order = probs.argsort(descending=True).tolist()
+    top3 = set(order[:3])
+    top_p_set = set(order[:int((probs[order].cumsum(0) < 0.5).sum()) + 1])
+    for params, allowed in ((SamplingParams(top_k=3, max_tokens=1), top3), (SamplingParams(top_p=0.5, max_tokens=1), top_p_set)):
+        request = engine.generate(prompt, params, n=8)
+        assert {c.token_ids[0] for c in request.completions} <= allowed
+
+
+def test_cancelled_request_leaves_the_batch(model, tokenizer):
+    engine = Engine(model, tokenizer, max_rows=4)
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("cancel")]
+    keep = Request(prompt, SamplingParams(temperature=0, max_tokens=20))
+    drop = Request(prompt, SamplingParams(temperature=0, max_tokens=20), n=2)
+    engine.add(keep)
+    engine.add(drop)
+    engine.step()
+    drop.cancelled = True
+    engine.step()
+    assert len(engine.rows) == 1
+    while engine.rows:
+        engine.step()
+    assert_matches_oracle(model, engine, keep, 20)
+
+
+def test_text_stream_never_splits_a_character_or_shows_a_stop():
+    text = "héllo 世界 END tail"
+    stream = TextStream(stops=["END"])
+    pieces = []
+    for byte in text.encode():
+        pieces.append(stream.add(bytes([byte])))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    assert "".join(pieces) == "héllo 世界 " and stream.stopped
+    assert all("\ufffd" not in p and "E" not in p for p in pieces)
+    stream = TextStream()
+    assert stream.add("é".encode()[:1]) == "" and stream.finish() == "\ufffd"  # a cut character, at the end only
+
+
+class Bigram(torch.nn.Module):
+    """A stand-in model for the engine's state machine: the next token is a fixed function of the
+    current one (`table`, else <|assistant_end|>). It keeps the KV-cache protocol like the GPT."""
+
+    def __init__(self, table, tokenizer):
+        super().__init__()
+        vocab = tokenizer.vocab_size
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+        self.next = torch.full((vocab,), tokenizer.special_ids["<|assistant_end|>"])
+        for a, b in table.items():
+            self.next[a] = b
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, idx, kv_cache):
+        B, T = idx.shape
+        z = torch.zeros(B, 1, T, 2)
+        kv_cache.insert_kv(0, z, z)
+        kv_cache.advance(T)
+        return torch.nn.functional.one_hot(self.next[idx], self.config.vocab_size).float() * self.scale
+
+
+def chain(tokenizer, *parts):
+    """A table that makes the model write `parts` (special-token names or text) in order."""
+    ids = []
+    for part in parts:
+        ids += [tokenizer.special_ids[part]] if part.startswith("<|") else tokenizer.encode(part)
+    return dict(zip(ids, ids[1:]))
+
+
+def test_python_tool_output_is_forced_in(tokenizer):
+    table = chain(tokenizer, "<|assistant_start|>", "<|python_start|>", "6*7", "<|python_end|>", "?")
+    table[tokenizer.special_ids["<|output_end|>"]] = tokenizer.encode("!")[0]
+    engine = Engine(Bigram(table, tokenizer), tokenizer)
+    pieces = []
+    request = engine.generate([tokenizer.special_ids["<|assistant_start|>"]], SamplingParams(temperature=0),
+                              on_event=lambda i, text, finish: pieces.append(text))
+    completion = request.completions[0]
+    assert completion.text == "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>!"
+    assert "".join(pieces) == completion.text and completion.finish_reason == "stop"
+
+
+def test_failing_tool_call_forces_nothing_and_others_keep_decoding(tokenizer):
+    """A tool call that fails adds no output; another request in the batch decodes meanwhile."""
+    table = chain(tokenizer, "<|assistant_start|>", "<|python_start|>", "1/0", "<|python_end|>", "?")
+    table.update(chain(tokenizer, "<|user_start|>", "abcdefghij"))
+    engine = Engine(Bigram(table, tokenizer), tokenizer)
+    tool = Request([tokenizer.special_ids["<|assistant_start|>"]], SamplingParams(temperature=0))
+    other = Request([tokenizer.special_ids["<|user_start|>"]], SamplingParams(temperature=0))
+    engine.add(tool)
+    engine.add(other)
+    while engine.rows:
+        engine.step()
+    assert tool.completions[0].text == "<|python_start|>1/0<|python_end|>?"
+    assert other.completions[0].text == "abcdefghij" and other.completions[0].finish_reason == "stop"
+
+
+def test_stop_strings_end_the_completion(tokenizer):
+    table = chain(tokenizer, "<|assistant_start|>", "quick brown")  # no letter twice: a bigram chain
+    engine = Engine(Bigram(table, tokenizer), tokenizer)
+    start = [tokenizer.special_ids["<|assistant_start|>"]]
+    request = engine.generate(start, SamplingParams(temperature=0, stop=("xx", "ro")))
+    assert request.completions[0].text == "quick b" and request.completions[0].finish_reason == "stop"
+    request = engine.generate(start, SamplingParams(temperature=0, max_tokens=5))
+    assert request.completions[0].text == "quick" and request.completions[0].finish_reason == "length"
+    assert "".join(engine.stream(start, SamplingParams(temperature=0))) == "quick brown"
