@@ -36,6 +36,9 @@ def chat_sft(**overrides):
     return {**FINETUNE, **SFT_LR, **overrides}
 
 
+CHAT_EVAL = {"max_problems": -1, "batch_size": 8, "max_new_tokens": 512, "temperature": 0.0}
+
+
 def base_eval(**overrides):
     return {"max_per_task": -1, "eval_tokens": BASE_TRAIN["eval_tokens"], "unigram_tokens": 20_000_000, **overrides}
 
@@ -54,6 +57,7 @@ PRESETS = {
                                eval_conversations=8, spelling_size=50),
         "chat_sft": chat_sft(device_batch_size=4, total_batch_size=1032, num_steps=10, eval_every=-1, checkpoint_every=5,
                              eval_conversations=8, spelling_size=50),
+        "chat_eval": {**CHAT_EVAL, "max_problems": 4, "max_new_tokens": 24},
     },
     "cpu": {
         "tok_train": {"vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000},
@@ -68,6 +72,7 @@ PRESETS = {
                                checkpoint_every=100, eval_conversations=100, spelling_size=2000),
         "chat_sft": chat_sft(device_batch_size=8, total_batch_size=16416, num_steps=200, eval_every=100,
                              checkpoint_every=100, eval_conversations=100, spelling_size=1000),
+        "chat_eval": {**CHAT_EVAL, "max_problems": 200, "max_new_tokens": 256, "batch_size": 16},
     },
     # shards as in the original speedrun scripts (about 250M characters each upstream)
     # device batch sizes as the original speedrun scripts set them for 80 GB GPUs
@@ -75,17 +80,20 @@ PRESETS = {
             "base_train": base_train(depth=20, device_batch_size=32, num_shards=240),
             "base_eval": base_eval(device_batch_size=32, num_shards=240),
             "mid_train": mid_train(device_batch_size=32, total_batch_size=524544, num_steps=800),
-            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700)},
+            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
+            "chat_eval": CHAT_EVAL},
     "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450},
             "base_train": base_train(depth=26, device_batch_size=16, num_shards=450),
             "base_eval": base_eval(device_batch_size=16, num_shards=450),
             "mid_train": mid_train(device_batch_size=16, total_batch_size=524544, num_steps=800),
-            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700)},
+            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
+            "chat_eval": CHAT_EVAL},
     "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800},
             "base_train": base_train(depth=32, device_batch_size=8, num_shards=800),
             "base_eval": base_eval(device_batch_size=8, num_shards=800),
             "mid_train": mid_train(device_batch_size=8, total_batch_size=524544, num_steps=800),
-            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700)},
+            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
+            "chat_eval": CHAT_EVAL},
 }
 
 

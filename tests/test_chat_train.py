@@ -63,6 +63,14 @@ def test_mid_then_sft_learn_the_assistant_turns(base_run, env, tmp_path):
     sft = summary(run, "chat_sft")
     assert sft["inputs"]["checkpoint"]["uri"].startswith(summary(run, "mid_train")["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0])
     assert sft["metrics"]["steps"] == 6 and sft["metrics"]["val_bpb"] > 0
+    # chat_eval on 2 processes: every task scored on its 4 problems, ChatCORE from the accuracies
+    stage("nanochat.stages.chat_eval", run, env, "--source", "sft", "-a", "ARC-Easy,MMLU,GSM8K,SpellingBee", nproc=2)
+    metrics = summary(run, "chat_eval_sft")["metrics"]
+    assert {t: r["problems"] for t, r in metrics["tasks"].items()} == {"ARC-Easy": 4, "MMLU": 4, "GSM8K": 4, "SpellingBee": 4}
+    expected = (metrics["ARC-Easy"] - 0.25) / 0.75 + (metrics["MMLU"] - 0.25) / 0.75 + metrics["GSM8K"] + metrics["SpellingBee"]
+    assert metrics["chatcore"] == pytest.approx(expected / 4)
+    bad = stage("nanochat.stages.chat_eval", run, env, "--source", "sft", "-a", "Jeopardy", check=False)
+    assert bad.returncode == 1 and "unknown task(s) Jeopardy" in bad.stderr
 
 
 def test_identity_conversations_join_the_mixture(base_run, env, tmp_path):

@@ -1,0 +1,97 @@
+"""Chat evaluations and ChatCORE.
+
+Categorical tasks (ARC, MMLU) are scored without sampling: the prompt ends where the assistant's
+answer begins, and the model's prediction is the answer letter with the highest logit there (only
+the task's letters compete). Generative tasks (GSM8K with the calculator tool, HumanEval run in the
+sandbox, SpellingBee) sample a completion with the engine, many problems decoding together, and
+the task judges it. ChatCORE is the mean over tasks of (accuracy - baseline) / (1 - baseline), the
+baseline being chance: 0.25 for the four-choice tasks, 0 for the generative ones.
+"""
+
+import collections
+
+import torch
+import torch.distributed as dist
+
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+
+
+def load_task(name):
+    """The evaluation split of a task by name."""
+    from tasks.arc import ARC
+    from tasks.gsm8k import GSM8K
+    from tasks.humaneval import HumanEval
+    from tasks.mmlu import MMLU
+    from tasks.spellingbee import SpellingBee
+
+    makers = {"ARC-Easy": lambda: ARC("ARC-Easy"), "ARC-Challenge": lambda: ARC("ARC-Challenge"),
+              "MMLU": lambda: MMLU("test"), "GSM8K": lambda: GSM8K("test"), "HumanEval": HumanEval,
+              "SpellingBee": lambda: SpellingBee(size=256, split="test")}
+    return makers[name]()
+
+
+@torch.no_grad()
+def categorical_correct(model, tokenizer, task, indices, device, autocast, batch_size):
+    """How many of the task's conversations `indices` the model answers right, by letter logits."""
+    correct = 0
+    max_len = model.config.sequence_len
+    for start in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[start:start + batch_size]]
+        prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
+        ids = torch.full((len(prompts), max(map(len, prompts))), tokenizer.bos_token_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = torch.tensor(prompt)
+        with autocast():
+            logits = model(ids.to(device))
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
+            scores = logits[row, len(prompt) - 1, letter_ids]
+            correct += task.evaluate(conversation, letters[int(scores.argmax())])
+    return correct
+
+
+def generative_correct(engine, tokenizer, task, indices, params):
+    """How many of the task's conversations `indices` the model answers right, sampling one
+    completion each with `params`; all problems decode together as rows free up."""
+    from nanochat.engine import Request
+
+    pending = collections.deque(indices)
+    running = []
+    correct = 0
+    while pending or running:
+        while pending and engine.free_rows:
+            i = pending.popleft()
+            request = Request(tokenizer.render_for_completion(task[i]), params)
+            try:
+                engine.add(request)
+            except ValueError:  # the prompt does not fit the context: counted wrong
+                continue
+            running.append((i, request))
+        engine.step()
+        for i, request in [r for r in running if r[1].done]:
+            correct += bool(task.evaluate(task[i], request.completions[0].text))
+        running = [r for r in running if not r[1].done]
+    return correct
+
+
+def evaluate(name, model, tokenizer, engine, device, autocast, max_problems=-1, batch_size=8, params=None,
+             rank=0, world_size=1):
+    """Accuracy on task `name` (its first max_problems; -1: all), problems spread over ranks."""
+    task = load_task(name)
+    n = len(task) if max_problems < 0 else min(max_problems, len(task))
+    indices = list(range(rank, n, world_size))
+    if task.eval_type == "categorical":
+        correct = categorical_correct(model, tokenizer, task, indices, device, autocast, batch_size)
+    else:
+        correct = generative_correct(engine, tokenizer, task, indices, params)
+    counts = torch.tensor([correct, len(indices)], dtype=torch.long, device=device)
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(counts)
+    return counts[0].item() / counts[1].item(), counts[1].item()
+
+
+def chatcore(accuracies):
+    """Mean centered accuracy over the tasks in `accuracies` ({name: accuracy})."""
+    centered = [(acc - BASELINES[name]) / (1 - BASELINES[name]) for name, acc in accuracies.items()]
+    return sum(centered) / len(centered)

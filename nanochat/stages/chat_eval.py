@@ -1,0 +1,76 @@
+"""Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval and SpellingBee; ChatCORE.
+
+    torchrun --nproc_per_node 2 -m nanochat.stages.chat_eval -- --run myrun --preset tiny --source sft
+    python -m nanochat.stages.chat_eval --run myrun --preset cpu --source mid -a ARC-Easy,GSM8K --max-problems 200
+
+Reads the final checkpoint of the --source stage (mid_train, chat_sft or chat_rl) in the same run.
+Categorical tasks compare the logits of the answer letters, batched; generative ones sample with
+the engine (greedy by default; GSM8K uses the calculator, HumanEval runs in the sandbox). Problems
+are spread over the processes. Writes <run>/chat_eval_<source>/stage.json: each task's accuracy,
+problem count and time, and ChatCORE over the tasks evaluated.
+"""
+
+import time
+
+from nanochat import checkpoint, stage, storage, training
+from nanochat.common import log
+
+SOURCES = {"mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
+TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
+
+
+def build_parser():
+    p = stage.parser("chat_eval", __doc__)
+    a = p.add_argument
+    a("--source", choices=sorted(SOURCES), required=True, help="which stage's model to evaluate")
+    a("-a", "--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
+    a("--max-problems", type=int, help="problems per task (-1: all)")
+    a("--batch-size", type=int, help="conversations per forward pass for categorical tasks")
+    a("--max-new-tokens", type=int, help="tokens sampled per generative answer")
+    a("--temperature", type=float, help="0: greedy")
+    a("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    a("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="autocast dtype (categorical tasks)")
+    a("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: cuda > mps > cpu, whichever exists")
+    return p
+
+
+def main(args):
+    import torch
+
+    from nanochat import common
+    from nanochat.engine import Engine, SamplingParams
+    from nanochat.evaluation import chat
+    from nanochat.tokenizer import Tokenizer
+
+    started = time.time()
+    name = f"chat_eval_{args.source}"
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise stage.StageError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
+    source = training.upstream_checkpoint(args.run, SOURCES[args.source])
+    compute = common.compute_init(args.device_type)
+    model, meta = checkpoint.load_model(source, compute.device)
+    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
+    dtype = common.autocast_dtype(compute.device_type) if args.dtype == "auto" else getattr(torch, args.dtype)
+    autocast = common.autocast_context(compute.device_type, dtype)
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens, seed=1234)
+
+    results = {}
+    for task in tasks:
+        t0 = time.time()
+        accuracy, problems = chat.evaluate(task, model, tokenizer, engine, compute.device, autocast, args.max_problems,
+                                           args.batch_size, params, compute.rank, compute.world_size)
+        results[task] = {"accuracy": accuracy, "problems": problems, "seconds": round(time.time() - t0, 2)}
+        log.info("%-14s accuracy %.4f on %d problems in %.1fs", task, accuracy, problems, results[task]["seconds"])
+    score = chat.chatcore({t: r["accuracy"] for t, r in results.items()})
+    log.info("ChatCORE %.4f over %s", score, ", ".join(results))
+    if compute.master:
+        metrics = {"chatcore": score, "tasks": results, "source": args.source, **{t: r["accuracy"] for t, r in results.items()}}
+        stage.commit(args.run, name, args, {"checkpoint": storage.join(source, checkpoint.MANIFEST)}, {}, metrics, started)
+    common.compute_cleanup()
+
+
+if __name__ == "__main__":
+    stage.run_main(main, build_parser(), "chat_eval")

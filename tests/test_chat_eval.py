@@ -1,0 +1,65 @@
+"""Chat evaluation plumbing: categorical scoring reads the answer letters' logits at the answer
+position (checked with stand-in models that always say one letter), and ChatCORE's centering."""
+
+import contextlib
+
+import pytest
+import torch
+
+from nanochat.evaluation import chat
+from nanochat.tokenizer import Tokenizer
+
+
+class SaysLetter(torch.nn.Module):
+    """A stand-in model whose logits favour one token everywhere, except that the other letters
+    get even more mass at every position but the last of each row: a scorer that reads any other
+    position than the answer's would see another letter win."""
+
+    def __init__(self, tokenizer, letter, config):
+        super().__init__()
+        self.config = config
+        self.favourite = tokenizer.encode(letter)[0]
+        self.others = [tokenizer.encode(x)[0] for x in "ABCDE" if x != letter]
+        self.vocab_size = tokenizer.vocab_size
+        self.bos = tokenizer.bos_token_id
+
+    def forward(self, ids):
+        logits = torch.zeros(*ids.shape, self.vocab_size)
+        logits[..., self.favourite] = 5.0
+        lengths = (ids != self.bos).sum(1)  # prompts start with one BOS, then padding is BOS
+        for row, n in enumerate(lengths.tolist()):
+            logits[row, :n, self.others] = 10.0  # every position but the answer's (the last, n)
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shared_data):
+    import pyarrow.parquet as pq
+
+    texts = pq.read_table(shared_data / "pretrain" / "shard_00000.parquet", columns=["text"]).column("text").to_pylist()[:200]
+    return Tokenizer.train(iter(texts), 1024)
+
+
+@pytest.fixture
+def cached_tasks(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DATA_MIRROR", str(shared_data))
+    monkeypatch.setenv("NANOCHAT_STORAGE", str(tmp_path))
+
+
+def test_categorical_reads_the_letter_logits_at_the_answer(tokenizer, cached_tasks):
+    task = chat.load_task("ARC-Easy")
+    indices = list(range(30))
+    config = type("Config", (), {"sequence_len": 4096})
+    golds = [task[i]["messages"][-1]["content"] for i in indices]
+    total = 0
+    for letter in "ABCD":
+        model = SaysLetter(tokenizer, letter, config)
+        correct = chat.categorical_correct(model, tokenizer, task, indices, "cpu", contextlib.nullcontext, batch_size=7)
+        assert correct == golds.count(letter)
+        total += correct
+    assert total == sum(g in "ABCD" for g in golds) > 0
+
+
+def test_chatcore_centers_by_chance():
+    assert chat.chatcore({"ARC-Easy": 0.25, "GSM8K": 0.0}) == 0.0
+    assert chat.chatcore({"MMLU": 1.0, "HumanEval": 0.5}) == pytest.approx(0.75)
