@@ -42,11 +42,15 @@ def publish_report(run: str) -> str:
 @flow(name="speedrun")
 def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | None = None,
              data_mirror: str | None = None, nproc_per_node: int = 1, nnodes: int = 1,
-             overrides: dict[str, dict] | None = None, retries: int = 2, only: list[str] | None = None) -> str:
+             overrides: dict[str, dict] | None = None, retries: int = 2, only: list[str] | None = None,
+             identity: str | None = None, identity_weight: float | None = None) -> str:
     """Runs the pipeline on `preset` in run `run_name` (default speedrun-<preset>) under `storage`
     (default $NANOCHAT_STORAGE); `overrides` = {stage: {option: value}}; `only`: just these stages
-    and the ones they need. Returns the URI of the final
-    checkpoint (the last training stage's `checkpoint` output; its directory if it has none)."""
+    and the ones they need; `identity`: a JSONL file (path or URI) of your own conversations (a
+    name, a personality) mixed into midtraining and SFT, `identity_weight` times. Returns the URI
+    of the final checkpoint (the last training stage's `checkpoint` output; its directory if it
+    has none)."""
+    overrides = with_identity(overrides, identity, identity_weight)
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
     futures = {}
     for stage in stages.available(only):
@@ -57,6 +61,17 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     publish_report(spec.run)
     final = next(name for name in FINAL if name in summaries)
     return summaries[final]["outputs"].get("checkpoint", {}).get("uri") or nanochat.storage.join(spec.run, final)
+
+
+def with_identity(overrides, identity, weight):
+    """`overrides` with the user's identity conversations given to mid_train and chat_sft."""
+    out = {stage: dict(options) for stage, options in (overrides or {}).items()}
+    if identity:
+        for stage in ("mid_train", "chat_sft"):
+            out.setdefault(stage, {})["identity"] = identity
+            if weight is not None:
+                out[stage]["identity_weight"] = weight
+    return out
 
 
 @flow(name="stage")
@@ -79,8 +94,11 @@ def main(argv=None):
     p.add_argument("--data-mirror", default=None, help="mirror of the data sources (default: $NANOCHAT_DATA_MIRROR)")
     p.add_argument("--nproc-per-node", type=int, default=1)
     p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--identity", default=None, help="JSONL of your own conversations to mix into mid_train and chat_sft")
+    p.add_argument("--identity-weight", type=float, default=None, help="times the identity conversations are repeated")
     args = p.parse_args(argv)
-    final = speedrun(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes)
+    final = speedrun(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes,
+                     identity=args.identity, identity_weight=args.identity_weight)
     run = run_spec(args.preset, args.run, args.storage, None, 1, 1, None).run
     print(f"\nfinal artifact: {final}\nreport card:    {nanochat.storage.join(run, report.REPORT)}")
 

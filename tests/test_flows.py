@@ -16,7 +16,7 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
                                             FlowRunFilterId, LogFilter, LogFilterFlowRunId)
 
 from flows import stages
-from flows.speedrun import speedrun
+from flows.speedrun import speedrun, with_identity
 from nanochat import storage
 
 # base_train on the tiny preset, shorter still; deterministic, so a resumed run ends in the same weights
@@ -166,3 +166,12 @@ def test_launcher_streams_output_and_leaves_no_torchrun_worker(tmp_path, monkeyp
     assert result["out"][0] == -signal.SIGKILL
     assert "injected fault" in result["out"][1]
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_identity_goes_to_mid_train_and_chat_sft():
+    overrides = {"base_train": {"num_steps": 3}, "mid_train": {"num_steps": 2}}
+    got = with_identity(overrides, "s3://b/me.jsonl", 4.0)
+    assert got == {"base_train": {"num_steps": 3}, "mid_train": {"num_steps": 2, "identity": "s3://b/me.jsonl", "identity_weight": 4.0},
+                   "chat_sft": {"identity": "s3://b/me.jsonl", "identity_weight": 4.0}}
+    assert overrides["mid_train"] == {"num_steps": 2}  # the caller's dict is left alone
+    assert with_identity(None, None, None) == {}
