@@ -32,7 +32,9 @@ LOGIT_SOFTCAP = 15.0
 VOCAB_MULTIPLE = 64  # pad the embedding/lm_head rows so matmuls hit aligned shapes
 ROTARY_HEADROOM = 10  # rotary tables cover 10x sequence_len, so generation can run past training length
 ROTARY_BASE = 10000
-LOSS_CHUNK_ELEMENTS = 2**21  # logits per loss chunk: 8 MB in fp32, so a chunk's temporaries stay in cache
+# Logits per loss chunk. CPU: 8 MB in fp32, so a chunk's temporaries stay in cache; GPU: 1 GiB, few
+# chunks, as there kernel launches cost more than memory traffic.
+LOSS_CHUNK_ELEMENTS = {"cpu": 2**21, "gpu": 2**28}
 
 
 def norm(x):
@@ -198,7 +200,7 @@ def chunked_cross_entropy(x, w, targets, grad_logits=None):
     """Per-token cross-entropy (fp32; 0 where the target is -1) of the soft-capped logits x @ w.T,
     computed a few rows at a time so the (tokens, vocab) logits never exist at once. If grad_logits
     (tokens, vocab) is given, it receives each token's d loss / d logits (before the cap)."""
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // w.size(0))
+    chunk = max(1, LOSS_CHUNK_ELEMENTS["cpu" if x.device.type == "cpu" else "gpu"] // w.size(0))
     ignored = targets == -1
     targets = targets.clamp(min=0)[:, None]
     losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanochat import gpt
 from nanochat.gpt import GPT, GPTConfig, KVCache, softcap
 
 CONFIG = GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
@@ -98,8 +99,11 @@ def test_shape_from_depth(depth, head_dim, width, heads):
     assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (depth, width, heads, heads)
 
 
+@pytest.mark.parametrize("rows_per_chunk", [7, None], ids=["chunked", "one_chunk"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_loss_and_gradients_equal_cross_entropy_of_the_logits(reduction):
+def test_loss_and_gradients_equal_cross_entropy_of_the_logits(reduction, rows_per_chunk, monkeypatch):
+    if rows_per_chunk:  # 48 tokens in chunks of 7: the last one partial
+        monkeypatch.setitem(gpt.LOSS_CHUNK_ELEMENTS, "cpu", rows_per_chunk * CONFIG.vocab_size)
     model = random_model()
     idx, targets = tokens(seed=2), tokens(seed=3)
     targets[0, :5] = -1
