@@ -36,6 +36,17 @@ def chat_sft(**overrides):
     return {**FINETUNE, **SFT_LR, **overrides}
 
 
+# chat_rl: nanochat's settings (5% of the base learning rates, decaying to 0)
+RL = {"matrix_lr": 0.001, "embedding_lr": 0.01, "unembedding_lr": 0.0002, "weight_decay": 0.0, "warmup_ratio": 0.0,
+      "warmdown_ratio": 1.0, "temperature": 1.0, "top_k": 50, "max_new_tokens": 256, "checkpoint_every": 60,
+      "keep_last": 2, "eval_every": 60, "eval_examples": 400, "examples_per_step": 16, "num_samples": 16,
+      "num_steps": 467}
+
+
+def chat_rl(**overrides):
+    return {**RL, **overrides}
+
+
 CHAT_EVAL = {"max_problems": -1, "batch_size": 8, "max_new_tokens": 512, "temperature": 0.0}
 
 
@@ -57,6 +68,8 @@ PRESETS = {
                                eval_conversations=8, spelling_size=50),
         "chat_sft": chat_sft(device_batch_size=4, total_batch_size=1032, num_steps=10, eval_every=-1, checkpoint_every=5,
                              eval_conversations=8, spelling_size=50),
+        "chat_rl": chat_rl(examples_per_step=2, num_samples=4, max_new_tokens=16, num_steps=4, checkpoint_every=2,
+                           eval_every=-1, eval_examples=4),
         "chat_eval": {**CHAT_EVAL, "max_problems": 4, "max_new_tokens": 24},
     },
     "cpu": {
@@ -72,6 +85,8 @@ PRESETS = {
                                checkpoint_every=100, eval_conversations=100, spelling_size=2000),
         "chat_sft": chat_sft(device_batch_size=8, total_batch_size=16416, num_steps=200, eval_every=100,
                              checkpoint_every=100, eval_conversations=100, spelling_size=1000),
+        "chat_rl": chat_rl(examples_per_step=8, num_samples=8, num_steps=60, checkpoint_every=20, eval_every=20,
+                           eval_examples=50),
         "chat_eval": {**CHAT_EVAL, "max_problems": 200, "max_new_tokens": 256, "batch_size": 16},
     },
     # shards as in the original speedrun scripts (about 250M characters each upstream)
@@ -81,19 +96,22 @@ PRESETS = {
             "base_eval": base_eval(device_batch_size=32, num_shards=240),
             "mid_train": mid_train(device_batch_size=32, total_batch_size=524544, num_steps=800),
             "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
-            "chat_eval": CHAT_EVAL},
+            "chat_eval": CHAT_EVAL,
+            "chat_rl": chat_rl()},
     "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450},
             "base_train": base_train(depth=26, device_batch_size=16, num_shards=450),
             "base_eval": base_eval(device_batch_size=16, num_shards=450),
             "mid_train": mid_train(device_batch_size=16, total_batch_size=524544, num_steps=800),
             "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
-            "chat_eval": CHAT_EVAL},
+            "chat_eval": CHAT_EVAL,
+            "chat_rl": chat_rl()},
     "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800},
             "base_train": base_train(depth=32, device_batch_size=8, num_shards=800),
             "base_eval": base_eval(device_batch_size=8, num_shards=800),
             "mid_train": mid_train(device_batch_size=8, total_batch_size=524544, num_steps=800),
             "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
-            "chat_eval": CHAT_EVAL},
+            "chat_eval": CHAT_EVAL,
+            "chat_rl": chat_rl()},
 }
 
 

@@ -121,9 +121,10 @@ class Training:
         self.metrics.flush()
         return target
 
-    def run(self, model, optimizer, batches, plan, hooks=(), meta=None):
+    def run(self, model, optimizer, batches, plan, hooks=(), meta=None, loss=None):
         """Trains from the current step to plan.num_steps, running each due (period, hook(step))
-        and checkpoint between steps; returns the final checkpoint's directory."""
+        and checkpoint between steps; returns the final checkpoint's directory. `loss(model,
+        batch)` is the loss of one batch (default: the model's cross-entropy of (inputs, targets))."""
         import torch
 
         from nanochat import common
@@ -141,11 +142,11 @@ class Training:
             optimizer.set_schedule(lrm, muon_momentum(self.step))
             loss_sum = torch.zeros((), device=self.device)
             for _ in range(plan.grad_accum):
-                inputs, targets = next(batches)
+                batch = next(batches)
                 with self.autocast():
-                    loss = train_model(inputs, targets)
-                (loss / plan.grad_accum).backward()
-                loss_sum += loss.detach()
+                    value = loss(train_model, batch) if loss else train_model(*batch)
+                (value / plan.grad_accum).backward()
+                loss_sum += value.detach()
             optimizer.step()
             model.zero_grad(set_to_none=True)
             self.step += 1

@@ -52,3 +52,23 @@ def prefect_api(tmp_path_factory):
 
     with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}), prefect_test_harness():
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def tiny_env(shared_data, tmp_path_factory):
+    """Environment for stage subprocesses: one thread each, a scratch storage root, the data mirror."""
+    storage = tmp_path_factory.mktemp("storage")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_STORAGE": str(storage),
+            "NANOCHAT_DATA_MIRROR": str(shared_data)}
+
+
+@pytest.fixture(scope="session")
+def tiny_base_run(tiny_env, shared_data, tmp_path_factory):
+    """A run with a tiny tokenizer and a briefly trained tiny base model."""
+    from tests.stagerun import stage
+
+    run = tmp_path_factory.mktemp("base") / "run"
+    data = ["--data", str(shared_data / "pretrain")]
+    stage("nanochat.stages.tok_train", run, tiny_env, *data)
+    stage("nanochat.stages.base_train", run, tiny_env, *data, "--num-steps", "6", "--eval-every", "-1")
+    return run

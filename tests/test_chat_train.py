@@ -2,40 +2,11 @@
 conversations join the mixture, and a crashed run resumes to the same weights."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-
-
-def stage(module, run, env, *options, nproc=None, check=True):
-    prefix = [*TORCHRUN, str(nproc), "-m", module, "--"] if nproc else [sys.executable, "-m", module]
-    done = subprocess.run([*prefix, "--run", str(run), "--preset", "tiny", *options], env=env, capture_output=True,
-                          text=True)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{module} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done
-
-
-@pytest.fixture(scope="module")
-def env(shared_data, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("storage")
-    return {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_STORAGE": str(storage),
-            "NANOCHAT_DATA_MIRROR": str(shared_data)}
-
-
-@pytest.fixture(scope="module")
-def base_run(env, shared_data, tmp_path_factory):
-    """A run with a tiny tokenizer and a briefly trained tiny base model."""
-    run = tmp_path_factory.mktemp("base") / "run"
-    data = ["--data", str(shared_data / "pretrain")]
-    stage("nanochat.stages.tok_train", run, env, *data)
-    stage("nanochat.stages.base_train", run, env, *data, "--num-steps", "6", "--eval-every", "-1")
-    return run
+from tests.stagerun import stage
 
 
 def summary(run, name):
@@ -52,56 +23,56 @@ def weights_sha(run, name):
     return json.loads(open(manifest).read())["files"]["model.safetensors"]["sha256"]
 
 
-def test_mid_then_sft_learn_the_assistant_turns(base_run, env, tmp_path):
+def test_mid_then_sft_learn_the_assistant_turns(tiny_base_run, tiny_env, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(base_run, run)
-    stage("nanochat.stages.mid_train", run, env, nproc=2)
+    shutil.copytree(tiny_base_run, run)
+    stage("nanochat.stages.mid_train", run, tiny_env, nproc=2)
     mid = losses(run, "mid_train")
     assert len(mid) == 10 and mid[-1] < mid[0] - 1.0
     assert summary(run, "mid_train")["metrics"]["world_size"] == 2
-    stage("nanochat.stages.chat_sft", run, env, "--num-steps", "6")
+    stage("nanochat.stages.chat_sft", run, tiny_env, "--num-steps", "6")
     sft = summary(run, "chat_sft")
     assert sft["inputs"]["checkpoint"]["uri"].startswith(summary(run, "mid_train")["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0])
     assert sft["metrics"]["steps"] == 6 and sft["metrics"]["val_bpb"] > 0
     # chat_eval on 2 processes: every task scored on its 4 problems, ChatCORE from the accuracies
-    stage("nanochat.stages.chat_eval", run, env, "--source", "sft", "-a", "ARC-Easy,MMLU,GSM8K,SpellingBee", nproc=2)
+    stage("nanochat.stages.chat_eval", run, tiny_env, "--source", "sft", "-a", "ARC-Easy,MMLU,GSM8K,SpellingBee", nproc=2)
     metrics = summary(run, "chat_eval_sft")["metrics"]
     assert {t: r["problems"] for t, r in metrics["tasks"].items()} == {"ARC-Easy": 4, "MMLU": 4, "GSM8K": 4, "SpellingBee": 4}
     expected = (metrics["ARC-Easy"] - 0.25) / 0.75 + (metrics["MMLU"] - 0.25) / 0.75 + metrics["GSM8K"] + metrics["SpellingBee"]
     assert metrics["chatcore"] == pytest.approx(expected / 4)
-    bad = stage("nanochat.stages.chat_eval", run, env, "--source", "sft", "-a", "Jeopardy", check=False)
+    bad = stage("nanochat.stages.chat_eval", run, tiny_env, "--source", "sft", "-a", "Jeopardy", check=False)
     assert bad.returncode == 1 and "unknown task(s) Jeopardy" in bad.stderr
 
 
-def test_identity_conversations_join_the_mixture(base_run, env, tmp_path):
+def test_identity_conversations_join_the_mixture(tiny_base_run, tiny_env, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(base_run, run)
+    shutil.copytree(tiny_base_run, run)
     identity = tmp_path / "me.jsonl"
     conversation = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Tinybot."}]
     identity.write_text("\n".join(json.dumps(conversation) for _ in range(7)) + "\n")
-    stage("nanochat.stages.mid_train", run, env, "--num-steps", "1")
+    stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1")
     plain = summary(run, "mid_train")["metrics"]["conversations"]
     shutil.rmtree(run / "mid_train")
-    stage("nanochat.stages.mid_train", run, env, "--num-steps", "1", "--identity", str(identity), "--identity-weight", "3")
+    stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1", "--identity", str(identity), "--identity-weight", "3")
     assert summary(run, "mid_train")["metrics"]["conversations"] == plain + 21
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps([{"role": "assistant", "content": "hi"}]) + "\n")
     shutil.rmtree(run / "mid_train")
-    done = stage("nanochat.stages.mid_train", run, env, "--num-steps", "1", "--identity", str(bad), check=False)
+    done = stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1", "--identity", str(bad), check=False)
     assert done.returncode != 0 and "bad.jsonl" in done.stderr
 
 
-def test_crashed_sft_resumes_to_the_same_weights(base_run, env, tmp_path):
+def test_crashed_sft_resumes_to_the_same_weights(tiny_base_run, tiny_env, tmp_path):
     runs = {}
     for name in ("reference", "crashed"):
         run = runs[name] = tmp_path / name
-        shutil.copytree(base_run, run)
-        stage("nanochat.stages.mid_train", run, env, "--num-steps", "2", "--deterministic")
-    stage("nanochat.stages.chat_sft", runs["reference"], env, "--deterministic")
-    crashed = stage("nanochat.stages.chat_sft", runs["crashed"], {**env, "NANOCHAT_FAULT": "chat_sft:7"}, "--deterministic",
+        shutil.copytree(tiny_base_run, run)
+        stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "2", "--deterministic")
+    stage("nanochat.stages.chat_sft", runs["reference"], tiny_env, "--deterministic")
+    crashed = stage("nanochat.stages.chat_sft", runs["crashed"], {**tiny_env, "NANOCHAT_FAULT": "chat_sft:7"}, "--deterministic",
                     check=False)
     assert crashed.returncode == 3 and not (runs["crashed"] / "chat_sft" / "stage.json").exists()
-    resumed = stage("nanochat.stages.chat_sft", runs["crashed"], env, "--deterministic")
+    resumed = stage("nanochat.stages.chat_sft", runs["crashed"], tiny_env, "--deterministic")
     assert "resumed at step 5" in resumed.stderr
     assert weights_sha(runs["crashed"], "chat_sft") == weights_sha(runs["reference"], "chat_sft")
     assert len(losses(runs["crashed"], "chat_sft")) == 10
