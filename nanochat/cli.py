@@ -1,7 +1,9 @@
-"""The `nanochat` command: runs pipeline stages and (later) chats and serves.
+"""The `nanochat` command: runs pipeline stages, chats and serves.
 
     nanochat tok_train --run myrun --preset tiny     any stage, with the options of `python -m nanochat.stages.<stage>`
     nanochat tok_train --help                        a stage's options
+    nanochat chat --run myrun [-p PROMPT]            chat in the terminal (see `nanochat chat --help`)
+    nanochat serve --run myrun [--port 8000]         OpenAI-compatible API + web UI (see `nanochat serve --help`)
     nanochat version                                 package version, git commit and source hash
 """
 
@@ -33,6 +35,14 @@ def main(argv=None):
 
         print(json.dumps(code_version(), indent=2))
         return 0
+    if command == "chat":
+        from nanochat.chat import main as chat
+
+        return chat(rest)
+    if command == "serve":
+        from nanochat.serve import main as serve
+
+        return serve(rest) or 0
     if command in stage_names():
         from nanochat import stage
 

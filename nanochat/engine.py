@@ -64,6 +64,12 @@ class Request:
     def done(self):
         return all(c.finish_reason is not None for c in self.completions)
 
+    def fail(self):
+        """Ends every unfinished completion with finish_reason "error"."""
+        for completion in self.completions:
+            if completion.finish_reason is None:
+                self.emit(completion.index, "", "error")
+
     def emit(self, index, text, finish_reason=None):
         completion = self.completions[index]
         completion.text += text
@@ -217,6 +223,10 @@ class Engine:
         self.output_start, self.output_end = special["<|output_start|>"], special["<|output_end|>"]
         self.tools = concurrent.futures.ThreadPoolExecutor(TOOL_WORKERS, thread_name_prefix="tool")
 
+    def reset(self):
+        """Forgets every active row (after a failure)."""
+        self.rows = []
+
     @property
     def free_rows(self):
         return self.max_rows - len(self.rows)
@@ -365,3 +375,41 @@ def sample_one(logits, params, generator):
         logits, candidates = logits[:keep], candidates[:keep]
     choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item()
     return choice if candidates is None else int(candidates[choice])
+
+
+SOURCES = {"rl": "chat_rl", "sft": "chat_sft", "mid": "mid_train", "base": "base_train"}  # newest first
+
+
+def find_checkpoint(target, source=None):
+    """(checkpoint directory URI, source) of a checkpoint URI, or of a run (name or URI): its
+    `source` stage's checkpoint, by default the newest stage done of rl -> sft -> mid -> base."""
+    from nanochat import checkpoint, storage
+
+    uri = storage.normalize(target) if "://" in target or target.startswith(("/", ".", "~")) else None
+    if uri is not None:
+        uri = uri.removesuffix("/" + checkpoint.MANIFEST)
+        if storage.exists(storage.join(uri, checkpoint.MANIFEST)):
+            return uri, None
+    run = storage.run_uri(target)
+    for name in [source] if source else SOURCES:
+        summary = storage.join(run, SOURCES[name], "stage.json")
+        if storage.exists(summary):
+            manifest = storage.read_json(summary)["outputs"]["checkpoint"]["uri"]
+            return manifest.removesuffix("/" + checkpoint.MANIFEST), name
+    wanted = SOURCES[source] if source else " or ".join(SOURCES.values())
+    raise FileNotFoundError(f"{target}: neither a checkpoint nor a run with {wanted} done")
+
+
+def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
+    """The Engine of a checkpoint or a run's model (see find_checkpoint), with its weights in the
+    dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs)."""
+    from nanochat.checkpoint import load_model
+    from nanochat.common import autocast_dtype
+    from nanochat.tokenizer import Tokenizer
+
+    directory, _ = find_checkpoint(target, source)
+    device = torch.device(device)
+    model, meta = load_model(directory, device)
+    model.to(autocast_dtype(device.type))
+    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
+    return Engine(model, tokenizer, max_rows)

@@ -1,0 +1,84 @@
+"""Decode throughput of the engine on the upstream-equivalent d4 model (width 256, 2 heads of 128,
+vocab 65,536), 64-token prompt, 128 greedy tokens, batch 1 and 8, against the reference measured in
+the same run: upstream's loop (the model in fp32, the plain KVCache, argmax each step).
+
+    python bench/inference.py [--repeats 3]
+
+Prints one JSON line: tok/s of ours and of the reference per batch size, the ratios and the dtype.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from nanochat.common import autocast_dtype, git_commit
+from nanochat.engine import Engine, SamplingParams
+from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+PROMPT_TOKENS, NEW_TOKENS = 64, 128
+CONFIG = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
+
+
+@torch.inference_mode()
+def reference(model, prompt, batch):
+    """Upstream's structure: prefill, then one forward per token through the plain KVCache."""
+    cache = KVCache(CONFIG.n_layer, PROMPT_TOKENS + NEW_TOKENS)
+    ids = torch.tensor([prompt] * batch)
+    for _ in range(NEW_TOKENS):
+        ids = model(ids, kv_cache=cache)[:, -1].argmax(dim=-1, keepdim=True)
+
+
+def ours(engine, prompt, batch):
+    request = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS), n=batch)
+    assert all(len(c.token_ids) == NEW_TOKENS for c in request.completions)
+
+
+def synthetic_tokenizer(vocab_size):
+    """A tokenizer of the d4 model's vocabulary size: the 256 bytes, then byte pairs."""
+    pairs = (bytes([a, b]) for a in range(256) for b in range(256))
+    ranks = {bytes([i]): i for i in range(256)}
+    while len(ranks) < vocab_size - len(SPECIAL_TOKENS):
+        ranks[next(pairs)] = len(ranks)
+    return Tokenizer(ranks)
+
+
+def tokens_per_second(fn, batch, repeats):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return batch * NEW_TOKENS / best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    with torch.no_grad():  # trained-like logits: no early <|assistant_end|>, no near-ties
+        model.lm_head.weight.normal_(0, 0.05)
+    tokenizer = synthetic_tokenizer(CONFIG.vocab_size)
+    dtype = autocast_dtype("cpu")
+    fast = GPT(CONFIG).eval()
+    fast.load_state_dict(model.state_dict())
+    fast.to(dtype)
+    engine = Engine(fast, tokenizer, max_rows=8, max_len=PROMPT_TOKENS + NEW_TOKENS + 1)
+    prompt = torch.randint(0, 256, (PROMPT_TOKENS,)).tolist()
+    result = {"bench": "inference", "device": "cpu", "commit": git_commit(), "dtype": str(dtype).removeprefix("torch."),
+              "reference_dtype": "float32", "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
+    for batch in (1, 8):
+        ref = tokens_per_second(lambda: reference(model, prompt, batch), batch, args.repeats)
+        our = tokens_per_second(lambda: ours(engine, prompt, batch), batch, args.repeats)
+        result[f"batch{batch}"] = {"ours_tok_s": round(our, 1), "reference_tok_s": round(ref, 1),
+                                   "ratio": round(our / ref, 2)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""`nanochat chat`: talk to a run's model in the terminal, the answer streaming as it is generated.
+
+    nanochat chat --run myrun                        interactive, multi-turn (newest of rl -> sft -> mid -> base)
+    nanochat chat --run myrun --source base -p "The capital of France is"
+    nanochat chat --run file:///path/to/checkpoints/step_000100 --temperature 0
+
+Interactive commands: `/clear` starts a new conversation, `/quit` (or Ctrl-D) leaves.
+"""
+
+import argparse
+import sys
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nanochat chat", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
+    p.add_argument("--source", choices=["base", "mid", "sft", "rl"], help="which stage's model (default: the newest done)")
+    p.add_argument("-p", "--prompt", help="answer this one message and exit")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best available)")
+    return p
+
+
+def reply(engine, messages, params, out):
+    """Streams the assistant's answer to `messages` to `out`; returns its text."""
+    prompt = engine.tokenizer.render_for_completion(messages)
+    pieces = []
+    for piece in engine.stream(prompt, params):
+        out.write(piece)
+        out.flush()
+        pieces.append(piece)
+    out.write("\n")
+    return "".join(pieces)
+
+
+def main(argv=None):
+    from nanochat.common import autodetect_device_type
+    from nanochat.engine import SamplingParams, load_engine
+
+    args = build_parser().parse_args(argv)
+    try:
+        engine = load_engine(args.run, args.source, args.device or autodetect_device_type(), max_rows=1)
+    except FileNotFoundError as e:
+        print(f"nanochat chat: {e}", file=sys.stderr)
+        return 1
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
+    if args.prompt is not None:
+        reply(engine, [{"role": "user", "content": args.prompt}], params, sys.stdout)
+        return 0
+    messages = []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/clear":
+            messages = []
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        sys.stdout.write("nanochat> ")
+        try:
+            messages.append({"role": "assistant", "content": reply(engine, messages, params, sys.stdout)})
+        except KeyboardInterrupt:  # stops this answer, keeps the conversation
+            print()
+            messages.pop()
