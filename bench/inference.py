@@ -9,6 +9,7 @@ Prints one JSON line: tok/s of ours and of the reference per batch size, the rat
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -70,7 +71,7 @@ def main():
     fast.to(dtype)
     engine = Engine(fast, tokenizer, max_rows=8, max_len=PROMPT_TOKENS + NEW_TOKENS + 1)
     prompt = torch.randint(0, 256, (PROMPT_TOKENS,)).tolist()
-    result = {"bench": "inference", "device": "cpu", "commit": git_commit(), "dtype": str(dtype).removeprefix("torch."),
+    result = {"bench": "inference", "device": "cpu", "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "dtype": str(dtype).removeprefix("torch."),
               "reference_dtype": "float32", "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
     for batch in (1, 8):
         ref = tokens_per_second(lambda: reference(model, prompt, batch), batch, args.repeats)

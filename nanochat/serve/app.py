@@ -203,12 +203,18 @@ def usage(request):
 
 
 async def until_finished(request, events):
-    """Consumes a request's events until each of its completions has finished; yields them."""
+    """Yields the events that have arrived, as {index: (text, finish_reason)} with each completion's
+    texts joined (a client that falls behind gets fewer, larger chunks), until all have finished."""
     finished = 0
     while finished < request.n:
-        event = await events.get()
-        finished += event[2] is not None
-        yield event
+        batch = [await events.get()]
+        while not events.empty():
+            batch.append(events.get_nowait())
+        merged = {}
+        for index, text, finish_reason in batch:
+            merged[index] = (merged.get(index, ("", None))[0] + text, finish_reason)
+            finished += finish_reason is not None
+        yield merged
 
 
 async def complete(request, events, meta, http_request):
@@ -241,11 +247,12 @@ async def stream_chunks(request, events, meta, include_usage):
     try:
         for i in range(request.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        async for index, text, finish_reason in until_finished(request, events):
-            if text:
-                yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
-            if finish_reason is not None:
-                yield chunk([{"index": index, "delta": {}, "finish_reason": finish_reason}])
+        async for merged in until_finished(request, events):
+            for index, (text, finish_reason) in merged.items():
+                if text:
+                    yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+                if finish_reason is not None:
+                    yield chunk([{"index": index, "delta": {}, "finish_reason": finish_reason}])
         if include_usage:
             yield chunk([], usage=usage(request))
         yield "data: [DONE]\n\n"

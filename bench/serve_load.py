@@ -1,0 +1,112 @@
+"""Serving under load: 8 concurrent streaming clients against `nanochat serve` with continuous
+batching, and against the same server in --one-at-a-time mode (the reference), in one run.
+
+    python bench/serve_load.py                  trains a tiny run first (tiny preset, ../shared/data)
+    python bench/serve_load.py --run myrun      an existing run's model
+
+Prints one JSON line: aggregate completion tokens/s of both modes, their ratio, and p50/p99 time to
+first token (TTFT) of both.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from nanochat.common import git_commit
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS, REQUESTS_PER_CLIENT, MAX_TOKENS = 8, 3, 64
+
+
+def train_tiny_run(storage, data):
+    for stage, extra in (("tok_train", []), ("base_train", ["--num-steps", "5"])):
+        subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", "--run", "bench", "--preset", "tiny",
+                        "--data", data, *extra], env={**os.environ, "NANOCHAT_STORAGE": storage}, check=True,
+                       capture_output=True)
+    return "bench"
+
+
+def serve(run, env, *options):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", run, "--port", str(port), *options],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        assert proc.poll() is None, "the server exited"
+        try:
+            httpx.get(url + "/health")
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def one_request(url, i):
+    """(time to first token, completion tokens) of one streaming request."""
+    body = {"messages": [{"role": "user", "content": f"Tell me about the number {i}."}], "stream": True,
+            "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "stream_options": {"include_usage": True}}
+    start, ttft, tokens = time.perf_counter(), None, 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return ttft if ttft is not None else time.perf_counter() - start, tokens
+
+
+def load(url):
+    """Aggregate tokens/s and TTFTs of CLIENTS clients, each sending REQUESTS_PER_CLIENT requests in turn."""
+    one_request(url, -1)  # warm-up
+    def client(c):
+        return [one_request(url, c * REQUESTS_PER_CLIENT + r) for r in range(REQUESTS_PER_CLIENT)]
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        results = [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
+    elapsed = time.perf_counter() - start
+    ttfts = sorted(t for t, _ in results)
+    return {"tok_s": round(sum(n for _, n in results) / elapsed, 1),
+            "ttft_p50_s": round(statistics.median(ttfts), 3),
+            "ttft_p99_s": round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 3)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="run name or URI (default: train a tiny run in a temp dir)")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pretrain"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ)
+        if args.run is None:
+            env["NANOCHAT_STORAGE"] = tmp
+            args.run = train_tiny_run(tmp, args.data)
+        modes = {}
+        for mode, options in (("batched", []), ("one_at_a_time", ["--one-at-a-time"])):
+            proc, url = serve(args.run, env, *options)
+            try:
+                modes[mode] = load(url)
+            finally:
+                proc.terminate()
+                proc.wait()
+    print(json.dumps({"bench": "serve_load", "device": "cpu", "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "clients": CLIENTS,
+                      "requests": CLIENTS * REQUESTS_PER_CLIENT, "max_tokens": MAX_TOKENS, **modes,
+                      "ratio": round(modes["batched"]["tok_s"] / modes["one_at_a_time"]["tok_s"], 2)}))
+
+
+if __name__ == "__main__":
+    main()
