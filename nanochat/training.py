@@ -182,10 +182,17 @@ class Training:
                 "dtype": str(self.dtype).removeprefix("torch."), "world_size": self.compute.world_size,
                 "device_type": self.compute.device_type}
 
+    def commit(self, inputs, checkpoint_dir, metrics, started):
+        """Writes metrics.jsonl, then (rank 0) stage.json with the final checkpoint and the metrics
+        file as outputs: nothing the summary hashes changes after it."""
+        self.metrics.flush()
+        if self.master:
+            outputs = {"checkpoint": storage.join(checkpoint_dir, checkpoint.MANIFEST), "metrics": self.metrics.uri}
+            stage.commit(self.args.run, self.stage, self.args, inputs, outputs, {**metrics, **self.summary()}, started)
+
     def close(self):
         from nanochat import common
 
-        self.metrics.flush()
         if self.wandb:
             self.wandb.finish()
         common.compute_cleanup()
@@ -335,11 +342,7 @@ def finetune(args, stage_name, upstream, mode, train_task, val_task, started):
         evaluate(0)
     final = run.run(model, optimizer, batches, plan, [(args.eval_every, evaluate)], meta={"tokenizer": meta["tokenizer"]})
     val_bpb = evaluate(run.step)
-    if run.master:
-        metrics = {"val_bpb": val_bpb, **run.summary(), "conversations": n_conversations,
-                   "epochs_started": batches.epoch + 1}
-        outputs = {"checkpoint": storage.join(final, checkpoint.MANIFEST), "metrics": run.metrics.uri}
-        stage.commit(args.run, stage_name, args, {"checkpoint": storage.join(source, checkpoint.MANIFEST)}, outputs,
-                     metrics, started)
-        log.info("done: validation %.4f bits per byte of assistant text; checkpoint %s", val_bpb, final)
+    metrics = {"val_bpb": val_bpb, "conversations": n_conversations, "epochs_started": batches.epoch + 1}
+    run.commit({"checkpoint": storage.join(source, checkpoint.MANIFEST)}, final, metrics, started)
+    log.info("done: validation %.4f bits per byte of assistant text; checkpoint %s", val_bpb, final)
     run.close()

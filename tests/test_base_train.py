@@ -75,6 +75,8 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     assert losses[-1] < losses[0] - 1.0  # it learns
     assert summary["metrics"]["val_bpb"] < 4.0
     assert summary["metrics"]["world_size"] == 2
+    for output in summary["outputs"].values():  # nothing changes after stage.json records it
+        assert storage.sha256(output["uri"]) == output["sha256"], output["uri"]
 
     # Same command, killed with SIGKILL (the whole process group) while it hangs right after the
     # checkpoint of step 10, then started again: it resumes from step 10.

@@ -19,7 +19,7 @@ those of an uninterrupted run. The training length is --num-steps, or, when that
 import itertools
 import time
 
-from nanochat import checkpoint, stage, storage, training
+from nanochat import stage, training
 from nanochat.common import log
 
 STAGE = "base_train"
@@ -106,13 +106,11 @@ def main(args):
     hooks = [(args.eval_every, evaluate), (args.core_every, evaluate_core), (args.sample_every, samples)]
     final = run.run(model, optimizer, batches, plan, hooks, meta={"tokenizer": tokenizer_uri})
     val_bpb = evaluate(run.step)
-    if run.master:
-        metrics = {"val_bpb": val_bpb, **run.summary(), "tokens": plan.num_steps * plan.tokens_per_step,
-                   "parameters": model.num_params(), "flops_per_token": model.estimate_flops(),
-                   "samples": print_samples(model, tokenizer, autocast, device)}
-        outputs = {"checkpoint": storage.join(final, checkpoint.MANIFEST), "metrics": run.metrics.uri}
-        stage.commit(args.run, STAGE, args, {"tokenizer": tokenizer_uri}, outputs, metrics, started)
-        log.info("done: validation %.4f bits per byte after %d steps; checkpoint %s", val_bpb, plan.num_steps, final)
+    metrics = {"val_bpb": val_bpb, "tokens": plan.num_steps * plan.tokens_per_step, "parameters": model.num_params(),
+               "flops_per_token": model.estimate_flops(),
+               "samples": print_samples(model, tokenizer, autocast, device) if run.master else None}
+    run.commit({"tokenizer": tokenizer_uri}, final, metrics, started)
+    log.info("done: validation %.4f bits per byte after %d steps; checkpoint %s", val_bpb, plan.num_steps, final)
     run.close()
 
 

@@ -193,12 +193,9 @@ def main(args):
     final = run.run(model, optimizer, rollouts, plan, [(args.eval_every, evaluate)], meta={"tokenizer": meta["tokenizer"]},
                     loss=policy_gradient_loss)
     score = evaluate(run.step)
-    if run.master:
-        metrics = {f"pass@{args.num_samples}": score, "mean_reward": rollouts.mean_reward(), **run.summary()}
-        outputs = {"checkpoint": storage.join(final, checkpoint.MANIFEST), "metrics": run.metrics.uri}
-        stage.commit(args.run, STAGE, args, {"checkpoint": storage.join(source, checkpoint.MANIFEST)}, outputs, metrics,
-                     started)
-        log.info("done: pass@%d %.3f; checkpoint %s", args.num_samples, score, final)
+    metrics = {f"pass@{args.num_samples}": score, "mean_reward": rollouts.mean_reward()}
+    run.commit({"checkpoint": storage.join(source, checkpoint.MANIFEST)}, final, metrics, started)
+    log.info("done: pass@%d %.3f; checkpoint %s", args.num_samples, score, final)
     run.close()
 
 
