@@ -254,14 +254,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         x, w, grad_logits, count = ctx.saved_tensors
         if ctx.reduction == "none":  # a weight per token: scale the rows
             grad_logits = grad_logits * grad_output[:, None].to(grad_logits.dtype)
-            grad_output = 1.0
-        elif ctx.reduction == "mean":  # one weight for all: scale the two (smaller) products instead
-            grad_output = grad_output / count
-        grad_x = (grad_logits @ w).to(ctx.dtypes[0]) * grad_output
-        grad_w = (grad_logits.T @ x).to(ctx.dtypes[1]) * grad_output
-        return grad_x, grad_w, None, None
+            scale = 1.0
+        else:  # one weight for all: scale the small x and grad_x rather than anything vocab-sized
+            scale = grad_output / count if ctx.reduction == "mean" else grad_output
+        grad_x = (grad_logits @ w) * scale
+        grad_w = grad_logits.T @ (x * scale).to(x.dtype)
+        return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
 
 
+@torch.compiler.disable  # already fused by hand; traced, its chunk loop would unroll into a long compile
 def cross_entropy(x, w, targets, reduction="mean"):
     """F.cross_entropy(softcap(x @ w.T), targets, ignore_index=-1, reduction=reduction), fused and
     chunked; 'none' gives 0 for ignored tokens."""
