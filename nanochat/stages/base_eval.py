@@ -14,7 +14,7 @@ accuracy and the random baseline, and which tasks of core.yaml the bundle lacks.
 import itertools
 import time
 
-from nanochat import checkpoint, stage, storage
+from nanochat import checkpoint, stage, storage, training
 from nanochat.common import log
 
 STAGE = "base_eval"
@@ -46,12 +46,9 @@ def main(args):
     from nanochat.tokenizer import Tokenizer
 
     started = time.time()
-    target = args.checkpoint or upstream_checkpoint(args.run)
+    target = args.checkpoint or training.upstream_checkpoint(args.run, "base_train")
     bundle = args.eval_bundle or eval_bundle(args.storage)
-    try:
-        tasks, missing = core.load_tasks(bundle)
-    except (core.BundleError, FileNotFoundError) as e:
-        raise stage.StageError(f"eval bundle {bundle}: {e}") from None
+    tasks, missing = load_core_tasks(bundle)
     compute = common.compute_init(args.device_type)
     device = compute.device
     model, meta = checkpoint.load_model(target, device)
@@ -89,10 +86,15 @@ def main(args):
     common.compute_cleanup()
 
 
-def upstream_checkpoint(run):
-    """The final checkpoint directory of base_train in `run`."""
-    manifest = stage.read_summary(run, "base_train")["outputs"]["checkpoint"]["uri"]
-    return manifest.rsplit("/", 1)[0]
+def load_core_tasks(bundle):
+    """(tasks, absent task labels) of the eval bundle directory `bundle`; a StageError if it is
+    missing or malformed."""
+    from nanochat.evaluation import core
+
+    try:
+        return core.load_tasks(bundle)
+    except (core.BundleError, FileNotFoundError) as e:
+        raise stage.StageError(f"eval bundle {bundle}: {e}") from None
 
 
 def eval_bundle(storage_uri):

@@ -53,6 +53,7 @@ def main(args):
     from nanochat.evaluation.loss import bits_per_byte, model_losses
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import setup_optimizers
+    from nanochat.stages.base_eval import eval_bundle, load_core_tasks
     from nanochat.tokenizer import Tokenizer
 
     started = time.time()
@@ -81,14 +82,12 @@ def main(args):
         log.info("step %d/%d: validation %.4f bits per byte", step, plan.num_steps, bpb)
         return bpb
 
-    core_tasks = []
+    # a missing eval bundle fails now, not in the middle of the run
+    core_tasks = load_core_tasks(args.eval_bundle or eval_bundle(args.storage))[0] if args.core_every > 0 else []
 
     def evaluate_core(step):
         from nanochat.evaluation import core
-        from nanochat.stages.base_eval import eval_bundle
 
-        if not core_tasks:
-            core_tasks.extend(core.load_tasks(args.eval_bundle or eval_bundle(args.storage))[0])
         result = core.core_metric(model, tokenizer, core_tasks, device, autocast, config.sequence_len,
                                   args.core_max_per_task, run.compute.rank, run.compute.world_size)
         run.metrics.add({"step": step, "core": result["core"]})
