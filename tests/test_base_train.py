@@ -153,3 +153,9 @@ def test_base_eval(trained, shared_data, bundle):
     assert len(tasks) == 18 and sorted(metrics["core_tasks_absent"]) == ["coqa", "hellaswag", "hellaswag_zeroshot", "squad"]
     assert all(t["examples"] == 3 and t["accuracy"] in (0, 1 / 3, 2 / 3, 1) for t in tasks.values())
     assert metrics["core"] == pytest.approx(sum(t["centered"] for t in tasks.values()) / 18)
+
+
+def test_missing_eval_bundle_fails_before_training(run, shared_data, tmp_path):
+    done = base_train(run, shared_data, 1, "--core-every", "5", "--eval-bundle", str(tmp_path / "nowhere"), check=False)
+    assert done.returncode == 1 and "eval bundle" in done.stderr and "core.yaml" in done.stderr
+    assert not (run / "base_train" / "checkpoints").exists()
