@@ -350,9 +350,3 @@ class GPT(nn.Module):
         c = self.config
         matmul_params = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-
-    def setup_optimizers(self, **kwargs):
-        """The training optimizer: see nanochat.optim.setup_optimizers."""
-        from nanochat.optim import setup_optimizers
-
-        return setup_optimizers(self, **kwargs)

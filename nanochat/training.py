@@ -264,9 +264,11 @@ def start_wandb(args):
                       config={k: v for k, v in vars(args).items() if k != "storage"})
 
 
-def add_finetune_options(p):
-    """Options of the stages that continue training a checkpoint on conversations."""
+def finetune_parser(stage_name, doc):
+    """The parser of a stage that continues training a checkpoint on conversations."""
+    p = stage.parser(stage_name, doc)
     a = p.add_argument
+    a("--spelling-size", type=int, help="SpellingBee examples in the mixture")
     a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: the upstream stage's final one)")
     a("--total-batch-size", type=int, help="row tokens (T+1 capacity, padding included) per optimizer step over all processes")
     a("--max-seq-len", type=int, help="tokens per row (default: the model's training length)")
@@ -274,6 +276,7 @@ def add_finetune_options(p):
     a("--identity", default=None, help="a JSONL file of your own conversations (e.g. an identity/personality) to mix in")
     a("--identity-weight", type=float, help="how many times the --identity conversations are repeated in the mixture")
     add_options(p)
+    return p
 
 
 def conversation_mixture(tasks, args, seed):
@@ -294,13 +297,14 @@ def upstream_checkpoint(run, upstream):
     return stage.read_summary(run, upstream)["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
 
 
-def finetune(args, stage_name, upstream, mode, train_task, val_task, started):
+def finetune(args, stage_name, upstream, mode, train_task):
     """Trains the `upstream` stage's model on the conversations of `train_task` (mode 'pack' or
-    'pad', see ConversationLoader), evaluating bits per byte of the assistant tokens on `val_task`;
-    commits the stage with its final checkpoint."""
+    'pad', see ConversationLoader), evaluating bits per byte of the assistant tokens on SmolTalk's
+    test split; commits the stage with its final checkpoint."""
     import itertools
 
     import torch
+    from tasks.smoltalk import SmolTalk
 
     from nanochat.dataloader import ConversationLoader
     from nanochat.evaluation.loss import bits_per_byte, model_losses
@@ -309,7 +313,9 @@ def finetune(args, stage_name, upstream, mode, train_task, val_task, started):
 
     from tasks.common import TaskDataError
 
+    started = time.time()
     source = args.checkpoint or upstream_checkpoint(args.run, upstream)
+    val_task = SmolTalk(split="test", stop=args.eval_conversations)
     try:
         n_conversations = len(train_task)  # loads and checks every file of the mixture
     except (TaskDataError, OSError) as e:

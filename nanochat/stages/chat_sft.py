@@ -10,18 +10,13 @@ its longest; the loss covers assistant tokens only. Validation, checkpoints, exa
 outputs as in mid_train.
 """
 
-import time
-
 from nanochat import stage, training
 
 STAGE = "chat_sft"
 
 
 def build_parser():
-    p = stage.parser(STAGE, __doc__)
-    p.add_argument("--spelling-size", type=int, help="SpellingBee examples in the mixture")
-    training.add_finetune_options(p)
-    return p
+    return training.finetune_parser(STAGE, __doc__)
 
 
 def mixture(args):
@@ -35,11 +30,7 @@ def mixture(args):
 
 
 def main(args):
-    from tasks.smoltalk import SmolTalk
-
-    started = time.time()
-    val = SmolTalk(split="test", stop=args.eval_conversations)
-    training.finetune(args, STAGE, "mid_train", "pad", mixture(args), val, started)
+    training.finetune(args, STAGE, "mid_train", "pad", mixture(args))
 
 
 if __name__ == "__main__":

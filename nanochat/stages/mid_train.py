@@ -11,18 +11,13 @@ byte of assistant text on SmolTalk's test split. Checkpoints, exact resume and m
 base_train; stage.json's `checkpoint` output is the final checkpoint.
 """
 
-import time
-
 from nanochat import stage, training
 
 STAGE = "mid_train"
 
 
 def build_parser():
-    p = stage.parser(STAGE, __doc__)
-    p.add_argument("--spelling-size", type=int, help="SpellingBee examples in the mixture")
-    training.add_finetune_options(p)
-    return p
+    return training.finetune_parser(STAGE, __doc__)
 
 
 def mixture(args):
@@ -38,11 +33,7 @@ def mixture(args):
 
 
 def main(args):
-    from tasks.smoltalk import SmolTalk
-
-    started = time.time()
-    val = SmolTalk(split="test", stop=args.eval_conversations)
-    training.finetune(args, STAGE, "base_train", "pack", mixture(args), val, started)
+    training.finetune(args, STAGE, "base_train", "pack", mixture(args))
 
 
 if __name__ == "__main__":
