@@ -17,6 +17,7 @@ RUN ?= speedrun-$(PRESET)
 DATA_MIRROR ?= $(if $(wildcard ../shared/data/pretrain),$(abspath ../shared/data),)
 export NANOCHAT_DATA_MIRROR ?= $(DATA_MIRROR)
 
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 RUST_SOURCES := rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs)
 
 # The Prefect server of `make server`, which `make worker` and `make deploy` talk to.
@@ -48,6 +49,9 @@ $(VENV)/.setup: pyproject.toml $(RUST_SOURCES)
 
 $(VENV)/.dev: $(VENV)/.setup
 	$(PIP) install -q -e ".[dev]" $(QUIET_PIP)
+	# Chromium for the web UI test (Debian's package), installed when missing.
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	# The upstream PyPI rustbpe, an oracle for ours: same import name, so it lives apart and
 	# tests drive it in a subprocess.
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/upstream-rustbpe rustbpe==0.1.0 $(QUIET_PIP)
