@@ -100,7 +100,9 @@ def main(argv=None):
     final = speedrun(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes,
                      identity=args.identity, identity_weight=args.identity_weight)
     run = run_spec(args.preset, args.run, args.storage, None, 1, 1, None).run
-    print(f"\nfinal artifact: {final}\nreport card:    {nanochat.storage.join(run, report.REPORT)}")
+    print(f"\nfinal artifact: {final}\nreport card:    {nanochat.storage.join(run, report.REPORT)}\n"
+          f"chat with it:   .venv/bin/nanochat chat --run {run}\n"
+          f"or serve it:    .venv/bin/nanochat serve --run {run}   (API and web UI on http://127.0.0.1:8000)")
 
 
 if __name__ == "__main__":
