@@ -178,7 +178,6 @@ pub fn train(chunks: ChunkCounts, n_merges: usize, n_threads: usize) -> Vec<(u32
 fn merge_word(words: &mut Words, w: usize, p: Pair, new_id: u32, deltas: &mut FastMap<Pair, i64>, gained: &mut FastMap<Pair, Vec<u32>>) {
     let (a, b) = ((p >> 32) as u32, p as u32);
     let Span { start, len, count: n } = words.spans[w];
-    let ids = &mut words.ids[start..start + len as usize];
     let mut add = |q: Pair, delta: i64| {
         *deltas.entry(q).or_insert(0) += delta;
         if delta > 0 {
@@ -188,18 +187,29 @@ fn merge_word(words: &mut Words, w: usize, p: Pair, new_id: u32, deltas: &mut Fa
             }
         }
     };
-    let (mut read, mut write) = (0, 0);
+    let new_len = merge_in_place(&mut words.ids[start..start + len as usize], p, new_id, |left, right| {
+        if let Some(left) = left {
+            add(pair(left, a), -n);
+            add(pair(left, new_id), n);
+        }
+        if let Some(right) = right {
+            add(pair(b, right), -n);
+            add(pair(new_id, right), n);
+        }
+    });
+    words.spans[w].len = new_len as u32;
+}
+
+/// Replaces each occurrence of pair `p` in `ids`, left to right, by `new_id`, calling
+/// `on_merge(left, right)` with the tokens beside each occurrence (the left one possibly a
+/// `new_id` just written). Returns the new length; the ids past it are stale.
+#[inline]
+fn merge_in_place(ids: &mut [u32], p: Pair, new_id: u32, mut on_merge: impl FnMut(Option<u32>, Option<u32>)) -> usize {
+    let (a, b) = ((p >> 32) as u32, p as u32);
+    let (mut read, mut write) = (0usize, 0usize);
     while read < ids.len() {
         if read + 1 < ids.len() && ids[read] == a && ids[read + 1] == b {
-            if write > 0 {
-                let left = ids[write - 1];
-                add(pair(left, a), -n);
-                add(pair(left, new_id), n);
-            }
-            if let Some(&right) = ids.get(read + 2) {
-                add(pair(b, right), -n);
-                add(pair(new_id, right), n);
-            }
+            on_merge(write.checked_sub(1).map(|i| ids[i]), ids.get(read + 2).copied());
             ids[write] = new_id;
             read += 2;
         } else {
@@ -208,7 +218,7 @@ fn merge_word(words: &mut Words, w: usize, p: Pair, new_id: u32, deltas: &mut Fa
         }
         write += 1;
     }
-    words.spans[w].len = write as u32;
+    write
 }
 
 /// Encodes text with learned merges: within each chunk, repeatedly merge the adjacent pair with the
@@ -237,19 +247,8 @@ impl Encoder {
             ids.clear();
             ids.extend(chunk.bytes().map(u32::from));
             while let Some((p, new_id)) = self.lowest_rank_pair(&ids) {
-                let (a, b) = ((p >> 32) as u32, p as u32);
-                let (mut read, mut write) = (0, 0);
-                while read < ids.len() {
-                    if read + 1 < ids.len() && ids[read] == a && ids[read + 1] == b {
-                        ids[write] = new_id;
-                        read += 2;
-                    } else {
-                        ids[write] = ids[read];
-                        read += 1;
-                    }
-                    write += 1;
-                }
-                ids.truncate(write);
+                let len = merge_in_place(&mut ids, p, new_id, |_, _| {});
+                ids.truncate(len);
             }
             out.extend_from_slice(&ids);
         }
