@@ -87,7 +87,8 @@ class Training:
         self.ckpt_dir = stage.stage_uri(args.run, stage_name, "checkpoints")
         self.step = 0
         self.metrics = None
-        self.step_times = []
+        self.step_times = []  # of this process's steps
+        self.earlier_train_time = 0.0  # of the steps before a resume
 
     @property
     def master(self):
@@ -109,13 +110,15 @@ class Training:
             model.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)
             self.step, loader_state = meta["step"], meta["loader_states"][self.compute.rank]
+            self.earlier_train_time = meta.get("train_time_s", 0.0)
             log.info("resumed at step %d from %s", self.step, self.ckpt_dir)
         self.metrics = MetricsLog(stage.stage_uri(self.args.run, self.stage, "metrics.jsonl"), self.step, self.master)
         return loader_state
 
     def save(self, model, optimizer, loader, meta):
         """A checkpoint of the current step (every rank calls it); returns its directory."""
-        meta = {**meta, "model_config": dataclasses.asdict(model.config), "loader_states": gather(loader.state_dict())}
+        meta = {**meta, "model_config": dataclasses.asdict(model.config), "loader_states": gather(loader.state_dict()),
+                "train_time_s": self.train_time()}
         target = checkpoint.save(self.ckpt_dir, self.step, model.state_dict(), optimizer.state_dict(), meta,
                                  rank=self.compute.rank, world_size=self.compute.world_size, keep_last=self.args.keep_last)
         self.metrics.flush()
@@ -175,9 +178,13 @@ class Training:
                 "tok_per_s": tok_per_s, "mfu": flops_per_token * tok_per_s / peak,
                 "eta_s": step_time * (plan.num_steps - self.step)}
 
+    def train_time(self):
+        """Seconds spent in training steps, over every run that led to this step."""
+        return self.earlier_train_time + sum(self.step_times)
+
     def summary(self):
         """Metrics of the whole run for stage.json."""
-        return {"steps": self.step, "train_time_s": round(sum(self.step_times), 2), "final_loss": self.metrics.last("loss"),
+        return {"steps": self.step, "train_time_s": round(self.train_time(), 2), "final_loss": self.metrics.last("loss"),
                 "tok_per_s": self.metrics.last("tok_per_s"), "mfu": self.metrics.last("mfu"),
                 "dtype": str(self.dtype).removeprefix("torch."), "world_size": self.compute.world_size,
                 "device_type": self.compute.device_type}

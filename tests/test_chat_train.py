@@ -76,3 +76,7 @@ def test_crashed_sft_resumes_to_the_same_weights(tiny_base_run, tiny_env, tmp_pa
     assert "resumed at step 5" in resumed.stderr
     assert weights_sha(runs["crashed"], "chat_sft") == weights_sha(runs["reference"], "chat_sft")
     assert len(losses(runs["crashed"], "chat_sft")) == 10
+    # the training time counts the steps before the crash too (kept in the checkpoint)
+    before_crash = json.loads((runs["crashed"] / "chat_sft" / "checkpoints" / "step_000005" / "meta.json").read_text())
+    total = summary(runs["crashed"], "chat_sft")["metrics"]["train_time_s"]
+    assert 0 < before_crash["train_time_s"] < total
