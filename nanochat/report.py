@@ -28,7 +28,8 @@ ROWS = {
     "SFT": ("chat_sft", "chat_eval_sft"),
     "RL": ("chat_rl", "chat_eval_rl"),
 }
-COLUMNS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "val bpb")
+COLUMNS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE", "pass@k",
+           "val bpb")
 
 
 def hourly_usd():

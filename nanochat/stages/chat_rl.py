@@ -181,7 +181,7 @@ def main(args):
     def evaluate(step):
         score = pass_at_k(engine, tokenizer, eval_task, args.eval_examples, params, args.num_samples,
                           run.compute.rank, world, run.device)
-        run.metrics.add({"step": step, f"pass@{args.num_samples}": score, "mean_reward": rollouts.mean_reward()})
+        run.metrics.add({"step": step, "pass@k": score, "mean_reward": rollouts.mean_reward()})
         log.info("step %d/%d: pass@%d %.3f on %d held-out questions; mean training reward %.3f", step, plan.num_steps,
                  args.num_samples, score, args.eval_examples, rollouts.mean_reward())
         return score
@@ -193,7 +193,7 @@ def main(args):
     final = run.run(model, optimizer, rollouts, plan, [(args.eval_every, evaluate)], meta={"tokenizer": meta["tokenizer"]},
                     loss=policy_gradient_loss)
     score = evaluate(run.step)
-    metrics = {f"pass@{args.num_samples}": score, "mean_reward": rollouts.mean_reward()}
+    metrics = {"pass@k": score, "k": args.num_samples, "mean_reward": rollouts.mean_reward()}
     run.commit({"checkpoint": storage.join(source, checkpoint.MANIFEST)}, final, metrics, started)
     log.info("done: pass@%d %.3f; checkpoint %s", args.num_samples, score, final)
     run.close()
