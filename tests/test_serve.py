@@ -23,10 +23,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="session")
 def run(shared_data, tmp_path_factory):
-    """A run with a trained tiny tokenizer and a 5-step base model: (storage root, run name)."""
+    """A run with a trained tiny tokenizer and a 5-step base model: (storage root, run name). Its
+    context is 1024 tokens, so that a request left to run (the queue test) lasts seconds, not
+    milliseconds, whatever the machine."""
     storage = tmp_path_factory.mktemp("serve-storage")
     env = {**os.environ, "NANOCHAT_STORAGE": str(storage)}
-    for stage, extra in (("tok_train", []), ("base_train", ["--num-steps", "5"])):
+    base = ["--num-steps", "5", "--max-seq-len", "1024", "--total-batch-size", "4096"]
+    for stage, extra in (("tok_train", []), ("base_train", base)):
         subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", "--run", "r", "--preset", "tiny",
                         "--data", str(shared_data / "pretrain"), *extra], env=env, check=True, capture_output=True)
     return storage, "r"
@@ -147,7 +150,7 @@ def test_concurrent_streaming_clients_get_complete_answers(client):
     ({"messages": [{"role": "user", "content": "hi"}] * 65}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "word " * 500}]}, "messages"),  # longer than the context
+    ({"messages": [{"role": "user", "content": "word " * 1500}]}, "messages"),  # longer than the context
     ({"messages": "hi"}, "messages"),
     ({}, "messages"),
 ])
