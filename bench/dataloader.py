@@ -25,29 +25,19 @@ from nanochat.tokenizer import Tokenizer
 REPO = Path(__file__).resolve().parent.parent
 
 
-def train_tokens_per_s(vocab_size, steps=6, warmup=2):
-    """Tokens/s of forward + backward + optimizer steps of the cpu preset's model and batch."""
+def train_tokens_per_s(vocab_size):
+    """Tokens/s of training steps of the cpu preset's model and batch, in its autocast dtype."""
     import torch
 
-    from nanochat.common import autocast_context, autocast_dtype
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.optim import setup_optimizers
+    from nanochat.common import autocast_dtype
+    from nanochat.gpt import GPTConfig
+    from train_throughput import run_mode  # bench/ is on sys.path: this file runs as a script
 
     cfg = presets.get("cpu", "base_train")
-    B, T = cfg["device_batch_size"], cfg["max_seq_len"]
-    model = GPT(GPTConfig.from_depth(cfg["depth"], vocab_size, T, head_dim=cfg["head_dim"], n_kv_head=cfg["n_kv_head"]))
-    optimizer = setup_optimizers(model)
-    autocast = autocast_context("cpu", autocast_dtype("cpu"))
-    x = torch.randint(0, vocab_size, (B, T + 1))
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        with autocast():
-            loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-    return steps * B * T / (time.perf_counter() - t0)
+    config = GPTConfig.from_depth(cfg["depth"], vocab_size, cfg["max_seq_len"], head_dim=cfg["head_dim"],
+                                  n_kv_head=cfg["n_kv_head"])
+    mode = "bf16" if autocast_dtype("cpu") == torch.bfloat16 else "fp32"
+    return run_mode(mode, steps=6, warmup=2, config=config, batch=cfg["device_batch_size"])["tok_per_s"]
 
 
 def main():

@@ -9,7 +9,6 @@ rustbpe is found in .venv/upstream-rustbpe (`make dev` installs it there, apart 
 """
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess

@@ -23,8 +23,9 @@ UPSTREAM_TOK_PER_S = {"eager": 610, "compiled": 860}
 DEPTH, VOCAB, SEQ_LEN, BATCH = 4, 65536, 512, 4
 
 
-def run_mode(mode, steps, warmup):
-    """Measures one mode ('fp32' or 'bf16', '+compile' optional) in this process; returns a dict."""
+def run_mode(mode, steps, warmup, config=None, batch=BATCH):
+    """Measures one mode ('fp32' or 'bf16', '+compile' optional) in this process, on the model of
+    `config` (default: the upstream-equivalent one) and `batch` rows; returns a dict."""
     import torch
 
     from nanochat.common import autocast_context, measure_matmul_flops
@@ -35,10 +36,11 @@ def run_mode(mode, steps, warmup):
     device = torch.device("cpu")
     autocast = autocast_context(device.type, dtype)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_depth(DEPTH, VOCAB, SEQ_LEN))
+    config = config or GPTConfig.from_depth(DEPTH, VOCAB, SEQ_LEN)
+    model = GPT(config)
     optimizer = setup_optimizers(model)
     train_model = torch.compile(model, dynamic=False) if mode.endswith("+compile") else model
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, config.vocab_size, (batch, config.sequence_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step():
@@ -60,7 +62,7 @@ def run_mode(mode, steps, warmup):
         loss = step()
         times.append(time.perf_counter() - t0)
     peak = max(peak, measure_matmul_flops(device, dtype))
-    tok_per_s = BATCH * SEQ_LEN / statistics.median(times)
+    tok_per_s = batch * config.sequence_len / statistics.median(times)
     return {
         "mode": mode,
         "tok_per_s": round(tok_per_s, 1),

@@ -240,8 +240,10 @@ def all_ranks_agree(ok, device):
 
 
 def load_model(target, device="cpu"):
-    """The GPT of a checkpoint directory, weights verified, in eval mode: (model, meta)."""
+    """The GPT of a checkpoint directory, weights verified, in eval mode, and the tokenizer it was
+    trained with: (model, tokenizer, meta)."""
     from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
 
     model_state, _, meta = load(target, device=device, load_optimizer=False)
     with torch.device("meta"):
@@ -249,4 +251,4 @@ def load_model(target, device="cpu"):
     model.to_empty(device=device)
     model.init_weights()  # the buffers that are not saved (rotary tables)
     model.load_state_dict(model_state)
-    return model.eval(), meta
+    return model.eval(), Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0]), meta

@@ -67,17 +67,38 @@ def cpu_has_fast_bf16():
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def autocast_dtype(device_type):
-    """The dtype matmuls autocast to: bf16 where the hardware does it fast (CUDA with bf16, CPUs
-    with AMX or AVX512-BF16; measured ~3.5x fp32 on this project's 2-core AVX512-BF16 machines),
-    fp32 elsewhere (fp16 would need loss scaling)."""
+def autocast_dtype(device_type, name="auto"):
+    """The dtype matmuls autocast to: `name` ("bfloat16", "float32"), or for "auto" bf16 where the
+    hardware does it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16; measured ~3.5x fp32 on this
+    project's 2-core AVX512-BF16 machines) and fp32 elsewhere (fp16 would need loss scaling)."""
     import torch
 
+    if name != "auto":
+        return getattr(torch, name)
     if device_type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     if device_type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def sum_over_ranks(*tensors):
+    """Sums each tensor over the ranks of torch.distributed, in place (a no-op without it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def pad_right(seqs, fill):
+    """Token sequences as one (len(seqs), longest) int64 tensor, each padded on the right."""
+    import torch
+
+    out = torch.full((len(seqs), max(map(len, seqs))), fill, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
 
 
 def autocast_context(device_type, dtype):

@@ -405,11 +405,9 @@ def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
     dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs)."""
     from nanochat.checkpoint import load_model
     from nanochat.common import autocast_dtype
-    from nanochat.tokenizer import Tokenizer
 
     directory, _ = find_checkpoint(target, source)
     device = torch.device(device)
-    model, meta = load_model(directory, device)
+    model, tokenizer, _ = load_model(directory, device)
     model.to(autocast_dtype(device.type))
-    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
     return Engine(model, tokenizer, max_rows)

@@ -34,6 +34,14 @@ def parser(stage, doc):
     return p
 
 
+def add_compute_options(p):
+    """--dtype and --device-type, for stages that run the model."""
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="autocast dtype; auto: bf16 where the hardware does it fast")
+    p.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None,
+                   help="default: cuda > mps > cpu, whichever exists")
+
+
 def parse_args(p, stage, argv=None):
     """Parses in two passes: the preset first, whose values become the defaults, then the rest."""
     show_preset_defaults(p, stage)
@@ -62,6 +70,11 @@ def read_summary(run, stage):
     if not storage.exists(uri):
         raise StageError(f"stage {stage!r} has not completed in run {run} (no {uri}); run it first")
     return storage.read_json(uri)
+
+
+def upstream_checkpoint(run, upstream):
+    """The final checkpoint directory of stage `upstream` in `run` (its `checkpoint` output)."""
+    return read_summary(run, upstream)["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
 
 
 def artifact(uri):

@@ -33,13 +33,12 @@ def add_options(p):
     a("--eval-every", type=int, help="steps between validation evaluations (-1: only at the end)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (-1: only at the end)")
     a("--keep-last", type=int, help="checkpoints kept (older ones are deleted)")
-    a("--dtype", choices=["auto", "bfloat16", "float32"], help="autocast dtype; auto: bf16 where the hardware does it fast")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     a("--deterministic", action="store_true", help="deterministic kernels, for bit-identical resumes")
     a("--seed", type=int, help="seed of the weights' init and of sampling")
-    a("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: cuda > mps > cpu, whichever exists")
     a("--wandb", choices=["off", "offline", "online"], help="log to Weights & Biases (offline needs no network)")
-    p.set_defaults(compile=False, dtype="auto", wandb="off", seed=42, keep_last=2, warmup_ratio=0.0,
+    stage.add_compute_options(p)
+    p.set_defaults(compile=False, wandb="off", seed=42, keep_last=2, warmup_ratio=0.0,
                    warmdown_ratio=0.2, weight_decay=0.0)
 
 
@@ -82,7 +81,7 @@ class Training:
         self.wandb = start_wandb(args)
         self.compute = common.compute_init(args.device_type, seed=args.seed)
         self.device = self.compute.device
-        self.dtype = common.autocast_dtype(self.compute.device_type) if args.dtype == "auto" else getattr(torch, args.dtype)
+        self.dtype = common.autocast_dtype(self.compute.device_type, args.dtype)
         self.autocast = common.autocast_context(self.compute.device_type, self.dtype)
         self.ckpt_dir = stage.stage_uri(args.run, stage_name, "checkpoints")
         self.step = 0
@@ -299,11 +298,6 @@ def conversation_mixture(tasks, args, seed):
     return TaskMixture(tasks, weights=weights, seed=seed)
 
 
-def upstream_checkpoint(run, upstream):
-    """The final checkpoint directory of stage `upstream` in `run`."""
-    return stage.read_summary(run, upstream)["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
-
-
 def finetune(args, stage_name, upstream, mode, train_task):
     """Trains the `upstream` stage's model on the conversations of `train_task` (mode 'pack' or
     'pad', see ConversationLoader), evaluating bits per byte of the assistant tokens on SmolTalk's
@@ -316,21 +310,19 @@ def finetune(args, stage_name, upstream, mode, train_task):
     from nanochat.dataloader import ConversationLoader
     from nanochat.evaluation.loss import bits_per_byte, model_losses
     from nanochat.optim import setup_optimizers
-    from nanochat.tokenizer import Tokenizer
 
     from tasks.common import TaskDataError
 
     started = time.time()
-    source = args.checkpoint or upstream_checkpoint(args.run, upstream)
+    source = args.checkpoint or stage.upstream_checkpoint(args.run, upstream)
     val_task = SmolTalk(split="test", stop=args.eval_conversations)
     try:
         n_conversations = len(train_task)  # loads and checks every file of the mixture
     except (TaskDataError, OSError) as e:
         raise stage.StageError(str(e)) from None
     run = Training(args, stage_name)
-    model, meta = checkpoint.load_model(source, run.device)
+    model, tokenizer, meta = checkpoint.load_model(source, run.device)
     model.train()
-    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
     T = args.max_seq_len or model.config.sequence_len
     accum = grad_accum(args.total_batch_size, args.device_batch_size, T + 1, run.compute.world_size)
     plan = Plan(args.num_steps, accum, args.total_batch_size)
@@ -343,7 +335,7 @@ def finetune(args, stage_name, upstream, mode, train_task):
 
     def evaluate(step):
         val = ConversationLoader(tokenizer, val_task, args.device_batch_size, T, mode="pad", epochs=1, device=run.device)
-        bpb = bits_per_byte(model_losses(model, run.autocast), itertools.islice(val, len(val_task)), token_bytes)
+        bpb = bits_per_byte(itertools.islice(val, len(val_task)), token_bytes, model=model_losses(model, run.autocast))["model"]
         run.metrics.add({"step": step, "val_bpb": bpb})
         log.info("step %d/%d: validation %.4f bits per byte of assistant text", step, plan.num_steps, bpb)
         return bpb

@@ -80,6 +80,7 @@ class Tokenizer:
     def __init__(self):
         self._pattern = ""
         self._merges = []  # (left id, right id) of merge i, which makes token 256 + i
+        self._tokens = [bytes([i]) for i in range(256)]  # the bytes of each token id
         self._encoder = None
 
     @property
@@ -131,13 +132,13 @@ class Tokenizer:
         _check(lib.rbpe_encoder_new(_pattern_id(pattern), ffi.from_buffer("uint32_t[]", flat), len(merges), encoder_p))
         self._encoder = ffi.gc(encoder_p[0], lib.rbpe_encoder_free)
         self._merges, self._pattern = merges, pattern
+        self._tokens = self._tokens[:256]
+        for left, right in merges:
+            self._tokens.append(self._tokens[left] + self._tokens[right])
 
     def get_mergeable_ranks(self):
         """[(token bytes, rank)] for every token: the 256 bytes, then one per merge."""
-        tokens = [bytes([i]) for i in range(256)]
-        for left, right in self._merges:
-            tokens.append(tokens[left] + tokens[right])
-        return [(token, rank) for rank, token in enumerate(tokens)]
+        return [(token, rank) for rank, token in enumerate(self._tokens)]
 
     def encode(self, text):
         """The token ids of `text`."""
@@ -163,11 +164,10 @@ class Tokenizer:
 
     def decode(self, ids):
         """The text of token ids (invalid UTF-8 across token boundaries becomes U+FFFD)."""
-        tokens = [token for token, _ in self.get_mergeable_ranks()]
-        try:
-            return b"".join(tokens[i] for i in ids).decode("utf-8", "replace")
-        except (IndexError, TypeError):
-            raise ValueError(f"token ids must be ints in [0, {self.vocab_size})") from None
+        ids = list(ids)
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"token ids must be ints in [0, {self.vocab_size})")
+        return b"".join(self._tokens[i] for i in ids).decode("utf-8", "replace")
 
     def __repr__(self):
         return f"rustbpe.Tokenizer(vocab_size={self.vocab_size})"

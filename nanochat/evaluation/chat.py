@@ -11,7 +11,8 @@ baseline being chance: 0.25 for the four-choice tasks, 0 for the generative ones
 import collections
 
 import torch
-import torch.distributed as dist
+
+from nanochat.common import pad_right, sum_over_ranks
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 
@@ -38,11 +39,8 @@ def categorical_correct(model, tokenizer, task, indices, device, autocast, batch
     for start in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[start:start + batch_size]]
         prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
-        ids = torch.full((len(prompts), max(map(len, prompts))), tokenizer.bos_token_id, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, :len(prompt)] = torch.tensor(prompt)
         with autocast():
-            logits = model(ids.to(device))
+            logits = model(pad_right(prompts, tokenizer.bos_token_id).to(device))
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
             letters = conversation["letters"]
             letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
@@ -86,8 +84,7 @@ def evaluate(name, model, tokenizer, engine, device, autocast, max_problems=-1, 
     else:
         correct = generative_correct(engine, tokenizer, task, indices, params)
     counts = torch.tensor([correct, len(indices)], dtype=torch.long, device=device)
-    if world_size > 1 and dist.is_initialized():
-        dist.all_reduce(counts)
+    sum_over_ranks(counts)
     return counts[0].item() / counts[1].item(), counts[1].item()
 
 

@@ -18,10 +18,10 @@ import json
 import random
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat import storage
+from nanochat.common import pad_right, sum_over_ranks
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # The 22 tasks of CORE as DCLM defines it; a bundle may lack some (the report names them).
@@ -64,6 +64,18 @@ def load_tasks(bundle):
         })
     present = {t["label"] for t in tasks}
     return tasks, [label for label in CORE_TASKS if label not in present and label not in missing] + missing
+
+
+def load_bundle(bundle=None, storage_uri=None):
+    """load_tasks of the eval bundle directory `bundle`, by default the data cache's (fetched and
+    unpacked first if needed): (tasks, absent labels, bundle URI). A BundleError names what failed."""
+    from nanochat import dataset, sources
+
+    try:
+        bundle = bundle or dataset.eval_bundle_dir(storage_uri)
+        return (*load_tasks(bundle), bundle)
+    except (dataset.DownloadError, sources.SourceError, FileNotFoundError) as e:
+        raise BundleError(f"eval bundle {bundle or 'of the data cache'}: {e}") from None
 
 
 def read_baselines(uri):
@@ -157,11 +169,7 @@ def evaluate_example(model, tokenizer, task, idx, device, autocast, max_len):
     """True if the model gets example `idx` right."""
     token_lists = tokenizer.encode(render_prompts(task, idx), prepend="<|bos|>")
     seqs, bounds = crop(*spans(task, token_lists), max_len)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.bos_token_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-    ids = ids.to(device)
+    ids = pad_right(seqs, tokenizer.bos_token_id).to(device)
     with autocast():
         logits = model(ids)
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
@@ -184,8 +192,7 @@ def evaluate_task(model, tokenizer, task, device, autocast, max_len, max_example
     for idx in order[rank::world_size]:
         counts[0] += evaluate_example(model, tokenizer, task, idx, device, autocast, max_len)
         counts[1] += 1
-    if world_size > 1 and dist.is_initialized():
-        dist.all_reduce(counts)
+    sum_over_ranks(counts)
     return counts[0].item() / counts[1].item()
 
 

@@ -9,28 +9,28 @@ gives the baseline a language model has to beat.
 import math
 
 import torch
-import torch.distributed as dist
+
+from nanochat.common import sum_over_ranks
 
 
 @torch.no_grad()
-def bits_per_byte(losses, batches, token_bytes):
-    """Bits per byte over the (inputs, targets) `batches`, summed over every rank. `losses(inputs,
-    targets)` gives the loss in nats of each target, and `token_bytes[i]` the byte length of token i."""
+def bits_per_byte(batches, token_bytes, **losses):
+    """{name: bits per byte} over the (inputs, targets) `batches` (read once), summed over every
+    rank, for each `losses[name](inputs, targets)`, the loss in nats of each target.
+    `token_bytes[i]` is the byte length of token i."""
     device = token_bytes.device
-    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nats = torch.zeros(len(losses), dtype=torch.float64, device=device)
     n_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for inputs, targets in batches:
-        loss = losses(inputs, targets).flatten()
-        targets = targets.flatten()
-        weights = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
-        nats += (loss.double() * (weights > 0)).sum()
+        flat = targets.flatten()
+        weights = torch.where(flat >= 0, token_bytes[flat.clamp(min=0)], 0)
+        for i, loss in enumerate(losses.values()):
+            nats[i] += (loss(inputs, targets).flatten().double() * (weights > 0)).sum()
         n_bytes += weights.sum()
-    if dist.is_initialized():
-        dist.all_reduce(nats)
-        dist.all_reduce(n_bytes)
+    sum_over_ranks(nats, n_bytes)
     if n_bytes.item() == 0:
         raise ValueError("no target bytes to evaluate on")
-    return nats.item() / (math.log(2) * n_bytes.item())
+    return {name: n.item() / (math.log(2) * n_bytes.item()) for name, n in zip(losses, nats)}
 
 
 def model_losses(model, autocast):
@@ -54,6 +54,5 @@ def token_counts(batches, vocab_size, device):
     counts = torch.zeros(vocab_size, dtype=torch.int64, device=device)
     for _, targets in batches:
         counts += torch.bincount(targets[targets >= 0].flatten(), minlength=vocab_size)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
+    sum_over_ranks(counts)
     return counts

@@ -14,7 +14,7 @@ accuracy and the random baseline, and which tasks of core.yaml the bundle lacks.
 import itertools
 import time
 
-from nanochat import checkpoint, stage, storage, training
+from nanochat import checkpoint, stage, storage
 from nanochat.common import log
 
 STAGE = "base_eval"
@@ -31,8 +31,7 @@ def build_parser():
     a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: <storage>/data/eval_bundle)")
     a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files (the last is validation)")
     a("--num-shards", type=int, help="training shards of the data cache (only locates the validation shard)")
-    a("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="autocast dtype")
-    a("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: cuda > mps > cpu, whichever exists")
+    stage.add_compute_options(p)
     return p
 
 
@@ -43,17 +42,17 @@ def main(args):
     from nanochat.dataloader import pretrain_loader
     from nanochat.evaluation import core
     from nanochat.evaluation.loss import bits_per_byte, model_losses, token_counts, unigram_losses
-    from nanochat.tokenizer import Tokenizer
 
     started = time.time()
-    target = args.checkpoint or training.upstream_checkpoint(args.run, "base_train")
-    bundle = args.eval_bundle or eval_bundle(args.storage)
-    tasks, missing = load_core_tasks(bundle)
+    target = args.checkpoint or stage.upstream_checkpoint(args.run, "base_train")
+    try:
+        tasks, missing, bundle = core.load_bundle(args.eval_bundle, args.storage)
+    except core.BundleError as e:
+        raise stage.StageError(str(e)) from None
     compute = common.compute_init(args.device_type)
     device = compute.device
-    model, meta = checkpoint.load_model(target, device)
-    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
-    dtype = common.autocast_dtype(compute.device_type) if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer, _ = checkpoint.load_model(target, device)
+    dtype = common.autocast_dtype(compute.device_type, args.dtype)
     autocast = common.autocast_context(compute.device_type, dtype)
     max_len = model.config.sequence_len
 
@@ -64,9 +63,10 @@ def main(args):
         loader = pretrain_loader(tokenizer, B, T, split, args.data, args.num_shards, args.storage, device)
         return itertools.islice(loader, max(1, tokens // (B * T * compute.world_size)))
 
-    val_bpb = bits_per_byte(model_losses(model, autocast), batches("val", args.eval_tokens), token_bytes)
     counts = token_counts(batches("train", args.unigram_tokens), tokenizer.vocab_size, device)
-    unigram_bpb = bits_per_byte(unigram_losses(counts), batches("val", args.eval_tokens), token_bytes)
+    bpb = bits_per_byte(batches("val", args.eval_tokens), token_bytes, model=model_losses(model, autocast),
+                        unigram=unigram_losses(counts))
+    val_bpb, unigram_bpb = bpb["model"], bpb["unigram"]
     log.info("validation: %.4f bits per byte (unigram baseline: %.4f)", val_bpb, unigram_bpb)
 
     def progress(label, result):
@@ -84,26 +84,6 @@ def main(args):
         inputs = {"checkpoint": storage.join(target, checkpoint.MANIFEST), "eval_bundle": storage.join(bundle, "core.yaml")}
         stage.commit(args.run, STAGE, args, inputs, {}, metrics, started)
     common.compute_cleanup()
-
-
-def load_core_tasks(bundle):
-    """(tasks, absent task labels) of the eval bundle directory `bundle`; a StageError if it is
-    missing or malformed."""
-    from nanochat.evaluation import core
-
-    try:
-        return core.load_tasks(bundle)
-    except (core.BundleError, FileNotFoundError) as e:
-        raise stage.StageError(f"eval bundle {bundle}: {e}") from None
-
-
-def eval_bundle(storage_uri):
-    from nanochat import dataset, sources
-
-    try:
-        return dataset.eval_bundle_dir(storage_uri)
-    except (dataset.DownloadError, sources.SourceError) as e:
-        raise stage.StageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -50,10 +50,10 @@ def build_parser():
 def main(args):
     import torch
 
+    from nanochat.evaluation import core
     from nanochat.evaluation.loss import bits_per_byte, model_losses
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import setup_optimizers
-    from nanochat.stages.base_eval import eval_bundle, load_core_tasks
     from nanochat.tokenizer import Tokenizer
 
     started = time.time()
@@ -76,25 +76,26 @@ def main(args):
     eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * run.compute.world_size))
 
     def evaluate(step):
-        bpb = bits_per_byte(model_losses(model, autocast), itertools.islice(val_loader(args, tokenizer, device), eval_steps),
-                            token_bytes)
+        batches = itertools.islice(val_loader(args, tokenizer, device), eval_steps)
+        bpb = bits_per_byte(batches, token_bytes, model=model_losses(model, autocast))["model"]
         run.metrics.add({"step": step, "val_bpb": bpb})
         log.info("step %d/%d: validation %.4f bits per byte", step, plan.num_steps, bpb)
         return bpb
 
     # a missing eval bundle fails now, not in the middle of the run
-    core_tasks = load_core_tasks(args.eval_bundle or eval_bundle(args.storage))[0] if args.core_every > 0 else []
+    try:
+        core_tasks = core.load_bundle(args.eval_bundle, args.storage)[0] if args.core_every > 0 else []
+    except core.BundleError as e:
+        raise stage.StageError(str(e)) from None
 
     def evaluate_core(step):
-        from nanochat.evaluation import core
-
         result = core.core_metric(model, tokenizer, core_tasks, device, autocast, config.sequence_len,
                                   args.core_max_per_task, run.compute.rank, run.compute.world_size)
         run.metrics.add({"step": step, "core": result["core"]})
 
     def samples(step):
         if run.master:
-            print_samples(model, tokenizer, autocast, device)
+            print_samples(model, tokenizer)
 
     log.info("model: %s, %.1fM parameters, %s autocast; %d steps of %s tokens (%d x %d x %d ranks x %d accumulation)",
              config, model.num_params() / 1e6, str(run.dtype).removeprefix("torch."), plan.num_steps,
@@ -107,7 +108,7 @@ def main(args):
     val_bpb = evaluate(run.step)
     metrics = {"val_bpb": val_bpb, "tokens": plan.num_steps * plan.tokens_per_step, "parameters": model.num_params(),
                "flops_per_token": model.estimate_flops(),
-               "samples": print_samples(model, tokenizer, autocast, device) if run.master else None}
+               "samples": print_samples(model, tokenizer) if run.master else None}
     run.commit({"tokenizer": tokenizer_uri}, final, metrics, started)
     log.info("done: validation %.4f bits per byte after %d steps; checkpoint %s", val_bpb, plan.num_steps, final)
     run.close()
@@ -139,21 +140,15 @@ def val_loader(args, tokenizer, device):
                            args.storage, device)
 
 
-def print_samples(model, tokenizer, autocast, device, max_tokens=16):
-    """Greedy continuations of a few prompts, logged and returned."""
-    import torch
+def print_samples(model, tokenizer, max_tokens=16):
+    """Greedy continuations of a few prompts (by the engine, with its KV cache), logged and returned."""
+    from nanochat.engine import Engine, SamplingParams
 
-    samples = []
-    with torch.no_grad():
-        for prompt in SAMPLE_PROMPTS:
-            ids = torch.tensor([tokenizer.encode(prompt, prepend="<|bos|>")], device=device)
-            for _ in range(max_tokens):
-                with autocast():
-                    logits = model(ids[:, -model.config.sequence_len:])
-                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            samples.append(tokenizer.decode(ids[0, 1:].tolist()))
-    for s in samples:
-        log.info("sample: %r", s)
+    engine, params = Engine(model, tokenizer, max_rows=1), SamplingParams(temperature=0, max_tokens=max_tokens)
+    samples = [prompt + engine.generate(tokenizer.encode(prompt, prepend="<|bos|>"), params).completions[0].text
+               for prompt in SAMPLE_PROMPTS]
+    for sample in samples:
+        log.info("sample: %r", sample)
     return samples
 
 

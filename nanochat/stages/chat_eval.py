@@ -12,47 +12,41 @@ problem count and time, and ChatCORE over the tasks evaluated.
 
 import time
 
-from nanochat import checkpoint, stage, storage, training
+from nanochat import checkpoint, stage, storage
 from nanochat.common import log
+from nanochat.evaluation import chat
 
 SOURCES = {"mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
-TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 
 
 def build_parser():
     p = stage.parser("chat_eval", __doc__)
     a = p.add_argument
     a("--source", choices=sorted(SOURCES), required=True, help="which stage's model to evaluate")
-    a("-a", "--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
+    a("-a", "--tasks", default=",".join(chat.BASELINES), help="comma-separated tasks (default: all)")
     a("--max-problems", type=int, help="problems per task (-1: all)")
     a("--batch-size", type=int, help="conversations per forward pass for categorical tasks")
     a("--max-new-tokens", type=int, help="tokens sampled per generative answer")
     a("--temperature", type=float, help="0: greedy")
     a("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    a("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="autocast dtype (categorical tasks)")
-    a("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: cuda > mps > cpu, whichever exists")
+    stage.add_compute_options(p)
     return p
 
 
 def main(args):
-    import torch
-
     from nanochat import common
     from nanochat.engine import Engine, SamplingParams
-    from nanochat.evaluation import chat
-    from nanochat.tokenizer import Tokenizer
 
     started = time.time()
     name = f"chat_eval_{args.source}"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(tasks) - set(TASKS))
+    unknown = sorted(set(tasks) - set(chat.BASELINES))
     if unknown or not tasks:
-        raise stage.StageError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
-    source = training.upstream_checkpoint(args.run, SOURCES[args.source])
+        raise stage.StageError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(chat.BASELINES)}")
+    source = stage.upstream_checkpoint(args.run, SOURCES[args.source])
     compute = common.compute_init(args.device_type)
-    model, meta = checkpoint.load_model(source, compute.device)
-    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
-    dtype = common.autocast_dtype(compute.device_type) if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer, _ = checkpoint.load_model(source, compute.device)
+    dtype = common.autocast_dtype(compute.device_type, args.dtype)
     autocast = common.autocast_context(compute.device_type, dtype)
     engine = Engine(model, tokenizer)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens, seed=1234)

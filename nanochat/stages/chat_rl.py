@@ -21,7 +21,7 @@ import importlib
 import time
 
 from nanochat import checkpoint, stage, storage, training
-from nanochat.common import log
+from nanochat.common import log, pad_right, sum_over_ranks
 
 STAGE = "chat_rl"
 
@@ -99,17 +99,13 @@ class Rollouts:
         self.rewards.extend(rewards)
         mean = sum(rewards) / len(rewards)
         special = self.tokenizer.special_ids
-        width = len(prompt) + max(len(c.token_ids) for c in completions)
-        ids = torch.full((len(completions), width), self.tokenizer.bos_token_id, dtype=torch.long)
-        targets = torch.full((len(completions), width - 1), -1, dtype=torch.long)
-        for row, c in enumerate(completions):
-            seq = prompt + c.token_ids
-            ids[row, :len(seq)] = torch.tensor(seq)
+        targets = []  # position p predicts token p + 1: the answer's tokens, -1 where not sampled
+        for c in completions:
             mask = sampled_mask(c.token_ids, special["<|output_start|>"], special["<|output_end|>"])
-            answer = torch.tensor(c.token_ids)
-            targets[row, len(prompt) - 1:len(seq) - 1] = torch.where(torch.tensor(mask, dtype=torch.bool), answer, -1)
+            targets.append([-1] * (len(prompt) - 1) + [t if m else -1 for t, m in zip(c.token_ids, mask)])
+        ids = pad_right([prompt + c.token_ids for c in completions], self.tokenizer.bos_token_id)[:, :-1]
         advantages = torch.tensor([r - mean for r in rewards])
-        return ids[:, :-1].to(self.device), targets.to(self.device), advantages.to(self.device)
+        return ids.to(self.device), pad_right(targets, -1).to(self.device), advantages.to(self.device)
 
     def state_dict(self):
         return {"taken": self.taken}
@@ -136,7 +132,6 @@ def pass_at_k(engine, tokenizer, task, n, params, num_samples, rank, world_size,
     import dataclasses
 
     import torch
-    import torch.distributed as dist
 
     counts = torch.zeros(2, dtype=torch.long, device=device)
     for i in range(rank, min(n, len(task)), world_size):
@@ -148,26 +143,23 @@ def pass_at_k(engine, tokenizer, task, n, params, num_samples, rank, world_size,
         completions = engine.generate(prompt, dataclasses.replace(params, seed=i * num_samples), n=num_samples).completions
         counts[0] += any(task.reward(conversation, c.text) > 0 for c in completions)
         counts[1] += 1
-    if world_size > 1 and dist.is_initialized():
-        dist.all_reduce(counts)
+    sum_over_ranks(counts)
     return counts[0].item() / max(1, counts[1].item())
 
 
 def main(args):
     from nanochat.engine import Engine, SamplingParams
     from nanochat.optim import setup_optimizers
-    from nanochat.tokenizer import Tokenizer
 
     started = time.time()
-    source = args.checkpoint or training.upstream_checkpoint(args.run, "chat_sft")
+    source = args.checkpoint or stage.upstream_checkpoint(args.run, "chat_sft")
     train_task, eval_task = load_task(args.task, "train"), load_task(args.task, "test")
     run = training.Training(args, STAGE)
     world = run.compute.world_size
     if args.examples_per_step % world:
         raise stage.StageError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {world} processes")
-    model, meta = checkpoint.load_model(source, run.device)
+    model, tokenizer, meta = checkpoint.load_model(source, run.device)
     model.train()
-    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
     optimizer = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                  matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     state = run.resume(model, optimizer)
