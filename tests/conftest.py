@@ -2,11 +2,13 @@
 
 import os
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from tests.s3server import make_bucket, moto_server, s3_env
+from tests.stagerun import missing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,11 +19,17 @@ def shared_data():
     except in CI (CI=true), where it is an error."""
     path = Path(os.environ.get("NANOCHAT_TEST_DATA") or REPO.parent / "shared" / "data").resolve()
     if not (path / "pretrain").is_dir():
-        reason = f"real test data not found at {path} (set NANOCHAT_TEST_DATA)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing(f"real test data not found at {path} (set NANOCHAT_TEST_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def eval_bundle(shared_data, tmp_path_factory):
+    """The CORE eval bundle of the shared data, unpacked: its directory."""
+    root = tmp_path_factory.mktemp("bundle")
+    with zipfile.ZipFile(shared_data / "eval_bundle.zip") as z:
+        z.extractall(root)
+    return root / "eval_bundle"
 
 
 @pytest.fixture(scope="session")

@@ -5,26 +5,21 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-import zipfile
 
 import psutil
 import pytest
 
 from nanochat import storage
 from nanochat.checkpoint import list_steps, load, step_dir
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+from tests.stagerun import stage
 
 
 @pytest.fixture(scope="module")
 def tokenizer_run(shared_data, tmp_path_factory):
     """A run directory holding a trained tiny tokenizer (tok_train done)."""
     run = tmp_path_factory.mktemp("tok") / "run"
-    subprocess.run([sys.executable, "-m", "nanochat.stages.tok_train", "--run", str(run), "--preset", "tiny",
-                    "--data", str(shared_data / "pretrain")], check=True, capture_output=True)
+    stage("nanochat.stages.tok_train", run, os.environ, "--data", str(shared_data / "pretrain"))
     return run
 
 
@@ -36,19 +31,11 @@ def run(tokenizer_run, tmp_path):
 
 
 def base_train(run, shared_data, nproc=2, *options, check=True, fault=None):
-    """Runs the stage to its end; with `fault` (a NANOCHAT_FAULT spec), starts it in the background
-    and returns the Popen."""
-    # `--` ends torchrun's options: its parser would take `--run` for an abbreviation of `--run-path`.
-    cmd = [*TORCHRUN, str(nproc), "-m", "nanochat.stages.base_train", "--", "--run", str(run), "--preset", "tiny",
-           "--data", str(shared_data / "pretrain"), "--deterministic", *options]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if fault:
-        env["NANOCHAT_FAULT"] = fault
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise AssertionError(f"base_train failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done
+    """Runs the stage, deterministic, to its end; with `fault` (a NANOCHAT_FAULT spec), in the
+    background, returning the process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"NANOCHAT_FAULT": fault} if fault else {})}
+    return stage("nanochat.stages.base_train", run, env, "--data", str(shared_data / "pretrain"), "--deterministic",
+                 *options, nproc=nproc, check=check, background=bool(fault))
 
 
 def final_weights_sha(run):
@@ -108,17 +95,9 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     assert len(meta["loader_states"]) == 2
 
 
-@pytest.fixture(scope="module")
-def bundle(shared_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    with zipfile.ZipFile(shared_data / "eval_bundle.zip") as z:
-        z.extractall(root)
-    return root / "eval_bundle"
-
-
-def test_periodic_core_and_resume_with_another_world_size_is_refused(run, shared_data, bundle):
+def test_periodic_core_and_resume_with_another_world_size_is_refused(run, shared_data, eval_bundle):
     base_train(run, shared_data, 2, "--num-steps", "2", "--checkpoint-every", "1", "--core-every", "1",
-               "--core-max-per-task", "1", "--eval-bundle", str(bundle))
+               "--core-max-per-task", "1", "--eval-bundle", str(eval_bundle))
     records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "core" in r] == [1]
     (run / "base_train" / "stage.json").unlink()
@@ -140,11 +119,9 @@ def test_needs_the_tokenizer(shared_data, tmp_path):
     assert "stage 'tok_train' has not completed" in done.stderr
 
 
-def test_base_eval(trained, shared_data, bundle):
-    cmd = [*TORCHRUN, "2", "-m", "nanochat.stages.base_eval", "--", "--run", str(trained), "--preset", "tiny",
-           "--data", str(shared_data / "pretrain"), "--eval-bundle", str(bundle), "--max-per-task", "3"]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_base_eval(trained, shared_data, eval_bundle):
+    stage("nanochat.stages.base_eval", trained, {**os.environ, "OMP_NUM_THREADS": "1"}, "--data", str(shared_data / "pretrain"),
+          "--eval-bundle", str(eval_bundle), "--max-per-task", "3", nproc=2)
     metrics = json.loads((trained / "base_eval" / "stage.json").read_text())["metrics"]
     train_bpb = json.loads((trained / "base_train" / "stage.json").read_text())["metrics"]["val_bpb"]
     assert abs(metrics["val_bpb"] - train_bpb) < 0.2 * train_bpb
@@ -159,3 +136,12 @@ def test_missing_eval_bundle_fails_before_training(run, shared_data, tmp_path):
     done = base_train(run, shared_data, 1, "--core-every", "5", "--eval-bundle", str(tmp_path / "nowhere"), check=False)
     assert done.returncode == 1 and "eval bundle" in done.stderr and "core.yaml" in done.stderr
     assert not (run / "base_train" / "checkpoints").exists()
+
+
+def test_wandb_offline_logs_without_a_network(run, shared_data, tmp_path):
+    env = {**os.environ, "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    stage("nanochat.stages.base_train", run, env, "--data", str(shared_data / "pretrain"), "--num-steps", "2",
+          "--eval-every", "-1", "--wandb", "offline")
+    logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    assert b"lr_multiplier" in logs[0].read_bytes()  # the step records reached the run's log

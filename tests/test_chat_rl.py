@@ -10,7 +10,6 @@ import torch
 
 from nanochat import checkpoint
 from nanochat.stages.chat_rl import sampled_mask
-from nanochat.tokenizer import Tokenizer
 from tests.stagerun import stage
 
 PROMPT = [{"role": "user", "content": "Say something."}]
@@ -18,8 +17,7 @@ PROMPT = [{"role": "user", "content": "Say something."}]
 
 def first_char_mass(checkpoint_dir, chars):
     """Probability that the model's answer starts with one of `chars` (top-50 sampling at T=1)."""
-    model, meta = checkpoint.load_model(checkpoint_dir)
-    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
+    model, tokenizer, _ = checkpoint.load_model(checkpoint_dir)
     ids = torch.tensor([tokenizer.render_for_completion(PROMPT)])
     with torch.no_grad():
         logits = model(ids)[0, -1]

@@ -2,7 +2,6 @@
 with stand-in models whose answers are known (an oracle that sees the next token, and its opposite)."""
 
 import contextlib
-import zipfile
 
 import pytest
 import torch
@@ -12,16 +11,8 @@ from nanochat.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def bundle(shared_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    with zipfile.ZipFile(shared_data / "eval_bundle.zip") as z:
-        z.extractall(root)
-    return str(root / "eval_bundle")
-
-
-@pytest.fixture(scope="module")
-def tasks(bundle):
-    tasks, absent = core.load_tasks(bundle)
+def tasks(eval_bundle):
+    tasks, absent = core.load_tasks(str(eval_bundle))
     return {t["label"]: t for t in tasks}, absent
 
 
