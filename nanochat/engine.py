@@ -383,7 +383,7 @@ SOURCES = {"rl": "chat_rl", "sft": "chat_sft", "mid": "mid_train", "base": "base
 def find_checkpoint(target, source=None):
     """(checkpoint directory URI, source) of a checkpoint URI, or of a run (name or URI): its
     `source` stage's checkpoint, by default the newest stage done of rl -> sft -> mid -> base."""
-    from nanochat import checkpoint, storage
+    from nanochat import checkpoint, stage, storage
 
     uri = storage.normalize(target) if "://" in target or target.startswith(("/", ".", "~")) else None
     if uri is not None:
@@ -392,10 +392,8 @@ def find_checkpoint(target, source=None):
             return uri, None
     run = storage.run_uri(target)
     for name in [source] if source else SOURCES:
-        summary = storage.join(run, SOURCES[name], "stage.json")
-        if storage.exists(summary):
-            manifest = storage.read_json(summary)["outputs"]["checkpoint"]["uri"]
-            return manifest.removesuffix("/" + checkpoint.MANIFEST), name
+        if storage.exists(storage.join(run, SOURCES[name], stage.SUMMARY)):
+            return stage.upstream_checkpoint(run, SOURCES[name]), name
     wanted = SOURCES[source] if source else " or ".join(SOURCES.values())
     raise FileNotFoundError(f"{target}: neither a checkpoint nor a run with {wanted} done")
 

@@ -14,9 +14,10 @@ import time
 
 from nanochat import checkpoint, stage, storage
 from nanochat.common import log
+from nanochat.engine import SOURCES as MODEL_SOURCES
 from nanochat.evaluation import chat
 
-SOURCES = {"mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
+SOURCES = {name: stage_name for name, stage_name in MODEL_SOURCES.items() if name != "base"}  # the chat models
 
 
 def build_parser():
