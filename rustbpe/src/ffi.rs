@@ -263,3 +263,23 @@ pub unsafe extern "C" fn rbpe_encode(
 pub unsafe extern "C" fn rbpe_encoder_free(encoder: *mut Encoder) {
     free_handle(encoder)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    fn last_error() -> String {
+        // SAFETY: rbpe_last_error returns a valid C string owned by this thread.
+        unsafe { CStr::from_ptr(rbpe_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn errors_and_panics_become_status_codes() {
+        assert_eq!(guard(|| Ok(())), RBPE_OK);
+        assert_eq!(guard(|| Err("bad input".into())), RBPE_ERROR);
+        assert_eq!(last_error(), "bad input");
+        assert_eq!(guard(|| panic!("boom")), RBPE_PANIC);
+        assert_eq!(last_error(), "internal error (panic): boom");
+    }
+}
