@@ -34,8 +34,9 @@ def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes
 def publish_report(run: str) -> str:
     """Writes <run>/report.md and publishes it (artifact `report-card`) with the stage table."""
     uri, markdown = report.write(run)
-    create_markdown_artifact(markdown, key="report-card", description=f"report card of {run}")
-    create_table_artifact(report.stage_rows(report.load(run)), key="stage-outputs", description=f"stages of {run}")
+    shown = nanochat.storage.redact(run)
+    create_markdown_artifact(markdown, key="report-card", description=f"report card of {shown}")
+    create_table_artifact(report.stage_rows(report.load(run)), key="stage-outputs", description=f"stages of {shown}")
     return uri
 
 

@@ -8,9 +8,11 @@ Layout of one checkpoint, `<dir>/step_NNNNNN/`:
     meta.json                  model config, step, dataloader state, metrics, code version
     manifest.json              sha256 and size of every file above: written last, by rank 0
 
-A checkpoint exists only once its manifest does, so a crash mid-save leaves nothing that a loader
-would take. Loading verifies every file against the manifest; resuming skips a corrupt checkpoint
-and falls back to the previous complete one. Weights are never unpickled.
+A checkpoint exists only once its manifest does, so a crash or a storage outage mid-save (storage
+retries transient errors, then raises) leaves nothing that a loader would take. Loading verifies
+every file against the manifest; resuming skips a corrupt checkpoint and falls back to the previous
+complete one. Tensors are only ever read as safetensors and the rest is JSON: nothing is unpickled,
+so a checkpoint from an untrusted URI cannot run code.
 """
 
 import hashlib
@@ -20,6 +22,7 @@ import re
 import tempfile
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
@@ -31,7 +34,10 @@ STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
 class CheckpointError(Exception):
-    """A checkpoint is missing, partial or corrupt; the message names the file."""
+    """A checkpoint is missing, partial or corrupt; the message names the file (credentials redacted)."""
+
+    def __init__(self, message):
+        super().__init__(storage.redact(message))
 
 
 def step_dir(directory, step):
@@ -106,7 +112,8 @@ def save(directory, step, model_state, optim_state, meta, rank=0, world_size=1, 
     files = {}
     if rank == 0:
         files["model.safetensors"] = write_tensors(model_state, storage.join(target, "model.safetensors"))
-        files["meta.json"] = write_json({**meta, "step": step, "world_size": world_size}, storage.join(target, "meta.json"))
+        meta = storage.redact({**meta, "step": step, "world_size": world_size})  # it may hold data URIs
+        files["meta.json"] = write_json(meta, storage.join(target, "meta.json"))
     rank_state = {"optimizer": optim_state, "rng": rng_state()}
     tensors, skeleton = split_state(rank_state)
     name = f"optim_rank_{rank:03d}"
@@ -121,7 +128,7 @@ def save(directory, step, model_state, optim_state, meta, rank=0, world_size=1, 
         manifest = {"step": step, "world_size": world_size,
                     "files": {k: {"sha256": h, "bytes": n} for k, (h, n) in sorted(files.items())}}
         write_json(manifest, storage.join(target, MANIFEST))
-        log.info("checkpoint saved: %s", target)
+        log.info("checkpoint saved: %s", storage.redact(target))
         if keep_last:
             prune(directory, keep_last)
     if world_size > 1 and dist.is_initialized():
@@ -176,6 +183,14 @@ def read_verified(uri, entry):
     return data
 
 
+def read_tensors(uri, entry):
+    """The tensors of a verified safetensors file; anything else (a pickle, say) is refused."""
+    try:
+        return st_load(read_verified(uri, entry))
+    except SafetensorError as e:
+        raise CheckpointError(f"{uri}: not a safetensors file ({e}); tensors are never unpickled") from None
+
+
 def read_manifest(target):
     uri = storage.join(target, MANIFEST)
     if not storage.exists(uri):
@@ -198,14 +213,14 @@ def load(target, rank=0, device="cpu", load_optimizer=True):
         return files[name]
 
     meta = json.loads(read_verified(storage.join(target, "meta.json"), entry("meta.json")))
-    model_state = st_load(read_verified(storage.join(target, "model.safetensors"), entry("model.safetensors")))
+    model_state = read_tensors(storage.join(target, "model.safetensors"), entry("model.safetensors"))
     model_state = {k: v.to(device) for k, v in model_state.items()}
     optim_state = None
     if load_optimizer:
         if manifest["world_size"] != meta["world_size"] or rank >= manifest["world_size"]:
             raise CheckpointError(f"{target}: saved by {manifest['world_size']} ranks, cannot restore rank {rank}")
         name = f"optim_rank_{rank:03d}"
-        tensors = st_load(read_verified(storage.join(target, f"{name}.safetensors"), entry(f"{name}.safetensors")))
+        tensors = read_tensors(storage.join(target, f"{name}.safetensors"), entry(f"{name}.safetensors"))
         skeleton = json.loads(read_verified(storage.join(target, f"{name}.json"), entry(f"{name}.json")))
         rank_state = join_state(skeleton, tensors)
         set_rng_state(rank_state["rng"])

@@ -67,12 +67,12 @@ def scalars(metrics):
 
 def stage_rows(summaries):
     """One row per stage: wall time, outputs and scalar metrics (the flow's table artifact)."""
-    return [{
+    return storage.redact([{
         "stage": name,
         "wall_time_s": s["wall_time_s"],
         "outputs": ", ".join(o["uri"] for o in s["outputs"].values()),
         "metrics": ", ".join(f"{k}={fmt(v)}" for k, v in scalars(s["metrics"]).items()),
-    } for name, s in summaries.items()]
+    } for name, s in summaries.items()])
 
 
 def fmt(value):
@@ -184,8 +184,9 @@ def build(run):
 
 
 def write(run):
-    """Builds the report card and writes it to `<run>/report.md`; returns (URI, markdown)."""
-    markdown = build(run)
+    """Builds the report card (credentials redacted) and writes it to `<run>/report.md` in one
+    atomic, retried write; returns (URI, markdown)."""
+    markdown = storage.redact(build(run))
     uri = storage.join(run, REPORT)
     storage.write_text(uri, markdown)
     return uri, markdown
@@ -197,7 +198,7 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="run URI, path, or name (a name X means <storage>/runs/X)")
     p.add_argument("--storage", default=None, help="storage root (default: $NANOCHAT_STORAGE)")
     args = p.parse_args(argv)
-    print(write(storage.run_uri(args.run, args.storage))[0])
+    print(storage.redact(write(storage.run_uri(args.run, args.storage))[0]))
 
 
 if __name__ == "__main__":

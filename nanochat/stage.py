@@ -3,10 +3,12 @@
 A stage takes `--run RUN_URI --preset NAME [options]`; the preset supplies the defaults and each
 option overrides its own. Outputs go under `<run>/<stage>/`, and the stage commits by writing
 `<run>/<stage>/stage.json` last (config, inputs and outputs with sha256, metrics, wall time, code
-version). No stage.json means the stage is not done.
+version). No stage.json means the stage is not done. Credentials never reach stage.json or the
+logs: both go through `storage.redact`.
 """
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -83,7 +85,8 @@ def artifact(uri):
 
 
 def commit(run, stage, args, inputs, outputs, metrics, started):
-    """Writes stage.json last, recording everything needed to trust and reuse the outputs."""
+    """Writes stage.json last, recording everything needed to trust and reuse the outputs (storage
+    retries transient errors; if it gives up, the stage is not done and a rerun commits it)."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in ("run", "storage")}
     summary = {
         "stage": stage,
@@ -96,6 +99,7 @@ def commit(run, stage, args, inputs, outputs, metrics, started):
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code": code_version(),
     }
+    summary = storage.redact(summary)
     storage.write_json(stage_uri(run, stage, SUMMARY), summary)
     return summary
 
@@ -118,14 +122,25 @@ def fault(stage, step=None):
 
 def run_main(main, p, stage, argv=None):
     """Entry point for `python -m nanochat.stages.X`: one-line reason on stderr and exit 1 on a
-    StageError, exit 0 when done."""
+    StageError or on storage that kept failing (a rerun resumes), exit 0 when done."""
     from nanochat.common import setup_logging
 
     setup_logging()
+    redact_logs()
     args = parse_args(p, stage, argv)
     fault(stage)
     try:
         main(args)
-    except StageError as e:
-        print(f"{stage}: error: {e}", file=sys.stderr)
+    except (StageError, storage.StorageError) as e:
+        print(storage.redact(f"{stage}: error: {e}"), file=sys.stderr)
         sys.exit(1)
+
+
+def redact_logs():
+    """Passes every log record through `storage.redact` (URIs in messages may carry credentials)."""
+    def scrub(record):
+        record.msg, record.args = storage.redact(record.getMessage()), ()
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(scrub)
