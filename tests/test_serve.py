@@ -3,63 +3,19 @@ real clients: the official openai package, raw HTTP for errors, concurrent strea
 
 import base64
 import concurrent.futures
-import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import psutil
 import pytest
 
-from tests.stagerun import missing
+from tests.serving import ask, chromium_tab, openai_client, start_server, stop_server, streamed
 
-REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="session")
-def run(shared_data, tmp_path_factory):
-    """A run with a trained tiny tokenizer and a 5-step base model: (storage root, run name)."""
-    storage = tmp_path_factory.mktemp("serve-storage")
-    env = {**os.environ, "NANOCHAT_STORAGE": str(storage)}
-    for stage, extra in (("tok_train", []), ("base_train", ["--num-steps", "5"])):
-        subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", "--run", "r", "--preset", "tiny",
-                        "--data", str(shared_data / "pretrain"), *extra], env=env, check=True, capture_output=True)
-    return storage, "r"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(run, *options):
-    storage, name = run
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", name, "--port", str(port), *options],
-                            env={**os.environ, "NANOCHAT_STORAGE": str(storage)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    while True:  # until it answers (or exits)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-
-
-def stop_server(proc):
-    proc.terminate()
-    proc.wait(timeout=30)
+pytest_plugins = ["tests.serving"]
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +27,7 @@ def server(run):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-
-
-def ask(client, content, **kw):
-    return client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": content}], **kw)
-
-
-def streamed(client, content, **kw):
-    """(texts by choice index, finish reasons by index, usage) of a streaming request."""
-    texts, finishes, usage = {}, {}, None
-    for chunk in ask(client, content, stream=True, **kw):
-        usage = chunk.usage or usage
-        for choice in chunk.choices:
-            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
-            if choice.finish_reason:
-                finishes[choice.index] = choice.finish_reason
-    return texts, finishes, usage
+    return openai_client(server)
 
 
 def test_models_health_and_binding(server):
@@ -202,62 +142,14 @@ def test_chat_cli_one_shot_and_interactive(run):
     assert missing.returncode == 1 and "chat_rl" in missing.stderr
 
 
-def chromium_available():
-    if CHROMIUM:
-        return True
-    missing("chromium is not installed (make dev installs it: apt-get install chromium)")
-
-
-class DevTools:
-    """A minimal Chrome DevTools Protocol client over the page's websocket."""
-
-    def __init__(self, ws_url):
-        from websockets.sync.client import connect
-
-        self.ws, self.next_id = connect(ws_url, max_size=2**26), 0
-
-    def call(self, method, **params):
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                return message["result"]
-
-    def js(self, expression):
-        return self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)["result"].get("value")
-
-    def wait_for(self, expression, timeout=60):
-        deadline = time.monotonic() + timeout
-        while not self.js(expression):
-            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-            time.sleep(0.1)
-
 
 def test_web_ui_in_headless_chromium(server, tmp_path):
     """On a phone-sized screen: send a message, see the answer stream in, regenerate it; the page
     never scrolls sideways. Leaves a screenshot in the test's tmp dir."""
-    chromium_available()
-    profile = tmp_path / "profile"
-    browser = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
-                                f"--user-data-dir={profile}", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while not (profile / "DevToolsActivePort").exists() or len((profile / "DevToolsActivePort").read_text().split()) < 2:
-            assert browser.poll() is None, "chromium exited"
-            time.sleep(0.1)
-        port = (profile / "DevToolsActivePort").read_text().split()[0]
-        page = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json").json() if t["type"] == "page")
-        tab = DevTools(page["webSocketDebuggerUrl"])
-        tab.call("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2, mobile=True)
-        tab.call("Page.enable")
-        tab.call("Page.navigate", url=server + "/")
-        tab.wait_for("document.readyState === 'complete' && !!document.getElementById('input')")
-        tab.js("document.getElementById('input').value = 'Hello there!';"
-               "document.getElementById('form').requestSubmit()")
-        tab.wait_for("document.querySelector('.assistant')?.dataset.done === 'true'")
-        first = tab.js("document.querySelector('.assistant').textContent")
-        assert first and not tab.js("!!document.querySelector('.error')")
+    with chromium_tab(tmp_path) as tab:
+        tab.open(server + "/")
+        first, error = tab.say("Hello there!")
+        assert first and not error
         assert tab.js("document.querySelector('.user').textContent") == "Hello there!"
         tab.js("document.getElementById('regenerate').click()")
         tab.wait_for("document.querySelectorAll('.assistant').length === 1 && document.querySelector('.assistant').dataset.done === 'true'")
@@ -265,6 +157,3 @@ def test_web_ui_in_headless_chromium(server, tmp_path):
         assert tab.js("document.documentElement.scrollWidth <= window.innerWidth")
         shot = tab.call("Page.captureScreenshot", format="png")["data"]
         (tmp_path / "ui.png").write_bytes(base64.b64decode(shot))
-    finally:
-        browser.kill()
-        browser.wait()

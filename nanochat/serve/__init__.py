@@ -3,13 +3,18 @@
     nanochat serve --run myrun                       newest of rl -> sft -> mid -> base, on 127.0.0.1:8000
     nanochat serve --run s3://bucket/runs/x --source sft --port 8080
     nanochat serve --run myrun --devices 8           one engine per GPU, requests to the least loaded
+    NANOCHAT_API_KEY=k1,k2 nanochat serve --run myrun --host 0.0.0.0   on the network: /v1/ needs a key
 """
 
 import argparse
+import ipaddress
+import os
+from dataclasses import fields
 
 from nanochat.serve.app import Limits, create_app
 
 __all__ = ["Limits", "create_app", "main"]
+LIMITS = [f for f in fields(Limits) if "help" in f.metadata]  # the limits that are options
 
 
 def build_parser():
@@ -21,9 +26,31 @@ def build_parser():
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--devices", type=int, default=1, help="engines, one per GPU (cuda:0..N-1); 1 on CPU")
     p.add_argument("--max-rows", type=int, default=16, help="sequences each engine decodes together")
-    p.add_argument("--max-pending", type=int, default=Limits.max_pending, help="queued requests per engine before 429")
     p.add_argument("--one-at-a-time", action="store_true", help="no batching: one request per engine at a time")
+    p.add_argument("--api-key", action="append", default=[], help="a key that /v1/ accepts as `Authorization: Bearer "
+                   "<key>` (repeatable; also NANOCHAT_API_KEY, comma-separated); default: none, /v1/ is open")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--cors-origin", action="append", default=[], help="a web origin (https://host:port) whose pages "
+                   "may call the API (repeatable; default: none)")
+    for f in LIMITS:
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
     return p
+
+
+def api_keys(args):
+    """The keys from --api-key and NANOCHAT_API_KEY (comma-separated)."""
+    keys = [*args.api_key, *os.environ.get("NANOCHAT_API_KEY", "").split(",")]
+    return [k.strip() for k in keys if k.strip()]
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def main(argv=None):
@@ -34,6 +61,10 @@ def main(argv=None):
     from nanochat.engine import find_checkpoint, load_engine
 
     args = build_parser().parse_args(argv)
+    keys = api_keys(args)
+    if not keys and not is_loopback(args.host) and not args.insecure:
+        raise SystemExit(f"nanochat serve: refusing to serve {args.host} without an API key: give --api-key or "
+                         "NANOCHAT_API_KEY (or --insecure to let anyone who can reach it in)")
     setup_logging()
     device_type = autodetect_device_type()
     if device_type == "cuda":
@@ -45,8 +76,11 @@ def main(argv=None):
             raise SystemExit(f"--devices {args.devices}: several engines need several GPUs (device type {device_type})")
         devices = [device_type]
     directory, source = find_checkpoint(args.run, args.source)
-    limits = Limits(max_pending=args.max_pending, max_requests=1 if args.one_at_a_time else None)
+    limits = Limits(**{f.name: getattr(args, f.name) for f in LIMITS}, max_requests=1 if args.one_at_a_time else None)
     app = create_app(lambda device: load_engine(directory, device=device, max_rows=args.max_rows), limits, devices,
-                     model_name=f"nanochat-{source or 'checkpoint'}")
-    print(f"nanochat: serving {directory} on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                     model_name=f"nanochat-{source or 'checkpoint'}", api_keys=keys, cors_origins=args.cors_origin)
+    print(f"nanochat: serving {directory} on http://{args.host}:{args.port}"
+          f" ({'API key required' if keys else 'no API key'})", flush=True)
+    # h11 answers headers over 16 KiB with 400 and closes; an idle keep-alive connection closes after 5 s
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http="h11", server_header=False,
+                timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)

@@ -7,7 +7,8 @@
 
 Generation never runs on the event loop: each device's Worker thread decodes, and sends each
 piece of text back with loop.call_soon_threadsafe. Bad input is a 400 with an OpenAI-style error
-body, a full queue a 429 with Retry-After; a client that goes away cancels its generation.
+body, a full queue a 429 with Retry-After; a client that goes away cancels its generation. In front
+of /v1/, `guard.Guard` checks the API key, the client's rate and concurrency, and the body.
 """
 
 import asyncio
@@ -15,17 +16,20 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from nanochat.engine import Request as GenerationRequest
 from nanochat.engine import SamplingParams
+from nanochat.serve.guard import Guard, error_response
 from nanochat.serve.worker import QueueFull, Worker
 from nanochat.tokenizer import ConversationError
 
@@ -35,16 +39,31 @@ UI_PAGE = Path(__file__).with_name("ui.html")
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 
 
+MIN_TEMPERATURE = 1e-6  # below this, greedy: logits / temperature would overflow fp32 into inf and NaN
+
+
+def setting(default, help):
+    """A limit that `nanochat serve` exposes as an option, with this help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_pending: int = 64  # requests waiting per device; more get 429
-    max_requests: int | None = None  # requests decoding together per device (1: one at a time)
-    max_messages: int = 64
-    max_message_chars: int = 32_000
-    max_n: int = 8
-    max_stop: int = 4  # as OpenAI
-    max_tokens: int = 4096
-    retry_after: int = 1  # seconds, in a 429's Retry-After
+    """What a request, and a client (its API key, or its IP address when the server has no keys),
+    may ask of the server."""
+    max_body_bytes: int = setting(1 << 20, "request body size in bytes; larger gets 413")
+    body_timeout: float = setting(30.0, "seconds to receive a request body; slower gets 408")
+    max_messages: int = setting(64, "messages per request")
+    max_message_chars: int = setting(32_000, "characters per message")
+    max_n: int = setting(8, "completions per request (n)")
+    max_stop: int = setting(4, "stop strings per request")
+    max_tokens: int = setting(4096, "tokens per completion (also the default of max_tokens)")
+    max_seconds: float = setting(300.0, "wall time per request in seconds; then its completions end with finish_reason length")
+    max_concurrent: int = setting(32, "requests in progress per client; more get 429")
+    rate_limit: int = setting(600, "requests per minute per client (bursts of as many); more get 429; 0: no limit")
+    max_pending: int = setting(64, "requests waiting per engine; more get 429")
+    max_requests: int | None = None  # requests decoding together per engine (1: one at a time)
+    retry_after: int = 1  # seconds, in a 429's Retry-After when the wait is unknown
 
 
 class APIError(Exception):
@@ -52,11 +71,6 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers
-
-
-def error_response(status, message, param=None, type="invalid_request_error", code=None, headers=None):
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class TextPart(BaseModel):
@@ -90,7 +104,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI (torch's generators take no more)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -110,7 +124,8 @@ def sampling_params(body, limits):
     max_tokens = body.max_completion_tokens or body.max_tokens or limits.max_tokens
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
-    return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+    temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+    return SamplingParams(temperature=temperature, top_k=body.top_k, top_p=body.top_p,
                           max_tokens=max_tokens, stop=tuple(stop), seed=body.seed)
 
 
@@ -125,20 +140,25 @@ def render_prompt(tokenizer, messages):
         raise APIError(400, str(e), "messages") from None
 
 
-def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="nanochat"):
+def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="nanochat", api_keys=(), cors_origins=()):
     """The FastAPI app. `engine_factory(device)` builds the Engine of one device, at startup; each
-    gets a Worker thread, and a request goes to the least loaded."""
+    gets a Worker thread, and a request goes to the least loaded. With `api_keys`, /v1/ needs one of
+    them; `cors_origins` are the web origins whose pages may call the API (none by default)."""
     workers = []
 
     async def lifespan(app):
         for device in devices:
             engine = await asyncio.to_thread(engine_factory, device)
-            workers.append(Worker(engine, limits.max_pending, limits.max_requests))
+            workers.append(Worker(engine, limits.max_pending, limits.max_requests, limits.max_seconds))
         yield
         for worker in workers:
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
+    app.add_middleware(Guard, keys=api_keys, limits=limits)
+    if cors_origins:  # outermost, so that preflight requests and refusals get CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -150,6 +170,11 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="na
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], where or None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):  # unknown routes, wrong methods, bodies that are not UTF-8
+        return error_response(e.status_code, str(e.detail), type="invalid_request_error" if e.status_code < 500 else "server_error",
+                              headers=e.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request, e):

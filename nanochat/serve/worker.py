@@ -3,6 +3,7 @@ free up (continuous batching) and decodes one token for all of them per step."""
 
 import logging
 import threading
+import time
 from collections import deque
 
 log = logging.getLogger(__name__)
@@ -14,14 +15,18 @@ class QueueFull(Exception):
 
 class Worker:
     """Runs an Engine in its own thread. `submit` queues a Request (at most `max_pending` wait);
-    `max_requests` caps the requests decoding together (1: one request at a time)."""
+    `max_requests` caps the requests decoding together (1: one request at a time). A request still
+    unfinished `max_seconds` after it was submitted is cut short: its unfinished completions end
+    with finish_reason "length", as when max_tokens is reached."""
 
-    def __init__(self, engine, max_pending, max_requests=None):
+    def __init__(self, engine, max_pending, max_requests=None, max_seconds=float("inf")):
         self.engine = engine
         self.max_pending = max_pending
         self.max_requests = max_requests
+        self.max_seconds = max_seconds
         self.pending = deque()
         self.active = []
+        self.deadlines = {}  # request (queued or decoding) -> time.monotonic() when it is cut short
         self.wakeup = threading.Condition()
         self.stopped = False
         self.cancelled = 0  # requests whose client went away before they finished
@@ -39,6 +44,7 @@ class Worker:
             if len(self.pending) >= self.max_pending:
                 raise QueueFull(f"{len(self.pending)} requests are waiting; try again shortly")
             self.pending.append(request)
+            self.deadlines[request] = time.monotonic() + self.max_seconds
             self.wakeup.notify()
 
     def stop(self):
@@ -54,10 +60,11 @@ class Worker:
                     self.wakeup.wait()
                 if self.stopped:
                     return
+                self.cut_overdue()
                 admitted = self.admissible()
             try:
+                self.active.extend(admitted)  # before adding, so that a failure fails them all
                 for request in admitted:
-                    self.active.append(request)
                     self.engine.add(request)
                 self.engine.step()
             except Exception:  # a bug, not a bad request (those fail in submit): fail what was running, keep serving
@@ -65,8 +72,25 @@ class Worker:
                 for request in self.active:
                     request.fail()
                 self.engine.reset()
-            self.cancelled += sum(r.cancelled and not r.done for r in self.active)
+            for request in self.active:
+                if request.done or request.cancelled:
+                    self.retire(request)
             self.active = [r for r in self.active if not r.done and not r.cancelled]
+
+    def retire(self, request):
+        """Forgets a request that left the queue or the batch for good."""
+        del self.deadlines[request]
+        self.cancelled += not request.done
+
+    def cut_overdue(self):
+        """Ends the requests past their deadline (their rows are dropped at the engine's next step)."""
+        now = time.monotonic()
+        for request in [*self.pending, *self.active]:
+            if self.deadlines[request] <= now and not request.done and not request.cancelled:
+                for completion in request.completions:
+                    if completion.finish_reason is None:
+                        request.emit(completion.index, "", "length")
+                request.cancelled = True
 
     def admissible(self):
         """Takes from the queue the requests that fit now (oldest first; cancelled ones dropped)."""
@@ -74,8 +98,7 @@ class Worker:
         while self.pending:
             request = self.pending[0]
             if request.cancelled:
-                self.pending.popleft()
-                self.cancelled += 1
+                self.retire(self.pending.popleft())
                 continue
             if request.n > rows or (self.max_requests and len(self.active) + len(admitted) >= self.max_requests):
                 break
