@@ -182,7 +182,7 @@ def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0):
 
 def pump(stream, log, tail):
     for line in stream:  # text mode splits on \n and \r, so progress bars come out line by line
-        line = line.rstrip()
+        line = storage.redact(line.rstrip())
         if line:
             log(line)
             tail.append(line + "\n")
@@ -279,7 +279,7 @@ def run_stage(stage: Stage, spec: RunSpec) -> dict:
     checkpoints (stages resume by default)."""
     logger = get_run_logger()
     cmd = command(stage, spec)
-    logger.info("$ %s", shlex.join(cmd))
+    logger.info("$ %s", storage.redact(shlex.join(cmd)))
     progress = Progress(stage, spec)
     code, tail = launch(cmd, child_env(spec), logger.info, tick=progress.update)
     if code != 0:
