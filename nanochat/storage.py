@@ -5,9 +5,9 @@ under one root, `NANOCHAT_STORAGE` (default `file://~/.cache/nanochat`). Writes 
 reader sees either the old object or the complete new one, never a partial file. On a local disk
 that is a temp file + fsync + rename; on an object store a single PUT is already atomic.
 
-Every call to the filesystem is retried on transient errors (connection, timeout, throttling, 5xx,
-EIO) with exponential backoff and full jitter (`retrying`); permanent ones (permission, not found,
-bad input) are raised at once. Credentials come from the environment (s3fs/botocore), never from
+Every filesystem call made here (not the streaming reads of `open`) is retried on transient errors
+(connection, timeout, throttling, 5xx, EIO) with exponential backoff and full jitter (`retrying`);
+permanent ones (permission, not found, bad input) are raised at once. Credentials come from the environment (s3fs/botocore), never from
 stored config, and `redact` takes them out of every URI and message we log or record.
 """
 
