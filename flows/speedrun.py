@@ -17,7 +17,7 @@ from prefect.futures import wait
 
 import nanochat.storage
 from flows import stages
-from nanochat import report
+from nanochat import presets, report
 
 # The final artifact: the output of the last of these stages in the DAG.
 FINAL = ("chat_rl", "chat_sft", "mid_train", "base_train", "tok_train")
@@ -44,19 +44,24 @@ def publish_report(run: str) -> str:
 def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | None = None,
              data_mirror: str | None = None, nproc_per_node: int = 1, nnodes: int = 1,
              overrides: dict[str, dict] | None = None, retries: int = 2, only: list[str] | None = None,
-             identity: str | None = None, identity_weight: float | None = None) -> str:
+             identity: str | None = None, identity_weight: float | None = None, parallel: bool | None = None) -> str:
     """Runs the pipeline on `preset` in run `run_name` (default speedrun-<preset>) under `storage`
     (default $NANOCHAT_STORAGE); `overrides` = {stage: {option: value}}; `only`: just these stages
     and the ones they need; `identity`: a JSONL file (path or URI) of your own conversations (a
-    name, a personality) mixed into midtraining and SFT, `identity_weight` times. Returns the URI
+    name, a personality) mixed into midtraining and SFT, `identity_weight` times; `parallel`: stages
+    whose inputs are ready run side by side (default: the preset's choice; the cpu preset runs one
+    stage at a time, as two would only share its cores). Returns the URI
     of the final checkpoint (the last training stage's `checkpoint` output; its directory if it
     has none)."""
     overrides = with_identity(overrides, identity, identity_weight)
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
+    if parallel is None:
+        parallel = preset not in presets.ONE_STAGE_AT_A_TIME
     futures = {}
     for stage in stages.available(only):
         task_ = stages.stage_task(stage, spec, retries=retries)
-        futures[stage.name] = task_.submit(stage, spec, wait_for=[futures[n] for n in stage.needs])
+        upstream = [futures[n] for n in stage.needs] if parallel else list(futures.values())
+        futures[stage.name] = task_.submit(stage, spec, wait_for=upstream)
     wait(list(futures.values()))
     summaries = {name: future.result() for name, future in futures.items()}  # raises the first failure
     publish_report(spec.run)

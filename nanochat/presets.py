@@ -47,7 +47,7 @@ def chat_rl(**overrides):
     return {**RL, **overrides}
 
 
-CHAT_EVAL = {"max_problems": -1, "batch_size": 8, "max_new_tokens": 512, "temperature": 0.0}
+CHAT_EVAL = {"max_problems": -1, "max_generative": -1, "batch_size": 8, "max_new_tokens": 512, "temperature": 0.0}
 
 
 def base_eval(**overrides):
@@ -70,24 +70,26 @@ PRESETS = {
                              eval_conversations=8, spelling_size=50),
         "chat_rl": chat_rl(examples_per_step=2, num_samples=4, max_new_tokens=16, num_steps=4, checkpoint_every=2,
                            eval_every=-1, eval_examples=4),
-        "chat_eval": {**CHAT_EVAL, "max_problems": 4, "max_new_tokens": 24},
+        "chat_eval": {**CHAT_EVAL, "max_problems": 4, "max_generative": 4, "max_new_tokens": 24},
     },
-    "cpu": {
+    "cpu": {  # docs/cpu-preset.md: how these were chosen (bench/cpu_sweep.py, bench/learner_run.py)
         "tok_train": {"vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000},
         "tok_eval": {"max_docs": 2000},
         "download": {"num_shards": -1},
         "base_train": base_train(depth=4, head_dim=64, max_seq_len=512, device_batch_size=8, total_batch_size=8192,
-                                 num_steps=2000, eval_every=250, eval_tokens=65536, sample_every=500,
-                                 checkpoint_every=250, num_shards=-1, core_every=1000, core_max_per_task=50),
-        "base_eval": {"max_per_task": 200, "eval_tokens": 262144, "unigram_tokens": 4_000_000, "device_batch_size": 8,
+                                 num_steps=1500, eval_every=250, eval_tokens=65536, sample_every=500,
+                                 checkpoint_every=250, num_shards=-1, core_every=-1),
+        "base_eval": {"max_per_task": 100, "eval_tokens": 262144, "unigram_tokens": 4_000_000, "device_batch_size": 8,
                       "num_shards": -1},
-        "mid_train": mid_train(device_batch_size=8, total_batch_size=16416, num_steps=400, eval_every=100,
-                               checkpoint_every=100, eval_conversations=100, spelling_size=2000),
-        "chat_sft": chat_sft(device_batch_size=8, total_batch_size=16416, num_steps=200, eval_every=100,
-                             checkpoint_every=100, eval_conversations=100, spelling_size=1000),
-        "chat_rl": chat_rl(examples_per_step=8, num_samples=8, num_steps=60, checkpoint_every=20, eval_every=20,
-                           eval_examples=50),
-        "chat_eval": {**CHAT_EVAL, "max_problems": 200, "max_new_tokens": 256, "batch_size": 16},
+        "mid_train": mid_train(device_batch_size=8, total_batch_size=16416, num_steps=150, eval_every=50,
+                               checkpoint_every=50, eval_conversations=100, spelling_size=2000, identity_weight=5.0),
+        "chat_sft": chat_sft(device_batch_size=8, total_batch_size=16416, num_steps=100, eval_every=50,
+                             checkpoint_every=50, eval_conversations=100, spelling_size=1000, identity_weight=5.0),
+        "chat_rl": chat_rl(examples_per_step=8, num_samples=8, max_new_tokens=192, num_steps=16, checkpoint_every=8,
+                           eval_every=-1, eval_examples=32),
+        # the flow evaluates three models (mid, sft, rl): 1000 problems of each categorical task and 100
+        # of each generative one, about 2 minutes each; every problem: --max-problems -1 --max-generative -1
+        "chat_eval": {**CHAT_EVAL, "max_problems": 1000, "max_generative": 100, "max_new_tokens": 256, "batch_size": 16},
     },
     # shards as in the original speedrun scripts (about 250M characters each upstream)
     # device batch sizes as the original speedrun scripts set them for 80 GB GPUs
@@ -113,6 +115,10 @@ PRESETS = {
             "chat_eval": CHAT_EVAL,
             "chat_rl": chat_rl()},
 }
+
+# Presets whose flow runs one stage at a time: on 2 CPU cores, two stages side by side would only
+# share the cores (and their spinning threads slow each other down).
+ONE_STAGE_AT_A_TIME = {"cpu"}
 
 
 def get(preset, stage):

@@ -279,23 +279,21 @@ def finetune_parser(stage_name, doc):
     a("--total-batch-size", type=int, help="row tokens (T+1 capacity, padding included) per optimizer step over all processes")
     a("--max-seq-len", type=int, help="tokens per row (default: the model's training length)")
     a("--eval-conversations", type=int, help="held-out conversations for the validation loss")
-    a("--identity", default=None, help="a JSONL file of your own conversations (e.g. an identity/personality) to mix in")
-    a("--identity-weight", type=float, help="how many times the --identity conversations are repeated in the mixture")
+    a("--identity", default=None, help="a JSONL file of your own identity/personality conversations, replacing "
+      "nanochat's identity conversations")
+    a("--identity-weight", type=float, help="how many times the identity conversations are repeated in the mixture")
     add_options(p)
     return p
 
 
 def conversation_mixture(tasks, args, seed):
-    """A fixed shuffled mixture of `tasks`, plus the user's --identity conversations (if given)
-    repeated --identity-weight times."""
+    """A fixed shuffled mixture of `tasks` and the identity conversations (nanochat's, or the
+    user's --identity file instead) repeated --identity-weight times."""
     from tasks.customjson import CustomJSON
     from tasks.mixtures import TaskMixture
 
-    weights = [1] * len(tasks)
-    if args.identity:
-        tasks = [*tasks, CustomJSON(path=args.identity)]
-        weights.append(args.identity_weight)
-    return TaskMixture(tasks, weights=weights, seed=seed)
+    return TaskMixture([*tasks, CustomJSON(path=args.identity)], weights=[1] * len(tasks) + [args.identity_weight],
+                       seed=seed)
 
 
 def finetune(args, stage_name, upstream, mode, train_task):

@@ -1,11 +1,12 @@
 """mid_train and chat_sft on a tiny base model: the assistant loss falls, the user's identity
-conversations join the mixture, and a crashed run resumes to the same weights."""
+conversations replace nanochat's in the mixture, and a crashed run resumes to the same weights."""
 
 import json
 import shutil
 
 import pytest
 
+from nanochat import presets
 from tests.stagerun import stage
 
 
@@ -44,7 +45,7 @@ def test_mid_then_sft_learn_the_assistant_turns(tiny_base_run, tiny_env, tmp_pat
     assert bad.returncode == 1 and "unknown task(s) Jeopardy" in bad.stderr
 
 
-def test_identity_conversations_join_the_mixture(tiny_base_run, tiny_env, tmp_path):
+def test_identity_conversations_replace_nanochats(tiny_base_run, tiny_env, shared_data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
     identity = tmp_path / "me.jsonl"
@@ -54,7 +55,9 @@ def test_identity_conversations_join_the_mixture(tiny_base_run, tiny_env, tmp_pa
     plain = summary(run, "mid_train")["metrics"]["conversations"]
     shutil.rmtree(run / "mid_train")
     stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1", "--identity", str(identity), "--identity-weight", "3")
-    assert summary(run, "mid_train")["metrics"]["conversations"] == plain + 21
+    nanochats = sum(1 for _ in open(shared_data / "identity_conversations.jsonl"))
+    weight = presets.get("tiny", "mid_train")["identity_weight"]
+    assert summary(run, "mid_train")["metrics"]["conversations"] == plain - weight * nanochats + 21  # yours replace them
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps([{"role": "assistant", "content": "hi"}]) + "\n")
     shutil.rmtree(run / "mid_train")

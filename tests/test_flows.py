@@ -1,7 +1,7 @@
 """The speedrun flow through a real Prefect API (one test harness per session) on the tiny preset,
 with the real stages as child processes: two concurrent runs execute each stage once, a re-run is
 all cache hits, a failed stage resumes from its checkpoint to the same weights, s3:// storage, the
-stage launcher leaves no torchrun worker behind."""
+stage launcher leaves no torchrun worker behind, one stage at a time when asked."""
 
 import concurrent.futures
 import os
@@ -175,3 +175,15 @@ def test_identity_goes_to_mid_train_and_chat_sft():
                    "chat_sft": {"identity": "s3://b/me.jsonl", "identity_weight": 4.0}}
     assert overrides["mid_train"] == {"num_steps": 2}  # the caller's dict is left alone
     assert with_identity(None, None, None) == {}
+
+
+def test_one_stage_at_a_time(prefect_api, shared_data, tmp_path):
+    """parallel=False (the cpu preset's way): no stage starts before the one before it has ended,
+    tok_eval and base_train included, which would otherwise run side by side."""
+    state, flow_run_id = run_speedrun(tmp_path, "serial", shared_data, parallel=False)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    spans = sorted((r.start_time, r.end_time, r.name) for r in runs if r.name in AVAILABLE)
+    assert [name for _, _, name in spans] == AVAILABLE
+    assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:]))

@@ -15,6 +15,7 @@ import torch
 from nanochat.common import pad_right, sum_over_ranks
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+GENERATIVE = ("GSM8K", "HumanEval", "SpellingBee")  # sampled with the engine; the others are categorical
 
 
 def load_task(name):

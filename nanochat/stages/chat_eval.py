@@ -1,7 +1,7 @@
 """Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval and SpellingBee; ChatCORE.
 
     torchrun --nproc_per_node 2 -m nanochat.stages.chat_eval -- --run myrun --preset tiny --source sft
-    python -m nanochat.stages.chat_eval --run myrun --preset cpu --source mid -a ARC-Easy,GSM8K --max-problems 200
+    python -m nanochat.stages.chat_eval --run myrun --preset cpu --source mid -a ARC-Easy,GSM8K --max-generative 200
 
 Reads the final checkpoint of the --source stage (mid_train, chat_sft or chat_rl) in the same run.
 Categorical tasks compare the logits of the answer letters, batched; generative ones sample with
@@ -25,7 +25,8 @@ def build_parser():
     a = p.add_argument
     a("--source", choices=sorted(SOURCES), required=True, help="which stage's model to evaluate")
     a("-a", "--tasks", default=",".join(chat.BASELINES), help="comma-separated tasks (default: all)")
-    a("--max-problems", type=int, help="problems per task (-1: all)")
+    a("--max-problems", type=int, help="problems per categorical task (-1: all)")
+    a("--max-generative", type=int, help="problems per generative task, each sampled (-1: all)")
     a("--batch-size", type=int, help="conversations per forward pass for categorical tasks")
     a("--max-new-tokens", type=int, help="tokens sampled per generative answer")
     a("--temperature", type=float, help="0: greedy")
@@ -55,7 +56,8 @@ def main(args):
     results = {}
     for task in tasks:
         t0 = time.time()
-        accuracy, problems = chat.evaluate(task, model, tokenizer, engine, compute.device, autocast, args.max_problems,
+        limit = args.max_generative if task in chat.GENERATIVE else args.max_problems
+        accuracy, problems = chat.evaluate(task, model, tokenizer, engine, compute.device, autocast, limit,
                                            args.batch_size, params, compute.rank, compute.world_size)
         results[task] = {"accuracy": accuracy, "problems": problems, "seconds": round(time.time() - t0, 2)}
         log.info("%-14s accuracy %.4f on %d problems in %.1fs", task, accuracy, problems, results[task]["seconds"])

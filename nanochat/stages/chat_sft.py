@@ -4,9 +4,9 @@
     python -m nanochat.stages.chat_sft --run myrun --preset cpu --identity my_identity.jsonl
 
 Starts from mid_train's final checkpoint in the same run (or --checkpoint). Trains on a fixed,
-shuffled mixture of SmolTalk, GSM8K (with tool calls), the identity conversations, your own
---identity conversations (if given) and SpellingBee, one conversation per row, each batch padded to
-its longest; the loss covers assistant tokens only. Validation, checkpoints, exact resume and
+shuffled mixture of SmolTalk, GSM8K (with tool calls), SpellingBee and the identity conversations
+(nanochat's, or your own --identity file instead, --identity-weight times), one conversation per
+row, each batch padded to its longest; the loss covers assistant tokens only. Validation, checkpoints, exact resume and
 outputs as in mid_train.
 """
 
@@ -20,12 +20,11 @@ def build_parser():
 
 
 def mixture(args):
-    from tasks.customjson import CustomJSON
     from tasks.gsm8k import GSM8K
     from tasks.smoltalk import SmolTalk
     from tasks.spellingbee import SpellingBee
 
-    tasks = [SmolTalk(split="train"), GSM8K(split="train"), CustomJSON(), SpellingBee(size=args.spelling_size)]
+    tasks = [SmolTalk(split="train"), GSM8K(split="train"), SpellingBee(size=args.spelling_size)]
     return training.conversation_mixture(tasks, args, seed=43)
 
 

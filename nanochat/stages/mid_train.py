@@ -5,9 +5,9 @@
 
 Starts from base_train's final checkpoint in the same run (or --checkpoint). Trains on a fixed,
 shuffled mixture of SmolTalk, MMLU (dev + validation, as multiple choice), GSM8K (calculator steps as
-python tool calls), the identity conversations, your own --identity conversations (if given) and
-SpellingBee, packed best-fit into rows; the loss covers assistant tokens only. Validation: bits per
-byte of assistant text on SmolTalk's test split. Checkpoints, exact resume and metrics.jsonl as in
+python tool calls), SpellingBee and the identity conversations (nanochat's, or your own --identity
+file instead, --identity-weight times), packed best-fit into rows; the loss covers assistant tokens
+only. Validation: bits per byte of assistant text on SmolTalk's test split. Checkpoints, exact resume and metrics.jsonl as in
 base_train; stage.json's `checkpoint` output is the final checkpoint.
 """
 
@@ -21,13 +21,12 @@ def build_parser():
 
 
 def mixture(args):
-    from tasks.customjson import CustomJSON
     from tasks.gsm8k import GSM8K
     from tasks.mmlu import MMLU
     from tasks.smoltalk import SmolTalk
     from tasks.spellingbee import SpellingBee
 
-    tasks = [SmolTalk(split="train"), MMLU(split="dev"), MMLU(split="validation"), GSM8K(split="train"), CustomJSON(),
+    tasks = [SmolTalk(split="train"), MMLU(split="dev"), MMLU(split="validation"), GSM8K(split="train"),
              SpellingBee(size=args.spelling_size)]
     return training.conversation_mixture(tasks, args, seed=42)
 
