@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -40,16 +41,20 @@ def free_port():
 
 
 def start_server(run, *options, env=None):
-    """`nanochat serve` on a free port of 127.0.0.1, once it answers: (process, base URL)."""
+    """`nanochat serve` on a free port of 127.0.0.1, once it answers: (process, base URL). Its output
+    goes to a file (`proc.log`): a pipe nobody reads would stall the server once full."""
     storage, name = run
     port = free_port()
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", name, "--port", str(port), *options],
-                            env={**os.environ, "NANOCHAT_STORAGE": str(storage), **(env or {})}, stdout=subprocess.PIPE,
+                            env={**os.environ, "NANOCHAT_STORAGE": str(storage), **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     while True:  # until it answers (or exits)
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read()}")
         try:
             if httpx.get(url + "/health").status_code == 200:
                 return proc, url
@@ -60,6 +65,7 @@ def start_server(run, *options, env=None):
 def stop_server(proc):
     proc.terminate()
     proc.wait(timeout=30)
+    proc.log.close()
 
 
 @contextlib.contextmanager

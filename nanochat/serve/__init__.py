@@ -12,6 +12,7 @@ import os
 from dataclasses import fields
 
 from nanochat.serve.app import Limits, create_app
+from nanochat.serve.guard import MAX_HEADER_BYTES
 
 __all__ = ["Limits", "create_app", "main"]
 LIMITS = [f for f in fields(Limits) if "help" in f.metadata]  # the limits that are options
@@ -81,6 +82,6 @@ def main(argv=None):
                      model_name=f"nanochat-{source or 'checkpoint'}", api_keys=keys, cors_origins=args.cors_origin)
     print(f"nanochat: serving {directory} on http://{args.host}:{args.port}"
           f" ({'API key required' if keys else 'no API key'})", flush=True)
-    # h11 answers headers over 16 KiB with 400 and closes; an idle keep-alive connection closes after 5 s
+    # an idle keep-alive connection is closed after 5 s; h11 answers incomplete headers over its limit with 400
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http="h11", server_header=False,
-                timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
+                timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES)

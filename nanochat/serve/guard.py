@@ -11,6 +11,7 @@ from collections import Counter
 
 from fastapi.responses import JSONResponse
 
+MAX_HEADER_BYTES = 16 * 1024  # h11 refuses larger headers only when they arrive over several reads
 
 def error_response(status, message, param=None, type="invalid_request_error", code=None, headers=None):
     """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
@@ -58,7 +59,8 @@ class RateLimit:
 
 
 class Guard:
-    """ASGI middleware for /v1/: the API key (if any are configured), then the client's requests in
+    """ASGI middleware: headers over MAX_HEADER_BYTES get 431; then for /v1/: the API key (if any are
+    configured), then the client's requests in
     progress and rate, then the body (read whole here, within its size and time limits, and handed
     on). A client is its API key, or its IP address when the server has no keys."""
 
@@ -69,7 +71,12 @@ class Guard:
         self.running = Counter()  # client -> its requests in progress
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not (scope["path"] + "/").startswith("/v1/"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+            return await Refused(431, f"the request headers are larger than {MAX_HEADER_BYTES} bytes",
+                                 "headers_too_large").response(scope, receive, send)
+        if not (scope["path"] + "/").startswith("/v1/"):
             return await self.app(scope, receive, send)
         try:
             client = self.client(scope)

@@ -1,0 +1,272 @@
+"""`nanochat serve` against clients that do not belong or misbehave, on a real server on 127.0.0.1:
+API keys (the official openai client, raw HTTP, the web UI in headless Chromium), the refusal to
+bind a network address without a key, CORS, the per-client and per-request limits, and hostile
+clients over raw sockets (malformed and invalid UTF-8 bodies, huge headers, slow bodies, clients
+that leave mid-stream) while a well-behaved client keeps getting the right answers."""
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.serving import KEY, ask, assert_openai_error, chromium_tab, openai_client, serving, streamed
+
+pytest_plugins = ["tests.serving"]
+
+ENV_KEYS = "sk-env-one, sk-env-two"  # NANOCHAT_API_KEY: more keys, comma-separated
+CHAT = "/v1/chat/completions"
+HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def keyed_server(run):
+    with serving(run, "--api-key", KEY, "--cors-origin", "http://ui.test", env={"NANOCHAT_API_KEY": ENV_KEYS}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def hostile_server(run):
+    """No keys (clients are told apart by address), bodies must arrive within 2 s, no rate limit
+    (the well-behaved client and the hostile ones share 127.0.0.1)."""
+    with serving(run, "--body-timeout", "2", "--rate-limit", "0") as url:
+        yield url
+
+
+def test_openai_client_works_with_any_configured_key(keyed_server):
+    for key in (KEY, "sk-env-one", "sk-env-two"):
+        client = openai_client(keyed_server, key)
+        assert ask(client, "Hello", max_tokens=4).choices[0].finish_reason in ("stop", "length")
+        _, finishes, _ = streamed(client, "Hello", max_tokens=4)
+        assert list(finishes) == [0]
+        assert [m.id for m in client.models.list().data] == ["nanochat-base"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                                     {"Authorization": f"Bearer {KEY}x"}, {"Authorization": "Bearer"}])
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", CHAT), ("GET", "/v1/unknown")])
+def test_v1_without_a_valid_key_is_401(keyed_server, headers, method, path):
+    response = httpx.request(method, keyed_server + path, headers=headers, json=HELLO if method == "POST" else None)
+    error = assert_openai_error(response, 401)
+    assert error["code"] == "invalid_api_key" and response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_openai_client_with_a_wrong_key_gets_authentication_error(keyed_server):
+    with pytest.raises(openai.AuthenticationError):
+        ask(openai_client(keyed_server, "sk-wrong"), "Hello")
+
+
+def test_health_and_ui_stay_open(keyed_server):
+    assert httpx.get(keyed_server + "/health").json()["status"] == "ok"
+    assert "<textarea" in httpx.get(keyed_server + "/").text
+
+
+def test_cors_only_for_configured_origins(run, keyed_server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = httpx.options(keyed_server + CHAT, headers={"Origin": "http://ui.test", **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://ui.test"
+    refused = httpx.post(keyed_server + CHAT, json=HELLO, headers={"Origin": "http://ui.test"})  # no key
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "http://ui.test"
+    other = httpx.options(keyed_server + CHAT, headers={"Origin": "http://evil.test", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    with serving(run) as url:  # CORS is off by default
+        response = httpx.get(url + "/v1/models", headers={"Origin": "http://ui.test"})
+        assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+
+
+def test_web_ui_asks_for_the_key_and_keeps_it(keyed_server, tmp_path):
+    """The first message gets the key field shown; with the key typed in, Regenerate answers; the
+    key is still there after a reload."""
+    with chromium_tab(tmp_path) as tab:
+        tab.open(keyed_server + "/")
+        assert tab.js("document.getElementById('key').hidden")
+        text, error = tab.say("Hello there!")
+        assert error and "API key" in text and not tab.js("document.getElementById('key').hidden")
+        tab.js(f"document.getElementById('key').value = {json.dumps(KEY)};"
+               "document.getElementById('key').dispatchEvent(new Event('change'))")
+        tab.js("document.getElementById('regenerate').click()")
+        tab.wait_for("document.querySelector('.assistant')?.dataset.done === 'true'")
+        assert tab.js("document.querySelectorAll('.assistant').length") == 1 and not tab.js("!!document.querySelector('.error')")
+        tab.open(keyed_server + "/")
+        assert tab.js("document.getElementById('key').value") == KEY
+        text, error = tab.say("Hello again!")
+        assert text and not error
+
+
+def test_network_host_without_a_key_is_refused(run):
+    storage, name = run
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_API_KEY"}
+    done = subprocess.run([sys.executable, "-m", "nanochat.cli", "serve", "--run", name, "--host", "0.0.0.0"],
+                          env={**env, "NANOCHAT_STORAGE": str(storage)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "without an API key" in done.stderr and "--insecure" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_limits_per_key_body_and_wall_time(run):
+    """Requests in progress and requests per minute are counted per key (another key is not
+    affected); bodies over the size limit are refused before parsing, also when chunked."""
+    keys = ["sk-a", "sk-b", "sk-c"]
+    options = [a for k in keys for a in ("--api-key", k)]
+    with serving(run, *options, "--max-concurrent", "2", "--rate-limit", "20", "--max-body-bytes", "4096") as url:
+        def get(key):
+            return httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+
+        with contextlib.ExitStack() as stack:  # two requests of sk-a in progress: their bodies never end
+            for _ in range(2):
+                stack.enter_context(raw_socket(url)).sendall(request_head("POST", CHAT, 100, f"Authorization: Bearer {keys[0]}") + b"{")
+            busy = until(lambda: get(keys[0]), lambda r: r.status_code != 200)
+            error = assert_openai_error(busy, 429)
+            assert error["code"] == "rate_limit_exceeded" and busy.headers["Retry-After"] == "1"
+            assert get(keys[1]).status_code == 200
+        assert until(lambda: get(keys[0]), lambda r: r.status_code != 429).status_code == 200  # both left
+
+        answers = [get(keys[2]) for _ in range(60)]  # bursts of 20, then one every 3 s
+        limited = [r for r in answers if r.status_code == 429]
+        assert all(r.status_code == 200 for r in answers[:20]) and limited
+        assert int(limited[0].headers["Retry-After"]) >= 1 and get(keys[1]).status_code == 200
+
+        auth = {"Authorization": f"Bearer {keys[1]}", "Content-Type": "application/json"}
+        too_big = b"{" + b" " * 5000  # not even JSON: refused on its size
+        assert_openai_error(httpx.post(url + CHAT, content=too_big, headers=auth), 413)
+        chunked = httpx.post(url + CHAT, content=iter([too_big[:3000], too_big[3000:]]), headers=auth)
+        assert "content-length" not in chunked.request.headers and assert_openai_error(chunked, 413)["code"] == "request_too_large"
+
+
+def test_wall_time_limit_ends_completions_with_length(run):
+    """With no time at all, every completion ends at once with finish_reason "length"."""
+    with serving(run, "--max-seconds", "0") as url:
+        client = openai_client(url)
+        response = ask(client, "Tell me a long story.", n=3, max_tokens=100)
+        assert [c.finish_reason for c in response.choices] == ["length"] * 3 and response.usage.completion_tokens == 0
+        texts, finishes, _ = streamed(client, "Tell me a long story.", n=2, max_tokens=100)
+        assert finishes == {0: "length", 1: "length"}
+
+
+def until(attempt, done, tries=300):
+    """The first result of attempt() that is done(), trying every 0.1 s at most `tries` times."""
+    for _ in range(tries):
+        result = attempt()
+        if done(result):
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"still {result}")
+
+
+# hostile clients, over raw sockets
+
+
+@contextlib.contextmanager
+def raw_socket(url):
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        yield sock
+
+
+def request_head(method, path, length=None, *headers):
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers]
+    if length is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {length}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def exchange(url, data):
+    """Sends bytes on a fresh connection and reads until the server closes it: (status or None if it
+    just closed or reset the connection, body)."""
+    received = b""
+    with raw_socket(url) as sock:
+        try:
+            sock.sendall(data)
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    if not received:
+        return None, b""
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@contextlib.contextmanager
+def well_behaved_client(url):
+    """A client asking one question over and over in a thread for the duration of the block (at least
+    once); on leaving, every answer (text, finish reason) must be the one it got before. Seeded
+    sampling: the same answer in any batch."""
+    client = openai_client(url)
+
+    def answer():
+        choice = ask(client, "What is 2 plus 2?", temperature=1.0, seed=7, max_tokens=8).choices[0]
+        return choice.message.content, choice.finish_reason
+
+    expected, answers, stop = answer(), [], threading.Event()
+
+    def keep_asking():
+        while not (stop.is_set() and answers):
+            try:
+                answers.append(answer())
+            except Exception as e:  # recorded, to fail the test below
+                answers.append(repr(e))
+
+    thread = threading.Thread(target=keep_asking)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    assert answers == [expected] * len(answers), answers
+
+
+def test_malformed_and_invalid_utf8_bodies_are_400(hostile_server):
+    with well_behaved_client(hostile_server):
+        for body in (b"{not json", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', b"\xc3\x28",
+                     b"[" * 100_000, b'{"messages": 1e999999}', b"null", b'"\\ud800"'):
+            status, answer = exchange(hostile_server, request_head("POST", CHAT, len(body)) + body)
+            assert status == 400 and json.loads(answer)["error"]["type"] == "invalid_request_error", (body[:20], answer)
+
+
+def test_huge_headers_and_garbage_get_an_error_or_a_closed_connection(hostile_server):
+    with well_behaved_client(hostile_server):
+        huge = request_head("GET", "/health", None, "X-Big: " + "a" * 100_000)
+        many = request_head("GET", "/health", None, *[f"X-H{i}: {i}" for i in range(5000)])
+        ambiguous = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        for data in (huge, many, b"\x00\xff garbage\r\n\r\n", ambiguous,
+                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+            status, _ = exchange(hostile_server, data)
+            assert status in (None, 400, 431), (data[:60], status)
+    assert httpx.get(hostile_server + "/health").status_code == 200
+
+
+def test_slow_bodies_do_not_block_others_and_time_out(hostile_server):
+    """Twenty clients trickle their bodies; the server answers others meanwhile, and each slow one
+    gets 408 once its body is late."""
+    with contextlib.ExitStack() as stack, well_behaved_client(hostile_server):
+        slow = [stack.enter_context(raw_socket(hostile_server)) for _ in range(20)]
+        for sock in slow:
+            sock.sendall(request_head("POST", CHAT, 1000) + b'{"mess')
+        for sock in slow:
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 408 "), received[:100]
+
+
+def test_clients_that_leave_mid_stream_or_mid_body(hostile_server):
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me a story."}], "stream": True, "n": 4,
+                       "max_tokens": 100}).encode()
+    with well_behaved_client(hostile_server):
+        for _ in range(10):
+            with raw_socket(hostile_server) as sock:
+                sock.sendall(request_head("POST", CHAT, len(body)) + body)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+            with raw_socket(hostile_server) as sock:
+                sock.sendall(request_head("POST", CHAT, len(body)) + body[:10])
+    until(lambda: httpx.get(hostile_server + "/health").json(), lambda h: not h["active_requests"] and not h["queued_requests"])
