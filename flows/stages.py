@@ -272,8 +272,9 @@ class StageFailed(Exception):
     """A stage exited non-zero; the message carries its last output lines."""
 
 
-@task(persist_result=True, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
-      task_run_name="{stage.name}")
+# Results are JSON (a stage.json), never pickles: a run directory from elsewhere cannot run code here.
+@task(persist_result=True, result_serializer="json", retry_delay_seconds=exponential_backoff(backoff_factor=10),
+      retry_jitter_factor=0.5, task_run_name="{stage.name}")
 def run_stage(stage: Stage, spec: RunSpec) -> dict:
     """Runs one stage to completion and returns its stage.json; a retry resumes from the stage's
     checkpoints (stages resume by default)."""

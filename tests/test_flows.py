@@ -4,6 +4,7 @@ all cache hits, a failed stage resumes from its checkpoint to the same weights, 
 stage launcher leaves no torchrun worker behind, one stage at a time when asked."""
 
 import concurrent.futures
+import json
 import os
 import signal
 import threading
@@ -179,7 +180,8 @@ def test_identity_goes_to_mid_train_and_chat_sft():
 
 def test_one_stage_at_a_time(prefect_api, shared_data, tmp_path):
     """parallel=False (the cpu preset's way): no stage starts before the one before it has ended,
-    tok_eval and base_train included, which would otherwise run side by side."""
+    tok_eval and base_train included, which would otherwise run side by side. The cached results
+    are JSON, never pickles that a run directory from elsewhere could use to run code."""
     state, flow_run_id = run_speedrun(tmp_path, "serial", shared_data, parallel=False)
     assert state.is_completed(), state.message
     with get_client(sync_client=True) as client:
@@ -187,3 +189,5 @@ def test_one_stage_at_a_time(prefect_api, shared_data, tmp_path):
     spans = sorted((r.start_time, r.end_time, r.name) for r in runs if r.name in AVAILABLE)
     assert [name for _, _, name in spans] == AVAILABLE
     assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:]))
+    cached = list((tmp_path / "runs" / "serial" / "prefect-results").iterdir())
+    assert cached and all(json.loads(p.read_text())["metadata"]["serializer"]["type"] == "json" for p in cached)
