@@ -160,6 +160,16 @@ def until(attempt, done, tries=300):
     raise AssertionError(f"still {result}")
 
 
+def test_extreme_sampling_values(hostile_server):
+    """A temperature that would overflow the logits is greedy; seeds are int64 (all n of them fit)."""
+    client = openai_client(hostile_server)
+    greedy = ask(client, "Hello", temperature=0, max_tokens=8).choices[0].message.content
+    assert ask(client, "Hello", temperature=1e-300, max_tokens=8).choices[0].message.content == greedy
+    assert len(ask(client, "Hello", seed=2**63 - 1, n=8, max_tokens=4).choices) == 8
+    for seed in (2**63, -2**63 - 1):
+        assert assert_openai_error(httpx.post(hostile_server + CHAT, json={**HELLO, "seed": seed}), 400)["param"] == "seed"
+
+
 # hostile clients, over raw sockets
 
 

@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 UI_PAGE = Path(__file__).with_name("ui.html")
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
-
-
 MIN_TEMPERATURE = 1e-6  # below this, greedy: logits / temperature would overflow fp32 into inf and NaN
 
 
