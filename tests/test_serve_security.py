@@ -4,6 +4,7 @@ bind a network address without a key, CORS, the per-client and per-request limit
 clients over raw sockets (malformed and invalid UTF-8 bodies, huge headers, slow bodies, clients
 that leave mid-stream) while a well-behaved client keeps getting the right answers."""
 
+import base64
 import contextlib
 import json
 import os
@@ -83,13 +84,15 @@ def test_cors_only_for_configured_origins(run, keyed_server):
 
 
 def test_web_ui_asks_for_the_key_and_keeps_it(keyed_server, tmp_path):
-    """The first message gets the key field shown; with the key typed in, Regenerate answers; the
-    key is still there after a reload."""
+    """The first message gets the key field shown (the page still fits a phone: screenshot in the
+    test's tmp dir); with the key typed in, Regenerate answers; the key is still there after a reload."""
     with chromium_tab(tmp_path) as tab:
         tab.open(keyed_server + "/")
         assert tab.js("document.getElementById('key').hidden")
         text, error = tab.say("Hello there!")
         assert error and "API key" in text and not tab.js("document.getElementById('key').hidden")
+        assert tab.js("document.documentElement.scrollWidth <= window.innerWidth")
+        (tmp_path / "ui-key.png").write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
         tab.js(f"document.getElementById('key').value = {json.dumps(KEY)};"
                "document.getElementById('key').dispatchEvent(new Event('change'))")
         tab.js("document.getElementById('regenerate').click()")
