@@ -22,7 +22,8 @@ RUST_SOURCES := rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs)
 
 # The Prefect server of `make server`, which `make worker` and `make deploy` talk to.
 PREFECT_API ?= http://127.0.0.1:4200/api
-NPROC ?= 1
+# processes per stage: the cpu preset's two single-threaded processes use 2 cores best
+NPROC ?= $(if $(filter cpu,$(PRESET)),2,1)
 
 .PHONY: help setup dev speedrun test bench server worker deploy clean
 
@@ -57,7 +58,7 @@ $(VENV)/.dev: $(VENV)/.setup
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/upstream-rustbpe rustbpe==0.1.0 $(QUIET_PIP)
 	touch $@
 
-speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d26|d32, RUN=name, NPROC=1)
+speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d26|d32, RUN=name, NPROC=processes)
 	$(PY) -m flows.speedrun --preset $(PRESET) --run $(RUN) --nproc-per-node $(NPROC)
 
 server: setup  ## Prefect server and UI on http://127.0.0.1:4200 (SQLite under PREFECT_HOME)

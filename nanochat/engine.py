@@ -247,7 +247,7 @@ class Engine:
             raise RuntimeError(f"{request.n} rows needed, {self.free_rows} free")
         slot = len(self.rows)
         ids = torch.tensor([request.prompt_ids], device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.prefill(slot))[:, -1]
+        logits = self.model(ids, kv_cache=self.cache.prefill(slot), positions=torch.tensor([ids.size(1) - 1], device=self.device))
         rows = [Row(request, i, self.device) for i in range(request.n)]
         for i in range(1, request.n):
             self.cache.copy(slot, slot + i)

@@ -308,9 +308,11 @@ class GPT(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """idx: (B, T) token ids. Without targets: logits (B, T, vocab_size), fp32. With targets
-        (B, T; -1 = ignore): the cross-entropy in fp32, a scalar ('mean'/'sum') or (B, T) ('none')."""
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", positions=None):
+        """idx: (B, T) token ids. Without targets: logits (B, T, vocab_size), fp32, or with
+        `positions` ((B,) a position per row) only those rows' logits there, (B, vocab_size), which
+        spares the vocabulary projection of every other position. With targets (B, T; -1 = ignore):
+        the cross-entropy in fp32, a scalar ('mean'/'sum') or (B, T) ('none')."""
         B, T = idx.shape
         cos, sin = self.rotary(0 if kv_cache is None else kv_cache.get_pos(), T)
 
@@ -325,6 +327,8 @@ class GPT(nn.Module):
         if self.padded_vocab_size != self.config.vocab_size:  # even a full slice would cost a copy in backward
             w = w[:self.config.vocab_size]
         if targets is None:
+            if positions is not None:
+                x = x[torch.arange(B, device=x.device), positions]
             return softcap(F.linear(x, w).float())
         loss = cross_entropy(x.reshape(B * T, -1), w, targets.reshape(B * T), loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss

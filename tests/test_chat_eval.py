@@ -23,13 +23,13 @@ class SaysLetter(torch.nn.Module):
         self.vocab_size = tokenizer.vocab_size
         self.bos = tokenizer.bos_token_id
 
-    def forward(self, ids):
+    def forward(self, ids, positions=None):
         logits = torch.zeros(*ids.shape, self.vocab_size)
         logits[..., self.favourite] = 5.0
         lengths = (ids != self.bos).sum(1)  # prompts start with one BOS, then padding is BOS
         for row, n in enumerate(lengths.tolist()):
             logits[row, :n, self.others] = 10.0  # every position but the answer's (the last, n)
-        return logits
+        return logits if positions is None else logits[torch.arange(len(ids)), positions]
 
 
 @pytest.fixture(scope="module")

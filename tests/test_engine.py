@@ -170,12 +170,13 @@ class Bigram(torch.nn.Module):
             self.next[a] = b
         self.scale = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, idx, kv_cache):
+    def forward(self, idx, kv_cache, positions=None):
         B, T = idx.shape
         z = torch.zeros(B, 1, T, 2)
         kv_cache.insert_kv(0, z, z)
         kv_cache.advance(T)
-        return torch.nn.functional.one_hot(self.next[idx], self.config.vocab_size).float() * self.scale
+        logits = torch.nn.functional.one_hot(self.next[idx], self.config.vocab_size).float() * self.scale
+        return logits if positions is None else logits[torch.arange(B), positions]
 
 
 def chain(tokenizer, *parts):

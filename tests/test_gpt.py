@@ -40,6 +40,14 @@ def test_shapes_and_padded_vocab():
     assert model(idx, idx, loss_reduction="none").shape == (2, 24)
 
 
+def test_logits_at_positions_are_those_of_the_full_forward():
+    model = random_model()
+    idx = tokens(B=3)
+    positions = torch.tensor([0, 23, 7])
+    full = model(idx)
+    torch.testing.assert_close(model(idx, positions=positions), full[torch.arange(3), positions])
+
+
 def test_future_tokens_do_not_change_past_logits():
     model = random_model()
     idx = tokens()

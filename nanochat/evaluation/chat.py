@@ -40,12 +40,13 @@ def categorical_correct(model, tokenizer, task, indices, device, autocast, batch
     for start in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[start:start + batch_size]]
         prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
+        answer_positions = torch.tensor([len(p) - 1 for p in prompts], device=device)
         with autocast():
-            logits = model(pad_right(prompts, tokenizer.bos_token_id).to(device))
-        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            logits = model(pad_right(prompts, tokenizer.bos_token_id).to(device), positions=answer_positions)
+        for row, conversation in enumerate(conversations):
             letters = conversation["letters"]
             letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
-            scores = logits[row, len(prompt) - 1, letter_ids]
+            scores = logits[row, letter_ids]
             correct += task.evaluate(conversation, letters[int(scores.argmax())])
     return correct
 
