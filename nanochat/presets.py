@@ -87,9 +87,8 @@ PRESETS = {
                              checkpoint_every=50, eval_conversations=100, spelling_size=1000, identity_weight=5.0),
         "chat_rl": chat_rl(examples_per_step=8, num_samples=8, max_new_tokens=192, num_steps=16, checkpoint_every=8,
                            eval_every=-1, eval_examples=32),
-        # the flow evaluates three models (mid, sft, rl): 1000 problems of each categorical task and 100
-        # of each generative one, about 2 minutes each; every problem: --max-problems -1 --max-generative -1
-        "chat_eval": {**CHAT_EVAL, "max_problems": 1000, "max_generative": 100, "max_new_tokens": 256, "batch_size": 16},
+        # every categorical problem, the first 200 of each generative task (HumanEval has 164)
+        "chat_eval": {**CHAT_EVAL, "max_generative": 200, "max_new_tokens": 256, "batch_size": 16},
     },
     # shards as in the original speedrun scripts (about 250M characters each upstream)
     # device batch sizes as the original speedrun scripts set them for 80 GB GPUs

@@ -34,20 +34,23 @@ def load_task(name):
 
 @torch.no_grad()
 def categorical_correct(model, tokenizer, task, indices, device, autocast, batch_size):
-    """How many of the task's conversations `indices` the model answers right, by letter logits."""
-    correct = 0
+    """How many of the task's conversations `indices` the model answers right, by letter logits.
+    Prompts are batched in order of length, so a batch pads little."""
     max_len = model.config.sequence_len
-    for start in range(0, len(indices), batch_size):
-        conversations = [task[i] for i in indices[start:start + batch_size]]
-        prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
-        answer_positions = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    conversations = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        answer_positions = torch.tensor([len(prompts[k]) - 1 for k in batch], device=device)
         with autocast():
-            logits = model(pad_right(prompts, tokenizer.bos_token_id).to(device), positions=answer_positions)
-        for row, conversation in enumerate(conversations):
-            letters = conversation["letters"]
+            logits = model(pad_right([prompts[k] for k in batch], tokenizer.bos_token_id).to(device),
+                           positions=answer_positions)
+        for row, k in enumerate(batch):
+            letters = conversations[k]["letters"]
             letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
-            scores = logits[row, letter_ids]
-            correct += task.evaluate(conversation, letters[int(scores.argmax())])
+            correct += task.evaluate(conversations[k], letters[int(logits[row, letter_ids].argmax())])
     return correct
 
 
