@@ -6,7 +6,7 @@ watching the server process for failures and leaks.
 
 Each client sends streaming requests one after another over its own keep-alive connection until
 time is up. The server's resident memory, threads and open file descriptors are read with psutil:
-at the start (idle, after one warm-up request per client), after the first minute (or half the run, if
+at the start (idle, after 10 s of the same load), after the first minute (or half the run, if
 shorter) and at the end (server idle: no request in progress, client connections closed). Passes
 when no request failed, the end RSS is within +10% of the first minute's, descriptors are back to
 their idle count at the start and threads too (give or take the engine's tool pool, whose threads
@@ -19,8 +19,8 @@ import concurrent.futures
 import json
 import os
 import tempfile
-import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-soak"
 MAX_TOKENS = 48
 RSS_GROWTH = 1.10  # allowed end RSS / first-minute RSS
+WARM_UP = 10  # seconds of the same load before the start figures: the allocator meets every batch size and length
 
 
 def stream_once(http, url, i):
@@ -59,6 +60,20 @@ def stream_once(http, url, i):
     return True, tokens
 
 
+def client(url, seconds, c):
+    """Client c: streaming requests one after another over its own keep-alive connection for `seconds`
+    (closed after): (counts of completed, failed and tokens, the first failures)."""
+    counts, failures, n = Counter(), [], 0
+    deadline = time.monotonic() + seconds
+    with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+        while time.monotonic() < deadline:
+            ok, result = stream_once(http, url, c * 1_000_000 + n)
+            n += 1
+            counts.update({"completed": 1, "tokens": result} if ok else {"failed": 1})
+            failures += [] if ok or len(failures) >= 5 else [result]
+    return counts, failures
+
+
 def snapshot(proc):
     with proc.oneshot():
         return {"rss_mb": round(proc.memory_info().rss / 2**20, 1), "threads": proc.num_threads(), "fds": proc.num_fds()}
@@ -73,44 +88,23 @@ def idle_snapshot(proc, url):
 
 
 def soak(url, server, clients, seconds):
-    """Runs the clients against the server at `url` (process `server`): the figures."""
-    def connect():
-        return [httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=120) for _ in range(clients)]
-
-    counts, failures, lock = {"completed": 0, "failed": 0, "tokens": 0}, [], threading.Lock()
-
-    def client(c):
-        n = 0
-        while time.monotonic() < deadline:
-            ok, result = stream_once(sessions[c], url, c * 1_000_000 + n)
-            n += 1
-            with lock:
-                counts["completed" if ok else "failed"] += 1
-                counts["tokens"] += result if ok else 0
-                if not ok and len(failures) < 5:
-                    failures.append(result)
-
+    """Warms the server up, then runs the clients against it for `seconds`: the figures."""
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        sessions = connect()
-        warm = list(pool.map(lambda c: stream_once(sessions[c], url, -1 - c), range(clients)))
-        if not all(ok for ok, _ in warm):
-            raise SystemExit(f"warm-up failed: {[why for ok, why in warm if not ok][:3]}")
-        for session in sessions:
-            session.close()
-        start, sessions = idle_snapshot(server, url), connect()
+        warm_up = [pool.submit(client, url, WARM_UP, c) for c in range(clients)]
+        if any(f.result()[0]["failed"] for f in warm_up):
+            raise SystemExit(f"warm-up failed: {[f.result()[1] for f in warm_up if f.result()[1]][:3]}")
+        start = idle_snapshot(server, url)
         began = time.monotonic()
-        deadline = began + seconds
-        futures = [pool.submit(client, c) for c in range(clients)]
+        futures = [pool.submit(client, url, seconds, c) for c in range(clients)]
         time.sleep(min(60, seconds / 2))
         first_minute = snapshot(server)
-        for future in futures:
-            future.result()
+        results = [f.result() for f in futures]
     elapsed = time.monotonic() - began
-    for session in sessions:
-        session.close()
     end = idle_snapshot(server, url)
-    return {**counts, "tok_s": round(counts["tokens"] / elapsed, 1), "failures": failures, "start": start,
-            "first_minute": first_minute, "end": end, "rss_growth": round(end["rss_mb"] / first_minute["rss_mb"], 3)}
+    counts = sum((c for c, _ in results), Counter())
+    return {"completed": counts["completed"], "failed": counts["failed"], "tok_s": round(counts["tokens"] / elapsed, 1),
+            "failures": [f for _, fs in results for f in fs][:5], "start": start, "first_minute": first_minute, "end": end,
+            "rss_growth": round(end["rss_mb"] / first_minute["rss_mb"], 3)}
 
 
 def main():
