@@ -60,9 +60,9 @@ class RateLimit:
 
 class Guard:
     """ASGI middleware: headers over MAX_HEADER_BYTES get 431; then for /v1/: the API key (if any are
-    configured), then the client's requests in
-    progress and rate, then the body (read whole here, within its size and time limits, and handed
-    on). A client is its API key, or its IP address when the server has no keys."""
+    configured), the client's requests in progress and rate, then the body (read whole here, within
+    its size and time limits, and handed on). A client is its API key, or its IP address when the
+    server has no keys."""
 
     def __init__(self, app, keys, limits):
         self.app, self.limits = app, limits
