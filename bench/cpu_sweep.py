@@ -1,6 +1,6 @@
 """The cpu preset's sweep: validation bits per byte against training time, for model sizes x token budgets.
 
-    .venv/bin/python bench/cpu_sweep.py [--depths 2,3,4] [--tokens 3e6,6e6] [--jobs 2] [--storage DIR]
+    .venv/bin/python bench/cpu_sweep.py [--depths 2,3,4] [--tokens 2e6,4e6] [--jobs 2] [--storage DIR]
 
 Trains the tokenizer once (the cpu preset's), then base_train for every (depth, tokens) pair as the
 cpu preset would, except for the depth and the number of steps (tokens / total batch size), with one
@@ -9,7 +9,8 @@ axis is the run's CPU time (user + system, start-up and the final evaluation inc
 2: the wall time of the preset's two single-threaded processes on 2 cores, which other work on the
 machine barely disturbs (wall time is recorded too). Writes OUT.json and the plot OUT.png (bits per
 byte against minutes, one line per depth), prints a table, then one JSON line.
-docs/cpu-preset.md explains the choice made from it.
+Run again with the same --storage, it reuses the runs that finished. docs/cpu-preset.md explains
+the choice made from it.
 """
 
 import argparse
@@ -50,6 +51,10 @@ def train(depth, tokens, storage):
     steps = max(1, round(tokens / batch))
     run = f"sweep-d{depth}-{tokens / 1e6:g}M"
     runs = Path(storage) / "runs"
+    measured = runs / run / "sweep.json"
+    if measured.exists():  # finished by an earlier invocation
+        return json.loads(measured.read_text())
+    shutil.rmtree(runs / run, ignore_errors=True)  # an interrupted run's CPU time is lost: from scratch
     shutil.copytree(runs / "tokenizer" / "tok_train", runs / run / "tok_train", dirs_exist_ok=True)
     summary, wall, cpu = stage("base_train", run, storage, "--depth", depth, "--num-steps", steps, "--eval-every", steps,
                                "--checkpoint-every", steps, "--sample-every", -1, "--core-every", -1,
@@ -58,6 +63,7 @@ def train(depth, tokens, storage):
     row = {"depth": depth, "tokens": steps * batch, "steps": steps, "parameters": m["parameters"],
             "val_bpb": m["val_bpb"], "minutes_2cores": cpu / 2 / 60, "cpu_s": cpu, "wall_s": wall,
             "tok_per_s_1thread": m["tok_per_s"]}
+    measured.write_text(json.dumps(row))
     print(json.dumps(row), flush=True)
     return row
 
@@ -87,7 +93,7 @@ def plot(rows, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", default="2,3,4", help="model depths (width 64 x depth)")
-    p.add_argument("--tokens", default="3e6,6e6", help="training token budgets")
+    p.add_argument("--tokens", default="2e6,4e6", help="training token budgets")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     p.add_argument("--storage", default=None, help="storage root kept for inspection (default: a temporary one)")
     p.add_argument("--out", default=str(ROOT / "docs" / "cpu-sweep"), help="writes OUT.json and OUT.png")
