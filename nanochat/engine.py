@@ -304,10 +304,11 @@ class Engine:
     # sampling and the per-row state machine
 
     def sample(self, logits, rows):
-        """One token per row of logits (B, vocab), each with its row's parameters."""
-        if all(row.generator is None for row in rows):
-            return logits.argmax(dim=-1).tolist()
-        return [sample_one(logits[i], row.request.params, row.generator) for i, row in enumerate(rows)]
+        """One token per row of logits (B, vocab), each with its row's parameters (greedy rows, those
+        without a generator, take the argmax whatever the others do)."""
+        greedy = logits.argmax(dim=-1).tolist()
+        return [greedy[i] if row.generator is None else sample_one(logits[i], row.request.params, row.generator)
+                for i, row in enumerate(rows)]
 
     def accept(self, row, token):
         """Appends a generated (or forced) token to its row: stops, tool calls, text, limits."""

@@ -112,6 +112,21 @@ def test_sampling_parameters(model, tokenizer):
     assert len({tuple(t) for t in tokens(temperature=2.0, n=6)}) > 1
 
 
+def test_greedy_and_sampled_requests_decode_together(model, tokenizer):
+    """A greedy request batched with a sampled one still gets its greedy tokens (and no error)."""
+    engine = Engine(model, tokenizer, max_rows=8)
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("mixed batch")]
+    alone = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=12)).completions[0].token_ids
+    greedy = Request(prompt, SamplingParams(temperature=0, max_tokens=12))
+    sampled = Request(prompt, SamplingParams(temperature=1.0, seed=3, max_tokens=12), n=2)
+    engine.add(sampled)
+    engine.add(greedy)
+    while not (greedy.done and sampled.done):
+        engine.step()
+    assert greedy.completions[0].token_ids == alone
+    assert all(c.finish_reason in ("stop", "length") for c in [*greedy.completions, *sampled.completions])
+
+
 def test_top_k_and_top_p_restrict_the_choices(model, tokenizer):
     """Every sampled token is among the allowed ones (the prefill's first token, many draws)."""
     engine = Engine(model, tokenizer, max_rows=8)
