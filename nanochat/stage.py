@@ -114,7 +114,9 @@ def fault(stage, step=None):
     if name != stage or at != ("" if step is None else str(step)):
         return
     where = "start" if step is None else f"step {step}"
-    print(f"{stage}: injected fault at {where} ({'hang' if hang else 'crash'})", file=sys.stderr, flush=True)
+    # one write: ranks share the unbuffered pipe, and print() writes the newline apart
+    sys.stderr.write(f"{stage}: injected fault at {where} ({'hang' if hang else 'crash'})\n")
+    sys.stderr.flush()
     while hang:
         time.sleep(60)
     os._exit(3)

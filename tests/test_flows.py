@@ -157,7 +157,9 @@ def test_launcher_streams_output_and_leaves_no_torchrun_worker(tmp_path, monkeyp
     thread = threading.Thread(target=lambda: result.update(out=stages.launch(
         stages.command(stage, spec), stages.child_env(spec), lines.append, grace=5.0)))
     thread.start()
-    while sum("injected fault" in line for line in lines) < 2:  # both ranks hang
+    deadline = time.monotonic() + 120
+    while sum(line.count("injected fault") for line in lines) < 2:  # both ranks hang
+        assert thread.is_alive() and time.monotonic() < deadline, "\n".join(lines)
         time.sleep(0.2)
     agent = next(p for p in psutil.Process().children() if "torch.distributed.run" in " ".join(p.cmdline()))
     workers = agent.children(recursive=True)
