@@ -24,7 +24,8 @@ def base_train(**overrides):
 # mid_train and chat_sft: nanochat's settings (SFT at 2% of the base learning rates, decaying to 0)
 FINETUNE = {"matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004, "weight_decay": 0.0, "warmup_ratio": 0.0,
             "warmdown_ratio": 0.2, "eval_every": 150, "checkpoint_every": 200, "keep_last": 2, "eval_conversations": 200,
-            "identity_weight": 2.0, "spelling_size": 10_000, "max_seq_len": None}
+            "identity_weight": 2.0, "spelling_size": 10_000, "max_seq_len": None, "smoltalk_weight": 1.0,
+            "smoltalk_max_chars": None, "gsm8k_weight": 1.0}
 SFT_LR = {"matrix_lr": 0.0004, "embedding_lr": 0.004, "unembedding_lr": 0.00008, "warmdown_ratio": 1.0}
 
 
@@ -83,8 +84,10 @@ PRESETS = {
                       "num_shards": -1},
         "mid_train": mid_train(device_batch_size=8, total_batch_size=16416, num_steps=150, eval_every=50,
                                checkpoint_every=50, eval_conversations=100, spelling_size=2000, identity_weight=5.0),
-        "chat_sft": chat_sft(device_batch_size=8, total_batch_size=16416, num_steps=100, eval_every=50,
-                             checkpoint_every=50, eval_conversations=100, spelling_size=1000, identity_weight=5.0),
+        # short conversations, several passes: a model this small learns to end its replies
+        "chat_sft": chat_sft(device_batch_size=8, total_batch_size=16416, num_steps=300, eval_every=100,
+                             checkpoint_every=100, eval_conversations=100, smoltalk_weight=2.0, smoltalk_max_chars=1000,
+                             gsm8k_weight=0.05, spelling_size=50, identity_weight=8.0),
         "chat_rl": chat_rl(examples_per_step=8, num_samples=8, max_new_tokens=192, num_steps=16, checkpoint_every=8,
                            eval_every=-1, eval_examples=32),
         # every categorical problem, the first 200 of each generative task (HumanEval has 164)

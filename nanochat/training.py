@@ -281,19 +281,41 @@ def finetune_parser(stage_name, doc):
     a("--eval-conversations", type=int, help="held-out conversations for the validation loss")
     a("--identity", default=None, help="a JSONL file of your own identity/personality conversations, replacing "
       "nanochat's identity conversations")
-    a("--identity-weight", type=float, help="how many times the identity conversations are repeated in the mixture")
+    a("--identity-weight", type=weight, help="how many times the identity conversations are repeated in the mixture")
+    a("--smoltalk-weight", type=weight, help="how many times each SmolTalk conversation is in the mixture "
+      "(a fraction: a fixed random share)")
+    a("--smoltalk-max-chars", type=positive, help="leave out SmolTalk conversations longer than this many characters "
+      "(a small model imitates long replies by never ending its own)")
+    a("--gsm8k-weight", type=weight, help="how many times each GSM8K problem is in the mixture (a fraction: a fixed "
+      "random share)")
     add_options(p)
     return p
 
 
-def conversation_mixture(tasks, args, seed):
-    """A fixed shuffled mixture of `tasks` and the identity conversations (nanochat's, or the
-    user's --identity file instead) repeated --identity-weight times."""
+def weight(text):
+    """argparse type of a mixture weight: a number >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a weight is a number >= 0, got {text}")
+    return value
+
+
+def positive(text):
+    """argparse type of a count: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def conversation_mixture(weighted_tasks, args, seed):
+    """A fixed shuffled mixture of the (task, weight) pairs and the identity conversations
+    (nanochat's, or the user's --identity file instead) repeated --identity-weight times."""
     from tasks.customjson import CustomJSON
     from tasks.mixtures import TaskMixture
 
-    return TaskMixture([*tasks, CustomJSON(path=args.identity)], weights=[1] * len(tasks) + [args.identity_weight],
-                       seed=seed)
+    tasks, weights = zip(*weighted_tasks, (CustomJSON(path=args.identity), args.identity_weight))
+    return TaskMixture(tasks, weights=weights, seed=seed)
 
 
 def finetune(args, stage_name, upstream, mode, train_task):

@@ -116,7 +116,8 @@ class FileTask(Task):
         raise NotImplementedError
 
     def parse(self, record):
-        """The validated form of one raw record; raises ValueError (or ConversationError) if bad."""
+        """The validated form of one raw record (None: left out on purpose); raises ValueError (or
+        ConversationError) if bad."""
         raise NotImplementedError
 
     @cached_property
@@ -127,7 +128,9 @@ class FileTask(Task):
             try:
                 if isinstance(record, Exception):  # unreadable record (e.g. a line that is not JSON)
                     raise record
-                rows.append(self.parse(record))
+                row = self.parse(record)
+                if row is not None:
+                    rows.append(row)
             except (ValueError, TypeError, KeyError) as e:
                 message = f"{uri}: {where}: {e}"
                 if self.on_error == "raise":

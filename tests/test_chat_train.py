@@ -65,6 +65,35 @@ def test_identity_conversations_replace_nanochats(tiny_base_run, tiny_env, share
     assert done.returncode != 0 and "bad.jsonl" in done.stderr
 
 
+def test_task_weights_and_smoltalk_length_limit(shared_data, tmp_path, monkeypatch):
+    """The mixture options: counts per task follow the weights (a fraction takes a fixed share),
+    --smoltalk-max-chars leaves the longer conversations out, a negative weight is refused."""
+    from nanochat import stage as contract
+    from nanochat.stages import chat_sft
+    from tasks.gsm8k import GSM8K
+    from tasks.smoltalk import SmolTalk
+
+    monkeypatch.setenv("NANOCHAT_DATA_MIRROR", f"file://{shared_data}")
+    monkeypatch.setenv("NANOCHAT_STORAGE", str(tmp_path))
+
+    def mixture(*options):
+        p = chat_sft.build_parser()
+        return chat_sft.mixture(contract.parse_args(p, chat_sft.STAGE, ["--run", "r", "--preset", "tiny", *options]))
+
+    nanochats = sum(1 for _ in open(shared_data / "identity_conversations.jsonl"))
+    plain = mixture("--identity-weight", "1", "--spelling-size", "10")
+    assert len(plain) == len(SmolTalk("train")) + len(GSM8K("train")) + 10 + nanochats
+    weighted = mixture("--identity-weight", "2", "--spelling-size", "10", "--smoltalk-weight", "2",
+                       "--smoltalk-max-chars", "1000", "--gsm8k-weight", "0.1")
+    short = SmolTalk("train", max_chars=1000)
+    assert 0 < len(short) < len(SmolTalk("train"))
+    assert len(weighted) == 2 * len(short) + round(0.1 * len(GSM8K("train"))) + 10 + 2 * nanochats
+    long = {json.dumps(c["messages"]) for c in SmolTalk("train") if c["messages"] not in short.rows}
+    assert long and not any(json.dumps(c["messages"]) in long for c in weighted)
+    with pytest.raises(SystemExit):
+        mixture("--gsm8k-weight", "-1")
+
+
 def test_crashed_sft_resumes_to_the_same_weights(tiny_base_run, tiny_env, tmp_path):
     runs = {}
     for name in ("reference", "crashed"):

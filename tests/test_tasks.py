@@ -374,6 +374,19 @@ def test_smoltalk_bad_conversations(tmp_path):
     assert len(task) == 2 and [s.split(": ")[1] for s in task.skipped] == ["row 1", "row 3"]
 
 
+def test_smoltalk_max_chars_leaves_out_longer_conversations(data):
+    def chars(conversation):
+        return sum(len(m["content"]) for m in conversation["messages"])
+
+    every = SmolTalk("train")
+    lengths = sorted(chars(c) for c in every)
+    limit = lengths[len(lengths) // 2]
+    short = SmolTalk("train", max_chars=limit)
+    # the oracle: the full split, filtered here
+    assert [c["messages"] for c in short] == [c["messages"] for c in every if chars(c) <= limit]
+    assert len(short) == sum(n <= limit for n in lengths) and short.skipped == []
+
+
 def test_bad_word_list_names_the_line(tmp_path):
     path = tmp_path / "words.txt"
     path.write_text("apple\nbanana\nNot a word\n")

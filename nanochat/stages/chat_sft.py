@@ -5,8 +5,10 @@
 
 Starts from mid_train's final checkpoint in the same run (or --checkpoint). Trains on a fixed,
 shuffled mixture of SmolTalk, GSM8K (with tool calls), SpellingBee and the identity conversations
-(nanochat's, or your own --identity file instead, --identity-weight times), one conversation per
-row, each batch padded to its longest; the loss covers assistant tokens only. Validation, checkpoints, exact resume and
+(nanochat's, or your own --identity file instead, --identity-weight times; SmolTalk and GSM8K
+--smoltalk-weight and --gsm8k-weight times, SmolTalk optionally without its conversations over
+--smoltalk-max-chars), one conversation per row, each batch padded to its longest; the loss covers
+assistant tokens only. Validation, checkpoints, exact resume and
 outputs as in mid_train.
 """
 
@@ -24,7 +26,8 @@ def mixture(args):
     from tasks.smoltalk import SmolTalk
     from tasks.spellingbee import SpellingBee
 
-    tasks = [SmolTalk(split="train"), GSM8K(split="train"), SpellingBee(size=args.spelling_size)]
+    tasks = [(SmolTalk(split="train", max_chars=args.smoltalk_max_chars), args.smoltalk_weight),
+             (GSM8K(split="train"), args.gsm8k_weight), (SpellingBee(size=args.spelling_size), 1)]
     return training.conversation_mixture(tasks, args, seed=43)
 
 

@@ -6,7 +6,8 @@
 Starts from base_train's final checkpoint in the same run (or --checkpoint). Trains on a fixed,
 shuffled mixture of SmolTalk, MMLU (dev + validation, as multiple choice), GSM8K (calculator steps as
 python tool calls), SpellingBee and the identity conversations (nanochat's, or your own --identity
-file instead, --identity-weight times), packed best-fit into rows; the loss covers assistant tokens
+file instead, --identity-weight times; SmolTalk and GSM8K weighted and limited by the same options as
+in chat_sft), packed best-fit into rows; the loss covers assistant tokens
 only. Validation: bits per byte of assistant text on SmolTalk's test split. Checkpoints, exact resume and metrics.jsonl as in
 base_train; stage.json's `checkpoint` output is the final checkpoint.
 """
@@ -26,8 +27,9 @@ def mixture(args):
     from tasks.smoltalk import SmolTalk
     from tasks.spellingbee import SpellingBee
 
-    tasks = [SmolTalk(split="train"), MMLU(split="dev"), MMLU(split="validation"), GSM8K(split="train"),
-             SpellingBee(size=args.spelling_size)]
+    tasks = [(SmolTalk(split="train", max_chars=args.smoltalk_max_chars), args.smoltalk_weight), (MMLU(split="dev"), 1),
+             (MMLU(split="validation"), 1), (GSM8K(split="train"), args.gsm8k_weight),
+             (SpellingBee(size=args.spelling_size), 1)]
     return training.conversation_mixture(tasks, args, seed=42)
 
 
