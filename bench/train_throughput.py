@@ -1,9 +1,11 @@
 """Training throughput of the GPT: forward + backward + optimizer step, in tokens/s and MFU.
 
     .venv/bin/python bench/train_throughput.py [--modes fp32,bf16,fp32+compile,bf16+compile] [--steps 8]
+    .venv/bin/python bench/train_throughput.py --preset cpu --modes fp32,bf16
 
 The upstream-equivalent CPU config: depth 4 (width 256, 2 heads of 128), vocabulary 65,536, sequence
-512, batch 4 x 512, the real MuonAdamW. Each mode runs in its own process, so its peak RSS is its
+512, batch 4 x 512, the real MuonAdamW; with --preset, that preset's base_train model and device
+batch instead (cpu: depth 4, heads of 64, vocabulary 8,192, batch 8 x 512). Each mode runs in its own process, so its peak RSS is its
 own: random tokens, --warmup steps (compilation included), then the median of --steps step times.
 The matmul peak of the mode's dtype (nanochat.common.measure_matmul_flops) is measured in the same
 process before and after the steps, the higher counting; MFU = GPT.estimate_flops() x tokens/s /
@@ -21,6 +23,17 @@ import time
 
 UPSTREAM_TOK_PER_S = {"eager": 610, "compiled": 860}
 DEPTH, VOCAB, SEQ_LEN, BATCH = 4, 65536, 512, 4
+
+
+def preset_model(preset):
+    """(GPTConfig, device batch) of a preset's base_train."""
+    from nanochat import presets
+    from nanochat.gpt import GPTConfig
+
+    train, vocab = presets.get(preset, "base_train"), presets.get(preset, "tok_train")["vocab_size"]
+    config = GPTConfig.from_depth(train["depth"], vocab, train["max_seq_len"], head_dim=train["head_dim"],
+                                  n_kv_head=train["n_kv_head"])
+    return config, train["device_batch_size"]
 
 
 def run_mode(mode, steps, warmup, config=None, batch=BATCH):
@@ -82,10 +95,12 @@ def main():
     parser.add_argument("--modes", default="fp32,bf16,fp32+compile,bf16+compile", help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per mode (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--preset", help="measure this preset's base_train model (default: the upstream-equivalent one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one mode, in this process
     args = parser.parse_args()
+    config, batch = preset_model(args.preset) if args.preset else (None, BATCH)
     if args.child:
-        print(json.dumps(run_mode(args.child, args.steps, args.warmup)))
+        print(json.dumps(run_mode(args.child, args.steps, args.warmup, config, batch)))
         return
 
     from nanochat.common import git_commit
@@ -93,7 +108,8 @@ def main():
     results = []
     for mode in args.modes.split(","):
         print(f"{mode} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               *(["--preset", args.preset] if args.preset else [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{mode} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -104,13 +120,16 @@ def main():
         print(f"{r['mode']:<14}{r['tok_per_s']:>8,.0f}{r['mfu']:>8.1%}{r['peak_tflops']:>14.3f}{r['step_ms_median']:>9.0f}"
               f"{r['peak_rss_gib']:>9.2f}", file=sys.stderr)
     best = max(results, key=lambda r: r["tok_per_s"])
-    print(json.dumps({
-        "bench": "train_throughput", "device": "cpu", "commit": git_commit(),
-        "config": {"depth": DEPTH, "vocab_size": VOCAB, "sequence_len": SEQ_LEN, "batch": BATCH},
-        "modes": results, "best": best["mode"], "best_tok_per_s": best["tok_per_s"],
-        "reference_upstream_fp32_tok_per_s": UPSTREAM_TOK_PER_S,
-        "ratio_best_vs_upstream_compiled": round(best["tok_per_s"] / UPSTREAM_TOK_PER_S["compiled"], 2),
-    }))
+    out = {"bench": "train_throughput", "device": "cpu", "commit": git_commit(),
+           "modes": results, "best": best["mode"], "best_tok_per_s": best["tok_per_s"]}
+    if args.preset:  # upstream has no such model: no reference
+        out["config"] = {"preset": args.preset, "depth": config.n_layer, "width": config.n_embd,
+                         "vocab_size": config.vocab_size, "sequence_len": config.sequence_len, "batch": batch}
+    else:
+        out["config"] = {"depth": DEPTH, "vocab_size": VOCAB, "sequence_len": SEQ_LEN, "batch": BATCH}
+        out["reference_upstream_fp32_tok_per_s"] = UPSTREAM_TOK_PER_S
+        out["ratio_best_vs_upstream_compiled"] = round(best["tok_per_s"] / UPSTREAM_TOK_PER_S["compiled"], 2)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
