@@ -1,7 +1,7 @@
 """Presets: plain data giving each stage's defaults. Every value is overridable by its option.
 
 tiny  CI and tests: the whole DAG in a few minutes on 2 CPU cores.
-cpu   a laptop: real learning in about an hour on 2 cores.
+cpu   a laptop: your own chat model in under an hour on 2 cores (docs/cpu-preset.md).
 d20, d26, d32  one 8xGPU node, as in the original speedrun.
 """
 

@@ -1,7 +1,8 @@
 """The speedrun flow through a real Prefect API (one test harness per session) on the tiny preset,
 with the real stages as child processes: two concurrent runs execute each stage once, a re-run is
 all cache hits, a failed stage resumes from its checkpoint to the same weights, s3:// storage, the
-stage launcher leaves no torchrun worker behind, one stage at a time when asked."""
+stage launcher leaves no torchrun worker behind, one stage at a time when asked, and the whole DAG
+end to end with the report card's full table."""
 
 import concurrent.futures
 import json
@@ -25,6 +26,7 @@ OVERRIDES = {"base_train": {"num_steps": 4, "checkpoint_every": 2, "eval_tokens"
 # The flow tests run the stages up to base_train, so later stages do not lengthen them.
 ONLY = [s for s in ("tok_eval", "base_train") if s in [a.name for a in stages.available()]]
 AVAILABLE = [s.name for s in stages.available(ONLY)]
+ALL = [s.name for s in stages.available()]
 
 
 def run_speedrun(root, run, shared_data, **kwargs):
@@ -144,6 +146,24 @@ def test_s3_storage(prefect_api, shared_data, s3_root):
     state, flow_run_id = run_speedrun(s3_root, "s3run", shared_data)  # results are cached on s3 too
     assert state.is_completed(), state.message
     assert all(task_states(flow_run_id)[name] == "Cached" for name in AVAILABLE)
+
+
+def test_every_stage_end_to_end_fills_the_report_table(prefect_api, shared_data, tmp_path):
+    """The whole tiny DAG, download to chat_eval_rl: every stage completes and the report card's
+    table has a BASE, MID, SFT and RL column, each with its metrics."""
+    state = speedrun(preset="tiny", run_name="full", storage=str(tmp_path), data_mirror=str(shared_data),
+                     retries=0, return_state=True)
+    assert state.is_completed(), state.message
+    states = task_states(state.state_details.flow_run_id)
+    assert {name: states[name] for name in ALL} == {name: "Completed" for name in ALL}
+    card = (tmp_path / "runs" / "full" / "report.md").read_text()
+    table = {line.split(" | ")[0].removeprefix("| "): line.strip("| ").split(" | ")[1:]
+             for line in card.splitlines() if line.startswith("| ")}
+    assert table["metric"] == ["BASE", "MID", "SFT", "RL"]
+    assert table["CORE"][0] != "-" and table["val bpb"][0] != "-"
+    for task in ("ARC-Easy", "MMLU", "GSM8K", "SpellingBee", "ChatCORE"):
+        assert "-" not in table[task][1:], task
+    assert table["pass@k"][3] != "-"
 
 
 def test_launcher_streams_output_and_leaves_no_torchrun_worker(tmp_path, monkeypatch):
