@@ -30,14 +30,11 @@ def train_tokens_per_s(vocab_size):
     import torch
 
     from nanochat.common import autocast_dtype
-    from nanochat.gpt import GPTConfig
-    from train_throughput import run_mode  # bench/ is on sys.path: this file runs as a script
+    from train_throughput import preset_model, run_mode  # bench/ is on sys.path: this file runs as a script
 
-    cfg = presets.get("cpu", "base_train")
-    config = GPTConfig.from_depth(cfg["depth"], vocab_size, cfg["max_seq_len"], head_dim=cfg["head_dim"],
-                                  n_kv_head=cfg["n_kv_head"])
+    config, batch = preset_model("cpu", vocab_size)
     mode = "bf16" if autocast_dtype("cpu") == torch.bfloat16 else "fp32"
-    return run_mode(mode, steps=6, warmup=2, config=config, batch=cfg["device_batch_size"])["tok_per_s"]
+    return run_mode(mode, steps=6, warmup=2, config=config, batch=batch)["tok_per_s"]
 
 
 def main():

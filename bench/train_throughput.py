@@ -5,11 +5,11 @@
 
 The upstream-equivalent CPU config: depth 4 (width 256, 2 heads of 128), vocabulary 65,536, sequence
 512, batch 4 x 512, the real MuonAdamW; with --preset, that preset's base_train model and device
-batch instead (cpu: depth 4, heads of 64, vocabulary 8,192, batch 8 x 512). Each mode runs in its own process, so its peak RSS is its
-own: random tokens, --warmup steps (compilation included), then the median of --steps step times.
-The matmul peak of the mode's dtype (nanochat.common.measure_matmul_flops) is measured in the same
-process before and after the steps, the higher counting; MFU = GPT.estimate_flops() x tokens/s /
-peak. Prints a table, then one JSON line; the reference is upstream nanochat's fp32 throughput on
+batch instead (cpu: depth 4, heads of 64, vocabulary 8,192, batch 8 x 512). Each mode runs in its
+own process, so its peak RSS is its own: random tokens, --warmup steps (compilation included),
+then the median of --steps step times. The matmul peak of the mode's dtype
+(nanochat.common.measure_matmul_flops) is measured in the same process before and after the steps,
+the higher counting; MFU = GPT.estimate_flops() x tokens/s / peak. Prints a table, then one JSON line; the reference is upstream nanochat's fp32 throughput on
 this machine class (~610 tokens/s eager, ~860 compiled; issue 4), which this repo does not contain.
 """
 
@@ -25,13 +25,15 @@ UPSTREAM_TOK_PER_S = {"eager": 610, "compiled": 860}
 DEPTH, VOCAB, SEQ_LEN, BATCH = 4, 65536, 512, 4
 
 
-def preset_model(preset):
-    """(GPTConfig, device batch) of a preset's base_train."""
+def preset_model(preset, vocab_size=None):
+    """(GPTConfig, device batch) of a preset's base_train, with its tokenizer's vocabulary size
+    unless `vocab_size` is given."""
     from nanochat import presets
     from nanochat.gpt import GPTConfig
 
-    train, vocab = presets.get(preset, "base_train"), presets.get(preset, "tok_train")["vocab_size"]
-    config = GPTConfig.from_depth(train["depth"], vocab, train["max_seq_len"], head_dim=train["head_dim"],
+    train = presets.get(preset, "base_train")
+    vocab_size = vocab_size or presets.get(preset, "tok_train")["vocab_size"]
+    config = GPTConfig.from_depth(train["depth"], vocab_size, train["max_seq_len"], head_dim=train["head_dim"],
                                   n_kv_head=train["n_kv_head"])
     return config, train["device_batch_size"]
 

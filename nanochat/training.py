@@ -293,9 +293,9 @@ def finetune_parser(stage_name, doc):
 
 
 def weight(text):
-    """argparse type of a mixture weight: a number >= 0."""
+    """argparse type of a mixture weight: a finite number >= 0."""
     value = float(text)
-    if not value >= 0:
+    if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"a weight is a number >= 0, got {text}")
     return value
 
@@ -308,13 +308,20 @@ def positive(text):
     return value
 
 
-def conversation_mixture(weighted_tasks, args, seed):
-    """A fixed shuffled mixture of the (task, weight) pairs and the identity conversations
-    (nanochat's, or the user's --identity file instead) repeated --identity-weight times."""
+def conversation_mixture(args, seed, extra=()):
+    """The fixed shuffled mixture of mid_train and chat_sft, as the options of finetune_parser set
+    it: SmolTalk, the `extra` tasks (once each), GSM8K, SpellingBee and the identity conversations
+    (nanochat's, or the user's --identity file instead)."""
     from tasks.customjson import CustomJSON
+    from tasks.gsm8k import GSM8K
     from tasks.mixtures import TaskMixture
+    from tasks.smoltalk import SmolTalk
+    from tasks.spellingbee import SpellingBee
 
-    tasks, weights = zip(*weighted_tasks, (CustomJSON(path=args.identity), args.identity_weight))
+    weighted = [(SmolTalk(split="train", max_chars=args.smoltalk_max_chars), args.smoltalk_weight),
+                *((task, 1) for task in extra), (GSM8K(split="train"), args.gsm8k_weight),
+                (SpellingBee(size=args.spelling_size), 1), (CustomJSON(path=args.identity), args.identity_weight)]
+    tasks, weights = zip(*weighted)
     return TaskMixture(tasks, weights=weights, seed=seed)
 
 

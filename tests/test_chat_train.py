@@ -81,17 +81,17 @@ def test_task_weights_and_smoltalk_length_limit(shared_data, tmp_path, monkeypat
         return chat_sft.mixture(contract.parse_args(p, chat_sft.STAGE, ["--run", "r", "--preset", "tiny", *options]))
 
     nanochats = sum(1 for _ in open(shared_data / "identity_conversations.jsonl"))
+    smoltalk, short, gsm8k = len(SmolTalk("train")), len(SmolTalk("train", max_chars=1000)), len(GSM8K("train"))
+    assert 0 < short < smoltalk  # test_tasks checks which ones the limit leaves out
     plain = mixture("--identity-weight", "1", "--spelling-size", "10")
-    assert len(plain) == len(SmolTalk("train")) + len(GSM8K("train")) + 10 + nanochats
+    assert len(plain) == smoltalk + gsm8k + 10 + nanochats
     weighted = mixture("--identity-weight", "2", "--spelling-size", "10", "--smoltalk-weight", "2",
                        "--smoltalk-max-chars", "1000", "--gsm8k-weight", "0.1")
-    short = SmolTalk("train", max_chars=1000)
-    assert 0 < len(short) < len(SmolTalk("train"))
-    assert len(weighted) == 2 * len(short) + round(0.1 * len(GSM8K("train"))) + 10 + 2 * nanochats
-    long = {json.dumps(c["messages"]) for c in SmolTalk("train") if c["messages"] not in short.rows}
-    assert long and not any(json.dumps(c["messages"]) in long for c in weighted)
+    assert len(weighted) == 2 * short + round(0.1 * gsm8k) + 10 + 2 * nanochats
     with pytest.raises(SystemExit):
         mixture("--gsm8k-weight", "-1")
+    with pytest.raises(SystemExit):
+        mixture("--smoltalk-weight", "inf")
 
 
 def test_crashed_sft_resumes_to_the_same_weights(tiny_base_run, tiny_env, tmp_path):

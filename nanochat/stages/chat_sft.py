@@ -22,13 +22,7 @@ def build_parser():
 
 
 def mixture(args):
-    from tasks.gsm8k import GSM8K
-    from tasks.smoltalk import SmolTalk
-    from tasks.spellingbee import SpellingBee
-
-    tasks = [(SmolTalk(split="train", max_chars=args.smoltalk_max_chars), args.smoltalk_weight),
-             (GSM8K(split="train"), args.gsm8k_weight), (SpellingBee(size=args.spelling_size), 1)]
-    return training.conversation_mixture(tasks, args, seed=43)
+    return training.conversation_mixture(args, seed=43)
 
 
 def main(args):

@@ -22,15 +22,9 @@ def build_parser():
 
 
 def mixture(args):
-    from tasks.gsm8k import GSM8K
     from tasks.mmlu import MMLU
-    from tasks.smoltalk import SmolTalk
-    from tasks.spellingbee import SpellingBee
 
-    tasks = [(SmolTalk(split="train", max_chars=args.smoltalk_max_chars), args.smoltalk_weight), (MMLU(split="dev"), 1),
-             (MMLU(split="validation"), 1), (GSM8K(split="train"), args.gsm8k_weight),
-             (SpellingBee(size=args.spelling_size), 1)]
-    return training.conversation_mixture(tasks, args, seed=42)
+    return training.conversation_mixture(args, seed=42, extra=[MMLU(split="dev"), MMLU(split="validation")])
 
 
 def main(args):
