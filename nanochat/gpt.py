@@ -32,9 +32,11 @@ LOGIT_SOFTCAP = 15.0
 VOCAB_MULTIPLE = 64  # pad the embedding/lm_head rows so matmuls hit aligned shapes
 ROTARY_HEADROOM = 10  # rotary tables cover 10x sequence_len, so generation can run past training length
 ROTARY_BASE = 10000
-# Logits per loss chunk. CPU: 8 MB in fp32, so a chunk's temporaries stay in cache; GPU: 1 GiB, few
-# chunks, as there kernel launches cost more than memory traffic.
-LOSS_CHUNK_ELEMENTS = {"cpu": 2**21, "gpu": 2**28}
+# Logits per loss chunk: (lm_head matmul block, softmax piece). CPU: the matmul runs on blocks of 2^23
+# logits (128 rows at vocab 65,536; smaller blocks re-read the weight too often), the softmax and its
+# gradient on pieces of 2^20 (4 MB in fp32, so their temporaries stay in cache). GPU: 1 GiB for both,
+# few chunks, as there kernel launches cost more than memory traffic.
+LOSS_CHUNK_ELEMENTS = {"cpu": (2**23, 2**20), "gpu": (2**28, 2**28)}
 
 
 def norm(x):
@@ -199,28 +201,30 @@ def matmul_dtype(x):
 def chunked_cross_entropy(x, w, targets, grad_logits=None):
     """Per-token cross-entropy (fp32; 0 where the target is -1) of the soft-capped logits x @ w.T,
     computed a few rows at a time so the (tokens, vocab) logits never exist at once. If grad_logits
-    (tokens, vocab) is given, it receives each token's d loss / d logits (before the cap)."""
-    chunk = max(1, LOSS_CHUNK_ELEMENTS["cpu" if x.device.type == "cpu" else "gpu"] // w.size(0))
-    ignored = targets == -1
-    targets = targets.clamp(min=0)[:, None]
+    (tokens, vocab) is given, it receives each token's d loss / d logits (before the cap; 0 for
+    ignored tokens)."""
+    block, piece = (max(1, n // w.size(0)) for n in LOSS_CHUNK_ELEMENTS["cpu" if x.device.type == "cpu" else "gpu"])
+    # d cap / dz = 1 - tanh^2 = 4 gate (1 - gate) (below); ignored tokens' rows get a factor 0 instead
+    grad_scale = (4.0 * (targets != -1))[:, None]
     losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-    for i in range(0, x.size(0), chunk):
-        rows = slice(i, i + chunk)
+    for start in range(0, x.size(0), block):
         # 15 tanh(z / 15) = 30 sigmoid(2z / 15) - 15, and softmax ignores the -15; CPU sigmoid kernels
         # are several times faster than tanh. The 2/15 scales x, which is much smaller than z.
-        gate = ((x[rows] * (2 / LOGIT_SOFTCAP)) @ w.T).float().sigmoid_()
-        probs = torch.softmax(gate * (2 * LOGIT_SOFTCAP), dim=-1)
-        # The cap bounds the logits to +-15, so no probability underflows and log(p) is accurate.
-        losses[rows] = probs.gather(1, targets[rows]).squeeze(1).log_().neg_()
-        if grad_logits is not None:
-            # d loss / d capped logits = probs - onehot(target); d cap / dz = 1 - tanh^2 = 4 gate (1 - gate)
-            probs.scatter_add_(1, targets[rows], torch.full_like(probs[:, :1], -1.0))
-            probs.mul_(gate)
-            probs.addcmul_(probs, gate, value=-1)
-            torch.mul(probs, 4, out=grad_logits[rows])
-    if grad_logits is not None:
-        grad_logits[ignored] = 0
-    return losses.masked_fill_(ignored, 0.0)
+        gate_logits = (x[start:start + block] * (2 / LOGIT_SOFTCAP)) @ w.T
+        for i in range(0, gate_logits.size(0), piece):
+            gate = gate_logits[i:i + piece].float().sigmoid_()
+            rows = slice(start + i, start + i + gate.size(0))
+            probs = torch.softmax(gate * (2 * LOGIT_SOFTCAP), dim=-1)
+            target = targets[rows].clamp(min=0)[:, None]
+            # The cap bounds the logits to +-15, so no probability underflows and log(p) is accurate.
+            losses[rows] = probs.gather(1, target).squeeze(1).log_().neg_()
+            if grad_logits is not None:
+                # d loss / d capped logits = probs - onehot(target), times d cap / dz
+                probs.scatter_add_(1, target, torch.full_like(probs[:, :1], -1.0))
+                probs.mul_(gate)
+                probs.addcmul_(probs, gate, value=-1)
+                torch.mul(probs, grad_scale[rows], out=grad_logits[rows])
+    return losses.masked_fill_(targets == -1, 0.0)
 
 
 def reduce_losses(losses, targets, reduction):

@@ -107,11 +107,11 @@ def test_shape_from_depth(depth, head_dim, width, heads):
     assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (depth, width, heads, heads)
 
 
-@pytest.mark.parametrize("rows_per_chunk", [7, None], ids=["chunked", "one_chunk"])
+@pytest.mark.parametrize("rows_per_chunk", [(14, 4), (7, 7), None], ids=["blocks_in_pieces", "chunked", "one_chunk"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_loss_and_gradients_equal_cross_entropy_of_the_logits(reduction, rows_per_chunk, monkeypatch):
-    if rows_per_chunk:  # 48 tokens in chunks of 7: the last one partial
-        monkeypatch.setitem(gpt.LOSS_CHUNK_ELEMENTS, "cpu", rows_per_chunk * CONFIG.vocab_size)
+    if rows_per_chunk:  # 48 tokens in matmul blocks of 14 or 7 rows, softmax pieces of 4 or 7: last ones partial
+        monkeypatch.setitem(gpt.LOSS_CHUNK_ELEMENTS, "cpu", tuple(n * CONFIG.vocab_size for n in rows_per_chunk))
     model = random_model()
     idx, targets = tokens(seed=2), tokens(seed=3)
     targets[0, :5] = -1
