@@ -98,6 +98,8 @@ def causal_attention(q, k, v, mask=None):
     whose rows are at different positions, says instead which keys each query sees."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
+    if mask is not None and Tq == 1:
+        return decode_attention(q, k, v, mask)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if Tq == Tk:
@@ -108,6 +110,16 @@ def causal_attention(q, k, v, mask=None):
     # query i (at absolute position Tk - Tq + i) may see keys 0..Tk - Tq + i.
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def decode_attention(q, k, v, mask):
+    """Attention of one query per row (B, H, 1, D) over its keys (B, Hkv, Tk, D), `mask` (B, 1, 1, Tk)
+    saying which it sees: two batched matmuls with fp32 scores, as SDPA does, but over twice as fast
+    on CPU at decode sizes (a few rows, a few hundred keys)."""
+    B, H, _, D = q.shape
+    q = q.view(B, k.size(1), H // k.size(1), D)  # the query heads sharing a key head side by side
+    scores = (q.float() @ k.float().transpose(-1, -2)).mul_(D ** -0.5).masked_fill_(~mask, float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -189,7 +201,8 @@ class GPTConfig:
 
 
 def softcap(logits):
-    return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+    """15 tanh(z / 15), as 30 sigmoid(2z / 15) - 15: CPU sigmoid kernels are several times faster than tanh."""
+    return torch.sigmoid(logits * (2 / LOGIT_SOFTCAP)) * (2 * LOGIT_SOFTCAP) - LOGIT_SOFTCAP
 
 
 def matmul_dtype(x):
