@@ -46,6 +46,16 @@ def synthetic_tokenizer(vocab_size):
     return Tokenizer(ranks)
 
 
+def random_model():
+    """The d4 model with seeded random weights, its logits trained-like: no early <|assistant_end|>,
+    no near-ties."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.05)
+    return model
+
+
 def tokens_per_second(fn, batch, repeats):
     fn()  # warm-up
     best = float("inf")
@@ -60,10 +70,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = GPT(CONFIG).eval()
-    with torch.no_grad():  # trained-like logits: no early <|assistant_end|>, no near-ties
-        model.lm_head.weight.normal_(0, 0.05)
+    model = random_model()
     tokenizer = synthetic_tokenizer(CONFIG.vocab_size)
     dtype = autocast_dtype("cpu")
     fast = GPT(CONFIG).eval()

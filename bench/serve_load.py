@@ -1,8 +1,12 @@
 """Serving under load: 8 concurrent streaming clients against `nanochat serve` with continuous
 batching, and against the same server in --one-at-a-time mode (the reference), in one run.
 
-    python bench/serve_load.py                  trains a tiny run first (tiny preset, ../shared/data)
+    python bench/serve_load.py                  the d4 model of bench/inference.py (random weights)
     python bench/serve_load.py --run myrun      an existing run's model
+
+The default model is the upstream-equivalent d4 (width 256, vocab 65,536), saved as a checkpoint
+with a synthetic tokenizer; its random weights never end a reply early, so every request streams
+its 64 tokens.
 
 Prints one JSON line: aggregate completion tokens/s of both modes, their ratio, and p50/p99 time to
 first token (TTFT) of both.
@@ -18,22 +22,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
 from nanochat.common import git_commit
 
-REPO = Path(__file__).resolve().parent.parent
 CLIENTS, REQUESTS_PER_CLIENT, MAX_TOKENS = 8, 3, 64
 
 
-def train_tiny_run(storage, data):
-    for stage, extra in (("tok_train", []), ("base_train", ["--num-steps", "5"])):
-        subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", "--run", "bench", "--preset", "tiny",
-                        "--data", data, *extra], env={**os.environ, "NANOCHAT_STORAGE": storage}, check=True,
-                       capture_output=True)
-    return "bench"
+def save_d4_checkpoint(directory):
+    """Saves bench/inference.py's d4 model and tokenizer as a checkpoint under `directory`; its URI."""
+    from dataclasses import asdict
+
+    from inference import CONFIG, random_model, synthetic_tokenizer
+
+    from nanochat import checkpoint, storage
+
+    directory = storage.normalize(directory)
+    tokenizer = synthetic_tokenizer(CONFIG.vocab_size)
+    tokenizer_uri = tokenizer.save(storage.join(directory, "tokenizer"))["tokenizer"]
+    meta = {"model_config": asdict(CONFIG), "tokenizer": tokenizer_uri}
+    return checkpoint.save(storage.join(directory, "checkpoints"), 0, random_model().state_dict(), {}, meta)
 
 
 def serve(run, env, *options):
@@ -87,14 +96,12 @@ def load(url):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="run name or URI (default: train a tiny run in a temp dir)")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pretrain"))
+    parser.add_argument("--run", help="run name or URI (default: the d4 model of bench/inference.py)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)
         if args.run is None:
-            env["NANOCHAT_STORAGE"] = tmp
-            args.run = train_tiny_run(tmp, args.data)
+            args.run = save_d4_checkpoint(tmp)
         modes = {}
         for mode, options in (("batched", []), ("one_at_a_time", ["--one-at-a-time"])):
             proc, url = serve(args.run, env, *options)

@@ -4,7 +4,7 @@ continuous batching, sampling parameters, stops, the python tool, UTF-8-safe str
 import pytest
 import torch
 
-from nanochat.engine import Engine, Request, SamplingParams, TextStream
+from nanochat.engine import Engine, Request, SamplingParams, TextStream, sample_one
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
@@ -110,6 +110,24 @@ def test_sampling_parameters(model, tokenizer):
     assert a[0] != a[1]  # samples i of a request use seed + i
     assert tokens(temperature=1.5, seed=7)[0] == a[0]
     assert len({tuple(t) for t in tokens(temperature=2.0, n=6)}) > 1
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, 1.0), (4, 1.0), (None, 0.7)])
+def test_sampled_tokens_follow_the_distribution(top_k, top_p):
+    """Oracle: the frequencies of 40,000 draws match softmax(logits / T) cut to the top-k / top-p
+    tokens and renormalised (total variation under 0.015; sampling noise is about 0.006)."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -30.0, 1.5])
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    probs = torch.softmax(logits / params.temperature, dim=-1).double()
+    order = probs.argsort(descending=True)
+    kept = order[:top_k] if top_k else order[:int((probs[order].cumsum(0) - probs[order] < top_p).sum())]
+    expected = torch.zeros_like(probs)
+    expected[kept] = probs[kept] / probs[kept].sum()
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_one(logits, params, generator) for _ in range(40_000)])
+    frequencies = torch.bincount(draws, minlength=len(logits)).double() / len(draws)
+    assert frequencies[expected == 0].sum() == 0
+    assert 0.5 * (frequencies - expected).abs().sum() < 0.015
 
 
 def test_greedy_and_sampled_requests_decode_together(model, tokenizer):
