@@ -78,7 +78,7 @@ PRESETS = {
         "tok_eval": {"max_docs": 2000},
         "download": {"num_shards": -1},
         "base_train": base_train(depth=4, head_dim=64, max_seq_len=512, device_batch_size=8, total_batch_size=8192,
-                                 num_steps=1500, eval_every=250, eval_tokens=65536, sample_every=500,
+                                 num_steps=2000, eval_every=250, eval_tokens=65536, sample_every=500,
                                  checkpoint_every=250, num_shards=-1, core_every=-1),
         "base_eval": {"max_per_task": 100, "eval_tokens": 262144, "unigram_tokens": 4_000_000, "device_batch_size": 8,
                       "num_shards": -1},
