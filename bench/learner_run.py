@@ -6,12 +6,14 @@ Runs the speedrun flow on the cpu preset (what `make speedrun PRESET=cpu` runs) 
 storage, the data coming from ../shared/data, then prints the wall time of each stage (from its
 stage.json) and in total, the report's metrics table, and a behaviour check of the final model:
 
-  (a) chat format: over 20 varied prompts, every greedy reply ends with <|assistant_end|> within
-      the token limit and holds no <|user_start|>;
-  (b) identity: asked "Who are you?" and 4 paraphrases, the greedy answer names nanochat in at
-      least 4 of 5;
+  (a) chat format: over 20 varied prompts, every reply ends with <|assistant_end|> within the
+      token limit and holds no <|user_start|>;
+  (b) identity: asked "Who are you?" and 4 paraphrases, the answer names nanochat in at least 4
+      of 5;
   (c) English: the base model's validation bits per byte beats a unigram model of the same
       tokenizer (base_eval measures both) by a wide margin, at least 25%.
+
+Replies are greedy, with `nanochat chat`'s token limit (512) and frequency penalty (0.5).
 
 Ends with one JSON line. Exit code 1 when a check fails or the run took over 60 minutes.
 """
@@ -28,7 +30,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 BUDGET_S = 60 * 60
-MAX_TOKENS = 128  # reply length limit of the format check
 
 FORMAT_PROMPTS = [
     "Hi!", "What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
@@ -52,10 +53,12 @@ def run_flow(storage, run, nproc):
 
 
 def replies(engine, prompts):
-    """(completion token ids, finish reason, text) of the greedy reply to each one-turn prompt."""
+    """(completion token ids, finish reason, text) of the reply to each one-turn prompt: greedy, with
+    `nanochat chat`'s reply length limit and frequency penalty."""
+    from nanochat.chat import FREQUENCY_PENALTY, MAX_TOKENS
     from nanochat.engine import Request, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, frequency_penalty=FREQUENCY_PENALTY)
     requests = [Request(engine.tokenizer.render_for_completion([{"role": "user", "content": p}]), params)
                 for p in prompts]
     pending = list(requests)

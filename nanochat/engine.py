@@ -35,6 +35,14 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple = ()  # strings that end a completion (not included in its text)
     seed: int | None = None  # sample i of a request draws from a generator seeded with seed + i
+    # OpenAI's penalties: a token's logit drops by frequency_penalty x (its count in the completion so
+    # far) + presence_penalty if it occurs there at all; they apply to greedy rows too
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @property
+    def penalized(self):
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
 
 
 @dataclass
@@ -306,9 +314,21 @@ class Engine:
     def sample(self, logits, rows):
         """One token per row of logits (B, vocab), each with its row's parameters (greedy rows, those
         without a generator, take the argmax whatever the others do)."""
+        if any(row.request.params.penalized and row.completion.token_ids for row in rows):
+            logits = logits - self.penalties(logits, rows)
         greedy = logits.argmax(dim=-1).tolist()
         return [greedy[i] if row.generator is None else sample_one(logits[i], row.request.params, row.generator)
                 for i, row in enumerate(rows)]
+
+    def penalties(self, logits, rows):
+        """(B, vocab): what each row's frequency and presence penalties take off its logits."""
+        penalty = torch.zeros_like(logits)
+        for i, row in enumerate(rows):
+            params, tokens = row.request.params, row.completion.token_ids
+            if params.penalized and tokens:
+                counts = torch.bincount(torch.tensor(tokens, device=logits.device), minlength=logits.size(1))
+                penalty[i] = params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        return penalty
 
     def accept(self, row, token):
         """Appends a generated (or forced) token to its row: stops, tool calls, text, limits."""

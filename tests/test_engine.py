@@ -28,11 +28,16 @@ def model(tokenizer):
     return model.eval()
 
 
-def greedy_uncached(model, prompt, num_tokens):
-    ids = list(prompt)
+def greedy_uncached(model, prompt, num_tokens, frequency_penalty=0.0, presence_penalty=0.0):
+    """Greedy decoding without a cache, OpenAI's penalties taken off by hand."""
+    ids, counts = list(prompt), {}
     with torch.inference_mode():
         for _ in range(num_tokens):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            logits = model(torch.tensor([ids]))[0, -1]
+            for token, count in counts.items():
+                logits[token] -= frequency_penalty * count + presence_penalty
+            ids.append(int(logits.argmax()))
+            counts[ids[-1]] = counts.get(ids[-1], 0) + 1
     return ids[len(prompt):]
 
 
@@ -62,6 +67,25 @@ def test_cached_batched_greedy_equals_uncached(model, tokenizer):
     for request in requests:
         assert request.done
         assert_matches_oracle(model, engine, request, 24)
+
+
+def test_penalties_equal_the_uncached_oracle_row_by_row(model, tokenizer):
+    """Frequency and presence penalties: each row of a batch decodes what uncached greedy decoding
+    with those penalties taken off gives, and a penalty changes what is decoded."""
+    engine = Engine(model, tokenizer, max_rows=8)
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("repeat after me")]
+    settings = [(0.0, 0.0), (0.7, 0.0), (0.0, 1.5), (0.4, 0.4), (-0.5, 0.0)]
+    requests = [Request(prompt, SamplingParams(temperature=0, max_tokens=32, frequency_penalty=f, presence_penalty=p))
+                for f, p in settings]
+    for request in requests:
+        engine.add(request)
+    while engine.rows:
+        engine.step()
+    outputs = [r.completions[0].token_ids for r in requests]
+    for (f, p), got in zip(settings, outputs):
+        expected = greedy_uncached(model, prompt, 32, f, p)
+        assert got == expected[:len(got)]
+    assert len({tuple(o) for o in outputs}) == len(outputs)
 
 
 def test_row_reuse_after_finishing(model, tokenizer):

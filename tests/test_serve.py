@@ -13,6 +13,7 @@ import openai
 import psutil
 import pytest
 
+from nanochat.chat import FREQUENCY_PENALTY
 from tests.serving import ask, chromium_tab, openai_client, start_server, stop_server, streamed
 
 pytest_plugins = ["tests.serving"]
@@ -65,6 +66,16 @@ def test_n_samples_seed_and_stop(client):
     assert cut.finish_reason == "stop" and cut.message.content == full[:full.index(stop)]
 
 
+def test_penalties_reach_the_engine(client):
+    """frequency_penalty / presence_penalty through the openai client: the greedy reply changes, and
+    a strong frequency penalty leaves fewer repeated tokens."""
+    plain = ask(client, "Count with me.", temperature=0, max_tokens=24).choices[0].message.content
+    penalized = [ask(client, "Count with me.", temperature=0, max_tokens=24, **{name: 2.0}).choices[0].message.content
+                 for name in ("frequency_penalty", "presence_penalty")]
+    assert all(text != plain for text in penalized)
+    assert len(set(penalized[0])) / len(penalized[0]) > len(set(plain)) / len(plain)
+
+
 def test_concurrent_streaming_clients_get_complete_answers(client):
     """Eight streams at once (they share batched decoding); each gets what it gets alone."""
     prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(8)]
@@ -79,6 +90,8 @@ def test_concurrent_streaming_clients_get_complete_answers(client):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_k": 0}, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -3}, "presence_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, "n"),
@@ -130,12 +143,18 @@ def test_full_queue_is_429_and_a_disconnect_cancels(run):
         stop_server(proc)
 
 
-def test_chat_cli_one_shot_and_interactive(run):
+def test_chat_cli_one_shot_and_interactive(run, client):
     storage, name = run
     env = {**os.environ, "NANOCHAT_STORAGE": str(storage)}
     cli = [sys.executable, "-m", "nanochat.cli", "chat", "--run", name, "--max-tokens", "8", "--temperature", "0"]
     one_shot = subprocess.run([*cli, "-p", "Hello"], env=env, capture_output=True, text=True, check=True)
     assert one_shot.stdout.strip()
+    # the CLI's default frequency penalty: its greedy answer is the API's with that penalty, not without
+    longer = subprocess.run([*cli, "--max-tokens", "24", "-p", "Count with me."], env=env, capture_output=True,
+                            text=True, check=True)
+    with_penalty, without = (ask(client, "Count with me.", temperature=0, max_tokens=24, frequency_penalty=penalty)
+                             .choices[0].message.content for penalty in (FREQUENCY_PENALTY, 0))
+    assert longer.stdout == with_penalty + "\n" and with_penalty != without
     session = subprocess.run(cli, input="Hello\n/clear\nAgain\n/quit\n", env=env, capture_output=True, text=True, check=True)
     assert session.stdout.count("nanochat> ") == 2 and session.stdout.startswith("you> ")
     missing = subprocess.run([*cli, "--source", "rl", "-p", "x"], env=env, capture_output=True, text=True)

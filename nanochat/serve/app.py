@@ -98,6 +98,8 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
@@ -124,7 +126,8 @@ def sampling_params(body, limits):
         raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
     temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     return SamplingParams(temperature=temperature, top_k=body.top_k, top_p=body.top_p,
-                          max_tokens=max_tokens, stop=tuple(stop), seed=body.seed)
+                          max_tokens=max_tokens, stop=tuple(stop), seed=body.seed,
+                          frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
 
 
 def render_prompt(tokenizer, messages):
