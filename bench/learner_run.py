@@ -40,6 +40,15 @@ FORMAT_PROMPTS = [
     "Write a short poem about autumn.", "What is the difference between a virus and a bacterium?",
     "Thank you for your help!", "How do I make a cup of tea?",
 ]
+# 20 more, not part of the check: how often replies end beyond the check's own prompts
+MORE_PROMPTS = [
+    "Hello, how are you?", "What is the biggest animal?", "Write a sentence about dogs.", "How do I learn to swim?",
+    "List three fruits.", "What is 5 plus 3?", "Tell me a fun fact.", "Describe the moon.", "What color is grass?",
+    "Give me a tip for sleeping better.", "Who wrote Romeo and Juliet?", "What is water made of?",
+    "Suggest a name for a dog.", "How do plants grow?", "What is the tallest mountain?",
+    "Write a short story about a robot.", "Why do birds fly south?", "What is your favorite color?",
+    "How can I save money?", "Explain gravity simply.",
+]
 IDENTITY_PROMPTS = ["Who are you?", "What is your name?", "Tell me who you are.", "Introduce yourself, please.",
                     "What should I call you?"]
 
@@ -74,13 +83,16 @@ def behaviour(run, base_eval):
 
     engine = load_engine(run)
     end, user_start = (engine.tokenizer.encode_special(t) for t in ("<|assistant_end|>", "<|user_start|>"))
+    def well_formed(answers):
+        return sum(ids[-1:] == [end] and reason == "stop" and user_start not in ids for ids, reason, _ in answers)
+
     answers = replies(engine, FORMAT_PROMPTS)
-    well_formed = sum(ids[-1:] == [end] and reason == "stop" and user_start not in ids for ids, reason, _ in answers)
     named = [text for _, _, text in replies(engine, IDENTITY_PROMPTS)]
     bpb, unigram = base_eval["val_bpb"], base_eval["unigram_val_bpb"]
     checks = {
-        "format": {"passed": well_formed == len(FORMAT_PROMPTS), "well_formed": well_formed, "of": len(FORMAT_PROMPTS),
-                   "examples": {p: a[2] for p, a in list(zip(FORMAT_PROMPTS, answers))[:3]}},
+        "format": {"passed": well_formed(answers) == len(FORMAT_PROMPTS), "well_formed": well_formed(answers),
+                   "of": len(FORMAT_PROMPTS), "more_prompts_well_formed": well_formed(replies(engine, MORE_PROMPTS)),
+                   "more_prompts": len(MORE_PROMPTS), "examples": {p: a[2] for p, a in list(zip(FORMAT_PROMPTS, answers))[:3]}},
         "identity": {"passed": sum("nanochat" in t.lower() for t in named) >= 4,
                      "named": sum("nanochat" in t.lower() for t in named), "of": len(named),
                      "answers": dict(zip(IDENTITY_PROMPTS, named))},
