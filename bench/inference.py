@@ -1,6 +1,8 @@
 """Decode throughput of the engine on the upstream-equivalent d4 model (width 256, 2 heads of 128,
 vocab 65,536), 64-token prompt, 128 greedy tokens, batch 1 and 8, against the reference measured in
-the same run: upstream's loop (the model in fp32, the plain KVCache, argmax each step).
+the same run: upstream's loop (the model in fp32, the plain KVCache, logits capped by tanh as
+upstream caps them, argmax each step). Our attention and model code are shared with the reference,
+so it is faster than upstream would be wherever they are.
 
     python bench/inference.py [--repeats 3]
 
@@ -11,9 +13,11 @@ import argparse
 import json
 import os
 import time
+from unittest import mock
 
 import torch
 
+from nanochat import gpt
 from nanochat.common import autocast_dtype, git_commit
 from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig, KVCache
@@ -23,13 +27,20 @@ PROMPT_TOKENS, NEW_TOKENS = 64, 128
 CONFIG = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
 
 
+def upstream_softcap(logits):
+    """Upstream's logit cap, a tanh (ours computes the same through sigmoid, in place)."""
+    return 15 * torch.tanh(logits / 15)
+
+
 @torch.inference_mode()
 def reference(model, prompt, batch):
-    """Upstream's structure: prefill, then one forward per token through the plain KVCache."""
+    """Upstream's structure: prefill, then one forward per token through the plain KVCache, the
+    logits capped as upstream caps them."""
     cache = KVCache(CONFIG.n_layer, PROMPT_TOKENS + NEW_TOKENS)
     ids = torch.tensor([prompt] * batch)
-    for _ in range(NEW_TOKENS):
-        ids = model(ids, kv_cache=cache)[:, -1].argmax(dim=-1, keepdim=True)
+    with mock.patch.object(gpt, "softcap", upstream_softcap):
+        for _ in range(NEW_TOKENS):
+            ids = model(ids, kv_cache=cache)[:, -1].argmax(dim=-1, keepdim=True)
 
 
 def ours(engine, prompt, batch):
