@@ -1,6 +1,7 @@
 """The learner's run: the cpu preset from empty storage to a model you can chat with, timed and checked.
 
     .venv/bin/python bench/learner_run.py [--storage DIR] [--nproc-per-node 2]
+    .venv/bin/python bench/learner_run.py --check-run speedrun-cpu     after `make speedrun PRESET=cpu`
 
 Runs the speedrun flow on the cpu preset (what `make speedrun PRESET=cpu` runs) into an empty
 storage, the data coming from ../shared/data, then prints the wall time of each stage (from its
@@ -15,7 +16,8 @@ stage.json) and in total, the report's metrics table, and a behaviour check of t
 
 Replies are greedy, with `nanochat chat`'s token limit (512) and frequency penalty (0.5).
 
-Ends with one JSON line. Exit code 1 when a check fails or the run took over 60 minutes.
+With --check-run, checks a finished run instead (a name in NANOCHAT_STORAGE, or a URI); its total
+is then the sum of the stages' wall times. Ends with one JSON line. Exit code 1 when a check fails or the run took over 60 minutes.
 """
 
 import argparse
@@ -107,19 +109,25 @@ def main():
     p.add_argument("--storage", default=None, help="an empty storage root (default: a new temporary directory)")
     p.add_argument("--run", default="learner")
     p.add_argument("--nproc-per-node", type=int, default=2)
+    p.add_argument("--check-run", help="check this finished run instead of running one")
     args = p.parse_args()
-    storage = args.storage or tempfile.mkdtemp(prefix="nanochat-learner-")
-    os.environ["NANOCHAT_STORAGE"] = storage
-    total = run_flow(storage, args.run, args.nproc_per_node)
+    if args.check_run:
+        storage = None
+    else:
+        storage = args.storage or tempfile.mkdtemp(prefix="nanochat-learner-")
+        os.environ["NANOCHAT_STORAGE"] = storage
+        total = run_flow(storage, args.run, args.nproc_per_node)
 
     from nanochat import report, storage as store
 
-    run = store.run_uri(args.run, store.storage_root(storage))
+    run = store.run_uri(args.check_run or args.run, store.storage_root(storage))
     summaries = report.load(run)
+    if args.check_run:
+        total = sum(s["wall_time_s"] for s in summaries.values())
     print(f"\n{'stage':<16} {'wall s':>8}")
     for name, s in summaries.items():
         print(f"{name:<16} {s['wall_time_s']:>8.1f}")
-    print(f"{'total (flow)':<16} {total:>8.1f}   budget {BUDGET_S} s\n")
+    print(f"{'total (stages)' if args.check_run else 'total (flow)':<16} {total:>8.1f}   budget {BUDGET_S} s\n")
     print(report.metrics_table(summaries) or "(no metrics)")
     checks = behaviour(run, summaries["base_eval"]["metrics"])
     for name, check in checks.items():
@@ -128,7 +136,7 @@ def main():
     ok = total <= BUDGET_S and all(c["passed"] for c in checks.values())
     print(json.dumps({"bench": "learner_run", "total_s": round(total, 1), "within_budget": total <= BUDGET_S,
                       "stages_s": {n: s["wall_time_s"] for n, s in summaries.items()},
-                      "checks": {n: c["passed"] for n, c in checks.items()}, "storage": storage}))
+                      "checks": {n: c["passed"] for n, c in checks.items()}, "run": store.redact(run)}))
     sys.exit(0 if ok else 1)
 
 
