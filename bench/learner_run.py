@@ -17,7 +17,8 @@ stage.json) and in total, the report's metrics table, and a behaviour check of t
 Replies are greedy, with `nanochat chat`'s token limit (512) and frequency penalty (0.5).
 
 With --check-run, checks a finished run instead (a name in NANOCHAT_STORAGE, or a URI); its total
-is then the sum of the stages' wall times. Ends with one JSON line. Exit code 1 when a check fails or the run took over 60 minutes.
+is then the sum of the stages' wall times. Ends with one JSON line. Exit code 1 when a check fails
+or the run took over 60 minutes.
 """
 
 import argparse
@@ -89,14 +90,16 @@ def behaviour(run, base_eval):
         return sum(ids[-1:] == [end] and reason == "stop" and user_start not in ids for ids, reason, _ in answers)
 
     answers = replies(engine, FORMAT_PROMPTS)
+    ended = well_formed(answers)
     named = [text for _, _, text in replies(engine, IDENTITY_PROMPTS)]
+    names = sum("nanochat" in t.lower() for t in named)
     bpb, unigram = base_eval["val_bpb"], base_eval["unigram_val_bpb"]
     checks = {
-        "format": {"passed": well_formed(answers) == len(FORMAT_PROMPTS), "well_formed": well_formed(answers),
-                   "of": len(FORMAT_PROMPTS), "more_prompts_well_formed": well_formed(replies(engine, MORE_PROMPTS)),
-                   "more_prompts": len(MORE_PROMPTS), "examples": {p: a[2] for p, a in list(zip(FORMAT_PROMPTS, answers))[:3]}},
-        "identity": {"passed": sum("nanochat" in t.lower() for t in named) >= 4,
-                     "named": sum("nanochat" in t.lower() for t in named), "of": len(named),
+        "format": {"passed": ended == len(FORMAT_PROMPTS), "well_formed": ended, "of": len(FORMAT_PROMPTS),
+                   "more_prompts_well_formed": well_formed(replies(engine, MORE_PROMPTS)),
+                   "more_prompts": len(MORE_PROMPTS),
+                   "examples": dict(zip(FORMAT_PROMPTS[:3], [text for _, _, text in answers]))},
+        "identity": {"passed": names >= 4, "named": names, "of": len(named),
                      "answers": dict(zip(IDENTITY_PROMPTS, named))},
         "english": {"passed": bpb <= 0.75 * unigram, "val_bpb": bpb, "unigram_val_bpb": unigram,
                     "ratio": bpb / unigram},
@@ -111,19 +114,17 @@ def main():
     p.add_argument("--nproc-per-node", type=int, default=2)
     p.add_argument("--check-run", help="check this finished run instead of running one")
     args = p.parse_args()
-    if args.check_run:
-        storage = None
-    else:
+    storage = flow_s = None
+    if not args.check_run:
         storage = args.storage or tempfile.mkdtemp(prefix="nanochat-learner-")
         os.environ["NANOCHAT_STORAGE"] = storage
-        total = run_flow(storage, args.run, args.nproc_per_node)
+        flow_s = run_flow(storage, args.run, args.nproc_per_node)
 
     from nanochat import report, storage as store
 
     run = store.run_uri(args.check_run or args.run, store.storage_root(storage))
     summaries = report.load(run)
-    if args.check_run:
-        total = sum(s["wall_time_s"] for s in summaries.values())
+    total = flow_s if flow_s is not None else sum(s["wall_time_s"] for s in summaries.values())
     print(f"\n{'stage':<16} {'wall s':>8}")
     for name, s in summaries.items():
         print(f"{name:<16} {s['wall_time_s']:>8.1f}")

@@ -9,8 +9,9 @@ batch instead (cpu: depth 4, heads of 64, vocabulary 8,192, batch 8 x 512). Each
 own process, so its peak RSS is its own: random tokens, --warmup steps (compilation included),
 then the median of --steps step times. The matmul peak of the mode's dtype
 (nanochat.common.measure_matmul_flops) is measured in the same process before and after the steps,
-the higher counting; MFU = GPT.estimate_flops() x tokens/s / peak. Prints a table, then one JSON line; the reference is upstream nanochat's fp32 throughput on
-this machine class (~610 tokens/s eager, ~860 compiled; issue 4), which this repo does not contain.
+the higher counting; MFU = GPT.estimate_flops() x tokens/s / peak. Prints a table, then one JSON
+line; the reference is upstream nanochat's fp32 throughput on this machine class (~610 tokens/s
+eager, ~860 compiled; issue 4), which this repo does not contain.
 """
 
 import argparse

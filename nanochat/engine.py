@@ -40,10 +40,6 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
 
-    @property
-    def penalized(self):
-        return self.frequency_penalty != 0 or self.presence_penalty != 0
-
 
 @dataclass
 class Completion:
@@ -314,21 +310,11 @@ class Engine:
     def sample(self, logits, rows):
         """One token per row of logits (B, vocab), each with its row's parameters (greedy rows, those
         without a generator, take the argmax whatever the others do)."""
-        if any(row.request.params.penalized and row.completion.token_ids for row in rows):
-            logits = logits - self.penalties(logits, rows)
+        for i, row in enumerate(rows):
+            apply_penalties(logits[i], row.request.params, row.completion.token_ids)
         greedy = logits.argmax(dim=-1).tolist()
         return [greedy[i] if row.generator is None else sample_one(logits[i], row.request.params, row.generator)
                 for i, row in enumerate(rows)]
-
-    def penalties(self, logits, rows):
-        """(B, vocab): what each row's frequency and presence penalties take off its logits."""
-        penalty = torch.zeros_like(logits)
-        for i, row in enumerate(rows):
-            params, tokens = row.request.params, row.completion.token_ids
-            if params.penalized and tokens:
-                counts = torch.bincount(torch.tensor(tokens, device=logits.device), minlength=logits.size(1))
-                penalty[i] = params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-        return penalty
 
     def accept(self, row, token):
         """Appends a generated (or forced) token to its row: stops, tool calls, text, limits."""
@@ -379,6 +365,14 @@ class Engine:
                 self.cache.copy(last, slot)
                 self.rows[slot] = self.rows[last]
             self.rows.pop()
+
+
+def apply_penalties(logits, params, tokens):
+    """Takes the frequency and presence penalties of the tokens generated so far off one row's
+    logits (vocab,), in place (a fresh row, with no tokens yet, is left untouched)."""
+    if tokens and (params.frequency_penalty or params.presence_penalty):
+        ids, counts = torch.tensor(tokens, device=logits.device).unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
 
 
 def sample_one(logits, params, generator):
