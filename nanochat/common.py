@@ -1,6 +1,7 @@
 """Shared plumbing: logging, rank-0 printing, device and distributed init, code version.
 
-Nothing here runs on import; stages call `compute_init()` once and `compute_cleanup()` at the end.
+Nothing here runs on import; stages call `compute_init()` once, and `stage.run_main` calls
+`compute_cleanup()` however the stage ends.
 """
 
 import dataclasses
@@ -162,6 +163,11 @@ def compute_init(device_type=None, seed=None):
     else:
         device = torch.device(device_type)
     if world_size > 1 and not dist.is_initialized():
+        # torch.distributed.nn takes group.WORLD as a default argument when first imported
+        # (torch._dynamo imports it). Imported after the group exists, it would keep the group
+        # alive past destroy_process_group, and with it gloo's worker threads, which may still
+        # be dropping a collective's tensors when the interpreter shuts down: SIGABRT at exit.
+        import torch.distributed.nn  # noqa: F401
         backend = "nccl" if device_type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, **kwargs)
@@ -171,6 +177,7 @@ def compute_init(device_type=None, seed=None):
 
 
 def compute_cleanup():
+    """Destroys the process group (joining gloo's worker threads), if there is one."""
     import torch.distributed as dist
 
     if dist.is_initialized():

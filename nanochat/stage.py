@@ -124,8 +124,9 @@ def fault(stage, step=None):
 
 def run_main(main, p, stage, argv=None):
     """Entry point for `python -m nanochat.stages.X`: one-line reason on stderr and exit 1 on a
-    StageError or on storage that kept failing (a rerun resumes), exit 0 when done."""
-    from nanochat.common import setup_logging
+    StageError or on storage that kept failing (a rerun resumes), exit 0 when done; the process
+    group, if main joined one, is destroyed either way."""
+    from nanochat.common import compute_cleanup, setup_logging
 
     setup_logging()
     redact_logs()
@@ -136,6 +137,8 @@ def run_main(main, p, stage, argv=None):
     except (StageError, storage.StorageError) as e:
         print(storage.redact(f"{stage}: error: {e}"), file=sys.stderr)
         sys.exit(1)
+    finally:
+        compute_cleanup()
 
 
 def redact_logs():

@@ -197,11 +197,9 @@ class Training:
             stage.commit(self.args.run, self.stage, self.args, inputs, outputs, {**metrics, **self.summary()}, started)
 
     def close(self):
-        from nanochat import common
-
+        """Finishes the W&B run, if any (`stage.run_main` destroys the process group)."""
         if self.wandb:
             self.wandb.finish()
-        common.compute_cleanup()
 
 
 def gather(obj):

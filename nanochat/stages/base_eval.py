@@ -83,7 +83,6 @@ def main(args):
                    "core_tasks_absent": missing, "max_per_task": args.max_per_task}
         inputs = {"checkpoint": storage.join(target, checkpoint.MANIFEST), "eval_bundle": storage.join(bundle, "core.yaml")}
         stage.commit(args.run, STAGE, args, inputs, {}, metrics, started)
-    common.compute_cleanup()
 
 
 if __name__ == "__main__":

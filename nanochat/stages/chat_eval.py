@@ -66,7 +66,6 @@ def main(args):
     if compute.master:
         metrics = {"chatcore": score, "tasks": results, "source": args.source, **{t: r["accuracy"] for t, r in results.items()}}
         stage.commit(args.run, name, args, {"checkpoint": storage.join(source, checkpoint.MANIFEST)}, {}, metrics, started)
-    common.compute_cleanup()
 
 
 if __name__ == "__main__":
