@@ -343,13 +343,13 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
-        w = self.lm_head.weight
-        if self.padded_vocab_size != self.config.vocab_size:  # even a full slice would cost a copy in backward
-            w = w[:self.config.vocab_size]
         if targets is None:
             if positions is not None:
                 x = x[torch.arange(B, device=x.device), positions]
-            return softcap(F.linear(x, w).float())
+            return softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
+        w = self.lm_head.weight
+        if self.padded_vocab_size != self.config.vocab_size:  # even a full slice would cost a copy in backward
+            w = w[:self.config.vocab_size]
         loss = cross_entropy(x.reshape(B * T, -1), w, targets.reshape(B * T), loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 

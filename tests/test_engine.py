@@ -1,10 +1,15 @@
 """The engine: cached batched greedy decoding equals uncached decoding token for token (the oracle),
 continuous batching, sampling parameters, stops, the python tool, UTF-8-safe streaming."""
 
+import copy
+import time
+
 import pytest
 import torch
 
-from nanochat.engine import Engine, Request, SamplingParams, TextStream, sample_one
+from nanochat import engine as engine_module
+from nanochat.engine import Engine, Request, SamplingParams, TextStream, pack_linears, sample_one
+from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
@@ -49,10 +54,18 @@ def assert_matches_oracle(model, engine, request, max_tokens):
         assert len(got) == max_tokens or got[-1] in engine.end_ids
 
 
-def test_cached_batched_greedy_equals_uncached(model, tokenizer):
+def packed_copy(model):
+    """The model with its linear layers packed for oneDNN, as load_engine serves it."""
+    packed = pack_linears(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    return packed
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_cached_batched_greedy_equals_uncached(model, tokenizer, packed):
     """Requests of different lengths join a running batch at different steps; each row is at its
-    own position, and every completion is what uncached greedy decoding gives."""
-    engine = Engine(model, tokenizer, max_rows=8)
+    own position, and every completion is what uncached greedy decoding (of the plain model) gives."""
+    engine = Engine(packed_copy(model) if packed else model, tokenizer, max_rows=8)
     greedy = SamplingParams(temperature=0, max_tokens=24)
     prompts = [[tokenizer.bos_token_id, *tokenizer.encode(text)] for text in ("hi", "hello there, model", "x" * 40)]
     requests = [Request(p, greedy, n=n) for p, n in zip(prompts, (1, 3, 2))]
@@ -269,6 +282,42 @@ def test_failing_tool_call_forces_nothing_and_others_keep_decoding(tokenizer):
         engine.step()
     assert tool.completions[0].text == "<|python_start|>1/0<|python_end|>?"
     assert other.completions[0].text == "abcdefghij" and other.completions[0].finish_reason == "stop"
+
+
+class ChainThenNoise(Bigram):
+    """Bigram's chain, made certain, while the current token is in `table`; uniform logits past it,
+    so that what comes after depends on every draw from the row's generator."""
+
+    def __init__(self, table, tokenizer):
+        super().__init__(table, tokenizer)
+        self.chained = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+        self.chained[list(table)] = True
+
+    def forward(self, idx, kv_cache, positions=None):
+        current = idx if positions is None else idx[torch.arange(idx.size(0)), positions]
+        return super().forward(idx, kv_cache, positions) * 100 * self.chained[current].unsqueeze(-1)
+
+
+def test_tool_latency_never_changes_a_seeded_sample(tokenizer, monkeypatch):
+    """A row waiting for its tool draws nothing, so a seeded sample is the same however long the
+    tool runs (RL's exact resume relies on it)."""
+    table = chain(tokenizer, "<|assistant_start|>", "<|python_start|>", "6*7", "<|python_end|>")
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=40)
+
+    def samples():
+        engine = Engine(ChainThenNoise(table, tokenizer), tokenizer)
+        request = engine.generate([tokenizer.special_ids["<|assistant_start|>"]], params, n=2)
+        return [c.token_ids for c in request.completions]
+
+    fast = samples()
+    monkeypatch.setattr(engine_module, "calculator", lambda expression: time.sleep(0.35) or calculator(expression))
+    slow = samples()  # the row waits through several steps (0.1 s each) for its result
+    special = tokenizer.special_ids
+    call = [special["<|python_start|>"], *tokenizer.encode("6*7"), special["<|python_end|>"]]
+    call += [special["<|output_start|>"], *tokenizer.encode("42"), special["<|output_end|>"]]
+    assert all(ids[:len(call)] == call for ids in fast)
+    assert fast[0][len(call):] != fast[1][len(call):]  # past the call, the tokens are really sampled
+    assert slow == fast
 
 
 def test_stop_strings_end_the_completion(tokenizer):
