@@ -14,6 +14,7 @@ first token (TTFT) of both.
 
 import argparse
 import concurrent.futures
+import http.client
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -62,19 +64,28 @@ def serve(run, env, *options):
 
 
 def one_request(url, i):
-    """(time to first token, completion tokens) of one streaming request."""
+    """(time to first token, completion tokens) of one streaming request. The client is the standard
+    library's, and it decodes only the chunks it needs: the load runs on the server's own cores, and
+    an httpx client per request (an SSL context each) spent a third of a core and 0.1 s of every TTFT."""
     body = {"messages": [{"role": "user", "content": f"Tell me about the number {i}."}], "stream": True,
             "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": i, "stream_options": {"include_usage": True}}
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=600)
     start, ttft, tokens = time.perf_counter(), None, 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        for line in response:
+            if not line.startswith(b"data: {") or (ttft is not None and b'"usage"' not in line):
                 continue
             chunk = json.loads(line[6:])
             if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 ttft = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+    finally:
+        connection.close()
     return ttft if ttft is not None else time.perf_counter() - start, tokens
 
 

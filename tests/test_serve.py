@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -14,6 +15,7 @@ import psutil
 import pytest
 
 from nanochat.chat import FREQUENCY_PENALTY
+from nanochat.serve.worker import Worker
 from tests.serving import ask, chromium_tab, openai_client, start_server, stop_server, streamed
 
 pytest_plugins = ["tests.serving"]
@@ -141,6 +143,23 @@ def test_full_queue_is_429_and_a_disconnect_cancels(run):
         assert health["active_requests"] == 0 and health["queued_requests"] == 0
     finally:
         stop_server(proc)
+
+
+def test_the_worker_builds_its_engine_on_its_own_thread():
+    """The engine is built on the thread that decodes with it (one OpenMP thread team on CPU, see
+    Worker), and what the factory raises comes out of the constructor."""
+    built_on = []
+    worker = Worker(lambda: built_on.append(threading.current_thread()) or "engine", max_pending=1)
+    try:
+        assert worker.engine == "engine" and built_on == [worker.thread]
+    finally:
+        worker.stop()
+
+    def missing_checkpoint():
+        raise FileNotFoundError("no checkpoint here")
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        Worker(missing_checkpoint, max_pending=1)
 
 
 def test_chat_cli_one_shot_and_interactive(run, client):

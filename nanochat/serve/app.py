@@ -12,6 +12,7 @@ of /v1/, `guard.Guard` checks the API key, the client's rate and concurrency, an
 """
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -142,15 +143,15 @@ def render_prompt(tokenizer, messages):
 
 
 def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="nanochat", api_keys=(), cors_origins=()):
-    """The FastAPI app. `engine_factory(device)` builds the Engine of one device, at startup; each
-    gets a Worker thread, and a request goes to the least loaded. With `api_keys`, /v1/ needs one of
+    """The FastAPI app. `engine_factory(device)` builds the Engine of one device, at startup, in the
+    Worker thread that runs it; a request goes to the least loaded worker. With `api_keys`, /v1/ needs one of
     them; `cors_origins` are the web origins whose pages may call the API (none by default)."""
     workers = []
 
     async def lifespan(app):
         for device in devices:
-            engine = await asyncio.to_thread(engine_factory, device)
-            workers.append(Worker(engine, limits.max_pending, limits.max_requests, limits.max_seconds))
+            workers.append(await asyncio.to_thread(Worker, functools.partial(engine_factory, device), limits.max_pending,
+                                                   limits.max_requests, limits.max_seconds))
         yield
         for worker in workers:
             await asyncio.to_thread(worker.stop)

@@ -17,10 +17,15 @@ class Worker:
     """Runs an Engine in its own thread. `submit` queues a Request (at most `max_pending` wait);
     `max_requests` caps the requests decoding together (1: one request at a time). A request still
     unfinished `max_seconds` after it was submitted is cut short: its unfinished completions end
-    with finish_reason "length", as when max_tokens is reached."""
+    with finish_reason "length", as when max_tokens is reached.
 
-    def __init__(self, engine, max_pending, max_requests=None, max_seconds=float("inf")):
-        self.engine = engine
+    The thread builds its engine itself (`engine_factory()`; the constructor waits, and raises what
+    the factory raised): on CPU, torch ops from a second thread start a second OpenMP thread team,
+    and with more OpenMP threads than cores libgomp stops spinning between parallel regions, which
+    halves decoding speed."""
+
+    def __init__(self, engine_factory, max_pending, max_requests=None, max_seconds=float("inf")):
+        self.engine = None
         self.max_pending = max_pending
         self.max_requests = max_requests
         self.max_seconds = max_seconds
@@ -30,8 +35,13 @@ class Worker:
         self.wakeup = threading.Condition()
         self.stopped = False
         self.cancelled = 0  # requests whose client went away before they finished
-        self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
+        self.thread = threading.Thread(target=self.run, args=(engine_factory,), name="engine", daemon=True)
+        self.built = threading.Event()
+        self.failure = None
         self.thread.start()
+        self.built.wait()
+        if self.failure is not None:
+            raise self.failure
 
     @property
     def load(self):
@@ -53,7 +63,14 @@ class Worker:
             self.wakeup.notify()
         self.thread.join()
 
-    def run(self):
+    def run(self, engine_factory):
+        try:
+            self.engine = engine_factory()
+        except BaseException as e:  # the constructor raises it
+            self.failure = e
+            return
+        finally:
+            self.built.set()
         while True:
             with self.wakeup:
                 while not self.stopped and not self.pending and not self.active:
