@@ -8,8 +8,9 @@ The default model is the upstream-equivalent d4 (width 256, vocab 65,536), saved
 with a synthetic tokenizer; its random weights never end a reply early, so every request streams
 its 64 tokens.
 
-Prints one JSON line: aggregate completion tokens/s of both modes, their ratio, and p50/p99 time to
-first token (TTFT) of both.
+Both servers run side by side and take --repeats loads each, alternating. Prints one JSON line: per
+mode the load of median throughput (aggregate completion tokens/s, p50/p99 time to first token)
+and every load's tokens/s, and the ratio of the medians.
 """
 
 import argparse
@@ -90,13 +91,14 @@ def one_request(url, i):
 
 
 def load(url):
-    """Aggregate tokens/s and TTFTs of CLIENTS clients, each sending REQUESTS_PER_CLIENT requests in turn."""
-    one_request(url, -1)  # warm-up
+    """Aggregate tokens/s and TTFTs of CLIENTS clients, each sending REQUESTS_PER_CLIENT requests in turn,
+    after a warm-up of CLIENTS requests at once (every batch size's kernels are made on first use)."""
     def client(c):
         return [one_request(url, c * REQUESTS_PER_CLIENT + r) for r in range(REQUESTS_PER_CLIENT)]
 
-    start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(lambda c: one_request(url, -1 - c), range(CLIENTS)))
+        start = time.perf_counter()
         results = [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
     elapsed = time.perf_counter() - start
     ttfts = sorted(t for t, _ in results)
@@ -105,22 +107,32 @@ def load(url):
             "ttft_p99_s": round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 3)}
 
 
+def median_run(runs):
+    """The run of median throughput, with every run's tokens/s."""
+    chosen = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+    return {**chosen, "tok_s_runs": [r["tok_s"] for r in runs]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="run name or URI (default: the d4 model of bench/inference.py)")
+    parser.add_argument("--repeats", type=int, default=3, help="load runs per mode, alternating (default 3)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)
         if args.run is None:
             args.run = save_d4_checkpoint(tmp)
-        modes = {}
-        for mode, options in (("batched", []), ("one_at_a_time", ["--one-at-a-time"])):
-            proc, url = serve(args.run, env, *options)
-            try:
-                modes[mode] = load(url)
-            finally:
+        servers = {"batched": serve(args.run, env), "one_at_a_time": serve(args.run, env, "--one-at-a-time")}
+        try:
+            runs = {mode: [] for mode in servers}
+            for _ in range(args.repeats):  # alternating, so that both modes see the same machine
+                for mode, (_, url) in servers.items():
+                    runs[mode].append(load(url))
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait()
+    modes = {mode: median_run(r) for mode, r in runs.items()}
     print(json.dumps({"bench": "serve_load", "device": "cpu", "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "clients": CLIENTS,
                       "requests": CLIENTS * REQUESTS_PER_CLIENT, "max_tokens": MAX_TOKENS, **modes,
                       "ratio": round(modes["batched"]["tok_s"] / modes["one_at_a_time"]["tok_s"], 2)}))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
-from nanochat.engine import Engine, Request, SamplingParams, TextStream, pack_linears, sample_one
+from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, pack_linears, sample_one
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -164,6 +164,21 @@ def test_sampled_tokens_follow_the_distribution(top_k, top_p):
     draws = torch.tensor([sample_one(logits, params, generator) for _ in range(40_000)])
     frequencies = torch.bincount(draws, minlength=len(logits)).double() / len(draws)
     assert frequencies[expected == 0].sum() == 0
+    assert 0.5 * (frequencies - expected).abs().sum() < 0.015
+
+
+def test_long_vocabularies_draw_block_by_block():
+    """Over more tokens than DRAW_BLOCK (blocks, the last one padded), the frequencies of 40,000
+    draws match softmax(logits / T), and a token of probability 0 is never drawn."""
+    logits = torch.full((1000,), float("-inf"))
+    support = torch.tensor([0, 255, 256, 600, 999])  # the edges of the blocks and the padded last one
+    logits[support] = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5])
+    params = SamplingParams(temperature=0.8)
+    expected = torch.softmax(logits / params.temperature, dim=-1).double()
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_one(logits, params, generator) for _ in range(40_000)])
+    assert len(logits) > DRAW_BLOCK and set(draws.unique().tolist()) == set(support.tolist())
+    frequencies = torch.bincount(draws, minlength=len(logits)).double() / len(draws)
     assert 0.5 * (frequencies - expected).abs().sum() < 0.015
 
 
