@@ -26,8 +26,6 @@ import tempfile
 import time
 from urllib.parse import urlsplit
 
-import httpx
-
 from nanochat.common import git_commit
 
 CLIENTS, REQUESTS_PER_CLIENT, MAX_TOKENS = 8, 3, 64
@@ -57,11 +55,15 @@ def serve(run, env, *options):
     url = f"http://127.0.0.1:{port}"
     while True:
         assert proc.poll() is None, "the server exited"
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
-            httpx.get(url + "/health")
+            connection.request("GET", "/health")
+            connection.getresponse().read()
             return proc, url
-        except httpx.TransportError:
+        except OSError:  # not listening yet
             time.sleep(0.2)
+        finally:
+            connection.close()
 
 
 def one_request(url, i):

@@ -285,9 +285,7 @@ class Engine:
         # only rows that take a sampled token draw from their generators: how long a tool runs
         # never changes what a seeded row samples
         sampled = [slot for slot in ready if not self.rows[slot].forced]
-        if len(sampled) < len(self.rows):  # (a copy of the logits, so only when some row sits out)
-            logits = logits[sampled]
-        tokens = dict(zip(sampled, self.sample(logits, [self.rows[slot] for slot in sampled])))
+        tokens = dict(zip(sampled, self.sample(select_rows(logits, sampled), [self.rows[slot] for slot in sampled])))
         for slot in ready:
             row = self.rows[slot]
             self.accept(row, row.forced.popleft() if row.forced else tokens[slot])
@@ -324,8 +322,9 @@ class Engine:
         without a generator, take the argmax whatever the others do)."""
         for i, row in enumerate(rows):
             apply_penalties(logits[i], row.request.params, row.completion.token_ids)
-        greedy = logits.argmax(dim=-1).tolist()
-        return [greedy[i] if row.generator is None else sample_one(logits[i], row.request.params, row.generator)
+        greedy = [i for i, row in enumerate(rows) if row.generator is None]
+        best = dict(zip(greedy, select_rows(logits, greedy).argmax(dim=-1).tolist())) if greedy else {}
+        return [best[i] if row.generator is None else sample_one(logits[i], row.request.params, row.generator)
                 for i, row in enumerate(rows)]
 
     def accept(self, row, token):
@@ -377,6 +376,11 @@ class Engine:
                 self.cache.copy(last, slot)
                 self.rows[slot] = self.rows[last]
             self.rows.pop()
+
+
+def select_rows(x, index):
+    """x[index] for a list of row indices, without copying x when the index takes every row in order."""
+    return x if index == list(range(x.size(0))) else x[index]
 
 
 def apply_penalties(logits, params, tokens):
@@ -466,7 +470,6 @@ class PackedLinear(torch.nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # 1: a batch-size hint
 
     def forward(self, x):
