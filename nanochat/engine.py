@@ -6,7 +6,8 @@ finished rows leave), sampling, stops, the python tool, and UTF-8-safe streaming
     request = engine.generate(tokenizer.render_for_completion(messages), SamplingParams(temperature=0))
     request.completions[0].text
 
-A request's prompt is prefilled once and fanned out to its n samples (its KV rows are copied).
+A request's prompt is prefilled once and fanned out to its n samples (its KV rows are copied);
+prompts of similar lengths added together are prefilled in one forward.
 Each `step()` feeds every active row's last token through the model in one forward. A row that
 writes <|python_start|> expr <|python_end|> gets the expression evaluated in the sandbox (in a
 thread, so other rows keep decoding) and the result forced in as <|output_start|> result
@@ -41,6 +42,11 @@ class SamplingParams:
     # far) + presence_penalty if it occurs there at all; they apply to greedy rows too
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+
+    @property
+    def truncates(self):
+        """Top-k or top-p leave some tokens out."""
+        return self.top_k is not None or self.top_p < 1.0
 
 
 @dataclass
@@ -138,10 +144,10 @@ class RowCache:
         self.lengths = [0] * rows
         self.max_len = max_len
 
-    def prefill(self, slot):
-        """A view for a fresh prompt in `slot`."""
-        self.lengths[slot] = 0
-        return CacheView(self, slice(slot, slot + 1), 0)
+    def prefill(self, start, count):
+        """A view for `count` fresh prompts in the slots from `start`, padded to one length."""
+        self.lengths[start:start + count] = [0] * count
+        return CacheView(self, slice(start, start + count), 0)
 
     def decode(self, num_rows):
         """A view for one new token in each of the slots 0..num_rows-1."""
@@ -245,20 +251,37 @@ class Engine:
             raise ValueError(f"n={request.n} is more than the {self.max_rows} rows this engine decodes at once")
 
     @torch.inference_mode()
-    def add(self, request):
-        """Prefills the request's prompt once, fans it out to n rows and samples their first
-        tokens. Needs request.n free rows."""
-        self.check(request)
-        if request.n > self.free_rows:
-            raise RuntimeError(f"{request.n} rows needed, {self.free_rows} free")
-        slot = len(self.rows)
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.prefill(slot), positions=torch.tensor([ids.size(1) - 1], device=self.device))
-        rows = [Row(request, i, self.device) for i in range(request.n)]
-        for i in range(1, request.n):
-            self.cache.copy(slot, slot + i)
+    def add(self, *requests):
+        """Prefills the requests' prompts (those of similar lengths in one forward, see
+        prefill_groups), fans each out to its n rows and samples their first tokens. Needs as
+        many free rows as their n's add up to."""
+        for request in requests:
+            self.check(request)
+        needed = sum(request.n for request in requests)
+        if needed > self.free_rows:
+            raise RuntimeError(f"{needed} rows needed, {self.free_rows} free")
+        for group in prefill_groups(requests):
+            self.prefill(group)
+
+    def prefill(self, requests):
+        """One forward over the prompts, right-padded to the longest (a causal model's tokens never
+        see the padding after them, and decoding overwrites it). Request j's prompt goes to slot
+        slot + j, where its first row stays; its other rows take copies."""
+        slot, lengths = len(self.rows), [len(request.prompt_ids) for request in requests]
+        ids = torch.tensor([request.prompt_ids + [0] * (max(lengths) - n) for request, n in zip(requests, lengths)],
+                           device=self.device)
+        logits = self.model(ids, kv_cache=self.cache.prefill(slot, len(requests)),
+                            positions=torch.tensor(lengths, device=self.device) - 1)
+        for j, n in enumerate(lengths):
+            self.cache.lengths[slot + j] = n
+        rows, prompt_of = [Row(request, 0, self.device) for request in requests], list(range(len(requests)))
+        for j, request in enumerate(requests):
+            for i in range(1, request.n):
+                self.cache.copy(slot + j, slot + len(rows))
+                rows.append(Row(request, i, self.device))
+                prompt_of.append(j)
         self.rows.extend(rows)
-        for row, token in zip(rows, self.sample(logits.expand(request.n, -1), rows)):
+        for row, token in zip(rows, self.sample(select_rows(logits, prompt_of), rows)):
             self.accept(row, token)
         self.remove_finished()
 
@@ -318,13 +341,18 @@ class Engine:
     # sampling and the per-row state machine
 
     def sample(self, logits, rows):
-        """One token per row of logits (B, vocab), each with its row's parameters (greedy rows, those
-        without a generator, take the argmax whatever the others do)."""
+        """One token per row of logits (B, vocab), each with its row's parameters: greedy rows (those
+        without a generator) take the argmax, rows with a temperature alone are drawn together, and
+        rows with top-k or top-p one by one."""
         for i, row in enumerate(rows):
             apply_penalties(logits[i], row.request.params, row.completion.token_ids)
         greedy = [i for i, row in enumerate(rows) if row.generator is None]
-        best = dict(zip(greedy, select_rows(logits, greedy).argmax(dim=-1).tolist())) if greedy else {}
-        return [best[i] if row.generator is None else sample_one(logits[i], row.request.params, row.generator)
+        plain = [i for i, row in enumerate(rows) if row.generator is not None and not row.request.params.truncates]
+        tokens = dict(zip(greedy, select_rows(logits, greedy).argmax(dim=-1).tolist())) if greedy else {}
+        if plain:
+            temperatures = torch.tensor([[rows[i].request.params.temperature] for i in plain], device=logits.device)
+            tokens.update(zip(plain, sample_rows(select_rows(logits, plain), temperatures, [rows[i].generator for i in plain])))
+        return [tokens[i] if i in tokens else sample_one(logits[i], row.request.params, row.generator)
                 for i, row in enumerate(rows)]
 
     def accept(self, row, token):
@@ -378,6 +406,19 @@ class Engine:
             self.rows.pop()
 
 
+def prefill_groups(requests):
+    """The requests in groups to prefill together, shortest prompts first: a group takes the next
+    prompt while padding every prompt to it costs at most twice the group's own tokens."""
+    groups = []
+    for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        group, longest = (groups[-1] if groups else []), len(request.prompt_ids)
+        if group and (len(group) + 1) * longest <= 2 * (sum(len(r.prompt_ids) for r in group) + longest):
+            group.append(request)
+        else:
+            groups.append([request])
+    return groups
+
+
 def select_rows(x, index):
     """x[index] for a list of row indices, without copying x when the index takes every row in order."""
     return x if index == list(range(x.size(0))) else x[index]
@@ -389,6 +430,13 @@ def apply_penalties(logits, params, tokens):
     if tokens and (params.frequency_penalty or params.presence_penalty):
         ids, counts = torch.tensor(tokens, device=logits.device).unique(return_counts=True)
         logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+
+
+def sample_rows(logits, temperatures, generators):
+    """A token per row of fp32 logits (B, vocab) from softmax(logits / T), T (B, 1) a row's
+    temperature, drawn with the row's generator."""
+    weights = (logits - logits.amax(dim=1, keepdim=True)).div_(temperatures).exp_()  # unnormalized
+    return draw(weights, uniforms(generators, weights.device)).tolist()
 
 
 def sample_one(logits, params, generator):
@@ -404,28 +452,37 @@ def sample_one(logits, params, generator):
         # keep each token whose preceding mass is below top_p (the first one always)
         keep = int((cumulative - weights < params.top_p * cumulative[-1]).sum())
         weights, candidates = weights[:keep], candidates[:keep]
-    choice = draw(weights, generator)
+    choice = int(draw(weights[None], uniforms([generator], weights.device))[0])
     return choice if candidates is None else int(candidates[choice])
 
 
-def draw(weights, generator):
-    """Index i with probability weights[i] / weights.sum(), by inverse CDF (torch.multinomial takes 1 ms
-    over a 65,536 vocabulary on CPU). A long vector goes by blocks of DRAW_BLOCK: a block drawn from
-    the blocks' sums, then an index within it, each with its own uniform, which spares the cumulative
-    sum of the whole vector. An index of weight 0 is never drawn."""
-    u = torch.rand(2, generator=generator, device=weights.device)
-    if weights.size(0) <= DRAW_BLOCK:
-        return inverse_cdf(weights.cumsum(0), u[:1])
-    blocks = F.pad(weights, (0, -weights.size(0) % DRAW_BLOCK)).view(-1, DRAW_BLOCK)
-    block = inverse_cdf(blocks.sum(1).cumsum(0), u[:1])
-    return block * DRAW_BLOCK + inverse_cdf(blocks[block].cumsum(0), u[1:])
+def uniforms(generators, device):
+    """(B, 2): the two uniforms in [0, 1) each row's draw takes from its own generator."""
+    return torch.stack([torch.rand(2, generator=g, device=device) for g in generators])
+
+
+def draw(weights, u):
+    """Per row i, index j with probability weights[i, j] / weights[i].sum(), by inverse CDF with the
+    uniforms u[i] (torch.multinomial takes 1 ms over a 65,536 vocabulary on CPU). A long row goes
+    by blocks of DRAW_BLOCK: a block drawn from the blocks' sums with u[i, 0], then an index within
+    it with u[i, 1], which spares the cumulative sum of the whole row. An index of weight 0 is never
+    drawn. Each row's result depends on that row alone, whatever the batch."""
+    B, V = weights.shape
+    if V <= DRAW_BLOCK:
+        return inverse_cdf(weights.cumsum(1), u[:, :1])
+    if V % DRAW_BLOCK:
+        weights = F.pad(weights, (0, -V % DRAW_BLOCK))
+    blocks = weights.view(B, -1, DRAW_BLOCK)
+    block = inverse_cdf(blocks.sum(2).cumsum(1), u[:, :1])
+    within = blocks[torch.arange(B, device=weights.device), block]  # (B, DRAW_BLOCK): each row's block
+    return block * DRAW_BLOCK + inverse_cdf(within.cumsum(1), u[:, 1:])
 
 
 def inverse_cdf(cdf, u):
-    """The first index whose cumulative weight exceeds u * total (u in [0, 1)), or, should rounding
-    put that at the total, the first index that reaches it."""
-    total = cdf[-1:]
-    return int(torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total)))
+    """Per row, the first index whose cumulative weight exceeds u * total (u in [0, 1)), or, should
+    rounding put that at the total, the first index that reaches it: (B,) from cdf (B, N), u (B, 1)."""
+    total = cdf[:, -1:].contiguous()  # searchsorted copies a strided column anyway
+    return torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))[:, 0]
 
 
 SOURCES = {"rl": "chat_rl", "sft": "chat_sft", "mid": "mid_train", "base": "base_train"}  # newest first

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
-from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, pack_linears, sample_one
+from nanochat.engine import (DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, pack_linears, prefill_groups,
+                             sample_one, sample_rows)
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -80,6 +81,36 @@ def test_cached_batched_greedy_equals_uncached(model, tokenizer, packed):
     for request in requests:
         assert request.done
         assert_matches_oracle(model, engine, request, 24)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_prompts_added_together_equal_uncached(model, tokenizer, packed):
+    """Prompts added at once are prefilled together, padded to the longest (one forward for the
+    short ones, another for the long one), into a batch already decoding; every completion is still
+    what uncached greedy decoding gives."""
+    engine = Engine(packed_copy(model) if packed else model, tokenizer, max_rows=10)
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    running = Request([tokenizer.bos_token_id, *tokenizer.encode("already running")], greedy)
+    engine.add(running)
+    engine.step()
+    texts = ("a longer prompt than the others", "short", "mid-sized one", "z" * 70)
+    requests = [Request([tokenizer.bos_token_id, *tokenizer.encode(t)], greedy, n=n) for t, n in zip(texts, (2, 1, 3, 2))]
+    forwards = []
+    hook = engine.model.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape))
+    engine.add(*requests)
+    hook.remove()
+    assert sorted(forwards) == [(1, 71), (3, 32)]
+    while engine.rows:
+        engine.step()
+    for request in [running, *requests]:
+        assert_matches_oracle(model, engine, request, 16)
+
+
+def test_prefill_groups_bound_the_padding():
+    """Shortest first; a prompt joins a group while the padded forward is at most twice its tokens."""
+    groups = [[len(r.prompt_ids) for r in g] for g in prefill_groups([Request([0] * n) for n in (30, 5, 12, 9, 400, 250)])]
+    assert groups == [[5, 9, 12], [30, 250, 400]]
+    assert all(len(g) * max(g) <= 2 * sum(g) for g in groups)
 
 
 def test_penalties_equal_the_uncached_oracle_row_by_row(model, tokenizer):
@@ -180,6 +211,20 @@ def test_long_vocabularies_draw_block_by_block():
     assert len(logits) > DRAW_BLOCK and set(draws.unique().tolist()) == set(support.tolist())
     frequencies = torch.bincount(draws, minlength=len(logits)).double() / len(draws)
     assert 0.5 * (frequencies - expected).abs().sum() < 0.015
+
+
+def test_rows_drawn_together_draw_as_they_would_alone():
+    """sample_rows (rows with a temperature alone, drawn together) gives each row the token
+    sample_one gives it alone from the same generator, whatever the other rows."""
+    logits = torch.randn(3, 3 * DRAW_BLOCK) * 3
+    temperatures = [0.5, 1.0, 1.7]
+    together = [torch.Generator().manual_seed(i) for i in range(3)]
+    alone = [torch.Generator().manual_seed(i) for i in range(3)]
+    for _ in range(200):
+        tokens = sample_rows(logits, torch.tensor(temperatures)[:, None], together)
+        assert tokens == [sample_one(logits[i], SamplingParams(temperature=t), alone[i]) for i, t in enumerate(temperatures)]
+    assert sample_rows(logits[1:], torch.tensor(temperatures[1:])[:, None], together[1:]) == \
+        [sample_one(logits[i], SamplingParams(temperature=temperatures[i]), alone[i]) for i in (1, 2)]
 
 
 def test_greedy_and_sampled_requests_decode_together(model, tokenizer):

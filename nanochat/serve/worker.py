@@ -81,8 +81,7 @@ class Worker:
                 admitted = self.admissible()
             try:
                 self.active.extend(admitted)  # before adding, so that a failure fails them all
-                for request in admitted:
-                    self.engine.add(request)
+                self.engine.add(*admitted)
                 self.engine.step()
             except Exception:  # a bug, not a bad request (those fail in submit): fail what was running, keep serving
                 log.exception("engine step failed; failing %d requests", len(self.active))
