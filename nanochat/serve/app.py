@@ -5,8 +5,8 @@
     GET  /health                status and load
     GET  /                      the web UI (one self-contained page)
 
-Generation never runs on the event loop: each device's Worker thread decodes, and sends each
-piece of text back with loop.call_soon_threadsafe. Bad input is a 400 with an OpenAI-style error
+Generation never runs on the event loop: each device's Worker thread decodes, and its Relay hands
+each step's pieces of text to the loop in one callback. Bad input is a 400 with an OpenAI-style error
 body, a full queue a 429 with Retry-After; a client that goes away cancels its generation. In front
 of /v1/, `guard.Guard` checks the API key, the client's rate and concurrency, and the body.
 """
@@ -146,12 +146,14 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="na
     """The FastAPI app. `engine_factory(device)` builds the Engine of one device, at startup, in the
     Worker thread that runs it; a request goes to the least loaded worker. With `api_keys`, /v1/ needs one of
     them; `cors_origins` are the web origins whose pages may call the API (none by default)."""
-    workers = []
+    workers, relays = [], {}  # relays: worker -> its Relay
 
     async def lifespan(app):
         for device in devices:
+            relay = Relay(asyncio.get_running_loop())
             workers.append(await asyncio.to_thread(Worker, functools.partial(engine_factory, device), limits.max_pending,
-                                                   limits.max_requests, limits.max_seconds))
+                                                   limits.max_requests, limits.max_seconds, relay.flush))
+            relays[workers[-1]] = relay
         yield
         for worker in workers:
             await asyncio.to_thread(worker.stop)
@@ -203,9 +205,8 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="na
         params = sampling_params(body, limits)
         worker = min(workers, key=lambda w: w.load)
         prompt = render_prompt(worker.engine.tokenizer, body.messages)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request = GenerationRequest(prompt, params, body.n,
-                                    lambda *event: loop.call_soon_threadsafe(events.put_nowait, event))
+        events = asyncio.Queue()
+        request = GenerationRequest(prompt, params, body.n, relays[worker].sender(events))
         try:
             worker.submit(request)
         except ValueError as e:
@@ -220,6 +221,29 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="na
         return await complete(request, events, meta, http_request)
 
     return app
+
+
+class Relay:
+    """Carries a worker's events (emitted in its thread) to the event loop: those of one engine step
+    go over in one loop callback, rather than one wake-up of the loop per token."""
+
+    def __init__(self, loop):
+        self.loop, self.events = loop, []
+
+    def sender(self, queue):
+        """A request's on_event: its events reach `queue` (an asyncio.Queue)."""
+        return lambda *event: self.events.append((queue, event))
+
+    def flush(self):
+        """In the worker's thread, after a step: hands the step's events to the loop."""
+        if self.events:
+            events, self.events = self.events, []
+            self.loop.call_soon_threadsafe(deliver, events)
+
+
+def deliver(events):
+    for queue, event in events:
+        queue.put_nowait(event)
 
 
 def usage(request):

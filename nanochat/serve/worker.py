@@ -17,15 +17,17 @@ class Worker:
     """Runs an Engine in its own thread. `submit` queues a Request (at most `max_pending` wait);
     `max_requests` caps the requests decoding together (1: one request at a time). A request still
     unfinished `max_seconds` after it was submitted is cut short: its unfinished completions end
-    with finish_reason "length", as when max_tokens is reached.
+    with finish_reason "length", as when max_tokens is reached. `after_step()`, if given, runs in
+    the thread after every step (requests' events are emitted there, during the step).
 
     The thread builds its engine itself (`engine_factory()`; the constructor waits, and raises what
     the factory raised): on CPU, torch ops from a second thread start a second OpenMP thread team,
     and with more OpenMP threads than cores libgomp stops spinning between parallel regions, which
     halves decoding speed."""
 
-    def __init__(self, engine_factory, max_pending, max_requests=None, max_seconds=float("inf")):
+    def __init__(self, engine_factory, max_pending, max_requests=None, max_seconds=float("inf"), after_step=None):
         self.engine = None
+        self.after_step = after_step
         self.max_pending = max_pending
         self.max_requests = max_requests
         self.max_seconds = max_seconds
@@ -92,6 +94,8 @@ class Worker:
                 if request.done or request.cancelled:
                     self.retire(request)
             self.active = [r for r in self.active if not r.done and not r.cancelled]
+            if self.after_step is not None:
+                self.after_step()
 
     def retire(self, request):
         """Forgets a request that left the queue or the batch for good."""
