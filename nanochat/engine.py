@@ -435,7 +435,7 @@ def apply_penalties(logits, params, tokens):
 def sample_rows(logits, temperatures, generators):
     """A token per row of fp32 logits (B, vocab) from softmax(logits / T), T (B, 1) a row's
     temperature, drawn with the row's generator."""
-    weights = (logits - logits.amax(dim=1, keepdim=True)).div_(temperatures).exp_()  # unnormalized
+    weights = softmax_weights(logits, temperatures)
     return draw(weights, uniforms(generators, weights.device)).tolist()
 
 
@@ -444,7 +444,7 @@ def sample_one(logits, params, generator):
     candidates = None
     if params.top_k is not None and params.top_k < logits.size(0):
         logits, candidates = torch.topk(logits, params.top_k)
-    weights = (logits - logits.max()).div_(params.temperature).exp_()  # softmax(logits / T), unnormalized
+    weights = softmax_weights(logits, params.temperature)
     if params.top_p < 1.0:
         weights, order = torch.sort(weights, descending=True)
         candidates = order if candidates is None else candidates[order]
@@ -454,6 +454,12 @@ def sample_one(logits, params, generator):
         weights, candidates = weights[:keep], candidates[:keep]
     choice = int(draw(weights[None], uniforms([generator], weights.device))[0])
     return choice if candidates is None else int(candidates[choice])
+
+
+def softmax_weights(logits, temperature):
+    """softmax(logits / temperature) over the last dimension, unnormalized (the draw needs no sum of
+    1); temperature a number, or (B, 1) for logits (B, vocab)."""
+    return (logits - logits.amax(dim=-1, keepdim=True)).div_(temperature).exp_()
 
 
 def uniforms(generators, device):

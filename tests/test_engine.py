@@ -107,10 +107,18 @@ def test_prompts_added_together_equal_uncached(model, tokenizer, packed):
 
 
 def test_prefill_groups_bound_the_padding():
-    """Shortest first; a prompt joins a group while the padded forward is at most twice its tokens."""
-    groups = [[len(r.prompt_ids) for r in g] for g in prefill_groups([Request([0] * n) for n in (30, 5, 12, 9, 400, 250)])]
-    assert groups == [[5, 9, 12], [30, 250, 400]]
-    assert all(len(g) * max(g) <= 2 * sum(g) for g in groups)
+    """Shortest first; a prompt joins a group while the padded forward is at most twice its tokens;
+    over random lengths, every request lands in exactly one group and every group keeps the bound."""
+    def lengths(groups):
+        return [[len(r.prompt_ids) for r in g] for g in groups]
+
+    assert lengths(prefill_groups([Request([0] * n) for n in (30, 5, 12, 9, 400, 250)])) == [[5, 9, 12], [30, 250, 400]]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        requests = [Request([0] * n) for n in torch.randint(1, 500, (int(torch.randint(1, 17, ())),), generator=generator).tolist()]
+        groups = prefill_groups(requests)
+        assert sorted(map(id, requests)) == sorted(id(r) for g in groups for r in g)
+        assert all(len(g) * max(g) <= 2 * sum(g) for g in lengths(groups))
 
 
 def test_penalties_equal_the_uncached_oracle_row_by_row(model, tokenizer):
