@@ -20,7 +20,8 @@ import torch
 
 from nanochat import gpt
 from nanochat.common import autocast_dtype, git_commit
-from nanochat.engine import Engine, SamplingParams, pack_linears
+from nanochat.engine import Engine, SamplingParams
+from nanochat.linears import inference_linears
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -88,7 +89,7 @@ def main():
     fast = GPT(CONFIG).eval()
     fast.load_state_dict(model.state_dict())
     fast.to(dtype)
-    engine = Engine(pack_linears(fast), tokenizer, max_rows=8, max_len=PROMPT_TOKENS + NEW_TOKENS + 1)
+    engine = Engine(inference_linears(fast), tokenizer, max_rows=8, max_len=PROMPT_TOKENS + NEW_TOKENS + 1)
     prompt = torch.randint(0, 256, (PROMPT_TOKENS,)).tolist()
     result = {"bench": "inference", "device": "cpu", "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "dtype": str(dtype).removeprefix("torch."),
               "reference_dtype": "float32", "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}

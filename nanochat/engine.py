@@ -344,6 +344,8 @@ class Engine:
         """One token per row of logits (B, vocab), each with its row's parameters: greedy rows (those
         without a generator) take the argmax, rows with a temperature alone are drawn together, and
         rows with top-k or top-p one by one."""
+        if any(row.generator is not None for row in rows):
+            logits = logits.contiguous()  # sampling reads along rows; ColumnLinear's are strided
         for i, row in enumerate(rows):
             apply_penalties(logits[i], row.request.params, row.completion.token_ids)
         greedy = [i for i, row in enumerate(rows) if row.generator is None]
@@ -517,35 +519,10 @@ def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
     dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs)."""
     from nanochat.checkpoint import load_model
     from nanochat.common import autocast_dtype
+    from nanochat.linears import inference_linears
 
     directory, _ = find_checkpoint(target, source)
     device = torch.device(device)
     model, tokenizer, _ = load_model(directory, device)
     model.to(autocast_dtype(device.type))
-    return Engine(pack_linears(model), tokenizer, max_rows)
-
-
-class PackedLinear(torch.nn.Module):
-    """A bias-free nn.Linear for inference on CPU, its weight reordered once into oneDNN's blocked
-    layout (as torch.compile's freezing does) rather than on every call: at decode batch sizes
-    that is most of a matmul's time (the d4 model's lm_head: 2-5x faster), and the results are
-    the same."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # 1: a batch-size hint
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-
-def pack_linears(model):
-    """The model (in place) with every linear layer a PackedLinear, on a CPU with oneDNN; else as
-    it is. The model can no longer train or move to another device."""
-    if next(model.parameters()).device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return model
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.Linear) and child.bias is None:
-                setattr(module, name, PackedLinear(child))
-    return model
+    return Engine(inference_linears(model), tokenizer, max_rows)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
-from nanochat.engine import (DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, pack_linears, prefill_groups,
-                             sample_one, sample_rows)
+from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, prefill_groups, sample_one, sample_rows
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.linears import ColumnLinear, PackedLinear, replace_linears
 from nanochat.tokenizer import Tokenizer
 
 
@@ -55,18 +55,23 @@ def assert_matches_oracle(model, engine, request, max_tokens):
         assert len(got) == max_tokens or got[-1] in engine.end_ids
 
 
-def packed_copy(model):
-    """The model with its linear layers packed for oneDNN, as load_engine serves it."""
-    packed = pack_linears(copy.deepcopy(model))
-    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
-    return packed
+FORMS = {"plain": None, "packed": PackedLinear, "column": ColumnLinear}  # load_engine takes one of the last two
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_cached_batched_greedy_equals_uncached(model, tokenizer, packed):
+def served_copy(model, form):
+    """The model with its linear layers in one of the forms load_engine serves them in."""
+    if FORMS[form] is None:
+        return model
+    served = replace_linears(copy.deepcopy(model), FORMS[form])
+    assert not any(isinstance(m, torch.nn.Linear) for m in served.modules())
+    return served
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_cached_batched_greedy_equals_uncached(model, tokenizer, form):
     """Requests of different lengths join a running batch at different steps; each row is at its
     own position, and every completion is what uncached greedy decoding (of the plain model) gives."""
-    engine = Engine(packed_copy(model) if packed else model, tokenizer, max_rows=8)
+    engine = Engine(served_copy(model, form), tokenizer, max_rows=8)
     greedy = SamplingParams(temperature=0, max_tokens=24)
     prompts = [[tokenizer.bos_token_id, *tokenizer.encode(text)] for text in ("hi", "hello there, model", "x" * 40)]
     requests = [Request(p, greedy, n=n) for p, n in zip(prompts, (1, 3, 2))]
@@ -83,12 +88,12 @@ def test_cached_batched_greedy_equals_uncached(model, tokenizer, packed):
         assert_matches_oracle(model, engine, request, 24)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_prompts_added_together_equal_uncached(model, tokenizer, packed):
+@pytest.mark.parametrize("form", FORMS)
+def test_prompts_added_together_equal_uncached(model, tokenizer, form):
     """Prompts added at once are prefilled together, padded to the longest (one forward for the
     short ones, another for the long one), into a batch already decoding; every completion is still
     what uncached greedy decoding gives."""
-    engine = Engine(packed_copy(model) if packed else model, tokenizer, max_rows=10)
+    engine = Engine(served_copy(model, form), tokenizer, max_rows=10)
     greedy = SamplingParams(temperature=0, max_tokens=16)
     running = Request([tokenizer.bos_token_id, *tokenizer.encode("already running")], greedy)
     engine.add(running)

@@ -1,0 +1,91 @@
+"""Linear layers for inference on CPU: the weight held in the form its matmul runs fastest at
+decode sizes (a few rows of activations against a large weight).
+
+Measured on the d4 model's lm_head (65,536 x 256), ms per call at 1 / 2 / 8 rows, 2 cores:
+- AVX2-only CPU (AMD EPYC, fp32): x @ W.T (nn.Linear, MKL's small-M path) 7.0 / 14.4 / 15.0;
+  oneDNN with the weight packed 3.4 / 7.2 / 8.0; W @ x.T (the rows of x as the columns of the
+  product) 3.0 / 2.8 / 5.1, at one row only when x is given as two (a one-column product is MKL's
+  single-threaded gemv).
+- AMX CPU (bf16): oneDNN packed is 2-5x faster than nn.Linear at these sizes.
+So `inference_linears` packs bf16 weights for oneDNN and multiplies fp32 ones as W @ x.T; the
+results match nn.Linear's up to rounding.
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import cpu_has_fast_bf16
+
+
+class PackedLinear(torch.nn.Module):
+    """A bias-free nn.Linear with its weight reordered once into oneDNN's blocked layout (as
+    torch.compile's freezing does) rather than on every call."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # 1: a batch-size hint
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class ColumnLinear(torch.nn.Module):
+    """A bias-free nn.Linear computed as (W @ x.T).T: the weight's rows are the product's long
+    dimension and the rows of x its short one. The output is that product's transpose, a view
+    (its last dimension strided), which the next layer's reshape takes as a contiguous x.T.
+
+    One row is a matrix-vector product, which MKL runs on one thread: fine while the weight sits
+    in cache, half the speed once it streams from memory (the d4 lm_head). There the row goes in
+    twice, as a product of two columns on every thread; which of the two is faster is measured
+    once, on the weight itself."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight = linear.weight.detach()
+        row = torch.randn(1, self.weight.size(1), dtype=self.weight.dtype)
+        self.one_row = min((self.one_row_product, self.one_row_doubled), key=lambda f: median_seconds(f, row))
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.size(-1))
+        if rows.size(0) == 1:
+            return self.one_row(rows).view(*x.shape[:-1], -1)
+        return (self.weight @ rows.T).T.view(*x.shape[:-1], -1)
+
+    def one_row_product(self, row):
+        return F.linear(row, self.weight)
+
+    def one_row_doubled(self, row):
+        return (self.weight @ row.repeat(2, 1).T).T[:1].contiguous()
+
+
+def median_seconds(fn, *args, repeats=5):
+    """Median wall time of fn(*args) over `repeats` calls, after one warm-up call."""
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
+
+
+def inference_linears(model):
+    """The model (in place) with every bias-free linear layer in the form that runs fastest on this
+    CPU (see the module docstring); on another device, as it is. The model can no longer train
+    or move to another device."""
+    param = next(model.parameters())
+    if param.device.type != "cpu":
+        return model
+    packed = param.dtype == torch.bfloat16 and cpu_has_fast_bf16() and torch.backends.mkldnn.is_available()
+    return replace_linears(model, PackedLinear if packed else ColumnLinear)
+
+
+def replace_linears(model, form):
+    """The model (in place) with every bias-free nn.Linear replaced by form(linear)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Linear) and child.bias is None:
+                setattr(module, name, form(child))
+    return model

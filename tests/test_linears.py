@@ -1,0 +1,54 @@
+"""Inference linear layers: every form computes what nn.Linear computes (the oracle), for the row
+counts decoding and prefill use, and inference_linears picks the form by dtype and CPU."""
+
+import pytest
+import torch
+
+from nanochat.common import cpu_has_fast_bf16
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.linears import ColumnLinear, PackedLinear, inference_linears
+
+
+@pytest.mark.parametrize("form", [PackedLinear, ColumnLinear])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (8, 64), (3, 5, 64), (8, 1, 64)])
+def test_forms_equal_nn_linear(form, shape):
+    """Same values and shape as nn.Linear, and the output reshapes as the model reshapes it."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=False)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        expected, got = linear(x), form(linear)(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.reshape(-1, 4, 24), expected.reshape(-1, 4, 24), rtol=1e-5, atol=1e-5)
+
+
+def test_column_one_row_forms_agree_and_one_is_kept():
+    """The two ways of multiplying one row give nn.Linear's values; the layer keeps one of them."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 4096, bias=False)
+    column = ColumnLinear(linear)
+    row = torch.randn(1, 32)
+    with torch.inference_mode():
+        expected = linear(row)
+        for fn in (column.one_row_product, column.one_row_doubled):
+            torch.testing.assert_close(fn(row), expected, rtol=1e-5, atol=1e-5)
+    assert column.one_row.__func__ in (ColumnLinear.one_row_product, ColumnLinear.one_row_doubled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_linears_picks_the_form_for_the_dtype(dtype):
+    """fp32 weights go as W @ x.T; bf16 ones are packed for oneDNN where the CPU multiplies bf16
+    fast; no nn.Linear is left, and the logits are those of the model before."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)).eval()
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.inference_mode():
+        model.to(dtype)
+        expected = model(ids)
+        inference_linears(model)
+        got = model(ids)
+    wanted = PackedLinear if dtype == torch.bfloat16 and cpu_has_fast_bf16() else ColumnLinear
+    assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, ColumnLinear))} == {wanted}
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
