@@ -19,7 +19,7 @@ from unittest import mock
 import torch
 
 from nanochat import gpt
-from nanochat.common import autocast_dtype, git_commit
+from nanochat.common import autocast_dtype, cpu_has_fast_bf16, git_commit
 from nanochat.engine import Engine, SamplingParams
 from nanochat.linears import inference_linears
 from nanochat.gpt import GPT, GPTConfig, KVCache
@@ -69,6 +69,14 @@ def random_model():
     return model
 
 
+def cpu_model():
+    """The CPU's model name, per /proc/cpuinfo (which kernels win depends on it: see nanochat/linears.py)."""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def tokens_per_second(fn, batch, repeats):
     fn()  # warm-up
     best = float("inf")
@@ -91,7 +99,7 @@ def main():
     fast.to(dtype)
     engine = Engine(inference_linears(fast), tokenizer, max_rows=8, max_len=PROMPT_TOKENS + NEW_TOKENS + 1)
     prompt = torch.randint(0, 256, (PROMPT_TOKENS,)).tolist()
-    result = {"bench": "inference", "device": "cpu", "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "dtype": str(dtype).removeprefix("torch."),
+    result = {"bench": "inference", "device": "cpu", "cpu": cpu_model(), "fast_bf16": cpu_has_fast_bf16(), "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "dtype": str(dtype).removeprefix("torch."),
               "reference_dtype": "float32", "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
     for batch in (1, 8):
         ref = tokens_per_second(lambda: reference(model, prompt, batch), batch, args.repeats)
