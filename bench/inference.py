@@ -21,10 +21,10 @@ from unittest import mock
 import torch
 
 from nanochat import gpt
-from nanochat.common import autocast_dtype, cpu_has_fast_bf16, git_commit
+from nanochat.common import autocast_dtype, cpu_has_fast_bf16, cpu_model, git_commit
 from nanochat.engine import Engine, SamplingParams
-from nanochat.linears import inference_linears
 from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.linears import inference_linears
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
@@ -69,14 +69,6 @@ def random_model():
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.05)
     return model
-
-
-def cpu_model():
-    """The CPU's model name, per /proc/cpuinfo (which kernels win depends on it: see nanochat/linears.py)."""
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def tokens_per_second(fn, batch, repeats):

@@ -26,9 +26,7 @@ import tempfile
 import time
 from urllib.parse import urlsplit
 
-from inference import cpu_model
-
-from nanochat.common import git_commit
+from nanochat.common import cpu_model, git_commit
 
 CLIENTS, REQUESTS_PER_CLIENT, MAX_TOKENS = 8, 3, 64
 

@@ -68,6 +68,15 @@ def cpu_has_fast_bf16():
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
+def cpu_model():
+    """The CPU's model name, per /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def autocast_dtype(device_type, name="auto"):
     """The dtype matmuls autocast to: `name` ("bfloat16", "float32"), or for "auto" bf16 where the
     hardware does it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16; measured ~3.5x fp32 on this

@@ -344,11 +344,11 @@ class Engine:
         """One token per row of logits (B, vocab), each with its row's parameters: greedy rows (those
         without a generator) take the argmax, rows with a temperature alone are drawn together, and
         rows with top-k or top-p one by one."""
-        if any(row.generator is not None for row in rows):
-            logits = logits.contiguous()  # sampling reads along rows; ColumnLinear's are strided
+        greedy = [i for i, row in enumerate(rows) if row.generator is None]
+        if len(greedy) < len(rows):  # sampling reads along rows; a ColumnLinear lm_head's logits are a transposed view
+            logits = logits.contiguous()
         for i, row in enumerate(rows):
             apply_penalties(logits[i], row.request.params, row.completion.token_ids)
-        greedy = [i for i, row in enumerate(rows) if row.generator is None]
         plain = [i for i, row in enumerate(rows) if row.generator is not None and not row.request.params.truncates]
         tokens = dict(zip(greedy, select_rows(logits, greedy).argmax(dim=-1).tolist())) if greedy else {}
         if plain:

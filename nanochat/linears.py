@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from nanochat.common import cpu_has_fast_bf16
 
 DOUBLED_ROW_MARGIN = 0.75  # a one-row product goes in doubled only where that takes under 3/4 of the time
+DOUBLES_ONE_ROW = {}  # (weight shape, dtype) -> doubles_one_row's measured answer
 
 
 class PackedLinear(torch.nn.Module):
@@ -40,28 +41,37 @@ class ColumnLinear(torch.nn.Module):
 
     One row is a matrix-vector product, which MKL runs on one thread: fine while the weight sits
     in cache, half the speed once it streams from memory (the d4 lm_head). There the row goes in
-    twice, as a product of two columns on every thread. Which way a layer takes is measured once,
-    on its weight; the doubled row must win by a clear margin, so that a near tie does not flip
-    between runs (the two round differently)."""
+    twice, as a product of two columns on every thread (see doubles_one_row)."""
 
     def __init__(self, linear):
         super().__init__()
         self.weight = linear.weight.detach()
-        row = torch.randn(1, self.weight.size(1), dtype=self.weight.dtype)
-        doubled_wins = median_seconds(self.one_row_doubled, row) < DOUBLED_ROW_MARGIN * median_seconds(self.one_row_product, row)
-        self.one_row = self.one_row_doubled if doubled_wins else self.one_row_product
+        self.doubled = doubles_one_row(self.weight)
 
     def forward(self, x):
         rows = x.reshape(-1, x.size(-1))
-        if rows.size(0) == 1:
-            return self.one_row(rows).view(*x.shape[:-1], -1)
-        return (self.weight @ rows.T).T.view(*x.shape[:-1], -1)
+        if rows.size(0) > 1:
+            return (self.weight @ rows.T).T.view(*x.shape[:-1], -1)
+        y = one_row_doubled(self.weight, rows) if self.doubled else F.linear(rows, self.weight)
+        return y.view(*x.shape[:-1], -1)
 
-    def one_row_product(self, row):
-        return F.linear(row, self.weight)
 
-    def one_row_doubled(self, row):
-        return (self.weight @ row.repeat(2, 1).T).T[:1].contiguous()
+def one_row_doubled(weight, row):
+    """row @ weight.T for one row (1, in), as the first column of weight @ [row; row].T."""
+    return (weight @ row.repeat(2, 1).T).T[:1].contiguous()
+
+
+def doubles_one_row(weight):
+    """Whether a one-row product with this weight runs faster doubled: measured on the first weight
+    of each shape and dtype in a process, then remembered (the time does not depend on the values).
+    Doubling must win by a clear margin, so that a near tie, which the two round differently, does
+    not flip between runs."""
+    key = (tuple(weight.shape), weight.dtype)
+    if key not in DOUBLES_ONE_ROW:
+        row = torch.randn(1, weight.size(1), dtype=weight.dtype)
+        doubled, product = median_seconds(one_row_doubled, weight, row), median_seconds(F.linear, row, weight)
+        DOUBLES_ONE_ROW[key] = doubled < DOUBLED_ROW_MARGIN * product
+    return DOUBLES_ONE_ROW[key]
 
 
 def median_seconds(fn, *args, repeats=5):

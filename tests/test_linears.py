@@ -1,12 +1,14 @@
 """Inference linear layers: every form computes what nn.Linear computes (the oracle), for the row
 counts decoding and prefill use, and inference_linears picks the form by dtype and CPU."""
 
+from unittest import mock
+
 import pytest
 import torch
 
 from nanochat.common import cpu_has_fast_bf16
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.linears import ColumnLinear, PackedLinear, inference_linears
+from nanochat.linears import DOUBLES_ONE_ROW, ColumnLinear, PackedLinear, inference_linears, one_row_doubled
 
 
 @pytest.mark.parametrize("form", [PackedLinear, ColumnLinear])
@@ -23,17 +25,19 @@ def test_forms_equal_nn_linear(form, shape):
     torch.testing.assert_close(got.reshape(-1, 4, 24), expected.reshape(-1, 4, 24), rtol=1e-5, atol=1e-5)
 
 
-def test_column_one_row_forms_agree_and_one_is_kept():
-    """The two ways of multiplying one row give nn.Linear's values; the layer keeps one of them."""
+def test_one_row_doubled_equals_nn_linear_and_the_choice_is_made_once_per_shape():
+    """The doubled one-row product gives nn.Linear's values; layers of one shape share one measurement."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 4096, bias=False)
-    column = ColumnLinear(linear)
     row = torch.randn(1, 32)
     with torch.inference_mode():
-        expected = linear(row)
-        for fn in (column.one_row_product, column.one_row_doubled):
-            torch.testing.assert_close(fn(row), expected, rtol=1e-5, atol=1e-5)
-    assert column.one_row.__func__ in (ColumnLinear.one_row_product, ColumnLinear.one_row_doubled)
+        torch.testing.assert_close(one_row_doubled(linear.weight, row), linear(row), rtol=1e-5, atol=1e-5)
+    measured = []
+    with mock.patch("nanochat.linears.median_seconds", lambda fn, *args: measured.append(fn) or 1.0), \
+            mock.patch.dict(DOUBLES_ONE_ROW, clear=True):
+        for layer in (linear, torch.nn.Linear(32, 4096, bias=False), torch.nn.Linear(4096, 32, bias=False)):
+            ColumnLinear(layer)
+        assert len(measured) == 4 and set(DOUBLES_ONE_ROW) == {((4096, 32), torch.float32), ((32, 4096), torch.float32)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
