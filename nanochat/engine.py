@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.execution import calculator
+from nanochat.gpt import softcap
 
 TOOL_WORKERS = 4  # tool calls evaluated at once (each in its own sandbox process)
 MAX_ROWS = 16  # default batch capacity: sequences decoded together
@@ -42,6 +43,10 @@ class SamplingParams:
     # far) + presence_penalty if it occurs there at all; they apply to greedy rows too
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+
+    @property
+    def penalizes(self):
+        return bool(self.frequency_penalty or self.presence_penalty)
 
     @property
     def truncates(self):
@@ -150,8 +155,10 @@ class RowCache:
         return CacheView(self, slice(start, start + count), 0)
 
     def decode(self, num_rows):
-        """A view for one new token in each of the slots 0..num_rows-1."""
-        return CacheView(self, slice(0, num_rows), self.lengths[:num_rows])
+        """A view for one new token in each of the slots 0..num_rows-1; rows all of one length (one
+        request's samples, or a lone request) need no mask."""
+        lengths = self.lengths[:num_rows]
+        return CacheView(self, slice(0, num_rows), lengths[0] if len(set(lengths)) == 1 else lengths)
 
     def copy(self, src, dst):
         """Slot dst takes slot src's keys, values and length."""
@@ -163,7 +170,8 @@ class RowCache:
 
 class CacheView:
     """One forward's window on a RowCache: `rows` (a slice of slots), all at the int `pos`
-    (prefill), or each at its own length (a list; decode, one token per row)."""
+    (prefill, or decoding rows of one length), or each at its own length (a list; decode, one
+    token per row)."""
 
     def __init__(self, cache, rows, pos):
         self.cache, self.rows = cache, rows
@@ -271,7 +279,7 @@ class Engine:
         ids = torch.tensor([request.prompt_ids + [0] * (max(lengths) - n) for request, n in zip(requests, lengths)],
                            device=self.device)
         logits = self.model(ids, kv_cache=self.cache.prefill(slot, len(requests)),
-                            positions=torch.tensor(lengths, device=self.device) - 1)
+                            positions=torch.tensor(lengths, device=self.device) - 1, capped=False)
         for j, n in enumerate(lengths):
             self.cache.lengths[slot + j] = n
         rows, prompt_of = [Row(request, 0, self.device) for request in requests], list(range(len(requests)))
@@ -296,7 +304,7 @@ class Engine:
             return
         self.wait_if_all_in_tools()
         ids = torch.tensor([[row.token] for row in self.rows], device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.decode(len(self.rows)))[:, -1]
+        logits = self.model(ids, kv_cache=self.cache.decode(len(self.rows)), capped=False)[:, -1]
         ready = []
         for slot, row in enumerate(self.rows):
             if row.tool_result is not None:
@@ -341,12 +349,14 @@ class Engine:
     # sampling and the per-row state machine
 
     def sample(self, logits, rows):
-        """One token per row of logits (B, vocab), each with its row's parameters: greedy rows (those
-        without a generator) take the argmax, rows with a temperature alone are drawn together, and
-        rows with top-k or top-p one by one."""
+        """One token per row of logits (B, vocab; not yet soft-capped), each with its row's
+        parameters: greedy rows (those without a generator) take the argmax, rows with a temperature
+        alone are drawn together, and rows with top-k or top-p one by one."""
         greedy = [i for i, row in enumerate(rows) if row.generator is None]
-        if len(greedy) < len(rows):  # sampling reads along rows; a ColumnLinear lm_head's logits are a transposed view
-            logits = logits.contiguous()
+        if len(greedy) < len(rows) or any(row.request.params.penalizes for row in rows):
+            # the argmax needs no cap, sampling and penalties do; and they read along rows, where a
+            # ColumnLinear lm_head's logits are a transposed view
+            logits = softcap(logits.contiguous())
         for i, row in enumerate(rows):
             apply_penalties(logits[i], row.request.params, row.completion.token_ids)
         plain = [i for i, row in enumerate(rows) if row.generator is not None and not row.request.params.truncates]
@@ -429,7 +439,7 @@ def select_rows(x, index):
 def apply_penalties(logits, params, tokens):
     """Takes the frequency and presence penalties of the tokens generated so far off one row's
     logits (vocab,), in place (a fresh row, with no tokens yet, is left untouched)."""
-    if tokens and (params.frequency_penalty or params.presence_penalty):
+    if tokens and params.penalizes:
         ids, counts = torch.tensor(tokens, device=logits.device).unique(return_counts=True)
         logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
 

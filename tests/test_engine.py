@@ -11,7 +11,7 @@ from nanochat import engine as engine_module
 from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, prefill_groups, sample_one, sample_rows
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.linears import ColumnLinear, PackedLinear, replace_linears
+from nanochat.linears import ColumnLinear, PackedLinear, fuse_qkv, replace_linears
 from nanochat.tokenizer import Tokenizer
 
 
@@ -55,15 +55,20 @@ def assert_matches_oracle(model, engine, request, max_tokens):
         assert len(got) == max_tokens or got[-1] in engine.end_ids
 
 
-FORMS = {"plain": None, "packed": PackedLinear, "column": ColumnLinear}  # load_engine takes one of the last two
+# the model as trained; with c_q, c_k, c_v fused (on GPUs load_engine serves this); fused with the linear
+# layers in a CPU form (load_engine takes one of these by dtype)
+FORMS = {"plain": None, "fused": torch.nn.Linear, "packed": PackedLinear, "column": ColumnLinear}
 
 
 def served_copy(model, form):
-    """The model with its linear layers in one of the forms load_engine serves them in."""
+    """The model in one of the forms load_engine serves it in."""
     if FORMS[form] is None:
         return model
-    served = replace_linears(copy.deepcopy(model), FORMS[form])
-    assert not any(isinstance(m, torch.nn.Linear) for m in served.modules())
+    served = fuse_qkv(copy.deepcopy(model))
+    if FORMS[form] is not torch.nn.Linear:
+        replace_linears(served, FORMS[form])
+        assert not any(isinstance(m, torch.nn.Linear) for m in served.modules())
+    assert all(block.attn.c_qkv is not None and not hasattr(block.attn, "c_q") for block in served.transformer.h)
     return served
 
 
@@ -313,7 +318,7 @@ class Bigram(torch.nn.Module):
             self.next[a] = b
         self.scale = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, idx, kv_cache, positions=None):
+    def forward(self, idx, kv_cache, positions=None, capped=True):
         B, T = idx.shape
         z = torch.zeros(B, 1, T, 2)
         kv_cache.insert_kv(0, z, z)
@@ -366,7 +371,7 @@ class ChainThenNoise(Bigram):
         self.chained = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         self.chained[list(table)] = True
 
-    def forward(self, idx, kv_cache, positions=None):
+    def forward(self, idx, kv_cache, positions=None, capped=True):
         current = idx if positions is None else idx[torch.arange(idx.size(0)), positions]
         return super().forward(idx, kv_cache, positions) * 100 * self.chained[current].unsqueeze(-1)
 

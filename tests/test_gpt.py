@@ -90,6 +90,28 @@ def test_gqa_equals_attention_with_repeated_kv_heads():
     torch.testing.assert_close(mha(idx), gqa(idx), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_equals_sdpa_in_fp32(dtype, masked):
+    """Decoding's attention of one query per row (grouped heads; each row seeing all its keys or a
+    masked prefix) equals SDPA computed in fp32, in either dtype's kernel."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = (torch.arange(10) < torch.tensor([10, 4, 7])[:, None])[:, None, None, :] if masked else None
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = gpt.causal_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_uncapped_logits_are_the_capped_ones_before_the_cap():
+    model = random_model()
+    idx = tokens()
+    capped, raw = model(idx), model(idx, capped=False)
+    torch.testing.assert_close(softcap(raw), capped)
+    assert (raw - capped).abs().max() > 0.5 and torch.equal(raw.argmax(-1), capped.argmax(-1))
+
+
 def test_parameter_count_and_flops():
     model = GPT(CONFIG)
     C, D, V = CONFIG.n_embd, CONFIG.head_dim, model.padded_vocab_size
