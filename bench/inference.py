@@ -3,8 +3,8 @@ vocab 65,536), 64-token prompt, 128 greedy tokens, batch 1 and 8, against the re
 the same run: upstream's loop (the model in fp32, the plain KVCache, logits capped by tanh as
 upstream caps them, argmax each step). Our attention and model code are shared with the reference,
 so it is faster than upstream would be wherever they are. Ours runs the model as `load_engine`
-serves it: in the dtype the CPU multiplies fastest, its linear layers in the form that dtype
-multiplies fastest (nanochat/linears.py).
+serves it: in the dtype the CPU multiplies fastest, its query, key and value layers fused, its
+linear layers in the form that dtype multiplies fastest (nanochat/linears.py).
 
     python bench/inference.py [--repeats 3]
 

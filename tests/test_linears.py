@@ -42,8 +42,9 @@ def test_one_row_doubled_equals_nn_linear_and_the_choice_is_made_once_per_shape(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_linears_picks_the_form_for_the_dtype(dtype):
-    """fp32 weights go as W @ x.T; bf16 ones are packed for oneDNN where the CPU multiplies bf16
-    fast; no nn.Linear is left, and the logits are those of the model before."""
+    """Each attention's query, key and value layers become one; fp32 weights go as W @ x.T, bf16
+    ones are packed for oneDNN where the CPU multiplies bf16 fast; no nn.Linear is left, and the
+    logits are those of the model before."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)).eval()
     ids = torch.randint(0, 300, (2, 7))
@@ -54,5 +55,6 @@ def test_inference_linears_picks_the_form_for_the_dtype(dtype):
         got = model(ids)
     wanted = PackedLinear if dtype == torch.bfloat16 and cpu_has_fast_bf16() else ColumnLinear
     assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, ColumnLinear))} == {wanted}
+    assert all(isinstance(block.attn.c_qkv, wanted) and not hasattr(block.attn, "c_q") for block in model.transformer.h)
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
