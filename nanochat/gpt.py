@@ -114,9 +114,9 @@ def causal_attention(q, k, v, mask=None):
 
 def decode_attention(q, k, v, mask=None):
     """Attention of one query per row (B, H, 1, D) over its keys (B, Hkv, Tk, D), `mask` (B, 1, 1, Tk)
-    saying which it sees (all if None): two batched matmuls with fp32 scores, as SDPA does. In bf16 on an AMX CPU
-    over twice as fast as SDPA at decode sizes (8 rows x 160 keys: 97 us, SDPA 220); in fp32 SDPA
-    is faster (AVX2 CPU, 8 x 160: 66 us, this 109)."""
+    saying which it sees (all if None): two batched matmuls with fp32 scores, as SDPA does. In bf16
+    on an AMX CPU over twice as fast as SDPA at decode sizes (8 rows x 160 keys: 97 us, SDPA 220);
+    in fp32 SDPA is faster (AVX2 CPU, 8 x 160: 66 us, this 109)."""
     B, H, _, D = q.shape
     q = q.view(B, k.size(1), H // k.size(1), D)  # the query heads sharing a key head side by side
     scores = (q.float() @ k.float().transpose(-1, -2)).mul_(D ** -0.5)
@@ -164,6 +164,8 @@ class CausalSelfAttention(nn.Module):
 
     def fuse_qkv(self):
         """Replaces c_q, c_k and c_v by one layer c_qkv of their stacked weights (for inference)."""
+        if self.c_qkv is not None:
+            return
         weight = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).detach()
         self.c_qkv = nn.Linear(weight.size(1), weight.size(0), bias=False, device="meta")
         self.c_qkv.weight = nn.Parameter(weight, requires_grad=False)
