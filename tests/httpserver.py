@@ -3,7 +3,7 @@
     with serve(root) as server:
         server.inject("/pretrain/shard_00000.parquet", "status:500", "status:500")  # then success
         ... fetch server.url + "/pretrain/shard_00000.parquet" ...
-        server.requests  # [(method, path, range header, status, body bytes sent)], as they arrive
+        server.gets(path)  # [(range header, status, body bytes sent)] of its GETs, in arrival order
 
 Each injected fault applies to one GET of its path, in order; later requests are served normally.
 Faults:
@@ -67,15 +67,17 @@ class Handler(BaseHTTPRequestHandler):
         if m and fault != "norange" and self.headers.get("If-Range", etag) == etag:
             start = int(m.group(1))
             if start >= len(data):
+                server.record("GET", path, self.headers.get("Range"), 416, 0)
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                return server.record("GET", path, self.headers.get("Range"), 416, 0)
+                return
             status = 206
         body = data[start:]
         if fault and fault.startswith("short:"):
             body = body[: int(fault.split(":")[1])]
+        entry = server.record(self.command, path, self.headers.get("Range"), status, 0 if head else None)
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
@@ -84,9 +86,8 @@ class Handler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        index = server.record(self.command, path, self.headers.get("Range"), status, 0)
         if not head:
-            server.update(index, self._send_body(body, fault))
+            server.update(entry, self._send_body(body, fault))
 
     def _send_body(self, body, fault):
         kind, _, arg = (fault or "").partition(":")
@@ -111,13 +112,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _status(self, path, code):
         body = f"{code} injected or not found\n".encode()
+        self.server.record(self.command, path, self.headers.get("Range"), code, 0)
         self.send_response(code)
         if code == 429:
             self.send_header("Retry-After", "0")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.server.record(self.command, path, self.headers.get("Range"), code, 0)
 
     def _listing(self, path, local, head):
         if not path.endswith("/"):
@@ -128,13 +129,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         links = "".join(f'<a href="{html.escape(n)}">{html.escape(n)}</a>\n' for n in sorted(os.listdir(local)))
         body = f"<html><body>\n{links}</body></html>\n".encode()
+        self.server.record(self.command, path, None, 200, 0)
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
             self.wfile.write(body)
-        self.server.record(self.command, path, None, 200, 0)
 
 
 class FaultyServer(ThreadingHTTPServer):
@@ -146,7 +147,7 @@ class FaultyServer(ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.requests = []
         self._faults = defaultdict(list)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     def inject(self, path, *faults):
         with self._lock:
@@ -156,21 +157,27 @@ class FaultyServer(ThreadingHTTPServer):
         with self._lock:
             return self._faults[path].pop(0) if self._faults[path] else None
 
-    def record(self, method, path, range_header, status, sent):
+    def record(self, method, path, range_header, status, sent=0):
+        """Logs a request before it is answered (so a client never sees an answer the log lacks);
+        sent=None while its body is on the way (see update)."""
+        entry = [method, path, range_header, status, sent]
         with self._lock:
-            self.requests.append((method, path, range_header, status, sent))
-            return len(self.requests) - 1
+            self.requests.append(entry)
+        return entry
 
-    def update(self, index, sent):
-        """Sets the bytes sent of a request (recorded when it arrived)."""
+    def update(self, entry, sent):
+        """Sets the bytes sent of a request whose body has gone."""
         with self._lock:
-            if index < len(self.requests):  # unless a test cleared the log meanwhile
-                self.requests[index] = (*self.requests[index][:4], sent)
+            entry[4] = sent
+            self._lock.notify_all()
 
     def gets(self, path=None):
-        """The GET requests (of `path`, or of every file) as (range header, status, bytes sent)."""
-        return [(r, s, n) for m, p, r, s, n in self.requests if m == "GET" and (path is None or p == path)
-                and not p.endswith("/")]
+        """The GET requests (of `path`, or of every file) as (range header, status, bytes sent), once
+        every body on the way has gone: a client can finish reading before the server counts."""
+        with self._lock:
+            self._lock.wait_for(lambda: all(entry[4] is not None for entry in self.requests), timeout=10)
+            return [(r, s, n) for m, p, r, s, n in self.requests if m == "GET" and (path is None or p == path)
+                    and not p.endswith("/")]
 
 
 @contextlib.contextmanager
