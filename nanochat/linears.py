@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from nanochat.common import cpu_has_fast_bf16
 
 DOUBLED_ROW_MARGIN = 0.75  # a one-row product goes in doubled only where that takes under 3/4 of the time
+ROW_MAJOR_BELOW = 12  # ColumnLinear makes an input of fewer rows row-major (see there)
 DOUBLES_ONE_ROW = {}  # (weight shape, dtype) -> doubles_one_row's measured answer
 
 
@@ -37,7 +38,9 @@ class PackedLinear(torch.nn.Module):
 class ColumnLinear(torch.nn.Module):
     """A bias-free nn.Linear computed as (W @ x.T).T: the weight's rows are the product's long
     dimension and the rows of x its short one. The output is that product's transpose, a view
-    (its last dimension strided), which the next layer's reshape takes as a contiguous x.T.
+    (its last dimension strided). Elementwise ops keep that layout (the MLP's ReLU^2), and MKL
+    multiplies such a column-major x 2-4x slower when it has few rows (AVX2 EPYC, 2-10 rows; from
+    12 rows up slightly faster), so few rows are made row-major first (ROW_MAJOR_BELOW).
 
     One row is a matrix-vector product, which MKL runs on one thread: fine while the weight sits
     in cache, half the speed once it streams from memory (the d4 lm_head). There the row goes in
@@ -51,6 +54,8 @@ class ColumnLinear(torch.nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, x.size(-1))
         if rows.size(0) > 1:
+            if rows.size(0) < ROW_MAJOR_BELOW:
+                rows = rows.contiguous()
             return (self.weight @ rows.T).T.view(*x.shape[:-1], -1)
         y = one_row_doubled(self.weight, rows) if self.doubled else F.linear(rows, self.weight)
         return y.view(*x.shape[:-1], -1)

@@ -25,6 +25,19 @@ def test_forms_equal_nn_linear(form, shape):
     torch.testing.assert_close(got.reshape(-1, 4, 24), expected.reshape(-1, 4, 24), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [2, 8, 16])
+def test_column_linear_takes_a_column_major_input(rows):
+    """An input laid out column-major, as a ColumnLinear's output after an elementwise op (few rows
+    are made row-major first, more go as they are), gives nn.Linear's values."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 32, bias=False)
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        hidden = torch.relu(ColumnLinear(first)(x))
+        assert hidden.stride(0) == 1
+        torch.testing.assert_close(ColumnLinear(second)(hidden), second(torch.relu(first(x))), rtol=1e-5, atol=1e-5)
+
+
 def test_one_row_doubled_equals_nn_linear_and_the_choice_is_made_once_per_shape():
     """The doubled one-row product gives nn.Linear's values; layers of one shape share one measurement."""
     torch.manual_seed(0)
