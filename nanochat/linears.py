@@ -1,5 +1,6 @@
-"""Linear layers for inference on CPU: the weight held in the form its matmul runs fastest at
-decode sizes (a few rows of activations against a large weight).
+"""Linear layers for inference: each attention's query, key and value layers fused into one (on
+every device), and on CPU the weight held in the form its matmul runs fastest at decode sizes (a
+few rows of activations against a large weight).
 
 Measured on the d4 model's lm_head (65,536 x 256), ms per call at 1 / 2 / 8 rows, 2 cores:
 - AVX2-only CPU (AMD EPYC, fp32): x @ W.T (nn.Linear, MKL's small-M path) 7.0 / 14.4 / 15.0;

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
-from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, prefill_groups, sample_one, sample_rows
+from nanochat.engine import (DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, contiguous_rows, prefill_groups,
+                             sample_one, sample_rows)
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.linears import ColumnLinear, PackedLinear, fuse_qkv, replace_linears
@@ -407,3 +408,11 @@ def test_stop_strings_end_the_completion(tokenizer):
     request = engine.generate(start, SamplingParams(temperature=0, max_tokens=5))
     assert request.completions[0].text == "quick" and request.completions[0].finish_reason == "length"
     assert "".join(engine.stream(start, SamplingParams(temperature=0))) == "quick brown"
+
+
+def test_contiguous_rows_of_transposed_logits():
+    """A ColumnLinear lm_head's logits (a transposed view) come out row-contiguous with the same values."""
+    logits = torch.randn(65, 8).T
+    rows = contiguous_rows(logits)
+    assert rows.is_contiguous() and torch.equal(rows, logits)
+    assert contiguous_rows(rows) is rows
