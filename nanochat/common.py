@@ -59,13 +59,17 @@ def autodetect_device_type():
     return "cpu"
 
 
-def cpu_has_fast_bf16():
-    """True if the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), per /proc/cpuinfo."""
+def cpu_flags():
+    """The CPU's feature flags ("avx2", "amx_bf16", ...), per /proc/cpuinfo (none where there is none)."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+        return set()
+
+
+def cpu_has_fast_bf16():
+    """True if the CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def cpu_model():

@@ -354,8 +354,7 @@ class Engine:
         alone are drawn together, and rows with top-k or top-p one by one."""
         greedy = [i for i, row in enumerate(rows) if row.generator is None]
         if len(greedy) < len(rows) or any(row.request.params.penalizes for row in rows):
-            # the argmax needs no cap, sampling and penalties do; and they read along rows
-            logits = softcap(contiguous_rows(logits))
+            logits = softcap(logits)  # the argmax needs no cap, sampling and penalties do
         for i, row in enumerate(rows):
             apply_penalties(logits[i], row.request.params, row.completion.token_ids)
         plain = [i for i, row in enumerate(rows) if row.generator is not None and not row.request.params.truncates]
@@ -433,12 +432,6 @@ def prefill_groups(requests):
 def select_rows(x, index):
     """x[index] for a list of row indices, without copying x when the index takes every row in order."""
     return x if index == list(range(x.size(0))) else x[index]
-
-
-def contiguous_rows(x):
-    """x (B, N) with its rows contiguous. A ColumnLinear lm_head's logits are a transposed view, and
-    stacking its rows copies them 2.5-4x faster than .contiguous() (8 x 65,536: 0.24 ms, 0.66)."""
-    return x if x.is_contiguous() else torch.stack(x.unbind(0))
 
 
 def apply_penalties(logits, params, tokens):

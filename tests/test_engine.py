@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
-from nanochat.engine import (DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, contiguous_rows, prefill_groups,
+from nanochat.engine import (DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, prefill_groups,
                              sample_one, sample_rows)
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.linears import ColumnLinear, PackedLinear, fuse_qkv, replace_linears
+from nanochat.linears import PackedLinear, PanelLinear, fuse_qkv, replace_linears
 from nanochat.tokenizer import Tokenizer
 
 
@@ -58,7 +58,7 @@ def assert_matches_oracle(model, engine, request, max_tokens):
 
 # the model as trained; with c_q, c_k, c_v fused (on GPUs load_engine serves this); fused with the linear
 # layers in a CPU form (load_engine takes one of these by dtype)
-FORMS = {"plain": None, "fused": torch.nn.Linear, "packed": PackedLinear, "column": ColumnLinear}
+FORMS = {"plain": None, "fused": torch.nn.Linear, "packed": PackedLinear, "panel": PanelLinear}
 
 
 def served_copy(model, form):
@@ -410,9 +410,3 @@ def test_stop_strings_end_the_completion(tokenizer):
     assert "".join(engine.stream(start, SamplingParams(temperature=0))) == "quick brown"
 
 
-def test_contiguous_rows_of_transposed_logits():
-    """A ColumnLinear lm_head's logits (a transposed view) come out row-contiguous with the same values."""
-    logits = torch.randn(65, 8).T
-    rows = contiguous_rows(logits)
-    assert rows.is_contiguous() and torch.equal(rows, logits)
-    assert contiguous_rows(rows) is rows

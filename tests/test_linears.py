@@ -1,18 +1,19 @@
 """Inference linear layers: every form computes what nn.Linear computes (the oracle), for the row
 counts decoding and prefill use, and inference_linears picks the form by dtype and CPU."""
 
-from unittest import mock
-
 import pytest
 import torch
 
+from nanochat import cpu_kernels
 from nanochat.common import cpu_has_fast_bf16
 from nanochat.gpt import GPTConfig
-from nanochat.linears import DOUBLES_ONE_ROW, ColumnLinear, PackedLinear, inference_linears, one_row_doubled
+from nanochat.linears import PackedLinear, PanelLinear, inference_linears
 from tests.test_gpt import random_model
 
+FORMS = [PackedLinear, PanelLinear]
 
-@pytest.mark.parametrize("form", [PackedLinear, ColumnLinear])
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shape", [(1, 64), (2, 64), (8, 64), (3, 5, 64), (8, 1, 64)])
 def test_forms_equal_nn_linear(form, shape):
     """Same values and shape as nn.Linear, and the output reshapes as the model reshapes it."""
@@ -26,39 +27,31 @@ def test_forms_equal_nn_linear(form, shape):
     torch.testing.assert_close(got.reshape(-1, 4, 24), expected.reshape(-1, 4, 24), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [2, 8, 16])
-def test_column_linear_takes_a_column_major_input(rows):
-    """An input laid out column-major, as a ColumnLinear's output after an elementwise op (few rows
-    are made row-major first, more go as they are), gives nn.Linear's values."""
-    torch.manual_seed(0)
-    first, second = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 32, bias=False)
-    x = torch.randn(rows, 64)
-    with torch.inference_mode():
-        hidden = torch.relu(ColumnLinear(first)(x))
-        assert hidden.stride(0) == 1
-        torch.testing.assert_close(ColumnLinear(second)(hidden), second(torch.relu(first(x))), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("rows", [*range(1, 14), 1021, 2045])
+@pytest.mark.parametrize("in_features", [64, 100])
+def test_panel_matmul_equals_float64_matmul(rows, in_features):
+    """Every count of rows a tile can leave over, and enough rows to span blocks (1020 rows of 64
+    features each) with some left over; a width that is not a multiple of the vector width."""
+    torch.manual_seed(rows)
+    weight, x = torch.randn(48, in_features), torch.randn(rows, in_features)
+    expected = (x.double() @ weight.double().T).float()
+    torch.testing.assert_close(cpu_kernels.panel_matmul(x, cpu_kernels.pack(weight)), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_one_row_doubled_equals_nn_linear_and_the_choice_is_made_once_per_shape():
-    """The doubled one-row product gives nn.Linear's values; layers of one shape share one measurement."""
+def test_panel_linear_takes_a_strided_input():
+    """An input that is a view with strides (a transpose, a slice) gives nn.Linear's values."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(32, 4096, bias=False)
-    row = torch.randn(1, 32)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(64, 10).T[::2]
     with torch.inference_mode():
-        torch.testing.assert_close(one_row_doubled(linear.weight, row), linear(row), rtol=1e-5, atol=1e-5)
-    measured = []
-    with mock.patch("nanochat.linears.median_seconds", lambda fn, *args: measured.append(fn) or 1.0), \
-            mock.patch.dict(DOUBLES_ONE_ROW, clear=True):
-        for layer in (linear, torch.nn.Linear(32, 4096, bias=False), torch.nn.Linear(4096, 32, bias=False)):
-            ColumnLinear(layer)
-        assert len(measured) == 4 and set(DOUBLES_ONE_ROW) == {((4096, 32), torch.float32), ((32, 4096), torch.float32)}
+        torch.testing.assert_close(PanelLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_linears_picks_the_form_for_the_dtype(dtype):
-    """Each attention's query, key and value layers become one; fp32 weights go as W @ x.T, bf16
-    ones are packed for oneDNN where the CPU multiplies bf16 fast; no nn.Linear is left, and the
-    logits are those of the model before."""
+    """Each attention's query, key and value layers become one; fp32 weights go into panels for
+    nanochat's kernel, bf16 ones are packed for oneDNN where the CPU multiplies bf16 fast (else
+    stay nn.Linear); one form for all, and the logits are those of the model before."""
     # every weight random (at init the output projections are zero, which would hide the attention)
     model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)).eval()
     ids = torch.randint(0, 300, (2, 7))
@@ -67,8 +60,28 @@ def test_inference_linears_picks_the_form_for_the_dtype(dtype):
         expected = model(ids)
         inference_linears(model)
         got = model(ids)
-    wanted = PackedLinear if dtype == torch.bfloat16 and cpu_has_fast_bf16() else ColumnLinear
-    assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, ColumnLinear))} == {wanted}
+    wanted = PanelLinear if dtype == torch.float32 else PackedLinear if cpu_has_fast_bf16() else torch.nn.Linear
+    assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, *FORMS))} == {wanted}
     assert all(isinstance(block.attn.c_qkv, wanted) and not hasattr(block.attn, "c_q") for block in model.transformer.h)
     tolerance = 1e-5 if dtype == torch.float32 else 0.1  # bf16: logits up to 15, where an ulp is 1/16
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_layers_the_kernel_cannot_take_stay_nn_linear(monkeypatch):
+    """Layers whose outputs do not fill whole panels of 16 (width 40: the attention's and MLP's
+    output projections) stay nn.Linear beside the panel ones, with the logits
+    unchanged; where the kernel cannot run (no AVX2, no compiler) every layer stays nn.Linear."""
+    config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=1, n_embd=40)
+    model = random_model(config).eval()
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.inference_mode():
+        expected = model(ids)
+        inference_linears(model)
+        got = model(ids)
+    block = model.transformer.h[0]
+    assert [type(m) for m in (block.attn.c_qkv, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj, model.lm_head)] == \
+        [PanelLinear, torch.nn.Linear, PanelLinear, torch.nn.Linear, PanelLinear]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    other = inference_linears(random_model(config))
+    assert not any(isinstance(m, PanelLinear) for m in other.modules())
