@@ -1,4 +1,5 @@
-/* nanochat's fp32 matmul for CPU inference: y = x @ W.T with AVX2 and FMA.
+/* nanochat's fp32 kernels for CPU inference, with AVX2 and FMA: the matmul y = x @ W.T, and the
+   passes of sampling over the logits (soft cap, softmax weights, argmax).
 
    The weight W (n, k) is packed once into panels of PANEL output features: panel p holds
    W[PANEL*p : PANEL*(p+1), :] transposed, a contiguous (k, PANEL) block. A tile of up to TILE rows
@@ -10,6 +11,7 @@
    shares torch's OpenMP runtime (the same libgomp.so.1), so its threads are torch's threads. */
 
 #include <immintrin.h>
+#include <math.h>
 
 #define PANEL 16 /* output features per panel: two 8-float vectors */
 #define TILE 6   /* rows of x per tile: 12 accumulators, enough to keep both FMA units busy */
@@ -62,5 +64,107 @@ void panel_matmul(const float *panels, const float *x, float *y, int rows, int k
             case 1: tile(panel, x + (long)r * k, y + (long)r * n + p * PANEL, 1, k, n); break;
             }
         }
+    }
+}
+
+/* Sampling's passes over the logits, each row of `n` floats `ld` apart; the threads split the rows. */
+
+/* exp of 8 floats, to about 1 ulp (Cephes' expf: 2^round(x log2 e) times a degree-6 polynomial of
+   the remainder); exactly 0 below ln(FLT_MIN), so that exp(-inf) = 0. */
+static inline __m256 exp8(__m256 x)
+{
+    const __m256 lowest = _mm256_set1_ps(-87.33654f);
+    __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.37626f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+static inline float exp1(float x)
+{
+    float out[8];
+    _mm256_storeu_ps(out, exp8(_mm256_set1_ps(x)));
+    return out[0];
+}
+
+static float row_max(const float *x, int n)
+{
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    float lanes[8], best = -INFINITY;
+    _mm256_storeu_ps(lanes, m);
+    for (int j = 0; j < 8; j++)
+        best = lanes[j] > best ? lanes[j] : best;
+    for (; i < n; i++)
+        best = x[i] > best ? x[i] : best;
+    return best;
+}
+
+/* In place, z -> cap tanh(z / cap), as cap - 2 cap / (1 + exp(2 z / cap)). */
+void softcap(float *x, int rows, int n, long ld, float cap, int threads)
+{
+    const __m256 a = _mm256_set1_ps(2.0f / cap), c = _mm256_set1_ps(cap), c2 = _mm256_set1_ps(2.0f * cap),
+                 one = _mm256_set1_ps(1.0f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        float *row = x + r * ld;
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 e = exp8(_mm256_mul_ps(_mm256_loadu_ps(row + i), a));
+            _mm256_storeu_ps(row + i, _mm256_sub_ps(c, _mm256_div_ps(c2, _mm256_add_ps(one, e))));
+        }
+        for (; i < n; i++)
+            row[i] = cap - 2.0f * cap / (1.0f + exp1(row[i] * 2.0f / cap));
+    }
+}
+
+/* Per row r: out = exp((x - max of the row) * scale[r]), softmax's unnormalized weights; out is
+   (rows, n) and contiguous. */
+void softmax_weights(const float *x, int rows, int n, long ld, const float *scale, float *out, int threads)
+{
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + r * ld;
+        float *weights = out + (long)r * n, m = row_max(row, n);
+        __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(scale[r]);
+        int i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(weights + i, exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + i), vm), vs)));
+        for (; i < n; i++)
+            weights[i] = exp1((row[i] - m) * scale[r]);
+    }
+}
+
+/* Per row, the index of its first maximum. */
+void argmax(const float *x, int rows, int n, long ld, long *out, int threads)
+{
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + r * ld;
+        float m = row_max(row, n);
+        __m256 vm = _mm256_set1_ps(m);
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), vm, _CMP_EQ_OQ));
+            if (hits) {
+                i += __builtin_ctz(hits);
+                break;
+            }
+        }
+        while (i < n && row[i] != m)
+            i++;
+        out[r] = i < n ? i : 0; /* none equal the maximum only where it is NaN */
     }
 }

@@ -1,6 +1,8 @@
-"""nanochat's C kernel for fp32 inference on x86 CPUs (cpu_kernels.c): x @ W.T with AVX2 and FMA,
-the weight packed once into panels. It runs 2-4x faster than torch's matmul (MKL) at the sizes
-decoding uses (measured on an AVX2-only AMD EPYC, 2 cores; see nanochat/linears.py).
+"""nanochat's C kernels for fp32 inference on x86 CPUs (cpu_kernels.c), with AVX2 and FMA:
+- x @ W.T, the weight packed once into panels: 2-4x faster than torch's matmul (MKL) at the sizes
+  decoding uses (measured on an AVX2-only AMD EPYC, 2 cores; see nanochat/linears.py);
+- sampling's passes over (rows, vocab) logits: the soft cap (in place), softmax weights and the
+  argmax (8 x 65,536 on that CPU: cap 0.39 ms in torch, softmax weights 0.39, argmax 0.27-0.6).
 
 Compiled on first use with the machine's C compiler ($CC, else cc) into
 $XDG_CACHE_HOME/nanochat (default ~/.cache/nanochat), one file per version of the source, and
@@ -41,14 +43,19 @@ def library():
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("CPU kernels off: building %s failed: %s", SOURCE.name, getattr(e, "stderr", None) or e)
         return None
-    lib.panel_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-    lib.panel_matmul.restype = None
+    rows = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long]  # x, rows, n, row stride
+    for name, argtypes in {"panel_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4,
+                           "softcap": [*rows, ctypes.c_float, ctypes.c_int],
+                           "softmax_weights": [*rows, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
+                           "argmax": [*rows, ctypes.c_void_p, ctypes.c_int]}.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     return lib
 
 
 def compiled(compiler):
-    """The shared library built from SOURCE by `compiler`, compiled unless already cached. The build
-    writes a temporary file renamed into place, so a reader never sees half a library."""
+    """The shared library built from SOURCE by `compiler`, compiled unless already cached (a new
+    build removes those of other versions). The build writes a temporary file renamed into place,
+    so a reader never sees half a library."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, FLAGS)])).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanochat"
@@ -63,6 +70,8 @@ def compiled(compiler):
         finally:
             Path(tmp).unlink(missing_ok=True)
         log.info("compiled %s into %s", SOURCE.name, path)
+        for stale in set(cache.glob("cpu_kernels-*.so")) - {path}:  # other versions' builds (mapped ones live on)
+            stale.unlink(missing_ok=True)
     return path
 
 
@@ -82,3 +91,33 @@ def panel_matmul(x, panels):
     library().panel_matmul(panels.data_ptr(), x.data_ptr(), y.data_ptr(), x.size(0), k, groups * PANEL,
                            torch.get_num_threads())
     return y
+
+
+def takes(x):
+    """Whether the row kernels below take x: fp32 (rows, n) on the CPU, each row contiguous, and the
+    kernels available."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 \
+        and library() is not None
+
+
+def softcap_(x, cap):
+    """x -> cap * tanh(x / cap), in place; x as `takes` wants it."""
+    library().softcap(x.data_ptr(), x.size(0), x.size(1), x.stride(0), cap, torch.get_num_threads())
+    return x
+
+
+def softmax_weights(x, scale):
+    """Per row r of x: exp((x - the row's max) * scale[r]), softmax's unnormalized weights, in a new
+    tensor; scale a number or one per row."""
+    scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).expand(x.size(0)).contiguous()
+    out = torch.empty(x.shape)
+    library().softmax_weights(x.data_ptr(), x.size(0), x.size(1), x.stride(0), scale.data_ptr(), out.data_ptr(),
+                              torch.get_num_threads())
+    return out
+
+
+def argmax(x):
+    """Per row of x, the index of its first maximum: (rows,) int64."""
+    out = torch.empty(x.size(0), dtype=torch.int64)
+    library().argmax(x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr(), torch.get_num_threads())
+    return out

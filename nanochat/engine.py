@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanochat import cpu_kernels
 from nanochat.execution import calculator
-from nanochat.gpt import softcap
+from nanochat.gpt import LOGIT_SOFTCAP, softcap
 
 TOOL_WORKERS = 4  # tool calls evaluated at once (each in its own sandbox process)
 MAX_ROWS = 16  # default batch capacity: sequences decoded together
@@ -354,11 +355,11 @@ class Engine:
         alone are drawn together, and rows with top-k or top-p one by one."""
         greedy = [i for i, row in enumerate(rows) if row.generator is None]
         if len(greedy) < len(rows) or any(row.request.params.penalizes for row in rows):
-            logits = softcap(logits)  # the argmax needs no cap, sampling and penalties do
+            logits = capped(logits)  # the argmax needs no cap, sampling and penalties do
         for i, row in enumerate(rows):
             apply_penalties(logits[i], row.request.params, row.completion.token_ids)
         plain = [i for i, row in enumerate(rows) if row.generator is not None and not row.request.params.truncates]
-        tokens = dict(zip(greedy, select_rows(logits, greedy).argmax(dim=-1).tolist())) if greedy else {}
+        tokens = dict(zip(greedy, row_argmax(select_rows(logits, greedy)).tolist())) if greedy else {}
         if plain:
             temperatures = torch.tensor([[rows[i].request.params.temperature] for i in plain], device=logits.device)
             tokens.update(zip(plain, sample_rows(select_rows(logits, plain), temperatures, [rows[i].generator for i in plain])))
@@ -468,8 +469,22 @@ def sample_one(logits, params, generator):
 
 def softmax_weights(logits, temperature):
     """softmax(logits / temperature) over the last dimension, unnormalized (the draw needs no sum of
-    1); temperature a number, or (B, 1) for logits (B, vocab)."""
+    1); temperature a number, or (B, 1) for logits (B, vocab). On CPU nanochat's kernel, about twice
+    as fast."""
+    rows = logits[None] if logits.dim() == 1 else logits
+    if cpu_kernels.takes(rows):
+        return cpu_kernels.softmax_weights(rows, 1 / temperature).view(logits.shape)
     return (logits - logits.amax(dim=-1, keepdim=True)).mul_(1 / temperature).exp_()  # mul: a third faster than div
+
+
+def capped(logits):
+    """The soft cap of fresh logits (B, vocab), in place; on CPU nanochat's kernel, about twice as fast."""
+    return cpu_kernels.softcap_(logits, LOGIT_SOFTCAP) if cpu_kernels.takes(logits) else softcap(logits)
+
+
+def row_argmax(x):
+    """The index of each row's (first) maximum; on CPU nanochat's kernel, 4-10x faster than argmax."""
+    return cpu_kernels.argmax(x) if cpu_kernels.takes(x) else x.argmax(dim=-1)
 
 
 def uniforms(generators, device):
