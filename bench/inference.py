@@ -4,12 +4,13 @@ the same run: upstream's loop (the model in fp32, the plain KVCache, logits capp
 upstream caps them, argmax each step). Our attention and model code are shared with the reference,
 so it is faster than upstream would be wherever they are. Ours runs the model as `load_engine`
 serves it: in the dtype the CPU multiplies fastest, its query, key and value layers fused, its
-linear layers in the form that dtype multiplies fastest (nanochat/linears.py).
+linear layers in the form that dtype multiplies fastest (nanochat/linears.py; in fp32 on an AVX2
+CPU nanochat's own kernels, nanochat/cpu_kernels.c, which also take the engine's argmax).
 
     python bench/inference.py [--repeats 3]
 
-Prints one JSON line: the CPU, tok/s of ours and of the reference per batch size, the ratios and
-the dtype.
+Prints one JSON line: the CPU, tok/s of ours and of the reference per batch size, the ratios, the
+dtype and whether nanochat's CPU kernels ran.
 """
 
 import argparse
@@ -20,7 +21,7 @@ from unittest import mock
 
 import torch
 
-from nanochat import gpt
+from nanochat import cpu_kernels, gpt
 from nanochat.common import autocast_dtype, cpu_has_fast_bf16, cpu_model, git_commit
 from nanochat.engine import Engine, SamplingParams
 from nanochat.gpt import GPT, GPTConfig, KVCache
@@ -94,6 +95,7 @@ def main():
     engine = Engine(inference_linears(fast), tokenizer, max_rows=8, max_len=PROMPT_TOKENS + NEW_TOKENS + 1)
     prompt = torch.randint(0, 256, (PROMPT_TOKENS,)).tolist()
     result = {"bench": "inference", "device": "cpu", "cpu": cpu_model(), "fast_bf16": cpu_has_fast_bf16(), "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "dtype": str(dtype).removeprefix("torch."),
+              "cpu_kernels": cpu_kernels.library() is not None,
               "reference_dtype": "float32", "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
     for batch in (1, 8):
         ref = tokens_per_second(lambda: reference(model, prompt, batch), batch, args.repeats)

@@ -4,10 +4,10 @@
 - sampling's passes over (rows, vocab) logits: the soft cap (in place), softmax weights and the
   argmax (8 x 65,536 on that CPU: cap 0.39 ms in torch, softmax weights 0.39, argmax 0.27-0.6).
 
-Compiled on first use with the machine's C compiler ($CC, else cc) into
-$XDG_CACHE_HOME/nanochat (default ~/.cache/nanochat), one file per version of the source, and
-loaded with ctypes, which releases the GIL for the call. Where it cannot run (no AVX2 and FMA, no
-compiler, a failed build) `library()` says why in the log and returns None.
+Compiled on first use with the machine's C compiler ($CC, else cc; under a second) into
+$XDG_CACHE_HOME/nanochat/kernels (default ~/.cache/nanochat/kernels), one file per version of the
+source, and loaded with ctypes, which releases the GIL for the call. Where they cannot run (no AVX2
+and FMA, no compiler, a failed build) `library()` says why in the log and returns None.
 """
 
 import ctypes
@@ -58,7 +58,7 @@ def compiled(compiler):
     so a reader never sees half a library."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, FLAGS)])).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanochat"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanochat" / "kernels"
     path = cache / f"cpu_kernels-{key}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -68,12 +68,12 @@ def fresh_cache(tmp_path, monkeypatch):
     """An empty kernel cache, and library() forgetting what it loaded (before and after)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cpu_kernels.library.cache_clear()
-    yield tmp_path / "nanochat"
+    yield tmp_path / "nanochat" / "kernels"
     cpu_kernels.library.cache_clear()
 
 
 def test_built_once_then_reused(fresh_cache):
-    fresh_cache.mkdir()
+    fresh_cache.mkdir(parents=True)
     (fresh_cache / "cpu_kernels-0123456789abcdef.so").write_text("an older version's build")
     assert cpu_kernels.library() is not None
     (built,) = fresh_cache.iterdir()  # the older one removed
