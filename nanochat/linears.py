@@ -4,9 +4,10 @@ few rows of activations against a large weight).
 
 Measured on the d4 model's lm_head (65,536 x 256), ms per call at 1 / 8 rows, 2 cores:
 - AVX2-only CPU (AMD EPYC, fp32): x @ W.T (nn.Linear, MKL) 6.5 / 14.5; oneDNN with the weight
-  packed 3.4 / 8.0; W @ x.T 4.6 / 5.5; `PanelLinear` (nanochat's kernel) 1.6-2.2 / 3.2-4.3, and
-  2-3x faster than MKL on the body's layers too (768 x 256 at 8 rows: 26 us against 77). From
-  a few thousand rows up (long prefills) the two are about even.
+  packed 3.4 / 8.0; W @ x.T 4.6 / 5.5; `PanelLinear` (nanochat's kernel) 1.6-2.9 / 3.2-4.3 (one
+  row streams the weight from memory, and the VM's bandwidth varies). The body's layers too are
+  2-3x faster than with MKL (768 x 256 at 8 rows: 26 us against 77); from a few thousand rows up
+  (long prefills) the two are about even.
 - AMX CPU (bf16): oneDNN packed is 2-5x faster than nn.Linear at these sizes.
 So `inference_linears` packs bf16 weights for oneDNN and fp32 ones into panels; the results match
 nn.Linear's up to rounding. Elsewhere (no AVX2, no C compiler) layers stay nn.Linear.
