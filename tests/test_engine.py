@@ -408,5 +408,3 @@ def test_stop_strings_end_the_completion(tokenizer):
     request = engine.generate(start, SamplingParams(temperature=0, max_tokens=5))
     assert request.completions[0].text == "quick" and request.completions[0].finish_reason == "length"
     assert "".join(engine.stream(start, SamplingParams(temperature=0))) == "quick brown"
-
-
