@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from nanochat import storage
+from nanochat import pipeline, stage, storage
 from nanochat.common import log
 
 MANIFEST = "manifest.json"
@@ -267,3 +267,21 @@ def load_model(target, device="cpu"):
     model.init_weights()  # the buffers that are not saved (rotary tables)
     model.load_state_dict(model_state)
     return model.eval(), Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0]), meta
+
+
+def find_checkpoint(target, source=None):
+    """(checkpoint directory URI, source) of a checkpoint URI, or of a run (name or URI): its
+    `source` stage's final checkpoint (pipeline.SOURCES), by default the newest model source done
+    (rl, then sft, mid, base)."""
+    uri = storage.normalize(target) if "://" in target or target.startswith(("/", ".", "~")) else None
+    if uri is not None:
+        uri = uri.removesuffix("/" + MANIFEST)
+        if storage.exists(storage.join(uri, MANIFEST)):
+            return uri, None
+    run = storage.run_uri(target)
+    newest_first = [source] if source else list(reversed(pipeline.SOURCES))
+    for name in newest_first:
+        if storage.exists(storage.join(run, pipeline.SOURCES[name], stage.SUMMARY)):
+            return stage.upstream_checkpoint(run, pipeline.SOURCES[name]), name
+    wanted = " or ".join(pipeline.SOURCES[name] for name in newest_first)
+    raise FileNotFoundError(f"{target}: neither a checkpoint nor a run with {wanted} done")

@@ -516,31 +516,10 @@ def inverse_cdf(cdf, u):
     return torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))[:, 0]
 
 
-SOURCES = {"rl": "chat_rl", "sft": "chat_sft", "mid": "mid_train", "base": "base_train"}  # newest first
-
-
-def find_checkpoint(target, source=None):
-    """(checkpoint directory URI, source) of a checkpoint URI, or of a run (name or URI): its
-    `source` stage's checkpoint, by default the newest stage done of rl -> sft -> mid -> base."""
-    from nanochat import checkpoint, stage, storage
-
-    uri = storage.normalize(target) if "://" in target or target.startswith(("/", ".", "~")) else None
-    if uri is not None:
-        uri = uri.removesuffix("/" + checkpoint.MANIFEST)
-        if storage.exists(storage.join(uri, checkpoint.MANIFEST)):
-            return uri, None
-    run = storage.run_uri(target)
-    for name in [source] if source else SOURCES:
-        if storage.exists(storage.join(run, SOURCES[name], stage.SUMMARY)):
-            return stage.upstream_checkpoint(run, SOURCES[name]), name
-    wanted = SOURCES[source] if source else " or ".join(SOURCES.values())
-    raise FileNotFoundError(f"{target}: neither a checkpoint nor a run with {wanted} done")
-
-
 def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
     """The Engine of a checkpoint or a run's model (see find_checkpoint), with its weights in the
     dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs)."""
-    from nanochat.checkpoint import load_model
+    from nanochat.checkpoint import find_checkpoint, load_model
     from nanochat.common import autocast_dtype
     from nanochat.linears import inference_linears
 

@@ -11,6 +11,7 @@ import ipaddress
 import os
 from dataclasses import fields
 
+from nanochat import pipeline
 from nanochat.serve.app import Limits, create_app
 from nanochat.serve.guard import MAX_HEADER_BYTES
 
@@ -22,7 +23,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="nanochat serve", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
-    p.add_argument("--source", choices=["base", "mid", "sft", "rl"], help="which stage's model (default: the newest done)")
+    p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--devices", type=int, default=1, help="engines, one per GPU (cuda:0..N-1); 1 on CPU")
@@ -59,7 +60,8 @@ def main(argv=None):
     import uvicorn
 
     from nanochat.common import autodetect_device_type, setup_logging
-    from nanochat.engine import find_checkpoint, load_engine
+    from nanochat.checkpoint import find_checkpoint
+    from nanochat.engine import load_engine
 
     args = build_parser().parse_args(argv)
     keys = api_keys(args)

@@ -12,18 +12,15 @@ problem count and time, and ChatCORE over the tasks evaluated.
 
 import time
 
-from nanochat import checkpoint, stage, storage
+from nanochat import checkpoint, pipeline, stage, storage
 from nanochat.common import log
-from nanochat.engine import SOURCES as MODEL_SOURCES
 from nanochat.evaluation import chat
-
-SOURCES = {name: stage_name for name, stage_name in MODEL_SOURCES.items() if name != "base"}  # the chat models
 
 
 def build_parser():
     p = stage.parser("chat_eval", __doc__)
     a = p.add_argument
-    a("--source", choices=sorted(SOURCES), required=True, help="which stage's model to evaluate")
+    a("--source", choices=pipeline.CHAT_SOURCES, required=True, help="which stage's model to evaluate")
     a("-a", "--tasks", default=",".join(chat.BASELINES), help="comma-separated tasks (default: all)")
     a("--max-problems", type=int, help="problems per categorical task (-1: all)")
     a("--max-generative", type=int, help="problems per generative task, each sampled (-1: all)")
@@ -45,7 +42,7 @@ def main(args):
     unknown = sorted(set(tasks) - set(chat.BASELINES))
     if unknown or not tasks:
         raise stage.StageError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(chat.BASELINES)}")
-    source = stage.upstream_checkpoint(args.run, SOURCES[args.source])
+    source = stage.upstream_checkpoint(args.run, pipeline.SOURCES[args.source])
     compute = common.compute_init(args.device_type)
     model, tokenizer, _ = checkpoint.load_model(source, compute.device)
     dtype = common.autocast_dtype(compute.device_type, args.dtype)
