@@ -55,6 +55,10 @@ def base_eval(**overrides):
     return {"max_per_task": -1, "eval_tokens": BASE_TRAIN["eval_tokens"], "unigram_tokens": 20_000_000, **overrides}
 
 
+# GPU presets compile the model as upstream does: pretraining and packed midtraining rows have one
+# shape; SFT rows are padded per batch, so each length would compile anew, and SFT stays eager.
+GPU_COMPILE = {"compile": True}
+
 PRESETS = {
     "tiny": {
         "tok_train": {"vocab_size": 2048, "max_chars": 5_000_000, "doc_cap": 10_000},
@@ -96,23 +100,23 @@ PRESETS = {
     # shards as in the original speedrun scripts (about 250M characters each upstream)
     # device batch sizes as the original speedrun scripts set them for 80 GB GPUs
     "d20": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 240},
-            "base_train": base_train(depth=20, device_batch_size=32, num_shards=240),
+            "base_train": base_train(**GPU_COMPILE, depth=20, device_batch_size=32, num_shards=240),
             "base_eval": base_eval(device_batch_size=32, num_shards=240),
-            "mid_train": mid_train(device_batch_size=32, total_batch_size=524544, num_steps=800),
+            "mid_train": mid_train(**GPU_COMPILE, device_batch_size=32, total_batch_size=524544, num_steps=800),
             "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
             "chat_eval": CHAT_EVAL,
             "chat_rl": chat_rl()},
     "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450},
-            "base_train": base_train(depth=26, device_batch_size=16, num_shards=450),
+            "base_train": base_train(**GPU_COMPILE, depth=26, device_batch_size=16, num_shards=450),
             "base_eval": base_eval(device_batch_size=16, num_shards=450),
-            "mid_train": mid_train(device_batch_size=16, total_batch_size=524544, num_steps=800),
+            "mid_train": mid_train(**GPU_COMPILE, device_batch_size=16, total_batch_size=524544, num_steps=800),
             "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
             "chat_eval": CHAT_EVAL,
             "chat_rl": chat_rl()},
     "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800},
-            "base_train": base_train(depth=32, device_batch_size=8, num_shards=800),
+            "base_train": base_train(**GPU_COMPILE, depth=32, device_batch_size=8, num_shards=800),
             "base_eval": base_eval(device_batch_size=8, num_shards=800),
-            "mid_train": mid_train(device_batch_size=8, total_batch_size=524544, num_steps=800),
+            "mid_train": mid_train(**GPU_COMPILE, device_batch_size=8, total_batch_size=524544, num_steps=800),
             "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
             "chat_eval": CHAT_EVAL,
             "chat_rl": chat_rl()},

@@ -36,3 +36,12 @@ def test_parse_args_takes_preset_defaults_and_overrides():
 
     args = parse_args(base_train.build_parser(), "base_train", ["--run", "/tmp/x", "--preset", "tiny", "--num-steps", "3"])
     assert (args.num_steps, args.depth, args.run) == (3, presets.get("tiny", "base_train")["depth"], "file:///tmp/x")
+
+
+@pytest.mark.parametrize("preset", ["d20", "d26", "d32"])
+def test_gpu_presets_compile_the_fixed_shape_stages(preset):
+    """As upstream: pretraining and packed midtraining rows have one shape, so they compile; SFT
+    rows are padded per batch (a compile per length) and stay eager, as do the CPU presets."""
+    assert presets.get(preset, "base_train")["compile"] and presets.get(preset, "mid_train")["compile"]
+    assert "compile" not in presets.get(preset, "chat_sft")
+    assert not any(presets.get(p, s).get("compile") for p in ("tiny", "cpu") for s in ("base_train", "mid_train"))
