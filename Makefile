@@ -25,7 +25,7 @@ PREFECT_API ?= http://127.0.0.1:4200/api
 # processes per stage: the cpu preset's two single-threaded processes use 2 cores best
 NPROC ?= $(if $(filter cpu,$(PRESET)),2,1)
 
-.PHONY: help setup dev speedrun test bench server worker deploy clean
+.PHONY: help setup dev speedrun test lint bench server worker deploy clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | expand -t 12
@@ -77,6 +77,9 @@ deploy: setup  ## register prefect.yaml's deployments (speedrun, one per stage) 
 test: dev  ## run the whole test suite (Rust and Python)
 	cargo test --quiet --release --manifest-path rustbpe/Cargo.toml
 	$(PY) -m pytest
+
+lint: dev  ## ruff over the whole tree (configured in pyproject.toml)
+	$(VENV)/bin/ruff check .
 
 bench: dev  ## run every benchmark in bench/ (each prints one JSON line)
 	for b in bench/*.py; do $(PY) $$b; done
