@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flows import stages
 from flows.speedrun import run_spec, speedrun
+from nanochat import pipeline
 from nanochat.common import autodetect_device_type, git_commit
 
 
@@ -23,7 +24,7 @@ def run_direct(root, args):
     """The flow's stage commands, one after another, in dependency order; returns seconds."""
     spec = run_spec("tiny", "direct", root, args.data_mirror, args.nproc_per_node, 1, None)
     t0 = time.perf_counter()
-    for stage in stages.available():
+    for stage in pipeline.select():
         subprocess.run(stages.command(stage, spec), env=stages.child_env(spec), check=True, capture_output=True)
     return time.perf_counter() - t0
 
@@ -48,7 +49,7 @@ def main():
     direct, flow = min(direct), min(flow)
     print(json.dumps({
         "bench": "orchestration", "device": autodetect_device_type(), "commit": git_commit(),
-        "stages": [s.name for s in stages.available()],
+        "stages": [s.name for s in pipeline.PIPELINE],
         "direct_s": round(direct, 2), "flow_s": round(flow, 2), "overhead_pct": round(100 * (flow / direct - 1), 1),
         "cached_rerun_s": round(cached, 2),
     }))

@@ -1,4 +1,5 @@
-"""The `speedrun` flow: every available stage as a DAG of cached, retryable tasks, then the report.
+"""The `speedrun` flow: the pipeline (nanochat/pipeline.py) as a DAG of cached, retryable tasks, then
+the report.
 
     python -m flows.speedrun --preset tiny                     runs it now (a temporary local Prefect server)
     prefect deployment run speedrun/speedrun -p preset=tiny    through a server and a worker (prefect.yaml)
@@ -17,10 +18,10 @@ from prefect.futures import wait
 
 import nanochat.storage
 from flows import stages
-from nanochat import presets, report
+from nanochat import pipeline, presets, report
 
-# The final artifact: the output of the last of these stages in the DAG.
-FINAL = ("chat_rl", "chat_sft", "mid_train", "base_train", "tok_train")
+# The final artifact: the output of the last stage run that trains a model, else the tokenizer.
+FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
 
 
 def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes, overrides):
@@ -58,14 +59,14 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     if parallel is None:
         parallel = preset not in presets.ONE_STAGE_AT_A_TIME
     futures = {}
-    for stage in stages.available(only):
+    for stage in pipeline.select(only):  # a PipelineError here, before any stage runs
         task_ = stages.stage_task(stage, spec, retries=retries)
         upstream = [futures[n] for n in stage.needs] if parallel else list(futures.values())
         futures[stage.name] = task_.submit(stage, spec, wait_for=upstream)
     wait(list(futures.values()))
     summaries = {name: future.result() for name, future in futures.items()}  # raises the first failure
     publish_report(spec.run)
-    final = next(name for name in FINAL if name in summaries)
+    final = next((name for name in FINAL if name in summaries), list(summaries)[-1])
     return summaries[final]["outputs"].get("checkpoint", {}).get("uri") or nanochat.storage.join(spec.run, final)
 
 
@@ -87,7 +88,7 @@ def one_stage(name: str, preset: str = "tiny", run_name: str | None = None, stor
     """Re-runs stage `name` on an existing run (its upstream stages must be done there), bypassing
     the cache; returns its stage.json."""
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
-    stage = stages.stage_named(name)
+    stage = pipeline.stage(name)
     return stages.stage_task(stage, spec, retries=retries, force=True)(stage, spec)
 
 

@@ -1,21 +1,17 @@
-"""The pipeline as data, and the Prefect task that runs one stage as a child process.
-
-A stage is one row of PIPELINE. It joins the DAG once its module `nanochat.stages.<module>` exists
-(and its upstream stages are in the DAG), so a stage lands with no change here. The task launches
+"""The Prefect task that runs one stage (a row of the table in nanochat/pipeline.py) as a child:
 
     python -m nanochat.stages.<module> --run RUN --preset P --storage S [options]
     python -m torch.distributed.run --standalone --nproc_per_node N -m nanochat.stages.<module> ...
     python -m torch.distributed.run --nnodes M --rdzv-backend c10d --rdzv-endpoint H:P ...   (M > 1)
 
-as a child in this process's group, logs every output line, and on failure or cancellation leaves
-no process of the child's tree behind. Its result (the stage's stage.json) is cached under a key of
-stage + resolved config + upstream stage.json sha256 + code version, in `<run>/prefect-results/`.
+in this process's group. It logs every output line, and on failure or cancellation leaves no process
+of the child's tree behind. Its result (the stage's stage.json) is cached under a key of stage +
+resolved config + upstream stage.json sha256 + code version, in `<run>/prefect-results/`.
 """
 
 import collections
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import shlex
@@ -37,58 +33,8 @@ from prefect.transactions import IsolationLevel
 from flows.locks import FlockLockManager
 from nanochat import presets, storage
 from nanochat.common import code_version
+from nanochat.pipeline import Stage
 from nanochat.stage import SUMMARY
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    name: str  # its directory under the run, and the task's name
-    module: str = ""  # nanochat.stages.<module>; default: the name
-    torchrun: bool = False  # launched under torchrun (else one `python -m` process)
-    needs: tuple = ()  # upstream stages
-    args: tuple = ()  # extra command-line arguments
-
-    def __post_init__(self):
-        object.__setattr__(self, "module", self.module or self.name)
-
-
-# In dependency order. Stages whose module does not exist yet are left out of the DAG.
-PIPELINE = (
-    Stage("download"),
-    Stage("tok_train", needs=("download",)),
-    Stage("tok_eval", needs=("tok_train",)),
-    Stage("base_train", torchrun=True, needs=("tok_train",)),
-    Stage("base_eval", torchrun=True, needs=("base_train",)),
-    Stage("mid_train", torchrun=True, needs=("base_train",)),
-    Stage("chat_eval_mid", "chat_eval", torchrun=True, needs=("mid_train",), args=("--source", "mid")),
-    Stage("chat_sft", torchrun=True, needs=("mid_train",)),
-    Stage("chat_eval_sft", "chat_eval", torchrun=True, needs=("chat_sft",), args=("--source", "sft")),
-    Stage("chat_rl", torchrun=True, needs=("chat_sft",)),
-    Stage("chat_eval_rl", "chat_eval", torchrun=True, needs=("chat_rl",), args=("--source", "rl")),
-)
-
-
-def available(only=None):
-    """The stages that can run today: their module exists and so do their upstream stages. With
-    `only`, just those stages and the ones they need."""
-    dag = {}
-    for s in PIPELINE:
-        if importlib.util.find_spec(f"nanochat.stages.{s.module}") and all(n in dag for n in s.needs):
-            dag[s.name] = s
-    if not only:
-        return list(dag.values())
-    if unknown := set(only) - dag.keys():
-        raise ValueError(f"unknown or unavailable stages {sorted(unknown)}; choose from {', '.join(dag)}")
-    keep, todo = set(), list(only)
-    while todo:
-        name = todo.pop()
-        keep.add(name)
-        todo += dag[name].needs
-    return [s for name, s in dag.items() if name in keep]
-
-
-def stage_named(name):
-    return available(only=[name])[-1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,16 +197,31 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
-def source_hash(packages=("nanochat", "tasks", "rustbpe")):
-    """sha256 over the Python and Rust sources of the given packages (stable across machines)."""
+# Never part of the code version: caches and build outputs (rebuilt from the sources, and
+# different on every machine).
+BUILD_DIRS = {"__pycache__", "target", "_native"}
+BUILD_SUFFIXES = {".so", ".pyc", ".pyd", ".dylib", ".dll", ".o"}
+
+
+def source_files(root):
+    """Every file under `root` that a package loads or is built from (Python, Rust and Cargo's
+    files, C, HTML, data), sorted; not caches, build outputs or hidden files."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in BUILD_DIRS and not d.startswith(".")]
+        files += [Path(dirpath, f) for f in filenames if not f.startswith(".") and Path(f).suffix not in BUILD_SUFFIXES]
+    return sorted(files)
+
+
+def source_hash(packages=("nanochat", "tasks", "rustbpe"), root=REPO_ROOT):
+    """sha256 over every source file of the given packages under `root`: each one's path relative
+    to `root` (stable across machines), size and bytes."""
     h = hashlib.sha256()
     for package in packages:
-        root = REPO_ROOT / package
-        files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".rs") and "target" not in p.parts)
-        for path in files:
-            h.update(str(path.relative_to(REPO_ROOT)).encode())
-            h.update(b"\0")
-            h.update(path.read_bytes())
+        for path in source_files(root / package):
+            data = path.read_bytes()
+            h.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+            h.update(data)
     return h.hexdigest()
 
 

@@ -17,17 +17,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import psutil
 
-from nanochat import storage
+from nanochat import pipeline, storage
 from nanochat.stage import SUMMARY
 
 REPORT = "report.md"
-# Rows of the metrics table and the stages whose metrics fill them.
-ROWS = {
-    "BASE": ("base_train", "base_eval"),
-    "MID": ("mid_train", "chat_eval_mid"),
-    "SFT": ("chat_sft", "chat_eval_sft"),
-    "RL": ("chat_rl", "chat_eval_rl"),
-}
+# The metrics table's model sources in pipeline order (its columns BASE, MID, SFT, RL) and the
+# stages that fill each: the one that trains it and those that evaluate it.
+ROWS = {source.upper(): tuple(s.name for s in pipeline.PIPELINE if s.source == source) for source in pipeline.SOURCES}
 COLUMNS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE", "pass@k",
            "val bpb")
 

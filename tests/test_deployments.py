@@ -1,5 +1,6 @@
 """prefect.yaml and deployments/: the templates parse and resolve; a real deployment run is picked
-up by a process worker on pool "gpu"; cancelling a run leaves no stage process behind."""
+up by a process worker on pool "gpu"; cancelling a run leaves no stage process behind. (That
+prefect.yaml has one deployment per pipeline row is tests/test_pipeline.py's.)"""
 
 import asyncio
 import os
@@ -25,17 +26,6 @@ DEPLOYMENTS = REPO / "deployments"
 
 def defaults(template):
     return {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
-
-
-def test_prefect_yaml_has_speedrun_and_one_deployment_per_stage():
-    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    by_name = {d["name"]: d for d in config["deployments"]}
-    assert by_name["speedrun"]["entrypoint"] == "flows/speedrun.py:speedrun"
-    per_stage = {n: d for n, d in by_name.items() if n != "speedrun"}
-    assert sorted(per_stage) == sorted(s.name for s in stages.available())
-    for name, d in by_name.items():
-        assert d["work_pool"]["name"] == "gpu"
-        assert name == "speedrun" or (d["entrypoint"] == "flows/speedrun.py:one_stage" and d["parameters"] == {"name": name})
 
 
 def test_process_pool_template_resolves(prefect_api):

@@ -19,14 +19,14 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
 
 from flows import stages
 from flows.speedrun import speedrun, with_identity
-from nanochat import storage
+from nanochat import pipeline, storage
 
 # base_train on the tiny preset, shorter still; deterministic, so a resumed run ends in the same weights
 OVERRIDES = {"base_train": {"num_steps": 4, "checkpoint_every": 2, "eval_tokens": 1024, "deterministic": True}}
 # The flow tests run the stages up to base_train, so later stages do not lengthen them.
-ONLY = [s for s in ("tok_eval", "base_train") if s in [a.name for a in stages.available()]]
-AVAILABLE = [s.name for s in stages.available(ONLY)]
-ALL = [s.name for s in stages.available()]
+ONLY = ["tok_eval", "base_train"]
+SELECTED = [s.name for s in pipeline.select(ONLY)]
+ALL = [s.name for s in pipeline.PIPELINE]
 
 
 def run_speedrun(root, run, shared_data, **kwargs):
@@ -55,7 +55,7 @@ def artifacts(key, flow_run_id=None):
 
 
 def summaries(run):
-    return {name: storage.read_json(storage.join(run, name, "stage.json")) for name in AVAILABLE}
+    return {name: storage.read_json(storage.join(run, name, "stage.json")) for name in SELECTED}
 
 
 def final_weights_sha(run):
@@ -80,7 +80,7 @@ def test_concurrent_runs_execute_each_stage_once(finished):
     for state, _ in first:
         assert state.is_completed(), state.message
     per_stage = [task_states(flow_run_id) for _, flow_run_id in first]
-    for name in AVAILABLE:
+    for name in SELECTED:
         assert sorted(states[name] for states in per_stage) == ["Cached", "Completed"], name
     assert storage.exists(storage.join(run, "report.md"))
 
@@ -89,32 +89,29 @@ def test_rerun_is_all_cache_hits_and_publishes_the_report(finished):
     run, _, (state, flow_run_id), after_first = finished
     assert state.is_completed(), state.message
     states = task_states(flow_run_id)
-    assert {name: states[name] for name in AVAILABLE} == {name: "Cached" for name in AVAILABLE}
+    assert {name: states[name] for name in SELECTED} == {name: "Cached" for name in SELECTED}
     assert summaries(run) == after_first  # nothing ran again
-    final = state.result()
-    if "base_train" in AVAILABLE:  # the flow returns the final checkpoint
-        assert final == after_first["base_train"]["outputs"]["checkpoint"]["uri"]
-        assert "data:image/png;base64," in storage.read_text(storage.join(run, "report.md"))  # loss curve
-        assert [a.data for a in artifacts("progress-base-train")] == [100.0]  # the run that trained
+    assert state.result() == after_first["base_train"]["outputs"]["checkpoint"]["uri"]  # the final checkpoint
+    assert "data:image/png;base64," in storage.read_text(storage.join(run, "report.md"))  # loss curve
+    assert [a.data for a in artifacts("progress-base-train")] == [100.0]  # the run that trained
     card = artifacts("report-card", flow_run_id)[0].data
     assert card == storage.read_text(storage.join(run, "report.md")) and "## Stages" in card
     table = artifacts("stage-outputs", flow_run_id)[0].data
-    assert all(name in table for name in AVAILABLE)
+    assert all(name in table for name in SELECTED)
 
 
 def test_missing_artifact_runs_its_stage_again(finished, prefect_api, shared_data):
     run, _, _, after_first = finished
-    last = AVAILABLE[-1]  # no stage depends on it, so the others stay cache hits
+    last = SELECTED[-1]  # no stage depends on it, so the others stay cache hits
     storage.remove(storage.join(run, last), recursive=True)
     state, flow_run_id = run_speedrun(storage.local_path(run).rsplit("/runs/", 1)[0], "e2e", shared_data)
     assert state.is_completed(), state.message
     states = task_states(flow_run_id)
     assert states[last] == "Completed"
-    assert all(states[name] == "Cached" for name in AVAILABLE if name != last)
+    assert all(states[name] == "Cached" for name in SELECTED if name != last)
     assert storage.read_json(storage.join(run, last, "stage.json"))["outputs"].keys() == after_first[last]["outputs"].keys()
 
 
-@pytest.mark.skipif("base_train" not in AVAILABLE, reason="needs a checkpointed training stage")
 def test_failed_stage_resumes_from_its_checkpoint(finished, prefect_api, shared_data, tmp_path, monkeypatch):
     reference, *_ = finished
     monkeypatch.setenv("NANOCHAT_FAULT", "base_train:3")  # crash right after step 3; step 2 is checkpointed
@@ -129,7 +126,7 @@ def test_failed_stage_resumes_from_its_checkpoint(finished, prefect_api, shared_
     state, flow_run_id = run_speedrun(tmp_path, "r", shared_data)
     assert state.is_completed(), state.message
     states = task_states(flow_run_id)
-    assert all(states[name] == "Cached" for name in AVAILABLE if name != "base_train")
+    assert all(states[name] == "Cached" for name in SELECTED if name != "base_train")
     assert states["base_train"] == "Completed"
     assert any("resumed at step 2" in line for line in logs(flow_run_id))
     assert final_weights_sha(run) == final_weights_sha(reference)  # as if it never failed
@@ -145,7 +142,7 @@ def test_s3_storage(prefect_api, shared_data, s3_root):
     assert "## Stages" in storage.read_text(storage.join(run, "report.md"))
     state, flow_run_id = run_speedrun(s3_root, "s3run", shared_data)  # results are cached on s3 too
     assert state.is_completed(), state.message
-    assert all(task_states(flow_run_id)[name] == "Cached" for name in AVAILABLE)
+    assert all(task_states(flow_run_id)[name] == "Cached" for name in SELECTED)
 
 
 def test_every_stage_end_to_end_fills_the_report_table(prefect_api, shared_data, tmp_path):
@@ -172,7 +169,7 @@ def test_launcher_streams_output_and_leaves_no_torchrun_worker(tmp_path, monkeyp
     monkeypatch.setenv("NANOCHAT_FAULT", "base_train:hang")
     spec = stages.RunSpec(run=storage.normalize(str(tmp_path / "run")), preset="tiny",
                           storage=storage.normalize(str(tmp_path)), nproc_per_node=2)
-    stage = stages.Stage("base_train", torchrun=True)
+    stage = pipeline.stage("base_train")
     lines, result = [], {}
     thread = threading.Thread(target=lambda: result.update(out=stages.launch(
         stages.command(stage, spec), stages.child_env(spec), lines.append, grace=5.0)))
@@ -208,8 +205,8 @@ def test_one_stage_at_a_time(prefect_api, shared_data, tmp_path):
     assert state.is_completed(), state.message
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    spans = sorted((r.start_time, r.end_time, r.name) for r in runs if r.name in AVAILABLE)
-    assert [name for _, _, name in spans] == AVAILABLE
+    spans = sorted((r.start_time, r.end_time, r.name) for r in runs if r.name in SELECTED)
+    assert [name for _, _, name in spans] == SELECTED
     assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:]))
     cached = list((tmp_path / "runs" / "serial" / "prefect-results").iterdir())
     assert cached and all(json.loads(p.read_text())["metadata"]["serializer"]["type"] == "json" for p in cached)

@@ -1,0 +1,127 @@
+"""The pipeline table (nanochat/pipeline.py) and everything that derives from it: prefect.yaml's
+deployments, the report's metrics table, chat_eval's and serve's --source choices, checkpoint
+resolution, the flow's DAG (a row whose module is missing fails the flow before any stage runs);
+and the code version that keys every stage's cache, which covers every file the packages load."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import flows.speedrun
+from nanochat import checkpoint, pipeline, report
+from nanochat.common import source_hash
+from nanochat.pipeline import PipelineError, Stage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_every_row_has_a_module_and_needs_only_earlier_rows():
+    pipeline.check()
+    seen = set()
+    for row in pipeline.PIPELINE:
+        assert (REPO / "nanochat" / "stages" / f"{row.module}.py").is_file(), row
+        assert set(row.needs) <= seen, row
+        assert row.name not in seen
+        seen.add(row.name)
+    assert pipeline.select() == list(pipeline.PIPELINE)
+
+
+def test_select_keeps_what_the_chosen_stages_need_in_pipeline_order():
+    assert [s.name for s in pipeline.select(["tok_eval"])] == ["download", "tok_train", "tok_eval"]
+    assert pipeline.stage("chat_eval_sft").args == ("--source", "sft")
+    with pytest.raises(PipelineError, match="unknown stages \\['nope'\\]; choose from download, tok_train, "):
+        pipeline.stage("nope")
+
+
+def test_prefect_yaml_has_the_speedrun_and_one_stage_deployment_per_row_in_order():
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    assert all(d["work_pool"]["name"] == "gpu" for d in deployments)
+    [speedrun] = [d for d in deployments if d["name"] == "speedrun"]
+    assert speedrun["entrypoint"] == "flows/speedrun.py:speedrun"
+    per_stage = [d for d in deployments if d is not speedrun]
+    assert all(d["entrypoint"] == "flows/speedrun.py:one_stage" for d in per_stage)
+    assert [(d["name"], d["parameters"]) for d in per_stage] == [(s.name, {"name": s.name}) for s in pipeline.PIPELINE]
+    assert flows.speedrun.speedrun.name == "speedrun" and flows.speedrun.one_stage.name == "stage"
+
+
+def test_the_report_and_the_source_options_take_their_sources_from_the_table():
+    from nanochat.serve import build_parser as serve_parser
+    from nanochat.stages.chat_eval import build_parser as chat_eval_parser
+
+    assert list(pipeline.SOURCES) == ["base", "mid", "sft", "rl"]
+    assert set(pipeline.CHAT_SOURCES) <= set(pipeline.SOURCES)
+    assert list(report.ROWS) == [s.upper() for s in pipeline.SOURCES]
+    for source, stages in report.ROWS.items():
+        assert stages[0] == pipeline.SOURCES[source.lower()]
+        assert {pipeline.stage(name).source for name in stages} == {source.lower()}
+    choices = {a.dest: a.choices for a in chat_eval_parser()._actions}
+    assert list(choices["source"]) == list(pipeline.CHAT_SOURCES)
+    choices = {a.dest: a.choices for a in serve_parser()._actions}
+    assert list(choices["source"]) == list(pipeline.SOURCES)
+
+
+def test_find_checkpoint_takes_the_newest_source_done_in_the_table(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=" or ".join(reversed(pipeline.SOURCES.values()))):
+        checkpoint.find_checkpoint(str(run))
+    for source, name in pipeline.SOURCES.items():
+        (run / name).mkdir(parents=True)
+        manifest = f"file://{run}/{name}/checkpoints/final/manifest.json"
+        (run / name / "stage.json").write_text(json.dumps({"outputs": {"checkpoint": {"uri": manifest}}}))
+        assert checkpoint.find_checkpoint(str(run)) == (manifest.rsplit("/", 1)[0], source)
+    for source, name in pipeline.SOURCES.items():
+        assert checkpoint.find_checkpoint(str(run), source)[0].endswith(f"/{name}/checkpoints/final")
+
+
+def test_a_row_whose_module_is_missing_fails_the_flow_before_any_stage_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "PIPELINE", (*pipeline.PIPELINE, Stage("ghost", needs=("download",))))
+    with pytest.raises(PipelineError, match="stage ghost: its module nanochat.stages.ghost does not exist"):
+        pipeline.select()
+    # .fn: the flow's body without a Prefect server; it fails before building a task
+    with pytest.raises(PipelineError, match="nanochat.stages.ghost"):
+        flows.speedrun.speedrun.fn(preset="tiny", run_name="r", storage=str(tmp_path), retries=0)
+    with pytest.raises(PipelineError, match="nanochat.stages.ghost"):
+        flows.speedrun.one_stage.fn("tok_train", preset="tiny", run_name="r", storage=str(tmp_path), retries=0)
+    assert list(tmp_path.iterdir()) == []  # no stage directory, no run
+
+
+# The code version
+
+BUILD_OUTPUTS = ("__pycache__", "target", "_native")
+
+
+def package_files(root):
+    """What the packages ship, load or are built from: every file but caches, build outputs and
+    hidden files (found by walking, so a moved or new file is covered without naming it)."""
+    for package in ("nanochat", "tasks", "rustbpe"):
+        for dirpath, dirnames, filenames in os.walk(root / package):
+            dirnames[:] = [d for d in dirnames if d not in BUILD_OUTPUTS and not d.startswith(".")]
+            yield from (Path(dirpath, f) for f in filenames if not f.startswith(".") and not f.endswith((".so", ".pyc")))
+
+
+def test_the_source_hash_covers_every_file_the_packages_load(tmp_path):
+    for package in ("nanochat", "tasks", "rustbpe"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS, "*.so"))
+    before = source_hash(root=tmp_path)
+    others = [p for p in package_files(tmp_path) if p.suffix != ".py"]
+    assert {".c", ".html", ".rs", ".toml"} <= {p.suffix for p in others}
+    for path in [*others, tmp_path / "nanochat" / "pipeline.py"]:
+        data = path.read_bytes()
+        path.write_bytes(data + b"\n")
+        assert source_hash(root=tmp_path) != before, path.relative_to(tmp_path)
+        path.write_bytes(data)
+    assert source_hash(root=tmp_path) == before
+
+    new = tmp_path / "nanochat" / "serve" / "favicon.svg"  # a data file that did not exist
+    new.write_text("<svg/>")
+    assert source_hash(root=tmp_path) != before
+    new.unlink()
+
+    for built in ("nanochat/__pycache__/gpt.cpython-311.pyc", "rustbpe/_native/lib_native.so", "rustbpe/target/release/x"):
+        (tmp_path / built).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / built).write_bytes(b"machine-specific")
+    assert source_hash(root=tmp_path) == before  # builds and caches differ between machines
