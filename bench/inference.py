@@ -1,11 +1,12 @@
 """Decode throughput of the engine on the upstream-equivalent d4 model (width 256, 2 heads of 128,
 vocab 65,536), 64-token prompt, 128 greedy tokens, batch 1 and 8, against the reference measured in
-the same run: upstream's loop (the model in fp32, the plain KVCache, logits capped by tanh as
-upstream caps them, argmax each step). Our attention and model code are shared with the reference,
-so it is faster than upstream would be wherever they are. Ours runs the model as `load_engine`
-serves it: in the dtype the CPU multiplies fastest, its query, key and value layers fused, its
-linear layers in the form that dtype multiplies fastest (nanochat/linears.py; in fp32 on an AVX2
-CPU nanochat's own kernels, nanochat/cpu_kernels.c, which also take the engine's argmax).
+the same run: upstream's loop (the model in fp32 as nanochat.gpt defines it, with SDPA and the
+tanh soft cap, the plain KV cache of bench/reference.py, argmax each step). Our attention and model
+code are shared with the reference, so it is faster than upstream would be wherever they are. Ours
+runs the model as `load_engine` serves it (nanochat.inference.prepare): in the dtype the CPU
+multiplies fastest, its query, key and value layers fused, and nanochat.cpu applied (its linear
+layers in the form that dtype multiplies fastest; in fp32 on an AVX2 CPU nanochat's own kernels,
+nanochat/cpu/kernels.c, which also take the soft cap and the engine's argmax).
 
     python bench/inference.py [--repeats 3]
 
@@ -14,38 +15,32 @@ dtype and whether nanochat's CPU kernels ran.
 """
 
 import argparse
+import functools
 import json
 import os
 import time
-from unittest import mock
 
 import torch
+from reference import PlainKVCache  # bench/ is on sys.path: this file runs as a script
 
-from nanochat import cpu_kernels, gpt
 from nanochat.common import autocast_dtype, cpu_has_fast_bf16, cpu_model, git_commit
+from nanochat.cpu import kernels
 from nanochat.engine import Engine, SamplingParams
-from nanochat.gpt import GPT, GPTConfig, KVCache
-from nanochat.linears import inference_linears
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.inference import prepare
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
 CONFIG = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
 
 
-def upstream_softcap(logits):
-    """Upstream's logit cap, a tanh (ours computes the same through sigmoid, in place)."""
-    return 15 * torch.tanh(logits / 15)
-
-
 @torch.inference_mode()
 def reference(model, prompt, batch):
-    """Upstream's structure: prefill, then one forward per token through the plain KVCache, the
-    logits capped as upstream caps them."""
-    cache = KVCache(CONFIG.n_layer, PROMPT_TOKENS + NEW_TOKENS)
+    """Upstream's structure: prefill, then one forward per token through the plain KV cache."""
+    cache = PlainKVCache(CONFIG.n_layer, PROMPT_TOKENS + NEW_TOKENS)
     ids = torch.tensor([prompt] * batch)
-    with mock.patch.object(gpt, "softcap", upstream_softcap):
-        for _ in range(NEW_TOKENS):
-            ids = model(ids, kv_cache=cache)[:, -1].argmax(dim=-1, keepdim=True)
+    for _ in range(NEW_TOKENS):
+        ids = model(ids, kv_cache=cache)[:, -1].argmax(dim=-1, keepdim=True)
 
 
 def ours(engine, prompt, batch):
@@ -92,14 +87,15 @@ def main():
     fast = GPT(CONFIG).eval()
     fast.load_state_dict(model.state_dict())
     fast.to(dtype)
-    engine = Engine(inference_linears(fast), tokenizer, max_rows=8, max_len=PROMPT_TOKENS + NEW_TOKENS + 1)
+    engine = Engine(fast, tokenizer, max_rows=8, max_len=PROMPT_TOKENS + NEW_TOKENS + 1, ops=prepare(fast))
     prompt = torch.randint(0, 256, (PROMPT_TOKENS,)).tolist()
-    result = {"bench": "inference", "device": "cpu", "cpu": cpu_model(), "fast_bf16": cpu_has_fast_bf16(), "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "dtype": str(dtype).removeprefix("torch."),
-              "cpu_kernels": cpu_kernels.library() is not None,
+    result = {"bench": "inference", "device": "cpu", "cpu": cpu_model(), "fast_bf16": cpu_has_fast_bf16(), "commit": git_commit(),
+              "load_average_1m": os.getloadavg()[0], "dtype": str(dtype).removeprefix("torch."),
+              "cpu_kernels": kernels.LIBRARY is not None,
               "reference_dtype": "float32", "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
     for batch in (1, 8):
-        ref = tokens_per_second(lambda: reference(model, prompt, batch), batch, args.repeats)
-        our = tokens_per_second(lambda: ours(engine, prompt, batch), batch, args.repeats)
+        ref = tokens_per_second(functools.partial(reference, model, prompt, batch), batch, args.repeats)
+        our = tokens_per_second(functools.partial(ours, engine, prompt, batch), batch, args.repeats)
         result[f"batch{batch}"] = {"ours_tok_s": round(our, 1), "reference_tok_s": round(ref, 1),
                                    "ratio": round(our / ref, 2)}
     print(json.dumps(result))

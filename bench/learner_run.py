@@ -82,7 +82,7 @@ def replies(engine, prompts):
 
 
 def behaviour(run, base_eval):
-    from nanochat.engine import load_engine
+    from nanochat.inference import load_engine
 
     engine = load_engine(run)
     end, user_start = (engine.tokenizer.encode_special(t) for t in ("<|assistant_end|>", "<|user_start|>"))

@@ -135,7 +135,8 @@ def main():
                 proc.terminate()
                 proc.wait()
     modes = {mode: median_run(r) for mode, r in runs.items()}
-    print(json.dumps({"bench": "serve_load", "device": "cpu", "cpu": cpu_model(), "commit": git_commit(), "load_average_1m": os.getloadavg()[0], "clients": CLIENTS,
+    print(json.dumps({"bench": "serve_load", "device": "cpu", "cpu": cpu_model(), "commit": git_commit(),
+                      "load_average_1m": os.getloadavg()[0], "clients": CLIENTS,
                       "requests": CLIENTS * REQUESTS_PER_CLIENT, "max_tokens": MAX_TOKENS, **modes,
                       "ratio": round(modes["batched"]["tok_s"] / modes["one_at_a_time"]["tok_s"], 2)}))
 

@@ -48,7 +48,8 @@ def reply(engine, messages, params, out):
 
 def main(argv=None):
     from nanochat.common import autodetect_device_type
-    from nanochat.engine import SamplingParams, load_engine
+    from nanochat.engine import SamplingParams
+    from nanochat.inference import load_engine
 
     args = build_parser().parse_args(argv)
     try:

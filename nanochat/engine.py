@@ -12,20 +12,23 @@ Each `step()` feeds every active row's last token through the model in one forwa
 writes <|python_start|> expr <|python_end|> gets the expression evaluated in the sandbox (in a
 thread, so other rows keep decoding) and the result forced in as <|output_start|> result
 <|output_end|>. The server drives `add`/`step` from one thread per device (nanochat/serve/).
+
+The engine runs whatever model it is given, on any device; sampling's passes over the logits are
+torch's unless the caller hands it others (`SamplingOps`; nanochat.inference gives nanochat.cpu's
+on CPU).
 """
 
 import codecs
 import concurrent.futures
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from nanochat import cpu_kernels
 from nanochat.execution import calculator
-from nanochat.gpt import LOGIT_SOFTCAP, softcap
 
 TOOL_WORKERS = 4  # tool calls evaluated at once (each in its own sandbox process)
 MAX_ROWS = 16  # default batch capacity: sequences decoded together
@@ -230,8 +233,9 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_rows=MAX_ROWS, max_len=None):
+    def __init__(self, model, tokenizer, max_rows=MAX_ROWS, max_len=None, ops=None):
         self.model, self.tokenizer = model, tokenizer
+        self.ops = ops or SamplingOps()
         param = next(model.parameters())
         self.device = param.device
         self.max_len = max_len or model.config.sequence_len
@@ -280,7 +284,7 @@ class Engine:
         ids = torch.tensor([request.prompt_ids + [0] * (max(lengths) - n) for request, n in zip(requests, lengths)],
                            device=self.device)
         logits = self.model(ids, kv_cache=self.cache.prefill(slot, len(requests)),
-                            positions=torch.tensor(lengths, device=self.device) - 1, capped=False)
+                            positions=torch.tensor(lengths, device=self.device) - 1)
         for j, n in enumerate(lengths):
             self.cache.lengths[slot + j] = n
         rows, prompt_of = [Row(request, 0, self.device) for request in requests], list(range(len(requests)))
@@ -305,7 +309,7 @@ class Engine:
             return
         self.wait_if_all_in_tools()
         ids = torch.tensor([[row.token] for row in self.rows], device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.decode(len(self.rows)), capped=False)[:, -1]
+        logits = self.model(ids, kv_cache=self.cache.decode(len(self.rows)))[:, -1]
         ready = []
         for slot, row in enumerate(self.rows):
             if row.tool_result is not None:
@@ -350,20 +354,19 @@ class Engine:
     # sampling and the per-row state machine
 
     def sample(self, logits, rows):
-        """One token per row of logits (B, vocab; not yet soft-capped), each with its row's
-        parameters: greedy rows (those without a generator) take the argmax, rows with a temperature
-        alone are drawn together, and rows with top-k or top-p one by one."""
-        greedy = [i for i, row in enumerate(rows) if row.generator is None]
-        if len(greedy) < len(rows) or any(row.request.params.penalizes for row in rows):
-            logits = capped(logits)  # the argmax needs no cap, sampling and penalties do
+        """One token per row of logits (B, vocab), each with its row's parameters: greedy rows (those
+        without a generator) take the argmax, rows with a temperature alone are drawn together, and
+        rows with top-k or top-p one by one."""
         for i, row in enumerate(rows):
             apply_penalties(logits[i], row.request.params, row.completion.token_ids)
+        greedy = [i for i, row in enumerate(rows) if row.generator is None]
         plain = [i for i, row in enumerate(rows) if row.generator is not None and not row.request.params.truncates]
-        tokens = dict(zip(greedy, row_argmax(select_rows(logits, greedy)).tolist())) if greedy else {}
+        tokens = dict(zip(greedy, self.ops.argmax(select_rows(logits, greedy)).tolist())) if greedy else {}
         if plain:
             temperatures = torch.tensor([[rows[i].request.params.temperature] for i in plain], device=logits.device)
-            tokens.update(zip(plain, sample_rows(select_rows(logits, plain), temperatures, [rows[i].generator for i in plain])))
-        return [tokens[i] if i in tokens else sample_one(logits[i], row.request.params, row.generator)
+            tokens.update(zip(plain, sample_rows(select_rows(logits, plain), temperatures, [rows[i].generator for i in plain],
+                                                 self.ops.softmax_weights)))
+        return [tokens[i] if i in tokens else sample_one(logits[i], row.request.params, row.generator, self.ops.softmax_weights)
                 for i, row in enumerate(rows)]
 
     def accept(self, row, token):
@@ -443,19 +446,20 @@ def apply_penalties(logits, params, tokens):
         logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
 
 
-def sample_rows(logits, temperatures, generators):
+def sample_rows(logits, temperatures, generators, weigh=None):
     """A token per row of fp32 logits (B, vocab) from softmax(logits / T), T (B, 1) a row's
-    temperature, drawn with the row's generator."""
-    weights = softmax_weights(logits, temperatures)
+    temperature, drawn with the row's generator; `weigh` computes the weights (softmax_weights's
+    signature; by default softmax_weights)."""
+    weights = (weigh or softmax_weights)(logits, temperatures)
     return draw(weights, uniforms(generators, weights.device)).tolist()
 
 
-def sample_one(logits, params, generator):
-    """A token from fp32 logits (vocab,) with temperature, top-k and top-p."""
+def sample_one(logits, params, generator, weigh=None):
+    """A token from fp32 logits (vocab,) with temperature, top-k and top-p (`weigh` as in sample_rows)."""
     candidates = None
     if params.top_k is not None and params.top_k < logits.size(0):
         logits, candidates = torch.topk(logits, params.top_k)
-    weights = softmax_weights(logits, params.temperature)
+    weights = (weigh or softmax_weights)(logits, params.temperature)
     if params.top_p < 1.0:
         weights, order = torch.sort(weights, descending=True)
         candidates = order if candidates is None else candidates[order]
@@ -469,22 +473,22 @@ def sample_one(logits, params, generator):
 
 def softmax_weights(logits, temperature):
     """softmax(logits / temperature) over the last dimension, unnormalized (the draw needs no sum of
-    1); temperature a number, or (B, 1) for logits (B, vocab). On CPU nanochat's kernel, about twice
-    as fast."""
-    rows = logits[None] if logits.dim() == 1 else logits
-    if cpu_kernels.takes(rows):
-        return cpu_kernels.softmax_weights(rows, 1 / temperature).view(logits.shape)
-    return (logits - logits.amax(dim=-1, keepdim=True)).mul_(1 / temperature).exp_()  # mul: a third faster than div
-
-
-def capped(logits):
-    """The soft cap of fresh logits (B, vocab), in place; on CPU nanochat's kernel, about twice as fast."""
-    return cpu_kernels.softcap_(logits, LOGIT_SOFTCAP) if cpu_kernels.takes(logits) else softcap(logits)
+    1); temperature a number, or (B, 1) for logits (B, vocab)."""
+    return (logits - logits.amax(dim=-1, keepdim=True)).mul_(1 / temperature).exp_()  # mul: faster than div
 
 
 def row_argmax(x):
-    """The index of each row's (first) maximum; on CPU nanochat's kernel, 4-10x faster than argmax."""
-    return cpu_kernels.argmax(x) if cpu_kernels.takes(x) else x.argmax(dim=-1)
+    """The index of each row's (first) maximum."""
+    return x.argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class SamplingOps:
+    """Sampling's passes over the logits, each replaceable by a faster one with the same signature and
+    results (nanochat.cpu's kernels on CPU): softmax weights, and the argmax of greedy rows."""
+
+    softmax_weights: Callable = softmax_weights
+    argmax: Callable = row_argmax
 
 
 def uniforms(generators, device):
@@ -494,7 +498,7 @@ def uniforms(generators, device):
 
 def draw(weights, u):
     """Per row i, index j with probability weights[i, j] / weights[i].sum(), by inverse CDF with the
-    uniforms u[i] (torch.multinomial takes 1 ms over a 65,536 vocabulary on CPU). A long row goes
+    uniforms u[i] (torch.multinomial is slow over a long vocabulary). A long row goes
     by blocks of DRAW_BLOCK: a block drawn from the blocks' sums with u[i, 0], then an index within
     it with u[i, 1], which spares the cumulative sum of the whole row. An index of weight 0 is never
     drawn. Each row's result depends on that row alone, whatever the batch."""
@@ -514,17 +518,3 @@ def inverse_cdf(cdf, u):
     rounding put that at the total, the first index that reaches it: (B,) from cdf (B, N), u (B, 1)."""
     total = cdf[:, -1:].contiguous()  # searchsorted copies a strided column anyway
     return torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))[:, 0]
-
-
-def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
-    """The Engine of a checkpoint or a run's model (see find_checkpoint), with its weights in the
-    dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs)."""
-    from nanochat.checkpoint import find_checkpoint, load_model
-    from nanochat.common import autocast_dtype
-    from nanochat.linears import inference_linears
-
-    directory, _ = find_checkpoint(target, source)
-    device = torch.device(device)
-    model, tokenizer, _ = load_model(directory, device)
-    model.to(autocast_dtype(device.type))
-    return Engine(inference_linears(model), tokenizer, max_rows)

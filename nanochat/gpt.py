@@ -1,4 +1,5 @@
-"""The GPT model, in reading order: attention -> MLP -> block -> config -> loss -> model.
+"""The GPT model, in reading order: attention -> MLP -> block -> config -> model. Its fused training
+loss is nanochat/loss.py.
 
 Features (as nanochat):
 - rotary position embeddings, no learned positions
@@ -8,10 +9,13 @@ Features (as nanochat):
 - untied embedding and lm_head; vocabulary padded to a multiple of 64 (logits are sliced back)
 - logit soft-capping: 15 * tanh(logits / 15)
 
-Generation goes through a KV cache: prefill the prompt in one forward, then one token per forward.
-The cache's get_pos() is the rotary offset of the call: an int for all rows (KVCache), or a (B,)
-tensor when each row is at its own position (nanochat.engine batches sequences of different
-lengths); then its attn_mask says which cached keys each row sees.
+Generation goes through a KV cache (the KVCache protocol below): prefill the prompt in one forward,
+then one token per forward.
+
+The same code runs on every device. Two hooks let an inference model take other forms of two
+operations (nanochat.cpu sets them per instance on the model it loads):
+- CausalSelfAttention.attend(q, k, v, mask): the attention; SDPA (causal_attention) by default.
+- GPT.cap(logits): the logit soft cap of forward's output; softcap by default.
 
 GPT(config) allocates on the default device and draws every weight in init_weights(), so a seed
 gives the same weights either way; to allocate on a device only later:
@@ -23,20 +27,18 @@ gives the same weights either way; to allocate on a device only later:
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat import loss
+
 LOGIT_SOFTCAP = 15.0
 VOCAB_MULTIPLE = 64  # pad the embedding/lm_head rows so matmuls hit aligned shapes
 ROTARY_HEADROOM = 10  # rotary tables cover 10x sequence_len, so generation can run past training length
 ROTARY_BASE = 10000
-# Logits per loss chunk: (lm_head matmul block, softmax piece). CPU: the matmul runs on blocks of 2^23
-# logits (128 rows at vocab 65,536; smaller blocks re-read the weight too often), the softmax and its
-# gradient on pieces of 2^20 (4 MB in fp32, so their temporaries stay in cache). GPU: 1 GiB for both,
-# few chunks, as there kernel launches cost more than memory traffic.
-LOSS_CHUNK_ELEMENTS = {"cpu": (2**23, 2**20), "gpu": (2**28, 2**28)}
 
 
 def norm(x):
@@ -59,37 +61,23 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, in buffers of max_len positions
-    allocated on first use with the dtype and device of the keys. The model calls insert_kv once
-    per layer and advance once per forward; get_pos is the rotary offset of the next call."""
+class KVCache(Protocol):
+    """What a forward needs of a KV cache: the model calls get_pos once, then insert_kv and reads
+    attn_mask once per layer, then advance once. The engine's RowCache views are the batched one."""
 
-    attn_mask = None  # every row at the same position: plain causal attention over the cache
+    # None: every row at the same position, plain causal attention over the cache; else the boolean
+    # (B, 1, T, keys) mask of the keys each query sees
+    attn_mask: torch.Tensor | None
 
-    def __init__(self, n_layer, max_len):
-        self.max_len = max_len
-        self.pos = 0
-        self.buffers = [None] * n_layer  # per layer: (2, B, n_kv_head, max_len, head_dim)
+    def get_pos(self) -> int | torch.Tensor:
+        """The rotary offset of this forward: an int for every row, or a (B,) tensor, a position per row."""
 
-    def get_pos(self):
-        return self.pos
+    def insert_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores this forward's k, v (B, n_kv_head, T, head_dim) of a layer; returns the keys and
+        values its queries attend to."""
 
-    def insert_kv(self, layer_idx, k, v):
-        """Stores k, v: (B, n_kv_head, T, head_dim) at positions pos..pos+T-1 and returns this
-        layer's keys and values for positions 0..pos+T-1."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions, {end} needed")
-        if self.buffers[layer_idx] is None:
-            B, H, _, D = k.shape
-            self.buffers[layer_idx] = k.new_empty(2, B, H, self.max_len, D)
-        buffer = self.buffers[layer_idx]
-        buffer[0, :, :, self.pos:end] = k
-        buffer[1, :, :, self.pos:end] = v
-        return buffer[0, :, :, :end], buffer[1, :, :, :end]
-
-    def advance(self, num_tokens):
-        self.pos += num_tokens
+    def advance(self, num_tokens: int) -> None:
+        """Moves past the num_tokens positions this forward fed."""
 
 
 def causal_attention(q, k, v, mask=None):
@@ -98,8 +86,6 @@ def causal_attention(q, k, v, mask=None):
     whose rows are at different positions, says instead which keys each query sees."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
-    if Tq == 1 and q.dtype != torch.float32:
-        return decode_attention(q, k, v, mask)  # in fp32 SDPA's own kernel is faster (see there)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if Tq == Tk:
@@ -112,20 +98,14 @@ def causal_attention(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def decode_attention(q, k, v, mask=None):
-    """Attention of one query per row (B, H, 1, D) over its keys (B, Hkv, Tk, D), `mask` (B, 1, 1, Tk)
-    saying which it sees (all if None): two batched matmuls with fp32 scores, as SDPA does. In bf16
-    on an AMX CPU over twice as fast as SDPA at decode sizes (8 rows x 160 keys: 97 us, SDPA 220);
-    in fp32 SDPA is faster (AVX2 CPU, 8 x 160: 66 us, this 109)."""
-    B, H, _, D = q.shape
-    q = q.view(B, k.size(1), H // k.size(1), D)  # the query heads sharing a key head side by side
-    scores = (q.float() @ k.float().transpose(-1, -2)).mul_(D ** -0.5)
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, D)
+def softcap(logits):
+    """The logit soft cap, 15 tanh(z / 15)."""
+    return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
 
 class CausalSelfAttention(nn.Module):
+    attend = staticmethod(causal_attention)  # hook: the attention of (q, k, v, mask); an instance may set its own
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -145,7 +125,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
             mask = kv_cache.attn_mask
-        y = causal_attention(q, k, v, mask)
+        y = self.attend(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def project(self, x, cos, sin):
@@ -224,99 +204,9 @@ class GPTConfig:
                    n_kv_head=n_kv_head or n_head, n_embd=n_embd)
 
 
-def softcap(logits):
-    """15 tanh(z / 15), as 30 sigmoid(2z / 15) - 15: CPU sigmoid kernels are several times faster than
-    tanh. In place on the (fresh) logits when no gradient flows."""
-    if logits.requires_grad:
-        return torch.sigmoid(logits * (2 / LOGIT_SOFTCAP)) * (2 * LOGIT_SOFTCAP) - LOGIT_SOFTCAP
-    return logits.mul_(2 / LOGIT_SOFTCAP).sigmoid_().mul_(2 * LOGIT_SOFTCAP).sub_(LOGIT_SOFTCAP)
-
-
-def matmul_dtype(x):
-    """The dtype autocast would run a matmul on x in (x's own dtype outside autocast)."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
-def chunked_cross_entropy(x, w, targets, grad_logits=None):
-    """Per-token cross-entropy (fp32; 0 where the target is -1) of the soft-capped logits x @ w.T,
-    computed a few rows at a time so the (tokens, vocab) logits never exist at once. If grad_logits
-    (tokens, vocab) is given, it receives each token's d loss / d logits (before the cap; 0 for
-    ignored tokens)."""
-    block, piece = (max(1, n // w.size(0)) for n in LOSS_CHUNK_ELEMENTS["cpu" if x.device.type == "cpu" else "gpu"])
-    # d cap / dz = 1 - tanh^2 = 4 gate (1 - gate) (below); ignored tokens' rows get a factor 0 instead
-    grad_scale = (4.0 * (targets != -1))[:, None]
-    losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-    for start in range(0, x.size(0), block):
-        # 15 tanh(z / 15) = 30 sigmoid(2z / 15) - 15, and softmax ignores the -15; CPU sigmoid kernels
-        # are several times faster than tanh. The 2/15 scales x, which is much smaller than z.
-        gate_logits = (x[start:start + block] * (2 / LOGIT_SOFTCAP)) @ w.T
-        for i in range(0, gate_logits.size(0), piece):
-            gate = gate_logits[i:i + piece].float().sigmoid_()
-            rows = slice(start + i, start + i + gate.size(0))
-            probs = torch.softmax(gate * (2 * LOGIT_SOFTCAP), dim=-1)
-            target = targets[rows].clamp(min=0)[:, None]
-            # The cap bounds the logits to +-15, so no probability underflows and log(p) is accurate.
-            losses[rows] = probs.gather(1, target).squeeze(1).log_().neg_()
-            if grad_logits is not None:
-                # d loss / d capped logits = probs - onehot(target), times d cap / dz
-                probs.scatter_add_(1, target, torch.full_like(probs[:, :1], -1.0))
-                probs.mul_(gate)
-                probs.addcmul_(probs, gate, value=-1)
-                torch.mul(probs, grad_scale[rows], out=grad_logits[rows])
-    return losses.masked_fill_(targets == -1, 0.0)
-
-
-def reduce_losses(losses, targets, reduction):
-    """F.cross_entropy's reductions of per-token losses (ignored tokens hold 0)."""
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    if reduction == "mean":
-        return losses.sum() / (targets != -1).sum()
-    raise ValueError(f"unknown loss reduction {reduction!r}")
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """lm_head matmul + soft cap + cross-entropy, with the logits' gradient computed during the
-    forward pass chunk by chunk (as Liger-Kernel's fused linear cross-entropy), so backward is two
-    matmuls. Holds one (tokens, vocab) buffer in the matmul dtype instead of several fp32 logits."""
-
-    @staticmethod
-    def forward(ctx, x, w, targets, reduction):
-        dtype = matmul_dtype(x)
-        ctx.dtypes, ctx.reduction = (x.dtype, w.dtype), reduction
-        x, w = x.to(dtype), w.to(dtype)
-        grad_logits = torch.empty(x.size(0), w.size(0), dtype=dtype, device=x.device)
-        losses = chunked_cross_entropy(x, w, targets, grad_logits)
-        ctx.save_for_backward(x, w, grad_logits, (targets != -1).sum())
-        return reduce_losses(losses, targets, reduction)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, w, grad_logits, count = ctx.saved_tensors
-        if ctx.reduction == "none":  # a weight per token: scale the rows
-            grad_logits = grad_logits * grad_output[:, None].to(grad_logits.dtype)
-            scale = 1.0
-        else:  # one weight for all: scale the small x and grad_x rather than anything vocab-sized
-            scale = grad_output / count if ctx.reduction == "mean" else grad_output
-        grad_x = (grad_logits @ w) * scale
-        grad_w = grad_logits.T @ (x * scale).to(x.dtype)
-        return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None
-
-
-@torch.compiler.disable  # already fused by hand; traced, its chunk loop would unroll into a long compile
-def cross_entropy(x, w, targets, reduction="mean"):
-    """F.cross_entropy(softcap(x @ w.T), targets, ignore_index=-1, reduction=reduction), fused and
-    chunked; 'none' gives 0 for ignored tokens."""
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return LinearCrossEntropy.apply(x, w, targets, reduction)
-    dtype = matmul_dtype(x)
-    return reduce_losses(chunked_cross_entropy(x.to(dtype), w.to(dtype), targets), targets, reduction)
-
-
 class GPT(nn.Module):
+    cap = staticmethod(softcap)  # hook: the soft cap of forward's logits; an instance may set its own
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -352,12 +242,11 @@ class GPT(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", positions=None, capped=True):
-        """idx: (B, T) token ids. Without targets: logits (B, T, vocab_size), fp32, or with
-        `positions` ((B,) a position per row) only those rows' logits there, (B, vocab_size), which
-        spares the vocabulary projection of every other position; capped=False leaves out the soft
-        cap (monotonic, so the argmax is the same). With targets (B, T; -1 = ignore): the
-        cross-entropy in fp32, a scalar ('mean'/'sum') or (B, T) ('none')."""
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, loss_reduction="mean", positions=None):
+        """idx: (B, T) token ids. Without targets: the soft-capped logits (B, T, vocab_size), fp32,
+        or with `positions` ((B,) a position per row) only those rows' logits there, (B, vocab_size),
+        which spares the vocabulary projection of every other position. With targets (B, T; -1 =
+        ignore): the cross-entropy in fp32, a scalar ('mean'/'sum') or (B, T) ('none')."""
         B, T = idx.shape
         cos, sin = self.rotary(0 if kv_cache is None else kv_cache.get_pos(), T)
 
@@ -371,13 +260,21 @@ class GPT(nn.Module):
         if targets is None:
             if positions is not None:
                 x = x[torch.arange(B, device=x.device), positions]
-            logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-            return softcap(logits) if capped else logits
+            return self.cap(self.lm_head(x)[..., :self.config.vocab_size].float())
         w = self.lm_head.weight
         if self.padded_vocab_size != self.config.vocab_size:  # even a full slice would cost a copy in backward
             w = w[:self.config.vocab_size]
-        loss = cross_entropy(x.reshape(B * T, -1), w, targets.reshape(B * T), loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        losses = loss.cross_entropy(x.reshape(B * T, -1), w, targets.reshape(B * T), loss_reduction,
+                                    loss.chunk_sizes(x.device.type), LOGIT_SOFTCAP)
+        return losses.view(B, T) if loss_reduction == "none" else losses
+
+    def fuse_qkv(self):
+        """The model (in place) with each attention's c_q, c_k and c_v as one layer, for inference:
+        at decode sizes a matmul costs about as much for three times the rows, and the rotary and
+        norm after it take queries and keys together. The model can no longer train."""
+        for block in self.transformer.h:
+            block.attn.fuse_qkv()
+        return self
 
     def rotary(self, pos, T):
         """cos and sin of T positions from pos: an int (every row alike; (T, D/2) each) or a (B,)

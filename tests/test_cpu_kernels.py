@@ -1,23 +1,24 @@
-"""nanochat's C kernels: sampling's passes equal torch's (the engine's path without the kernels,
-the oracle), and the build: compiled once per source version into the cache and reused; a compiler
-that fails or is missing turns the kernels off with the reason in the log, leaving no file. (The
-matmul is checked against torch in test_linears.py.)"""
+"""nanochat.cpu's ops: the soft cap, sampling's passes and decode attention equal the torch functions
+they stand in for (the oracles); the build: compiled once per source version into the cache and
+reused, only when asked (never by a check on the hot path); a compiler that fails or is missing
+turns the kernels off with the reason in the log, leaving no file. (The matmul is checked against
+torch in test_linears.py.)"""
 
 import logging
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nanochat import cpu_kernels, engine
-from nanochat.gpt import softcap
+from nanochat import engine, gpt
+from nanochat.cpu import kernels, ops
 
 
-def torch_path(fn, *args, monkeypatch):
-    """fn(*args) as the engine computes it where the kernels cannot run."""
-    with monkeypatch.context() as m:
-        m.setattr(cpu_kernels, "library", lambda: None)
-        return fn(*args)
+@pytest.fixture(autouse=True)
+def loaded():
+    """The kernels loaded, as nanochat.cpu.apply loads them."""
+    assert kernels.build() is not None, "the CPU kernels cannot run here (see the log)"
 
 
 def logits(rows, n, seed=0):
@@ -30,57 +31,86 @@ def logits(rows, n, seed=0):
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
-def test_softcap_equals_torch(rows, n, monkeypatch):
+def test_softcap_equals_torch(rows, n):
     x = logits(rows, n)
-    expected = torch_path(engine.capped, x.clone(), monkeypatch=monkeypatch)
-    got = engine.capped(x)
+    got = ops.softcap(x)
     assert got.data_ptr() == x.data_ptr()  # in place
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got, softcap(logits(rows, n)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, gpt.softcap(logits(rows, n)), rtol=0, atol=1e-5)
+    model_shaped = logits(rows, n)[:, None]  # the model's (B, T, vocab) logits
+    torch.testing.assert_close(ops.softcap(model_shaped), gpt.softcap(logits(rows, n)[:, None]), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
-def test_softmax_weights_equal_torch(rows, n, monkeypatch):
+def test_softmax_weights_equal_torch(rows, n):
     """Per-row temperatures from 0.01 (most weights underflow to 0) to 2; a 1-D row with a number as
     its temperature."""
-    x = softcap(logits(rows, n))
+    x = gpt.softcap(logits(rows, n))
     temperatures = torch.linspace(0.01, 2.0, rows)[:, None]
-    expected = torch_path(engine.softmax_weights, x, temperatures, monkeypatch=monkeypatch)
-    got = engine.softmax_weights(x, temperatures)
+    expected = engine.softmax_weights(x, temperatures)
+    got = ops.softmax_weights(x, temperatures)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-30)
     # a weight torch gives 0 is 0 (never drawn); ours are 0 below the smallest normal float, where torch
     # still has denormals
     assert torch.all(got[expected == 0] == 0) and torch.all(expected[got == 0] < torch.finfo(torch.float32).tiny)
     row = x[-1]
-    torch.testing.assert_close(engine.softmax_weights(row, 0.7), torch_path(engine.softmax_weights, row, 0.7, monkeypatch=monkeypatch),
-                               rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(ops.softmax_weights(row, 0.7), engine.softmax_weights(row, 0.7), rtol=1e-5, atol=1e-30)
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
-def test_argmax_equals_torch_first_maximum(rows, n, monkeypatch):
+def test_argmax_equals_torch_first_maximum(rows, n):
     """Ties (few distinct values) take the first maximum, as torch's argmax does."""
     for x in (logits(rows, n), torch.randint(0, 5, (rows, n)).float(), torch.full((rows, n), float("-inf"))):
-        assert torch.equal(engine.row_argmax(x), torch_path(engine.row_argmax, x, monkeypatch=monkeypatch))
+        assert torch.equal(ops.argmax(x), engine.row_argmax(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_equals_sdpa_in_fp32(dtype, masked):
+    """The CPU attention of one query per row (grouped heads; each row seeing all its keys or a
+    masked prefix; decode_attention in bf16) equals SDPA computed in fp32."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = (torch.arange(10) < torch.tensor([10, 4, 7])[:, None])[:, None, None, :] if masked else None
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for attention in (ops.attention, ops.decode_attention):
+        got = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+        torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_the_hot_path_never_builds(monkeypatch):
+    """With the kernels not loaded, the ops' checks never start a compiler: each gives torch's result."""
+    monkeypatch.setattr(kernels, "LIBRARY", None)
+    monkeypatch.setattr(kernels, "load", lambda: pytest.fail("the hot path tried to build the kernels"))
+    monkeypatch.setattr(kernels, "compiled", lambda compiler: pytest.fail("the hot path started a compiler"))
+    x = logits(2, 1003)
+    assert not kernels.takes(x)
+    torch.testing.assert_close(ops.softcap(x.clone()), gpt.softcap(x))
+    torch.testing.assert_close(ops.softmax_weights(x, 0.5), engine.softmax_weights(x, 0.5))
+    assert torch.equal(ops.argmax(x), x.argmax(dim=-1))
 
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
-    """An empty kernel cache, and library() forgetting what it loaded (before and after)."""
+    """An empty kernel cache, and no kernels loaded yet."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cpu_kernels.library.cache_clear()
-    yield tmp_path / "nanochat" / "kernels"
-    cpu_kernels.library.cache_clear()
+    monkeypatch.setattr(kernels, "LIBRARY", None)
+    return tmp_path / "nanochat" / "kernels"
 
 
-def test_built_once_then_reused(fresh_cache):
+def test_built_once_then_reused(fresh_cache, monkeypatch):
     fresh_cache.mkdir(parents=True)
     (fresh_cache / "cpu_kernels-0123456789abcdef.so").write_text("an older version's build")
-    assert cpu_kernels.library() is not None
+    library = kernels.build()
+    assert library is not None and kernels.LIBRARY is library
     (built,) = fresh_cache.iterdir()  # the older one removed
     assert built.name.startswith("cpu_kernels-") and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
-    cpu_kernels.library.cache_clear()
-    assert cpu_kernels.library() is not None
+    with monkeypatch.context() as m:  # loaded: build() again does nothing
+        m.setattr(kernels, "load", lambda: pytest.fail("built twice"))
+        assert kernels.build() is library
+    monkeypatch.setattr(kernels, "LIBRARY", None)  # another process: loads the cached build
+    assert kernels.build() is not None
     assert list(fresh_cache.iterdir()) == [built] and built.stat().st_mtime_ns == stamp
 
 
@@ -90,7 +120,7 @@ def test_a_failing_compiler_turns_the_kernel_off(fresh_cache, tmp_path, monkeypa
     os.chmod(compiler, 0o755)
     monkeypatch.setenv("CC", str(compiler))
     with caplog.at_level(logging.WARNING, logger="nanochat"):
-        assert cpu_kernels.library() is None
+        assert kernels.build() is None
     assert "no AVX2 today" in caplog.text
     assert list(fresh_cache.iterdir()) == []  # no half-built library left behind
 
@@ -98,5 +128,5 @@ def test_a_failing_compiler_turns_the_kernel_off(fresh_cache, tmp_path, monkeypa
 def test_a_missing_compiler_turns_the_kernel_off(fresh_cache, monkeypatch, caplog):
     monkeypatch.setenv("CC", "no-such-cc")
     with caplog.at_level(logging.WARNING, logger="nanochat"):
-        assert cpu_kernels.library() is None
+        assert kernels.build() is None
     assert "no C compiler" in caplog.text

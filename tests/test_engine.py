@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from nanochat import engine as engine_module
-from nanochat.engine import (DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, prefill_groups,
-                             sample_one, sample_rows)
+from nanochat import inference
+from nanochat.cpu import kernels, ops
+from nanochat.cpu.linears import PackedLinear, PanelLinear, replace_linears
+from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, prefill_groups, sample_one, sample_rows
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.linears import PackedLinear, PanelLinear, fuse_qkv, replace_linears
 from nanochat.tokenizer import Tokenizer
 
 
@@ -57,27 +58,35 @@ def assert_matches_oracle(model, engine, request, max_tokens):
 
 
 # the model as trained; with c_q, c_k, c_v fused (on GPUs load_engine serves this); fused with the linear
-# layers in a CPU form (load_engine takes one of these by dtype)
-FORMS = {"plain": None, "fused": torch.nn.Linear, "packed": PackedLinear, "panel": PanelLinear}
+# layers in a CPU form; and as load_engine serves it on CPU (nanochat.cpu applied: the form this
+# machine's dtype takes, the CPU hooks and sampling ops)
+FORMS = {"plain": None, "fused": torch.nn.Linear, "packed": PackedLinear, "panel": PanelLinear, "cpu": "apply"}
 
 
-def served_copy(model, form):
-    """The model in one of the forms load_engine serves it in."""
+def served_engine(model, tokenizer, form, max_rows):
+    """An engine of a copy of the model in one of the forms load_engine serves it in."""
     if FORMS[form] is None:
-        return model
-    served = fuse_qkv(copy.deepcopy(model))
-    if FORMS[form] is not torch.nn.Linear:
-        replace_linears(served, FORMS[form])
-        assert not any(isinstance(m, torch.nn.Linear) for m in served.modules())
+        return Engine(model, tokenizer, max_rows)
+    served, sampling_ops = copy.deepcopy(model), None
+    if FORMS[form] == "apply":
+        sampling_ops = inference.prepare(served)
+        assert sampling_ops is ops.SAMPLING and served.cap is ops.softcap
+        assert all(block.attn.attend is ops.attention for block in served.transformer.h)
+    else:
+        served.fuse_qkv()
+        if FORMS[form] is not torch.nn.Linear:
+            kernels.build()  # as nanochat.cpu.apply does: PanelLinear runs the kernels
+            replace_linears(served, FORMS[form])
+            assert not any(isinstance(m, torch.nn.Linear) for m in served.modules())
     assert all(block.attn.c_qkv is not None and not hasattr(block.attn, "c_q") for block in served.transformer.h)
-    return served
+    return Engine(served, tokenizer, max_rows, ops=sampling_ops)
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_cached_batched_greedy_equals_uncached(model, tokenizer, form):
     """Requests of different lengths join a running batch at different steps; each row is at its
     own position, and every completion is what uncached greedy decoding (of the plain model) gives."""
-    engine = Engine(served_copy(model, form), tokenizer, max_rows=8)
+    engine = served_engine(model, tokenizer, form, max_rows=8)
     greedy = SamplingParams(temperature=0, max_tokens=24)
     prompts = [[tokenizer.bos_token_id, *tokenizer.encode(text)] for text in ("hi", "hello there, model", "x" * 40)]
     requests = [Request(p, greedy, n=n) for p, n in zip(prompts, (1, 3, 2))]
@@ -99,7 +108,7 @@ def test_prompts_added_together_equal_uncached(model, tokenizer, form):
     """Prompts added at once are prefilled together, padded to the longest (one forward for the
     short ones, another for the long one), into a batch already decoding; every completion is still
     what uncached greedy decoding gives."""
-    engine = Engine(served_copy(model, form), tokenizer, max_rows=10)
+    engine = served_engine(model, tokenizer, form, max_rows=10)
     greedy = SamplingParams(temperature=0, max_tokens=16)
     running = Request([tokenizer.bos_token_id, *tokenizer.encode("already running")], greedy)
     engine.add(running)
@@ -181,8 +190,10 @@ def test_limits_and_finish_reasons(model, tokenizer):
         engine.generate(prompt, n=5)
 
 
-def test_sampling_parameters(model, tokenizer):
-    engine = Engine(model, tokenizer, max_rows=8)
+@pytest.mark.parametrize("sampling_ops", [None, ops.SAMPLING], ids=["torch", "cpu"])
+def test_sampling_parameters(model, tokenizer, sampling_ops):
+    kernels.build()
+    engine = Engine(model, tokenizer, max_rows=8, ops=sampling_ops)
     prompt = [tokenizer.bos_token_id, *tokenizer.encode("sample me")]
 
     def tokens(n=1, **kw):
@@ -319,7 +330,7 @@ class Bigram(torch.nn.Module):
             self.next[a] = b
         self.scale = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, idx, kv_cache, positions=None, capped=True):
+    def forward(self, idx, kv_cache, positions=None):
         B, T = idx.shape
         z = torch.zeros(B, 1, T, 2)
         kv_cache.insert_kv(0, z, z)
@@ -372,7 +383,7 @@ class ChainThenNoise(Bigram):
         self.chained = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         self.chained[list(table)] = True
 
-    def forward(self, idx, kv_cache, positions=None, capped=True):
+    def forward(self, idx, kv_cache, positions=None):
         current = idx if positions is None else idx[torch.arange(idx.size(0)), positions]
         return super().forward(idx, kv_cache, positions) * 100 * self.chained[current].unsqueeze(-1)
 

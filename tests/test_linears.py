@@ -1,16 +1,28 @@
-"""Inference linear layers: every form computes what nn.Linear computes (the oracle), for the row
-counts decoding and prefill use, and inference_linears picks the form by dtype and CPU."""
+"""CPU inference linear layers: every form computes what nn.Linear computes (the oracle), for the
+row counts decoding and prefill use; nanochat.cpu picks the form by dtype and CPU; where torch's
+private oneDNN ops are missing or fail, layers stay nn.Linear with the same logits."""
+
+import copy
+import logging
+import types
 
 import pytest
 import torch
 
-from nanochat import cpu_kernels
+from nanochat import cpu
 from nanochat.common import cpu_has_fast_bf16
+from nanochat.cpu import kernels, linears
+from nanochat.cpu.linears import PackedLinear, PanelLinear
 from nanochat.gpt import GPTConfig
-from nanochat.linears import PackedLinear, PanelLinear, inference_linears
 from tests.test_gpt import random_model
 
 FORMS = [PackedLinear, PanelLinear]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_loaded():
+    """The kernels loaded, as nanochat.cpu.apply loads them."""
+    kernels.build()
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -35,7 +47,7 @@ def test_panel_matmul_equals_float64_matmul(rows, in_features):
     torch.manual_seed(rows)
     weight, x = torch.randn(48, in_features), torch.randn(rows, in_features)
     expected = (x.double() @ weight.double().T).float()
-    torch.testing.assert_close(cpu_kernels.panel_matmul(x, cpu_kernels.pack(weight)), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.panel_matmul(x, kernels.pack(weight)), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_panel_linear_takes_a_strided_input():
@@ -48,7 +60,7 @@ def test_panel_linear_takes_a_strided_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_linears_picks_the_form_for_the_dtype(dtype):
+def test_apply_picks_the_form_for_the_dtype(dtype):
     """Each attention's query, key and value layers become one; fp32 weights go into panels for
     nanochat's kernel, bf16 ones are packed for oneDNN where the CPU multiplies bf16 fast (else
     stay nn.Linear); one form for all, and the logits are those of the model before."""
@@ -58,7 +70,7 @@ def test_inference_linears_picks_the_form_for_the_dtype(dtype):
     with torch.inference_mode():
         model.to(dtype)
         expected = model(ids)
-        inference_linears(model)
+        cpu.apply(model.fuse_qkv())
         got = model(ids)
     wanted = PanelLinear if dtype == torch.float32 else PackedLinear if cpu_has_fast_bf16() else torch.nn.Linear
     assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, *FORMS))} == {wanted}
@@ -76,12 +88,41 @@ def test_layers_the_kernel_cannot_take_stay_nn_linear(monkeypatch):
     ids = torch.randint(0, 300, (2, 7))
     with torch.inference_mode():
         expected = model(ids)
-        inference_linears(model)
+        cpu.apply(model.fuse_qkv())
         got = model(ids)
     block = model.transformer.h[0]
     assert [type(m) for m in (block.attn.c_qkv, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj, model.lm_head)] == \
         [PanelLinear, torch.nn.Linear, PanelLinear, torch.nn.Linear, PanelLinear]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(cpu_kernels, "library", lambda: None)
-    other = inference_linears(random_model(config))
+    monkeypatch.setattr(kernels, "LIBRARY", None)
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    other = random_model(config)
+    cpu.apply(other)
     assert not any(isinstance(m, PanelLinear) for m in other.modules())
+
+
+@pytest.mark.parametrize("breakage", ["missing", "raising"])
+def test_packing_falls_back_to_nn_linear(breakage, monkeypatch, caplog):
+    """Where torch's private oneDNN ops are missing (another torch) or raise, every layer stays
+    nn.Linear, the log says so once, and the logits are those of the packed model."""
+    model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
+    model = model.eval().to(torch.bfloat16).fuse_qkv()
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.inference_mode():
+        packed = linears.packed_or_kept(copy.deepcopy(model))
+        assert isinstance(packed.lm_head, PackedLinear)
+        expected = packed(ids)
+
+        def fail(*args):
+            raise RuntimeError("oneDNN: unsupported on this CPU")
+
+        if breakage == "missing":
+            monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())
+        else:
+            monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", fail)
+        with caplog.at_level(logging.WARNING, logger="nanochat"):
+            kept = linears.packed_or_kept(model)
+        got = kept(ids)
+    assert not any(isinstance(m, PackedLinear) for m in kept.modules())
+    assert sum("stay nn.Linear" in r.message for r in caplog.records) == 1
+    torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1)  # bf16: logits up to 15, where an ulp is 1/16

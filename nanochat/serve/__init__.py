@@ -59,9 +59,9 @@ def main(argv=None):
     import torch
     import uvicorn
 
-    from nanochat.common import autodetect_device_type, setup_logging
     from nanochat.checkpoint import find_checkpoint
-    from nanochat.engine import load_engine
+    from nanochat.common import autodetect_device_type, setup_logging
+    from nanochat.inference import load_engine
 
     args = build_parser().parse_args(argv)
     keys = api_keys(args)

@@ -7,7 +7,7 @@
    panel (two vectors), broadcasts one element of each x row and does two FMAs per row. The weight
    streams from memory once per call, in order, and the threads split the panels between them.
 
-   Built and loaded by cpu_kernels.py, which compiles it with -fopenmp: loaded after torch, it
+   Built and loaded by kernels.py, which compiles it with -fopenmp: loaded after torch, it
    shares torch's OpenMP runtime (the same libgomp.so.1), so its threads are torch's threads. */
 
 #include <immintrin.h>

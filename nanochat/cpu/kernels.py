@@ -1,17 +1,17 @@
-"""nanochat's C kernels for fp32 inference on x86 CPUs (cpu_kernels.c), with AVX2 and FMA:
-- x @ W.T, the weight packed once into panels: 2-4x faster than torch's matmul (MKL) at the sizes
-  decoding uses (measured on an AVX2-only AMD EPYC, 2 cores; see nanochat/linears.py);
-- sampling's passes over (rows, vocab) logits: the soft cap (in place), softmax weights and the
-  argmax (8 x 65,536 on that CPU: cap 0.39 ms in torch, softmax weights 0.39, argmax 0.27-0.6).
+"""nanochat's C kernels for fp32 inference on x86 CPUs (kernels.c), with AVX2 and FMA:
+- x @ W.T, the weight packed once into panels: faster than torch's matmul (MKL) at the sizes
+  decoding uses (figures in docs/ARCHITECTURE.md, "CPU kernels");
+- sampling's passes over (rows, vocab) logits: the soft cap (in place), softmax weights and the argmax.
 
-Compiled on first use with the machine's C compiler ($CC, else cc; under a second) into
+`build()` compiles them with the machine's C compiler ($CC, else cc) into
 $XDG_CACHE_HOME/nanochat/kernels (default ~/.cache/nanochat/kernels), one file per version of the
-source, and loaded with ctypes, which releases the GIL for the call. Where they cannot run (no AVX2
-and FMA, no compiler, a failed build) `library()` says why in the log and returns None.
+source, and loads them with ctypes, which releases the GIL for the call. It runs once, when an
+inference model is loaded (nanochat.cpu.apply); where the kernels cannot run (no AVX2 and FMA, no
+compiler, a failed build) it says why in the log. The hot path only asks `LIBRARY`, never the
+compiler.
 """
 
 import ctypes
-import functools
 import hashlib
 import os
 import shutil
@@ -23,14 +23,24 @@ import torch
 
 from nanochat.common import cpu_flags, log
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-PANEL = 16  # output features per panel, as in cpu_kernels.c
+PANEL = 16  # output features per panel, as in kernels.c
+
+LIBRARY = None  # the loaded kernels (a ctypes library) once build() has loaded them
 
 
-@functools.cache
-def library():
-    """The compiled kernels (a ctypes library), or None where they cannot run here."""
+def build():
+    """Loads the kernels into LIBRARY, compiling them unless this source's build is cached; returns
+    LIBRARY (None where they cannot run here, the reason in the log). Loaded once per process."""
+    global LIBRARY
+    if LIBRARY is None:
+        LIBRARY = load()
+    return LIBRARY
+
+
+def load():
+    """The compiled kernels, a ctypes library, or None where they cannot run here."""
     if not {"avx2", "fma"} <= cpu_flags():
         log.info("CPU kernels off: the CPU lacks AVX2 or FMA")
         return None
@@ -39,7 +49,8 @@ def library():
         log.warning("CPU kernels off: no C compiler (set $CC); inference runs torch's matmul")
         return None
     try:
-        lib = ctypes.CDLL(str(compiled(compiler)))
+        path = compiled(compiler)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("CPU kernels off: building %s failed: %s", SOURCE.name, getattr(e, "stderr", None) or e)
         return None
@@ -49,6 +60,7 @@ def library():
                            "softmax_weights": [*rows, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
                            "argmax": [*rows, ctypes.c_void_p, ctypes.c_int]}.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+    log.info("CPU kernels loaded from %s", path)
     return lib
 
 
@@ -88,21 +100,21 @@ def panel_matmul(x, panels):
     groups, k, _ = panels.shape
     assert x.dtype == torch.float32 and x.size(1) == k, (x.dtype, x.shape, panels.shape)
     y = torch.empty(x.size(0), groups * PANEL)
-    library().panel_matmul(panels.data_ptr(), x.data_ptr(), y.data_ptr(), x.size(0), k, groups * PANEL,
-                           torch.get_num_threads())
+    LIBRARY.panel_matmul(panels.data_ptr(), x.data_ptr(), y.data_ptr(), x.size(0), k, groups * PANEL,
+                         torch.get_num_threads())
     return y
 
 
 def takes(x):
     """Whether the row kernels below take x: fp32 (rows, n) on the CPU, each row contiguous, and the
-    kernels available."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 \
-        and library() is not None
+    kernels loaded (this never builds them)."""
+    return LIBRARY is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 \
+        and x.stride(1) == 1
 
 
 def softcap_(x, cap):
     """x -> cap * tanh(x / cap), in place; x as `takes` wants it."""
-    library().softcap(x.data_ptr(), x.size(0), x.size(1), x.stride(0), cap, torch.get_num_threads())
+    LIBRARY.softcap(x.data_ptr(), x.size(0), x.size(1), x.stride(0), cap, torch.get_num_threads())
     return x
 
 
@@ -111,13 +123,13 @@ def softmax_weights(x, scale):
     tensor; scale a number or one per row."""
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).expand(x.size(0)).contiguous()
     out = torch.empty(x.shape)
-    library().softmax_weights(x.data_ptr(), x.size(0), x.size(1), x.stride(0), scale.data_ptr(), out.data_ptr(),
-                              torch.get_num_threads())
+    LIBRARY.softmax_weights(x.data_ptr(), x.size(0), x.size(1), x.stride(0), scale.data_ptr(), out.data_ptr(),
+                            torch.get_num_threads())
     return out
 
 
 def argmax(x):
     """Per row of x, the index of its first maximum: (rows,) int64."""
     out = torch.empty(x.size(0), dtype=torch.int64)
-    library().argmax(x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr(), torch.get_num_threads())
+    LIBRARY.argmax(x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr(), torch.get_num_threads())
     return out

@@ -1,0 +1,81 @@
+"""Linear layers for CPU inference: each bias-free nn.Linear of an inference model held in the form
+its matmul runs fastest at decode sizes (a few rows of activations against a large weight). Each
+form computes what nn.Linear computes, up to rounding (tests/test_linears.py).
+
+- bf16 weights, on a CPU that multiplies bf16 fast: `PackedLinear`, the weight reordered once into
+  oneDNN's blocked layout (as torch.compile's freezing does) rather than on every call.
+- fp32 weights, where nanochat's kernels are loaded: `PanelLinear`, nanochat's AVX2 matmul
+  (kernels.c) on the weight packed into panels of 16 outputs; MKL takes slow paths at these sizes on
+  AVX2-only CPUs. A layer whose outputs do not fill whole panels stays nn.Linear.
+- elsewhere every layer stays nn.Linear.
+"""
+
+import torch
+
+from nanochat.common import cpu_has_fast_bf16, log
+from nanochat.cpu import kernels
+
+
+class PackedLinear(torch.nn.Module):
+    """A bias-free nn.Linear with its weight reordered once into oneDNN's blocked layout. It runs on
+    torch's private oneDNN ops, so building one also runs it once: a torch without them (or where
+    they fail) raises here, at load, never in the middle of a request (see packed_or_kept)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # 1: a batch-size hint
+        self(linear.weight.new_zeros(1, linear.in_features))
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class PanelLinear(torch.nn.Module):
+    """A bias-free fp32 nn.Linear computed by nanochat's AVX2 kernel, its weight packed once into
+    panels of 16 output features. The output is row-major."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.panels = kernels.pack(linear.weight)
+
+    def forward(self, x):
+        y = kernels.panel_matmul(x.reshape(-1, x.size(-1)), self.panels)
+        return y.view(*x.shape[:-1], -1)
+
+
+def fastest_linears(model):
+    """The model (in place) with its bias-free linear layers in the form that runs fastest here for
+    their dtype (see the module docstring). Needs the kernels built (kernels.build) for PanelLinear."""
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.bfloat16 and cpu_has_fast_bf16() and torch.backends.mkldnn.is_available():
+        return packed_or_kept(model)
+    if dtype == torch.float32 and kernels.LIBRARY is not None:
+        return replace_linears(model, PanelLinear, lambda linear: linear.out_features % kernels.PANEL == 0)
+    return model
+
+
+def packed_or_kept(model):
+    """The model (in place) with its bias-free linear layers as PackedLinear; where torch's private
+    oneDNN ops are missing or fail, the layers stay nn.Linear (logged once)."""
+    failures = []
+
+    def pack(linear):
+        try:
+            return PackedLinear(linear)
+        except (AttributeError, RuntimeError) as e:  # AttributeError: the op is not in this torch
+            failures.append(e)
+            return linear
+
+    replace_linears(model, pack)
+    if failures:
+        log.warning("%d linear layers stay nn.Linear: torch's oneDNN packing failed here (%s)", len(failures), failures[0])
+    return model
+
+
+def replace_linears(model, form, fits=lambda linear: True):
+    """The model (in place) with every bias-free nn.Linear that `fits` replaced by form(linear)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Linear) and child.bias is None and fits(child):
+                setattr(module, name, form(child))
+    return model

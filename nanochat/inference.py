@@ -1,0 +1,33 @@
+"""Load a checkpoint for inference: its weights in the dtype the device multiplies fastest, each
+attention's query, key and value layers fused, and on CPU nanochat.cpu's fast paths (this is the
+one place they are applied).
+
+    engine = load_engine("speedrun", device="cpu")
+"""
+
+import torch
+
+from nanochat import cpu
+from nanochat.checkpoint import find_checkpoint, load_model
+from nanochat.common import autocast_dtype
+from nanochat.engine import MAX_ROWS, Engine, SamplingOps
+
+
+def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
+    """The Engine of a checkpoint or a run's model (see checkpoint.find_checkpoint), its weights in the
+    dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs)."""
+    directory, _ = find_checkpoint(target, source)
+    device = torch.device(device)
+    model, tokenizer, _ = load_model(directory, device)
+    model.to(autocast_dtype(device.type))
+    return Engine(model, tokenizer, max_rows, ops=prepare(model))
+
+
+def prepare(model):
+    """The engine's sampling ops for an inference model, put (in place) in its serving form: its
+    query, key and value layers fused on every device, and on CPU nanochat.cpu applied. The model can
+    no longer train or move to another device."""
+    model.fuse_qkv()
+    if next(model.parameters()).device.type == "cpu":
+        return cpu.apply(model)
+    return SamplingOps()

@@ -1,0 +1,111 @@
+"""nanochat.cpu has one door: the model, the engine and training never import it; loading an engine
+on CPU applies it in one call, and on any other device nothing of it; a model served without it
+decodes through SDPA, whatever its dtype."""
+
+import ast
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat import checkpoint, cpu, engine, gpt, inference, storage
+from nanochat.cpu import linears, ops
+from nanochat.engine import Engine, Request, SamplingParams
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
+from tests.test_gpt import random_model
+
+PACKAGE = Path(inference.__file__).parent
+CONFIG = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+
+
+def imports_cpu(path):
+    """Whether a module's source imports nanochat.cpu or anything in it, anywhere in the file."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import) and any(a.name.startswith("nanochat.cpu") for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module and (
+                node.module == "nanochat.cpu" or node.module.startswith("nanochat.cpu.")
+                or node.module == "nanochat" and any(a.name == "cpu" for a in node.names)):
+            return True
+    return False
+
+
+def test_only_inference_imports_the_cpu_package(tmp_path):
+    """gpt.py, engine.py and training.py (and every other module outside nanochat/cpu/ but
+    inference.py) import nothing from nanochat.cpu; the check sees each way of writing it."""
+    for name in ("gpt.py", "engine.py", "training.py"):
+        assert not imports_cpu(PACKAGE / name), name
+    importers = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+                 if "cpu" not in p.relative_to(PACKAGE).parts and imports_cpu(p)}
+    assert importers == {"inference.py"}
+    for line in ("import nanochat.cpu.kernels", "from nanochat import cpu", "from nanochat.cpu import ops",
+                 "def f():\n    from nanochat.cpu.linears import PanelLinear"):
+        (tmp_path / "m.py").write_text(line + "\n")
+        assert imports_cpu(tmp_path / "m.py"), line
+    (tmp_path / "m.py").write_text("from nanochat import checkpoint, cpu_model\n")
+    assert not imports_cpu(tmp_path / "m.py")
+
+
+@pytest.fixture
+def applied(monkeypatch):
+    """The models nanochat.cpu.apply is called on."""
+    models, apply = [], cpu.apply
+    monkeypatch.setattr(cpu, "apply", lambda model: models.append(model) or apply(model))
+    return models
+
+
+def test_loading_an_engine_on_cpu_applies_it_once(tmp_path, applied):
+    """load_engine of a CPU checkpoint: one call to nanochat.cpu.apply, and the engine's model has
+    the CPU forms (hooks, linear layers as the dtype takes them, sampling ops); its greedy tokens
+    are those of the checkpoint's model as trained."""
+    directory = storage.normalize(str(tmp_path))
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
+    tokenizer_uri = tokenizer.save(storage.join(directory, "tokenizer"))["tokenizer"]
+    model = random_model(GPTConfig(**{**asdict(CONFIG), "vocab_size": tokenizer.vocab_size})).eval()
+    meta = {"model_config": asdict(model.config), "tokenizer": tokenizer_uri}
+    uri = checkpoint.save(storage.join(directory, "checkpoints"), 0, model.state_dict(), {}, meta)
+
+    served = inference.load_engine(uri, device="cpu")
+    assert applied == [served.model] and served.ops is ops.SAMPLING
+    assert served.model.cap is ops.softcap
+    assert all(block.attn.attend is ops.attention and block.attn.c_qkv is not None for block in served.model.transformer.h)
+    forms = {type(m) for m in served.model.modules() if isinstance(m, (torch.nn.Linear, linears.PackedLinear, linears.PanelLinear))}
+    assert len(forms) == 1  # one form for every layer (this config's widths fill whole panels)
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("door")]
+    greedy = served.generate(prompt, SamplingParams(temperature=0, max_tokens=8)).completions[0].token_ids
+    if next(served.model.parameters()).dtype == torch.float32:  # bf16 weights may round a near-tie the other way
+        assert greedy == Engine(model, tokenizer).generate(prompt, SamplingParams(temperature=0, max_tokens=8)).completions[0].token_ids
+
+
+def test_other_devices_take_nothing_of_it(applied):
+    """The decision (inference.prepare): a model on another device than the CPU (here `meta`, as a
+    GPU's stands in nowhere else) gets its qkv fused and torch's sampling ops, and apply is never called."""
+    with torch.device("meta"):
+        model = GPT(CONFIG)
+    sampling_ops = inference.prepare(model)
+    assert applied == [] and sampling_ops == engine.SamplingOps()
+    assert model.cap is gpt.softcap and all(block.attn.attend is gpt.causal_attention for block in model.transformer.h)
+    assert all(block.attn.c_qkv is not None for block in model.transformer.h)
+    inference.prepare(random_model(CONFIG))
+    assert len(applied) == 1
+
+
+def test_a_bf16_model_without_the_cpu_package_decodes_through_sdpa(monkeypatch):
+    """A bf16 model driven by an Engine without nanochat.cpu (as a GPU serves it) runs every decode
+    step's attention through F.scaled_dot_product_attention, one call per layer with one bf16 query
+    per row, and never through the CPU's decode_attention. On a machine without a GPU this is the
+    nearest we come to checking that a GPU keeps its SDPA kernels."""
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
+    model = random_model(GPTConfig(**{**asdict(CONFIG), "vocab_size": tokenizer.vocab_size})).eval()
+    model.to(torch.bfloat16).fuse_qkv()
+    served = Engine(model, tokenizer, max_rows=4)
+    for text in ("a", "a longer prompt"):  # rows at different positions: a masked decode
+        served.add(Request([tokenizer.bos_token_id, *tokenizer.encode(text)], SamplingParams(temperature=0, max_tokens=8)))
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *args, **kw: calls.append((q.shape, q.dtype)) or sdpa(q, *args, **kw))
+    monkeypatch.setattr(ops, "decode_attention", lambda *args: pytest.fail("decoded through nanochat.cpu"))
+    served.step()
+    assert calls == [((2, CONFIG.n_head, 1, CONFIG.head_dim), torch.bfloat16)] * CONFIG.n_layer
