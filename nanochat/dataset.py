@@ -17,6 +17,11 @@ A permanent failure raises `DownloadError`, one line naming the URL and the reas
 `fetch(relpath)` is the one-file form the tasks use; `shard_waiter` lets a training loader start
 on the first shards while a download stage (another process) still fetches the rest: it waits
 on the partial file's lock, then finds the file done.
+
+In a pipeline run (a stage in a run whose download stage is committed, `stage.declare_data`), the
+functions a stage reads data through (`fetch`, `pretrain_shards`, `shard_split`, `eval_bundle_dir`)
+take every file from the run's files.json instead and never download: a file it does not declare,
+or that is not there, is a StageError naming it. The shards are the declared ones.
 """
 
 import contextlib
@@ -37,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat import shards, sources, storage
+from nanochat import shards, sources, stage, storage
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -332,21 +337,55 @@ class Downloader:
 
 
 def fetch(relpath, storage_uri=None, mirror=None, **options):
-    """The cache URI of a registered data file, downloaded on first use (no progress bar)."""
+    """The cache URI of a registered data file, downloaded on first use (no progress bar); in a
+    pipeline run, the run's declared file."""
+    if (declared := stage.declared_data()) is not None:
+        return declared.resolve(relpath)
     return Downloader(storage_uri, mirror, progress=False, **options).fetch(relpath)
 
 
 def pretrain_shards(num_shards, storage_uri=None, mirror=None):
     """(train shard URIs, validation shard URI) in the cache for `num_shards` training shards; they
-    may not be there yet: give the loader `wait_for_shard=shard_waiter(...)`."""
-    train, val = sources.pretrain_plan(num_shards, mirror)
+    may not be there yet: give the loader `wait_for_shard=shard_waiter(...)`. In a pipeline run, the
+    first `num_shards` declared training shards and the last declared shard (validation)."""
+    if (declared := stage.declared_data()) is not None:
+        *train, val = _declared_shards(declared)
+        if num_shards != -1 and num_shards > len(train):
+            raise stage.StageError(f"{num_shards} training shards wanted, but {declared.uri} declares {len(train)}; "
+                                   f"download more (-n) or ask for fewer (--num-shards)")
+        train = train if num_shards == -1 else train[:num_shards]
+        return [declared.resolve(r) for r in train], declared.resolve(val)
+    try:
+        train, val = sources.pretrain_plan(num_shards, mirror)
+    except sources.SourceError as e:
+        raise stage.StageError(str(e)) from None
     root = storage.data_root(storage_uri)
     return [storage.join(root, sources.shard_relpath(i)) for i in train], storage.join(root, sources.shard_relpath(val))
 
 
+def shard_split(split, storage_uri=None):
+    """The shards of `split` ('train': all but the last, 'val': the last) among those in the data
+    cache's pretrain directory, or, in a pipeline run, the declared ones."""
+    if (declared := stage.declared_data()) is not None:
+        return [declared.resolve(r) for r in shards.split_shards(_declared_shards(declared), split)]
+    return shards.split_shards(shards.list_shards(storage.join(storage.data_root(storage_uri), sources.PRETRAIN_DIR)), split)
+
+
+def _declared_shards(declared):
+    """The relpaths of the shards files.json declares (at least a training and a validation one)."""
+    relpaths = declared.relpaths(sources.SHARD_RE)
+    if len(relpaths) < 2:
+        raise stage.StageError(f"{declared.uri} declares {len(relpaths)} pretraining shard(s); need at least 2 "
+                               f"(train + validation)")
+    return relpaths
+
+
 def shard_waiter(storage_uri=None, mirror=None):
     """A `wait_for_shard(uri)` for the loader: returns once the shard is in the cache, waiting for
-    a download in progress (or fetching it itself if none is)."""
+    a download in progress (or fetching it itself if none is). None in a pipeline run, whose
+    shards are all there."""
+    if stage.declared_data() is not None:
+        return None
     downloader = Downloader(storage_uri, mirror, progress=False)
     return lambda uri: downloader.fetch(f"{sources.PRETRAIN_DIR}/{uri.rsplit('/', 1)[-1]}")
 
@@ -373,9 +412,14 @@ def extract_zip(zip_uri, dest_root):
 
 def eval_bundle_dir(storage_uri=None, mirror=None):
     """The unpacked CORE eval bundle in the data cache (<data>/eval_bundle), fetched and unpacked
-    first if it is not there."""
-    root = storage.data_root(storage_uri)
+    first if it is not there. In a pipeline run, the declared eval_bundle.zip's, unpacked beside it
+    (download did that; if the directory has gone, it is unpacked again from the zip)."""
+    if (declared := stage.declared_data()) is not None:
+        zip_uri = declared.resolve(sources.EVAL_BUNDLE)
+        root = zip_uri.rsplit("/", 1)[0]
+    else:
+        zip_uri, root = None, storage.data_root(storage_uri)
     bundle = storage.join(root, "eval_bundle")
     if not storage.exists(storage.join(bundle, "core.yaml")):
-        extract_zip(fetch(sources.EVAL_BUNDLE, storage_uri, mirror), root)
+        extract_zip(zip_uri or fetch(sources.EVAL_BUNDLE, storage_uri, mirror), root)
     return bundle

@@ -5,6 +5,12 @@ option overrides its own. Outputs go under `<run>/<stage>/`, and the stage commi
 `<run>/<stage>/stage.json` last (config, inputs and outputs with sha256, metrics, wall time, code
 version). No stage.json means the stage is not done. Credentials never reach stage.json or the
 logs: both go through `storage.redact`.
+
+Declared data. In a run whose `download` stage is committed, a stage that reads data (one whose row
+in `nanochat.pipeline` needs download) resolves every data file through that run's files.json,
+found through download's stage.json: a file is that declared URI or a StageError naming it, and
+is never downloaded. `commit` records files.json and the declared files the stage resolved as its
+inputs. A stage run on its own, in a run without a committed download, fetches as `dataset` does.
 """
 
 import argparse
@@ -13,10 +19,11 @@ import os
 import sys
 import time
 
-from nanochat import presets, storage
+from nanochat import pipeline, presets, storage
 from nanochat.common import code_version
 
 SUMMARY = "stage.json"
+DOWNLOAD = "download"  # the stage whose `files` output (files.json) declares a run's data
 
 
 class StageError(Exception):
@@ -74,9 +81,22 @@ def read_summary(run, stage):
     return storage.read_json(uri)
 
 
+def upstream_output(run, upstream, name):
+    """The URI of output `name` of stage `upstream` in `run`, as its stage.json records it."""
+    outputs = read_summary(run, upstream)["outputs"]
+    if name not in outputs:
+        raise StageError(f"stage {upstream!r} in run {run} has no {name!r} output (it has: {', '.join(outputs)})")
+    return outputs[name]["uri"]
+
+
+def upstream_dir(run, upstream, name):
+    """The directory holding output `name` of stage `upstream` (a tokenizer, a checkpoint)."""
+    return upstream_output(run, upstream, name).rsplit("/", 1)[0]
+
+
 def upstream_checkpoint(run, upstream):
     """The final checkpoint directory of stage `upstream` in `run` (its `checkpoint` output)."""
-    return read_summary(run, upstream)["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
+    return upstream_dir(run, upstream, "checkpoint")
 
 
 def artifact(uri):
@@ -84,15 +104,79 @@ def artifact(uri):
     return {"uri": uri, "sha256": storage.sha256(uri), "bytes": storage.size(uri)}
 
 
+class DeclaredData:
+    """A run's data as its download stage declared it: files.json, {relpath: {uri, url, bytes,
+    sha256}}, and the entries of the files this process resolved, which `commit` records."""
+
+    def __init__(self, uri):
+        self.uri = uri
+        self.files = storage.read_json(uri)
+        self.resolved = {}
+
+    def resolve(self, relpath):
+        """The declared URI of a data file, checked to be there with its declared size; a StageError
+        naming the file otherwise. It is not hashed again: download hashed it into files.json, and
+        files.json is checked against download's stage.json (shards are large; a stage reads many)."""
+        entry = self.files.get(relpath)
+        if entry is None:
+            raise StageError(f"data file {relpath} is not declared in {self.uri} (the run's download did not fetch it)")
+        uri = entry["uri"]
+        size = storage.size(uri) if storage.exists(uri) else None
+        if size != entry["bytes"]:
+            found = "it is missing" if size is None else f"it has {size:,} bytes, not {entry['bytes']:,}"
+            raise StageError(f"data file {relpath} declared in {self.uri}: {uri}: {found}")
+        self.resolved[relpath] = {"uri": uri, "sha256": entry["sha256"], "bytes": entry["bytes"]}
+        return uri
+
+    def relpaths(self, pattern):
+        """The declared relpaths matching the compiled regex `pattern`, sorted."""
+        return sorted(r for r in self.files if pattern.match(r))
+
+    def inputs(self):
+        """stage.json inputs: files.json itself, then each resolved file under its relpath."""
+        return {"files.json": artifact(self.uri), **self.resolved}
+
+
+_declared = None  # this process's DeclaredData, once declare_data found a committed download
+
+
+def declare_data(run):
+    """Makes this process read data through `run`'s files.json if its download stage is committed
+    (files.json found through download's stage.json, and checked against the sha256 there);
+    otherwise data is fetched into the cache as usual. Returns the DeclaredData or None."""
+    global _declared
+    _declared = None
+    if storage.exists(stage_uri(run, DOWNLOAD, SUMMARY)):
+        files = read_summary(run, DOWNLOAD)["outputs"]["files"]
+        uri = files["uri"]
+        if not storage.exists(uri) or storage.sha256(uri) != files["sha256"]:
+            raise StageError(f"{uri} is missing or differs from what stage {DOWNLOAD!r} committed; run {DOWNLOAD} again")
+        _declared = DeclaredData(uri)
+    return _declared
+
+
+def declared_data():
+    """The DeclaredData of this process, or None (a stage on its own: data is fetched)."""
+    return _declared
+
+
+def reads_data(stage):
+    """Whether stage program `stage` reads data, per the pipeline table (its rows need download)."""
+    return any(DOWNLOAD in row.needs for row in pipeline.PIPELINE if row.module == stage)
+
+
 def commit(run, stage, args, inputs, outputs, metrics, started):
     """Writes stage.json last, recording everything needed to trust and reuse the outputs (storage
-    retries transient errors; if it gives up, the stage is not done and a rerun commits it)."""
+    retries transient errors; if it gives up, the stage is not done and a rerun commits it). The
+    inputs include the declared data the stage resolved (files.json and each file, see
+    DeclaredData), after `inputs`."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in ("run", "storage")}
+    declared = _declared.inputs() if _declared is not None else {}
     summary = {
         "stage": stage,
         "run": run,
         "config": config,
-        "inputs": {name: artifact(uri) for name, uri in inputs.items()},
+        "inputs": {**{name: artifact(uri) for name, uri in inputs.items()}, **declared},
         "outputs": {name: artifact(uri) for name, uri in outputs.items()},
         "metrics": metrics,
         "wall_time_s": round(time.time() - started, 3),
@@ -133,6 +217,8 @@ def run_main(main, p, stage, argv=None):
     args = parse_args(p, stage, argv)
     fault(stage)
     try:
+        if reads_data(stage):
+            declare_data(args.run)
         main(args)
     except (StageError, storage.StorageError) as e:
         print(storage.redact(f"{stage}: error: {e}"), file=sys.stderr)

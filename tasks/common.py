@@ -28,7 +28,8 @@ class TaskDataError(ValueError):
 
 def data_file(relpath):
     """Local path or URI of a registered data file (e.g. "hf/openai/gsm8k/main/test-00000-of-00001.parquet"),
-    fetched into the data cache on first use."""
+    fetched into the data cache on first use; in a pipeline run, the file the run's download
+    declared (see `nanochat.dataset.fetch`)."""
     from nanochat.dataset import fetch
 
     return fetch(relpath)

@@ -68,7 +68,8 @@ def load_tasks(bundle):
 
 def load_bundle(bundle=None, storage_uri=None):
     """load_tasks of the eval bundle directory `bundle`, by default the data cache's (fetched and
-    unpacked first if needed): (tasks, absent labels, bundle URI). A BundleError names what failed."""
+    unpacked first if needed) or, in a pipeline run, the declared one (`dataset.eval_bundle_dir`):
+    (tasks, absent labels, bundle URI). A BundleError names what failed."""
     from nanochat import dataset, sources
 
     try:

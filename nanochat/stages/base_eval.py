@@ -4,11 +4,11 @@
     python -m nanochat.stages.base_eval --run myrun --preset tiny --max-per-task 20
 
 Reads the final checkpoint of base_train in the same run (or --checkpoint DIR), the validation
-shard (of the data cache, or of --data) and the CORE eval bundle (<storage>/data/eval_bundle,
-fetched and unpacked first if it is not there, or --eval-bundle DIR). Examples are spread over the
-processes. Writes <run>/base_eval/stage.json: val_bpb (and that of a unigram model of the training tokens, the
-baseline to beat), CORE, per task the accuracy, the centered
-accuracy and the random baseline, and which tasks of core.yaml the bundle lacks.
+shard and the CORE eval bundle: those the run's download declared (without a download stage in the
+run, those of the data cache, fetched first if they are not there), or --data and --eval-bundle DIR.
+Examples are spread over the processes. Writes <run>/base_eval/stage.json: val_bpb (and that of a
+unigram model of the training tokens, the baseline to beat), CORE, per task the accuracy, the
+centered accuracy and the random baseline, and which tasks of core.yaml the bundle lacks.
 """
 
 import itertools
@@ -28,9 +28,9 @@ def build_parser():
     a("--unigram-tokens", type=int, help="training tokens counted for the unigram baseline of bits per byte")
     a("--device-batch-size", type=int, help="rows per forward pass for bits per byte")
     a("--checkpoint", default=None, help="checkpoint directory URI (default: base_train's final checkpoint)")
-    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: <storage>/data/eval_bundle)")
+    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's declared one, else <storage>/data/eval_bundle)")
     a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files (the last is validation)")
-    a("--num-shards", type=int, help="training shards of the data cache (only locates the validation shard)")
+    a("--num-shards", type=int, help="training shards counted for the unigram baseline, the first of the run's declared ones or of the data cache")
     stage.add_compute_options(p)
     return p
 

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 8 -m nanochat.stages.base_train -- --run s3://bucket/runs/x --preset d20
     python -m nanochat.stages.base_train --run myrun --preset cpu --num-steps 500
 
-Needs the tokenizer of `tok_train` in the same run. Reads the training shards from the data cache
-(waiting for any that are still downloading) or from --data. Writes under <run>/base_train/:
+Needs the tokenizer of `tok_train` in the same run. Reads the training shards the run's download
+declared, or, without a download stage in the run, from the data cache (waiting for any that are
+still downloading), or from --data. Writes under <run>/base_train/:
 checkpoints/step_NNNNNN/ (every --checkpoint-every steps and at the end; the newest --keep-last
 are kept), metrics.jsonl (one JSON record per logged step and per evaluation), then stage.json,
 whose `checkpoint` output is the final checkpoint's manifest.
@@ -39,9 +40,9 @@ def build_parser():
     a("--eval-tokens", type=int, help="validation tokens per evaluation")
     a("--core-every", type=int, help="steps between CORE evaluations on a subset of each task (-1: never)")
     a("--core-max-per-task", type=int, help="examples per CORE task in those evaluations")
-    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: <storage>/data/eval_bundle)")
+    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's declared one, else <storage>/data/eval_bundle)")
     a("--sample-every", type=int, help="steps between printed samples (-1: only at the end)")
-    a("--num-shards", type=int, help="training shards to read from the data cache (-1: all there are)")
+    a("--num-shards", type=int, help="training shards to read, the first of the run's declared ones or of the data cache (-1: all there are)")
     a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files to read instead of the data cache")
     training.add_options(p)
     return p
@@ -57,8 +58,8 @@ def main(args):
     from nanochat.tokenizer import Tokenizer
 
     started = time.time()
-    tokenizer_uri = stage.read_summary(args.run, "tok_train")["outputs"]["tokenizer"]["uri"]
-    tokenizer = Tokenizer.load(stage.stage_uri(args.run, "tok_train", "tokenizer"))
+    tokenizer_uri = stage.upstream_output(args.run, "tok_train", "tokenizer")
+    tokenizer = Tokenizer.load(tokenizer_uri.rsplit("/", 1)[0])
     run = training.Training(args, STAGE)
     device, autocast = run.device, run.autocast
 

@@ -4,13 +4,14 @@ sample texts of different kinds, as a table for the report.
     python -m nanochat.stages.tok_eval --run myrun --preset d20
     python -m nanochat.stages.tok_eval --run /tmp/run --preset tiny --data ../shared/data/pretrain
 
-Reads <run>/tok_train/tokenizer (or --tokenizer URI) and the last shard of the data directory.
-Writes <run>/tok_eval/stage.json with the table in its metrics.
+Reads the tokenizer tok_train committed in the same run (or --tokenizer URI) and the validation
+shard: the last of the run's declared shards (without a download stage in the run, of the data
+cache), or of --data. Writes <run>/tok_eval/stage.json with the table in its metrics.
 """
 
 import time
 
-from nanochat import shards, stage, storage
+from nanochat import dataset, shards, stage, storage
 from nanochat.common import log
 from nanochat.tokenizer import Tokenizer
 
@@ -34,8 +35,8 @@ SAMPLES = {
 def build_parser():
     p = stage.parser(STAGE, __doc__)
     p.add_argument("--max-docs", type=int, help="validation documents to encode")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory URI (default: <run>/tok_train/tokenizer)")
-    p.add_argument("--data", default=None, help="directory URI of shard_NNNNN.parquet files (default: <storage>/data/pretrain)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory URI (default: tok_train's in the run)")
+    p.add_argument("--data", default=None, help="directory URI of shard_NNNNN.parquet files (default: the run's declared shards, else <storage>/data/pretrain)")
     return p
 
 
@@ -54,13 +55,10 @@ def markdown_table(rows):
 
 def main(args):
     started = time.time()
-    if args.tokenizer is None:
-        stage.read_summary(args.run, "tok_train")
-    tok_dir = args.tokenizer or stage.stage_uri(args.run, "tok_train", "tokenizer")
-    data = args.data or storage.join(storage.data_root(args.storage), "pretrain")
+    tok_dir = args.tokenizer or stage.upstream_dir(args.run, "tok_train", "tokenizer")
     tokenizer = Tokenizer.load(tok_dir)
     try:
-        val_shard = shards.split_shards(shards.list_shards(data), "val")
+        val_shard = shards.split_shards(shards.list_shards(args.data), "val") if args.data else dataset.shard_split("val", args.storage)
     except shards.ShardError as e:
         raise stage.StageError(str(e)) from None
     val_docs = []
@@ -73,7 +71,9 @@ def main(args):
     table = markdown_table(rows)
     log.info("tokenizer compression (vocab %d):\n%s", tokenizer.vocab_size, table)
     metrics = {"vocab_size": tokenizer.vocab_size, "compression": rows, "table": table}
-    inputs = {"tokenizer": storage.join(tok_dir, "tokenizer.json"), "val_shard": val_shard[0]}
+    inputs = {"tokenizer": storage.join(tok_dir, "tokenizer.json")}
+    if args.data or stage.declared_data() is None:  # a declared shard is recorded as such by commit
+        inputs["val_shard"] = val_shard[0]
     return stage.commit(args.run, STAGE, args, inputs, {}, metrics, started)
 
 

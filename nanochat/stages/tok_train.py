@@ -4,8 +4,9 @@
     python -m nanochat.stages.tok_train --run myrun --preset tiny --vocab-size 4096
     python -m nanochat.stages.tok_train --run /tmp/run --preset tiny --data ../shared/data/pretrain
 
-Reads shards from the data cache (<storage>/data/pretrain) unless --data names another directory
-URI. Writes <run>/tok_train/tokenizer/{ranks.tiktoken,tokenizer.json}, then stage.json.
+Reads the run's shards (those download declared in files.json; without a download stage in the
+run, those of the data cache, <storage>/data/pretrain) unless --data names another directory URI.
+Writes <run>/tok_train/tokenizer/{ranks.tiktoken,tokenizer.json}, then stage.json.
 """
 
 import sys
@@ -13,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from nanochat import shards, stage, storage
+from nanochat import dataset, shards, stage
 from nanochat.common import log
 from nanochat.tokenizer import Tokenizer
 
@@ -25,21 +26,20 @@ def build_parser():
     p.add_argument("--vocab-size", type=int, help="vocabulary size including the special tokens")
     p.add_argument("--max-chars", type=int, help="train on at most this many characters")
     p.add_argument("--doc-cap", type=int, help="cut each document to this many characters")
-    p.add_argument("--data", default=None, help="directory URI of shard_NNNNN.parquet files (default: <storage>/data/pretrain)")
+    p.add_argument("--data", default=None, help="directory URI of shard_NNNNN.parquet files (default: the run's declared shards, else <storage>/data/pretrain)")
     return p
 
 
 def main(args):
     started = time.time()
-    data = args.data or storage.join(storage.data_root(args.storage), "pretrain")
     if args.vocab_size < 256 + 9:
         raise stage.StageError(f"--vocab-size {args.vocab_size} is too small (minimum 265: 256 bytes + 9 special tokens)")
     try:
-        train_shards = shards.split_shards(shards.list_shards(data), "train")
+        train_shards = shards.split_shards(shards.list_shards(args.data), "train") if args.data else dataset.shard_split("train", args.storage)
     except shards.ShardError as e:
         raise stage.StageError(str(e)) from None
     log.info("training a %d-token tokenizer on up to %s chars from %d shards in %s",
-             args.vocab_size, f"{args.max_chars:,}", len(train_shards), data)
+             args.vocab_size, f"{args.max_chars:,}", len(train_shards), train_shards[0].rsplit("/", 1)[0])
 
     counted = {"docs": 0, "chars": 0}
     bar = tqdm(total=args.max_chars, unit="char", unit_scale=True, desc="tokenizer", file=sys.stderr, mininterval=1.0)

@@ -1,0 +1,164 @@
+"""Stages declare their data: in a run whose download stage is committed, every data file comes
+from its files.json (never from the mirror), a file it lacks is a one-line error naming it, and each
+stage records files.json and the files it read as its stage.json inputs.
+
+The pipeline run: the speedrun flow through tok_eval, base_eval and mid_train (shards, the eval
+bundle, task files), its real HTTP mirror on 127.0.0.1 stopped as soon as download has committed."""
+
+import os
+import threading
+import time
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.speedrun import speedrun
+from nanochat import dataset, sources, stage, storage
+from tasks.common import data_file
+from tests.httpserver import serve
+from tests.stagerun import stage as run_stage
+
+SHARDS = ["pretrain/shard_00000.parquet", "pretrain/shard_00001.parquet", "pretrain/shard_00023.parquet"]
+TASK_FILE = "hf/openai/gsm8k/main/train-00000-of-00001.parquet"  # read by mid_train's mixture
+OPTIONAL = sources.OPTIONAL_SOURCES[0].relpath  # registered, but not something download fetches
+# short stages: still a tokenizer, a trained model evaluated on CORE, a midtrained model
+OVERRIDES = {"base_train": {"num_steps": 2, "eval_every": -1, "eval_tokens": 512, "core_every": 2, "core_max_per_task": 1},
+             "base_eval": {"max_per_task": 1, "eval_tokens": 512, "unigram_tokens": 4096},
+             "mid_train": {"num_steps": 1, "checkpoint_every": 1}}
+AFTER_DOWNLOAD = ["tok_eval", "base_eval", "mid_train"]
+STAGES = ["download", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train"]
+
+
+def task_states(flow_run_id):
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs if r.name in STAGES}
+
+
+def summary(run, name):
+    return storage.read_json(storage.join(run, name, "stage.json"))
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(prefect_api, shared_data, tmp_path_factory):
+    """(run URI, task states): one tiny speedrun whose HTTP mirror is stopped the moment download
+    commits (before the next stage starts), with that mirror still configured for every stage."""
+    root = str(tmp_path_factory.mktemp("storage"))
+    run = storage.run_uri("declared", root)
+    committed = storage.local_path(storage.join(run, "download", "stage.json"))
+    with serve(shared_data) as server:
+
+        def stop_after_download():
+            while not os.path.exists(committed):
+                time.sleep(0.02)
+            server.shutdown()
+            server.server_close()
+
+        watcher = threading.Thread(target=stop_after_download, daemon=True)
+        watcher.start()
+        state = speedrun(preset="tiny", run_name="declared", storage=root, data_mirror=server.url, retries=0,
+                         overrides=OVERRIDES, only=AFTER_DOWNLOAD, return_state=True)
+        watcher.join(timeout=1)
+        assert not watcher.is_alive()
+    assert state.is_completed(), state.message
+    return run, task_states(state.state_details.flow_run_id)
+
+
+def test_stages_complete_with_the_mirror_gone(pipeline_run):
+    run, states = pipeline_run
+    assert states == {"download": "Completed", "tok_train": "Completed", "tok_eval": "Completed", "base_train": "Completed",
+                      "base_eval": "Completed", "mid_train": "Completed"}
+
+
+def test_stage_json_inputs_are_files_json_and_the_files_read(pipeline_run):
+    run, _ = pipeline_run
+    files_json = summary(run, "download")["outputs"]["files"]
+    files = storage.read_json(files_json["uri"])
+
+    def data_inputs(name):
+        inputs = summary(run, name)["inputs"]
+        assert inputs["files.json"] == files_json, name
+        got = {k: v for k, v in inputs.items() if k in files}
+        assert all(v == {"uri": files[k]["uri"], "sha256": files[k]["sha256"], "bytes": files[k]["bytes"]}
+                   for k, v in got.items()), name
+        return set(got)
+
+    assert data_inputs("tok_train") == set(SHARDS[:2])  # training shards only
+    assert data_inputs("tok_eval") == {SHARDS[2]}
+    assert data_inputs("base_train") == {*SHARDS, sources.EVAL_BUNDLE}  # core_every > 0 reads the bundle
+    assert data_inputs("base_eval") == {*SHARDS, sources.EVAL_BUNDLE}
+    mid = data_inputs("mid_train")
+    assert TASK_FILE in mid and "identity_conversations.jsonl" in mid and not mid & {*SHARDS, sources.EVAL_BUNDLE}
+    # upstream artifacts through the upstream's outputs
+    tokenizer = summary(run, "tok_train")["outputs"]["tokenizer"]
+    assert summary(run, "tok_eval")["inputs"]["tokenizer"] == summary(run, "base_train")["inputs"]["tokenizer"] == tokenizer
+
+
+def declared_copy(run, tmp_path, drop):
+    """A new run whose download stage is that of `run` with `drop` left out of files.json (and
+    stage.json's record of files.json updated, as if download had committed it so)."""
+    new = storage.normalize(str(tmp_path / "run"))
+    files = storage.read_json(summary(run, "download")["outputs"]["files"]["uri"])
+    del files[drop]
+    files_uri = storage.join(new, "download", "files.json")
+    storage.write_json(files_uri, files)
+    committed = summary(run, "download")
+    committed["outputs"]["files"] = stage.artifact(files_uri)
+    storage.write_json(storage.join(new, "download", "stage.json"), committed)
+    return new
+
+
+def test_a_file_missing_from_files_json_fails_naming_it(pipeline_run, tiny_env, tmp_path):
+    run, _ = pipeline_run
+    checkpoint = summary(run, "base_train")["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
+    new = declared_copy(run, tmp_path, TASK_FILE)
+    env = {**tiny_env, "NANOCHAT_DATA_MIRROR": str(tmp_path / "no-mirror")}
+    done = run_stage("nanochat.stages.mid_train", new, env, "--checkpoint", checkpoint, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert lines[-1].startswith("mid_train: error: ") and TASK_FILE in lines[-1] and "files.json" in lines[-1]
+    assert not (tmp_path / "run" / "mid_train" / "stage.json").exists()
+
+
+def test_declared_files_in_process(pipeline_run, tmp_path, monkeypatch):
+    """fetch() resolves through files.json (a missing or changed file named), the eval bundle is
+    unpacked again from the declared zip, never downloaded; a files.json changed since download
+    committed is refused; a run without download fetches as before."""
+    run, _ = pipeline_run
+    monkeypatch.setattr(stage, "_declared", None)  # restored after the test
+    monkeypatch.setenv("NANOCHAT_DATA_MIRROR", str(tmp_path / "no-mirror"))
+    declared = stage.declare_data(run)
+    files = declared.files
+    assert data_file(TASK_FILE) == files[TASK_FILE]["uri"] and list(declared.resolved) == [TASK_FILE]
+    with pytest.raises(stage.StageError, match=f"{OPTIONAL} is not declared in .*files.json"):
+        dataset.fetch(OPTIONAL)
+
+    bundle = dataset.eval_bundle_dir()
+    assert bundle == files[sources.EVAL_BUNDLE]["uri"].rsplit("/", 1)[0] + "/eval_bundle"
+    storage.remove(bundle, recursive=True)
+    assert storage.exists(storage.join(dataset.eval_bundle_dir(), "core.yaml"))  # from the zip, not the mirror
+
+    with pytest.raises(stage.StageError, match="declares 2"):
+        dataset.pretrain_shards(3)
+    train, val = dataset.pretrain_shards(-1)
+    assert [train, val] == [[files[r]["uri"] for r in SHARDS[:2]], files[SHARDS[2]]["uri"]]
+    assert dataset.shard_waiter() is None
+
+    new = declared_copy(run, tmp_path, TASK_FILE)
+    storage.write_json(storage.join(new, "download", "files.json"), files)  # edited after the commit
+    with pytest.raises(stage.StageError, match="differs from what stage 'download' committed"):
+        stage.declare_data(new)
+    assert stage.declared_data() is None
+
+    moved = tmp_path / "moved"
+    storage.write_json(storage.join(new, "download", "files.json"), {**files, TASK_FILE: {**files[TASK_FILE], "uri": str(moved)}})
+    storage.write_json(storage.join(new, "download", "stage.json"),
+                       {**summary(new, "download"), "outputs": {"files": stage.artifact(storage.join(new, "download", "files.json"))}})
+    stage.declare_data(new)
+    with pytest.raises(stage.StageError, match=f"{TASK_FILE} declared in .*: it is missing"):
+        data_file(TASK_FILE)
+
+    assert stage.declare_data(storage.normalize(str(tmp_path / "alone"))) is None
+    assert stage.declared_data() is None and dataset.shard_waiter() is not None
+
