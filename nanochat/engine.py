@@ -446,31 +446,6 @@ def apply_penalties(logits, params, tokens):
         logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
 
 
-def sample_rows(logits, temperatures, generators, weigh=None):
-    """A token per row of fp32 logits (B, vocab) from softmax(logits / T), T (B, 1) a row's
-    temperature, drawn with the row's generator; `weigh` computes the weights (softmax_weights's
-    signature; by default softmax_weights)."""
-    weights = (weigh or softmax_weights)(logits, temperatures)
-    return draw(weights, uniforms(generators, weights.device)).tolist()
-
-
-def sample_one(logits, params, generator, weigh=None):
-    """A token from fp32 logits (vocab,) with temperature, top-k and top-p (`weigh` as in sample_rows)."""
-    candidates = None
-    if params.top_k is not None and params.top_k < logits.size(0):
-        logits, candidates = torch.topk(logits, params.top_k)
-    weights = (weigh or softmax_weights)(logits, params.temperature)
-    if params.top_p < 1.0:
-        weights, order = torch.sort(weights, descending=True)
-        candidates = order if candidates is None else candidates[order]
-        cumulative = weights.cumsum(0)
-        # keep each token whose preceding mass is below top_p (the first one always)
-        keep = int((cumulative - weights < params.top_p * cumulative[-1]).sum())
-        weights, candidates = weights[:keep], candidates[:keep]
-    choice = int(draw(weights[None], uniforms([generator], weights.device))[0])
-    return choice if candidates is None else int(candidates[choice])
-
-
 def softmax_weights(logits, temperature):
     """softmax(logits / temperature) over the last dimension, unnormalized (the draw needs no sum of
     1); temperature a number, or (B, 1) for logits (B, vocab)."""
@@ -491,6 +466,30 @@ class SamplingOps:
     argmax: Callable = row_argmax
 
 
+def sample_rows(logits, temperatures, generators, weigh=softmax_weights):
+    """A token per row of fp32 logits (B, vocab) from softmax(logits / T), T (B, 1) a row's
+    temperature, drawn with the row's generator; `weigh` computes the weights (as softmax_weights)."""
+    weights = weigh(logits, temperatures)
+    return draw(weights, uniforms(generators, weights.device)).tolist()
+
+
+def sample_one(logits, params, generator, weigh=softmax_weights):
+    """A token from fp32 logits (vocab,) with temperature, top-k and top-p (`weigh` as in sample_rows)."""
+    candidates = None
+    if params.top_k is not None and params.top_k < logits.size(0):
+        logits, candidates = torch.topk(logits, params.top_k)
+    weights = weigh(logits, params.temperature)
+    if params.top_p < 1.0:
+        weights, order = torch.sort(weights, descending=True)
+        candidates = order if candidates is None else candidates[order]
+        cumulative = weights.cumsum(0)
+        # keep each token whose preceding mass is below top_p (the first one always)
+        keep = int((cumulative - weights < params.top_p * cumulative[-1]).sum())
+        weights, candidates = weights[:keep], candidates[:keep]
+    choice = int(draw(weights[None], uniforms([generator], weights.device))[0])
+    return choice if candidates is None else int(candidates[choice])
+
+
 def uniforms(generators, device):
     """(B, 2): the two uniforms in [0, 1) each row's draw takes from its own generator."""
     return torch.stack([torch.rand(2, generator=g, device=device) for g in generators])
@@ -498,10 +497,10 @@ def uniforms(generators, device):
 
 def draw(weights, u):
     """Per row i, index j with probability weights[i, j] / weights[i].sum(), by inverse CDF with the
-    uniforms u[i] (torch.multinomial is slow over a long vocabulary). A long row goes
-    by blocks of DRAW_BLOCK: a block drawn from the blocks' sums with u[i, 0], then an index within
-    it with u[i, 1], which spares the cumulative sum of the whole row. An index of weight 0 is never
-    drawn. Each row's result depends on that row alone, whatever the batch."""
+    uniforms u[i] (torch.multinomial is slow over a long vocabulary). A long row goes by blocks of
+    DRAW_BLOCK: a block drawn from the blocks' sums with u[i, 0], then an index within it with
+    u[i, 1], which spares the cumulative sum of the whole row. An index of weight 0 is never drawn.
+    Each row's result depends on that row alone, whatever the batch."""
     B, V = weights.shape
     if V <= DRAW_BLOCK:
         return inverse_cdf(weights.cumsum(1), u[:, :1])
