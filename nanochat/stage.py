@@ -14,6 +14,8 @@ inputs. A stage run on its own, in a run without a committed download, fetches a
 """
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -108,9 +110,9 @@ class DeclaredData:
     """A run's data as its download stage declared it: files.json, {relpath: {uri, url, bytes,
     sha256}}, and the entries of the files this process resolved, which `commit` records."""
 
-    def __init__(self, uri):
-        self.uri = uri
-        self.files = storage.read_json(uri)
+    def __init__(self, artifact, files):
+        self.artifact = artifact  # files.json as download's stage.json records it (uri, sha256, bytes)
+        self.uri, self.files = artifact["uri"], files
         self.resolved = {}
 
     def resolve(self, relpath):
@@ -121,7 +123,10 @@ class DeclaredData:
         if entry is None:
             raise StageError(f"data file {relpath} is not declared in {self.uri} (the run's download did not fetch it)")
         uri = entry["uri"]
-        size = storage.size(uri) if storage.exists(uri) else None
+        try:
+            size = storage.size(uri)
+        except FileNotFoundError:
+            size = None
         if size != entry["bytes"]:
             found = "it is missing" if size is None else f"it has {size:,} bytes, not {entry['bytes']:,}"
             raise StageError(f"data file {relpath} declared in {self.uri}: {uri}: {found}")
@@ -134,7 +139,7 @@ class DeclaredData:
 
     def inputs(self):
         """stage.json inputs: files.json itself, then each resolved file under its relpath."""
-        return {"files.json": artifact(self.uri), **self.resolved}
+        return {"files.json": self.artifact, **self.resolved}
 
 
 _declared = None  # this process's DeclaredData, once declare_data found a committed download
@@ -148,10 +153,14 @@ def declare_data(run):
     _declared = None
     if storage.exists(stage_uri(run, DOWNLOAD, SUMMARY)):
         files = read_summary(run, DOWNLOAD)["outputs"]["files"]
-        uri = files["uri"]
-        if not storage.exists(uri) or storage.sha256(uri) != files["sha256"]:
-            raise StageError(f"{uri} is missing or differs from what stage {DOWNLOAD!r} committed; run {DOWNLOAD} again")
-        _declared = DeclaredData(uri)
+        try:
+            data = storage.read_bytes(files["uri"])
+        except FileNotFoundError:
+            data = None
+        if data is None or hashlib.sha256(data).hexdigest() != files["sha256"]:
+            raise StageError(f"{files['uri']} is missing or differs from what stage {DOWNLOAD!r} committed; "
+                             f"run {DOWNLOAD} again")
+        _declared = DeclaredData(files, json.loads(data))
     return _declared
 
 

@@ -28,9 +28,9 @@ def build_parser():
     a("--unigram-tokens", type=int, help="training tokens counted for the unigram baseline of bits per byte")
     a("--device-batch-size", type=int, help="rows per forward pass for bits per byte")
     a("--checkpoint", default=None, help="checkpoint directory URI (default: base_train's final checkpoint)")
-    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's declared one, else <storage>/data/eval_bundle)")
+    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's, else the data cache's)")
     a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files (the last is validation)")
-    a("--num-shards", type=int, help="training shards counted for the unigram baseline, the first of the run's declared ones or of the data cache")
+    a("--num-shards", type=int, help="training shards for the unigram baseline (the first of the run's, else of the data cache)")
     stage.add_compute_options(p)
     return p
 

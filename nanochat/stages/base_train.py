@@ -40,9 +40,9 @@ def build_parser():
     a("--eval-tokens", type=int, help="validation tokens per evaluation")
     a("--core-every", type=int, help="steps between CORE evaluations on a subset of each task (-1: never)")
     a("--core-max-per-task", type=int, help="examples per CORE task in those evaluations")
-    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's declared one, else <storage>/data/eval_bundle)")
+    a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's, else the data cache's)")
     a("--sample-every", type=int, help="steps between printed samples (-1: only at the end)")
-    a("--num-shards", type=int, help="training shards to read, the first of the run's declared ones or of the data cache (-1: all there are)")
+    a("--num-shards", type=int, help="training shards to read, the first of the run's (else of the data cache's); -1: all")
     a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files to read instead of the data cache")
     training.add_options(p)
     return p

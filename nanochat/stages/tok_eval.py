@@ -36,7 +36,8 @@ def build_parser():
     p = stage.parser(STAGE, __doc__)
     p.add_argument("--max-docs", type=int, help="validation documents to encode")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory URI (default: tok_train's in the run)")
-    p.add_argument("--data", default=None, help="directory URI of shard_NNNNN.parquet files (default: the run's declared shards, else <storage>/data/pretrain)")
+    p.add_argument("--data", default=None,
+                   help="directory URI of shard_NNNNN.parquet files (default: the run's shards, else the data cache's)")
     return p
 
 
@@ -58,7 +59,10 @@ def main(args):
     tok_dir = args.tokenizer or stage.upstream_dir(args.run, "tok_train", "tokenizer")
     tokenizer = Tokenizer.load(tok_dir)
     try:
-        val_shard = shards.split_shards(shards.list_shards(args.data), "val") if args.data else dataset.shard_split("val", args.storage)
+        if args.data:
+            val_shard = shards.split_shards(shards.list_shards(args.data), "val")
+        else:
+            val_shard = dataset.shard_split("val", args.storage)
     except shards.ShardError as e:
         raise stage.StageError(str(e)) from None
     val_docs = []

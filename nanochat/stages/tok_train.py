@@ -26,7 +26,8 @@ def build_parser():
     p.add_argument("--vocab-size", type=int, help="vocabulary size including the special tokens")
     p.add_argument("--max-chars", type=int, help="train on at most this many characters")
     p.add_argument("--doc-cap", type=int, help="cut each document to this many characters")
-    p.add_argument("--data", default=None, help="directory URI of shard_NNNNN.parquet files (default: the run's declared shards, else <storage>/data/pretrain)")
+    p.add_argument("--data", default=None,
+                   help="directory URI of shard_NNNNN.parquet files (default: the run's shards, else the data cache's)")
     return p
 
 
@@ -35,7 +36,10 @@ def main(args):
     if args.vocab_size < 256 + 9:
         raise stage.StageError(f"--vocab-size {args.vocab_size} is too small (minimum 265: 256 bytes + 9 special tokens)")
     try:
-        train_shards = shards.split_shards(shards.list_shards(args.data), "train") if args.data else dataset.shard_split("train", args.storage)
+        if args.data:
+            train_shards = shards.split_shards(shards.list_shards(args.data), "train")
+        else:
+            train_shards = dataset.shard_split("train", args.storage)
     except shards.ShardError as e:
         raise stage.StageError(str(e)) from None
     log.info("training a %d-token tokenizer on up to %s chars from %d shards in %s",
