@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from nanochat import storage
+from nanochat import presets, storage
 from nanochat.checkpoint import list_steps, load, step_dir
 from tests.stagerun import stage
 
@@ -62,6 +62,10 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     assert losses[-1] < losses[0] - 1.0  # it learns
     assert summary["metrics"]["val_bpb"] < 4.0
     assert summary["metrics"]["world_size"] == 2
+    # every pretraining target is a real token: a step trains on all total-batch-size of them
+    batch = presets.get("tiny", "base_train")["total_batch_size"]
+    assert {m["tokens"] for m in metrics if "loss" in m} == {batch}
+    assert summary["metrics"]["tokens"] == 20 * batch
     for output in summary["outputs"].values():  # nothing changes after stage.json records it
         assert storage.sha256(output["uri"]) == output["sha256"], output["uri"]
 
@@ -90,6 +94,7 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     assert resumed_sha == reference_sha
     resumed_metrics = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed_metrics if "loss" in m] == list(range(1, 21))  # no step counted twice
+    assert json.loads((run / "base_train" / "stage.json").read_text())["metrics"]["tokens"] == 20 * batch
     # The kept checkpoints verify and carry each rank's loader position.
     _, _, meta = load(step_dir(ckpts, 20), load_optimizer=False)
     assert len(meta["loader_states"]) == 2

@@ -6,8 +6,9 @@ import contextlib
 import pytest
 import torch
 
-from nanochat.evaluation import chat
+from nanochat.evaluation import chatcore
 from nanochat.tokenizer import Tokenizer
+from tasks import catalog
 
 
 class SaysLetter(torch.nn.Module):
@@ -47,19 +48,24 @@ def cached_tasks(shared_data, tmp_path, monkeypatch):
 
 
 def test_categorical_reads_the_letter_logits_at_the_answer(tokenizer, cached_tasks):
-    task = chat.load_task("ARC-Easy")
+    task = catalog.eval_task("ARC-Easy")
     indices = list(range(30))
     config = type("Config", (), {"sequence_len": 4096})
     golds = [task[i]["messages"][-1]["content"] for i in indices]
     total = 0
     for letter in "ABCD":
         model = SaysLetter(tokenizer, letter, config)
-        correct = chat.categorical_correct(model, tokenizer, task, indices, "cpu", contextlib.nullcontext, batch_size=7)
+        correct = chatcore.categorical_correct(model, tokenizer, task, indices, "cpu", contextlib.nullcontext, batch_size=7)
         assert correct == golds.count(letter)
         total += correct
     assert total == sum(g in "ABCD" for g in golds) > 0
 
 
 def test_chatcore_centers_by_chance():
-    assert chat.chatcore({"ARC-Easy": 0.25, "GSM8K": 0.0}) == 0.0
-    assert chat.chatcore({"MMLU": 1.0, "HumanEval": 0.5}) == pytest.approx(0.75)
+    assert chatcore.chatcore({"ARC-Easy": 0.25, "GSM8K": 0.0}, catalog.BASELINES) == 0.0
+    assert chatcore.chatcore({"MMLU": 1.0, "HumanEval": 0.5}, catalog.BASELINES) == pytest.approx(0.75)
+
+
+def test_unknown_task_names_the_choices():
+    with pytest.raises(catalog.UnknownTask, match="Jeopardy.*ARC-Easy"):
+        catalog.eval_task("Jeopardy")

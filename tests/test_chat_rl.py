@@ -1,18 +1,42 @@
 """chat_rl raises the reward on a task a tiny model can learn: the answer's first character must be
-one of a set that starts out with about a third of the model's probability."""
+one of a set that starts out with about a third of the model's probability. Its metrics count the
+sampled tokens it trained on and keep sampling time apart."""
 
 import json
 import os
 import shutil
 import textwrap
 
+import pytest
 import torch
 
 from nanochat import checkpoint
-from nanochat.stages.chat_rl import sampled_mask
+from nanochat import stage as contract
+from nanochat.engine import Engine
+from nanochat.rollouts import sampled_mask
+from nanochat.stages import chat_rl
+from tasks.common import Task
 from tests.stagerun import stage
 
 PROMPT = [{"role": "user", "content": "Say something."}]
+
+
+class Vowel(Task):
+    """`--task tests.test_chat_rl:Vowel`: answers that start with a vowel are right."""
+
+    eval_type = "generative"
+
+    def __init__(self, split="train", **kwargs):
+        super().__init__(**kwargs)
+
+    def num_examples(self):
+        return 8
+
+    def get_example(self, index):
+        return {"messages": [*PROMPT, {"role": "assistant", "content": "a"}]}
+
+    def evaluate(self, conversation, completion):
+        return completion[:1] in "aeiou"
 
 
 def first_char_mass(checkpoint_dir, chars):
@@ -77,3 +101,41 @@ def test_unknown_task_is_a_clear_error(tiny_base_run, tiny_env, tmp_path):
                  check=False)
     assert done.returncode == 1 and "--task 'nosuch:Task'" in done.stderr
 
+
+
+def test_metrics_count_the_sampled_tokens_and_keep_sampling_time_apart(tiny_base_run, tiny_env, tmp_path, monkeypatch):
+    """In one process: each step's `tokens` is the number of tokens the engine sampled for that
+    step's questions (counted from the completions, apart from the targets the rollouts build and
+    the loop counts); sampling time is reported apart from training time."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base_run, run)
+    for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
+        monkeypatch.setenv(name, tiny_env[name])
+    source = json.loads((run / "base_train" / "stage.json").read_text())["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
+    sampled, generate = [], Engine.generate
+
+    def counting_generate(self, prompt_ids, params=None, n=1, on_event=None):
+        request = generate(self, prompt_ids, params, n, on_event)
+        special = self.tokenizer.special_ids
+        sampled.append(sum(sum(sampled_mask(c.token_ids, special["<|output_start|>"], special["<|output_end|>"]))
+                           for c in request.completions))
+        return request
+
+    monkeypatch.setattr(Engine, "generate", counting_generate)
+    args = contract.parse_args(chat_rl.build_parser(), chat_rl.STAGE,
+                               ["--run", str(run), "--preset", "tiny", "--checkpoint", source,
+                                "--task", "tests.test_chat_rl:Vowel", "--num-steps", "2", "--examples-per-step", "2",
+                                "--num-samples", "3", "--max-new-tokens", "4", "--eval-examples", "1",
+                                "--checkpoint-every", "-1", "--device-type", "cpu"])
+    metrics = chat_rl.main(args)
+
+    assert len(sampled) == 2 * 2 + 1  # 2 steps of 2 questions, then pass@k on 1
+    records = [r for r in map(json.loads, (run / "chat_rl" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["tokens"] for r in records] == [sampled[0] + sampled[1], sampled[2] + sampled[3]]
+    for r in records:
+        assert r["batch_time_s"] > 0 and r["train_time_s"] > 0
+        assert r["step_time_s"] == pytest.approx(r["batch_time_s"] + r["train_time_s"])
+        assert r["tok_per_s"] == pytest.approx(r["tokens"] / r["train_time_s"])
+    assert metrics["tokens"] == sum(sampled[:4])
+    for total in ("batch_time_s", "train_time_s"):
+        assert metrics[total] == pytest.approx(sum(r[total] for r in records), abs=0.01)

@@ -1,4 +1,5 @@
-"""mid_train and chat_sft on a tiny base model: the assistant loss falls, the user's identity
+"""mid_train and chat_sft on a tiny base model: the assistant loss falls, each step's token count
+is the assistant tokens it trained on (padding and prompts left out), the user's identity
 conversations replace nanochat's in the mixture, and a crashed run resumes to the same weights."""
 
 import json
@@ -6,7 +7,12 @@ import shutil
 
 import pytest
 
-from nanochat import presets
+from nanochat import checkpoint, presets, training_options
+from nanochat import stage as contract
+from nanochat.dataloader import ConversationLoader
+from nanochat.stages import chat_sft, mid_train
+from tasks.gsm8k import GSM8K
+from tasks.smoltalk import SmolTalk
 from tests.stagerun import stage
 
 
@@ -14,9 +20,33 @@ def summary(run, name):
     return json.loads((run / name / "stage.json").read_text())
 
 
-def losses(run, name):
+def steps(run, name):
+    """The metrics records of the training steps."""
     lines = (run / name / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def losses(run, name):
+    return [r["loss"] for r in steps(run, name)]
+
+
+def trained_tokens(run, module, upstream, mode, world_size, num_steps):
+    """The oracle of a fine-tuning stage's token counts, apart from the training loop: per step, the
+    targets that are not -1 in the batches each rank's loader gives it (the stage's mixture, the
+    upstream model's tokenizer and row length, the preset's batch sizes)."""
+    args = contract.parse_args(module.build_parser(), module.STAGE, ["--run", str(run), "--preset", "tiny"])
+    model, tokenizer, _ = checkpoint.load_model(contract.upstream_checkpoint(args.run, upstream))
+    T = args.max_seq_len or model.config.sequence_len
+    accum = training_options.grad_accum(args.total_batch_size, args.device_batch_size, T + 1, world_size)
+    task = module.mixture(args)
+    per_step = [0] * num_steps
+    for rank in range(world_size):
+        loader = ConversationLoader(tokenizer, task, args.device_batch_size, T, mode=mode, rank=rank, world_size=world_size)
+        for step in range(num_steps):
+            for _ in range(accum):
+                _, targets = next(loader)
+                per_step[step] += int((targets != -1).sum())
+    return per_step
 
 
 def weights_sha(run, name):
@@ -24,17 +54,31 @@ def weights_sha(run, name):
     return json.loads(open(manifest).read())["files"]["model.safetensors"]["sha256"]
 
 
-def test_mid_then_sft_learn_the_assistant_turns(tiny_base_run, tiny_env, tmp_path):
+def test_mid_then_sft_learn_the_assistant_turns(tiny_base_run, tiny_env, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
+    for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
+        monkeypatch.setenv(name, tiny_env[name])
     stage("nanochat.stages.mid_train", run, tiny_env, nproc=2)
     mid = losses(run, "mid_train")
     assert len(mid) == 10 and mid[-1] < mid[0] - 1.0
     assert summary(run, "mid_train")["metrics"]["world_size"] == 2
+    # the tokens trained on: packed rows' assistant tokens, summed over both processes
+    oracle = trained_tokens(run, mid_train, "base_train", "pack", 2, 10)
+    assert [r["tokens"] for r in steps(run, "mid_train")] == oracle
+    assert summary(run, "mid_train")["metrics"]["tokens"] == sum(oracle)
     stage("nanochat.stages.chat_sft", run, tiny_env, "--num-steps", "6")
     sft = summary(run, "chat_sft")
     assert sft["inputs"]["checkpoint"]["uri"].startswith(summary(run, "mid_train")["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0])
     assert sft["metrics"]["steps"] == 6 and sft["metrics"]["val_bpb"] > 0
+    # padded rows: the padding is not counted (a step's rows hold far fewer tokens than their capacity)
+    oracle = trained_tokens(run, chat_sft, "mid_train", "pad", 1, 6)
+    records = steps(run, "chat_sft")
+    assert [r["tokens"] for r in records] == oracle and sft["metrics"]["tokens"] == sum(oracle)
+    assert sum(oracle) < 6 * presets.get("tiny", "chat_sft")["total_batch_size"]
+    for r in records:
+        assert r["tok_per_s"] == pytest.approx(r["tokens"] / r["train_time_s"])
+        assert r["step_time_s"] == pytest.approx(r["batch_time_s"] + r["train_time_s"])
     # chat_eval on 2 processes: every task scored on its 4 problems, ChatCORE from the accuracies
     stage("nanochat.stages.chat_eval", run, tiny_env, "--source", "sft", "-a", "ARC-Easy,MMLU,GSM8K,SpellingBee", nproc=2)
     metrics = summary(run, "chat_eval_sft")["metrics"]
@@ -68,11 +112,6 @@ def test_identity_conversations_replace_nanochats(tiny_base_run, tiny_env, share
 def test_task_weights_and_smoltalk_length_limit(shared_data, tmp_path, monkeypatch):
     """The mixture options: counts per task follow the weights (a fraction takes a fixed share),
     --smoltalk-max-chars leaves the longer conversations out, a negative weight is refused."""
-    from nanochat import stage as contract
-    from nanochat.stages import chat_sft
-    from tasks.gsm8k import GSM8K
-    from tasks.smoltalk import SmolTalk
-
     monkeypatch.setenv("NANOCHAT_DATA_MIRROR", f"file://{shared_data}")
     monkeypatch.setenv("NANOCHAT_STORAGE", str(tmp_path))
 
@@ -108,6 +147,8 @@ def test_crashed_sft_resumes_to_the_same_weights(tiny_base_run, tiny_env, tmp_pa
     assert "resumed at step 5" in resumed.stderr
     assert weights_sha(runs["crashed"], "chat_sft") == weights_sha(runs["reference"], "chat_sft")
     assert len(losses(runs["crashed"], "chat_sft")) == 10
+    # the tokens the steps before the crash trained on are counted once (kept in the checkpoint)
+    assert summary(runs["crashed"], "chat_sft")["metrics"]["tokens"] == summary(runs["reference"], "chat_sft")["metrics"]["tokens"]
     # the training time counts the steps before the crash too (kept in the checkpoint)
     before_crash = json.loads((runs["crashed"] / "chat_sft" / "checkpoints" / "step_000005" / "meta.json").read_text())
     total = summary(runs["crashed"], "chat_sft")["metrics"]["train_time_s"]

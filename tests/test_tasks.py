@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import tasks.common
 from nanochat.tokenizer import Tokenizer, assistant_parts, normalize_messages
+from tasks import catalog
 from tasks.arc import ARC
 from tasks.common import LETTERS, Task, TaskDataError
 from tasks.customjson import CustomJSON
@@ -450,3 +451,13 @@ def test_humaneval_evaluate_in_the_sandbox(data):
     for conversation in task:
         assert task.evaluate(conversation, conversation["messages"][1]["content"])
         assert not task.evaluate(conversation, "    return None\n")
+
+
+def test_catalog_resolves_names_and_module_class():
+    assert catalog.task_class("GSM8K", {"GSM8K": GSM8K}) is GSM8K
+    assert catalog.task_class("tasks.arc:ARC") is ARC
+    for spec, reason in [("nosuch:Task", "No module named 'nosuch'"), ("tasks.arc:Nope", "Nope"),
+                         ("Jeopardy", "names no task; use GSM8K, module:Class"), (":ARC", "names no task")]:
+        with pytest.raises(catalog.UnknownTask, match=reason):
+            catalog.task_class(spec, {"GSM8K": GSM8K})
+    assert catalog.EVAL_TASKS.keys() == catalog.BASELINES.keys()

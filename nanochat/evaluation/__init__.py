@@ -1,1 +1,1 @@
-"""Evaluation: bits per byte (loss.py), the CORE benchmark (core.py) and chat evaluations."""
+"""Evaluation: bits per byte (loss.py), the CORE benchmark (core.py) and chat evaluations with ChatCORE (chatcore.py)."""

@@ -4,8 +4,8 @@ Categorical tasks (ARC, MMLU) are scored without sampling: the prompt ends where
 answer begins, and the model's prediction is the answer letter with the highest logit there (only
 the task's letters compete). Generative tasks (GSM8K with the calculator tool, HumanEval run in the
 sandbox, SpellingBee) sample a completion with the engine, many problems decoding together, and
-the task judges it. ChatCORE is the mean over tasks of (accuracy - baseline) / (1 - baseline), the
-baseline being chance: 0.25 for the four-choice tasks, 0 for the generative ones.
+the task judges it. ChatCORE is the mean over tasks of (accuracy - baseline) / (1 - baseline), the baseline being the
+task's accuracy by chance. Tasks come in as objects (`tasks.catalog` names them).
 """
 
 import collections
@@ -13,23 +13,7 @@ import collections
 import torch
 
 from nanochat.common import pad_right, sum_over_ranks
-
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
-GENERATIVE = ("GSM8K", "HumanEval", "SpellingBee")  # sampled with the engine; the others are categorical
-
-
-def load_task(name):
-    """The evaluation split of a task by name."""
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU
-    from tasks.spellingbee import SpellingBee
-
-    makers = {"ARC-Easy": lambda: ARC("ARC-Easy"), "ARC-Challenge": lambda: ARC("ARC-Challenge"),
-              "MMLU": lambda: MMLU("test"), "GSM8K": lambda: GSM8K("test"), "HumanEval": HumanEval,
-              "SpellingBee": lambda: SpellingBee(size=256, split="test")}
-    return makers[name]()
+from nanochat.engine import Request
 
 
 @torch.no_grad()
@@ -57,8 +41,6 @@ def categorical_correct(model, tokenizer, task, indices, device, autocast, batch
 def generative_correct(engine, tokenizer, task, indices, params):
     """How many of the task's conversations `indices` the model answers right, sampling one
     completion each with `params`; all problems decode together as rows free up."""
-    from nanochat.engine import Request
-
     pending = collections.deque(indices)
     running = []
     correct = 0
@@ -78,10 +60,9 @@ def generative_correct(engine, tokenizer, task, indices, params):
     return correct
 
 
-def evaluate(name, model, tokenizer, engine, device, autocast, max_problems=-1, batch_size=8, params=None,
+def evaluate(task, model, tokenizer, engine, device, autocast, max_problems=-1, batch_size=8, params=None,
              rank=0, world_size=1):
-    """Accuracy on task `name` (its first max_problems; -1: all), problems spread over ranks."""
-    task = load_task(name)
+    """(accuracy, problems) on `task` (its first max_problems; -1: all), problems spread over ranks."""
     n = len(task) if max_problems < 0 else min(max_problems, len(task))
     indices = list(range(rank, n, world_size))
     if task.eval_type == "categorical":
@@ -93,7 +74,8 @@ def evaluate(name, model, tokenizer, engine, device, autocast, max_problems=-1, 
     return counts[0].item() / counts[1].item(), counts[1].item()
 
 
-def chatcore(accuracies):
-    """Mean centered accuracy over the tasks in `accuracies` ({name: accuracy})."""
-    centered = [(acc - BASELINES[name]) / (1 - BASELINES[name]) for name, acc in accuracies.items()]
+def chatcore(accuracies, baselines):
+    """Mean centered accuracy over the tasks in `accuracies` ({name: accuracy}); `baselines` holds
+    each one's accuracy by chance."""
+    centered = [(acc - baselines[name]) / (1 - baselines[name]) for name, acc in accuracies.items()]
     return sum(centered) / len(centered)

@@ -60,8 +60,8 @@ def main(args):
     started = time.time()
     tokenizer_uri = stage.upstream_output(args.run, "tok_train", "tokenizer")
     tokenizer = Tokenizer.load(tokenizer_uri.rsplit("/", 1)[0])
-    run = training.Training(args, STAGE)
-    device, autocast = run.device, run.autocast
+    trainer = training.Training(args, STAGE)
+    device, autocast = trainer.device, trainer.autocast
 
     config = GPTConfig.from_depth(args.depth, tokenizer.vocab_size, args.max_seq_len, head_dim=args.head_dim,
                                   n_kv_head=args.n_kv_head)
@@ -71,15 +71,15 @@ def main(args):
     model.init_weights()
     optimizer = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                  matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    plan = training_plan(args, model, run.compute.world_size)
-    batches = train_loader(args, tokenizer, device, run.resume(model, optimizer))
+    plan = training_plan(args, model, trainer.compute.world_size)
+    batches = train_loader(args, tokenizer, device, trainer.resume(model, optimizer))
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=device)
-    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * run.compute.world_size))
+    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * trainer.compute.world_size))
 
     def evaluate(step):
         batches = itertools.islice(val_loader(args, tokenizer, device), eval_steps)
         bpb = bits_per_byte(batches, token_bytes, model=model_losses(model, autocast))["model"]
-        run.metrics.add({"step": step, "val_bpb": bpb})
+        trainer.metrics.add({"step": step, "val_bpb": bpb})
         log.info("step %d/%d: validation %.4f bits per byte", step, plan.num_steps, bpb)
         return bpb
 
@@ -91,28 +91,28 @@ def main(args):
 
     def evaluate_core(step):
         result = core.core_metric(model, tokenizer, core_tasks, device, autocast, config.sequence_len,
-                                  args.core_max_per_task, run.compute.rank, run.compute.world_size)
-        run.metrics.add({"step": step, "core": result["core"]})
+                                  args.core_max_per_task, trainer.compute.rank, trainer.compute.world_size)
+        trainer.metrics.add({"step": step, "core": result["core"]})
 
     def samples(step):
-        if run.master:
+        if trainer.master:
             print_samples(model, tokenizer)
 
     log.info("model: %s, %.1fM parameters, %s autocast; %d steps of %s tokens (%d x %d x %d ranks x %d accumulation)",
-             config, model.num_params() / 1e6, str(run.dtype).removeprefix("torch."), plan.num_steps,
-             f"{plan.tokens_per_step:,}", args.device_batch_size, args.max_seq_len, run.compute.world_size,
+             config, model.num_params() / 1e6, str(trainer.dtype).removeprefix("torch."), plan.num_steps,
+             f"{plan.tokens_per_step:,}", args.device_batch_size, args.max_seq_len, trainer.compute.world_size,
              plan.grad_accum)
-    if run.step == 0 and args.eval_every > 0:
+    if trainer.step == 0 and args.eval_every > 0:
         evaluate(0)
     hooks = [(args.eval_every, evaluate), (args.core_every, evaluate_core), (args.sample_every, samples)]
-    final = run.run(model, optimizer, batches, plan, hooks, meta={"tokenizer": tokenizer_uri})
-    val_bpb = evaluate(run.step)
+    final = trainer.train(model, optimizer, batches, plan, hooks, meta={"tokenizer": tokenizer_uri})
+    val_bpb = evaluate(trainer.step)
     metrics = {"val_bpb": val_bpb, "tokens": plan.num_steps * plan.tokens_per_step, "parameters": model.num_params(),
                "flops_per_token": model.estimate_flops(),
-               "samples": print_samples(model, tokenizer) if run.master else None}
-    run.commit({"tokenizer": tokenizer_uri}, final, metrics, started)
+               "samples": print_samples(model, tokenizer) if trainer.master else None}
+    trainer.commit({"tokenizer": tokenizer_uri}, final, metrics, started)
     log.info("done: validation %.4f bits per byte after %d steps; checkpoint %s", val_bpb, plan.num_steps, final)
-    run.close()
+    trainer.close()
 
 
 def training_plan(args, model, world_size):

@@ -12,16 +12,16 @@ problem count and time, and ChatCORE over the tasks evaluated.
 
 import time
 
-from nanochat import checkpoint, pipeline, stage, storage
+from nanochat import pipeline, stage, storage
 from nanochat.common import log
-from nanochat.evaluation import chat
+from tasks import catalog
 
 
 def build_parser():
     p = stage.parser("chat_eval", __doc__)
     a = p.add_argument
     a("--source", choices=pipeline.CHAT_SOURCES, required=True, help="which stage's model to evaluate")
-    a("-a", "--tasks", default=",".join(chat.BASELINES), help="comma-separated tasks (default: all)")
+    a("-a", "--tasks", default=",".join(catalog.BASELINES), help="comma-separated tasks (default: all)")
     a("--max-problems", type=int, help="problems per categorical task (-1: all)")
     a("--max-generative", type=int, help="problems per generative task, each sampled (-1: all)")
     a("--batch-size", type=int, help="conversations per forward pass for categorical tasks")
@@ -33,15 +33,17 @@ def build_parser():
 
 
 def main(args):
-    from nanochat import common
+    from nanochat import checkpoint, common
     from nanochat.engine import Engine, SamplingParams
+    from nanochat.evaluation import chatcore
 
     started = time.time()
     name = f"chat_eval_{args.source}"
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(tasks) - set(chat.BASELINES))
-    if unknown or not tasks:
-        raise stage.StageError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(chat.BASELINES)}")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(names) - set(catalog.BASELINES))
+    if unknown or not names:
+        raise stage.StageError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; "
+                               f"choose from {', '.join(catalog.BASELINES)}")
     source = stage.upstream_checkpoint(args.run, pipeline.SOURCES[args.source])
     compute = common.compute_init(args.device_type)
     model, tokenizer, _ = checkpoint.load_model(source, compute.device)
@@ -51,18 +53,21 @@ def main(args):
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens, seed=1234)
 
     results = {}
-    for task in tasks:
+    for task_name in names:
         t0 = time.time()
-        limit = args.max_generative if task in chat.GENERATIVE else args.max_problems
-        accuracy, problems = chat.evaluate(task, model, tokenizer, engine, compute.device, autocast, limit,
-                                           args.batch_size, params, compute.rank, compute.world_size)
-        results[task] = {"accuracy": accuracy, "problems": problems, "seconds": round(time.time() - t0, 2)}
-        log.info("%-14s accuracy %.4f on %d problems in %.1fs", task, accuracy, problems, results[task]["seconds"])
-    score = chat.chatcore({t: r["accuracy"] for t, r in results.items()})
+        task = catalog.eval_task(task_name)
+        limit = args.max_generative if task.eval_type == "generative" else args.max_problems
+        accuracy, problems = chatcore.evaluate(task, model, tokenizer, engine, compute.device, autocast, limit,
+                                               args.batch_size, params, compute.rank, compute.world_size)
+        results[task_name] = {"accuracy": accuracy, "problems": problems, "seconds": round(time.time() - t0, 2)}
+        log.info("%-14s accuracy %.4f on %d problems in %.1fs", task_name, accuracy, problems, results[task_name]["seconds"])
+    accuracies = {t: r["accuracy"] for t, r in results.items()}
+    score = chatcore.chatcore(accuracies, catalog.BASELINES)
     log.info("ChatCORE %.4f over %s", score, ", ".join(results))
+    metrics = {"chatcore": score, "tasks": results, "source": args.source, **accuracies}
     if compute.master:
-        metrics = {"chatcore": score, "tasks": results, "source": args.source, **{t: r["accuracy"] for t, r in results.items()}}
         stage.commit(args.run, name, args, {"checkpoint": storage.join(source, checkpoint.MANIFEST)}, {}, metrics, started)
+    return metrics
 
 
 if __name__ == "__main__":

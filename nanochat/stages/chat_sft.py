@@ -12,21 +12,22 @@ assistant tokens only. Validation, checkpoints, exact resume and
 outputs as in mid_train.
 """
 
-from nanochat import stage, training
+from nanochat import stage
+from nanochat.stages import _finetune
 
 STAGE = "chat_sft"
 
 
 def build_parser():
-    return training.finetune_parser(STAGE, __doc__)
+    return _finetune.finetune_parser(STAGE, __doc__)
 
 
 def mixture(args):
-    return training.conversation_mixture(args, seed=43)
+    return _finetune.conversation_mixture(args, seed=43)
 
 
 def main(args):
-    training.finetune(args, STAGE, "mid_train", "pad", mixture(args))
+    return _finetune.finetune(args, STAGE, "mid_train", "pad", mixture(args))
 
 
 if __name__ == "__main__":

@@ -12,23 +12,23 @@ only. Validation: bits per byte of assistant text on SmolTalk's test split. Chec
 base_train; stage.json's `checkpoint` output is the final checkpoint.
 """
 
-from nanochat import stage, training
+from nanochat import stage
+from nanochat.stages import _finetune
+from tasks.mmlu import MMLU
 
 STAGE = "mid_train"
 
 
 def build_parser():
-    return training.finetune_parser(STAGE, __doc__)
+    return _finetune.finetune_parser(STAGE, __doc__)
 
 
 def mixture(args):
-    from tasks.mmlu import MMLU
-
-    return training.conversation_mixture(args, seed=42, extra=[MMLU(split="dev"), MMLU(split="validation")])
+    return _finetune.conversation_mixture(args, seed=42, extra=[MMLU(split="dev"), MMLU(split="validation")])
 
 
 def main(args):
-    training.finetune(args, STAGE, "base_train", "pack", mixture(args))
+    return _finetune.finetune(args, STAGE, "base_train", "pack", mixture(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""What every training stage is asked: the options they share and the plan those make (steps,
+gradient accumulation). Torch-free, so that a stage's `--help` loads no torch; the loop itself is
+in `nanochat/training.py`."""
+
+import argparse
+import dataclasses
+
+from nanochat import stage
+
+
+def add_options(p):
+    """The options of every training stage."""
+    a = p.add_argument
+    a("--device-batch-size", type=int, help="rows per forward pass on each process")
+    a("--num-steps", type=int, help="optimizer steps")
+    a("--matrix-lr", type=float, help="Muon learning rate of the transformer matrices")
+    a("--embedding-lr", type=float, help="AdamW learning rate of the embedding (at width 768; scaled as 1/sqrt(width))")
+    a("--unembedding-lr", type=float, help="AdamW learning rate of lm_head (at width 768; scaled as 1/sqrt(width))")
+    a("--weight-decay", type=float, help="Muon weight decay")
+    a("--warmup-ratio", type=float, help="fraction of steps warming the learning rate up")
+    a("--warmdown-ratio", type=float, help="fraction of steps decaying the learning rate at the end")
+    a("--eval-every", type=int, help="steps between validation evaluations (-1: only at the end)")
+    a("--checkpoint-every", type=int, help="steps between checkpoints (-1: only at the end)")
+    a("--keep-last", type=int, help="checkpoints kept (older ones are deleted)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="compile the model with PyTorch's compiler")
+    a("--deterministic", action="store_true", help="deterministic kernels, for bit-identical resumes")
+    a("--seed", type=int, help="seed of the weights' init and of sampling")
+    a("--wandb", choices=["off", "offline", "online"], help="log to Weights & Biases (offline needs no network)")
+    stage.add_compute_options(p)
+    p.set_defaults(compile=False, wandb="off", seed=42, keep_last=2, warmup_ratio=0.0,
+                   warmdown_ratio=0.2, weight_decay=0.0)
+
+
+@dataclasses.dataclass
+class Plan:
+    num_steps: int
+    grad_accum: int  # forward/backward passes per optimizer step on each process
+    # tokens a step reads over all processes where that is fixed (pretraining rows); the loop counts
+    # the tokens it trains on itself
+    tokens_per_step: int | None = None
+
+    @property
+    def log_every(self):
+        return max(1, self.num_steps // 20)
+
+
+def grad_accum(total_batch_size, device_batch_size, seq_len, world_size):
+    """Passes per step so that a step sees total_batch_size tokens; a clear error if it cannot."""
+    per_pass = device_batch_size * seq_len * world_size
+    if total_batch_size % per_pass:
+        raise stage.StageError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x sequence "
+                               f"x processes = {device_batch_size} x {seq_len} x {world_size}")
+    return total_batch_size // per_pass

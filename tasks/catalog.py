@@ -1,0 +1,46 @@
+"""Tasks by name: chat_eval's evaluation tasks with their chance baselines, and `module:Class` for a
+task of your own (a Task subclass importable from PYTHONPATH). The stages resolve names here and
+pass task objects on; nothing under nanochat/ outside the stages imports tasks."""
+
+import importlib
+
+from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spellingbee import SpellingBee
+
+# accuracy by chance of each evaluation task (ChatCORE centers by it): a quarter for the
+# four-choice tasks, 0 for the generative ones
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+
+EVAL_TASKS = {"ARC-Easy": lambda: ARC("ARC-Easy"), "ARC-Challenge": lambda: ARC("ARC-Challenge"),
+              "MMLU": lambda: MMLU("test"), "GSM8K": lambda: GSM8K("test"), "HumanEval": HumanEval,
+              "SpellingBee": lambda: SpellingBee(size=256, split="test")}
+assert EVAL_TASKS.keys() == BASELINES.keys(), "every evaluation task needs its chance baseline"
+
+
+class UnknownTask(ValueError):
+    """A task name or `module:Class` that names no task; the message says why."""
+
+
+def eval_task(name):
+    """The evaluation split of the task chat_eval knows as `name` (a key of BASELINES)."""
+    if name not in EVAL_TASKS:
+        raise UnknownTask(f"unknown task {name!r}; choose from {', '.join(EVAL_TASKS)}")
+    return EVAL_TASKS[name]()
+
+
+def task_class(spec, known=None):
+    """The Task class `spec` names: a key of `known` ({name: class}), or `module:Class` (imported)."""
+    known = known or {}
+    if spec in known:
+        return known[spec]
+    module, _, name = spec.partition(":")
+    if not (module and name):
+        choices = ", ".join([*known, "module:Class"])
+        raise UnknownTask(f"{spec!r} names no task; use {choices}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UnknownTask(f"{spec!r}: {e}") from None
