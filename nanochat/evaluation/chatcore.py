@@ -4,8 +4,9 @@ Categorical tasks (ARC, MMLU) are scored without sampling: the prompt ends where
 answer begins, and the model's prediction is the answer letter with the highest logit there (only
 the task's letters compete). Generative tasks (GSM8K with the calculator tool, HumanEval run in the
 sandbox, SpellingBee) sample a completion with the engine, many problems decoding together, and
-the task judges it. ChatCORE is the mean over tasks of (accuracy - baseline) / (1 - baseline), the baseline being the
-task's accuracy by chance. Tasks come in as objects (`tasks.catalog` names them).
+the task judges it. ChatCORE is the mean over tasks of (accuracy - baseline) / (1 - baseline), the
+baseline being the task's accuracy by chance. Tasks come in as objects (`tasks.catalog` names
+them).
 """
 
 import collections

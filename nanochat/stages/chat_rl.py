@@ -6,13 +6,13 @@
 Starts from chat_sft's final checkpoint in the same run (or --checkpoint). Each step, every process
 takes its share of --examples-per-step training questions (rank r: r, r+W, ...), samples
 --num-samples answers to each with the engine (tool use on), and rewards each 1 if its final
-answer is right. The advantage of an answer is its reward minus the
-mean reward of its question's answers; the loss is the advantage-weighted negative log-likelihood
-of the sampled tokens (tool outputs, which the model did not choose, are left out), averaged over
-those tokens. pass@k on a held-out slice of the test split is logged every --eval-every steps.
-Checkpoints, exact resume and outputs as in the other training stages; in metrics.jsonl and
-stage.json, `batch_time_s` is the time spent sampling, `train_time_s` the time spent training on
-the samples, and `tokens` the sampled tokens trained on (tok_per_s and mfu are over training time).
+answer is right. The advantage of an answer is its reward minus the mean reward of its question's
+answers; the loss is the advantage-weighted negative log-likelihood of the sampled tokens (tool
+outputs, which the model did not choose, are left out), averaged over those tokens. pass@k on a
+held-out slice of the test split is logged every --eval-every steps. Checkpoints, exact resume and
+outputs as in the other training stages; in metrics.jsonl and stage.json, `batch_time_s` is the
+time spent sampling, `train_time_s` the time spent training on the samples, and `tokens` the
+sampled tokens trained on (tok_per_s and mfu are over training time).
 
 --task names the task: GSM8K (default), or `module:Class` for your own (a Task whose constructor
 takes the split, 'train' or 'test', and whose `reward(conversation, completion)` is in [0, 1]).
