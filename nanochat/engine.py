@@ -198,10 +198,10 @@ class CacheView:
             end = self.pos + k.size(2)
             keys[self.rows, :, self.pos:end] = k
             values[self.rows, :, self.pos:end] = v
-        else:
+        else:  # index_put does not cast as the slice assignment above does (bf16 k, v under autocast)
             end = self.end
-            keys[self.row_index, :, self.pos] = k[:, :, 0]
-            values[self.row_index, :, self.pos] = v[:, :, 0]
+            keys[self.row_index, :, self.pos] = k[:, :, 0].to(keys.dtype)
+            values[self.row_index, :, self.pos] = v[:, :, 0].to(values.dtype)
         return keys[self.rows, :, :end], values[self.rows, :, :end]
 
     def advance(self, num_tokens):

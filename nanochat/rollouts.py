@@ -1,5 +1,6 @@
 """chat_rl's sampling side: rollouts (one question's sampled answers as a training batch), the
-policy-gradient loss over them, and pass@k. Tasks come in as objects."""
+policy-gradient loss over them, and pass@k. The engine samples under the autocast training uses,
+so the policy that samples is the policy that is trained. Tasks come in as objects."""
 
 import collections
 import dataclasses
@@ -30,9 +31,11 @@ class Rollouts:
     questions it has taken, and each question's samples are seeded by its number, so a resumed
     run samples exactly what an uninterrupted one would."""
 
-    def __init__(self, engine, tokenizer, task, params, num_samples, rank, world_size, device, seed, state=None):
+    def __init__(self, engine, tokenizer, task, params, num_samples, rank, world_size, device, seed, autocast,
+                 state=None):
         self.engine, self.tokenizer, self.task, self.params = engine, tokenizer, task, params
         self.num_samples, self.rank, self.world_size, self.device, self.seed = num_samples, rank, world_size, device, seed
+        self.autocast = autocast
         self.taken = state["taken"] if state else 0
         self.rewards = collections.deque(maxlen=64)
 
@@ -50,7 +53,8 @@ class Rollouts:
             if fits(prompt, self.engine):
                 break
         params = dataclasses.replace(self.params, seed=self.seed + question * self.num_samples)
-        completions = self.engine.generate(prompt, params, n=self.num_samples).completions
+        with self.autocast():
+            completions = self.engine.generate(prompt, params, n=self.num_samples).completions
         rewards = [self.task.reward(conversation, c.text) for c in completions]
         self.rewards.extend(rewards)
         mean = sum(rewards) / len(rewards)
@@ -78,7 +82,7 @@ def policy_gradient_loss(model, batch):
     return (nll * advantages[:, None]).sum() / sampled
 
 
-def pass_at_k(engine, tokenizer, task, n, params, num_samples, rank, world_size, device):
+def pass_at_k(engine, tokenizer, task, n, params, num_samples, rank, world_size, device, autocast):
     """Fraction of the first n questions with at least one right answer among num_samples."""
     counts = torch.zeros(2, dtype=torch.long, device=device)
     for i in range(rank, min(n, len(task)), world_size):
@@ -87,7 +91,8 @@ def pass_at_k(engine, tokenizer, task, n, params, num_samples, rank, world_size,
         if not fits(prompt, engine):  # counted as a miss
             counts[1] += 1
             continue
-        completions = engine.generate(prompt, dataclasses.replace(params, seed=i * num_samples), n=num_samples).completions
+        with autocast():
+            completions = engine.generate(prompt, dataclasses.replace(params, seed=i * num_samples), n=num_samples).completions
         counts[0] += any(task.reward(conversation, c.text) > 0 for c in completions)
         counts[1] += 1
     sum_over_ranks(counts)

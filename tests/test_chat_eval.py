@@ -1,12 +1,18 @@
 """Chat evaluation plumbing: categorical scoring reads the answer letters' logits at the answer
-position (checked with stand-in models that always say one letter), and ChatCORE's centering."""
+position (checked with stand-in models that always say one letter), ChatCORE's centering, and both
+kinds of task evaluated under the stage's autocast."""
 
 import contextlib
+import json
+import shutil
 
 import pytest
 import torch
 
+from nanochat import gpt
+from nanochat import stage as contract
 from nanochat.evaluation import chatcore
+from nanochat.stages import chat_eval
 from nanochat.tokenizer import Tokenizer
 from tasks import catalog
 
@@ -69,3 +75,37 @@ def test_chatcore_centers_by_chance():
 def test_unknown_task_names_the_choices():
     with pytest.raises(catalog.UnknownTask, match="Jeopardy.*ARC-Easy"):
         catalog.eval_task("Jeopardy")
+
+
+def autocast_spy(monkeypatch):
+    """Records, for every forward of a GPT, whether it decoded with the engine's KV cache and the
+    CPU autocast state it ran under."""
+    calls, forward = [], gpt.GPT.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs.get("kv_cache") is not None, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(gpt.GPT, "forward", spy)
+    return calls
+
+
+def test_both_kinds_of_task_run_under_the_stage_autocast(tiny_base_run, tiny_env, tmp_path, monkeypatch):
+    """--dtype bfloat16: the categorical forwards and the engine's generative ones all autocast to
+    bf16 (the precision training used), on the tiny base model standing in for an SFT model."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base_run, run)
+    for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
+        monkeypatch.setenv(name, tiny_env[name])
+    base = json.loads((run / "base_train" / "stage.json").read_text())["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
+    monkeypatch.setattr(contract, "upstream_checkpoint", lambda *_: base)
+    calls = autocast_spy(monkeypatch)
+    args = contract.parse_args(chat_eval.build_parser(), "chat_eval",
+                               ["--run", str(run), "--preset", "tiny", "--source", "sft", "-a", "ARC-Easy,SpellingBee",
+                                "--max-problems", "2", "--max-generative", "2", "--max-new-tokens", "3",
+                                "--dtype", "bfloat16", "--device-type", "cpu"])
+    metrics = chat_eval.main(args)
+    assert metrics["dtype"] == "bfloat16" and metrics["tasks"]["SpellingBee"]["problems"] == 2
+    decoding = [c for c in calls if c[0]]
+    assert decoding and len(decoding) < len(calls)  # both kinds ran
+    assert set(calls) == {(True, True, torch.bfloat16), (False, True, torch.bfloat16)}

@@ -1,6 +1,6 @@
 """chat_rl raises the reward on a task a tiny model can learn: the answer's first character must be
 one of a set that starts out with about a third of the model's probability. Its metrics count the
-sampled tokens it trained on and keep sampling time apart."""
+sampled tokens it trained on and keep sampling time apart; it samples under the training autocast."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from nanochat import checkpoint
+from nanochat import checkpoint, gpt
 from nanochat import stage as contract
 from nanochat.engine import Engine
 from nanochat.rollouts import sampled_mask
@@ -103,10 +103,12 @@ def test_unknown_task_is_a_clear_error(tiny_base_run, tiny_env, tmp_path):
 
 
 
-def test_metrics_count_the_sampled_tokens_and_keep_sampling_time_apart(tiny_base_run, tiny_env, tmp_path, monkeypatch):
-    """In one process: each step's `tokens` is the number of tokens the engine sampled for that
-    step's questions (counted from the completions, apart from the targets the rollouts build and
-    the loop counts); sampling time is reported apart from training time."""
+def test_metrics_count_the_sampled_tokens_and_rollouts_autocast_as_training(tiny_base_run, tiny_env, tmp_path,
+                                                                            monkeypatch):
+    """In one process, --dtype bfloat16: each step's `tokens` is the number of tokens the engine
+    sampled for that step's questions (counted from the completions, apart from the targets the
+    rollouts build and the loop counts); sampling time is reported apart from training time; the
+    engine's forwards, like the training ones, autocast to bf16."""
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
     for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
@@ -121,12 +123,20 @@ def test_metrics_count_the_sampled_tokens_and_keep_sampling_time_apart(tiny_base
                            for c in request.completions))
         return request
 
+    forwards, forward = [], gpt.GPT.forward
+
+    def autocast_spy(self, *args, **kwargs):
+        forwards.append((kwargs.get("kv_cache") is not None, torch.is_autocast_enabled("cpu"),
+                         torch.get_autocast_dtype("cpu")))
+        return forward(self, *args, **kwargs)
+
     monkeypatch.setattr(Engine, "generate", counting_generate)
+    monkeypatch.setattr(gpt.GPT, "forward", autocast_spy)
     args = contract.parse_args(chat_rl.build_parser(), chat_rl.STAGE,
                                ["--run", str(run), "--preset", "tiny", "--checkpoint", source,
                                 "--task", "tests.test_chat_rl:Vowel", "--num-steps", "2", "--examples-per-step", "2",
                                 "--num-samples", "3", "--max-new-tokens", "4", "--eval-examples", "1",
-                                "--checkpoint-every", "-1", "--device-type", "cpu"])
+                                "--checkpoint-every", "-1", "--dtype", "bfloat16", "--device-type", "cpu"])
     metrics = chat_rl.main(args)
 
     assert len(sampled) == 2 * 2 + 1  # 2 steps of 2 questions, then pass@k on 1
@@ -139,3 +149,5 @@ def test_metrics_count_the_sampled_tokens_and_keep_sampling_time_apart(tiny_base
     assert metrics["tokens"] == sum(sampled[:4])
     for total in ("batch_time_s", "train_time_s"):
         assert metrics[total] == pytest.approx(sum(r[total] for r in records), abs=0.01)
+    assert metrics["dtype"] == "bfloat16"
+    assert {(True, True, torch.bfloat16), (False, True, torch.bfloat16)} == set(forwards)  # sampling and training

@@ -4,9 +4,9 @@ Categorical tasks (ARC, MMLU) are scored without sampling: the prompt ends where
 answer begins, and the model's prediction is the answer letter with the highest logit there (only
 the task's letters compete). Generative tasks (GSM8K with the calculator tool, HumanEval run in the
 sandbox, SpellingBee) sample a completion with the engine, many problems decoding together, and
-the task judges it. ChatCORE is the mean over tasks of (accuracy - baseline) / (1 - baseline), the
-baseline being the task's accuracy by chance. Tasks come in as objects (`tasks.catalog` names
-them).
+the task judges it. Both run under the autocast of the stage (the precision training used).
+ChatCORE is the mean over tasks of (accuracy - baseline) / (1 - baseline), the baseline being the
+task's accuracy by chance. Tasks come in as objects (`tasks.catalog` names them).
 """
 
 import collections
@@ -39,25 +39,26 @@ def categorical_correct(model, tokenizer, task, indices, device, autocast, batch
     return correct
 
 
-def generative_correct(engine, tokenizer, task, indices, params):
+def generative_correct(engine, tokenizer, task, indices, params, autocast):
     """How many of the task's conversations `indices` the model answers right, sampling one
     completion each with `params`; all problems decode together as rows free up."""
     pending = collections.deque(indices)
     running = []
     correct = 0
-    while pending or running:
-        while pending and engine.free_rows:
-            i = pending.popleft()
-            request = Request(tokenizer.render_for_completion(task[i]), params)
-            try:
-                engine.add(request)
-            except ValueError:  # the prompt does not fit the context: counted wrong
-                continue
-            running.append((i, request))
-        engine.step()
-        for i, request in [r for r in running if r[1].done]:
-            correct += bool(task.evaluate(task[i], request.completions[0].text))
-        running = [r for r in running if not r[1].done]
+    with autocast():
+        while pending or running:
+            while pending and engine.free_rows:
+                i = pending.popleft()
+                request = Request(tokenizer.render_for_completion(task[i]), params)
+                try:
+                    engine.add(request)
+                except ValueError:  # the prompt does not fit the context: counted wrong
+                    continue
+                running.append((i, request))
+            engine.step()
+            for i, request in [r for r in running if r[1].done]:
+                correct += bool(task.evaluate(task[i], request.completions[0].text))
+            running = [r for r in running if not r[1].done]
     return correct
 
 
@@ -69,7 +70,7 @@ def evaluate(task, model, tokenizer, engine, device, autocast, max_problems=-1, 
     if task.eval_type == "categorical":
         correct = categorical_correct(model, tokenizer, task, indices, device, autocast, batch_size)
     else:
-        correct = generative_correct(engine, tokenizer, task, indices, params)
+        correct = generative_correct(engine, tokenizer, task, indices, params, autocast)
     counts = torch.tensor([correct, len(indices)], dtype=torch.long, device=device)
     sum_over_ranks(counts)
     return counts[0].item() / counts[1].item(), counts[1].item()

@@ -5,9 +5,10 @@
 
 Reads the final checkpoint of the --source stage (mid_train, chat_sft or chat_rl) in the same run.
 Categorical tasks compare the logits of the answer letters, batched; generative ones sample with
-the engine (greedy by default; GSM8K uses the calculator, HumanEval runs in the sandbox). Problems
-are spread over the processes. Writes <run>/chat_eval_<source>/stage.json: each task's accuracy,
-problem count and time, and ChatCORE over the tasks evaluated.
+the engine (greedy by default; GSM8K uses the calculator, HumanEval runs in the sandbox). Both run
+under the autocast that training used (--dtype). Problems are spread over the processes. Writes
+<run>/chat_eval_<source>/stage.json: each task's accuracy, problem count and time, and ChatCORE
+over the tasks evaluated.
 """
 
 import time
@@ -64,7 +65,8 @@ def main(args):
     accuracies = {t: r["accuracy"] for t, r in results.items()}
     score = chatcore.chatcore(accuracies, catalog.BASELINES)
     log.info("ChatCORE %.4f over %s", score, ", ".join(results))
-    metrics = {"chatcore": score, "tasks": results, "source": args.source, **accuracies}
+    metrics = {"chatcore": score, "tasks": results, "source": args.source,
+               "dtype": str(dtype).removeprefix("torch."), **accuracies}
     if compute.master:
         stage.commit(args.run, name, args, {"checkpoint": storage.join(source, checkpoint.MANIFEST)}, {}, metrics, started)
     return metrics

@@ -5,14 +5,14 @@
 
 Starts from chat_sft's final checkpoint in the same run (or --checkpoint). Each step, every process
 takes its share of --examples-per-step training questions (rank r: r, r+W, ...), samples
---num-samples answers to each with the engine (tool use on), and rewards each 1 if its final
-answer is right. The advantage of an answer is its reward minus the mean reward of its question's
-answers; the loss is the advantage-weighted negative log-likelihood of the sampled tokens (tool
-outputs, which the model did not choose, are left out), averaged over those tokens. pass@k on a
-held-out slice of the test split is logged every --eval-every steps. Checkpoints, exact resume and
-outputs as in the other training stages; in metrics.jsonl and stage.json, `batch_time_s` is the
-time spent sampling, `train_time_s` the time spent training on the samples, and `tokens` the
-sampled tokens trained on (tok_per_s and mfu are over training time).
+--num-samples answers to each with the engine (tool use on, under the training's autocast), and
+rewards each 1 if its final answer is right. The advantage of an answer is its reward minus the
+mean reward of its question's answers; the loss is the advantage-weighted negative log-likelihood
+of the sampled tokens (tool outputs, which the model did not choose, are left out), averaged over
+those tokens. pass@k on a held-out slice of the test split is logged every --eval-every steps.
+Checkpoints, exact resume and outputs as in the other training stages; in metrics.jsonl and
+stage.json, `batch_time_s` is the time spent sampling, `train_time_s` the time spent training on
+the samples, and `tokens` the sampled tokens trained on (tok_per_s and mfu are over training time).
 
 --task names the task: GSM8K (default), or `module:Class` for your own (a Task whose constructor
 takes the split, 'train' or 'test', and whose `reward(conversation, completion)` is in [0, 1]).
@@ -72,12 +72,12 @@ def main(args):
     engine = Engine(model, tokenizer, max_rows=max(16, args.num_samples))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens)
     rollouts = Rollouts(engine, tokenizer, train_task, params, args.num_samples, rank, world, trainer.device,
-                        args.seed, state)
+                        args.seed, trainer.autocast, state)
     plan = training_options.Plan(args.num_steps, args.examples_per_step // world)  # a pass per question
 
     def evaluate(step):
         score = pass_at_k(engine, tokenizer, eval_task, args.eval_examples, params, args.num_samples, rank, world,
-                          trainer.device)
+                          trainer.device, trainer.autocast)
         trainer.metrics.add({"step": step, "pass@k": score, "mean_reward": rollouts.mean_reward()})
         log.info("step %d/%d: pass@%d %.3f on %d held-out questions; mean training reward %.3f", step, plan.num_steps,
                  args.num_samples, score, args.eval_examples, rollouts.mean_reward())
