@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 def train_tokens_per_s(vocab_size):
     """Tokens/s of training steps of the cpu preset's model and batch, in its autocast dtype."""
     import torch
+    from train_throughput import preset_model, run_mode  # bench/ is on sys.path: this file runs as a script
 
     from nanochat.common import autocast_dtype
-    from train_throughput import preset_model, run_mode  # bench/ is on sys.path: this file runs as a script
 
     config, batch = preset_model("cpu", vocab_size)
     mode = "bf16" if autocast_dtype("cpu") == torch.bfloat16 else "fp32"

@@ -120,7 +120,8 @@ def main():
         os.environ["NANOCHAT_STORAGE"] = storage
         flow_s = run_flow(storage, args.run, args.nproc_per_node)
 
-    from nanochat import report, storage as store
+    from nanochat import report
+    from nanochat import storage as store
 
     run = store.run_uri(args.check_run or args.run, store.storage_root(storage))
     summaries = report.load(run)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+from serve_load import serve, train_tiny_run  # bench/ is on sys.path: this file runs as a script
 
 from nanochat.common import git_commit
 from nanochat.engine import TOOL_WORKERS  # threads of the engine's tool pool, started as the model calls tools
-from serve_load import serve, train_tiny_run  # bench/ is on sys.path: this file runs as a script
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-soak"

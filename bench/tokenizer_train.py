@@ -96,9 +96,11 @@ def main():
         "hf": run("HF tokenizers", HF, args),
     }
     print(f"\n{'trainer':<10}{'seconds':>9}{'Mchars/s':>10}{'peak RSS':>11}{'  (+ training)':>15}", file=sys.stderr)
+    def gib(n):
+        return f"{n / 2**30:.2f} GiB"
+
     for name, r in results.items():
         r["chars_per_s"] = r["chars"] / r["seconds"]
-        gib = lambda n: f"{n / 2**30:.2f} GiB"
         print(f"{name:<10}{r['seconds']:>9.2f}{r['chars_per_s'] / 1e6:>10.1f}{gib(r['peak_rss']):>11}"
               f"{'+' + gib(r['peak_rss'] - r['rss_before']):>15}", file=sys.stderr)
     ours = results["ours"]

@@ -1,4 +1,4 @@
-"""Shared plumbing: logging, rank-0 printing, device and distributed init, code version.
+"""Shared plumbing: logging, rank queries, device and distributed init, code version.
 
 Nothing here runs on import; stages call `compute_init()` once, and `stage.run_main` calls
 `compute_cleanup()` however the stage ends.
@@ -42,11 +42,6 @@ def dist_info():
 
 def is_rank0():
     return dist_info()[0] == 0
-
-
-def print0(*args, **kwargs):
-    if is_rank0():
-        print(*args, **kwargs, flush=True)
 
 
 def autodetect_device_type():

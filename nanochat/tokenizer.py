@@ -233,6 +233,7 @@ def assistant_parts(content):
     if not isinstance(content, list):
         raise ConversationError(f"assistant content must be a str or a list of parts, not {type(content).__name__}")
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output") or not isinstance(part.get("text"), str):
+        if (not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output")
+                or not isinstance(part.get("text"), str)):
             raise ConversationError(f"assistant part {j}: expected {{'type': text|python|python_output, 'text': str}}, got {part!r:.100}")
     return content

@@ -30,7 +30,6 @@ from tqdm import tqdm
 from nanochat import checkpoint, common, stage, storage
 from nanochat.common import log
 from nanochat.optim import lr_multiplier, muon_momentum
-from nanochat.training_options import Plan, add_options, grad_accum  # noqa: F401 (base_train reaches them here)
 
 
 def every(period, step):

@@ -191,7 +191,8 @@ def check_conversation(messages):
         raise ValueError(f"expected a list of messages, got {type(messages).__name__}")
     messages = [dict(m) if isinstance(m, dict) else m for m in messages]
     try:
-        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" and not isinstance(messages[0].get("content"), str):
+        first = messages[0] if messages else None
+        if isinstance(first, dict) and first.get("role") == "system" and not isinstance(first.get("content"), str):
             raise ConversationError("message 0: system content must be a string")
         for m in normalize_messages(messages):
             if m["role"] == "assistant":

@@ -56,7 +56,8 @@ def count_parts(word, letter):
     found = f"That makes {n}." if n else f"None of them is '{letter}', so that makes 0."
     times = "time" if n == 1 else "times"
     return [
-        {"type": "text", "text": f"Let me spell '{word}' and count each '{letter}' as I go:\n{', '.join(tally)}\n{found} Let me check with Python: "},
+        {"type": "text",
+         "text": f"Let me spell '{word}' and count each '{letter}' as I go:\n{', '.join(tally)}\n{found} Let me check with Python: "},
         {"type": "python", "text": f"'{word}'.count('{letter}')"},
         {"type": "python_output", "text": str(word.count(letter))},
         {"type": "text", "text": f"\nThe letter '{letter}' appears {n} {times} in '{word}'.\n\n#### {n}"},

@@ -94,8 +94,9 @@ def test_exact_resume_across_epochs(tok, shard_dir, world_size):
     loader's, for every rank, including resumes just before and after an epoch boundary."""
     B, T, total = 2, 40, 40
     for rank in range(world_size):
-        make = lambda state=None: PretrainLoader(tok, B, T, shard_dir, rank=rank, world_size=world_size,
-                                                 buffer_docs=5, threads=2, state=state)
+        def make(state=None, rank=rank):
+            return PretrainLoader(tok, B, T, shard_dir, rank=rank, world_size=world_size, buffer_docs=5, threads=2,
+                                  state=state)
         reference, epochs = make(), []
         full = []
         for _ in range(total):
@@ -388,8 +389,9 @@ def test_long_conversations_are_cropped_and_counted(tok, task):
 def test_conversation_exact_resume(tok, task, mode, world_size):
     B, T, total = 3, 64, 25
     for rank in range(world_size):
-        make = lambda state=None: ConversationLoader(tok, task, B, T, mode=mode, rank=rank, world_size=world_size,
-                                                     buffer_size=6, state=state)
+        def make(state=None, rank=rank):
+            return ConversationLoader(tok, task, B, T, mode=mode, rank=rank, world_size=world_size, buffer_size=6,
+                                      state=state)
         reference = make()
         full = take(reference, total)
         assert reference.epoch >= 2, "the run must cross epoch boundaries"

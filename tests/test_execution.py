@@ -52,7 +52,8 @@ def test_fork_bomb_is_contained():
 
 
 def test_forked_sleepers_die_with_the_program():
-    program = "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\nprint('parent done')"
+    program = ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
+               "print('parent done')")
     result = execute(program, timeout=2.0)
     assert result.stdout == "parent done\n"  # the autouse fixture then checks that no sleeper survived
 

@@ -1,6 +1,7 @@
 """Storage by URI: atomic writes locally and on a real S3-compatible server."""
 
 import os
+
 import pytest
 
 from nanochat import storage

@@ -14,7 +14,7 @@ centered accuracy and the random baseline, and which tasks of core.yaml the bund
 import itertools
 import time
 
-from nanochat import checkpoint, stage, storage
+from nanochat import stage, storage
 from nanochat.common import log
 
 STAGE = "base_eval"
@@ -38,7 +38,7 @@ def build_parser():
 def main(args):
     import torch
 
-    from nanochat import common
+    from nanochat import checkpoint, common
     from nanochat.dataloader import pretrain_loader
     from nanochat.evaluation import core
     from nanochat.evaluation.loss import bits_per_byte, model_losses, token_counts, unigram_losses

@@ -20,7 +20,7 @@ those of an uninterrupted run. The training length is --num-steps, or, when that
 import itertools
 import time
 
-from nanochat import stage, training
+from nanochat import stage, training_options
 from nanochat.common import log
 
 STAGE = "base_train"
@@ -44,13 +44,14 @@ def build_parser():
     a("--sample-every", type=int, help="steps between printed samples (-1: only at the end)")
     a("--num-shards", type=int, help="training shards to read, the first of the run's (else of the data cache's); -1: all")
     a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files to read instead of the data cache")
-    training.add_options(p)
+    training_options.add_options(p)
     return p
 
 
 def main(args):
     import torch
 
+    from nanochat import training
     from nanochat.evaluation import core
     from nanochat.evaluation.loss import bits_per_byte, model_losses
     from nanochat.gpt import GPT, GPTConfig
@@ -107,7 +108,7 @@ def main(args):
     hooks = [(args.eval_every, evaluate), (args.core_every, evaluate_core), (args.sample_every, samples)]
     final = trainer.train(model, optimizer, batches, plan, hooks, meta={"tokenizer": tokenizer_uri})
     val_bpb = evaluate(trainer.step)
-    metrics = {"val_bpb": val_bpb, "tokens": plan.num_steps * plan.tokens_per_step, "parameters": model.num_params(),
+    metrics = {"val_bpb": val_bpb, "parameters": model.num_params(),
                "flops_per_token": model.estimate_flops(),
                "samples": print_samples(model, tokenizer) if trainer.master else None}
     trainer.commit({"tokenizer": tokenizer_uri}, final, metrics, started)
@@ -117,14 +118,14 @@ def main(args):
 
 def training_plan(args, model, world_size):
     """Steps and gradient accumulation, checked before any work."""
-    accum = training.grad_accum(args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
+    accum = training_options.grad_accum(args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
     num_steps = args.num_steps
     if num_steps == -1:
         scaling_params = model.num_params() - model.transformer.wte.weight.numel()
         num_steps = max(1, round(args.param_data_ratio * scaling_params / args.total_batch_size))
     if num_steps < 1:
         raise stage.StageError(f"--num-steps must be -1 or positive, got {num_steps}")
-    return training.Plan(num_steps, accum, args.total_batch_size)
+    return training_options.Plan(num_steps, accum, args.total_batch_size)
 
 
 def train_loader(args, tokenizer, device, state):

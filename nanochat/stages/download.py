@@ -22,7 +22,8 @@ STAGE = "download"
 def build_parser():
     p = stage.parser(STAGE, __doc__)
     p.add_argument("-n", "--num-shards", type=int, help="training shards to fetch (-1: all); the validation shard comes too")
-    p.add_argument("--data-mirror", default=None, help="mirror root laid out like ../shared/data (default: $NANOCHAT_DATA_MIRROR, else the real sources)")
+    p.add_argument("--data-mirror", default=None,
+                   help="mirror root laid out like ../shared/data (default: $NANOCHAT_DATA_MIRROR, else the real sources)")
     p.add_argument("--workers", type=int, default=4, help="files fetched at once")
     p.add_argument("--retries", type=int, default=5, help="consecutive failed attempts without progress before giving up on a file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a connection counts as failed")
