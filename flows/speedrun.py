@@ -52,8 +52,8 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     name, a personality) mixed into midtraining and SFT, `identity_weight` times; `parallel`: stages
     whose inputs are ready run side by side (default: the preset's choice; the cpu preset runs one
     stage at a time, as two would only share its cores). Returns the URI
-    of the final checkpoint (the last training stage's `checkpoint` output; its directory if it
-    has none)."""
+    of the final artifact: the last training stage's `checkpoint` output; else the directory of
+    tok_train or, in a run of stages that produce neither (only=["download"]), of the last stage."""
     overrides = with_identity(overrides, identity, identity_weight)
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
     if parallel is None:

@@ -10,6 +10,8 @@ Interactive commands: `/clear` starts a new conversation, `/quit` (or Ctrl-D) le
 import argparse
 import sys
 
+from nanochat import pipeline
+
 # A chat's defaults. The frequency penalty (OpenAI's) keeps a small model from looping on a phrase:
 # greedy replies of the cpu preset's model end by themselves 31 times in 40 without it, 40 with it
 # (docs/cpu-preset.md).
@@ -20,7 +22,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="nanochat chat", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
-    p.add_argument("--source", choices=["base", "mid", "sft", "rl"], help="which stage's model (default: the newest done)")
+    p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
     p.add_argument("-p", "--prompt", help="answer this one message and exit")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0: greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=TOP_K, help="(default: %(default)s)")

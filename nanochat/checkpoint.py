@@ -5,7 +5,8 @@ Layout of one checkpoint, `<dir>/step_NNNNNN/`:
     model.safetensors          the weights (rank 0 writes them; every rank holds the same model)
     optim_rank_RRR.safetensors each rank's optimizer state and RNG state (tensors)
     optim_rank_RRR.json        the non-tensor part of that state
-    meta.json                  model config, step, dataloader state, metrics, code version
+    meta.json                  model config, step, world size, tokenizer URI, each rank's loader state,
+                               the running totals (tokens, train and batch time)
     manifest.json              sha256 and size of every file above: written last, by rank 0
 
 A checkpoint exists only once its manifest does, so a crash or a storage outage mid-save (storage

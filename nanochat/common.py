@@ -78,8 +78,8 @@ def cpu_model():
 
 def autocast_dtype(device_type, name="auto"):
     """The dtype matmuls autocast to: `name` ("bfloat16", "float32"), or for "auto" bf16 where the
-    hardware does it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16; measured ~3.5x fp32 on this
-    project's 2-core AVX512-BF16 machines) and fp32 elsewhere (fp16 would need loss scaling)."""
+    hardware does it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16) and fp32 elsewhere (fp16
+    would need loss scaling)."""
     import torch
 
     if name != "auto":

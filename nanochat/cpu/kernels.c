@@ -55,7 +55,7 @@ static void last_rows(const float *panel, const float *x, float *y, int rows, in
 /* y (rows, n) = x (rows, k) @ W.T, W as n / PANEL panels (n a multiple of PANEL), on `threads`
    OpenMP threads. All arrays are fp32 and contiguous. Many rows go in blocks of about BLOCK_FLOATS
    elements of x, so that the block stays in cache while every panel passes over it. Whole tiles
-   call tile() directly: reached through last_rows' switch, GCC 12 compiled them 3x slower. */
+   call tile() directly: reached through last_rows' switch, GCC 12 compiled them several times slower. */
 void panel_matmul(const float *panels, const float *x, float *y, int rows, int k, int n, int threads)
 {
     int block = BLOCK_FLOATS / k / TILE * TILE;

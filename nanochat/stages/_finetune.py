@@ -75,7 +75,7 @@ def finetune(args, stage_name, upstream, mode, train_task):
 
     from nanochat import checkpoint, training
     from nanochat.dataloader import ConversationLoader
-    from nanochat.evaluation.loss import bits_per_byte, model_losses
+    from nanochat.evaluation.bpb import bits_per_byte, model_losses
     from nanochat.optim import setup_optimizers
 
     started = time.time()

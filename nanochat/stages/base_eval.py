@@ -41,7 +41,7 @@ def main(args):
     from nanochat import checkpoint, common
     from nanochat.dataloader import pretrain_loader
     from nanochat.evaluation import core
-    from nanochat.evaluation.loss import bits_per_byte, model_losses, token_counts, unigram_losses
+    from nanochat.evaluation.bpb import bits_per_byte, model_losses, token_counts, unigram_losses
 
     started = time.time()
     target = args.checkpoint or stage.upstream_checkpoint(args.run, "base_train")

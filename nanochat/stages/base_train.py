@@ -8,7 +8,7 @@ Needs the tokenizer of `tok_train` in the same run. Reads the training shards th
 declared, or, without a download stage in the run, from the data cache (waiting for any that are
 still downloading), or from --data. Writes under <run>/base_train/:
 checkpoints/step_NNNNNN/ (every --checkpoint-every steps and at the end; the newest --keep-last
-are kept), metrics.jsonl (one JSON record per logged step and per evaluation), then stage.json,
+are kept), metrics.jsonl (one JSON record per step and per evaluation), then stage.json,
 whose `checkpoint` output is the final checkpoint's manifest.
 
 Started again with the same command, the stage resumes from the newest complete checkpoint (model,
@@ -53,7 +53,7 @@ def main(args):
 
     from nanochat import training
     from nanochat.evaluation import core
-    from nanochat.evaluation.loss import bits_per_byte, model_losses
+    from nanochat.evaluation.bpb import bits_per_byte, model_losses
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import setup_optimizers
     from nanochat.tokenizer import Tokenizer

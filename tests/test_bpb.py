@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanochat.evaluation.loss import bits_per_byte, token_counts, unigram_losses
+from nanochat.evaluation.bpb import bits_per_byte, token_counts, unigram_losses
 
 TOKEN_BYTES = torch.tensor([1, 3, 0, 2])  # token 2 is special: no bytes
 
