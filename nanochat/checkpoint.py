@@ -23,12 +23,15 @@ import re
 import tempfile
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from nanochat import pipeline, stage, storage
 from nanochat.common import log
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -107,8 +110,6 @@ def join_state(skeleton, tensors):
 def save(directory, step, model_state, optim_state, meta, rank=0, world_size=1, keep_last=None):
     """Saves a checkpoint; call on every rank with that rank's optimizer state. Rank 0 writes the
     weights, meta.json and, after all ranks' files are written, the manifest. Returns its URI."""
-    import torch.distributed as dist
-
     target = step_dir(directory, step)
     files = {}
     if rank == 0:
@@ -246,8 +247,6 @@ def load_latest(directory, rank=0, device="cpu", load_optimizer=True):
 
 def all_ranks_agree(ok, device):
     """True only if `ok` on every rank, so that all ranks resume from the same checkpoint."""
-    import torch.distributed as dist
-
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return ok
     flag = torch.tensor([int(ok)], device=device if dist.get_backend() == "nccl" else "cpu")
@@ -258,9 +257,6 @@ def all_ranks_agree(ok, device):
 def load_model(target, device="cpu"):
     """The GPT of a checkpoint directory, weights verified, in eval mode, and the tokenizer it was
     trained with: (model, tokenizer, meta)."""
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import Tokenizer
-
     model_state, _, meta = load(target, device=device, load_optimizer=False)
     with torch.device("meta"):
         model = GPT(GPTConfig(**meta["model_config"]))

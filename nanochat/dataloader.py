@@ -24,9 +24,10 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from nanochat import dataset, storage
 from nanochat import shards as shardlib
-from nanochat import storage
 from nanochat.tokenizer import ConversationError
 
 STATE_VERSION = 1
@@ -37,8 +38,6 @@ SPLIT_DEFAULT = "split default"  # epochs: forever for train, one pass for val
 
 def dist_rank_world(rank=None, world_size=None):
     """(rank, world_size): the arguments, else torch.distributed's when initialised, else (0, 1)."""
-    import torch.distributed as dist
-
     initialised = dist.is_available() and dist.is_initialized()
     if rank is None:
         rank = dist.get_rank() if initialised else 0
@@ -316,8 +315,6 @@ class PretrainLoader:
 def pretrain_loader(tokenizer, B, T, split, data=None, num_shards=-1, storage_uri=None, device="cpu", state=None):
     """The loader of a training stage: the `split` of the shard directory `data`, or else of the
     data cache, for `num_shards` training shards (waiting for shards still downloading)."""
-    from nanochat import dataset
-
     if data:
         return PretrainLoader(tokenizer, B, T, data, split=split, device=device, state=state)
     train, val = dataset.pretrain_shards(num_shards, storage_uri)

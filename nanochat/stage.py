@@ -22,7 +22,7 @@ import sys
 import time
 
 from nanochat import pipeline, presets, storage
-from nanochat.common import code_version
+from nanochat.common import code_version, compute_cleanup, setup_logging
 
 SUMMARY = "stage.json"
 DOWNLOAD = "download"  # the stage whose `files` output (files.json) declares a run's data
@@ -219,8 +219,6 @@ def run_main(main, p, stage, argv=None):
     """Entry point for `python -m nanochat.stages.X`: one-line reason on stderr and exit 1 on a
     StageError or on storage that kept failing (a rerun resumes), exit 0 when done; the process
     group, if main joined one, is destroyed either way."""
-    from nanochat.common import compute_cleanup, setup_logging
-
     setup_logging()
     redact_logs()
     args = parse_args(p, stage, argv)

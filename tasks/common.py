@@ -17,6 +17,7 @@ from functools import cached_property
 import pyarrow.parquet as pq
 
 from nanochat import storage
+from nanochat.dataset import fetch
 from nanochat.tokenizer import ConversationError, assistant_parts, normalize_messages
 
 LETTERS = "ABCDEFGHIJ"
@@ -30,8 +31,6 @@ def data_file(relpath):
     """Local path or URI of a registered data file (e.g. "hf/openai/gsm8k/main/test-00000-of-00001.parquet"),
     fetched into the data cache on first use; in a pipeline run, the file the run's download
     declared (see `nanochat.dataset.fetch`)."""
-    from nanochat.dataset import fetch
-
     return fetch(relpath)
 
 

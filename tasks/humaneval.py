@@ -8,6 +8,7 @@ nanochat's sandbox (`nanochat.execution.execute`).
 
 import re
 
+from nanochat.execution import execute
 from tasks.common import FileTask, read_parquet, require_str
 
 FENCE_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
@@ -63,6 +64,4 @@ class HumanEval(FileTask):
 
     def evaluate(self, conversation, completion, timeout=TIMEOUT):
         """Whether the program passes the problem's tests in the sandbox within `timeout` seconds."""
-        from nanochat.execution import execute  # the sandbox; imported only when evaluating
-
         return bool(execute(build_program(conversation, completion), timeout=timeout).success)

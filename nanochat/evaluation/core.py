@@ -19,8 +19,9 @@ import random
 
 import torch
 import torch.nn.functional as F
+import yaml
 
-from nanochat import storage
+from nanochat import dataset, sources, storage
 from nanochat.common import pad_right, sum_over_ranks
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -40,8 +41,6 @@ class BundleError(ValueError):
 def load_tasks(bundle):
     """The tasks of the bundle directory URI whose data files are present, and the CORE tasks
     that are absent (from core.yaml or from eval_data/): ([task dict], [absent label])."""
-    import yaml
-
     config = yaml.safe_load(storage.read_text(storage.join(bundle, "core.yaml")))
     baselines = read_baselines(storage.join(bundle, "eval_meta_data.csv"))
     tasks, missing = [], []
@@ -70,8 +69,6 @@ def load_bundle(bundle=None, storage_uri=None):
     """load_tasks of the eval bundle directory `bundle`, by default the data cache's (fetched and
     unpacked first if needed) or, in a pipeline run, the declared one (`dataset.eval_bundle_dir`):
     (tasks, absent labels, bundle URI). A BundleError names what failed."""
-    from nanochat import dataset, sources
-
     try:
         bundle = bundle or dataset.eval_bundle_dir(storage_uri)
         return (*load_tasks(bundle), bundle)
