@@ -78,6 +78,8 @@ class Training:
             self.step, loader_state = meta["step"], meta["loader_states"][self.compute.rank]
             self.totals.update({k: meta[k] for k in self.totals if k in meta})
             log.info("resumed at step %d from %s", self.step, self.ckpt_dir)
+            if missing := [k for k in self.totals if k not in meta]:  # a checkpoint from before they were kept
+                log.warning("the checkpoint has no running %s: the totals count from step %d", ", ".join(missing), self.step)
         self.metrics = MetricsLog(stage.stage_uri(self.args.run, self.stage, "metrics.jsonl"), self.step, self.master)
         return loader_state
 
