@@ -21,10 +21,13 @@ from pathlib import Path
 from nanochat.common import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
-FIGURES = {  # name: (script, its arguments, where the figure is in its JSON line)
-    "inference_batch1": ("bench/inference.py", [], ("batch1", "ratio")),
-    "inference_batch8": ("bench/inference.py", [], ("batch8", "ratio")),
+# name: (script, its arguments, where the figure is in its JSON line). The ratios are the figures;
+# the tok/s beside them show whether a change of ratio came from ours or from the reference.
+FIGURES = {
+    **{f"inference_batch{b}{suffix}": ("bench/inference.py", [], (f"batch{b}", key))
+       for b in (1, 8) for suffix, key in (("", "ratio"), ("_ours_tok_s", "ours_tok_s"), ("_reference_tok_s", "reference_tok_s"))},
     "serve_load": ("bench/serve_load.py", ["--repeats", "1"], ("ratio",)),
+    "serve_load_batched_tok_s": ("bench/serve_load.py", ["--repeats", "1"], ("batched", "tok_s")),
 }
 
 
@@ -68,8 +71,8 @@ def main():
                         if script not in results:
                             results[script] = run_bench(tree, script, script_args)
                         runs[figure][rev].append(pick(results[script], path))
-                    print(f"repeat {i + 1}/{args.repeats} {rev}: " +
-                          ", ".join(f"{f} {runs[f][rev][-1]}" for f in FIGURES), file=sys.stderr, flush=True)
+                    print(f"repeat {i + 1}/{args.repeats} {rev}: " + ", ".join(f"{f} {runs[f][rev][-1]}" for f in FIGURES),
+                          file=sys.stderr, flush=True)
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
