@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -96,13 +97,19 @@ def child_env(spec):
 
 # Running a child process
 
+LAUNCH_TAG = "NANOCHAT_LAUNCH"  # in the environment of every process one launch starts
+
+
 def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0):
     """Runs `cmd` as a child in this process group (not a new session: a signal to the group, as a
     worker cancelling a flow run sends, reaches it too), passing each output line to `log`. Returns
     (exit code, last lines). However this call ends, no process of the child's tree outlives it:
-    torchrun's workers live in sessions of their own, so they are tracked while they run."""
+    torchrun's workers live in sessions of their own, so they are tracked while they run, and found
+    at the end by a tag in their environment (a worker born since the last look, orphaned when the
+    agent was killed, has no parent left to find it by)."""
+    tag = uuid.uuid4().hex
     tail = collections.deque(maxlen=tail_lines)
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env={**env, LAUNCH_TAG: tag}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     reader = threading.Thread(target=pump, args=(proc.stdout, log, tail), daemon=True)
     reader.start()
@@ -120,10 +127,21 @@ def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0):
                 if tick:
                     tick()
     finally:
+        tree.update((p.pid, p) for p in tagged(tag))
         kill_tree(tree.values(), grace)
         proc.wait()
         reader.join(timeout=grace)
     return code, "".join(tail)
+
+
+def tagged(tag):
+    """The processes (of this user) whose environment carries this launch's tag."""
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(LAUNCH_TAG) == tag:
+                yield p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
 
 
 def pump(stream, log, tail):
