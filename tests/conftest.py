@@ -1,6 +1,8 @@
 """Shared fixtures: the real data folder, and a real S3-compatible server."""
 
 import os
+import threading
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -80,3 +82,33 @@ def tiny_base_run(tiny_env, shared_data, tmp_path_factory):
     stage("nanochat.stages.tok_train", run, tiny_env, *data)
     stage("nanochat.stages.base_train", run, tiny_env, *data, "--num-steps", "6", "--eval-every", "-1")
     return run
+
+
+@pytest.fixture(scope="session")
+def full_tiny_run(prefect_api, shared_data, tmp_path_factory):
+    """The whole tiny DAG, download to chat_eval_rl, through the speedrun flow: (run URI, the flow
+    run's final state). Its data mirror is a real HTTP server on 127.0.0.1, stopped the moment
+    download commits and still configured after that, so every later stage proves it reads its data
+    through the run's files.json (tests/test_flows.py and tests/test_data_inputs.py share the run)."""
+    from flows.speedrun import speedrun
+    from nanochat import storage
+    from tests.httpserver import serve
+
+    root = str(tmp_path_factory.mktemp("storage"))
+    run = storage.run_uri("full", root)
+    committed = storage.local_path(storage.join(run, "download", "stage.json"))
+    with serve(shared_data) as server:
+
+        def stop_after_download():
+            while not os.path.exists(committed):
+                time.sleep(0.02)
+            server.shutdown()
+            server.server_close()
+
+        watcher = threading.Thread(target=stop_after_download, daemon=True)
+        watcher.start()
+        state = speedrun(preset="tiny", run_name="full", storage=root, data_mirror=server.url, retries=0,
+                         return_state=True)
+        watcher.join(timeout=1)
+        assert not watcher.is_alive(), "download never committed"
+    return run, state

@@ -2,38 +2,27 @@
 from its files.json (never from the mirror), a file it lacks is a one-line error naming it, and each
 stage records files.json and the files it read as its stage.json inputs.
 
-The pipeline run: the speedrun flow through tok_eval, base_eval and mid_train (shards, the eval
-bundle, task files), its real HTTP mirror on 127.0.0.1 stopped as soon as download has committed."""
-
-import os
-import threading
-import time
+The pipeline run is the whole tiny DAG of the `full_tiny_run` fixture (tests/conftest.py), whose
+real HTTP mirror on 127.0.0.1 stops as soon as download has committed."""
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flows.speedrun import speedrun
-from nanochat import dataset, sources, stage, storage
+from nanochat import dataset, pipeline, sources, stage, storage
 from tasks.common import data_file
-from tests.httpserver import serve
 from tests.stagerun import stage as run_stage
 
 SHARDS = ["pretrain/shard_00000.parquet", "pretrain/shard_00001.parquet", "pretrain/shard_00023.parquet"]
 TASK_FILE = "hf/openai/gsm8k/main/train-00000-of-00001.parquet"  # read by mid_train's mixture
 OPTIONAL = sources.OPTIONAL_SOURCES[0].relpath  # registered, but not something download fetches
-# short stages: still a tokenizer, a trained model evaluated on CORE, a midtrained model
-OVERRIDES = {"base_train": {"num_steps": 2, "eval_every": -1, "eval_tokens": 512, "core_every": 2, "core_max_per_task": 1},
-             "base_eval": {"max_per_task": 1, "eval_tokens": 512, "unigram_tokens": 4096},
-             "mid_train": {"num_steps": 1, "checkpoint_every": 1}}
-AFTER_DOWNLOAD = ["tok_eval", "base_eval", "mid_train"]
-STAGES = ["download", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train"]
+READS_DATA = [s.name for s in pipeline.PIPELINE if "download" in s.needs]
 
 
 def task_states(flow_run_id):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs if r.name in STAGES}
+    return {r.name: r.state.name for r in runs}
 
 
 def summary(run, name):
@@ -41,34 +30,16 @@ def summary(run, name):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(prefect_api, shared_data, tmp_path_factory):
-    """(run URI, task states): one tiny speedrun whose HTTP mirror is stopped the moment download
-    commits (before the next stage starts), with that mirror still configured for every stage."""
-    root = str(tmp_path_factory.mktemp("storage"))
-    run = storage.run_uri("declared", root)
-    committed = storage.local_path(storage.join(run, "download", "stage.json"))
-    with serve(shared_data) as server:
-
-        def stop_after_download():
-            while not os.path.exists(committed):
-                time.sleep(0.02)
-            server.shutdown()
-            server.server_close()
-
-        watcher = threading.Thread(target=stop_after_download, daemon=True)
-        watcher.start()
-        state = speedrun(preset="tiny", run_name="declared", storage=root, data_mirror=server.url, retries=0,
-                         overrides=OVERRIDES, only=AFTER_DOWNLOAD, return_state=True)
-        watcher.join(timeout=1)
-        assert not watcher.is_alive()
+def pipeline_run(full_tiny_run):
+    """(run URI, task states) of the shared tiny run, its mirror stopped once download committed."""
+    run, state = full_tiny_run
     assert state.is_completed(), state.message
     return run, task_states(state.state_details.flow_run_id)
 
 
 def test_stages_complete_with_the_mirror_gone(pipeline_run):
-    run, states = pipeline_run
-    assert states == {"download": "Completed", "tok_train": "Completed", "tok_eval": "Completed", "base_train": "Completed",
-                      "base_eval": "Completed", "mid_train": "Completed"}
+    _, states = pipeline_run
+    assert {s.name: states[s.name] for s in pipeline.PIPELINE} == {s.name: "Completed" for s in pipeline.PIPELINE}
 
 
 def test_stage_json_inputs_are_files_json_and_the_files_read(pipeline_run):
@@ -86,10 +57,12 @@ def test_stage_json_inputs_are_files_json_and_the_files_read(pipeline_run):
 
     assert data_inputs("tok_train") == set(SHARDS[:2])  # training shards only
     assert data_inputs("tok_eval") == {SHARDS[2]}
-    assert data_inputs("base_train") == {*SHARDS, sources.EVAL_BUNDLE}  # core_every > 0 reads the bundle
+    assert data_inputs("base_train") == set(SHARDS)  # the tiny preset runs no CORE while training
     assert data_inputs("base_eval") == {*SHARDS, sources.EVAL_BUNDLE}
     mid = data_inputs("mid_train")
     assert TASK_FILE in mid and "identity_conversations.jsonl" in mid and not mid & {*SHARDS, sources.EVAL_BUNDLE}
+    assert TASK_FILE in data_inputs("chat_rl")
+    assert all(data_inputs(name) for name in READS_DATA)  # every stage that reads data records it
     # upstream artifacts through the upstream's outputs
     tokenizer = summary(run, "tok_train")["outputs"]["tokenizer"]
     assert summary(run, "tok_eval")["inputs"]["tokenizer"] == summary(run, "base_train")["inputs"]["tokenizer"] == tokenizer

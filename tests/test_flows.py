@@ -155,15 +155,15 @@ def test_s3_storage(prefect_api, shared_data, s3_root):
     assert all(task_states(flow_run_id)[name] == "Cached" for name in SELECTED)
 
 
-def test_every_stage_end_to_end_fills_the_report_table(prefect_api, shared_data, tmp_path):
-    """The whole tiny DAG, download to chat_eval_rl: every stage completes and the report card's
-    table has a BASE, MID, SFT and RL column, each with its metrics."""
-    state = speedrun(preset="tiny", run_name="full", storage=str(tmp_path), data_mirror=str(shared_data),
-                     retries=0, return_state=True)
+def test_every_stage_end_to_end_fills_the_report_table(full_tiny_run):
+    """The whole tiny DAG, download to chat_eval_rl (its mirror gone once download committed, see
+    the fixture): every stage completes and the report card's table has a BASE, MID, SFT and RL
+    column, each with its metrics."""
+    run, state = full_tiny_run
     assert state.is_completed(), state.message
     states = task_states(state.state_details.flow_run_id)
     assert {name: states[name] for name in ALL} == {name: "Completed" for name in ALL}
-    card = (tmp_path / "runs" / "full" / "report.md").read_text()
+    card = storage.read_text(storage.join(run, "report.md"))
     table = {line.split(" | ")[0].removeprefix("| "): line.strip("| ").split(" | ")[1:]
              for line in card.splitlines() if line.startswith("| ")}
     assert table["metric"] == ["BASE", "MID", "SFT", "RL"]
