@@ -99,7 +99,8 @@ class Training:
         the loss of one batch (default: the model's cross-entropy of (inputs, targets))."""
         args = self.args
         train_model = torch.compile(model, dynamic=False) if args.compile else model
-        speed = Speed(model.estimate_flops(), common.measure_matmul_flops(self.device, self.dtype) * self.compute.world_size)
+        # MFU per token/s: training FLOPs per token over the matmul peak of all processes, measured now
+        mfu_per_tok_s = model.estimate_flops() / (common.measure_matmul_flops(self.device, self.dtype) * self.compute.world_size)
         bar = progress_bar(self.master, self.stage, self.step, plan.num_steps)
         while self.step < plan.num_steps:
             started = time.perf_counter()
@@ -123,7 +124,7 @@ class Training:
             common.sum_over_ranks(tokens)
             step_loss, step_tokens = loss_sum.item() / plan.grad_accum, tokens.item()  # waits for the device
             self.step += 1
-            record = self._record(step_loss, lrm, step_tokens, time.perf_counter() - started, batch_time, speed, plan)
+            record = self._record(step_loss, lrm, step_tokens, time.perf_counter() - started, batch_time, mfu_per_tok_s, plan)
             self.metrics.add(record, quiet=self.step % plan.log_every != 0)
             if self.wandb:
                 self.wandb.log(record, step=self.step)
@@ -139,7 +140,7 @@ class Training:
         bar.close()
         return self.save(model, optimizer, batches, meta or {})
 
-    def _record(self, loss, lrm, tokens, step_time, batch_time, speed, plan):
+    def _record(self, loss, lrm, tokens, step_time, batch_time, mfu_per_tok_s, plan):
         """The metrics record of the step just done; adds it to the totals."""
         train_time = step_time - batch_time
         self.totals["tokens"] += tokens
@@ -150,7 +151,7 @@ class Training:
         eta = statistics.fmean(self.recent_step_times) * (plan.num_steps - self.step)
         return {"step": self.step, "loss": loss, "lr_multiplier": lrm, "tokens": tokens, "step_time_s": step_time,
                 "batch_time_s": batch_time, "train_time_s": train_time, "tok_per_s": tok_per_s,
-                "mfu": speed.mfu(tok_per_s), "eta_s": eta}
+                "mfu": tok_per_s * mfu_per_tok_s, "eta_s": eta}
 
     def summary(self):
         """Metrics of the whole run for stage.json: totals over every step, and tok_per_s and mfu
@@ -178,17 +179,6 @@ class Training:
         """Finishes the W&B run, if any (`stage.run_main` destroys the process group)."""
         if self.wandb:
             self.wandb.finish()
-
-
-@dataclasses.dataclass
-class Speed:
-    """Model FLOPs utilization from a throughput: against the matmul peak measured at the start."""
-
-    flops_per_token: float  # forward + backward (GPT.estimate_flops)
-    peak: float  # FLOP/s of all processes, in the dtype in use
-
-    def mfu(self, tok_per_s):
-        return self.flops_per_token * tok_per_s / self.peak
 
 
 def gather(obj):
