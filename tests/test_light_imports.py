@@ -2,7 +2,6 @@
 storage and the stage contract, and `nanochat <stage> --help` for every stage, each in a fresh
 interpreter. A failure names the import lines that brought torch in."""
 
-import ast
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.cli import stage_names
+from tests.imports import imports, within
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("flows", "nanochat", "rustbpe", "tasks")
@@ -46,24 +46,10 @@ def loaded(code):
     return chain, [Path(f) for f in files if ours(f)]
 
 
-def imports_torch(node):
-    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-             else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-    return any(n.split(".")[0] == "torch" for n in names)
-
-
 def torch_imports(path):
     """`file:line` of each import of torch that runs when the module is imported (not in a function)."""
-    found = []
-
-    def visit(node):
-        for child in ast.iter_child_nodes(node):
-            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                found.extend([f"{path.relative_to(REPO)}:{child.lineno}"] if imports_torch(child) else [])
-                visit(child)
-
-    visit(ast.parse(path.read_text()))
-    return found
+    lines = [line for line, m in imports(path, when_imported=True) if within(m, "torch")]
+    return [f"{path.relative_to(REPO)}:{line}" for line in dict.fromkeys(lines)]
 
 
 def culprits(files):
@@ -88,8 +74,6 @@ def test_stage_help_does_not_load_torch(stage):
 
 def test_flows_never_import_torch():
     """Not even inside a function: the flow process only launches stages."""
-    found = []
-    for path in sorted((REPO / "flows").rglob("*.py")):
-        found += [f"{path.relative_to(REPO)}:{node.lineno}" for node in ast.walk(ast.parse(path.read_text()))
-                  if imports_torch(node)]
+    found = [f"{path.relative_to(REPO)}:{line}" for path in sorted((REPO / "flows").rglob("*.py"))
+             for line, m in imports(path) if within(m, "torch")]
     assert found == []

@@ -4,8 +4,8 @@ resolution, the flow's DAG (a row whose module is missing fails the flow before 
 and the code version that keys every stage's cache, which covers every file the packages load."""
 
 import json
-import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,23 +91,20 @@ def test_a_row_whose_module_is_missing_fails_the_flow_before_any_stage_runs(tmp_
 
 # The code version
 
-BUILD_OUTPUTS = ("__pycache__", "target", "_native")
-
-
-def package_files(root):
-    """What the packages ship, load or are built from: every file but caches, build outputs and
-    hidden files (found by walking, so a moved or new file is covered without naming it)."""
-    for package in ("nanochat", "tasks", "rustbpe"):
-        for dirpath, dirnames, filenames in os.walk(root / package):
-            dirnames[:] = [d for d in dirnames if d not in BUILD_OUTPUTS and not d.startswith(".")]
-            yield from (Path(dirpath, f) for f in filenames if not f.startswith(".") and not f.endswith((".so", ".pyc")))
+def shipped():
+    """The packages' files as git tracks them (what a clone has and every build starts from): an
+    oracle apart from the walk that source_hash makes."""
+    out = subprocess.run(["git", "ls-files", "-z", "nanochat", "tasks", "rustbpe"], cwd=REPO, capture_output=True,
+                         check=True)
+    return [relative for relative in out.stdout.decode().split("\0") if relative]
 
 
 def test_the_source_hash_covers_every_file_the_packages_load(tmp_path):
-    for package in ("nanochat", "tasks", "rustbpe"):
-        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns(*BUILD_OUTPUTS, "*.so"))
+    for relative in shipped():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / relative, tmp_path / relative)
     before = source_hash(root=tmp_path)
-    others = [p for p in package_files(tmp_path) if p.suffix != ".py"]
+    others = [tmp_path / relative for relative in shipped() if not relative.endswith(".py")]
     assert {".c", ".html", ".rs", ".toml"} <= {p.suffix for p in others}
     for path in [*others, tmp_path / "nanochat" / "pipeline.py"]:
         data = path.read_bytes()
