@@ -26,9 +26,9 @@ class Stage:
 
     @property
     def args(self):
-        """Command-line arguments the row itself adds (an evaluation stage shared by several
-        sources is told which one)."""
-        return ("--source", self.evaluates) if self.module == "chat_eval" else ()
+        """Command-line arguments the row itself adds: a program that several rows run (chat_eval,
+        for each chat model) is told which model source its row evaluates."""
+        return ("--source", self.evaluates) if self.name != self.module else ()
 
     @property
     def source(self):

@@ -40,11 +40,11 @@ def main(args):
 
     started = time.time()
     name = f"chat_eval_{args.source}"
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(names) - set(catalog.BASELINES))
-    if unknown or not names:
-        raise stage.StageError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; "
-                               f"choose from {', '.join(catalog.BASELINES)}")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()] or [""]
+    try:  # task objects read their data only when first used
+        tasks = {name: catalog.eval_task(name) for name in names}
+    except catalog.UnknownTask as e:
+        raise stage.StageError(f"-a: {e}") from None
     source = stage.upstream_checkpoint(args.run, pipeline.SOURCES[args.source])
     compute = common.compute_init(args.device_type)
     model, tokenizer, _ = checkpoint.load_model(source, compute.device)
@@ -54,9 +54,8 @@ def main(args):
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens, seed=1234)
 
     results = {}
-    for task_name in names:
+    for task_name, task in tasks.items():
         t0 = time.time()
-        task = catalog.eval_task(task_name)
         limit = args.max_generative if task.eval_type == "generative" else args.max_problems
         accuracy, problems = chatcore.evaluate(task, model, tokenizer, engine, compute.device, autocast, limit,
                                                args.batch_size, params, compute.rank, compute.world_size)
