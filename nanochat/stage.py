@@ -119,6 +119,8 @@ class DeclaredData:
         """The declared URI of a data file, checked to be there with its declared size; a StageError
         naming the file otherwise. It is not hashed again: download hashed it into files.json, and
         files.json is checked against download's stage.json (shards are large; a stage reads many)."""
+        if relpath in self.resolved:  # checked once: a loader resolves its shards at every evaluation
+            return self.resolved[relpath]["uri"]
         entry = self.files.get(relpath)
         if entry is None:
             raise StageError(f"data file {relpath} is not declared in {self.uri} (the run's download did not fetch it)")

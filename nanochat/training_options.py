@@ -35,9 +35,6 @@ def add_options(p):
 class Plan:
     num_steps: int
     grad_accum: int  # forward/backward passes per optimizer step on each process
-    # tokens a step reads over all processes where that is fixed (pretraining rows); the loop counts
-    # the tokens it trains on itself
-    tokens_per_step: int | None = None
 
     @property
     def log_every(self):

@@ -101,7 +101,7 @@ def main(args):
 
     log.info("model: %s, %.1fM parameters, %s autocast; %d steps of %s tokens (%d x %d x %d ranks x %d accumulation)",
              config, model.num_params() / 1e6, str(trainer.dtype).removeprefix("torch."), plan.num_steps,
-             f"{plan.tokens_per_step:,}", args.device_batch_size, args.max_seq_len, trainer.compute.world_size,
+             f"{args.total_batch_size:,}", args.device_batch_size, args.max_seq_len, trainer.compute.world_size,
              plan.grad_accum)
     if trainer.step == 0 and args.eval_every > 0:
         evaluate(0)
@@ -125,7 +125,7 @@ def training_plan(args, model, world_size):
         num_steps = max(1, round(args.param_data_ratio * scaling_params / args.total_batch_size))
     if num_steps < 1:
         raise stage.StageError(f"--num-steps must be -1 or positive, got {num_steps}")
-    return training_options.Plan(num_steps, accum, args.total_batch_size)
+    return training_options.Plan(num_steps, accum)
 
 
 def train_loader(args, tokenizer, device, state):
