@@ -1,6 +1,7 @@
 """base_train under real torchrun (2 processes, gloo): training, exact resume after kill -9, and
 errors before any work."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -98,6 +99,29 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     # The kept checkpoints verify and carry each rank's loader position.
     _, _, meta = load(step_dir(ckpts, 20), load_optimizer=False)
     assert len(meta["loader_states"]) == 2
+
+
+def test_a_checkpoint_from_before_the_running_totals_resumes(trained, run, shared_data):
+    """A checkpoint saved before meta.json kept the running totals (commit 24ea7e6 and earlier)
+    resumes to the same weights; the log says the totals count from the resumed step, and they do."""
+    reference_sha, _ = final_weights_sha(trained)
+    shutil.rmtree(run / "base_train", ignore_errors=True)
+    shutil.copytree(trained / "base_train" / "checkpoints" / "step_000010", run / "base_train" / "checkpoints" / "step_000010")
+    old = run / "base_train" / "checkpoints" / "step_000010"
+    meta = json.loads((old / "meta.json").read_text())
+    for key in ("tokens", "train_time_s", "batch_time_s"):
+        del meta[key]
+    data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    (old / "meta.json").write_bytes(data)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"]["meta.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    resumed = base_train(run, shared_data)
+    assert "resumed at step 10" in resumed.stderr and "the totals count from step 10" in resumed.stderr
+    resumed_sha, summary = final_weights_sha(run)
+    assert resumed_sha == reference_sha
+    assert summary["metrics"]["tokens"] == 10 * presets.get("tiny", "base_train")["total_batch_size"]
 
 
 def test_periodic_core_and_resume_with_another_world_size_is_refused(run, shared_data, eval_bundle):
