@@ -86,7 +86,7 @@ def test_mid_then_sft_learn_the_assistant_turns(tiny_base_run, tiny_env, tmp_pat
     expected = (metrics["ARC-Easy"] - 0.25) / 0.75 + (metrics["MMLU"] - 0.25) / 0.75 + metrics["GSM8K"] + metrics["SpellingBee"]
     assert metrics["chatcore"] == pytest.approx(expected / 4)
     bad = stage("nanochat.stages.chat_eval", run, tiny_env, "--source", "sft", "-a", "Jeopardy", check=False)
-    assert bad.returncode == 1 and "unknown task(s) Jeopardy" in bad.stderr
+    assert bad.returncode == 1 and "-a: unknown task 'Jeopardy'; choose from ARC-Easy" in bad.stderr
 
 
 def test_identity_conversations_replace_nanochats(tiny_base_run, tiny_env, shared_data, tmp_path):
