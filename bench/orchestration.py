@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows import stages
+from flows import launch
 from flows.speedrun import run_spec, speedrun
 from nanochat import pipeline
 from nanochat.common import autodetect_device_type, git_commit
@@ -25,7 +25,7 @@ def run_direct(root, args):
     spec = run_spec("tiny", "direct", root, args.data_mirror, args.nproc_per_node, 1, None)
     t0 = time.perf_counter()
     for stage in pipeline.select():
-        subprocess.run(stages.command(stage, spec), env=stages.child_env(spec), check=True, capture_output=True)
+        subprocess.run(launch.command(stage, spec), env=launch.child_env(spec), check=True, capture_output=True)
     return time.perf_counter() - t0
 
 

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 
 import nanochat.storage
-from flows import stages
+from flows import launch, stages
 from nanochat import pipeline, presets, report
 
 # The final artifact: the output of the last stage run that trains a model, else the tokenizer.
@@ -26,7 +26,7 @@ FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
 
 def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes, overrides):
     root = nanochat.storage.storage_root(storage_root)
-    return stages.RunSpec(run=nanochat.storage.run_uri(run_name or f"speedrun-{preset}", root), preset=preset,
+    return launch.RunSpec(run=nanochat.storage.run_uri(run_name or f"speedrun-{preset}", root), preset=preset,
                           storage=root, data_mirror=data_mirror, nproc_per_node=nproc_per_node, nnodes=nnodes,
                           overrides=overrides or {})
 

@@ -18,7 +18,7 @@ from prefect.states import Cancelling
 from prefect.utilities.templating import apply_values
 from prefect.workers.process import ProcessJobConfiguration
 
-from flows import stages
+from flows import launch
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = REPO / "deployments"
@@ -63,7 +63,7 @@ def worker(prefect_api, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("worker") / "worker.log", "w")
     proc = subprocess.Popen([*prefect, "worker", "start", "--pool", "gpu"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     yield
-    stages.kill_tree([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)], grace=10)
+    launch.kill_tree([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)], grace=10)
     proc.wait()
     log.close()
 

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-from flows import stages
+from flows import launch
 from flows.speedrun import speedrun, with_identity
 from nanochat import pipeline, storage
 
@@ -177,12 +177,12 @@ def test_launcher_streams_output_and_leaves_no_torchrun_worker(tmp_path, monkeyp
     """torchrun's workers run in sessions of their own: even when the torchrun agent is killed
     outright, the launcher kills them."""
     monkeypatch.setenv("NANOCHAT_FAULT", "base_train:hang")
-    spec = stages.RunSpec(run=storage.normalize(str(tmp_path / "run")), preset="tiny",
+    spec = launch.RunSpec(run=storage.normalize(str(tmp_path / "run")), preset="tiny",
                           storage=storage.normalize(str(tmp_path)), nproc_per_node=2)
     stage = pipeline.stage("base_train")
     lines, result = [], {}
-    thread = threading.Thread(target=lambda: result.update(out=stages.launch(
-        stages.command(stage, spec), stages.child_env(spec), lines.append, grace=5.0)))
+    thread = threading.Thread(target=lambda: result.update(out=launch.launch(
+        launch.command(stage, spec), launch.child_env(spec), lines.append, grace=5.0)))
     thread.start()
     deadline = time.monotonic() + 120
     while sum(line.count("injected fault") for line in lines) < 2:  # both ranks hang

@@ -1,0 +1,162 @@
+"""How a stage's process starts: its command line (one builder for every node of a launch) and a
+launcher that runs it as a child, streams its output and leaves no process of its tree behind.
+
+    python -m nanochat.stages.<module> --run RUN --preset P --storage S [options]
+    python -m torch.distributed.run --standalone --nproc_per_node N -m nanochat.stages.<module> ...
+    python -m torch.distributed.run --nnodes M --rdzv-backend c10d --rdzv-endpoint H:P ...   (M > 1)
+
+Stages run with the project's own interpreter (its .venv, beside the code this module is loaded
+from), so a worker whose Python belongs elsewhere runs the deployed code with its own packages.
+"""
+
+import collections
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import psutil
+
+from nanochat import presets, storage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def project_python():
+    """The interpreter of the project this code belongs to: its .venv's python, else this one."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Where and how a run's stages execute (what the flow's parameters resolve to)."""
+
+    run: str  # the run URI
+    preset: str
+    storage: str  # the storage root URI (runs and the data cache)
+    data_mirror: str | None = None
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    overrides: dict = dataclasses.field(default_factory=dict)  # {stage: {option: value}}
+
+    def config(self, stage):
+        """The stage's resolved config: the preset's values, then the overrides."""
+        return {**presets.get(self.preset, stage.module), **self.overrides.get(stage.name, {})}
+
+
+def options(overrides):
+    """{"num_steps": 10, "verify": True} -> ["--num-steps", "10", "--verify"]."""
+    out = []
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not False and value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def command(stage, spec):
+    """The stage's command line under `spec` (torchrun for multi-process stages)."""
+    module = f"nanochat.stages.{stage.module}"
+    args = ["--run", spec.run, "--preset", spec.preset, "--storage", spec.storage, *stage.args,
+            *options(spec.overrides.get(stage.name, {}))]
+    if not stage.torchrun:
+        return [project_python(), "-m", module, *args]
+    torchrun = [project_python(), "-m", "torch.distributed.run", f"--nproc_per_node={spec.nproc_per_node}"]
+    if spec.nnodes > 1:
+        endpoint = os.environ.get("NANOCHAT_RDZV_ENDPOINT")
+        if not endpoint:
+            raise ValueError(f"nnodes={spec.nnodes} needs NANOCHAT_RDZV_ENDPOINT=host:port (the c10d rendezvous)")
+        torchrun += [f"--nnodes={spec.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
+    else:
+        torchrun.append("--standalone")  # a free local port: parallel torchrun stages never collide
+    # e.g. NANOCHAT_LAUNCHER="srun --ntasks-per-node=1" under Slurm: one torchrun per node
+    launcher = shlex.split(os.environ.get("NANOCHAT_LAUNCHER", ""))
+    # `--`: without it torchrun's parser takes `--run` for an abbreviation of its own `--run-path`
+    return [*launcher, *torchrun, "-m", module, "--", *args]
+
+
+def child_env(spec):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if spec.data_mirror:
+        env["NANOCHAT_DATA_MIRROR"] = spec.data_mirror
+    return env
+
+
+# Running a child process
+
+LAUNCH_TAG = "NANOCHAT_LAUNCH"  # in the environment of every process one launch starts
+
+
+def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0):
+    """Runs `cmd` as a child in this process group (not a new session: a signal to the group, as a
+    worker cancelling a flow run sends, reaches it too), passing each output line to `log`. Returns
+    (exit code, last lines). However this call ends, no process of the child's tree outlives it:
+    torchrun's workers live in sessions of their own, so they are tracked while they run, and found
+    at the end by a tag in their environment (a worker born since the last look, orphaned when the
+    agent was killed, has no parent left to find it by)."""
+    tag = uuid.uuid4().hex
+    tail = collections.deque(maxlen=tail_lines)
+    proc = subprocess.Popen(cmd, env={**env, LAUNCH_TAG: tag}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    reader = threading.Thread(target=pump, args=(proc.stdout, log, tail), daemon=True)
+    reader.start()
+    tree = {proc.pid: psutil.Process(proc.pid)}
+    try:
+        while True:
+            try:
+                tree.update((p.pid, p) for p in tree[proc.pid].children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+            try:
+                code = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if tick:
+                    tick()
+    finally:
+        tree.update((p.pid, p) for p in tagged(tag))
+        kill_tree(tree.values(), grace)
+        proc.wait()
+        reader.join(timeout=grace)
+    return code, "".join(tail)
+
+
+def tagged(tag):
+    """The processes (of this user) whose environment carries this launch's tag."""
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(LAUNCH_TAG) == tag:
+                yield p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
+def pump(stream, log, tail):
+    for line in stream:  # text mode splits on \n and \r, so progress bars come out line by line
+        line = storage.redact(line.rstrip())
+        if line:
+            log(line)
+            tail.append(line + "\n")
+
+
+def kill_tree(procs, grace):
+    """SIGTERM to every process still running, then SIGKILL to those alive after `grace` seconds."""
+    alive = [p for p in procs if p.is_running()]
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, survivors = psutil.wait_procs(alive, timeout=grace)
+    for p in survivors:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
