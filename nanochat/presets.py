@@ -122,6 +122,39 @@ PRESETS = {
             "chat_rl": chat_rl()},
 }
 
+# Presets for a GPU node: their stages run one process per GPU by default, and their device batch
+# sizes are sized, as upstream's, for GPUs of this much memory (smaller GPUs get a smaller one).
+GPU_PRESETS = {"d20", "d26", "d32"}
+SIZED_FOR_GPU_GB = 80
+
+HOUR = 3600
+# How long a stage may run before it is failed (and retried, resuming from its checkpoints), and how
+# long a collective may wait for a silent peer before the process group gives up (a dead node
+# fails the stage in that time, instead of torch's default 10 or 30 minutes). Per preset, by module.
+GPU_TIMEOUTS = {"download": 3 * HOUR, "tok_train": 2 * HOUR, "tok_eval": HOUR, "base_eval": 3 * HOUR, "mid_train": 4 * HOUR,
+                "chat_sft": 3 * HOUR, "chat_eval": 4 * HOUR, "chat_rl": 8 * HOUR, "base_train": 12 * HOUR}
+LIMITS = {
+    "tiny": {"stage_timeout_s": dict.fromkeys(GPU_TIMEOUTS, HOUR // 2), "collective_timeout_s": 60},
+    "cpu": {"stage_timeout_s": {**dict.fromkeys(GPU_TIMEOUTS, 2 * HOUR), "base_train": 6 * HOUR},
+            "collective_timeout_s": 300},
+    "d20": {"stage_timeout_s": GPU_TIMEOUTS, "collective_timeout_s": 900},
+    "d26": {"stage_timeout_s": {**GPU_TIMEOUTS, "base_train": 30 * HOUR}, "collective_timeout_s": 900},
+    "d32": {"stage_timeout_s": {**GPU_TIMEOUTS, "base_train": 72 * HOUR}, "collective_timeout_s": 900},
+}
+
+
+def stage_timeout(preset, module):
+    """Seconds stage `module` may run under `preset`."""
+    get(preset, module)  # the unknown-preset error
+    return LIMITS[preset]["stage_timeout_s"][module]
+
+
+def collective_timeout(preset):
+    """Seconds a collective waits for a silent peer under `preset`."""
+    get(preset, "base_train")
+    return LIMITS[preset]["collective_timeout_s"]
+
+
 # Presets whose flow runs one stage at a time: on 2 CPU cores, two stages side by side would only
 # share the cores (and their spinning threads slow each other down).
 ONE_STAGE_AT_A_TIME = {"cpu"}
