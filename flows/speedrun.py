@@ -31,6 +31,17 @@ def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes
                           overrides=overrides or {})
 
 
+def spec_from_parameters(flow_name, parameters):
+    """The RunSpec a flow run of `speedrun` or `stage` resolves its parameters to (what every node of
+    a multi-node launch needs to build the same stage command)."""
+    p = dict(parameters)
+    overrides = p.get("overrides")
+    if flow_name == "speedrun":
+        overrides = with_identity(overrides, p.get("identity"), p.get("identity_weight"))
+    return run_spec(p.get("preset", "tiny"), p.get("run_name"), p.get("storage"), p.get("data_mirror"),
+                    p.get("nproc_per_node", 1), p.get("nnodes", 1), overrides)
+
+
 @task
 def publish_report(run: str) -> str:
     """Writes <run>/report.md and publishes it (artifact `report-card`) with the stage table."""
