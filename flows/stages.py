@@ -4,6 +4,7 @@ cached under a key of stage + resolved config + upstream stage.json sha256 + cod
 `<run>/prefect-results/`.
 """
 
+import contextlib
 import hashlib
 import json
 import shlex
@@ -20,7 +21,8 @@ from prefect.transactions import IsolationLevel
 
 from flows.launch import RunSpec, child_env, command, launch
 from flows.locks import FlockLockManager
-from nanochat import storage
+from flows.slots import node_slot
+from nanochat import presets, storage
 from nanochat.common import code_version
 from nanochat.pipeline import Stage
 from nanochat.stage import SUMMARY
@@ -86,11 +88,12 @@ def stage_task(stage, spec, retries=2, force=False):
         result_storage=result_storage(spec.run),
         refresh_cache=force,
         retries=retries,
+        tags={f"stage:{stage.name}"},
     )
 
 
 class StageFailed(Exception):
-    """A stage exited non-zero; the message carries its last output lines."""
+    """A stage exited non-zero, or ran past its timeout; the message carries its last output lines."""
 
 
 # Results are JSON (a stage.json), never pickles: a run directory from elsewhere cannot run code here.
@@ -98,16 +101,33 @@ class StageFailed(Exception):
       retry_jitter_factor=0.5, task_run_name="{stage.name}")
 def run_stage(stage: Stage, spec: RunSpec) -> dict:
     """Runs one stage to completion and returns its stage.json; a retry resumes from the stage's
-    checkpoints (stages resume by default)."""
+    checkpoints (stages resume by default). A torchrun stage holds its node's slot while it runs
+    (flows/slots.py); every stage is stopped at its preset's timeout."""
     logger = get_run_logger()
     cmd = command(stage, spec)
-    logger.info("$ %s", storage.redact(shlex.join(cmd)))
     progress = Progress(stage, spec)
-    code, tail = launch(cmd, child_env(spec), logger.info, tick=progress.update)
+    with node_slot(logger.info) if stage.torchrun else contextlib.nullcontext():
+        logger.info("$ %s", storage.redact(shlex.join(cmd)))
+        deadline = Deadline(stage, spec)
+        code, tail = launch(cmd, child_env(spec), logger.info, tick=lambda: (progress.update(), deadline.check()))
     if code != 0:
         raise StageFailed(f"stage {stage.name} exited with code {code}; last output:\n{tail}")
     progress.update(final=True)
     return storage.read_json(summary_uri(stage.name, spec))
+
+
+class Deadline:
+    """The stage's timeout (presets.LIMITS): checked every second by the launcher, whose cleanup
+    then ends the stage's whole process tree."""
+
+    def __init__(self, stage, spec):
+        self.name, self.preset = stage.name, spec.preset
+        self.seconds = presets.stage_timeout(spec.preset, stage.module)
+        self.end = time.monotonic() + self.seconds
+
+    def check(self):
+        if time.monotonic() > self.end:
+            raise StageFailed(f"stage {self.name} ran past its timeout of {self.seconds} s (preset {self.preset})")
 
 
 class Progress:

@@ -176,6 +176,11 @@ def reads_data(stage):
     return any(DOWNLOAD in row.needs for row in pipeline.PIPELINE if row.module == stage)
 
 
+def utc(seconds):
+    """An epoch time as ISO 8601 UTC to the millisecond (what tells two stages' intervals apart)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"
+
+
 def commit(run, stage, args, inputs, outputs, metrics, started):
     """Writes stage.json last, recording everything needed to trust and reuse the outputs (storage
     retries transient errors; if it gives up, the stage is not done and a rerun commits it). The
@@ -191,7 +196,8 @@ def commit(run, stage, args, inputs, outputs, metrics, started):
         "outputs": {name: artifact(uri) for name, uri in outputs.items()},
         "metrics": metrics,
         "wall_time_s": round(time.time() - started, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_at": utc(started),
+        "finished_at": utc(time.time()),
         "code": code_version(),
     }
     summary = storage.redact(summary)
