@@ -22,8 +22,11 @@ RUST_SOURCES := rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs)
 
 # The Prefect server of `make server`, which `make worker` and `make deploy` talk to.
 PREFECT_API ?= http://127.0.0.1:4200/api
-# processes per stage: the cpu preset's two single-threaded processes use 2 cores best
-NPROC ?= $(if $(filter cpu,$(PRESET)),2,1)
+# processes per node (default: the flow's, one per GPU on GPU presets, 2 on the cpu preset)
+NPROC ?=
+# `make server` listens here; beyond loopback only with PREFECT_SERVER_API_AUTH_STRING set
+HOST ?= 127.0.0.1
+PORT ?= 4200
 
 .PHONY: help setup dev speedrun test lint bench server worker deploy clean
 
@@ -59,10 +62,13 @@ $(VENV)/.dev: $(VENV)/.setup
 	touch $@
 
 speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d26|d32, RUN=name, NPROC=processes)
-	$(PY) -m flows.speedrun --preset $(PRESET) --run $(RUN) --nproc-per-node $(NPROC)
+	$(PY) -m flows.speedrun --preset $(PRESET) --run $(RUN) $(if $(NPROC),--nproc-per-node $(NPROC))
 
-server: setup  ## Prefect server and UI on http://127.0.0.1:4200 (SQLite under PREFECT_HOME)
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+server: setup  ## Prefect server and UI on http://$(HOST):$(PORT) (SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL)
+	@case "$(HOST)" in 127.0.0.1|localhost|::1) ;; *) [ -n "$${PREFECT_SERVER_API_AUTH_STRING:-}" ] || { \
+	  echo "make server HOST=$(HOST): a server beyond loopback needs PREFECT_SERVER_API_AUTH_STRING=user:password" \
+	       "(workers and clients then set PREFECT_API_AUTH_STRING to the same)" >&2; exit 2; } ;; esac
+	$(VENV)/bin/prefect server start --host $(HOST) --port $(PORT)
 
 worker: setup  ## a process worker on work pool "gpu" (creates the pool from deployments/gpu-pool.json)
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create gpu --type process \

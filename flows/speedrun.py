@@ -11,9 +11,13 @@ one resumes from its checkpoints.
 """
 
 import argparse
+import os
+import subprocess
 
-from prefect import flow, task
+from prefect import flow, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.futures import wait
 
 import nanochat.storage
@@ -24,22 +28,103 @@ from nanochat import pipeline, presets, report
 FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
 
 
+RUN_RECORD = "run.json"  # what the speedrun flow ran the run with: the stage flow's defaults
+
+
 def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes, overrides):
     root = nanochat.storage.storage_root(storage_root)
     return launch.RunSpec(run=nanochat.storage.run_uri(run_name or f"speedrun-{preset}", root), preset=preset,
-                          storage=root, data_mirror=data_mirror, nproc_per_node=nproc_per_node, nnodes=nnodes,
-                          overrides=overrides or {})
+                          storage=root, data_mirror=data_mirror, nproc_per_node=nproc_per_node or default_nproc(preset),
+                          nnodes=nnodes, overrides=overrides or {})
+
+
+def recorded_spec(run_name, storage_root, data_mirror, preset, nproc_per_node, nnodes, overrides):
+    """The spec of a re-run of one stage: what is given, else what the run recorded, so a stage of a
+    d20 run re-runs as d20 with the run's overrides."""
+    run = nanochat.storage.run_uri(run_name, nanochat.storage.storage_root(storage_root))
+    uri = nanochat.storage.join(run, RUN_RECORD)
+    record = nanochat.storage.read_json(uri) if nanochat.storage.exists(uri) else {}
+    if preset is None and "preset" not in record:
+        raise ValueError(f"{nanochat.storage.redact(uri)} does not exist (the speedrun flow writes it): give the preset")
+    return run_spec(preset or record["preset"], run, storage_root, data_mirror,
+                    nproc_per_node or record.get("nproc_per_node"), nnodes or record.get("nnodes", 1),
+                    record.get("overrides") if overrides is None else overrides)
 
 
 def spec_from_parameters(flow_name, parameters):
     """The RunSpec a flow run of `speedrun` or `stage` resolves its parameters to (what every node of
     a multi-node launch needs to build the same stage command)."""
     p = dict(parameters)
-    overrides = p.get("overrides")
-    if flow_name == "speedrun":
-        overrides = with_identity(overrides, p.get("identity"), p.get("identity_weight"))
+    if flow_name == "stage":
+        return recorded_spec(p["run_name"], p.get("storage"), p.get("data_mirror"), p.get("preset"),
+                             p.get("nproc_per_node"), p.get("nnodes"), p.get("overrides"))
+    overrides = with_identity(p.get("overrides"), p.get("identity"), p.get("identity_weight"))
     return run_spec(p.get("preset", "tiny"), p.get("run_name"), p.get("storage"), p.get("data_mirror"),
-                    p.get("nproc_per_node", 1), p.get("nnodes", 1), overrides)
+                    p.get("nproc_per_node"), p.get("nnodes", 1), overrides)
+
+
+def default_nproc(preset):
+    """Processes per node when not given: one per GPU on a GPU preset, else the preset's choice."""
+    if preset not in presets.GPU_PRESETS:
+        return presets.cpu_nproc(preset)
+    gpus = gpu_count()
+    if not gpus:
+        raise ValueError(f"preset {preset} runs one process per GPU and this node has none: give nproc_per_node")
+    return gpus
+
+
+def gpu_count():
+    """This node's GPUs: those CUDA_VISIBLE_DEVICES names (as Slurm and Kubernetes set it), else
+    those `nvidia-smi -L` lists (the flow process never imports torch)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+def check_storage(storage, nnodes):
+    """Refuses the worker's local disk as a run's storage where other machines read and write the
+    run: nodes after the first, or a worker that is not a process on this machine."""
+    if storage or os.environ.get("NANOCHAT_STORAGE"):
+        return
+    pool = work_pool_type()
+    if nnodes > 1 or pool not in (None, "process"):
+        where = f"{nnodes} nodes" if nnodes > 1 else f"a {pool} work pool"
+        raise ValueError(f"a run on {where} needs storage every node reaches: give the storage parameter "
+                         "(s3://bucket/prefix, or a shared filesystem path) or set NANOCHAT_STORAGE")
+
+
+def work_pool_type():
+    """The type of the work pool this flow run came from (None when run directly)."""
+    context = FlowRunContext.get()
+    name = context.flow_run.work_pool_name if context and context.flow_run else None
+    if not name:
+        return None
+    with get_client(sync_client=True) as client:
+        return client.read_work_pool(name).type
+
+
+def record_run(spec):
+    nanochat.storage.write_json(nanochat.storage.join(spec.run, RUN_RECORD), {
+        "preset": spec.preset, "nproc_per_node": spec.nproc_per_node, "nnodes": spec.nnodes, "overrides": spec.overrides})
+
+
+def speedrun_name():
+    """speedrun-<preset>-<run> (just the run's name when it is the default, speedrun-<preset>)."""
+    p = runtime.flow_run.parameters
+    default = f"speedrun-{p.get('preset', 'tiny')}"
+    run = os.path.basename(str(p.get("run_name") or default).rstrip("/"))
+    return run if run == default else f"{default}-{run}"
+
+
+def stage_name():
+    """<stage>-<run>."""
+    p = runtime.flow_run.parameters
+    return f"{p['name']}-{os.path.basename(str(p['run_name']).rstrip('/'))}"
 
 
 @task
@@ -52,9 +137,9 @@ def publish_report(run: str) -> str:
     return uri
 
 
-@flow(name="speedrun")
+@flow(name="speedrun", flow_run_name=speedrun_name)
 def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | None = None,
-             data_mirror: str | None = None, nproc_per_node: int = 1, nnodes: int = 1,
+             data_mirror: str | None = None, nproc_per_node: int | None = None, nnodes: int = 1,
              overrides: dict[str, dict] | None = None, retries: int = 2, only: list[str] | None = None,
              identity: str | None = None, identity_weight: float | None = None, parallel: bool | None = None) -> str:
     """Runs the pipeline on `preset` in run `run_name` (default speedrun-<preset>) under `storage`
@@ -62,11 +147,15 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     and the ones they need; `identity`: a JSONL file (path or URI) of your own conversations (a
     name, a personality) mixed into midtraining and SFT, `identity_weight` times; `parallel`: stages
     whose inputs are ready run side by side (default: the preset's choice; the cpu preset runs one
-    stage at a time, as two would only share its cores). Returns the URI
+    stage at a time, as two would only share its cores), though torchrun stages never share a node
+    (flows/slots.py); `nproc_per_node`: default one per GPU on GPU presets. Records the run's
+    preset and overrides in <run>/run.json, the stage flow's defaults. Returns the URI
     of the final artifact: the last training stage's `checkpoint` output; else the directory of
     tok_train or, in a run of stages that produce neither (only=["download"]), of the last stage."""
+    check_storage(storage, nnodes)
     overrides = with_identity(overrides, identity, identity_weight)
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
+    record_run(spec)
     if parallel is None:
         parallel = preset not in presets.ONE_STAGE_AT_A_TIME
     futures = {}
@@ -92,13 +181,15 @@ def with_identity(overrides, identity, weight):
     return out
 
 
-@flow(name="stage")
-def one_stage(name: str, preset: str = "tiny", run_name: str | None = None, storage: str | None = None,
-              data_mirror: str | None = None, nproc_per_node: int = 1, nnodes: int = 1,
+@flow(name="stage", flow_run_name=stage_name)
+def one_stage(name: str, run_name: str, preset: str | None = None, storage: str | None = None,
+              data_mirror: str | None = None, nproc_per_node: int | None = None, nnodes: int | None = None,
               overrides: dict[str, dict] | None = None, retries: int = 2) -> dict:
     """Re-runs stage `name` on an existing run (its upstream stages must be done there), bypassing
-    the cache; returns its stage.json."""
-    spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
+    the cache; returns its stage.json. The preset, processes, nodes and overrides default to the
+    run's own (its run.json)."""
+    check_storage(storage, nnodes or 1)
+    spec = recorded_spec(run_name, storage, data_mirror, preset, nproc_per_node, nnodes, overrides)
     stage = pipeline.stage(name)
     return stages.stage_task(stage, spec, retries=retries, force=True)(stage, spec)
 
@@ -110,14 +201,14 @@ def main(argv=None):
     p.add_argument("--run", default=None, help="run name or URI (default: speedrun-<preset>)")
     p.add_argument("--storage", default=None, help="storage root (default: $NANOCHAT_STORAGE or file://~/.cache/nanochat)")
     p.add_argument("--data-mirror", default=None, help="mirror of the data sources (default: $NANOCHAT_DATA_MIRROR)")
-    p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: one per GPU on GPU presets)")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--identity", default=None, help="JSONL of your own conversations to mix into mid_train and chat_sft")
     p.add_argument("--identity-weight", type=float, default=None, help="times the identity conversations are repeated")
     args = p.parse_args(argv)
     final = speedrun(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes,
                      identity=args.identity, identity_weight=args.identity_weight)
-    run = run_spec(args.preset, args.run, args.storage, None, 1, 1, None).run
+    run = nanochat.storage.run_uri(args.run or f"speedrun-{args.preset}", nanochat.storage.storage_root(args.storage))
     print(f"\nfinal artifact: {final}\nreport card:    {nanochat.storage.join(run, report.REPORT)}\n"
           f"chat with it:   .venv/bin/nanochat chat --run {run}\n"
           f"or serve it:    .venv/bin/nanochat serve --run {run}   (API and web UI on http://127.0.0.1:8000)")

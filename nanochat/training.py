@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanochat import checkpoint, common, stage, storage
+from nanochat import checkpoint, common, stage, storage, training_options
 from nanochat.common import log
 from nanochat.optim import lr_multiplier, muon_momentum
 
@@ -47,6 +47,9 @@ class Training:
         self.wandb = start_wandb(args)
         self.compute = common.compute_init(args.device_type, seed=args.seed)
         self.device = self.compute.device
+        if self.compute.device_type == "cuda":
+            args.device_batch_size = training_options.fit_device_batch(
+                args.preset, stage_name, args.device_batch_size, torch.cuda.get_device_properties(self.device).total_memory)
         self.dtype = common.autocast_dtype(self.compute.device_type, args.dtype)
         self.autocast = common.autocast_context(self.compute.device_type, self.dtype)
         self.ckpt_dir = stage.stage_uri(args.run, stage_name, "checkpoints")

@@ -5,7 +5,8 @@ in `nanochat/training.py`."""
 import argparse
 import dataclasses
 
-from nanochat import stage
+from nanochat import presets, stage
+from nanochat.common import log
 
 
 def add_options(p):
@@ -48,3 +49,25 @@ def grad_accum(total_batch_size, device_batch_size, seq_len, world_size):
         raise stage.StageError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x sequence "
                                f"x processes = {device_batch_size} x {seq_len} x {world_size}")
     return total_batch_size // per_pass
+
+
+def fit_device_batch(preset, stage_name, device_batch_size, gpu_bytes):
+    """The device batch size for this GPU. GPU presets size theirs, as upstream does, for 80 GB
+    GPUs; on a smaller one the preset's value is halved until it fits (gradient accumulation keeps
+    the total batch), and a GPU too small for one row is refused, naming the memory needed. An
+    explicit --device-batch-size, a larger GPU and CPU presets keep the value as it is."""
+    sized = presets.get(preset, stage_name).get("device_batch_size")
+    if preset not in presets.GPU_PRESETS or device_batch_size != sized:
+        return device_batch_size
+    have_gb = gpu_bytes / 1e9
+    need_gb = presets.SIZED_FOR_GPU_GB * 0.98  # an "80 GB" GPU reports about 79-85 GB
+    fitted = device_batch_size
+    while fitted > 1 and fitted / device_batch_size * need_gb > have_gb:
+        fitted //= 2
+    if fitted / device_batch_size * need_gb > have_gb:
+        raise stage.StageError(f"preset {preset}'s {stage_name} needs about {need_gb / device_batch_size:.0f} GB of GPU memory "
+                               f"per row and this GPU has {have_gb:.0f} GB: use a smaller model (--depth) or another preset")
+    if fitted != device_batch_size:
+        log.info("device batch size %d (preset %s's %d is sized for %d GB GPUs; this one has %.0f GB)",
+                 fitted, preset, device_batch_size, presets.SIZED_FOR_GPU_GB, have_gb)
+    return fitted

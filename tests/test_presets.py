@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-from nanochat import presets
-from nanochat.stage import parse_args
+from nanochat import pipeline, presets, training_options
+from nanochat.stage import StageError, parse_args
 
 PROCESSES = {"tiny": (1, 2), "cpu": (1, 2), "d20": (8,), "d26": (8,), "d32": (8,)}
 
@@ -45,3 +45,31 @@ def test_gpu_presets_compile_the_fixed_shape_stages(preset):
     assert presets.get(preset, "base_train")["compile"] and presets.get(preset, "mid_train")["compile"]
     assert "compile" not in presets.get(preset, "chat_sft")
     assert not any(presets.get(p, s).get("compile") for p in ("tiny", "cpu") for s in ("base_train", "mid_train"))
+
+
+@pytest.mark.parametrize("preset", sorted(presets.GPU_PRESETS))
+def test_gpu_batches_fit_smaller_gpus_and_still_split_into_whole_passes(preset):
+    """A GPU preset's device batch on a 40 GB and a 24 GB GPU: halved to fit, and the total batch
+    still splits into whole passes on 8 GPUs; an explicit value and an 80 GB GPU keep theirs."""
+    for name in ("base_train", "mid_train"):
+        cfg, base = presets.get(preset, name), presets.get(preset, "base_train")
+        row = cfg.get("max_seq_len") or base["max_seq_len"] + (name == "mid_train")
+        sized = cfg["device_batch_size"]
+        assert training_options.fit_device_batch(preset, name, sized, 85.0e9) == sized  # an H100's 79 GiB
+        for gb, at_most in ((42.5e9, sized // 2), (25.4e9, sized // 4)):
+            fitted = training_options.fit_device_batch(preset, name, sized, gb)
+            assert 1 <= fitted <= at_most and cfg["total_batch_size"] % (fitted * row * 8) == 0
+        assert training_options.fit_device_batch(preset, name, sized + 1, 25.4e9) == sized + 1
+
+
+def test_a_gpu_too_small_for_one_row_is_refused_naming_the_memory():
+    with pytest.raises(StageError, match=r"needs about 10 GB of GPU memory per row and this GPU has 5 GB"):
+        training_options.fit_device_batch("d32", "base_train", 8, 5e9)
+    assert training_options.fit_device_batch("tiny", "base_train", 4, 1e9) == 4  # CPU presets: as given
+
+
+@pytest.mark.parametrize("preset", sorted(presets.PRESETS))
+def test_every_stage_has_a_timeout_and_a_collective_timeout(preset):
+    for row in pipeline.PIPELINE:
+        assert presets.stage_timeout(preset, row.module) >= 600
+    assert 10 <= presets.collective_timeout(preset) <= 1800  # under torch's 30-minute gloo default

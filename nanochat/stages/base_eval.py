@@ -14,7 +14,7 @@ centered accuracy and the random baseline, and which tasks of core.yaml the bund
 import itertools
 import time
 
-from nanochat import stage, storage
+from nanochat import stage, storage, training_options
 from nanochat.common import log
 
 STAGE = "base_eval"
@@ -51,6 +51,9 @@ def main(args):
         raise stage.StageError(str(e)) from None
     compute = common.compute_init(args.device_type)
     device = compute.device
+    if compute.device_type == "cuda":
+        args.device_batch_size = training_options.fit_device_batch(
+            args.preset, STAGE, args.device_batch_size, torch.cuda.get_device_properties(device).total_memory)
     model, tokenizer, _ = checkpoint.load_model(target, device)
     dtype = common.autocast_dtype(compute.device_type, args.dtype)
     autocast = common.autocast_context(compute.device_type, dtype)

@@ -1,0 +1,131 @@
+"""Defaults a run on a cluster depends on: a stage stops at its preset's timeout, a re-run of one
+stage takes the run's own preset and overrides, run names say preset and run, multi-node runs and
+remote pools refuse the worker's local disk, GPU presets run one process per GPU, and `make
+server` listens beyond loopback only with an auth string. (One GPU job at a time per node is
+tests/test_flows.py's, on its concurrent runs and the whole DAG.)"""
+
+import base64
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows import speedrun as speedrun_module
+from flows.speedrun import default_nproc, one_stage, speedrun
+from nanochat import presets, storage
+from tests.serving import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_stage_past_its_timeout_fails_and_leaves_no_process(prefect_api, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_FAULT", "download:hang")
+    monkeypatch.setitem(presets.LIMITS["tiny"]["stage_timeout_s"], "download", 3)
+    started = time.monotonic()
+    state = speedrun(preset="tiny", run_name="slow", storage=str(tmp_path), data_mirror=str(shared_data), retries=0,
+                     only=["download"], return_state=True)
+    assert state.is_failed() and "stage download ran past its timeout of 3 s (preset tiny)" in state.message
+    assert time.monotonic() - started < 60
+    marker = str(tmp_path / "runs" / "slow")
+    assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.fixture(scope="module")
+def recorded(prefect_api, shared_data, tmp_path_factory):
+    """A run that downloads one shard (an override), and the state of its flow run."""
+    root = tmp_path_factory.mktemp("storage")
+    state = speedrun(preset="tiny", run_name="rec", storage=str(root), data_mirror=str(shared_data), retries=0,
+                     only=["download"], overrides={"download": {"num_shards": 1}}, return_state=True)
+    assert state.is_completed(), state.message
+    return root, state
+
+
+def test_a_stage_rerun_takes_the_runs_preset_and_overrides(recorded, shared_data):
+    root, _ = recorded
+    run = storage.run_uri("rec", str(root))
+    assert storage.read_json(storage.join(run, "run.json")) == {
+        "preset": "tiny", "nproc_per_node": 1, "nnodes": 1, "overrides": {"download": {"num_shards": 1}}}
+    before = storage.read_json(storage.join(run, "download", "stage.json"))
+    summary = one_stage("download", run_name="rec", storage=str(root), data_mirror=str(shared_data), retries=0)
+    assert summary["config"]["num_shards"] == 1 and summary["config"]["preset"] == "tiny"
+    assert summary["finished_at"] > before["finished_at"]  # it ran again (the stage flow bypasses the cache)
+
+
+def test_a_stage_rerun_without_a_recorded_run_needs_a_preset(prefect_api, tmp_path):
+    state = one_stage("download", run_name="never", storage=str(tmp_path), retries=0, return_state=True)
+    assert state.is_failed() and "run.json does not exist (the speedrun flow writes it): give the preset" in state.message
+
+
+def test_run_names_say_preset_and_run_and_tags_say_stage(recorded, shared_data):
+    root, state = recorded
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    assert flow_run.name == "speedrun-tiny-rec"
+    assert {r.name: set(r.tags) for r in task_runs}["download"] == {"stage:download"}
+    stage_state = one_stage("download", run_name="rec", storage=str(root), data_mirror=str(shared_data), retries=0,
+                            return_state=True)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(stage_state.state_details.flow_run_id).name == "download-rec"
+
+
+def test_runs_elsewhere_refuse_the_workers_local_disk(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_STORAGE", raising=False)
+    state = speedrun(preset="tiny", run_name="far", nnodes=2, retries=0, only=["download"], return_state=True)
+    assert state.is_failed() and "a run on 2 nodes needs storage every node reaches" in state.message
+    monkeypatch.setattr(speedrun_module, "work_pool_type", lambda: "kubernetes")
+    state = one_stage("download", run_name="far", preset="tiny", retries=0, return_state=True)
+    assert state.is_failed() and "a run on a kubernetes work pool needs storage every node reaches" in state.message
+
+
+def test_gpu_presets_run_one_process_per_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert default_nproc("d20") == 8
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ValueError, match="preset d32 runs one process per GPU and this node has none"):
+        default_nproc("d32")
+    assert (default_nproc("cpu"), default_nproc("tiny")) == (2, 1)
+    dry = subprocess.run(["make", "-n", "speedrun", "PRESET=d20"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "--preset d20" in dry.stdout and "--nproc-per-node" not in dry.stdout  # the flow decides
+
+
+def test_make_server_beyond_loopback_needs_an_auth_string(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    refused = subprocess.run(["make", "server", "HOST=0.0.0.0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "needs PREFECT_SERVER_API_AUTH_STRING" in refused.stderr
+    port = free_port()
+    env = {**env, "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_API_AUTH_STRING": "admin:s3cret"}
+    server = subprocess.Popen(["make", "server", "HOST=0.0.0.0", f"PORT={port}"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert status(f"http://127.0.0.1:{port}/api/health", timeout=120) == 200  # probes stay open
+        version = f"http://127.0.0.1:{port}/api/admin/version"
+        assert status(version) == 401 and status(version, auth="admin:wrong") == 401
+        assert status(version, auth="admin:s3cret") == 200
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def status(url, auth=None, timeout=0):
+    """The HTTP status of GET `url`, waiting up to `timeout` s for the server to listen."""
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
