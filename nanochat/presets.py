@@ -127,6 +127,14 @@ PRESETS = {
 GPU_PRESETS = {"d20", "d26", "d32"}
 SIZED_FOR_GPU_GB = 80
 
+
+
+def cpu_nproc(preset):
+    """Processes per node on a CPU preset: the cpu preset's two single-threaded processes use 2
+    cores best; tiny runs one."""
+    return 2 if preset == "cpu" else 1
+
+
 HOUR = 3600
 # How long a stage may run before it is failed (and retried, resuming from its checkpoints), and how
 # long a collective may wait for a silent peer before the process group gives up (a dead node
