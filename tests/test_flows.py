@@ -1,8 +1,9 @@
 """The speedrun flow through a real Prefect API (one test harness per session) on the tiny preset,
 with the real stages as child processes: two concurrent runs execute each stage once, a re-run is
 all cache hits, a failed stage resumes from its checkpoint to the same weights, s3:// storage, the
-stage launcher leaves no torchrun worker behind, one stage at a time when asked, and the whole DAG
-end to end with the report card's full table."""
+stage launcher leaves no torchrun worker behind, one stage at a time when asked, the whole DAG
+end to end with the report card's full table, and never two torchrun stages at once on the node,
+in one run or in two."""
 
 import concurrent.futures
 import json
@@ -24,7 +25,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-from flows import launch
+from flows import launch, slots
 from flows.speedrun import speedrun, with_identity
 from nanochat import pipeline, storage
 
@@ -171,6 +172,48 @@ def test_every_stage_end_to_end_fills_the_report_table(full_tiny_run):
     for task in ("ARC-Easy", "MMLU", "GSM8K", "SpellingBee", "ChatCORE"):
         assert "-" not in table[task][1:], task
     assert table["pass@k"][3] != "-"
+
+
+def torchrun_spans(*runs):
+    """(start, end, run/stage) of every torchrun stage done in the runs, from their stage.json."""
+    spans = []
+    for run in runs:
+        for row in pipeline.PIPELINE:
+            uri = storage.join(run, row.name, "stage.json")
+            if row.torchrun and storage.exists(uri):
+                summary = storage.read_json(uri)
+                spans.append((summary["started_at"], summary["finished_at"], f"{run}/{row.name}"))
+    return sorted(spans)
+
+
+def assert_one_at_a_time(spans):
+    for (_, end, name), (start, _, later) in zip(spans, spans[1:]):
+        assert end <= start, f"{name} ended at {end}, after {later} started at {start}"
+
+
+def test_the_parallel_dag_never_runs_two_torchrun_stages_at_once(full_tiny_run):
+    """base_eval and mid_train are both ready once base_train is done (and each chat_eval beside the
+    next training stage), but they hold the node's one slot in turn."""
+    run, _ = full_tiny_run
+    spans = torchrun_spans(run)
+    assert len(spans) == sum(row.torchrun for row in pipeline.PIPELINE)
+    assert_one_at_a_time(spans)
+
+
+def test_two_runs_submitted_together_never_share_the_node(prefect_api, shared_data, tmp_path):
+    """Two runs of their own (not one run twice, which the cache lock serializes): their base_train
+    stages take the node's slot in turn, while their tokenizer stages run side by side."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda name: run_speedrun(tmp_path, name, shared_data), ["first", "second"]))
+    for state, _ in results:
+        assert state.is_completed(), state.message
+    spans = torchrun_spans(*(storage.run_uri(name, str(tmp_path)) for name in ("first", "second")))
+    assert len(spans) == 2
+    assert_one_at_a_time(spans)
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(slots.slot_name()).limit == 1
+    waited = [line for _, flow_run_id in results for line in logs(flow_run_id) if line.startswith("waiting for nanochat-node-")]
+    assert len(waited) == 2
 
 
 def test_launcher_streams_output_and_leaves_no_torchrun_worker(tmp_path, monkeypatch):
