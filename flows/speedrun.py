@@ -86,14 +86,15 @@ def gpu_count():
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
 
 
-def check_storage(storage, nnodes):
+def check_storage(storage, nnodes, deployed=False):
     """Refuses the worker's local disk as a run's storage where other machines read and write the
-    run: nodes after the first, or a worker that is not a process on this machine."""
+    run: nodes after the first, stages sent to their deployments, or a worker that is not a
+    process on this machine."""
     if storage or os.environ.get("NANOCHAT_STORAGE"):
         return
     pool = work_pool_type()
-    if nnodes > 1 or pool not in (None, "process"):
-        where = f"{nnodes} nodes" if nnodes > 1 else f"a {pool} work pool"
+    if nnodes > 1 or deployed or pool not in (None, "process"):
+        where = (f"{nnodes} nodes" if nnodes > 1 else "stage deployments" if deployed else f"a {pool} work pool")
         raise ValueError(f"a run on {where} needs storage every node reaches: give the storage parameter "
                          "(s3://bucket/prefix, or a shared filesystem path) or set NANOCHAT_STORAGE")
 
@@ -141,18 +142,21 @@ def publish_report(run: str) -> str:
 def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | None = None,
              data_mirror: str | None = None, nproc_per_node: int | None = None, nnodes: int = 1,
              overrides: dict[str, dict] | None = None, retries: int = 2, only: list[str] | None = None,
-             identity: str | None = None, identity_weight: float | None = None, parallel: bool | None = None) -> str:
+             identity: str | None = None, identity_weight: float | None = None, parallel: bool | None = None,
+             stage_deployments: bool = False) -> str:
     """Runs the pipeline on `preset` in run `run_name` (default speedrun-<preset>) under `storage`
     (default $NANOCHAT_STORAGE); `overrides` = {stage: {option: value}}; `only`: just these stages
     and the ones they need; `identity`: a JSONL file (path or URI) of your own conversations (a
     name, a personality) mixed into midtraining and SFT, `identity_weight` times; `parallel`: stages
     whose inputs are ready run side by side (default: the preset's choice; the cpu preset runs one
     stage at a time, as two would only share its cores), though torchrun stages never share a node
-    (flows/slots.py); `nproc_per_node`: default one per GPU on GPU presets. Records the run's
+    (flows/slots.py); `nproc_per_node`: default one per GPU on GPU presets; `stage_deployments`:
+    torchrun stages run as flow runs of their `stage/<name>` deployments, wherever those were
+    deployed (a Kubernetes pool runs each as a multi-node Job) instead of on this node. Records the run's
     preset and overrides in <run>/run.json, the stage flow's defaults. Returns the URI
     of the final artifact: the last training stage's `checkpoint` output; else the directory of
     tok_train or, in a run of stages that produce neither (only=["download"]), of the last stage."""
-    check_storage(storage, nnodes)
+    check_storage(storage, nnodes, stage_deployments)
     overrides = with_identity(overrides, identity, identity_weight)
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
     record_run(spec)
@@ -160,7 +164,7 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
         parallel = preset not in presets.ONE_STAGE_AT_A_TIME
     futures = {}
     for stage in pipeline.select(only):  # a PipelineError here, before any stage runs
-        task_ = stages.stage_task(stage, spec, retries=retries)
+        task_ = stages.stage_task(stage, spec, retries=retries, deployed=stage_deployments)
         upstream = [futures[n] for n in stage.needs] if parallel else list(futures.values())
         futures[stage.name] = task_.submit(stage, spec, wait_for=upstream)
     wait(list(futures.values()))

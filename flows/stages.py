@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
+from prefect.deployments import run_deployment
 from prefect.filesystems import RemoteFileSystem
 from prefect.settings import PREFECT_HOME
 from prefect.tasks import exponential_backoff
@@ -78,11 +79,13 @@ class StageCache(CachePolicy):
         return key
 
 
-def stage_task(stage, spec, retries=2, force=False):
+def stage_task(stage, spec, retries=2, force=False, deployed=False):
     """The task that runs `stage` in the run: cached beside the run, and locked so that concurrent
-    runs of one stage on this machine execute it once. `force` runs it even on a cache hit."""
+    runs of one stage on this machine execute it once. `force` runs it even on a cache hit;
+    `deployed` runs a torchrun stage through its deployment (`run_deployed_stage`)."""
     locks = FlockLockManager(Path(PREFECT_HOME.value()) / "locks")
-    return run_stage.with_options(
+    body = run_deployed_stage if deployed and stage.torchrun else run_stage
+    return body.with_options(
         name=stage.name,
         cache_policy=StageCache().configure(lock_manager=locks, isolation_level=IsolationLevel.SERIALIZABLE),
         result_storage=result_storage(spec.run),
@@ -113,6 +116,20 @@ def run_stage(stage: Stage, spec: RunSpec) -> dict:
     if code != 0:
         raise StageFailed(f"stage {stage.name} exited with code {code}; last output:\n{tail}")
     progress.update(final=True)
+    return storage.read_json(summary_uri(stage.name, spec))
+
+
+@task(persist_result=True, result_serializer="json", task_run_name="{stage.name}")
+def run_deployed_stage(stage: Stage, spec: RunSpec) -> dict:
+    """Runs the stage as a flow run of its deployment `stage/<name>`, on the pool that deployment
+    was deployed to (on a Kubernetes pool, a Job of `nnodes` pods), and returns its stage.json. A
+    retry of this task is a new flow run, which resumes from the stage's checkpoints."""
+    parameters = {"name": stage.name, "run_name": spec.run, "preset": spec.preset, "storage": spec.storage,
+                  "data_mirror": spec.data_mirror, "nproc_per_node": spec.nproc_per_node, "nnodes": spec.nnodes,
+                  "overrides": spec.overrides, "retries": 0}
+    flow_run = run_deployment(f"stage/{stage.name}", parameters=parameters, as_subflow=True)
+    if not flow_run.state.is_completed():
+        raise StageFailed(f"stage {stage.name} ended {flow_run.state.name} in flow run {flow_run.name}: {flow_run.state.message}")
     return storage.read_json(summary_uri(stage.name, spec))
 
 
