@@ -82,6 +82,7 @@ deploy: setup  ## register prefect.yaml's deployments (speedrun, one per stage) 
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create gpu --type process \
 	  --base-job-template deployments/gpu-pool.json --overwrite
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect --no-prompt deploy --all
+	PREFECT_API_URL=$(PREFECT_API) $(PY) -m flows.notify
 
 test: dev  ## run the whole test suite (Rust and Python)
 	cargo test --quiet --release --manifest-path rustbpe/Cargo.toml
