@@ -15,7 +15,6 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
-from prefect.utilities.templating import apply_values
 from prefect.workers.process import ProcessJobConfiguration
 
 from flows import launch
@@ -32,19 +31,6 @@ def test_process_pool_template_resolves(prefect_api):
     template = yaml.safe_load((DEPLOYMENTS / "gpu-pool.json").read_text())
     config = asyncio.run(ProcessJobConfiguration.from_template_and_values(template, defaults(template)))
     assert config.env["OMP_NUM_THREADS"] == "1" and config.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
-
-
-def test_kubernetes_template_resolves_to_an_indexed_job_with_rendezvous():
-    template = yaml.safe_load((DEPLOYMENTS / "kubernetes" / "base-job-template.yaml").read_text())
-    values = {**defaults(template), "image": "nanochat:latest", "stage": "base_train", "run": "s3://b/runs/x", "preset": "d20"}
-    job = apply_values(template["job_configuration"], values)["job_manifest"]
-    assert "{{" not in yaml.safe_dump(job)  # every placeholder is a declared variable
-    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
-    args = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    assert "--nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d" in args
-    assert "-m nanochat.stages.base_train -- --run s3://b/runs/x --preset d20" in args
-    service = yaml.safe_load((DEPLOYMENTS / "kubernetes" / "rendezvous-service.yaml").read_text())
-    assert service["metadata"]["name"] == job["spec"]["template"]["spec"]["subdomain"]
 
 
 def test_slurm_example_is_valid_bash():
