@@ -127,7 +127,9 @@ def run_deployed_stage(stage: Stage, spec: RunSpec) -> dict:
     parameters = {"name": stage.name, "run_name": spec.run, "preset": spec.preset, "storage": spec.storage,
                   "data_mirror": spec.data_mirror, "nproc_per_node": spec.nproc_per_node, "nnodes": spec.nnodes,
                   "overrides": spec.overrides, "retries": 0}
-    flow_run = run_deployment(f"stage/{stage.name}", parameters=parameters, as_subflow=True)
+    # the Job's size (pods, GPUs per pod) follows the run's, not the pool template's defaults
+    job = {"nnodes": spec.nnodes, "nproc_per_node": spec.nproc_per_node}
+    flow_run = run_deployment(f"stage/{stage.name}", parameters=parameters, job_variables=job, as_subflow=True)
     if not flow_run.state.is_completed():
         raise StageFailed(f"stage {stage.name} ended {flow_run.state.name} in flow run {flow_run.name}: {flow_run.state.message}")
     return storage.read_json(summary_uri(stage.name, spec))
