@@ -84,6 +84,15 @@ deploy: setup  ## register prefect.yaml's deployments (speedrun, one per stage) 
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect --no-prompt deploy --all
 	PREFECT_API_URL=$(PREFECT_API) $(PY) -m flows.notify
 
+# The pods run IMAGE's code, not a clone of HEAD: build and push it from the commit `make deploy` registered.
+deploy-k8s: setup  ## the torchrun stages' stage/* onto Kubernetes pool gpu-k8s (deployments/kubernetes/), IMAGE=registry/nanochat:tag
+	@[ -n '$(IMAGE)' ] || { echo "make deploy-k8s: give IMAGE=registry/nanochat:tag, the image the pods run" \
+	  "(the Dockerfile, built from the deployed commit and pushed where the cluster pulls from)" >&2; exit 2; }
+	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create gpu-k8s --type kubernetes \
+	  --base-job-template deployments/kubernetes/base-job-template.json --overwrite
+	NANOCHAT_IMAGE='$(IMAGE)' PREFECT_API_URL=$(PREFECT_API) \
+	  $(VENV)/bin/prefect --no-prompt deploy --all --prefect-file deployments/kubernetes/prefect.yaml
+
 test: dev  ## run the whole test suite (Rust and Python)
 	cargo test --quiet --release --manifest-path rustbpe/Cargo.toml
 	$(PY) -m pytest
