@@ -1,14 +1,16 @@
 """The Kubernetes example (deployments/kubernetes/) and the image its pods run (Dockerfile).
 
-The Job that a flow run of `stage/base_train`, deployed to pool gpu-k8s, becomes is rendered by
-prefect-kubernetes' own code (`resolve_for_flow_run`, as its worker calls it) from Prefect objects
-built here: no cluster, no Prefect API. The Dockerfile cannot be built here (no docker daemon, no
-base image), so it is parsed (dockerfile-parse) and the facts the pods rely on are checked.
+`make deploy-k8s` runs against the session's Prefect server: pool gpu-k8s and the deployments of
+deployments/kubernetes/prefect.yaml, with the real CLI. The Job that a flow run of the deployed
+`stage/base_train` becomes is rendered by prefect-kubernetes' own code (`resolve_for_flow_run`, as
+its worker calls it): no cluster. The Dockerfile cannot be built here (no docker daemon, no base
+image), so it is parsed (dockerfile-parse) and the facts the pods rely on are checked.
 """
 
 import asyncio
 import importlib.util
 import json
+import os
 import re
 import subprocess
 from importlib.metadata import metadata, requires
@@ -18,51 +20,86 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.specifiers import SpecifierSet
-from prefect.client.schemas.objects import Flow, FlowRun, WorkPool
-from prefect.client.schemas.responses import DeploymentResponse
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.templating import find_placeholders
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+from nanochat import pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 KUBE = REPO / "deployments" / "kubernetes"
 API_URL = "http://prefect-server.prefect:4200/api"  # the worker's, which its flow runs get
 IMAGE = "registry.example/nanochat:0123abc"
 NNODES, GPUS = 3, 8
+TORCHRUN = [s.name for s in pipeline.PIPELINE if s.torchrun]
 
 
 def template():
     return json.loads((KUBE / "base-job-template.json").read_text())
 
 
-class FlowReader:
-    """All that resolve_for_flow_run asks of the Prefect API when given the deployment: the flow."""
-
-    def __init__(self, flow):
-        self.flow = flow
-
-    async def read_flow(self, flow_id):
-        assert flow_id == self.flow.id
-        return self.flow
+def make_deploy_k8s(*args):
+    """`make deploy-k8s` (`-o setup`: a test never reinstalls the .venv)."""
+    env = {k: v for k, v in os.environ.items() if k != "IMAGE"}
+    return subprocess.run(["make", "-o", "setup", "deploy-k8s", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
-def rendered():
-    """What the worker of pool gpu-k8s makes of a 3-node flow run of stage/base_train: (job
-    configuration, flow run)."""
-    pool = WorkPool(name="gpu-k8s", type="kubernetes", base_job_template=template())
-    flow = Flow(name="stage")
-    deployment = DeploymentResponse(name="base_train", flow_id=flow.id, work_pool_name=pool.name,
-                                    entrypoint="flows/speedrun.py:one_stage", parameters={"name": "base_train"},
-                                    job_variables={"image": IMAGE})
+def deployed(prefect_api):
+    """Pool gpu-k8s and deployments/kubernetes/prefect.yaml's deployments on the session's server."""
+    done = make_deploy_k8s(f"PREFECT_API={prefect_api}", f"IMAGE={IMAGE}")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def render():
+    """What the worker of pool gpu-k8s makes of a 3-node flow run of the deployed stage/base_train:
+    (job configuration, flow run). The run is deleted once rendered: no worker polls this pool."""
     parameters = {"name": "base_train", "run_name": "d20", "preset": "d20", "storage": "s3://bucket/nanochat",
                   "nnodes": NNODES, "nproc_per_node": GPUS}
-    flow_run = FlowRun(flow_id=flow.id, deployment_id=deployment.id, name="brave-fox", parameters=parameters,
-                       job_variables={"nnodes": NNODES, "nproc_per_node": GPUS})
-    with temporary_settings({PREFECT_API_URL: API_URL}):
-        config = asyncio.run(KubernetesWorkerJobConfiguration.resolve_for_flow_run(
-            flow_run, client=FlowReader(flow), work_pool=pool, worker_name="gpu-k8s-worker", deployment=deployment))
+    async with get_client() as client:
+        pool = await client.read_work_pool("gpu-k8s")
+        deployment = await client.read_deployment_by_name("stage/base_train")
+        flow_run = await client.create_flow_run_from_deployment(
+            deployment.id, parameters=parameters, job_variables={"nnodes": NNODES, "nproc_per_node": GPUS})
+        with temporary_settings({PREFECT_API_URL: API_URL}):
+            config = await KubernetesWorkerJobConfiguration.resolve_for_flow_run(
+                flow_run, client=client, work_pool=pool, worker_name="gpu-k8s-worker")
+        await client.delete_flow_run(flow_run.id)
     return config, flow_run
+
+
+@pytest.fixture(scope="module")
+def rendered(deployed):
+    return asyncio.run(render())
+
+
+def test_make_deploy_k8s_refuses_without_an_image():
+    refused = make_deploy_k8s()
+    assert refused.returncode == 2 and "make deploy-k8s: give IMAGE=" in refused.stderr
+
+
+def test_the_torchrun_stages_are_deployed_to_run_from_the_image(deployed):
+    """The file lists the pipeline's torchrun rows in order, and the server holds exactly those on
+    gpu-k8s, each running the image's code at the template's workingDir."""
+    deployments = yaml.safe_load((KUBE / "prefect.yaml").read_text())["deployments"]
+    assert [(d["name"], d["parameters"]) for d in deployments] == [(name, {"name": name}) for name in TORCHRUN]
+    workdir = template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["workingDir"]
+
+    async def read():
+        async with get_client() as client:
+            on_pool = await client.read_deployments(work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=["gpu-k8s"])))
+            return on_pool, await client.read_deployment_by_name("stage/base_train")
+
+    on_pool, base_train = asyncio.run(read())
+    assert sorted(d.name for d in on_pool) == sorted(TORCHRUN)
+    assert {d.flow_id for d in on_pool} == {base_train.flow_id}  # the flow "stage", as stage/base_train shows
+    for d in on_pool:
+        assert d.entrypoint == "flows/speedrun.py:one_stage" and d.parameters == {"name": d.name}
+        assert d.job_variables == {"image": IMAGE}
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
 
 
 def pod_template(config):
