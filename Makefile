@@ -22,6 +22,10 @@ RUST_SOURCES := rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs)
 
 # The Prefect server of `make server`, which `make worker` and `make deploy` talk to.
 PREFECT_API ?= http://127.0.0.1:4200/api
+unexport PREFECT_API  # Prefect would read it from the environment as its own `api` settings, and fail
+# Where workers clone the deployed commit (HEAD) from: the origin remote, else this clone's own path
+# (a worker on this machine).
+GIT_URL ?= $(or $(shell git remote get-url origin 2>/dev/null),$(CURDIR))
 # processes per node (default: the flow's, one per GPU on GPU presets, 2 on the cpu preset)
 NPROC ?=
 # `make server` listens here; beyond loopback only with PREFECT_SERVER_API_AUTH_STRING set
@@ -78,10 +82,19 @@ worker: setup  ## a process worker on work pool "gpu" (creates the pool from dep
 	  --base-job-template deployments/gpu-pool.json --overwrite
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect worker start --pool gpu
 
-deploy: setup  ## register prefect.yaml's deployments (speedrun, one per stage) with the server
+# The deployments are read from this tree, but workers run its commit: the two must be the same.
+deploy: setup  ## register prefect.yaml's deployments (speedrun, one per stage); workers run HEAD, cloned from GIT_URL
+	@git diff --quiet HEAD || { echo "make deploy: uncommitted changes, which workers would not run; commit them" >&2; exit 2; }
+	@[ '$(GIT_URL)' = '$(CURDIR)' ] || [ -n "$$(git branch -r --contains HEAD)" ] || { echo "make deploy: HEAD is on" \
+	  "no remote branch, so workers cloning $(GIT_URL) would not find it: push it (or GIT_URL=$(CURDIR) for a" \
+	  "worker on this machine)" >&2; exit 2; }
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create gpu --type process \
 	  --base-job-template deployments/gpu-pool.json --overwrite
-	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect --no-prompt deploy --all
+	# pool gpu-slurm (the slurm deployment's) as deployments/slurm/worker.sbatch creates it, if no worker has yet
+	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool inspect gpu-slurm >/dev/null 2>&1 || \
+	  PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create gpu-slurm --type process
+	NANOCHAT_GIT_URL='$(GIT_URL)' NANOCHAT_COMMIT=$$(git rev-parse HEAD) PREFECT_API_URL=$(PREFECT_API) \
+	  $(VENV)/bin/prefect --no-prompt deploy --all
 	PREFECT_API_URL=$(PREFECT_API) $(PY) -m flows.notify
 
 # The pods run IMAGE's code, not a clone of HEAD: build and push it from the commit `make deploy` registered.

@@ -37,16 +37,31 @@ def test_slurm_example_is_valid_bash():
     subprocess.run(["bash", "-n", str(DEPLOYMENTS / "slurm" / "worker.sbatch")], check=True)
 
 
+def in_this_checkout(tmp):
+    """prefect.yaml's deployments on pool "gpu", their flows run in this checkout (Prefect's own pull
+    step without one) rather than in a clone of the deployed commit: these tests run the working
+    tree's code; the clone is tests/test_deploy_elsewhere.py's."""
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    config["deployments"] = [d for d in config["deployments"] if d.get("work_pool", {}).get("name") == "gpu"]
+    for deployment in config["deployments"]:
+        deployment["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    path = tmp / "prefect.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def worker(prefect_api, tmp_path_factory):
-    """Pool "gpu" from deployments/gpu-pool.json, prefect.yaml deployed with the real CLI, and a
-    process worker polling every second."""
+    """Pool "gpu" from deployments/gpu-pool.json, prefect.yaml's deployments on it deployed with the
+    real CLI, and a process worker polling every second."""
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     prefect = [sys.executable, "-m", "prefect"]
+    tmp = tmp_path_factory.mktemp("worker")
     subprocess.run([*prefect, "work-pool", "create", "gpu", "--type", "process", "--base-job-template",
                     str(DEPLOYMENTS / "gpu-pool.json"), "--overwrite"], env=env, cwd=REPO, check=True, capture_output=True)
-    subprocess.run([*prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, check=True, capture_output=True)
-    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "w")
+    subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(in_this_checkout(tmp))], env=env,
+                   cwd=REPO, check=True, capture_output=True)
+    log = open(tmp / "worker.log", "w")
     proc = subprocess.Popen([*prefect, "worker", "start", "--pool", "gpu"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     yield
     launch.kill_tree([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)], grace=10)
@@ -70,7 +85,7 @@ def stage_processes(marker):
 
 
 def test_deployment_run_is_picked_up_by_a_process_worker(worker, shared_data, tmp_path):
-    params = {"run_name": "deployed", "storage": str(tmp_path), "data_mirror": str(shared_data)}
+    params = {"run_name": "deployed", "preset": "tiny", "storage": str(tmp_path), "data_mirror": str(shared_data)}
     flow_run = run_deployment("stage/download", parameters=params, timeout=0)
     state = wait_final(flow_run.id)
     assert state.is_completed(), state.message
@@ -80,7 +95,8 @@ def test_deployment_run_is_picked_up_by_a_process_worker(worker, shared_data, tm
 def test_cancelled_run_leaves_no_stage_process(worker, shared_data, tmp_path):
     """A torchrun stage hangs (its workers in sessions of their own); cancelling the flow run ends
     the whole tree."""
-    params = {"run_name": "cancelled", "storage": str(tmp_path), "data_mirror": str(shared_data), "nproc_per_node": 2}
+    params = {"run_name": "cancelled", "preset": "tiny", "storage": str(tmp_path), "data_mirror": str(shared_data),
+              "nproc_per_node": 2}
     flow_run = run_deployment("stage/base_train", parameters=params, timeout=0,
                               job_variables={"env": {"NANOCHAT_FAULT": "base_train:hang"}})
     marker = str(tmp_path / "runs" / "cancelled")
