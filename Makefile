@@ -32,10 +32,10 @@ NPROC ?=
 HOST ?= 127.0.0.1
 PORT ?= 4200
 
-.PHONY: help setup dev speedrun test lint bench server worker deploy clean
+.PHONY: help setup dev speedrun test lint bench server worker deploy deploy-k8s clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | expand -t 12
+	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | expand -t 12
 
 setup: $(VENV)/.setup  ## create .venv and install nanochat (no-op when current)
 
