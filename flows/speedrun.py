@@ -157,13 +157,14 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     of the final artifact: the last training stage's `checkpoint` output; else the directory of
     tok_train or, in a run of stages that produce neither (only=["download"]), of the last stage."""
     check_storage(storage, nnodes, stage_deployments)
+    selected = pipeline.select(only)  # a PipelineError here, before any stage runs
     overrides = with_identity(overrides, identity, identity_weight)
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
     record_run(spec)
     if parallel is None:
         parallel = preset not in presets.ONE_STAGE_AT_A_TIME
     futures = {}
-    for stage in pipeline.select(only):  # a PipelineError here, before any stage runs
+    for stage in selected:
         task_ = stages.stage_task(stage, spec, retries=retries, deployed=stage_deployments)
         upstream = [futures[n] for n in stage.needs] if parallel else list(futures.values())
         futures[stage.name] = task_.submit(stage, spec, wait_for=upstream)

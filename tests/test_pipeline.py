@@ -38,7 +38,11 @@ def test_select_keeps_what_the_chosen_stages_need_in_pipeline_order():
 
 
 def test_prefect_yaml_has_the_speedrun_and_one_stage_deployment_per_row_in_order():
+    """On pool gpu; and the same flow on the Slurm pool (the Kubernetes file is tests/test_kubernetes.py's)."""
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    slurm = [d for d in deployments if d["work_pool"]["name"] == "gpu-slurm"]
+    assert [(d["name"], d["entrypoint"]) for d in slurm] == [("slurm", "flows/speedrun.py:speedrun")]
+    deployments = [d for d in deployments if d not in slurm]
     assert all(d["work_pool"]["name"] == "gpu" for d in deployments)
     [speedrun] = [d for d in deployments if d["name"] == "speedrun"]
     assert speedrun["entrypoint"] == "flows/speedrun.py:speedrun"
