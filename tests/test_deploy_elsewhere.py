@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -89,7 +88,6 @@ def test_worker_in_an_empty_folder_runs_the_deployed_commit(deployed, prefect_ap
                               stderr=subprocess.STDOUT)
     watcher = Watcher(worker.pid)
     watcher.start()
-    started = time.monotonic()
     try:
         params = {"preset": "tiny", "run_name": "elsewhere", "storage": str(tmp_path / "storage"),
                   "data_mirror": str(shared_data), "only": ["base_train"], "retries": 0}
@@ -101,7 +99,6 @@ def test_worker_in_an_empty_folder_runs_the_deployed_commit(deployed, prefect_ap
         launch.kill_tree([psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)], grace=10)
         worker.wait()
         log.close()
-    print(f"deployed speedrun on a worker elsewhere: {time.monotonic() - started:.0f} s")
     assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "worker.log").read_text()[-5000:])
 
     checkout = workdir / f"nanochat-{commit}"
