@@ -3,7 +3,11 @@ launcher that runs it as a child, streams its output and leaves no process of it
 
     python -m nanochat.stages.<module> --run RUN --preset P --storage S [options]
     python -m torch.distributed.run --standalone --nproc_per_node N -m nanochat.stages.<module> ...
-    python -m torch.distributed.run --nnodes M --rdzv-backend c10d --rdzv-endpoint H:P ...   (M > 1)
+    python -m torch.distributed.run --nnodes M --rdzv-endpoint H:P --rdzv-id ID ...   (M > 1)
+
+With M > 1 every node runs the same command (node 0 from its Prefect task, the others from
+flows/node.py), and each attempt of each stage of a run meets under its own rendezvous id, so a
+launch at the same endpoint (another stage, an earlier attempt's late node) never joins it.
 
 Stages run with the project's own interpreter (its .venv, beside the code this module is loaded
 from), so a worker whose Python belongs elsewhere runs the deployed code with its own packages.
@@ -11,6 +15,7 @@ from), so a worker whose Python belongs elsewhere runs the deployed code with it
 
 import collections
 import dataclasses
+import hashlib
 import os
 import shlex
 import subprocess
@@ -61,8 +66,9 @@ def options(overrides):
     return out
 
 
-def command(stage, spec):
-    """The stage's command line under `spec` (torchrun for multi-process stages)."""
+def command(stage, spec, attempt=1):
+    """The stage's command line under `spec` (torchrun for multi-process stages); `attempt` (the
+    task run's run count) is part of a multi-node launch's rendezvous id."""
     module = f"nanochat.stages.{stage.module}"
     args = ["--run", spec.run, "--preset", spec.preset, "--storage", spec.storage, *stage.args,
             *options(spec.overrides.get(stage.name, {}))]
@@ -73,7 +79,11 @@ def command(stage, spec):
         endpoint = os.environ.get("NANOCHAT_RDZV_ENDPOINT")
         if not endpoint:
             raise ValueError(f"nnodes={spec.nnodes} needs NANOCHAT_RDZV_ENDPOINT=host:port (the c10d rendezvous)")
-        torchrun += [f"--nnodes={spec.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
+        # --max-restarts=0: a lost node fails the launch, and the stage's Prefect retry starts a new
+        # one (a new rendezvous id) that resumes from the checkpoint, rather than torchrun waiting
+        # in place for a node that may never come back
+        torchrun += [f"--nnodes={spec.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                     f"--rdzv-id={rendezvous_id(stage, spec, attempt)}", "--max-restarts=0"]
     else:
         torchrun.append("--standalone")  # a free local port: parallel torchrun stages never collide
     # e.g. NANOCHAT_LAUNCHER="srun --ntasks-per-node=1" under Slurm: one torchrun per node
@@ -82,8 +92,16 @@ def command(stage, spec):
     return [*launcher, *torchrun, "-m", module, "--", *args]
 
 
+def rendezvous_id(stage, spec, attempt):
+    """One per (run, stage, attempt): the id under which the nodes of one launch meet."""
+    return hashlib.sha256(f"{spec.run}\0{stage.name}\0{attempt}".encode()).hexdigest()[:16]
+
+
 def child_env(spec):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """The stage's environment: this one, plus how long its collectives wait for a silent peer
+    (the preset's; nanochat.common.compute_init reads it)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "NANOCHAT_COLLECTIVE_TIMEOUT_S": str(presets.collective_timeout(spec.preset))}
     if spec.data_mirror:
         env["NANOCHAT_DATA_MIRROR"] = spec.data_mirror
     return env

@@ -16,6 +16,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.deployments import run_deployment
 from prefect.filesystems import RemoteFileSystem
+from prefect.runtime import task_run
 from prefect.settings import PREFECT_HOME
 from prefect.tasks import exponential_backoff
 from prefect.transactions import IsolationLevel
@@ -107,7 +108,7 @@ def run_stage(stage: Stage, spec: RunSpec) -> dict:
     checkpoints (stages resume by default). A torchrun stage holds its node's slot while it runs
     (flows/slots.py); every stage is stopped at its preset's timeout."""
     logger = get_run_logger()
-    cmd = command(stage, spec)
+    cmd = command(stage, spec, attempt=task_run.run_count)  # the attempt: part of a multi-node rendezvous id
     progress = Progress(stage, spec)
     with node_slot(logger.info) if stage.torchrun else contextlib.nullcontext():
         logger.info("$ %s", storage.redact(shlex.join(cmd)))

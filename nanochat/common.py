@@ -5,6 +5,7 @@ Nothing here runs on import; stages call `compute_init()` once, and `stage.run_m
 """
 
 import dataclasses
+import datetime
 import hashlib
 import logging
 import os
@@ -157,7 +158,12 @@ class Compute:
 
 def compute_init(device_type=None, seed=None):
     """Picks the device (cuda > mps > cpu), joins the process group under torchrun
-    (nccl on CUDA, gloo otherwise) and seeds torch. Returns a `Compute`."""
+    (nccl on CUDA, gloo otherwise) and seeds torch. Returns a `Compute`.
+
+    A collective waits NANOCHAT_COLLECTIVE_TIMEOUT_S seconds for a silent peer (the launcher sets
+    it from the preset), then fails the process: a node that died without closing its connections
+    (a lost machine, a hung process) would otherwise hold the others for torch's default, 30 minutes
+    on gloo, 10 on NCCL."""
     import torch
     import torch.distributed as dist
 
@@ -178,6 +184,8 @@ def compute_init(device_type=None, seed=None):
         import torch.distributed.nn  # noqa: F401
         backend = "nccl" if device_type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
+        if os.environ.get("NANOCHAT_COLLECTIVE_TIMEOUT_S"):
+            kwargs["timeout"] = datetime.timedelta(seconds=float(os.environ["NANOCHAT_COLLECTIVE_TIMEOUT_S"]))
         dist.init_process_group(backend=backend, **kwargs)
     if seed is not None:
         torch.manual_seed(seed)
