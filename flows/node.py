@@ -69,7 +69,9 @@ def follow(flow_run_id, spec, name, attempt):
 
 
 def main():
-    flow_run_id = os.environ["PREFECT__FLOW_RUN_ID"]
+    flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    if not flow_run_id:
+        sys.exit("python -m flows.node: PREFECT__FLOW_RUN_ID is not set (a worker sets it in every node's environment)")
     followers = {}
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
