@@ -92,6 +92,8 @@ def stage_task(stage, spec, retries=2, force=False, deployed=False):
         result_storage=result_storage(spec.run),
         refresh_cache=force,
         retries=retries,
+        # 10 s, 20 s, ...: computed here, as Prefect expands a backoff for the decorator's retries only
+        retry_delay_seconds=exponential_backoff(backoff_factor=10)(retries),
         tags={f"stage:{stage.name}"},
     )
 
@@ -101,8 +103,7 @@ class StageFailed(Exception):
 
 
 # Results are JSON (a stage.json), never pickles: a run directory from elsewhere cannot run code here.
-@task(persist_result=True, result_serializer="json", retry_delay_seconds=exponential_backoff(backoff_factor=10),
-      retry_jitter_factor=0.5, task_run_name="{stage.name}")
+@task(persist_result=True, result_serializer="json", retry_jitter_factor=0.5, task_run_name="{stage.name}")
 def run_stage(stage: Stage, spec: RunSpec) -> dict:
     """Runs one stage to completion and returns its stage.json; a retry resumes from the stage's
     checkpoints (stages resume by default). A torchrun stage holds its node's slot while it runs
