@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -73,18 +74,20 @@ def final_weights_sha(run):
 
 @pytest.fixture(scope="module")
 def finished(prefect_api, shared_data, tmp_path_factory):
-    """Two concurrent speedruns of one run, then a third (all cache hits): (run URI, first two
-    runs, third run, stage.json of every stage after the first two)."""
+    """Two concurrent speedruns of one run and, beside them, a run of its own one stage at a time;
+    then a third run of the first (all cache hits): (run URI, first two runs, third run, stage.json
+    of every stage after the first two, the serial run (URI, run))."""
     root = tmp_path_factory.mktemp("storage")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = list(pool.map(lambda _: run_speedrun(root, "e2e", shared_data), range(2)))
+    runs = [("e2e", True), ("e2e", True), ("serial", False)]
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        *first, serial = pool.map(lambda r: run_speedrun(root, r[0], shared_data, parallel=r[1]), runs)
     after_first = summaries(storage.run_uri("e2e", str(root)))
     third = run_speedrun(root, "e2e", shared_data)
-    return storage.run_uri("e2e", str(root)), first, third, after_first
+    return storage.run_uri("e2e", str(root)), first, third, after_first, (storage.run_uri("serial", str(root)), serial)
 
 
 def test_concurrent_runs_execute_each_stage_once(finished):
-    run, first, _, _ = finished
+    run, first, *_ = finished
     for state, _ in first:
         assert state.is_completed(), state.message
     per_stage = [task_states(flow_run_id) for _, flow_run_id in first]
@@ -94,7 +97,7 @@ def test_concurrent_runs_execute_each_stage_once(finished):
 
 
 def test_rerun_is_all_cache_hits_and_publishes_the_report(finished):
-    run, first, (state, flow_run_id), after_first = finished
+    run, first, (state, flow_run_id), after_first, _ = finished
     assert state.is_completed(), state.message
     states = task_states(flow_run_id)
     assert {name: states[name] for name in SELECTED} == {name: "Cached" for name in SELECTED}
@@ -112,7 +115,7 @@ def test_rerun_is_all_cache_hits_and_publishes_the_report(finished):
 
 
 def test_missing_artifact_runs_its_stage_again(finished, prefect_api, shared_data):
-    run, _, _, after_first = finished
+    run, _, _, after_first, _ = finished
     last = SELECTED[-1]  # no stage depends on it, so the others stay cache hits
     storage.remove(storage.join(run, last), recursive=True)
     state, flow_run_id = run_speedrun(storage.local_path(run).rsplit("/runs/", 1)[0], "e2e", shared_data)
@@ -200,19 +203,17 @@ def test_the_parallel_dag_never_runs_two_torchrun_stages_at_once(full_tiny_run):
     assert_one_at_a_time(spans)
 
 
-def test_two_runs_submitted_together_never_share_the_node(prefect_api, shared_data, tmp_path):
+def test_two_runs_submitted_together_never_share_the_node(finished):
     """Two runs of their own (not one run twice, which the cache lock serializes): their base_train
     stages take the node's slot in turn, while their tokenizer stages run side by side."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda name: run_speedrun(tmp_path, name, shared_data), ["first", "second"]))
-    for state, _ in results:
-        assert state.is_completed(), state.message
-    spans = torchrun_spans(*(storage.run_uri(name, str(tmp_path)) for name in ("first", "second")))
+    run, first, _, _, (serial_run, serial) = finished
+    spans = torchrun_spans(run, serial_run)
     assert len(spans) == 2
     assert_one_at_a_time(spans)
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(slots.slot_name()).limit == 1
-    waited = [line for _, flow_run_id in results for line in logs(flow_run_id) if line.startswith("waiting for nanochat-node-")]
+    # each base_train that ran took the slot: one of the two e2e runs' (the other was a cache hit) and serial's
+    waited = [line for _, flow_run_id in (*first, serial) for line in logs(flow_run_id) if line.startswith("waiting for nanochat-node-")]
     assert len(waited) == 2
 
 
@@ -250,16 +251,16 @@ def test_identity_goes_to_mid_train_and_chat_sft():
     assert with_identity(None, None, None) == {}
 
 
-def test_one_stage_at_a_time(prefect_api, shared_data, tmp_path):
+def test_one_stage_at_a_time(finished):
     """parallel=False (the cpu preset's way): no stage starts before the one before it has ended,
     tok_eval and base_train included, which would otherwise run side by side. The cached results
     are JSON, never pickles that a run directory from elsewhere could use to run code."""
-    state, flow_run_id = run_speedrun(tmp_path, "serial", shared_data, parallel=False)
+    *_, (run, (state, flow_run_id)) = finished
     assert state.is_completed(), state.message
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     spans = sorted((r.start_time, r.end_time, r.name) for r in runs if r.name in SELECTED)
     assert [name for _, _, name in spans] == SELECTED
     assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:]))
-    cached = list((tmp_path / "runs" / "serial" / "prefect-results").iterdir())
+    cached = list(Path(storage.local_path(storage.join(run, "prefect-results"))).iterdir())
     assert cached and all(json.loads(p.read_text())["metadata"]["serializer"]["type"] == "json" for p in cached)
