@@ -90,7 +90,8 @@ def test_worker_in_an_empty_folder_runs_the_deployed_commit(deployed, prefect_ap
     watcher.start()
     try:
         params = {"preset": "tiny", "run_name": "elsewhere", "storage": str(tmp_path / "storage"),
-                  "data_mirror": str(shared_data), "only": ["base_train"], "retries": 0}
+                  "data_mirror": str(shared_data), "only": ["base_train"], "retries": 0,
+                  "overrides": {"base_train": {"num_steps": 2, "eval_every": -1, "checkpoint_every": -1}}}  # torchrun is what counts
         # working_dir: the worker's own empty folder, so the clone is there to look at afterwards
         flow_run = run_deployment("speedrun/speedrun", parameters=params, job_variables={"working_dir": str(workdir)},
                                   timeout=780, poll_interval=2)

@@ -109,7 +109,7 @@ def test_failed_or_crashed_run_posts_once_naming_the_run_and_state(installed, en
     posts = receiver.wait_for(1, timeout=60)
     assert posts, "no POST within 60 s of the failure"
     print(f"POST {time.monotonic() - ended:.1f} s after the flow run's process ended")
-    assert receiver.wait_for(2, timeout=5) == posts[:1], "a second POST"
+    assert receiver.wait_for(2, timeout=2) == posts[:1], "a second POST"
     path, content_type, body = posts[0]
     assert path == "/hook" and content_type == "application/json"
     body = json.loads(body)
@@ -132,7 +132,7 @@ def test_a_retried_run_posts_only_when_it_gives_up(installed, receiver):
     with pytest.raises(RuntimeError):
         flaky(run_name="gives-up", fails=2)
     posts = receiver.wait_for(1, timeout=60)
-    assert receiver.wait_for(2, timeout=5) == posts[:1], "a second POST"
+    assert receiver.wait_for(2, timeout=2) == posts[:1], "a second POST"
     body = json.loads(posts[0][2])
     assert body["flow"] == "speedrun" and body["run_name"] == "gives-up" and body["state"] == "Failed"
     assert "attempt 2 of gives-up fails" in body["message"]
