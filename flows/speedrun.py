@@ -26,8 +26,6 @@ from nanochat import pipeline, presets, report
 
 # The final artifact: the output of the last stage run that trains a model, else the tokenizer.
 FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
-
-
 RUN_RECORD = "run.json"  # what the speedrun flow ran the run with: the stage flow's defaults
 
 
