@@ -13,6 +13,7 @@ from tests.s3server import make_bucket, moto_server, s3_env
 from tests.stagerun import missing
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.ci_skips"]  # under CI, any skip fails the run
 
 
 @pytest.fixture(scope="session")
