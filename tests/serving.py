@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.s3server import free_port
 from tests.stagerun import missing
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -32,12 +32,6 @@ def run(shared_data, tmp_path_factory):
         subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", "--run", "r", "--preset", "tiny",
                         "--data", str(shared_data / "pretrain"), *extra], env=env, check=True, capture_output=True)
     return storage, "r"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(run, *options, env=None):

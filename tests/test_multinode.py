@@ -6,7 +6,6 @@ node. Also: every launch meets under its own rendezvous id, and a silent peer en
 after the collective timeout."""
 
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,15 +20,10 @@ from prefect.flow_engine import run_flow
 from flows.launch import RunSpec, command, rendezvous_id
 from flows.speedrun import one_stage
 from nanochat import pipeline, presets, storage
+from tests.s3server import free_port
 from tests.stagerun import stage
 
 BASE_TRAIN = pipeline.stage("base_train")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rdzv_id(cmd):

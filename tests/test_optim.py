@@ -1,7 +1,6 @@
 """MuonAdamW: orthogonalisation quality, AdamW against torch.optim.AdamW, the GPT's parameter
 groups, the schedules, and the distributed step (2 real gloo processes) against one process."""
 
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize, setup_optimizers
+from tests.s3server import free_port
 
 # 3 layers: every Muon group holds 3 matrices, so 2 ranks own 2 and 1 (a zero-padded slot)
 CONFIG = GPTConfig(sequence_len=16, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
@@ -126,12 +126,6 @@ def worker(rank, port, out_dir):
             save_file(train(2, rank, reduce_scatter), f"{out_dir}/rank{rank}_{reduce_scatter}.safetensors")
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distributed_step_equals_single_process(tmp_path):

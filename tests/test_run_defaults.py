@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows import speedrun as speedrun_module
 from flows.speedrun import default_nproc, one_stage, speedrun
 from nanochat import presets, storage
-from tests.serving import free_port
+from tests.s3server import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
