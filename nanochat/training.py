@@ -47,9 +47,7 @@ class Training:
         self.wandb = start_wandb(args)
         self.compute = common.compute_init(args.device_type, seed=args.seed)
         self.device = self.compute.device
-        if self.compute.device_type == "cuda":
-            args.device_batch_size = training_options.fit_device_batch(
-                args.preset, stage_name, args.device_batch_size, torch.cuda.get_device_properties(self.device).total_memory)
+        training_options.fit_to_gpu(args, stage_name, self.compute)
         self.dtype = common.autocast_dtype(self.compute.device_type, args.dtype)
         self.autocast = common.autocast_context(self.compute.device_type, self.dtype)
         self.ckpt_dir = stage.stage_uri(args.run, stage_name, "checkpoints")

@@ -51,6 +51,15 @@ def grad_accum(total_batch_size, device_batch_size, seq_len, world_size):
     return total_batch_size // per_pass
 
 
+def fit_to_gpu(args, stage_name, compute):
+    """Sets args.device_batch_size for this process's GPU (fit_device_batch); a no-op off CUDA."""
+    if compute.device_type == "cuda":
+        import torch
+
+        gpu_bytes = torch.cuda.get_device_properties(compute.device).total_memory
+        args.device_batch_size = fit_device_batch(args.preset, stage_name, args.device_batch_size, gpu_bytes)
+
+
 def fit_device_batch(preset, stage_name, device_batch_size, gpu_bytes):
     """The device batch size for this GPU. GPU presets size theirs, as upstream does, for 80 GB
     GPUs; on a smaller one the preset's value is halved until it fits (gradient accumulation keeps

@@ -51,9 +51,7 @@ def main(args):
         raise stage.StageError(str(e)) from None
     compute = common.compute_init(args.device_type)
     device = compute.device
-    if compute.device_type == "cuda":
-        args.device_batch_size = training_options.fit_device_batch(
-            args.preset, STAGE, args.device_batch_size, torch.cuda.get_device_properties(device).total_memory)
+    training_options.fit_to_gpu(args, STAGE, compute)
     model, tokenizer, _ = checkpoint.load_model(target, device)
     dtype = common.autocast_dtype(compute.device_type, args.dtype)
     autocast = common.autocast_context(compute.device_type, dtype)
