@@ -1,5 +1,6 @@
-"""prefect.yaml and deployments/: the templates parse and resolve; a real deployment run is picked
-up by a process worker on pool "gpu"; cancelling a run leaves no stage process behind. (That
+"""prefect.yaml and deployments/: the templates parse and resolve; the DAG sends its torchrun stages
+to their deployments, whose runs a process worker on pool "gpu" picks up; cancelling a run leaves no
+stage process behind. (That
 prefect.yaml has one deployment per pipeline row is tests/test_pipeline.py's.)"""
 
 import asyncio
@@ -13,11 +14,13 @@ import psutil
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 from prefect.workers.process import ProcessJobConfiguration
 
 from flows import launch
+from flows.speedrun import speedrun
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = REPO / "deployments"
@@ -84,12 +87,24 @@ def stage_processes(marker):
     return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
 
 
-def test_deployment_run_is_picked_up_by_a_process_worker(worker, shared_data, tmp_path):
-    params = {"run_name": "deployed", "preset": "tiny", "storage": str(tmp_path), "data_mirror": str(shared_data)}
-    flow_run = run_deployment("stage/download", parameters=params, timeout=0)
-    state = wait_final(flow_run.id)
+def test_the_dag_sends_its_torchrun_stages_to_their_deployments(worker, shared_data, tmp_path):
+    """stage_deployments=True: base_train runs as a flow run of deployment stage/base_train, which the
+    process worker picks up (on a Kubernetes pool it would be a Job), with the run's nodes and
+    processes as job variables; download and tok_train run in the DAG's own process."""
+    overrides = {"base_train": {"num_steps": 2, "eval_every": -1, "checkpoint_every": -1}}
+    state = speedrun(preset="tiny", run_name="sent", storage=str(tmp_path), data_mirror=str(shared_data), retries=0,
+                     only=["base_train"], overrides=overrides, stage_deployments=True, return_state=True)
     assert state.is_completed(), state.message
-    assert (tmp_path / "runs" / "deployed" / "download" / "stage.json").is_file()
+    with get_client(sync_client=True) as client:
+        sent = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[
+            f"{name}-sent" for name in ("download", "tok_train", "base_train")])))
+        [deployment] = [client.read_deployment(r.deployment_id) for r in sent]
+    [flow_run] = sent
+    assert flow_run.name == "base_train-sent" and flow_run.state.is_completed() and deployment.name == "base_train"
+    assert flow_run.job_variables == {"nnodes": 1, "nproc_per_node": 1}
+    assert flow_run.parameters["overrides"] == overrides and flow_run.parameters["preset"] == "tiny"
+    assert flow_run.parent_task_run_id is not None  # a subflow of the DAG's base_train task
+    assert (tmp_path / "runs" / "sent" / "base_train" / "stage.json").is_file()
 
 
 def test_cancelled_run_leaves_no_stage_process(worker, shared_data, tmp_path):
