@@ -11,7 +11,6 @@ One end-to-end run, slow: `make setup` in a fresh clone, then download, tok_trai
 import json
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import psutil
 import pytest
 from prefect.deployments import run_deployment
 
-from flows import launch
+from tests import workers
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "elsewhere"  # not "gpu": tests/test_deployments.py's worker polls that one
@@ -75,31 +74,21 @@ def test_worker_in_an_empty_folder_runs_the_deployed_commit(deployed, prefect_ap
     assert git("rev-parse", "HEAD", cwd=REPO) != commit  # the worker's own code is another commit
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1",
            "NANOCHAT_GIT_URL": f"file://{clone}", "NANOCHAT_COMMIT": commit}
-    prefect = [sys.executable, "-m", "prefect"]
-    subprocess.run([*prefect, "work-pool", "create", POOL, "--type", "process", "--base-job-template",
-                    str(clone / "deployments" / "gpu-pool.json"), "--overwrite"], env=env, check=True, capture_output=True)
-    subprocess.run([*prefect, "--no-prompt", "deploy", "--name", "speedrun", "--pool", POOL], env=env, cwd=clone,
-                   check=True, capture_output=True)
+    workers.process_pool(POOL, env, template=clone / "deployments" / "gpu-pool.json")
+    workers.deploy("--name", "speedrun", "--pool", POOL, env=env, cwd=clone)
 
     workdir = tmp_path / "worker"
     workdir.mkdir()
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([*prefect, "worker", "start", "--pool", POOL], env=env, cwd=workdir, stdout=log,
-                              stderr=subprocess.STDOUT)
-    watcher = Watcher(worker.pid)
-    watcher.start()
-    try:
+    with workers.process_worker(POOL, env, workdir, tmp_path / "worker.log") as worker:
+        watcher = Watcher(worker.pid)
+        watcher.start()
         params = {"preset": "tiny", "run_name": "elsewhere", "storage": str(tmp_path / "storage"),
                   "data_mirror": str(shared_data), "only": ["base_train"], "retries": 0,
                   "overrides": {"base_train": {"num_steps": 2, "eval_every": -1, "checkpoint_every": -1}}}  # torchrun is what counts
         # working_dir: the worker's own empty folder, so the clone is there to look at afterwards
         flow_run = run_deployment("speedrun/speedrun", parameters=params, job_variables={"working_dir": str(workdir)},
                                   timeout=780, poll_interval=2)
-    finally:
         watcher.done.set()
-        launch.kill_tree([psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)], grace=10)
-        worker.wait()
-        log.close()
     assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "worker.log").read_text()[-5000:])
 
     checkout = workdir / f"nanochat-{commit}"

@@ -6,7 +6,6 @@ prefect.yaml has one deployment per pipeline row is tests/test_pipeline.py's.)""
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 from prefect.workers.process import ProcessJobConfiguration
 
-from flows import launch
 from flows.speedrun import speedrun
+from tests import workers
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = REPO / "deployments"
@@ -58,18 +57,11 @@ def worker(prefect_api, tmp_path_factory):
     """Pool "gpu" from deployments/gpu-pool.json, prefect.yaml's deployments on it deployed with the
     real CLI, and a process worker polling every second."""
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    prefect = [sys.executable, "-m", "prefect"]
     tmp = tmp_path_factory.mktemp("worker")
-    subprocess.run([*prefect, "work-pool", "create", "gpu", "--type", "process", "--base-job-template",
-                    str(DEPLOYMENTS / "gpu-pool.json"), "--overwrite"], env=env, cwd=REPO, check=True, capture_output=True)
-    subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(in_this_checkout(tmp))], env=env,
-                   cwd=REPO, check=True, capture_output=True)
-    log = open(tmp / "worker.log", "w")
-    proc = subprocess.Popen([*prefect, "worker", "start", "--pool", "gpu"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    yield
-    launch.kill_tree([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)], grace=10)
-    proc.wait()
-    log.close()
+    workers.process_pool("gpu", env)
+    workers.deploy("--all", "--prefect-file", str(in_this_checkout(tmp)), env=env, cwd=REPO)
+    with workers.process_worker("gpu", env, REPO, tmp / "worker.log"):
+        yield
 
 
 def wait_final(flow_run_id, timeout=240):

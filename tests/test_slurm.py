@@ -5,7 +5,6 @@ gpu-slurm, and its torchrun stage runs as a step of the worker's job, through sr
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
+from tests import workers
 from tests.slurmcluster import DAEMONS, slurm_cluster
 from tests.stagerun import missing
 
@@ -32,10 +32,8 @@ def cluster(tmp_path):
 
 def test_sbatch_worker_runs_a_deployed_speedrun_with_torchrun_under_srun(cluster, prefect_api, shared_data, tmp_path):
     env = {**os.environ, **cluster.env, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    prefect = [sys.executable, "-m", "prefect"]
-    subprocess.run([*prefect, "work-pool", "create", "gpu-slurm", "--type", "process", "--base-job-template",
-                    "deployments/gpu-pool.json", "--overwrite"], env=env, cwd=REPO, check=True, capture_output=True)
-    subprocess.run([*prefect, "--no-prompt", "deploy", "--name", "slurm"], env=env, cwd=REPO, check=True, capture_output=True)
+    workers.process_pool("gpu-slurm", env)
+    workers.deploy("--name", "slurm", env=env, cwd=REPO)
     worker_log = tmp_path / "worker.log"
     job = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", f"--output={worker_log}",
                           "deployments/slurm/worker.sbatch"], env=env, cwd=REPO, check=True, capture_output=True,

@@ -1,0 +1,40 @@
+"""Prefect's own CLI as the tests drive it: a process work pool from deployments/gpu-pool.json, a
+deployment from a prefect.yaml, and a process worker that leaves no process behind."""
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from flows import launch
+
+PREFECT = [sys.executable, "-m", "prefect"]
+POOL_TEMPLATE = Path(__file__).resolve().parent.parent / "deployments" / "gpu-pool.json"
+
+
+def prefect(*args, env, cwd=None):
+    return subprocess.run([*PREFECT, *args], env=env, cwd=cwd, check=True, capture_output=True)
+
+
+def process_pool(name, env, template=POOL_TEMPLATE):
+    prefect("work-pool", "create", name, "--type", "process", "--base-job-template", str(template), "--overwrite", env=env)
+
+
+def deploy(*args, env, cwd):
+    prefect("--no-prompt", "deploy", *args, env=env, cwd=cwd)
+
+
+@contextlib.contextmanager
+def process_worker(pool, env, cwd, log_path):
+    """`prefect worker start --pool POOL` in `cwd`, its output in `log_path`; yields its process, and
+    kills its whole tree at the end."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool], env=env, cwd=cwd, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            launch.kill_tree([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)], grace=10)
+            proc.wait()
