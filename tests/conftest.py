@@ -1,29 +1,39 @@
 """Shared fixtures: the real data folder, and a real S3-compatible server."""
 
+import concurrent.futures
 import os
-import threading
-import time
 import uuid
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests import deployed
 from tests.s3server import make_bucket, moto_server, s3_env
 from tests.stagerun import missing
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.ci_skips"]  # under CI, any skip fails the run
+# full_tiny_run: `make setup` in a fresh clone, then the whole DAG; the tests that ask for it allow as long
+FULL_RUN_TIMEOUT = 840
+WANTS_FULL_RUN = pytest.StashKey[bool]()
+DATA = Path(os.environ.get("NANOCHAT_TEST_DATA") or REPO.parent / "shared" / "data").resolve()  # the real datasets
+HAVE_DATA = (DATA / "pretrain").is_dir()
+
+
+def pytest_collection_modifyitems(items):
+    """A test that asks for full_tiny_run may be the one that makes it: it gets the run's time too."""
+    for item in items:
+        if "full_tiny_run" in item.fixturenames:
+            item.add_marker(pytest.mark.timeout(FULL_RUN_TIMEOUT + 120))
 
 
 @pytest.fixture(scope="session")
 def shared_data():
-    """The real datasets (../shared/data or $NANOCHAT_TEST_DATA). Missing: a skip with the reason,
-    except in CI (CI=true), where it is an error."""
-    path = Path(os.environ.get("NANOCHAT_TEST_DATA") or REPO.parent / "shared" / "data").resolve()
-    if not (path / "pretrain").is_dir():
-        missing(f"real test data not found at {path} (set NANOCHAT_TEST_DATA)")
-    return path
+    """The real datasets. Missing: a skip with the reason, except in CI (CI=true), where it is an error."""
+    if not HAVE_DATA:
+        missing(f"real test data not found at {DATA} (set NANOCHAT_TEST_DATA)")
+    return DATA
 
 
 @pytest.fixture(scope="session")
@@ -85,31 +95,25 @@ def tiny_base_run(tiny_env, shared_data, tmp_path_factory):
     return run
 
 
+def pytest_collection_finish(session):
+    session.config.stash[WANTS_FULL_RUN] = any("full_tiny_run" in item.fixturenames for item in session.items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def full_tiny_run_started(request, tmp_path_factory):
+    """Starts the full_tiny_run with the session when a test that will run asks for it: it takes a few
+    minutes, mostly on one core (pip, then single-process stages), and the other tests run beside it.
+    Without the real data it is not started (full_tiny_run then skips, or fails under CI)."""
+    if not (request.config.stash.get(WANTS_FULL_RUN, False) and HAVE_DATA):
+        yield None
+        return
+    api = request.getfixturevalue("prefect_api")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        yield pool.submit(deployed.full_tiny_run, api, DATA, tmp_path_factory.mktemp("elsewhere"), FULL_RUN_TIMEOUT)
+
+
 @pytest.fixture(scope="session")
-def full_tiny_run(prefect_api, shared_data, tmp_path_factory):
-    """The whole tiny DAG, download to chat_eval_rl, through the speedrun flow: (run URI, the flow
-    run's final state). Its data mirror is a real HTTP server on 127.0.0.1, stopped the moment
-    download commits and still configured after that, so every later stage proves it reads its data
-    through the run's files.json (tests/test_flows.py and tests/test_data_inputs.py share the run)."""
-    from flows.speedrun import speedrun
-    from nanochat import storage
-    from tests.httpserver import serve
-
-    root = str(tmp_path_factory.mktemp("storage"))
-    run = storage.run_uri("full", root)
-    committed = storage.local_path(storage.join(run, "download", "stage.json"))
-    with serve(shared_data) as server:
-
-        def stop_after_download():
-            while not os.path.exists(committed):
-                time.sleep(0.02)
-            server.shutdown()
-            server.server_close()
-
-        watcher = threading.Thread(target=stop_after_download, daemon=True)
-        watcher.start()
-        state = speedrun(preset="tiny", run_name="full", storage=root, data_mirror=server.url, retries=0,
-                         return_state=True)
-        watcher.join(timeout=1)
-        assert not watcher.is_alive(), "download never committed"
-    return run, state
+def full_tiny_run(full_tiny_run_started, shared_data):
+    """The whole tiny DAG, download to chat_eval_rl, as a user on a cluster runs it (a TinyRun, see
+    tests/deployed.py): tests/test_deploy_elsewhere.py, test_flows.py and test_data_inputs.py share it."""
+    return full_tiny_run_started.result(timeout=FULL_RUN_TIMEOUT + 60)

@@ -32,9 +32,9 @@ def summary(run, name):
 @pytest.fixture(scope="module")
 def pipeline_run(full_tiny_run):
     """(run URI, task states) of the shared tiny run, its mirror stopped once download committed."""
-    run, state = full_tiny_run
+    state = full_tiny_run.state
     assert state.is_completed(), state.message
-    return run, task_states(state.state_details.flow_run_id)
+    return full_tiny_run.run, task_states(state.state_details.flow_run_id)
 
 
 def test_stages_complete_with_the_mirror_gone(pipeline_run):

@@ -163,7 +163,7 @@ def test_every_stage_end_to_end_fills_the_report_table(full_tiny_run):
     """The whole tiny DAG, download to chat_eval_rl (its mirror gone once download committed, see
     the fixture): every stage completes and the report card's table has a BASE, MID, SFT and RL
     column, each with its metrics."""
-    run, state = full_tiny_run
+    run, state = full_tiny_run.run, full_tiny_run.state
     assert state.is_completed(), state.message
     states = task_states(state.state_details.flow_run_id)
     assert {name: states[name] for name in ALL} == {name: "Completed" for name in ALL}
@@ -197,8 +197,7 @@ def assert_one_at_a_time(spans):
 def test_the_parallel_dag_never_runs_two_torchrun_stages_at_once(full_tiny_run):
     """base_eval and mid_train are both ready once base_train is done (and each chat_eval beside the
     next training stage), but they hold the node's one slot in turn."""
-    run, _ = full_tiny_run
-    spans = torchrun_spans(run)
+    spans = torchrun_spans(full_tiny_run.run)
     assert len(spans) == sum(row.torchrun for row in pipeline.PIPELINE)
     assert_one_at_a_time(spans)
 

@@ -39,7 +39,8 @@ def test_sbatch_worker_runs_a_deployed_speedrun_with_torchrun_under_srun(cluster
                           "deployments/slurm/worker.sbatch"], env=env, cwd=REPO, check=True, capture_output=True,
                          text=True).stdout.strip()
     storage = tmp_path / "storage"
-    params = {"preset": "tiny", "storage": str(storage), "data_mirror": str(shared_data), "only": ["base_train"]}
+    params = {"preset": "tiny", "storage": str(storage), "data_mirror": str(shared_data), "only": ["base_train"],
+              "overrides": {"base_train": {"num_steps": 2, "eval_every": -1, "checkpoint_every": -1}}}  # torchrun is what counts
     flow_run = run_deployment("speedrun/slurm", parameters=params, timeout=0)
     state, torchrun = watch(flow_run.id, marker=str(storage))
     cluster.run("scancel", job)
