@@ -6,22 +6,25 @@ child interpreter with limits, and nothing they do reaches the caller.
 
 Containment, in layers (each one alone stops most of the hostile programs in tests/test_execution.py):
 - a fresh `python -I` in a new session (killed as a group), in an empty temp directory, with a
-  scrubbed environment (PATH, HOME, LANG only);
-- Linux namespaces where the kernel allows them: a new network namespace (no interface is up, so
-  no connection goes anywhere) and a new PID namespace (the program is its PID 1: its processes
-  cannot see or signal anything outside, and all die with it); otherwise Python's socket module
-  is disabled;
-- as root, the program runs as `nobody`, so it can write only where anyone can (its temp dir is
-  handed over to it) and read nothing private of the caller (/proc/<pid>/environ);
+  scrubbed environment (PATH, HOME, LANG, TMPDIR only);
+- as root, the program runs as `nobody`; otherwise as ourselves;
+- its own namespaces where the kernel allows them: mount, network (no interface up), PID (all its
+  processes die with it) and IPC, a user namespace when we are not root, and a read-only view of
+  the system with its temp directory the one writable place (nanochat/sandbox.py, the child's
+  side). Where the kernel allows none (or NANOCHAT_SANDBOX=seccomp forces it), a seccomp filter
+  refuses sockets and signals outside the program's group; then it can read whatever its user
+  can, which the log says once;
 - rlimits: CPU seconds, address space, processes (counted per user, so the limit is the user's
   current count plus MAX_PROCESSES), file size (which also caps the captured output), core dumps;
 - a wall-clock timeout, after which the whole process group is killed.
 """
 
 import functools
+import inspect
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import subprocess
@@ -32,6 +35,9 @@ from dataclasses import dataclass
 
 import psutil
 
+from nanochat import sandbox
+from nanochat.common import log
+
 TIMEOUT = 5.0  # seconds of wall time
 MEMORY_BYTES = 512 * 2**20  # address space of each process
 MAX_PROCESSES = 16  # processes the program may add to its user's count
@@ -39,37 +45,7 @@ MAX_OUTPUT_BYTES = 2**20  # stdout and stderr each; also the largest file the pr
 KILL_WAIT = 5.0  # seconds to wait for a killed program to be gone
 CALCULATOR_TIMEOUT = 2.0
 CALCULATOR_MAX_CHARS = 256
-
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-
-# The child's first code, run by the sandbox's own interpreter before the program: isolate, drop
-# privileges, set limits, then run the program as __main__ (as PID 1 of its namespace if any).
-BOOTSTRAP = r"""
-import ctypes, json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-flags = cfg["clone_flags"] | (0 if os.getuid() == 0 else cfg["clone_newuser"])
-isolated = libc.unshare(flags) == 0
-if cfg["uid"] is not None:
-    os.setgroups([])
-    os.setgid(cfg["gid"])
-    os.setuid(cfg["uid"])
-for name, value in cfg["limits"].items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-if isolated and os.fork():  # the child is PID 1 of the new namespace; when it dies, all its processes do
-    _, status = os.wait()
-    code = os.waitstatus_to_exitcode(status)
-    os._exit(code if code >= 0 else 128 - code)
-if not isolated:
-    import socket
-    def no_network(*args, **kwargs):
-        raise OSError("network access is disabled in the sandbox")
-    socket.socket = socket.create_connection = socket.socketpair = no_network
-del ctypes, json, os, resource, cfg, libc, flags, isolated
-import runpy
-sys.argv = ["program.py"]
-runpy.run_path("program.py", run_name="__main__")
-"""
+ISOLATION_VARIABLE = "NANOCHAT_SANDBOX"  # "seccomp": use the fallback even where namespaces work
 
 
 @dataclass
@@ -129,12 +105,42 @@ def last_line(text):
 def execute(program, timeout=TIMEOUT, memory_bytes=MEMORY_BYTES):
     """Runs the Python source `program` in the sandbox and returns its ExecutionResult."""
     user = sandbox_user()
+    return run(program, timeout, memory_bytes, user, isolation(user))
+
+
+def isolation(user):
+    """How the sandbox contains programs: "namespaces", else "seccomp" (see the module docstring)."""
+    forced = os.environ.get(ISOLATION_VARIABLE, "")
+    if forced not in ("", "seccomp"):
+        raise ValueError(f"{ISOLATION_VARIABLE} must be 'seccomp' or unset, not {forced!r}")
+    return chosen_isolation(user, forced == "seccomp")
+
+
+@functools.cache
+def chosen_isolation(user, forced):
+    """Tries the namespaces once, with an empty program, unless forced not to. The fallback is
+    logged with what it leaves open, as nothing else would show it."""
+    if forced:
+        reason = f"{ISOLATION_VARIABLE}=seccomp"
+    else:
+        probe = run("", TIMEOUT, MEMORY_BYTES, user, "namespaces")
+        if probe.success:
+            return "namespaces"
+        reason = f"the kernel refused them: {probe.error}"
+    log.warning("sandbox: no namespaces (%s): programs run under a seccomp filter that refuses sockets and signals "
+                "outside their process group, but they can read and write what uid %d can", reason, user[0] if user else os.getuid())
+    return "seccomp"
+
+
+def run(program, timeout, memory_bytes, user, isolation):
+    """Runs `program` as `user` (None: ourselves) contained by `isolation`; its ExecutionResult."""
     uid = user[0] if user else os.getuid()
+    sandbox_dir = tempfile.mkdtemp(prefix="nanochat-sandbox-")
+    work = os.path.join(sandbox_dir, "work")  # the program's directory; the child mounts its view's root on sandbox_dir/root
     config = {
-        "clone_flags": CLONE_NEWNET | CLONE_NEWPID,
-        "clone_newuser": CLONE_NEWUSER,
-        "uid": user and user[0],
-        "gid": user and user[1],
+        "isolation": isolation,
+        "user": user,
+        "work": work,
         "limits": {
             "RLIMIT_CPU": int(timeout) + 1,
             "RLIMIT_AS": memory_bytes,
@@ -143,29 +149,30 @@ def execute(program, timeout=TIMEOUT, memory_bytes=MEMORY_BYTES):
             "RLIMIT_CORE": 0,
         },
     }
-    workdir = tempfile.mkdtemp(prefix="nanochat-sandbox-")
     try:
-        with open(os.path.join(workdir, "program.py"), "w") as f:
+        os.chmod(sandbox_dir, 0o711)  # the sandbox user may pass through to work/, but not read our output files
+        os.mkdir(work)
+        os.mkdir(os.path.join(sandbox_dir, "root"))
+        with open(os.path.join(work, "program.py"), "w") as f:
             f.write(program)
         if user:
-            os.chown(workdir, *user)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
+            os.chown(work, *user)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+        out_path, err_path = os.path.join(sandbox_dir, "stdout"), os.path.join(sandbox_dir, "stderr")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                [interpreter(user), "-I", "-c", BOOTSTRAP, json.dumps(config)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=env,
+                [interpreter(user), "-I", "-c", inspect.getsource(sandbox), json.dumps(config)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=work, env=env,
                 start_new_session=True, close_fds=True,
             )
             try:
-                returncode, timed_out = proc.wait(timeout=timeout), False
-            except subprocess.TimeoutExpired:
-                returncode, timed_out = None, True
+                timed_out = not ends_within(proc, timeout)
+                returncode = None if timed_out else proc.wait()
             finally:
                 kill_group(proc)
         stdout, stderr = read_capped(out_path), read_capped(err_path)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(sandbox_dir, ignore_errors=True)
     success = returncode == 0
     if success:
         error = None
@@ -176,6 +183,16 @@ def execute(program, timeout=TIMEOUT, memory_bytes=MEMORY_BYTES):
     else:
         error = last_line(stderr) or f"exit code {returncode}"
     return ExecutionResult(success, stdout, stderr, returncode, timed_out, error)
+
+
+def ends_within(proc, timeout):
+    """Whether `proc` ends within `timeout` seconds. Its pidfd wakes us when it does, where
+    Popen.wait(timeout) would poll and answer up to 50 ms late."""
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
 
 
 def kill_group(proc):

@@ -1,132 +1,265 @@
-"""The sandbox against hostile programs: each one is contained, and the next program runs normally."""
+"""The sandbox against hostile programs, in each way it runs: as root (the program runs as nobody),
+as an unprivileged user (a throwaway uid when we are root, else ourselves), and as that user with
+the seccomp fallback forced. Each program is contained, leaves no process behind, and the next
+program runs normally. Where the harm depends on the user's rights, the same program run outside
+the sandbox first shows that the harm is real."""
 
+import json
 import os
+import pwd
+import random
+import shutil
 import socket
-import threading
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
 
-from nanochat.execution import MAX_OUTPUT_BYTES, calculator, execute, sandbox_user
+from nanochat.execution import MAX_OUTPUT_BYTES, ExecutionResult, calculator, execute, interpreter, sandbox_user
+from tests.stagerun import missing
+
+REPO = Path(__file__).resolve().parent.parent
+USERS = ["root", "user"]
+WITH_SECCOMP = [*USERS, "seccomp"]  # what the fallback contains too; files stay as readable as its user's rights allow
+SECRET = "PRIVATE-KEY-hunter2"
+
+# Runs in the mode's user: one execute() per line of stdin, one JSON line back, with what it logged.
+DRIVER = """
+import dataclasses, json, logging, sys
+from nanochat.execution import execute
+log = []
+handler = logging.Handler()
+handler.emit = lambda record: log.append(record.getMessage())
+logging.getLogger().addHandler(handler)
+for line in sys.stdin:
+    print(json.dumps({"result": dataclasses.asdict(execute(**json.loads(line))), "log": log}), flush=True)
+    log.clear()
+"""
 
 
-def sandbox_processes():
-    """Processes left running as the sandbox's user (nobody when the tests run as root); a zombie
-    (dead, waiting for init to reap it) holds nothing."""
-    user = sandbox_user()
-    if user is None:
-        return []  # the sandbox runs as ourselves: its leftovers would be among our own processes
-    return [p for p in psutil.process_iter(["uids", "status"])
-            if p.info["uids"] and p.info["uids"].real == user[0] and p.info["status"] != psutil.STATUS_ZOMBIE]
+def free_uid():
+    """A uid no account and no process has: our throwaway user, gone when its processes are."""
+    taken = {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info["uids"]}
+    while True:
+        uid = random.randrange(200_000, 300_000)
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if uid not in taken:
+                return uid
 
 
-@pytest.fixture(autouse=True)
-def still_serves():
-    """After every hostile program: nothing of it is left running, and a normal program runs."""
-    yield
-    assert sandbox_processes() == []
-    result = execute("print(sum(range(10)))")
+class Sandbox:
+    """A driver process that calls execute() as the mode's user, in a home holding private files
+    (~/.ssh/id_rsa and a file in its working directory, both mode 600)."""
+
+    def __init__(self, mode):
+        if mode == "root" and os.getuid() != 0:
+            missing("the root mode of the sandbox needs the tests to run as root")
+        self.mode = mode
+        self.user = None if mode == "root" or os.getuid() != 0 else (free_uid(),) * 2
+        self.base = Path(tempfile.mkdtemp(prefix="nanochat-sandbox-test-"))
+        self.base.chmod(0o755)
+        self.home, self.cwd = self.base / "home", self.base / "home" / "project"
+        (self.home / ".ssh").mkdir(parents=True)
+        self.cwd.mkdir()
+        self.secrets = [self.home / ".ssh" / "id_rsa", self.cwd / "token"]
+        for path in self.secrets:
+            path.write_text(SECRET)
+            path.chmod(0o600)
+        (self.base / "tmp").mkdir()
+        if self.user:
+            for path in (self.home, *self.home.rglob("*"), self.base / "tmp"):
+                os.chown(path, *self.user)
+        self.python = interpreter(self.user) if self.user else sys.executable
+        psutil_site = Path(psutil.__file__).parent.parent
+        self.env = {"PATH": os.environ["PATH"], "HOME": str(self.home), "TMPDIR": str(self.base / "tmp"),
+                    "PYTHONPATH": f"{REPO}:{psutil_site}", "NANOCHAT_TEST_SECRET": SECRET}
+        if mode == "seccomp":
+            self.env["NANOCHAT_SANDBOX"] = "seccomp"
+        self.driver = self.popen(["-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+        self.log = []
+
+    def popen(self, args, **kwargs):
+        user = {"user": self.user[0], "group": self.user[1], "extra_groups": []} if self.user else {}
+        return subprocess.Popen([self.python, *args], cwd=self.cwd, env=self.env, text=True, **user, **kwargs)
+
+    @property
+    def uid(self):
+        """The uid the sandboxed programs run as."""
+        return (self.user or sandbox_user() or (os.getuid(),))[0]
+
+    def run(self, program, **kwargs):
+        """The ExecutionResult of `program` run by the driver's execute()."""
+        self.driver.stdin.write(json.dumps({"program": program, **kwargs}) + "\n")
+        self.driver.stdin.flush()
+        line = self.driver.stdout.readline()
+        assert line, f"the driver died (exit code {self.driver.wait()})"
+        answer = json.loads(line)
+        self.log += answer["log"]
+        return ExecutionResult(**answer["result"])
+
+    def unsandboxed(self, program):
+        """`program` run directly as the mode's user, as the driver could: what the sandbox prevents."""
+        done = self.popen(["-I", "-c", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return done.communicate()[0]
+
+    def leftovers(self):
+        """Processes of this sandbox's programs still running as the sandbox user (their command
+        line holds their directory, under ours); a zombie holds nothing."""
+        return [p for p in psutil.process_iter(["uids", "status", "cmdline"])
+                if p.info["uids"] and p.info["uids"].real == self.uid and p.info["status"] != psutil.STATUS_ZOMBIE
+                and str(self.base) in " ".join(p.info["cmdline"] or [])]
+
+    def close(self):
+        self.driver.stdin.close()
+        self.driver.wait()
+        shutil.rmtree(self.base)
+
+
+@pytest.fixture(scope="module")
+def sandboxes():
+    started = {}
+    yield started
+    for sandbox in started.values():
+        sandbox.close()
+
+
+@pytest.fixture(params=USERS)
+def sandbox(request, sandboxes):
+    """The mode's sandbox; after the test, nothing of its programs runs, and a normal program runs."""
+    if request.param not in sandboxes:
+        sandboxes[request.param] = Sandbox(request.param)
+    sandbox = sandboxes[request.param]
+    yield sandbox
+    assert sandbox.leftovers() == []
+    result = sandbox.run("print(sum(range(10)))")
     assert result.success and result.stdout == "45\n", result
 
 
-def test_a_normal_program():
-    result = execute("import sys\nprint('out')\nprint('err', file=sys.stderr)")
+@pytest.mark.parametrize("sandbox", WITH_SECCOMP, indirect=True)
+def test_a_normal_program_and_the_log(sandbox):
+    """A program runs; the log says when the sandbox falls back to seccomp, and only then."""
+    result = sandbox.run("import sys\nprint('out')\nprint('err', file=sys.stderr)")
     assert result.success and result.stdout == "out\n" and result.stderr == "err\n"
     assert result.returncode == 0 and not result.timed_out and result.error is None
+    warned = [line for line in sandbox.log if line.startswith("sandbox: no namespaces")]
+    if sandbox.mode == "seccomp":
+        assert len(warned) == 1 and "(NANOCHAT_SANDBOX=seccomp)" in warned[0] and f"what uid {sandbox.uid} can" in warned[0]
+    else:
+        assert warned == [], warned
 
 
-def test_an_exception_is_a_failure_with_its_message():
-    result = execute("raise ValueError('bad input')")
+def test_an_exception_is_a_failure_with_its_message(sandbox):
+    result = sandbox.run("raise ValueError('bad input')")
     assert not result.success and result.returncode == 1
     assert result.error == "ValueError: bad input" and "Traceback" in result.stderr
 
 
-def test_infinite_loop_times_out():
-    result = execute("while True:\n    pass", timeout=1.0)
-    assert not result.success and result.timed_out and result.error == "timed out after 1 s"
+def test_infinite_loop_times_out(sandbox):
+    result = sandbox.run("while True:\n    pass", timeout=0.5)
+    assert not result.success and result.timed_out and result.error == "timed out after 0.5 s"
 
 
-def test_fork_bomb_is_contained():
-    result = execute("import os\nwhile True:\n    os.fork()", timeout=2.0)
-    assert not result.success
+@pytest.mark.parametrize("sandbox", WITH_SECCOMP, indirect=True)
+def test_fork_bomb_is_contained(sandbox):
+    result = sandbox.run("import os\nwhile True:\n    os.fork()", timeout=2.0)
+    assert not result.success  # the fixture then checks that none of the bomb's processes is left
 
 
-def test_forked_sleepers_die_with_the_program():
-    program = ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
-               "print('parent done')")
-    result = execute(program, timeout=2.0)
-    assert result.stdout == "parent done\n"  # the autouse fixture then checks that no sleeper survived
+@pytest.mark.parametrize("sandbox", WITH_SECCOMP, indirect=True)
+def test_forked_sleepers_die_with_the_program(sandbox):
+    """Children that try to leave the program's session; then the program leaves it itself and is
+    killed at the timeout."""
+    program = ("import os, time\n"
+               "def leave():\n    try:\n        os.setsid()\n    except OSError:\n        pass\n"
+               "for _ in range(3):\n    if os.fork() == 0:\n        leave()\n        time.sleep(60)\n"
+               "print('parent done', flush=True)\nleave()\ntime.sleep(60)")
+    result = sandbox.run(program, timeout=0.5)
+    assert result.stdout == "parent done\n" and result.timed_out  # the fixture then checks that no sleeper survived
 
 
-def test_memory_bomb_is_contained():
-    result = execute("x = bytearray(8 * 2**30)")
+def test_memory_bomb_is_contained(sandbox):
+    result = sandbox.run("x = bytearray(8 * 2**30)")
     assert not result.success and result.error == "MemoryError"
-    result = execute("xs = []\nwhile True:\n    xs.append(bytearray(2**24))")
+    result = sandbox.run("xs = []\nwhile True:\n    xs.append(bytearray(2**24))", memory_bytes=256 * 2**20)
     assert not result.success and "MemoryError" in result.error
 
 
-def test_huge_output_is_capped():
-    result = execute("while True:\n    print('x' * 10000)", timeout=2.0)
+def test_huge_output_is_capped(sandbox):
+    result = sandbox.run("while True:\n    print('x' * 10000)", timeout=2.0)
     assert not result.success
     assert len(result.stdout) <= MAX_OUTPUT_BYTES + 100 and result.stdout.endswith("[output truncated]")
 
 
-def test_huge_file_is_refused():
-    result = execute("open('big', 'wb').write(b'x' * (64 * 2**20))")
+def test_huge_file_is_refused(sandbox):
+    result = sandbox.run("open('big', 'wb').write(b'x' * (64 * 2**20))")
     assert not result.success and "File too large" in result.error
 
 
-def test_writing_outside_the_temp_dir_is_refused(tmp_path):
-    if sandbox_user() is None:
-        pytest.skip("the sandbox confines writes by running as nobody, which needs root")
-    target = tmp_path / "pwned"
-    repo_file = os.path.abspath(__file__)
-    result = execute(f"open({str(target)!r}, 'w').write('x')")
-    assert not result.success and "Permission denied" in result.error and not target.exists()
-    result = execute(f"open({repo_file!r}, 'a').write('x')")
-    assert not result.success and "Permission denied" in result.error
-    assert execute("open('mine.txt', 'w').write('ok')\nprint(open('mine.txt').read())").stdout == "ok\n"
+def test_private_files_are_not_readable(sandbox):
+    program = (f"for path in {[str(p) for p in sandbox.secrets]!r}:\n"
+               f"    try:\n        print(open(path).read())\n    except OSError as e:\n        print(type(e).__name__)")
+    assert sandbox.unsandboxed(program).count(SECRET) == 2  # the user can read them
+    result = sandbox.run(program)
+    assert result.success and SECRET not in result.stdout + result.stderr
+    assert result.stdout.split() == ["FileNotFoundError"] * 2  # they are not in the sandbox's view
 
 
-def test_the_parent_environment_is_not_readable(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_TEST_SECRET", "hunter2")
-    program = f"import os\nprint(sorted(os.environ))\nprint(open('/proc/{os.getpid()}/environ').read())"
-    result = execute(program)
-    assert "NANOCHAT_TEST_SECRET" not in result.stdout and "hunter2" not in result.stdout + result.stderr
-    assert result.stdout.startswith("['HOME', 'LANG', 'PATH', 'TMPDIR']")
-    assert not result.success  # /proc/<our pid>/environ: invisible in its PID namespace, or not ours to read
+def test_writing_outside_its_directory_is_refused(sandbox):
+    targets = [sandbox.home / "pwned", sandbox.cwd / "pwned"]
+    program = f"for path in {[str(p) for p in targets]!r}:\n    open(path, 'w').write('x')"
+    assert sandbox.unsandboxed(program) == "" and all(t.exists() for t in targets)  # the user can write there
+    for target in targets:
+        target.unlink()
+    result = sandbox.run(program)
+    assert not result.success and not any(t.exists() for t in targets)
+    assert sandbox.run("open('mine.txt', 'w').write('ok')\nprint(open('mine.txt').read())").stdout == "ok\n"
 
 
-def test_no_network():
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(3)
-    port = server.getsockname()[1]
-    accepted = []
-
-    def accept():
-        try:
-            accepted.append(server.accept())
-        except TimeoutError:
-            pass
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    result = execute(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')")
-    assert not result.success and ("unreachable" in result.error or "refused" in result.error or "disabled" in result.error)
-    thread.join()  # accept() times out: nobody connected
-    server.close()
-    assert accepted == []
+def test_the_callers_environment_is_not_readable(sandbox):
+    program = f"import os\nprint(sorted(os.environ))\nprint(open('/proc/{sandbox.driver.pid}/environ').read())"
+    assert SECRET in sandbox.unsandboxed(program)  # the driver's environment, readable by its user
+    result = sandbox.run(program)
+    assert SECRET not in result.stdout + result.stderr
+    assert result.stdout == "['HOME', 'LANG', 'PATH', 'TMPDIR']\n" and not result.success
 
 
-def test_signalling_the_parent_is_contained():
+@pytest.mark.parametrize("sandbox", WITH_SECCOMP, indirect=True)
+def test_no_network(sandbox):
+    """A connection to a server on 127.0.0.1, through the C module under `socket` too."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        program = f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {server.getsockname()[1]}))\ns.send(b'hi')"
+        assert sandbox.unsandboxed(program) == ""
+        server.accept()[0].close()  # it connected
+        result = sandbox.run(program)
+        assert not result.success and ("unreachable" in result.error or "not permitted" in result.error), result.error
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nobody else connected: the program is gone, so no connection is on its way
+            server.accept()
+
+
+@pytest.mark.parametrize("sandbox", WITH_SECCOMP, indirect=True)
+def test_signalling_the_callers_group_is_refused(sandbox):
+    """The program signals the driver that runs it (its caller), the driver's process group, and
+    everything its user may signal: the driver lives on to answer."""
+    caller = sandbox.driver.pid  # the leader of its own process group
     program = (f"import os, signal\n"
-               f"for pid in (os.getppid(), {os.getpid()}):\n"
-               f"    try:\n"
-               f"        os.kill(pid, signal.SIGKILL)\n"
-               f"    except OSError as e:\n"
-               f"        print(type(e).__name__)\n")
-    execute(program)
-    assert psutil.pid_exists(os.getpid())  # we are still here to check
+               f"for target in ({caller}, -{caller}, -1):\n"
+               f"    try:\n        os.kill(target, signal.SIGKILL)\n        print('killed')\n"
+               f"    except OSError as e:\n        print(type(e).__name__)\n")
+    result = sandbox.run(program)
+    assert result.success and "killed" not in result.stdout, result.stdout
+    assert sandbox.driver.poll() is None
+
+
+def test_a_bad_isolation_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "none")
+    with pytest.raises(ValueError, match="NANOCHAT_SANDBOX must be 'seccomp' or unset, not 'none'"):
+        execute("pass")
 
 
 def test_calculator():
@@ -136,3 +269,4 @@ def test_calculator():
     assert calculator("import os") is None  # a statement, not an expression
     assert calculator("2 ** 10 ** 10") is None  # times out (CPU limit), never hangs the caller
     assert calculator("x" * 1000) is None
+
