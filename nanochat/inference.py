@@ -1,6 +1,6 @@
 """Load a checkpoint for inference: its weights in the dtype the device multiplies fastest, each
 attention's query, key and value layers fused, and on CPU nanochat.cpu's fast paths (this is the
-one place they are applied).
+one place they are applied; NANOCHAT_CPU_FASTPATHS=0 turns them off).
 
     engine = load_engine("speedrun", device="cpu")
 """

@@ -1,5 +1,6 @@
 """nanochat.cpu has one door: the model, the engine and training never import it; loading an engine
-on CPU applies it in one call, and on any other device nothing of it; a model served without it
+on CPU applies it in one call (with NANOCHAT_CPU_FASTPATHS=0 a call that changes nothing: the
+loading test runs both ways), and on any other device nothing of it; a model served without it
 decodes through SDPA, whatever its dtype."""
 
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from nanochat.tokenizer import Tokenizer
 from tests.imports import imports, within
 from tests.test_gpt import random_model
 
+pytest_plugins = ["tests.cpupaths"]
 PACKAGE = Path(inference.__file__).parent
 CONFIG = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
@@ -44,10 +46,11 @@ def applied(monkeypatch):
     return models
 
 
-def test_loading_an_engine_on_cpu_applies_it_once(tmp_path, applied):
+def test_loading_an_engine_on_cpu_applies_it_once(tmp_path, applied, fastpaths):
     """load_engine of a CPU checkpoint: one call to nanochat.cpu.apply, and the engine's model has
-    the CPU forms (hooks, linear layers as the dtype takes them, sampling ops); its greedy tokens
-    are those of the checkpoint's model as trained."""
+    the CPU forms (hooks, linear layers as the dtype takes them, sampling ops), or with
+    NANOCHAT_CPU_FASTPATHS=0 torch's, as on a CPU without them; either way its logits are those of
+    the checkpoint's model in the dtype this CPU loads it in."""
     directory = storage.normalize(str(tmp_path))
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
     tokenizer_uri = tokenizer.save(storage.join(directory, "tokenizer"))["tokenizer"]
@@ -56,15 +59,26 @@ def test_loading_an_engine_on_cpu_applies_it_once(tmp_path, applied):
     uri = checkpoint.save(storage.join(directory, "checkpoints"), 0, model.state_dict(), {}, meta)
 
     served = inference.load_engine(uri, device="cpu")
-    assert applied == [served.model] and served.ops is ops.SAMPLING
-    assert served.model.cap is ops.softcap
-    assert all(block.attn.attend is ops.attention and block.attn.c_qkv is not None for block in served.model.transformer.h)
+    assert applied == [served.model]
+    sampling_ops, cap, attend = (ops.SAMPLING, ops.softcap, ops.attention) if fastpaths else \
+        (engine.SamplingOps(), gpt.softcap, gpt.causal_attention)
+    assert served.ops == sampling_ops and served.model.cap is cap
+    assert all(block.attn.attend is attend and block.attn.c_qkv is not None for block in served.model.transformer.h)
     forms = {type(m) for m in served.model.modules() if isinstance(m, (torch.nn.Linear, linears.PackedLinear, linears.PanelLinear))}
-    assert len(forms) == 1  # one form for every layer (this config's widths fill whole panels)
-    prompt = [tokenizer.bos_token_id, *tokenizer.encode("door")]
-    greedy = served.generate(prompt, SamplingParams(temperature=0, max_tokens=8)).completions[0].token_ids
-    if next(served.model.parameters()).dtype == torch.float32:  # bf16 weights may round a near-tie the other way
-        assert greedy == Engine(model, tokenizer).generate(prompt, SamplingParams(temperature=0, max_tokens=8)).completions[0].token_ids
+    assert len(forms) == 1 and (fastpaths or forms == {torch.nn.Linear})  # one form: this config's widths fill whole panels
+    dtype = next(served.model.parameters()).dtype
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("door")]])
+    with torch.inference_mode():
+        got, expected = served.model(ids), model.to(dtype)(ids)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1  # bf16: logits up to 15, where an ulp is 1/16
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_a_bad_switch_is_refused_by_name(monkeypatch, applied):
+    """NANOCHAT_CPU_FASTPATHS other than 0 or 1: an error naming it, when a model is loaded."""
+    monkeypatch.setenv(cpu.SWITCH, "off")
+    with pytest.raises(ValueError, match="NANOCHAT_CPU_FASTPATHS='off'"):
+        inference.prepare(random_model(CONFIG))
 
 
 def test_other_devices_take_nothing_of_it(applied):

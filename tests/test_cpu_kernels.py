@@ -1,8 +1,9 @@
 """nanochat.cpu's ops: the soft cap, sampling's passes and decode attention equal the torch functions
-they stand in for (the oracles); the build: compiled once per source version into the cache and
-reused, only when asked (never by a check on the hot path); a compiler that fails or is missing
-turns the kernels off with the reason in the log, leaving no file. (The matmul is checked against
-torch in test_linears.py.)"""
+they stand in for (the oracles), the kernel counted as it runs (a machine without the kernels skips
+those tests outside CI and fails them under it); the build: compiled once per source version into
+the cache and reused, only when asked (never by a check on the hot path); a compiler that fails or
+is missing, or a CPU without AVX2, turns the kernels off with the reason in the log, leaving no
+file. (The matmul is checked against torch in test_linears.py.)"""
 
 import logging
 import os
@@ -13,12 +14,10 @@ import torch.nn.functional as F
 
 from nanochat import engine, gpt
 from nanochat.cpu import kernels, ops
+from tests.cpupaths import needs_kernels
 
-
-@pytest.fixture(autouse=True)
-def loaded():
-    """The kernels loaded, as nanochat.cpu.apply loads them."""
-    assert kernels.build() is not None, "the CPU kernels cannot run here (see the log)"
+pytest_plugins = ["tests.cpupaths"]
+CAN_BUILD = {"avx2", "fma"}  # a CPU the kernels build for, whatever runs the test
 
 
 def logits(rows, n, seed=0):
@@ -31,17 +30,18 @@ def logits(rows, n, seed=0):
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
-def test_softcap_equals_torch(rows, n):
+def test_softcap_equals_torch(rows, n, kernel_calls):
     x = logits(rows, n)
     got = ops.softcap(x)
     assert got.data_ptr() == x.data_ptr()  # in place
     torch.testing.assert_close(got, gpt.softcap(logits(rows, n)), rtol=0, atol=1e-5)
     model_shaped = logits(rows, n)[:, None]  # the model's (B, T, vocab) logits
     torch.testing.assert_close(ops.softcap(model_shaped), gpt.softcap(logits(rows, n)[:, None]), rtol=0, atol=1e-5)
+    assert kernel_calls == {"softcap": 2}
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
-def test_softmax_weights_equal_torch(rows, n):
+def test_softmax_weights_equal_torch(rows, n, kernel_calls):
     """Per-row temperatures from 0.01 (most weights underflow to 0) to 2; a 1-D row with a number as
     its temperature."""
     x = gpt.softcap(logits(rows, n))
@@ -54,13 +54,15 @@ def test_softmax_weights_equal_torch(rows, n):
     assert torch.all(got[expected == 0] == 0) and torch.all(expected[got == 0] < torch.finfo(torch.float32).tiny)
     row = x[-1]
     torch.testing.assert_close(ops.softmax_weights(row, 0.7), engine.softmax_weights(row, 0.7), rtol=1e-5, atol=1e-30)
+    assert kernel_calls == {"softmax_weights": 2}
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
-def test_argmax_equals_torch_first_maximum(rows, n):
+def test_argmax_equals_torch_first_maximum(rows, n, kernel_calls):
     """Ties (few distinct values) take the first maximum, as torch's argmax does."""
     for x in (logits(rows, n), torch.randint(0, 5, (rows, n)).float(), torch.full((rows, n), float("-inf"))):
         assert torch.equal(ops.argmax(x), engine.row_argmax(x))
+    assert kernel_calls == {"argmax": 3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,7 +74,7 @@ def test_one_query_attention_equals_sdpa_in_fp32(dtype, masked):
     q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
     mask = (torch.arange(10) < torch.tensor([10, 4, 7])[:, None])[:, None, None, :] if masked else None
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 rounds q, k, v to 8 significant bits (4e-3 each)
     for attention in (ops.attention, ops.decode_attention):
         got = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
         torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
@@ -99,6 +101,7 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 def test_built_once_then_reused(fresh_cache, monkeypatch):
+    needs_kernels()
     fresh_cache.mkdir(parents=True)
     (fresh_cache / "cpu_kernels-0123456789abcdef.so").write_text("an older version's build")
     library = kernels.build()
@@ -119,14 +122,20 @@ def test_a_failing_compiler_turns_the_kernel_off(fresh_cache, tmp_path, monkeypa
     compiler.write_text("#!/bin/sh\necho 'cc: internal error: no AVX2 today' >&2\nexit 1\n")
     os.chmod(compiler, 0o755)
     monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: CAN_BUILD)
     with caplog.at_level(logging.WARNING, logger="nanochat"):
         assert kernels.build() is None
     assert "no AVX2 today" in caplog.text
     assert list(fresh_cache.iterdir()) == []  # no half-built library left behind
 
 
-def test_a_missing_compiler_turns_the_kernel_off(fresh_cache, monkeypatch, caplog):
-    monkeypatch.setenv("CC", "no-such-cc")
+@pytest.mark.parametrize("flags,cc,reason", [(CAN_BUILD, "no-such-cc", "no C compiler"),
+                                              ({"avx2", "sse4_2"}, "cc", "the CPU lacks AVX2 or FMA")])
+def test_a_machine_without_what_they_need_turns_the_kernels_off(flags, cc, reason, fresh_cache, monkeypatch, caplog):
+    """No compiler, or a CPU without FMA: no build is tried, and the log says why."""
+    monkeypatch.setenv("CC", cc)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(kernels, "compiled", lambda compiler: pytest.fail("tried to build"))
     with caplog.at_level(logging.WARNING, logger="nanochat"):
         assert kernels.build() is None
-    assert "no C compiler" in caplog.text
+    assert reason in caplog.text

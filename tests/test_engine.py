@@ -1,5 +1,7 @@
 """The engine: cached batched greedy decoding equals uncached decoding token for token (the oracle),
-continuous batching, sampling parameters, stops, the python tool, UTF-8-safe streaming."""
+continuous batching, sampling parameters, stops, the python tool, UTF-8-safe streaming. The tests
+that take FORMS run the model as load_engine serves it both with nanochat.cpu's fast paths and with
+NANOCHAT_CPU_FASTPATHS=0; the rest drive the engine on torch's ops, which the switch does not touch."""
 
 import copy
 import time
@@ -9,12 +11,15 @@ import torch
 
 from nanochat import engine as engine_module
 from nanochat import inference
-from nanochat.cpu import kernels, ops
+from nanochat.cpu import ops
 from nanochat.cpu.linears import PackedLinear, PanelLinear, replace_linears
-from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingParams, TextStream, prefill_groups, sample_one, sample_rows
+from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingOps, SamplingParams, TextStream, prefill_groups, sample_one, sample_rows
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from tests.cpupaths import kernels_here
+
+pytest_plugins = ["tests.cpupaths"]
 
 
 @pytest.fixture(scope="module")
@@ -57,36 +62,40 @@ def assert_matches_oracle(model, engine, request, max_tokens):
         assert len(got) == max_tokens or got[-1] in engine.end_ids
 
 
-# the model as trained; with c_q, c_k, c_v fused (on GPUs load_engine serves this); fused with the linear
-# layers in a CPU form; and as load_engine serves it on CPU (nanochat.cpu applied: the form this
-# machine's dtype takes, the CPU hooks and sampling ops)
-FORMS = {"plain": None, "fused": torch.nn.Linear, "packed": PackedLinear, "panel": PanelLinear, "cpu": "apply"}
+# The model as trained ("plain"); fused, with its linear layers in one of the CPU's forms ("packed" for
+# oneDNN, "panel" for nanochat's kernel); and as load_engine serves it on CPU (inference.prepare),
+# with nanochat.cpu's fast paths (the form this machine's dtype takes, the CPU hooks and sampling ops)
+# and with NANOCHAT_CPU_FASTPATHS=0 (fused on torch's ops: as a CPU without them, or a GPU, serves it).
+# Only "served" reads the switch, so only it runs both ways.
+FORMS = pytest.mark.parametrize("form,fastpaths", [("plain", True), ("packed", True), ("panel", True), ("served", True),
+                                                   ("served", False)],
+                                ids=["plain", "packed", "panel", "served", "served-torch-ops"], indirect=["fastpaths"])
+LINEARS = {"packed": PackedLinear, "panel": PanelLinear}
 
 
-def served_engine(model, tokenizer, form, max_rows):
-    """An engine of a copy of the model in one of the forms load_engine serves it in."""
-    if FORMS[form] is None:
+def served_engine(model, tokenizer, form, fastpaths, max_rows):
+    """An engine of a copy of the model in one of the FORMS."""
+    if form == "plain":
         return Engine(model, tokenizer, max_rows)
     served, sampling_ops = copy.deepcopy(model), None
-    if FORMS[form] == "apply":
+    if form == "served":
         sampling_ops = inference.prepare(served)
-        assert sampling_ops is ops.SAMPLING and served.cap is ops.softcap
-        assert all(block.attn.attend is ops.attention for block in served.transformer.h)
+        assert sampling_ops == (ops.SAMPLING if fastpaths else SamplingOps())
     else:
         served.fuse_qkv()
-        if FORMS[form] is not torch.nn.Linear:
-            kernels.build()  # as nanochat.cpu.apply does: PanelLinear runs the kernels
-            replace_linears(served, FORMS[form])
-            assert not any(isinstance(m, torch.nn.Linear) for m in served.modules())
+        if form == "panel":
+            kernels_here()  # PanelLinear runs the kernels (nanochat.cpu.apply would have built them)
+        replace_linears(served, LINEARS[form])
+        assert not any(isinstance(m, torch.nn.Linear) for m in served.modules())
     assert all(block.attn.c_qkv is not None and not hasattr(block.attn, "c_q") for block in served.transformer.h)
     return Engine(served, tokenizer, max_rows, ops=sampling_ops)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_cached_batched_greedy_equals_uncached(model, tokenizer, form):
+@FORMS
+def test_cached_batched_greedy_equals_uncached(model, tokenizer, form, fastpaths):
     """Requests of different lengths join a running batch at different steps; each row is at its
     own position, and every completion is what uncached greedy decoding (of the plain model) gives."""
-    engine = served_engine(model, tokenizer, form, max_rows=8)
+    engine = served_engine(model, tokenizer, form, fastpaths, max_rows=8)
     greedy = SamplingParams(temperature=0, max_tokens=24)
     prompts = [[tokenizer.bos_token_id, *tokenizer.encode(text)] for text in ("hi", "hello there, model", "x" * 40)]
     requests = [Request(p, greedy, n=n) for p, n in zip(prompts, (1, 3, 2))]
@@ -103,12 +112,12 @@ def test_cached_batched_greedy_equals_uncached(model, tokenizer, form):
         assert_matches_oracle(model, engine, request, 24)
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_prompts_added_together_equal_uncached(model, tokenizer, form):
+@FORMS
+def test_prompts_added_together_equal_uncached(model, tokenizer, form, fastpaths):
     """Prompts added at once are prefilled together, padded to the longest (one forward for the
     short ones, another for the long one), into a batch already decoding; every completion is still
     what uncached greedy decoding gives."""
-    engine = served_engine(model, tokenizer, form, max_rows=10)
+    engine = served_engine(model, tokenizer, form, fastpaths, max_rows=10)
     greedy = SamplingParams(temperature=0, max_tokens=16)
     running = Request([tokenizer.bos_token_id, *tokenizer.encode("already running")], greedy)
     engine.add(running)
@@ -190,9 +199,11 @@ def test_limits_and_finish_reasons(model, tokenizer):
         engine.generate(prompt, n=5)
 
 
-@pytest.mark.parametrize("sampling_ops", [None, ops.SAMPLING], ids=["torch", "cpu"])
-def test_sampling_parameters(model, tokenizer, sampling_ops):
-    kernels.build()
+@pytest.mark.parametrize("sampling_ops", [SamplingOps(), ops.SAMPLING], ids=["torch", "cpu"])
+def test_sampling_parameters(model, tokenizer, sampling_ops, request):
+    """The parameters do what they say with torch's sampling passes and with nanochat.cpu's (whose
+    kernels are seen to run)."""
+    kernel_calls = request.getfixturevalue("kernel_calls") if sampling_ops is ops.SAMPLING else None
     engine = Engine(model, tokenizer, max_rows=8, ops=sampling_ops)
     prompt = [tokenizer.bos_token_id, *tokenizer.encode("sample me")]
 
@@ -208,6 +219,7 @@ def test_sampling_parameters(model, tokenizer, sampling_ops):
     assert a[0] != a[1]  # samples i of a request use seed + i
     assert tokens(temperature=1.5, seed=7)[0] == a[0]
     assert len({tuple(t) for t in tokens(temperature=2.0, n=6)}) > 1
+    assert kernel_calls is None or kernel_calls["argmax"] > 0 and kernel_calls["softmax_weights"] > 0
 
 
 @pytest.mark.parametrize("top_k,top_p", [(None, 1.0), (4, 1.0), (None, 0.7)])

@@ -70,4 +70,5 @@ def test_bf16_autocast_loss_is_close_to_fp32():
         got.backward()
     assert got.dtype == torch.float32
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
-    torch.testing.assert_close(got, model(idx, targets), rtol=0.05, atol=0.05)
+    # bf16 rounds the matmuls' inputs to 8 significant bits (0.4%); the loss moves by well under 1%
+    torch.testing.assert_close(got, model(idx, targets), rtol=0.01, atol=0)

@@ -1,6 +1,9 @@
 """CPU inference linear layers: every form computes what nn.Linear computes (the oracle), for the
-row counts decoding and prefill use; nanochat.cpu picks the form by dtype and CPU; where torch's
-private oneDNN ops are missing or fail, layers stay nn.Linear with the same logits."""
+row counts decoding and prefill use; nanochat.cpu picks the form by dtype and CPU, and with
+NANOCHAT_CPU_FASTPATHS=0 none (test_apply_picks_the_form_for_the_dtype runs both ways, the one test
+here whose result depends on the switch); where nanochat's kernels cannot run or torch's private
+oneDNN ops are missing or fail, layers stay nn.Linear with the same logits. The tests of the kernel's
+form need the kernels (a skip outside CI on a machine without them, a failure under CI)."""
 
 import copy
 import logging
@@ -14,21 +17,19 @@ from nanochat.common import cpu_has_fast_bf16
 from nanochat.cpu import kernels, linears
 from nanochat.cpu.linears import PackedLinear, PanelLinear
 from nanochat.gpt import GPTConfig
+from tests.cpupaths import kernels_here
 from tests.test_gpt import random_model
 
+pytest_plugins = ["tests.cpupaths"]
 FORMS = [PackedLinear, PanelLinear]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels_loaded():
-    """The kernels loaded, as nanochat.cpu.apply loads them."""
-    kernels.build()
 
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shape", [(1, 64), (2, 64), (8, 64), (3, 5, 64), (8, 1, 64)])
 def test_forms_equal_nn_linear(form, shape):
     """Same values and shape as nn.Linear, and the output reshapes as the model reshapes it."""
+    if form is PanelLinear:
+        kernels_here()
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96, bias=False)
     x = torch.randn(shape)
@@ -44,6 +45,7 @@ def test_forms_equal_nn_linear(form, shape):
 def test_panel_matmul_equals_float64_matmul(rows, in_features):
     """Every count of rows a tile can leave over, and enough rows to span blocks (1020 rows of 64
     features each) with some left over; a width that is not a multiple of the vector width."""
+    kernels_here()
     torch.manual_seed(rows)
     weight, x = torch.randn(48, in_features), torch.randn(rows, in_features)
     expected = (x.double() @ weight.double().T).float()
@@ -52,6 +54,7 @@ def test_panel_matmul_equals_float64_matmul(rows, in_features):
 
 def test_panel_linear_takes_a_strided_input():
     """An input that is a view with strides (a transpose, a slice) gives nn.Linear's values."""
+    kernels_here()
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32, bias=False)
     x = torch.randn(64, 10).T[::2]
@@ -59,11 +62,12 @@ def test_panel_linear_takes_a_strided_input():
         torch.testing.assert_close(PanelLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_apply_picks_the_form_for_the_dtype(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
     """Each attention's query, key and value layers become one; fp32 weights go into panels for
-    nanochat's kernel, bf16 ones are packed for oneDNN where the CPU multiplies bf16 fast (else
-    stay nn.Linear); one form for all, and the logits are those of the model before."""
+    nanochat's kernel where this machine can build it, bf16 ones are packed for oneDNN where the CPU
+    multiplies bf16 fast, else they stay nn.Linear, as they all do with NANOCHAT_CPU_FASTPATHS=0; one
+    form for all, and the logits are those of the model before."""
     # every weight random (at init the output projections are zero, which would hide the attention)
     model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)).eval()
     ids = torch.randint(0, 300, (2, 7))
@@ -72,19 +76,23 @@ def test_apply_picks_the_form_for_the_dtype(dtype):
         expected = model(ids)
         cpu.apply(model.fuse_qkv())
         got = model(ids)
-    wanted = PanelLinear if dtype == torch.float32 else PackedLinear if cpu_has_fast_bf16() else torch.nn.Linear
+    if not fastpaths:
+        wanted = torch.nn.Linear
+    elif dtype == torch.float32:
+        wanted = PanelLinear if kernels.lacking() is None else torch.nn.Linear
+    else:
+        wanted = PackedLinear if cpu_has_fast_bf16() else torch.nn.Linear
     assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, *FORMS))} == {wanted}
     assert all(isinstance(block.attn.c_qkv, wanted) and not hasattr(block.attn, "c_q") for block in model.transformer.h)
     tolerance = 1e-5 if dtype == torch.float32 else 0.1  # bf16: logits up to 15, where an ulp is 1/16
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
-def test_layers_the_kernel_cannot_take_stay_nn_linear(monkeypatch):
+def test_layers_the_kernel_cannot_take_stay_nn_linear():
     """Layers whose outputs do not fill whole panels of 16 (width 40: the attention's and MLP's
-    output projections) stay nn.Linear beside the panel ones, with the logits
-    unchanged; where the kernel cannot run (no AVX2, no compiler) every layer stays nn.Linear."""
-    config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=1, n_embd=40)
-    model = random_model(config).eval()
+    output projections) stay nn.Linear beside the panel ones, with the logits unchanged."""
+    kernels_here()
+    model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=1, n_embd=40)).eval()
     ids = torch.randint(0, 300, (2, 7))
     with torch.inference_mode():
         expected = model(ids)
@@ -94,19 +102,30 @@ def test_layers_the_kernel_cannot_take_stay_nn_linear(monkeypatch):
     assert [type(m) for m in (block.attn.c_qkv, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj, model.lm_head)] == \
         [PanelLinear, torch.nn.Linear, PanelLinear, torch.nn.Linear, PanelLinear]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_kernels_every_fp32_layer_stays_nn_linear(monkeypatch):
+    """On a CPU the kernels cannot run on (here one that lacks AVX2, as the kernels see it), apply
+    leaves every fp32 layer nn.Linear, and the logits are those of the model before."""
     monkeypatch.setattr(kernels, "LIBRARY", None)
-    monkeypatch.setattr(kernels, "load", lambda: None)
-    other = random_model(config)
-    cpu.apply(other)
-    assert not any(isinstance(m, PanelLinear) for m in other.modules())
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2"})
+    model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=1, n_embd=64)).eval()
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.inference_mode():
+        expected = model(ids)
+        cpu.apply(model)
+        got = model(ids)
+    assert kernels.LIBRARY is None and not any(isinstance(m, PanelLinear) for m in model.modules())
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("breakage", ["missing", "raising"])
 def test_packing_falls_back_to_nn_linear(breakage, monkeypatch, caplog):
     """Where torch's private oneDNN ops are missing (another torch) or raise, every layer stays
-    nn.Linear, the log says so once, and the logits are those of the packed model."""
+    nn.Linear, the log says so once, and the logits are those of the packed model. In fp32, which
+    oneDNN packs on any x86 CPU (bf16 only on some); the fallback does not look at the dtype."""
     model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
-    model = model.eval().to(torch.bfloat16).fuse_qkv()
+    model = model.eval().fuse_qkv()
     ids = torch.randint(0, 300, (2, 7))
     with torch.inference_mode():
         packed = linears.packed_or_kept(copy.deepcopy(model))
@@ -125,4 +144,4 @@ def test_packing_falls_back_to_nn_linear(breakage, monkeypatch, caplog):
         got = kept(ids)
     assert not any(isinstance(m, PackedLinear) for m in kept.modules())
     assert sum("stay nn.Linear" in r.message for r in caplog.records) == 1
-    torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1)  # bf16: logits up to 15, where an ulp is 1/16
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -39,17 +39,27 @@ def build():
     return LIBRARY
 
 
+def lacking():
+    """What this machine lacks for the kernels (a CPU with AVX2 and FMA, a C compiler), or None."""
+    if not {"avx2", "fma"} <= cpu_flags():
+        return "the CPU lacks AVX2 or FMA"
+    if c_compiler() is None:
+        return "no C compiler (set $CC)"
+    return None
+
+
+def c_compiler():
+    """The path of the C compiler ($CC, else cc), or None."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
 def load():
     """The compiled kernels, a ctypes library, or None where they cannot run here."""
-    if not {"avx2", "fma"} <= cpu_flags():
-        log.info("CPU kernels off: the CPU lacks AVX2 or FMA")
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.warning("CPU kernels off: no C compiler (set $CC); inference runs torch's matmul")
+    if reason := lacking():
+        log.warning("CPU kernels off: %s; inference runs torch's ops", reason)
         return None
     try:
-        path = compiled(compiler)
+        path = compiled(c_compiler())
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("CPU kernels off: building %s failed: %s", SOURCE.name, getattr(e, "stderr", None) or e)
