@@ -20,7 +20,6 @@ Containment, in layers (each one alone stops most of the hostile programs in tes
 """
 
 import functools
-import inspect
 import json
 import os
 import pwd
@@ -32,10 +31,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
-from nanochat import sandbox
 from nanochat.common import log
 
 TIMEOUT = 5.0  # seconds of wall time
@@ -46,6 +45,8 @@ KILL_WAIT = 5.0  # seconds to wait for a killed program to be gone
 CALCULATOR_TIMEOUT = 2.0
 CALCULATOR_MAX_CHARS = 256
 ISOLATION_VARIABLE = "NANOCHAT_SANDBOX"  # "seccomp": use the fallback even where namespaces work
+CHILD = Path(__file__).with_name("sandbox.py")  # the child's first code, run from source
+PROBE = "import decimal"  # needs the view to hold the Python: its stdlib and a C extension
 
 
 @dataclass
@@ -118,15 +119,15 @@ def isolation(user):
 
 @functools.cache
 def chosen_isolation(user, forced):
-    """Tries the namespaces once, with an empty program, unless forced not to. The fallback is
+    """Tries the namespaces once, with a probe program, unless forced not to. The fallback is
     logged with what it leaves open, as nothing else would show it."""
     if forced:
         reason = f"{ISOLATION_VARIABLE}=seccomp"
     else:
-        probe = run("", TIMEOUT, MEMORY_BYTES, user, "namespaces")
+        probe = run(PROBE, TIMEOUT, MEMORY_BYTES, user, "namespaces")
         if probe.success:
             return "namespaces"
-        reason = f"the kernel refused them: {probe.error}"
+        reason = f"they failed here: {probe.error}"
     log.warning("sandbox: no namespaces (%s): programs run under a seccomp filter that refuses sockets and signals "
                 "outside their process group, but they can read and write what uid %d can", reason, user[0] if user else os.getuid())
     return "seccomp"
@@ -161,7 +162,7 @@ def run(program, timeout, memory_bytes, user, isolation):
         out_path, err_path = os.path.join(sandbox_dir, "stdout"), os.path.join(sandbox_dir, "stderr")
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                [interpreter(user), "-I", "-c", inspect.getsource(sandbox), json.dumps(config)],
+                [interpreter(user), "-I", "-c", CHILD.read_text(), json.dumps(config)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=work, env=env,
                 start_new_session=True, close_fds=True,
             )

@@ -72,7 +72,7 @@ def enter_namespaces(user, work):
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     enter_view(work)
-    if user:
+    if uid == 0:
         drop_to(user)
     else:
         header = struct.pack("Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
