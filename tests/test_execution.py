@@ -116,7 +116,7 @@ class Sandbox:
                 and str(self.base) in " ".join(p.info["cmdline"] or [])]
 
     def close(self):
-        self.driver.stdin.close()
+        self.driver.kill()  # it may be in the middle of a program, if a test failed
         self.driver.wait()
         shutil.rmtree(self.base)
 
@@ -126,10 +126,12 @@ def sandboxes():
     """The modes' sandboxes, each started when first asked for. At the end, after all the hostile
     programs, each still runs a normal program."""
     started = {}
-    yield started
-    results = {mode: sandbox.run("print(sum(range(10)))") for mode, sandbox in started.items()}
-    for sandbox in started.values():
-        sandbox.close()
+    try:
+        yield started
+        results = {mode: sandbox.run("print(sum(range(10)))") for mode, sandbox in started.items()}
+    finally:
+        for sandbox in started.values():
+            sandbox.close()
     assert all(r.success and r.stdout == "45\n" for r in results.values()), results
 
 
