@@ -52,6 +52,7 @@ class Training:
         self.autocast = common.autocast_context(self.compute.device_type, self.dtype)
         self.ckpt_dir = stage.stage_uri(args.run, stage_name, "checkpoints")
         self.step = 0
+        self.rng = None  # the resumed checkpoint's RNG state, restored when training starts
         self.metrics = None
         self.recent_step_times = collections.deque(maxlen=10)  # of this process's steps, for the ETA
         # over every run that led to the current step (kept in checkpoints)
@@ -68,14 +69,15 @@ class Training:
         loader_state = None
         if loaded is not None:
             model_state, optim_state, meta = loaded
+            if differences := config_differences(meta["model_config"], dataclasses.asdict(model.config)):
+                raise stage.StageError(f"the checkpoint in {self.ckpt_dir} is of another model ({differences}); "
+                                       "use another run, or the options it was started with")
             if meta["world_size"] != self.compute.world_size:
                 raise stage.StageError(f"the checkpoint in {self.ckpt_dir} was saved by {meta['world_size']} processes; "
                                        f"resume it with --nproc_per_node {meta['world_size']}")
-            if meta["model_config"] != dataclasses.asdict(model.config):
-                raise stage.StageError(f"the checkpoint in {self.ckpt_dir} has another model ({meta['model_config']}); "
-                                       "use another run, or the options it was started with")
             model.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)
+            self.rng = checkpoint.rng_state()  # as load_latest restored it
             self.step, loader_state = meta["step"], meta["loader_states"][self.compute.rank]
             self.totals.update({k: meta[k] for k in self.totals if k in meta})
             log.info("resumed at step %d from %s", self.step, self.ckpt_dir)
@@ -85,13 +87,13 @@ class Training:
         return loader_state
 
     def save(self, model, optimizer, loader, meta):
-        """A checkpoint of the current step (every rank calls it); returns its directory."""
+        """A checkpoint of the current step (every rank calls it); returns its directory. The metrics
+        are written first, so a run killed once the checkpoint exists resumes with all its steps' records."""
+        self.metrics.flush()
         meta = {**meta, "model_config": dataclasses.asdict(model.config), "loader_states": gather(loader.state_dict()),
                 **self.totals}
-        target = checkpoint.save(self.ckpt_dir, self.step, model.state_dict(), optimizer.state_dict(), meta,
-                                 rank=self.compute.rank, world_size=self.compute.world_size, keep_last=self.args.keep_last)
-        self.metrics.flush()
-        return target
+        return checkpoint.save(self.ckpt_dir, self.step, model.state_dict(), optimizer.state_dict(), meta,
+                               rank=self.compute.rank, world_size=self.compute.world_size, keep_last=self.args.keep_last)
 
     def train(self, model, optimizer, batches, plan, hooks=(), meta=None, loss=None):
         """Trains from the current step to plan.num_steps, running each due (period, hook(step))
@@ -103,6 +105,8 @@ class Training:
         # MFU per token/s: training FLOPs per token over the matmul peak of all processes, measured now
         mfu_per_tok_s = model.estimate_flops() / (common.measure_matmul_flops(self.device, self.dtype) * self.compute.world_size)
         bar = progress_bar(self.master, self.stage, self.step, plan.num_steps)
+        if self.rng is not None:  # what the stage drew since resuming (the matmul peak's inputs, say), an
+            checkpoint.set_rng_state(self.rng)  # uninterrupted run drew before its first step
         while self.step < plan.num_steps:
             started = time.perf_counter()
             lrm = lr_multiplier(self.step, plan.num_steps, warmup_ratio=args.warmup_ratio,
@@ -180,6 +184,12 @@ class Training:
         """Finishes the W&B run, if any (`stage.run_main` destroys the process group)."""
         if self.wandb:
             self.wandb.finish()
+
+
+def config_differences(saved, wanted):
+    """'field: X in the checkpoint, Y now' for each field where two model configs differ, joined by '; '."""
+    return "; ".join(f"{k}: {saved.get(k)} in the checkpoint, {wanted.get(k)} now"
+                     for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k))
 
 
 def gather(obj):

@@ -5,14 +5,14 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import time
 
-import psutil
 import pytest
 
 from nanochat import presets, storage
-from nanochat.checkpoint import list_steps, load, step_dir
+from nanochat import stage as contract
+from nanochat.checkpoint import load, step_dir
+from nanochat.stages import base_train as base_train_stage
+from tests.resume import TIMES, assert_same_final_checkpoint, kill_after_checkpoint
 from tests.stagerun import stage
 
 
@@ -39,12 +39,6 @@ def base_train(run, shared_data, nproc=2, *options, check=True, fault=None):
                  *options, nproc=nproc, check=check, background=bool(fault))
 
 
-def final_weights_sha(run):
-    summary = json.loads((run / "base_train" / "stage.json").read_text())
-    manifest = json.loads(open(summary["outputs"]["checkpoint"]["uri"].removeprefix("file://")).read())
-    return manifest["files"]["model.safetensors"]["sha256"], summary
-
-
 @pytest.fixture(scope="module")
 def trained(tokenizer_run, shared_data, tmp_path_factory):
     """A finished 2-process deterministic tiny run."""
@@ -56,7 +50,7 @@ def trained(tokenizer_run, shared_data, tmp_path_factory):
 
 def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data):
     reference = trained
-    reference_sha, summary = final_weights_sha(reference)
+    summary = json.loads((reference / "base_train" / "stage.json").read_text())
     metrics = [json.loads(line) for line in (reference / "base_train" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == summary["metrics"]["steps"] == 20
@@ -70,41 +64,26 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     for output in summary["outputs"].values():  # nothing changes after stage.json records it
         assert storage.sha256(output["uri"]) == output["sha256"], output["uri"]
 
-    # Same command, killed with SIGKILL (the whole process group) while it hangs right after the
-    # checkpoint of step 10, then started again: it resumes from step 10.
-    proc = base_train(run, shared_data, fault="base_train:10:hang")
-    ckpts = storage.normalize(str(run / "base_train" / "checkpoints"))
-    deadline = time.time() + 300
-    while not (storage.exists(ckpts) and (10, True) in list_steps(ckpts)):
-        assert proc.poll() is None and time.time() < deadline, "the faulty run did not reach its checkpoint"
-        time.sleep(0.5)
-    time.sleep(1)
-    # torchrun starts each worker in a session of its own: kill the whole tree, as a crash would.
-    tree = psutil.Process(proc.pid)
-    procs = [tree, *tree.children(recursive=True)]
-    assert len(procs) >= 3  # torchrun and its 2 workers
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not psutil.wait_procs(procs, timeout=30)[1]
+    # Same command, killed with SIGKILL (the whole process tree) while it hangs right after the
+    # checkpoint of step 10, then started again: it resumes from step 10 to the same final state.
+    ckpts = run / "base_train" / "checkpoints"
+    kill_after_checkpoint(base_train(run, shared_data, fault="base_train:10:hang"), ckpts, 10)
     assert not (run / "base_train" / "stage.json").exists()
-
     resumed = base_train(run, shared_data)
     assert "resumed at step 10" in resumed.stderr
-    resumed_sha, _ = final_weights_sha(run)
-    assert resumed_sha == reference_sha
+    assert_same_final_checkpoint(run, reference, "base_train")
     resumed_metrics = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed_metrics if "loss" in m] == list(range(1, 21))  # no step counted twice
+    assert [m["loss"] for m in resumed_metrics if "loss" in m] == losses
     assert json.loads((run / "base_train" / "stage.json").read_text())["metrics"]["tokens"] == 20 * batch
     # The kept checkpoints verify and carry each rank's loader position.
-    _, _, meta = load(step_dir(ckpts, 20), load_optimizer=False)
+    _, _, meta = load(step_dir(storage.normalize(str(ckpts)), 20), load_optimizer=False)
     assert len(meta["loader_states"]) == 2
 
 
 def test_a_checkpoint_from_before_the_running_totals_resumes(trained, run, shared_data):
     """A checkpoint saved before meta.json kept the running totals (commit 24ea7e6 and earlier)
-    resumes to the same weights; the log says the totals count from the resumed step, and they do."""
-    reference_sha, _ = final_weights_sha(trained)
+    resumes to the same state; the log says the totals count from the resumed step, and they do."""
     shutil.rmtree(run / "base_train", ignore_errors=True)
     shutil.copytree(trained / "base_train" / "checkpoints" / "step_000010", run / "base_train" / "checkpoints" / "step_000010")
     old = run / "base_train" / "checkpoints" / "step_000010"
@@ -119,17 +98,22 @@ def test_a_checkpoint_from_before_the_running_totals_resumes(trained, run, share
 
     resumed = base_train(run, shared_data)
     assert "resumed at step 10" in resumed.stderr and "the totals count from step 10" in resumed.stderr
-    resumed_sha, summary = final_weights_sha(run)
-    assert resumed_sha == reference_sha
+    assert_same_final_checkpoint(run, trained, "base_train", meta_apart=(*TIMES, "tokens"))
+    summary = json.loads((run / "base_train" / "stage.json").read_text())
     assert summary["metrics"]["tokens"] == 10 * presets.get("tiny", "base_train")["total_batch_size"]
 
 
-def test_periodic_core_and_resume_with_another_world_size_is_refused(run, shared_data, eval_bundle):
+def test_periodic_core_and_resume_with_another_model_or_world_size_is_refused(run, shared_data, eval_bundle):
     base_train(run, shared_data, 2, "--num-steps", "2", "--checkpoint-every", "1", "--core-every", "1",
                "--core-max-per-task", "1", "--eval-bundle", str(eval_bundle))
     records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "core" in r] == [1]
     (run / "base_train" / "stage.json").unlink()
+    # (in this process: the stage's error line is the StageError's message)
+    argv = ["--run", str(run), "--preset", "tiny", "--data", str(shared_data / "pretrain"), "--depth", "1"]
+    with pytest.raises(contract.StageError, match=r"is of another model \(n_embd: 128 in the checkpoint, 64 now; "
+                       r"n_head: 2 in the checkpoint, 1 now; n_layer: 2 in the checkpoint, 1 now\); use another run"):
+        base_train_stage.main(contract.parse_args(base_train_stage.build_parser(), "base_train", argv))
     done = base_train(run, shared_data, 1, "--num-steps", "4", check=False)
     assert done.returncode != 0
     assert "resume it with --nproc_per_node 2" in done.stderr

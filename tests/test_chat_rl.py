@@ -1,6 +1,7 @@
 """chat_rl raises the reward on a task a tiny model can learn: the answer's first character must be
-one of a set that starts out with about a third of the model's probability. Its metrics count the
-sampled tokens it trained on and keep sampling time apart; it samples under the training autocast."""
+one of a set that starts out with about a third of the model's probability. Killed with SIGKILL and
+started again, it ends in the uninterrupted run's state. Its metrics count the sampled tokens it
+trained on and keep sampling time apart; it samples under the training autocast."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from nanochat.engine import Engine
 from nanochat.rollouts import sampled_mask
 from nanochat.stages import chat_rl
 from tasks.common import Task
+from tests.resume import assert_same_final_checkpoint, final_checkpoint, kill_after_checkpoint
 from tests.stagerun import stage
 
 PROMPT = [{"role": "user", "content": "Say something."}]
@@ -51,15 +53,22 @@ def first_char_mass(checkpoint_dir, chars):
     return sum(p for p, f in zip(probs.tolist(), firsts) if f in chars), dict(zip(firsts, probs.tolist()))
 
 
+def step_losses(run):
+    lines = (run / "chat_rl" / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
 def test_sampled_mask_leaves_out_tool_output():
     # 5 = <|output_start|>, 6 = <|output_end|>: what lies between was forced, not sampled
     assert sampled_mask([1, 2, 5, 3, 4, 6, 7], 5, 6) == [1, 1, 0, 0, 0, 0, 1]
 
 
-def test_rl_raises_the_reward_of_a_learnable_task(tiny_base_run, tiny_env, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_base_run, run)
-    source = json.loads((run / "base_train" / "stage.json").read_text())["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
+@pytest.fixture(scope="module")
+def first_char_task(tiny_base_run, tiny_env, tmp_path_factory):
+    """A task tiny_base_run's model can learn, `firstchar:FirstChar`: the answer's first character must
+    be one of the most likely ones, which together start out with about a third of its probability.
+    Returns (base checkpoint, those characters, the environment that imports the task)."""
+    source = json.loads((tiny_base_run / "base_train" / "stage.json").read_text())["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
     _, by_char = first_char_mass(source, set())
     chars, mass = set(), 0.0
     for char, p in sorted(by_char.items(), key=lambda kv: -kv[1]):
@@ -67,7 +76,8 @@ def test_rl_raises_the_reward_of_a_learnable_task(tiny_base_run, tiny_env, tmp_p
             break
         chars.add(char)
         mass += p
-    (tmp_path / "firstchar.py").write_text(textwrap.dedent(f"""
+    module = tmp_path_factory.mktemp("task")
+    (module / "firstchar.py").write_text(textwrap.dedent(f"""
         from tasks.common import Task
 
         class FirstChar(Task):
@@ -85,22 +95,52 @@ def test_rl_raises_the_reward_of_a_learnable_task(tiny_base_run, tiny_env, tmp_p
             def evaluate(self, conversation, completion):
                 return completion[:1] in {sorted(chars)!r}
     """))
-    rl_env = {**tiny_env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{tiny_env.get('PYTHONPATH', '')}"}
-    stage("nanochat.stages.chat_rl", run, rl_env, "--checkpoint", source, "--task", "firstchar:FirstChar",
-          "--num-steps", "12", "--examples-per-step", "2", "--num-samples", "8", "--max-new-tokens", "2",
-          "--matrix-lr", "0.02", "--embedding-lr", "0.2", "--unembedding-lr", "0.01", "--warmdown-ratio", "0",
-          "--eval-examples", "2")
-    final = json.loads((run / "chat_rl" / "stage.json").read_text())["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0]
+    return source, chars, {**tiny_env, "PYTHONPATH": f"{module}{os.pathsep}{tiny_env.get('PYTHONPATH', '')}"}
+
+
+def learn_first_char(run, first_char_task, fault=None):
+    """chat_rl on FirstChar from the base model: 2 processes, deterministic, 12 steps (a checkpoint every
+    2); with `fault` (a NANOCHAT_FAULT spec), in the background, returning the process."""
+    source, _, env = first_char_task
+    return stage("nanochat.stages.chat_rl", run, {**env, **({"NANOCHAT_FAULT": fault} if fault else {})},
+                 "--checkpoint", source, "--task", "firstchar:FirstChar", "--num-steps", "12", "--examples-per-step", "2",
+                 "--num-samples", "8", "--max-new-tokens", "2", "--matrix-lr", "0.02", "--embedding-lr", "0.2",
+                 "--unembedding-lr", "0.01", "--warmdown-ratio", "0", "--eval-examples", "2", "--deterministic",
+                 nproc=2, background=bool(fault))
+
+
+@pytest.fixture(scope="module")
+def rl_run(tiny_base_run, first_char_task, tmp_path_factory):
+    """tiny_base_run with chat_rl done on FirstChar (learn_first_char)."""
+    run = tmp_path_factory.mktemp("rl") / "run"
+    shutil.copytree(tiny_base_run, run)
+    learn_first_char(run, first_char_task)
+    return run
+
+
+def test_rl_raises_the_reward_of_a_learnable_task(rl_run, first_char_task):
+    source, chars, _ = first_char_task
     before, _ = first_char_mass(source, chars)
-    after, _ = first_char_mass(final, chars)
+    after, _ = first_char_mass(str(final_checkpoint(rl_run, "chat_rl")), chars)
     assert after > before + 0.2, (before, after, sorted(chars))
+
+
+def test_killed_chat_rl_resumes_bit_identical(rl_run, tiny_base_run, first_char_task, tmp_path):
+    """Killed with SIGKILL after its checkpoint of step 6 and started again, chat_rl ends in the state
+    an uninterrupted run ends in: weights, each rank's optimizer and RNG state, and rollout position."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base_run, run)
+    kill_after_checkpoint(learn_first_char(run, first_char_task, fault="chat_rl:6:hang"), run / "chat_rl" / "checkpoints", 6)
+    resumed = learn_first_char(run, first_char_task)
+    assert "resumed at step 6" in resumed.stderr
+    assert_same_final_checkpoint(run, rl_run, "chat_rl")
+    assert step_losses(run) == step_losses(rl_run) and len(step_losses(run)) == 12
 
 
 def test_unknown_task_is_a_clear_error(tiny_base_run, tiny_env, tmp_path):
     done = stage("nanochat.stages.chat_rl", tiny_base_run, tiny_env, "--checkpoint", str(tmp_path), "--task", "nosuch:Task",
                  check=False)
     assert done.returncode == 1 and "--task 'nosuch:Task'" in done.stderr
-
 
 
 def test_metrics_count_the_sampled_tokens_and_rollouts_autocast_as_training(tiny_base_run, tiny_env, tmp_path,

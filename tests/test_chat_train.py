@@ -1,18 +1,22 @@
-"""mid_train and chat_sft on a tiny base model: the assistant loss falls, each step's token count
-is the assistant tokens it trained on (padding and prompts left out), the user's identity
-conversations replace nanochat's in the mixture, and a crashed run resumes to the same weights."""
+"""mid_train and chat_sft on a tiny base model: validation on assistant text improves, each step's
+token count is the assistant tokens it trained on (padding and prompts left out), the user's identity
+conversations replace nanochat's in the mixture, and a crashed or killed run resumes to the state an
+uninterrupted one ends in."""
 
 import json
 import shutil
 
 import pytest
+import torch
 
 from nanochat import checkpoint, presets, training_options
 from nanochat import stage as contract
 from nanochat.dataloader import ConversationLoader
-from nanochat.stages import chat_sft, mid_train
+from nanochat.stages import chat_sft
+from nanochat.stages import mid_train as mid_train_stage
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
+from tests.resume import assert_same_final_checkpoint, kill_after_checkpoint
 from tests.stagerun import stage
 
 
@@ -30,41 +34,66 @@ def losses(run, name):
     return [r["loss"] for r in steps(run, name)]
 
 
-def trained_tokens(run, module, upstream, mode, world_size, num_steps):
-    """The oracle of a fine-tuning stage's token counts, apart from the training loop: per step, the
-    targets that are not -1 in the batches each rank's loader gives it (the stage's mixture, the
-    upstream model's tokenizer and row length, the preset's batch sizes)."""
+def loader_batches(run, module, upstream, mode, world_size, num_steps):
+    """The batches of a fine-tuning stage's steps, apart from the training loop: per step, the
+    (inputs, targets) each rank's loader gives it (the stage's mixture, the upstream model's tokenizer
+    and row length, the preset's batch sizes), every rank's in one list."""
     args = contract.parse_args(module.build_parser(), module.STAGE, ["--run", str(run), "--preset", "tiny"])
     model, tokenizer, _ = checkpoint.load_model(contract.upstream_checkpoint(args.run, upstream))
     T = args.max_seq_len or model.config.sequence_len
     accum = training_options.grad_accum(args.total_batch_size, args.device_batch_size, T + 1, world_size)
     task = module.mixture(args)
-    per_step = [0] * num_steps
+    per_step = [[] for _ in range(num_steps)]
     for rank in range(world_size):
         loader = ConversationLoader(tokenizer, task, args.device_batch_size, T, mode=mode, rank=rank, world_size=world_size)
         for step in range(num_steps):
-            for _ in range(accum):
-                _, targets = next(loader)
-                per_step[step] += int((targets != -1).sum())
+            per_step[step] += [next(loader) for _ in range(accum)]
     return per_step
 
 
-def weights_sha(run, name):
-    manifest = summary(run, name)["outputs"]["checkpoint"]["uri"].removeprefix("file://")
-    return json.loads(open(manifest).read())["files"]["model.safetensors"]["sha256"]
+def trained_tokens(per_step):
+    """The oracle of a stage's token counts: per step, the targets of its batches that are not -1."""
+    return [sum(int((targets != -1).sum()) for _, targets in batches) for batches in per_step]
 
 
-def test_mid_then_sft_learn_the_assistant_turns(tiny_base_run, tiny_env, tmp_path, monkeypatch):
-    run = tmp_path / "run"
+def mean_loss(run, name, batches):
+    """The mean loss (nats per target token, in fp32) of `name`'s final model over `batches`."""
+    model, _, _ = checkpoint.load_model(contract.upstream_checkpoint(str(run), name))
+    with torch.no_grad():
+        return sum(model(inputs, targets).item() for inputs, targets in batches) / len(batches)
+
+
+def mid_train(run, env, fault=None):
+    """mid_train with the preset's 10 steps on 2 processes, deterministic; with `fault` (a NANOCHAT_FAULT
+    spec), in the background, returning the process."""
+    env = {**env, **({"NANOCHAT_FAULT": fault} if fault else {})}
+    return stage("nanochat.stages.mid_train", run, env, "--deterministic", nproc=2, background=bool(fault))
+
+
+@pytest.fixture(scope="module")
+def mid_run(tiny_base_run, tiny_env, tmp_path_factory):
+    """tiny_base_run with mid_train done (see mid_train)."""
+    run = tmp_path_factory.mktemp("mid") / "run"
     shutil.copytree(tiny_base_run, run)
+    mid_train(run, tiny_env)
+    return run
+
+
+def test_mid_then_sft_learn_the_assistant_turns(mid_run, tiny_env, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(mid_run, run)
     for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
         monkeypatch.setenv(name, tiny_env[name])
-    stage("nanochat.stages.mid_train", run, tiny_env, nproc=2)
-    mid = losses(run, "mid_train")
-    assert len(mid) == 10 and mid[-1] < mid[0] - 1.0
+    assert len(losses(run, "mid_train")) == 10
     assert summary(run, "mid_train")["metrics"]["world_size"] == 2
+    batches = loader_batches(run, mid_train_stage, "base_train", "pack", 2, 12)
+    # It learns the assistant turns (the chat format first): on the batches of the two steps after its
+    # last, which it never trained on, its loss is far below the base model's (by 1.5 nats per token,
+    # trained in bf16 or in fp32).
+    unseen = [*batches[10], *batches[11]]
+    assert mean_loss(run, "mid_train", unseen) < mean_loss(run, "base_train", unseen) - 1.0
     # the tokens trained on: packed rows' assistant tokens, summed over both processes
-    oracle = trained_tokens(run, mid_train, "base_train", "pack", 2, 10)
+    oracle = trained_tokens(batches[:10])
     assert [r["tokens"] for r in steps(run, "mid_train")] == oracle
     assert summary(run, "mid_train")["metrics"]["tokens"] == sum(oracle)
     stage("nanochat.stages.chat_sft", run, tiny_env, "--num-steps", "6")
@@ -72,7 +101,7 @@ def test_mid_then_sft_learn_the_assistant_turns(tiny_base_run, tiny_env, tmp_pat
     assert sft["inputs"]["checkpoint"]["uri"].startswith(summary(run, "mid_train")["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0])
     assert sft["metrics"]["steps"] == 6 and sft["metrics"]["val_bpb"] > 0
     # padded rows: the padding is not counted (a step's rows hold far fewer tokens than their capacity)
-    oracle = trained_tokens(run, chat_sft, "mid_train", "pad", 1, 6)
+    oracle = trained_tokens(loader_batches(run, chat_sft, "mid_train", "pad", 1, 6))
     records = steps(run, "chat_sft")
     assert [r["tokens"] for r in records] == oracle and sft["metrics"]["tokens"] == sum(oracle)
     assert sum(oracle) < 6 * presets.get("tiny", "chat_sft")["total_batch_size"]
@@ -89,15 +118,16 @@ def test_mid_then_sft_learn_the_assistant_turns(tiny_base_run, tiny_env, tmp_pat
     assert bad.returncode == 1 and "-a: unknown task 'Jeopardy'; choose from ARC-Easy" in bad.stderr
 
 
-def test_identity_conversations_replace_nanochats(tiny_base_run, tiny_env, shared_data, tmp_path):
+def test_identity_conversations_replace_nanochats(tiny_base_run, tiny_env, shared_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
+    for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
+        monkeypatch.setenv(name, tiny_env[name])
+    plain = len(mid_train_stage.mixture(contract.parse_args(mid_train_stage.build_parser(), mid_train_stage.STAGE,
+                                                            ["--run", str(run), "--preset", "tiny"])))
     identity = tmp_path / "me.jsonl"
     conversation = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Tinybot."}]
     identity.write_text("\n".join(json.dumps(conversation) for _ in range(7)) + "\n")
-    stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1")
-    plain = summary(run, "mid_train")["metrics"]["conversations"]
-    shutil.rmtree(run / "mid_train")
     stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1", "--identity", str(identity), "--identity-weight", "3")
     nanochats = sum(1 for _ in open(shared_data / "identity_conversations.jsonl"))
     weight = presets.get("tiny", "mid_train")["identity_weight"]
@@ -133,20 +163,31 @@ def test_task_weights_and_smoltalk_length_limit(shared_data, tmp_path, monkeypat
         mixture("--smoltalk-weight", "inf")
 
 
-def test_crashed_sft_resumes_to_the_same_weights(tiny_base_run, tiny_env, tmp_path):
+def test_killed_mid_train_resumes_bit_identical(mid_run, tiny_base_run, tiny_env, tmp_path):
+    """Killed with SIGKILL after its checkpoint of step 5 and started again, mid_train ends in the state
+    an uninterrupted run ends in: weights, each rank's optimizer, RNG and loader state."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base_run, run)
+    kill_after_checkpoint(mid_train(run, tiny_env, fault="mid_train:5:hang"), run / "mid_train" / "checkpoints", 5)
+    resumed = mid_train(run, tiny_env)
+    assert "resumed at step 5" in resumed.stderr
+    assert_same_final_checkpoint(run, mid_run, "mid_train")
+    assert losses(run, "mid_train") == losses(mid_run, "mid_train")  # each step once, as it was
+
+
+def test_crashed_sft_resumes_to_the_same_state(mid_run, tiny_env, tmp_path):
     runs = {}
     for name in ("reference", "crashed"):
-        run = runs[name] = tmp_path / name
-        shutil.copytree(tiny_base_run, run)
-        stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "2", "--deterministic")
+        runs[name] = tmp_path / name
+        shutil.copytree(mid_run, runs[name])
     stage("nanochat.stages.chat_sft", runs["reference"], tiny_env, "--deterministic")
     crashed = stage("nanochat.stages.chat_sft", runs["crashed"], {**tiny_env, "NANOCHAT_FAULT": "chat_sft:7"}, "--deterministic",
                     check=False)
     assert crashed.returncode == 3 and not (runs["crashed"] / "chat_sft" / "stage.json").exists()
     resumed = stage("nanochat.stages.chat_sft", runs["crashed"], tiny_env, "--deterministic")
     assert "resumed at step 5" in resumed.stderr
-    assert weights_sha(runs["crashed"], "chat_sft") == weights_sha(runs["reference"], "chat_sft")
-    assert len(losses(runs["crashed"], "chat_sft")) == 10
+    assert_same_final_checkpoint(runs["crashed"], runs["reference"], "chat_sft")
+    assert losses(runs["crashed"], "chat_sft") == losses(runs["reference"], "chat_sft")
     # the tokens the steps before the crash trained on are counted once (kept in the checkpoint)
     assert summary(runs["crashed"], "chat_sft")["metrics"]["tokens"] == summary(runs["reference"], "chat_sft")["metrics"]["tokens"]
     # the training time counts the steps before the crash too (kept in the checkpoint)

@@ -12,9 +12,9 @@ are kept), metrics.jsonl (one JSON record per step and per evaluation), then sta
 whose `checkpoint` output is the final checkpoint's manifest.
 
 Started again with the same command, the stage resumes from the newest complete checkpoint (model,
-optimizer, data position and RNG); with --deterministic the final weights are bit-identical to
-those of an uninterrupted run. The training length is --num-steps, or, when that is -1,
---param-data-ratio tokens per parameter (Chinchilla: 20).
+optimizer, data position and RNG); with --deterministic its final checkpoint (weights, each
+process's optimizer and RNG state) is bit-identical to that of an uninterrupted run. The training
+length is --num-steps, or, when that is -1, --param-data-ratio tokens per parameter (Chinchilla: 20).
 """
 
 import itertools
