@@ -13,10 +13,11 @@ whole or not at all, as a PUT does.
 import contextlib
 import errno
 import random
-import threading
 
 import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
+
+from tests.s3server import moto_app, moto_server
 
 TRANSIENT = (
     lambda op: ConnectionResetError(errno.ECONNRESET, f"injected: connection reset during {op}"),
@@ -106,19 +107,6 @@ class FailingWrites:
 @contextlib.contextmanager
 def faulty_s3_server():
     """A moto S3 server on 127.0.0.1 behind FailingWrites: yields (endpoint URL, the middleware)."""
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
-
-    class Quiet(MotoRequestHandler):
-        def log_request(self, *args):  # keep test output clean
-            pass
-
-    app = FailingWrites(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", app
-    finally:
-        server.shutdown()
-        thread.join()
+    app = FailingWrites(moto_app())
+    with moto_server(app) as endpoint:
+        yield endpoint, app

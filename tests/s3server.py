@@ -6,6 +6,7 @@ points them at any S3 endpoint; buckets are created with boto3.
 
 import contextlib
 import socket
+import threading
 
 import boto3
 
@@ -16,17 +17,34 @@ def free_port():
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def moto_server():
-    from moto.server import ThreadedMotoServer
+def moto_app():
+    """moto's S3 (and its other services) as a WSGI app, to wrap in a middleware for moto_server."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    return DomainDispatcherApplication(create_backend_app)
+
+
+@contextlib.contextmanager
+def moto_server(app=None):
+    """A moto server (`app`, by default moto_app()) on a port of 127.0.0.1 it binds itself, rather
+    than one picked earlier, which another process may take meanwhile (moto's ThreadedMotoServer
+    would then wait forever for its server thread): yields its endpoint URL."""
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+    from werkzeug.serving import make_server
+
+    class Quiet(MotoRequestHandler):
+        def log_request(self, *args):  # keep test output clean
+            pass
+
+    server = make_server("127.0.0.1", 0, app or moto_app(), threaded=True, request_handler=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
-        server.stop()
+        server.shutdown()
+        thread.join()
+        server.server_close()
 
 
 def s3_env(monkeypatch, endpoint):

@@ -4,8 +4,8 @@ can still be dropping a collective's tensors while the interpreter shuts down, w
 process (SIGABRT) after its work is done."""
 
 import os
-import subprocess
 
+from tests import waiting
 from tests.stagerun import TORCHRUN
 
 PROBE = '''
@@ -41,6 +41,6 @@ def test_the_process_group_ends_with_the_stage(tmp_path):
     script.write_text(PROBE)
     for options, code in [((), 0), (("--fail",), 1)]:
         cmd = [*TORCHRUN, "2", str(script), "--", "--run", str(tmp_path / "run"), "--preset", "tiny", *options]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = waiting.run(cmd, 120, env={**os.environ, "OMP_NUM_THREADS": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("exit")]
         assert lines == [f"exit {code}, gloo threads left 0"] * 2, done.stdout + done.stderr[-2000:]

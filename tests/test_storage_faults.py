@@ -14,6 +14,7 @@ import uuid
 
 import boto3
 import pytest
+import s3fs
 import torch
 from botocore.exceptions import ClientError
 from s3fs.errors import translate_boto_error
@@ -151,7 +152,17 @@ def bucket_files(endpoint, bucket):
     return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("latin-1") for key in keys}
 
 
-def test_stage_fails_while_uploads_fail_then_resumes_and_leaks_no_credentials(shared_data, monkeypatch):
+@pytest.fixture
+def own_s3_clients():
+    """s3fs caches its filesystems by their arguments, not the environment: without this, the test's
+    own reads would go to whichever endpoint an earlier test's instance was made for, and its
+    instance (endpoint and secret) would outlive it."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_stage_fails_while_uploads_fail_then_resumes_and_leaks_no_credentials(shared_data, monkeypatch, own_s3_clients):
     """base_train on S3 (moto) reads its shards over HTTP with a password in the URI. While the
     server answers 503 to its step-4 checkpoint, it fails naming that file; once storage is back, a
     rerun resumes from step 2. No file in the bucket and no line of output holds a credential."""
@@ -187,7 +198,7 @@ def test_stage_fails_while_uploads_fail_then_resumes_and_leaks_no_credentials(sh
         for out in summary["outputs"].values():
             assert storage.sha256(out["uri"]) == out["sha256"]
         outputs.append(subprocess.run([sys.executable, "-m", "nanochat.report", "--run", run], env=env,
-                                      capture_output=True, text=True, check=True))
+                                      capture_output=True, text=True, check=True, timeout=120))
         files = bucket_files(endpoint, bucket)
 
     assert f"{run}/report.md".removeprefix(f"s3://{bucket}/") in files

@@ -28,14 +28,20 @@ from tasks.spellingbee import SpellingBee
 GSM8K_TRAIN = "hf/openai/gsm8k/main/train-00000-of-00001.parquet"
 
 
-@pytest.fixture(scope="session")
-def data(shared_data, tmp_path_factory):
-    """Tasks read the real files through the registry, with the shared folder as the mirror and an
-    empty data cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_DATA_MIRROR", f"file://{shared_data}")
-        mp.setenv("NANOCHAT_STORAGE", str(tmp_path_factory.mktemp("storage")))
-        yield shared_data
+@pytest.fixture(scope="module")
+def task_storage(tmp_path_factory):
+    """The storage root whose data cache this module's tests share (each file is fetched once)."""
+    return tmp_path_factory.mktemp("storage")
+
+
+@pytest.fixture
+def data(shared_data, task_storage, monkeypatch):
+    """Tasks read the real files through the registry, with the shared folder as the mirror and a
+    data cache that starts empty; the environment is the test's only (a session-wide one would be
+    every later test's too)."""
+    monkeypatch.setenv("NANOCHAT_DATA_MIRROR", f"file://{shared_data}")
+    monkeypatch.setenv("NANOCHAT_STORAGE", str(task_storage))
+    return shared_data
 
 
 def raw_rows(data, relpath):
