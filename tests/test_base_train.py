@@ -54,7 +54,8 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     metrics = [json.loads(line) for line in (reference / "base_train" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == summary["metrics"]["steps"] == 20
-    assert losses[-1] < losses[0] - 1.0  # it learns
+    # it learns: 7.6 -> 6.0 and 2.84 bits per byte, trained in bf16 (CPUs with AMX or AVX512-BF16) or in fp32
+    assert losses[-1] < losses[0] - 1.0
     assert summary["metrics"]["val_bpb"] < 4.0
     assert summary["metrics"]["world_size"] == 2
     # every pretraining target is a real token: a step trains on all total-batch-size of them

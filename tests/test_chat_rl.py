@@ -122,7 +122,7 @@ def test_rl_raises_the_reward_of_a_learnable_task(rl_run, first_char_task):
     source, chars, _ = first_char_task
     before, _ = first_char_mass(source, chars)
     after, _ = first_char_mass(str(final_checkpoint(rl_run, "chat_rl")), chars)
-    assert after > before + 0.2, (before, after, sorted(chars))
+    assert after > before + 0.2, (before, after, sorted(chars))  # 0.35 -> 1.0, trained in bf16 or in fp32
 
 
 def test_killed_chat_rl_resumes_bit_identical(rl_run, tiny_base_run, first_char_task, tmp_path):
