@@ -66,12 +66,18 @@ def options(overrides):
     return out
 
 
+def arguments(stage, spec):
+    """What the stage program is given: the run, preset and storage, the row's own arguments, then
+    the run's overrides for it as options."""
+    return ["--run", spec.run, "--preset", spec.preset, "--storage", spec.storage, *stage.args,
+            *options(spec.overrides.get(stage.name, {}))]
+
+
 def command(stage, spec, attempt=1):
     """The stage's command line under `spec` (torchrun for multi-process stages); `attempt` (the
     task run's run count) is part of a multi-node launch's rendezvous id."""
     module = f"nanochat.stages.{stage.module}"
-    args = ["--run", spec.run, "--preset", spec.preset, "--storage", spec.storage, *stage.args,
-            *options(spec.overrides.get(stage.name, {}))]
+    args = arguments(stage, spec)
     if not stage.torchrun:
         return [project_python(), "-m", module, *args]
     torchrun = [project_python(), "-m", "torch.distributed.run", f"--nproc_per_node={spec.nproc_per_node}"]
@@ -97,10 +103,11 @@ def rendezvous_id(stage, spec, attempt):
     return hashlib.sha256(f"{spec.run}\0{stage.name}\0{attempt}".encode()).hexdigest()[:16]
 
 
-def child_env(spec):
+def child_env(spec, attempt=1):
     """The stage's environment: this one, plus how long its collectives wait for a silent peer
-    (the preset's; nanochat.common.compute_init reads it)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+    (the preset's; nanochat.common.compute_init reads it) and which attempt this is (a fault
+    injected for one attempt fires in that one only, see nanochat.stage.fault)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_ATTEMPT": str(attempt),
            "NANOCHAT_COLLECTIVE_TIMEOUT_S": str(presets.collective_timeout(spec.preset))}
     if spec.data_mirror:
         env["NANOCHAT_DATA_MIRROR"] = spec.data_mirror

@@ -59,7 +59,7 @@ def follow(flow_run_id, spec, name, attempt):
             while True:
                 check()
                 say(f"$ {storage.redact(shlex.join(cmd))}")
-                code, _ = launch.launch(cmd, launch.child_env(spec), say, tick=check)
+                code, _ = launch.launch(cmd, launch.child_env(spec, attempt), say, tick=check)
                 say(f"{name} attempt {attempt} exited with code {code}")
                 if code == 0:
                     return

@@ -1,7 +1,7 @@
 """The Prefect task that runs one stage (a row of the table in nanochat/pipeline.py) as a child
 process (flows/launch.py builds its command and runs it). Its result (the stage's stage.json) is
-cached under a key of stage + resolved config + upstream stage.json sha256 + code version, in
-`<run>/prefect-results/`.
+cached under a key of stage + its arguments + resolved config + upstream stage.json sha256 + code
+version, in `<run>/prefect-results/`, while the run holds it (StageCache).
 """
 
 import contextlib
@@ -16,12 +16,13 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.deployments import run_deployment
 from prefect.filesystems import RemoteFileSystem
+from prefect.results import ResultRecord
 from prefect.runtime import task_run
 from prefect.settings import PREFECT_HOME
 from prefect.tasks import exponential_backoff
 from prefect.transactions import IsolationLevel
 
-from flows.launch import RunSpec, child_env, command, launch
+from flows.launch import RunSpec, arguments, child_env, command, launch
 from flows.locks import FlockLockManager
 from flows.slots import node_slot
 from nanochat import presets, storage
@@ -35,12 +36,17 @@ def summary_uri(name, spec):
     return storage.join(spec.run, name, SUMMARY)
 
 
-def committed(stage, spec):
-    """The stage is done in the run: its stage.json exists and every output matches its sha256."""
+def holds(stage, spec, record):
+    """The run still holds the result cached in `record`: the stage's stage.json is the very one the
+    result is (a run under another key, or a stage run by hand, rewrites the stage's directory) and
+    every output still matches its sha256."""
     uri = summary_uri(stage.name, spec)
     if not storage.exists(uri):
         return False
-    outputs = storage.read_json(uri)["outputs"].values()
+    summary = storage.read_json(uri)
+    if ResultRecord.deserialize(storage.read_bytes(record)).result != summary:
+        return False
+    outputs = summary["outputs"].values()
     return all(storage.exists(o["uri"]) and storage.sha256(o["uri"]) == o["sha256"] for o in outputs)
 
 
@@ -61,23 +67,37 @@ def result_storage(run):
 
 
 class StageCache(CachePolicy):
-    """Key: the stage, its resolved config, its upstream stages' stage.json sha256 and the code version.
-    A cached result whose stage is no longer committed (outputs gone or changed) is dropped, so the
-    stage runs again."""
+    """Key: the stage and the arguments it is given, its resolved config (preset values, then
+    overrides), the run's processes and nodes, its upstream stages' stage.json sha256 and the code
+    version (package version and the sources of nanochat/, tasks/ and rustbpe/: the code the stage
+    process runs; not the git commit, so a docs commit keeps the cache).
+
+    flows/ is not in it: the stage computes what its command line and inputs say, and the key holds
+    that command line's arguments (launch.arguments) rather than the code that builds them. The rest
+    of flows/ schedules and watches stages (slots, retries, timeouts, artifacts, notices), and a fix
+    there must not make every finished run train its models again.
+
+    A cached result counts while the run holds it (`holds`); otherwise it is dropped and the stage
+    runs again."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         stage, spec = inputs["stage"], inputs["spec"]
         key = {
-            "stage": [stage.name, stage.module, list(stage.args)],
+            "stage": [stage.name, stage.module, *arguments(stage, spec)],
             "config": spec.config(stage),
-            "run": [spec.run, spec.preset, spec.nproc_per_node, spec.nnodes],
+            "processes": [spec.nproc_per_node, spec.nnodes],
             "inputs": {name: storage.sha256(summary_uri(name, spec)) for name in stage.needs},
             "code": {k: v for k, v in code_version().items() if k != "commit"},  # version + source hash
         }
         key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        if not committed(stage, spec):
-            storage.remove(storage.join(results_uri(spec.run), key))
+        record = storage.join(results_uri(spec.run), key)
+        if storage.exists(record) and not holds(stage, spec, record):
+            storage.remove(record)
         return key
+
+
+# A stage's first retry waits about this long (with jitter), each later one twice as long as the last.
+RETRY_DELAY_S = 10
 
 
 def stage_task(stage, spec, retries=2, force=False, deployed=False):
@@ -92,8 +112,8 @@ def stage_task(stage, spec, retries=2, force=False, deployed=False):
         result_storage=result_storage(spec.run),
         refresh_cache=force,
         retries=retries,
-        # 10 s, 20 s, ...: computed here, as Prefect expands a backoff for the decorator's retries only
-        retry_delay_seconds=exponential_backoff(backoff_factor=10)(retries),
+        # computed here, as Prefect expands a backoff for the decorator's retries only
+        retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_DELAY_S)(retries),
         tags={f"stage:{stage.name}"},
     )
 
@@ -109,12 +129,13 @@ def run_stage(stage: Stage, spec: RunSpec) -> dict:
     checkpoints (stages resume by default). A torchrun stage holds its node's slot while it runs
     (flows/slots.py); every stage is stopped at its preset's timeout."""
     logger = get_run_logger()
-    cmd = command(stage, spec, attempt=task_run.run_count)  # the attempt: part of a multi-node rendezvous id
+    attempt = task_run.run_count  # part of a multi-node rendezvous id; injected faults may name it
+    cmd = command(stage, spec, attempt)
     progress = Progress(stage, spec)
     with node_slot(logger.info) if stage.torchrun else contextlib.nullcontext():
         logger.info("$ %s", storage.redact(shlex.join(cmd)))
         deadline = Deadline(stage, spec)
-        code, tail = launch(cmd, child_env(spec), logger.info, tick=lambda: (progress.update(), deadline.check()))
+        code, tail = launch(cmd, child_env(spec, attempt), logger.info, tick=lambda: (progress.update(), deadline.check()))
     if code != 0:
         raise StageFailed(f"stage {stage.name} exited with code {code}; last output:\n{tail}")
     progress.update(final=True)

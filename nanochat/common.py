@@ -216,9 +216,11 @@ def source_files(root):
     return sorted(files)
 
 
-def source_hash(packages=("nanochat", "tasks", "rustbpe"), root=REPO_ROOT):
-    """sha256 over every source file of the given packages under `root`: each one's path relative
-    to `root` (stable across machines), size and bytes."""
+def source_hash(packages=("nanochat", "tasks", "rustbpe"), root=None):
+    """sha256 over every source file of the given packages under `root` (default REPO_ROOT, read at
+    each call, so a test can point it at a copy of the sources): each one's path relative to `root`
+    (stable across machines), size and bytes."""
+    root = root or REPO_ROOT
     h = hashlib.sha256()
     for package in packages:
         for path in source_files(root / package):

@@ -206,10 +206,14 @@ def commit(run, stage, args, inputs, outputs, metrics, started):
 
 
 def fault(stage, step=None):
-    """Fault injection for fail-and-resume tests: `NANOCHAT_FAULT=<stage>[:<step>][:hang]` makes
-    `stage` crash (exit code 3) or hang at its start, or right after step <step> for a training loop
-    that calls `fault(STAGE, step)` once a step (and its checkpoint) is done."""
-    spec = os.environ.get("NANOCHAT_FAULT", "")
+    """Fault injection for fail-and-resume tests: `NANOCHAT_FAULT=<stage>[:<step>][:hang][@<attempt>]`
+    makes `stage` crash (exit code 3) or hang at its start, or right after step <step> for a training
+    loop that calls `fault(STAGE, step)` once a step (and its checkpoint) is done; with `@<attempt>`,
+    only in that attempt (NANOCHAT_ATTEMPT, which the flow's launcher sets; 1 when unset), so a
+    retry of the stage runs clean."""
+    spec, _, attempt = os.environ.get("NANOCHAT_FAULT", "").partition("@")
+    if attempt and attempt != os.environ.get("NANOCHAT_ATTEMPT", "1"):
+        return
     hang = spec.endswith(":hang")
     name, _, at = spec.removesuffix(":hang").partition(":")
     if name != stage or at != ("" if step is None else str(step)):

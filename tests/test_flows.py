@@ -1,9 +1,9 @@
 """The speedrun flow through a real Prefect API (one test harness per session) on the tiny preset,
 with the real stages as child processes: two concurrent runs execute each stage once, a re-run is
-all cache hits, a failed stage resumes from its checkpoint to the same weights, s3:// storage, the
-stage launcher leaves no torchrun worker behind, one stage at a time when asked, the whole DAG
-end to end with the report card's full table, and never two torchrun stages at once on the node,
-in one run or in two."""
+all cache hits, a stage that fails once resumes on Prefect's retry from its checkpoint to the same
+weights, s3:// storage, the stage launcher leaves no torchrun worker behind, one stage at a time
+when asked, the whole DAG end to end with the report card's full table, and never two torchrun
+stages at once on the node, in one run or in two. (The cache's invalidation: tests/test_cache.py.)"""
 
 import concurrent.futures
 import json
@@ -22,13 +22,12 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
-    LogFilter,
-    LogFilterFlowRunId,
 )
 
-from flows import launch, slots
+from flows import launch, slots, stages
 from flows.speedrun import speedrun, with_identity
 from nanochat import pipeline, storage
+from tests.flowruns import logs, task_runs, task_states
 
 # base_train on the tiny preset, shorter still; deterministic, so a resumed run ends in the same weights
 OVERRIDES = {"base_train": {"num_steps": 4, "checkpoint_every": 2, "eval_tokens": 1024, "deterministic": True}}
@@ -38,22 +37,10 @@ SELECTED = [s.name for s in pipeline.select(ONLY)]
 ALL = [s.name for s in pipeline.PIPELINE]
 
 
-def run_speedrun(root, run, shared_data, **kwargs):
+def run_speedrun(root, run, shared_data, retries=0, only=ONLY, **kwargs):
     state = speedrun(preset="tiny", run_name=run, storage=str(root), data_mirror=str(shared_data),
-                     overrides=OVERRIDES, retries=0, only=ONLY, return_state=True, **kwargs)
+                     overrides=OVERRIDES, retries=retries, only=only, return_state=True, **kwargs)
     return state, state.state_details.flow_run_id
-
-
-def task_states(flow_run_id):
-    """{task run name: state name} of one flow run."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
-
-
-def logs(flow_run_id):
-    with get_client(sync_client=True) as client:
-        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
 
 
 def artifacts(key, flow_run_id=None):
@@ -127,23 +114,20 @@ def test_missing_artifact_runs_its_stage_again(finished, prefect_api, shared_dat
 
 
 def test_failed_stage_resumes_from_its_checkpoint(finished, prefect_api, shared_data, tmp_path, monkeypatch):
+    """base_train crashes right after step 3 in its first attempt only (step 2 is checkpointed):
+    Prefect's retry, in the same flow run, resumes it from that checkpoint to the weights of a run
+    that never failed."""
     reference, *_ = finished
-    monkeypatch.setenv("NANOCHAT_FAULT", "base_train:3")  # crash right after step 3; step 2 is checkpointed
-    state, _ = run_speedrun(tmp_path, "r", shared_data)
-    run = storage.run_uri("r", str(tmp_path))
-    assert state.is_failed()
-    assert "stage base_train exited with code" in state.message and "injected fault at step 3" in state.message
-    assert not storage.exists(storage.join(run, "base_train", "stage.json"))
-    assert storage.exists(storage.join(run, "base_train", "checkpoints", "step_000002", "manifest.json"))
-
-    monkeypatch.delenv("NANOCHAT_FAULT")
-    state, flow_run_id = run_speedrun(tmp_path, "r", shared_data)
+    monkeypatch.setenv("NANOCHAT_FAULT", "base_train:3@1")
+    monkeypatch.setattr(stages, "RETRY_DELAY_S", 0)  # the retry starts at once, not after 10 s
+    state, flow_run_id = run_speedrun(tmp_path, "r", shared_data, retries=1, only=["base_train"])
     assert state.is_completed(), state.message
-    states = task_states(flow_run_id)
-    assert all(states[name] == "Cached" for name in SELECTED if name != "base_train")
-    assert states["base_train"] == "Completed"
-    assert any("resumed at step 2" in line for line in logs(flow_run_id))
-    assert final_weights_sha(run) == final_weights_sha(reference)  # as if it never failed
+    assert task_runs(flow_run_id)["base_train"].run_count == 2
+    lines = logs(flow_run_id)
+    assert any("stage base_train exited with code" in line for line in lines)
+    assert any("injected fault at step 3" in line for line in lines)
+    assert any("resumed at step 2" in line for line in lines)
+    assert final_weights_sha(storage.run_uri("r", str(tmp_path))) == final_weights_sha(reference)  # as if it never failed
 
 
 def test_s3_storage(prefect_api, shared_data, s3_root):
