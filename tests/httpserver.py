@@ -175,7 +175,8 @@ class FaultyServer(ThreadingHTTPServer):
         """The GET requests (of `path`, or of every file) as (range header, status, bytes sent), once
         every body on the way has gone: a client can finish reading before the server counts."""
         with self._lock:
-            self._lock.wait_for(lambda: all(entry[4] is not None for entry in self.requests), timeout=10)
+            if not self._lock.wait_for(lambda: all(entry[4] is not None for entry in self.requests), timeout=10):
+                raise TimeoutError(f"bodies still on the way after 10 s: {[e for e in self.requests if e[4] is None]}")
             return [(r, s, n) for m, p, r, s, n in self.requests if m == "GET" and (path is None or p == path)
                     and not p.endswith("/")]
 

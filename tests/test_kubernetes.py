@@ -27,6 +27,7 @@ from prefect.utilities.templating import find_placeholders
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
 from nanochat import pipeline
+from tests import waiting
 
 REPO = Path(__file__).resolve().parent.parent
 KUBE = REPO / "deployments" / "kubernetes"
@@ -43,8 +44,7 @@ def template():
 def make_deploy_k8s(*args):
     """`make deploy-k8s` (`-o setup`: a test never reinstalls the .venv)."""
     env = {k: v for k, v in os.environ.items() if k != "IMAGE"}
-    return subprocess.run(["make", "-o", "setup", "deploy-k8s", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return waiting.run(["make", "-o", "setup", "deploy-k8s", *args], 300, cwd=REPO, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_pod_0_runs_the_flow_run_and_the_others_the_node(rendered, tmp_path):
     def started(index):
         env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": str(index)}
         return subprocess.run([*container["command"], *container["args"]], env=env, capture_output=True, text=True,
-                              check=True).stdout.strip()
+                              check=True, timeout=30).stdout.strip()
 
     assert started(0) == config.command == KubernetesWorkerJobConfiguration._base_flow_run_command()
     assert [started(i) for i in range(1, NNODES)] == ["python -m flows.node"] * (NNODES - 1)

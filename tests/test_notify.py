@@ -17,6 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
 from flows import notify
+from tests.waiting import end, until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def env(prefect_api, receiver, tmp_path):
 
 def notify_cli(env, *args):
     return subprocess.run([sys.executable, "-m", "flows.notify", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout
+                          text=True, check=True, timeout=120).stdout
 
 
 def automations():
@@ -87,24 +88,29 @@ def installed(env):
     notify.remove()
 
 
-def run_doomed_stage(env, fault, run_name, storage):
-    """Runs the `stage` flow for download in a subprocess under NANOCHAT_FAULT=`fault`: a crash fails
-    the stage and so the flow run; a hang is ended by SIGTERM to the flow's process, which crashes it."""
+def run_doomed_stage(env, fault, run_name, storage, log):
+    """Runs the `stage` flow for download in a subprocess under NANOCHAT_FAULT=`fault`, its output in
+    `log`: a crash fails the stage and so the flow run; a hang is ended by SIGTERM to the flow's
+    process, which crashes it."""
     code = ("from flows.speedrun import one_stage\n"
             f"one_stage('download', run_name={run_name!r}, preset='tiny', storage={storage!r}, retries=0)")
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**env, "NANOCHAT_FAULT": fault}, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if "injected fault at start (hang)" in line:
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], env={**env, "NANOCHAT_FAULT": fault, "PYTHONUNBUFFERED": "1"}, cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        until(lambda: "injected fault at start" in log.read_text() or proc.poll() is not None, 120,
+              f"the stage flow to meet its fault {fault}")
+        if "injected fault at start (hang)" in log.read_text():
             proc.terminate()
-    assert proc.wait() != 0 and any("injected fault at start" in line for line in output), "".join(output)
+        code = proc.wait(timeout=60)
+    finally:
+        end(proc)
+    assert code != 0 and "injected fault at start" in log.read_text(), log.read_text()
 
 
 @pytest.mark.parametrize("fault, state", [("download", "Failed"), ("download:hang", "Crashed")])
 def test_failed_or_crashed_run_posts_once_naming_the_run_and_state(installed, env, receiver, tmp_path, fault, state):
-    run_doomed_stage(env, fault, "doomed", str(tmp_path))
+    run_doomed_stage(env, fault, "doomed", str(tmp_path), tmp_path / "flow.log")
     ended = time.monotonic()
     posts = receiver.wait_for(1, timeout=60)
     assert posts, "no POST within 60 s of the failure"

@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 
-import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -20,6 +19,7 @@ from flows import speedrun as speedrun_module
 from flows.speedrun import default_nproc, one_stage, speedrun
 from nanochat import presets, storage
 from tests.s3server import free_port
+from tests.waiting import end, processes, until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +32,7 @@ def test_a_stage_past_its_timeout_fails_and_leaves_no_process(prefect_api, share
                      only=["download"], return_state=True)
     assert state.is_failed() and "stage download ran past its timeout of 3 s (preset tiny)" in state.message
     assert time.monotonic() - started < 60
-    marker = str(tmp_path / "runs" / "slow")
-    assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert not processes(str(tmp_path / "runs" / "slow"))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,8 @@ def test_gpu_presets_run_one_process_per_gpu(monkeypatch):
     with pytest.raises(ValueError, match="preset d32 runs one process per GPU and this node has none"):
         default_nproc("d32")
     assert (default_nproc("cpu"), default_nproc("tiny")) == (2, 1)
-    dry = subprocess.run(["make", "-n", "speedrun", "PRESET=d20"], cwd=REPO, capture_output=True, text=True, check=True)
+    dry = subprocess.run(["make", "-n", "speedrun", "PRESET=d20"], cwd=REPO, capture_output=True, text=True, check=True,
+                         timeout=60)
     assert "--preset d20" in dry.stdout and "--nproc-per-node" not in dry.stdout  # the flow decides
 
 
@@ -102,30 +102,26 @@ def test_make_server_beyond_loopback_needs_an_auth_string(tmp_path):
     port = free_port()
     env = {**env, "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_API_AUTH_STRING": "admin:s3cret"}
     server = subprocess.Popen(["make", "server", "HOST=0.0.0.0", f"PORT={port}"], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        assert status(f"http://127.0.0.1:{port}/api/health", timeout=120) == 200  # probes stay open
+        health = f"http://127.0.0.1:{port}/api/health"
+        assert until(lambda: status(health), 120, f"{health} to answer", procs=[server]) == 200  # probes stay open
         version = f"http://127.0.0.1:{port}/api/admin/version"
         assert status(version) == 401 and status(version, auth="admin:wrong") == 401
         assert status(version, auth="admin:s3cret") == 200
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        end(server)
 
 
-def status(url, auth=None, timeout=0):
-    """The HTTP status of GET `url`, waiting up to `timeout` s for the server to listen."""
+def status(url, auth=None):
+    """The HTTP status of GET `url`; None while nothing listens there."""
     request = urllib.request.Request(url)
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:  # refused, or reset while the server starts
+        return None
