@@ -6,10 +6,8 @@ prefect.yaml has one deployment per pipeline row is tests/test_pipeline.py's.)""
 import asyncio
 import os
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -18,8 +16,10 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 from prefect.workers.process import ProcessJobConfiguration
 
+from flows import launch
 from flows.speedrun import speedrun
 from tests import workers
+from tests.waiting import processes, until
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = REPO / "deployments"
@@ -36,7 +36,7 @@ def test_process_pool_template_resolves(prefect_api):
 
 
 def test_slurm_example_is_valid_bash():
-    subprocess.run(["bash", "-n", str(DEPLOYMENTS / "slurm" / "worker.sbatch")], check=True)
+    subprocess.run(["bash", "-n", str(DEPLOYMENTS / "slurm" / "worker.sbatch")], check=True, timeout=30)
 
 
 def in_this_checkout(tmp):
@@ -64,19 +64,9 @@ def worker(prefect_api, tmp_path_factory):
         yield
 
 
-def wait_final(flow_run_id, timeout=240):
+def flow_run_state(flow_run_id):
     with get_client(sync_client=True) as client:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            flow_run = client.read_flow_run(flow_run_id)
-            if flow_run.state.is_final():
-                return flow_run.state
-            time.sleep(0.5)
-    raise TimeoutError(f"flow run {flow_run_id} did not finish")
-
-
-def stage_processes(marker):
-    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+        return client.read_flow_run(flow_run_id).state
 
 
 def test_the_dag_sends_its_torchrun_stages_to_their_deployments(worker, shared_data, tmp_path):
@@ -107,13 +97,14 @@ def test_cancelled_run_leaves_no_stage_process(worker, shared_data, tmp_path):
     flow_run = run_deployment("stage/base_train", parameters=params, timeout=0,
                               job_variables={"env": {"NANOCHAT_FAULT": "base_train:hang"}})
     marker = str(tmp_path / "runs" / "cancelled")
-    while len(stage_processes(marker)) < 3:  # torchrun and its two workers
-        assert not get_client(sync_client=True).read_flow_run(flow_run.id).state.is_final()
-        time.sleep(0.5)
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
-    assert wait_final(flow_run.id).is_cancelled()
-    deadline = time.monotonic() + 30
-    while stage_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert stage_processes(marker) == []
+    try:
+        until(lambda: len(processes(marker)) >= 3 or flow_run_state(flow_run.id).is_final(), 180,
+              "torchrun and its two workers to hang")
+        assert not flow_run_state(flow_run.id).is_final(), flow_run_state(flow_run.id)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+        final = until(lambda: flow_run_state(flow_run.id), 240, "the cancelled flow run to end", done=lambda s: s.is_final())
+        assert final.is_cancelled(), final
+        until(lambda: processes(marker), 30, "the stage's processes to end", done=lambda left: not left)
+    finally:
+        launch.kill_tree(processes(marker), grace=1)  # a hung stage would hold the node's slot for good

@@ -17,11 +17,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.flow_engine import run_flow
 
+from flows import launch
 from flows.launch import RunSpec, command, rendezvous_id
 from flows.speedrun import one_stage
 from nanochat import pipeline, presets, storage
 from tests.s3server import free_port
 from tests.stagerun import stage
+from tests.waiting import end, processes, until
 
 BASE_TRAIN = pipeline.stage("base_train")
 
@@ -101,11 +103,17 @@ def ended(process):
         return True
 
 
-def wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.2)
+def stop_nodes(nodes, flow, name):
+    """Ends node 1's processes, and every launch of run `name` until node 0's flow has given up (its
+    retry would otherwise wait for node 1 at the rendezvous): nothing of a failed test lives on."""
+    for node in nodes:
+        end(node)
+
+    def flow_ended():
+        launch.kill_tree(processes(name), grace=1)
+        return not flow.is_alive()
+
+    until(flow_ended, 120, "node 0's flow run to give up")
 
 
 def final_weights_sha(run):
@@ -115,7 +123,8 @@ def final_weights_sha(run):
 
 def test_two_nodes_lose_one_and_end_as_one_node_would(prefect_api, tiny_env, tmp_path, monkeypatch):
     root = tiny_env["NANOCHAT_STORAGE"]
-    run = storage.run_uri(f"two-nodes-{uuid.uuid4().hex[:8]}", root)
+    name = f"two-nodes-{uuid.uuid4().hex[:8]}"
+    run = storage.run_uri(name, root)
     stage("nanochat.stages.download", run, tiny_env)
     stage("nanochat.stages.tok_train", run, tiny_env)
     reference = tmp_path / "reference"
@@ -130,29 +139,34 @@ def test_two_nodes_lose_one_and_end_as_one_node_would(prefect_api, tiny_env, tmp
     with get_client(sync_client=True) as client:
         flow_run = client.create_flow_run(one_stage, parameters=parameters)
     node0 = {}
-    flow = threading.Thread(target=lambda: node0.update(state=run_flow(one_stage, flow_run, parameters, return_type="state")))
+    flow = threading.Thread(target=lambda: node0.update(state=run_flow(one_stage, flow_run, parameters, return_type="state")),
+                            daemon=True)  # a failed test must not keep the session from exiting
     flow.start()
+    nodes = []
+    try:
+        # node 1 stops after step 10 (checkpointed); node 0 waits in step 11's gradient all-reduce
+        first_log, second_log = tmp_path / "node1-first.log", tmp_path / "node1-second.log"
+        node1 = start_node(flow_run.id, prefect_api, env, first_log, NANOCHAT_FAULT="base_train:10:hang")
+        nodes.append(node1)
+        until(lambda: "injected fault at step 10" in first_log.read_text(), 120, "the fault on node 1", procs=[node1])
+        lost = {p.pid for p in tree(node1.pid)}
+        survivors = [p for p in tree(psutil.Process().pid) if p.pid not in lost and "torch.distributed.run" in p.cmdline()]
+        assert survivors, "node 0 runs no torchrun"
+        for p in tree(node1.pid):
+            p.kill()
+        killed = time.monotonic()
+        node1.wait()
+        bound = presets.collective_timeout("tiny") + 10  # the collective timeout, and torchrun's teardown
+        until(lambda: all(map(ended, survivors)), bound, "the end of node 0's launch")
+        detected = time.monotonic() - killed
+        print(f"node 0's launch ended {detected:.1f} s after node 1 was killed")
 
-    # node 1 stops after step 10 (checkpointed); node 0 waits in step 11's gradient all-reduce
-    first_log, second_log = tmp_path / "node1-first.log", tmp_path / "node1-second.log"
-    node1 = start_node(flow_run.id, prefect_api, env, first_log, NANOCHAT_FAULT="base_train:10:hang")
-    wait_for(lambda: "injected fault at step 10" in first_log.read_text(), 120, "fault on node 1")
-    lost = {p.pid for p in tree(node1.pid)}
-    survivors = [p for p in tree(psutil.Process().pid) if p.pid not in lost and "torch.distributed.run" in p.cmdline()]
-    assert survivors, "node 0 runs no torchrun"
-    for p in tree(node1.pid):
-        p.kill()
-    killed = time.monotonic()
-    node1.wait()
-    bound = presets.collective_timeout("tiny") + 10  # the collective timeout, and torchrun's teardown
-    wait_for(lambda: all(map(ended, survivors)), bound, "end of node 0's launch")
-    detected = time.monotonic() - killed
-    print(f"node 0's launch ended {detected:.1f} s after node 1 was killed")
-
-    node1 = start_node(flow_run.id, prefect_api, env, second_log)  # the pod restarted
-    flow.join(timeout=300)
-    assert not flow.is_alive()
-    assert node1.wait(timeout=60) == 0, second_log.read_text()[-3000:]
+        node1 = start_node(flow_run.id, prefect_api, env, second_log)  # the pod restarted
+        nodes.append(node1)
+        until(lambda: not flow.is_alive(), 300, "node 0's flow run to end")
+        assert node1.wait(timeout=60) == 0, second_log.read_text()[-3000:]
+    finally:
+        stop_nodes(nodes, flow, name)
     state = node0["state"]
     assert state.is_completed(), state.message
     assert final_weights_sha(run) == final_weights_sha(f"file://{reference}")

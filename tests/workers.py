@@ -6,16 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
-
-from flows import launch
+from tests.waiting import end
 
 PREFECT = [sys.executable, "-m", "prefect"]
 POOL_TEMPLATE = Path(__file__).resolve().parent.parent / "deployments" / "gpu-pool.json"
 
 
 def prefect(*args, env, cwd=None):
-    return subprocess.run([*PREFECT, *args], env=env, cwd=cwd, check=True, capture_output=True)
+    return subprocess.run([*PREFECT, *args], env=env, cwd=cwd, check=True, capture_output=True, timeout=180)
 
 
 def process_pool(name, env, template=POOL_TEMPLATE):
@@ -36,5 +34,4 @@ def process_worker(pool, env, cwd, log_path):
         try:
             yield proc
         finally:
-            launch.kill_tree([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)], grace=10)
-            proc.wait()
+            end(proc)
