@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from tests.s3server import free_port
-from tests.stagerun import missing
+from tests.stagerun import missing, stage
+from tests.waiting import end, until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "sk-test-0123456789"  # the API key of the servers that need one
@@ -28,37 +29,50 @@ def run(shared_data, tmp_path_factory):
     """A run with a trained tiny tokenizer and a 5-step base model: (storage root, run name)."""
     storage = tmp_path_factory.mktemp("serve-storage")
     env = {**os.environ, "NANOCHAT_STORAGE": str(storage)}
-    for stage, extra in (("tok_train", []), ("base_train", ["--num-steps", "5"])):
-        subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", "--run", "r", "--preset", "tiny",
-                        "--data", str(shared_data / "pretrain"), *extra], env=env, check=True, capture_output=True)
+    data = ["--data", str(shared_data / "pretrain")]
+    stage("nanochat.stages.tok_train", "r", env, *data)
+    stage("nanochat.stages.base_train", "r", env, *data, "--num-steps", "5")
     return storage, "r"
 
 
-def start_server(run, *options, env=None):
-    """`nanochat serve` on a free port of 127.0.0.1, once it answers: (process, base URL). Its output
-    goes to a file (`proc.log`): a pipe nobody reads would stall the server once full."""
+def start_server(run, *options, env=None, timeout=120):
+    """`nanochat serve` on a free port of 127.0.0.1, once it answers: (process, base URL)."""
     storage, name = run
     port = free_port()
+    cmd = [sys.executable, "-m", "nanochat.cli", "serve", "--run", name, "--port", str(port), *options]
+    return start_listening(cmd, port, {**os.environ, "NANOCHAT_STORAGE": str(storage), **(env or {})}, timeout)
+
+
+def start_listening(cmd, port, env, timeout):
+    """Starts a server and waits until GET /health on 127.0.0.1:`port` answers 200: (process, base
+    URL). Its output goes to a file (`proc.log`): a pipe nobody reads would stall the server once
+    full. A server that exits first, or does not answer within `timeout` s, is ended and the error
+    carries its output."""
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", name, "--port", str(port), *options],
-                            env={**os.environ, "NANOCHAT_STORAGE": str(storage), **(env or {})}, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log
     url = f"http://127.0.0.1:{port}"
-    while True:  # until it answers (or exits)
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited: {log.read()}")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
+    try:
+        until(lambda: healthy(url), timeout, f"{url}/health to answer 200", procs=[proc])
+    except BaseException as e:
+        log.seek(0)
+        output = log.read()
+        stop_server(proc)
+        if not isinstance(e, Exception):  # pytest-timeout, Ctrl-C
+            raise
+        raise RuntimeError(f"{e}; the server's output:\n{output[-3000:]}") from e
+    return proc, url
+
+
+def healthy(url):
+    try:
+        return httpx.get(url + "/health").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def stop_server(proc):
-    proc.terminate()
-    proc.wait(timeout=30)
+    end(proc)
     proc.log.close()
 
 
@@ -73,7 +87,8 @@ def serving(run, *options, env=None):
 
 
 def openai_client(url, api_key="unused"):
-    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
+    """The official client, without retries, and with a minute per request rather than its ten."""
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
 def ask(client, content, **kw):
@@ -103,16 +118,22 @@ def assert_openai_error(response, status):
 class DevTools:
     """A minimal Chrome DevTools Protocol client over the page's websocket."""
 
+    CALL_TIMEOUT = 60  # seconds Chromium has to answer one call
+
     def __init__(self, ws_url):
         from websockets.sync.client import connect
 
-        self.ws, self.next_id = connect(ws_url, max_size=2**26), 0
+        self.ws, self.next_id = connect(ws_url, max_size=2**26, open_timeout=30), 0
 
     def call(self, method, **params):
         self.next_id += 1
         self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
+        deadline = time.monotonic() + self.CALL_TIMEOUT
+        while True:  # events come and go until our answer does
+            try:
+                message = json.loads(self.ws.recv(timeout=max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                raise TimeoutError(f"no answer from Chromium to {method} in {self.CALL_TIMEOUT} s") from None
             if message.get("id") == self.next_id:
                 assert "error" not in message, message
                 return message["result"]
@@ -121,10 +142,7 @@ class DevTools:
         return self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)["result"].get("value")
 
     def wait_for(self, expression, timeout=60):
-        deadline = time.monotonic() + timeout
-        while not self.js(expression):
-            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-            time.sleep(0.1)
+        until(lambda: self.js(expression), timeout, f"{expression} in the page")
 
     def open(self, url):
         """Navigates to the web UI at `url` and waits until it is ready."""
@@ -140,23 +158,27 @@ class DevTools:
 
 
 @contextlib.contextmanager
-def chromium_tab(tmp_path):
-    """A phone-sized tab of a headless Chromium of its own (a profile in tmp_path)."""
+def chromium_tab(tmp_path, timeout=60):
+    """A phone-sized tab of a headless Chromium of its own (a profile in tmp_path), which has
+    `timeout` s to come up; Chromium and every process it started end with the block."""
     if not CHROMIUM:
         missing("chromium is not installed (make dev installs it: apt-get install chromium)")
     profile = tmp_path / "profile"
     browser = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
                                 f"--user-data-dir={profile}", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not (profile / "DevToolsActivePort").exists() or len((profile / "DevToolsActivePort").read_text().split()) < 2:
-            assert browser.poll() is None, "chromium exited"
-            time.sleep(0.1)
-        port = (profile / "DevToolsActivePort").read_text().split()[0]
+        port = until(lambda: devtools_port(profile), timeout, f"Chromium's DevToolsActivePort in {profile}", procs=[browser])
         page = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json").json() if t["type"] == "page")
         tab = DevTools(page["webSocketDebuggerUrl"])
         tab.call("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2, mobile=True)
         tab.call("Page.enable")
         yield tab
     finally:
-        browser.kill()
-        browser.wait()
+        end(browser)
+
+
+def devtools_port(profile):
+    """The port Chromium's DevTools listen on, once it has written both lines of DevToolsActivePort."""
+    path = profile / "DevToolsActivePort"
+    lines = path.read_text().split() if path.exists() else []
+    return lines[0] if len(lines) >= 2 else None

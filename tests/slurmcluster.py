@@ -12,13 +12,15 @@ database either, so `sacct` has nothing; slurmd's log names every step it launch
 import contextlib
 import dataclasses
 import os
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
+import psutil
+
+from flows import launch
 from tests.s3server import free_port
+from tests.waiting import end, until
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
@@ -60,7 +62,8 @@ class Cluster:
 
     def run(self, *cmd):
         """A Slurm command's output (it raises on failure)."""
-        return subprocess.run(cmd, env={**os.environ, **self.env}, check=True, capture_output=True, text=True).stdout
+        return subprocess.run(cmd, env={**os.environ, **self.env}, check=True, capture_output=True, text=True,
+                              timeout=60).stdout
 
     def steps_launched(self, job_id):
         """The steps of the job that slurmd launched ("12.0", ...), from its log."""
@@ -72,7 +75,8 @@ class Cluster:
 @contextlib.contextmanager
 def slurm_cluster(root):
     """Starts the three daemons on a fresh configuration in `root`, waits for the node to be idle,
-    and at the end cancels every job, waits for them to be gone and stops the daemons."""
+    and at the end cancels every job, waits for them to be gone, stops the daemons and kills what
+    is left of the jobs."""
     root = Path(root)
     for sub in ("state", "spool"):
         (root / sub).mkdir(parents=True)
@@ -90,21 +94,13 @@ def slurm_cluster(root):
         procs.append(daemon(root, "munged", "--foreground", "--force", f"--key-file={key}",
                             f"--socket={root}/munge.socket", f"--pid-file={root}/munged.pid",
                             f"--seed-file={root}/munged.seed", f"--log-file={root}/munged.log"))
-        wait_for(lambda: (root / "munge.socket").exists(), "munged's socket", procs)
+        until(lambda: (root / "munge.socket").exists(), 30, "munged's socket", procs=procs)
         procs.append(daemon(root, "slurmctld", "-D", "-f", str(conf)))
         procs.append(daemon(root, "slurmd", "-D", "-f", str(conf)))
-        wait_for(lambda: node_state(cluster) == "idle", "the node to be idle", procs)
+        until(lambda: node_state(cluster), 30, "the node to be idle", done=lambda state: state == "idle", procs=procs)
         yield cluster
     finally:
-        if len(procs) == len(DAEMONS):
-            cancel_all(cluster)
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(cluster, procs)
 
 
 def daemon(root, name, *args):
@@ -120,22 +116,35 @@ def node_state(cluster):
         return None  # slurmctld not answering yet
 
 
-def wait_for(condition, what, procs, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) waiting for {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.2)
+def stop(cluster, daemons):
+    """Cancels the cluster's jobs, stops its daemons, then kills whatever of the jobs is left: a job's
+    processes outlive slurmd, and carry the cluster's SLURM_CONF (sbatch passes the submitting
+    environment on)."""
+    try:
+        if len(daemons) == len(DAEMONS):
+            cancel_all(cluster)
+    finally:
+        for proc in reversed(daemons):
+            end(proc)
+        launch.kill_tree(with_env("SLURM_CONF", cluster.env["SLURM_CONF"]), grace=5)
 
 
 def cancel_all(cluster, timeout=30):
-    """Cancels the cluster's jobs and waits until they are gone: a job's processes outlive slurmd."""
+    """Cancels the cluster's jobs and waits up to `timeout` s for them to be gone."""
     jobs = cluster.run("squeue", "--noheader", "--format=%i").split()
     if jobs:
         cluster.run("scancel", *jobs)
-    deadline = time.monotonic() + timeout
-    while cluster.run("squeue", "--noheader", "--format=%i").split() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    with contextlib.suppress(TimeoutError):  # stop() kills what is left
+        until(lambda: not cluster.run("squeue", "--noheader", "--format=%i").split(), timeout, "the cancelled jobs to go")
+
+
+def with_env(name, value):
+    """The processes (but this one) whose environment has name=value."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(name) == value:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found

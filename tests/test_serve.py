@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
@@ -17,6 +16,7 @@ import pytest
 from nanochat.chat import FREQUENCY_PENALTY
 from nanochat.serve.worker import Worker
 from tests.serving import ask, chromium_tab, openai_client, start_server, stop_server, streamed
+from tests.waiting import until
 
 pytest_plugins = ["tests.serving"]
 
@@ -137,9 +137,8 @@ def test_full_queue_is_429_and_a_disconnect_cancels(run):
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as running:
                 next(running.iter_lines())  # admitted; the client leaves while its 8 answers are decoding
-        while httpx.get(url + "/health").json()["cancelled_requests"] < 1:
-            time.sleep(0.1)
-        health = httpx.get(url + "/health").json()
+        health = until(lambda: httpx.get(url + "/health").json(), 60, "the server to count a cancelled request",
+                       done=lambda h: h["cancelled_requests"] >= 1)
         assert health["active_requests"] == 0 and health["queued_requests"] == 0
     finally:
         stop_server(proc)
@@ -166,17 +165,18 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     storage, name = run
     env = {**os.environ, "NANOCHAT_STORAGE": str(storage)}
     cli = [sys.executable, "-m", "nanochat.cli", "chat", "--run", name, "--max-tokens", "8", "--temperature", "0"]
-    one_shot = subprocess.run([*cli, "-p", "Hello"], env=env, capture_output=True, text=True, check=True)
+    one_shot = subprocess.run([*cli, "-p", "Hello"], env=env, capture_output=True, text=True, check=True, timeout=120)
     assert one_shot.stdout.strip()
     # the CLI's default frequency penalty: its greedy answer is the API's with that penalty, not without
     longer = subprocess.run([*cli, "--max-tokens", "24", "-p", "Count with me."], env=env, capture_output=True,
-                            text=True, check=True)
+                            text=True, check=True, timeout=120)
     with_penalty, without = (ask(client, "Count with me.", temperature=0, max_tokens=24, frequency_penalty=penalty)
                              .choices[0].message.content for penalty in (FREQUENCY_PENALTY, 0))
     assert longer.stdout == with_penalty + "\n" and with_penalty != without
-    session = subprocess.run(cli, input="Hello\n/clear\nAgain\n/quit\n", env=env, capture_output=True, text=True, check=True)
+    session = subprocess.run(cli, input="Hello\n/clear\nAgain\n/quit\n", env=env, capture_output=True, text=True, check=True,
+                             timeout=120)
     assert session.stdout.count("nanochat> ") == 2 and session.stdout.startswith("you> ")
-    missing = subprocess.run([*cli, "--source", "rl", "-p", "x"], env=env, capture_output=True, text=True)
+    missing = subprocess.run([*cli, "--source", "rl", "-p", "x"], env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "chat_rl" in missing.stderr
 
 

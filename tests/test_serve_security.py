@@ -13,13 +13,13 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
 from tests.serving import KEY, ask, assert_openai_error, chromium_tab, openai_client, serving, streamed
+from tests.waiting import until
 
 pytest_plugins = ["tests.serving"]
 
@@ -125,11 +125,12 @@ def test_limits_per_key_body_and_wall_time(run):
         with contextlib.ExitStack() as stack:  # two requests of sk-a in progress: their bodies never end
             for _ in range(2):
                 stack.enter_context(raw_socket(url)).sendall(request_head("POST", CHAT, 100, f"Authorization: Bearer {keys[0]}") + b"{")
-            busy = until(lambda: get(keys[0]), lambda r: r.status_code != 200)
+            busy = until(lambda: get(keys[0]), 30, "sk-a to be refused", done=lambda r: r.status_code != 200)
             error = assert_openai_error(busy, 429)
             assert error["code"] == "rate_limit_exceeded" and busy.headers["Retry-After"] == "1"
             assert get(keys[1]).status_code == 200
-        assert until(lambda: get(keys[0]), lambda r: r.status_code != 429).status_code == 200  # both left
+        assert until(lambda: get(keys[0]), 30, "sk-a to be served again",
+                     done=lambda r: r.status_code != 429).status_code == 200  # both left
 
         answers = [get(keys[2]) for _ in range(60)]  # bursts of 20, then one every 3 s
         limited = [r for r in answers if r.status_code == 429]
@@ -151,16 +152,6 @@ def test_wall_time_limit_ends_completions_with_length(run):
         assert [c.finish_reason for c in response.choices] == ["length"] * 3 and response.usage.completion_tokens == 0
         texts, finishes, _ = streamed(client, "Tell me a long story.", n=2, max_tokens=100)
         assert finishes == {0: "length", 1: "length"}
-
-
-def until(attempt, done, tries=300):
-    """The first result of attempt() that is done(), trying every 0.1 s at most `tries` times."""
-    for _ in range(tries):
-        result = attempt()
-        if done(result):
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"still {result}")
 
 
 def test_extreme_sampling_values(hostile_server):
@@ -227,13 +218,14 @@ def well_behaved_client(url):
             except Exception as e:  # recorded, to fail the test below
                 answers.append(repr(e))
 
-    thread = threading.Thread(target=keep_asking)
+    thread = threading.Thread(target=keep_asking, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=120)  # a question takes at most the client's timeout
+    assert not thread.is_alive(), "the well-behaved client is still waiting for an answer"
     assert answers == [expected] * len(answers), answers
 
 
@@ -282,4 +274,5 @@ def test_clients_that_leave_mid_stream_or_mid_body(hostile_server):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
             with raw_socket(hostile_server) as sock:
                 sock.sendall(request_head("POST", CHAT, len(body)) + body[:10])
-    until(lambda: httpx.get(hostile_server + "/health").json(), lambda h: not h["active_requests"] and not h["queued_requests"])
+    until(lambda: httpx.get(hostile_server + "/health").json(), 30, "the server to be idle",
+          done=lambda h: not h["active_requests"] and not h["queued_requests"])
