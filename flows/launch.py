@@ -134,7 +134,7 @@ def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0):
     reader.start()
     tree = {proc.pid: psutil.Process(proc.pid)}
     try:
-        while True:
+        while True:  # no deadline of its own: `tick` raises at the caller's (the stage timeout, node 0 leaving)
             try:
                 tree.update((p.pid, p) for p in tree[proc.pid].children(recursive=True))
             except psutil.NoSuchProcess:
@@ -148,7 +148,7 @@ def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0):
     finally:
         tree.update((p.pid, p) for p in tagged(tag))
         kill_tree(tree.values(), grace)
-        proc.wait()
+        proc.wait()  # bounded: what was still alive got SIGKILL
         reader.join(timeout=grace)
     return code, "".join(tail)
 

@@ -26,7 +26,9 @@ class FlockLockManager:
 
     def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):
         """Blocks until the lock is ours (False after `acquire_timeout` s); `hold_timeout` is moot:
-        the lock lasts until released or until the holding process ends."""
+        the lock lasts until released or until the holding process ends. Prefect gives no
+        acquire_timeout: the wait lasts as long as the holder runs the stage, which its stage timeout
+        bounds (flows/stages.py), and a holder killed outright drops its flock."""
         if self.is_lock_holder(key, holder):
             return True
         self.directory.mkdir(parents=True, exist_ok=True)

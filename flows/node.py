@@ -56,7 +56,7 @@ def follow(flow_run_id, spec, name, attempt):
                 raise Left(f"{name} attempt {attempt} is over on node 0")
 
         try:
-            while True:
+            while True:  # until node 0 leaves the attempt (it stops the stage at its timeout)
                 check()
                 say(f"$ {storage.redact(shlex.join(cmd))}")
                 code, _ = launch.launch(cmd, launch.child_env(spec, attempt), say, tick=check)
@@ -76,6 +76,9 @@ def main():
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
         spec = spec_from_parameters(client.read_flow(flow_run.flow_id).name, flow_run.parameters)
+        # No deadline of its own: node 0 ends the flow run (every stage within its timeout), and a
+        # node 0 lost without a word takes this node with it, a pod of the same Kubernetes Job,
+        # which fails when pod 0 does (backoffLimit 0) and then terminates its other pods.
         while not flow_run.state.is_final():
             for key in running(client, flow_run_id).items():
                 if key not in followers:
@@ -84,7 +87,7 @@ def main():
             time.sleep(POLL_S)
             flow_run = client.read_flow_run(flow_run_id)
     for thread in followers.values():
-        thread.join()
+        thread.join()  # bounded: each sees node 0 leave within a second (launch's tick), then ends its tree
     say(f"flow run {flow_run.name}: {flow_run.state.name}")
     return 0 if flow_run.state.is_completed() else 1
 
