@@ -106,9 +106,16 @@ deploy-k8s: setup  ## the torchrun stages' stage/* onto Kubernetes pool gpu-k8s 
 	NANOCHAT_IMAGE='$(IMAGE)' PREFECT_API_URL=$(PREFECT_API) \
 	  $(VENV)/bin/prefect --no-prompt deploy --all --prefect-file deployments/kubernetes/prefect.yaml
 
+# pytest runs in the environment make was started in, as a plain `pytest` does: without make's own
+# variables, the command line's (`make test NPROC=2` would reach the makes that tests run) or the
+# data mirror exported above (tests name the data they read).
+TEST_UNSET := MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES MAKE_TERMOUT MAKE_TERMERR \
+  $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))) \
+  $(if $(filter file,$(origin NANOCHAT_DATA_MIRROR)),NANOCHAT_DATA_MIRROR)
+
 test: dev  ## run the whole test suite (Rust and Python)
 	cargo test --quiet --release --manifest-path rustbpe/Cargo.toml
-	$(PY) -m pytest
+	env $(addprefix -u ,$(TEST_UNSET)) $(PY) -m pytest
 
 lint: dev  ## ruff over the whole tree (configured in pyproject.toml)
 	$(VENV)/bin/ruff check .
