@@ -79,9 +79,18 @@ def mid_run(tiny_base_run, tiny_env, tmp_path_factory):
     return run
 
 
-def test_mid_then_sft_learn_the_assistant_turns(mid_run, tiny_env, tmp_path, monkeypatch):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def sft_run(mid_run, tiny_env, tmp_path_factory):
+    """mid_run with chat_sft done: one process, deterministic, the preset's 10 steps."""
+    run = tmp_path_factory.mktemp("sft") / "run"
     shutil.copytree(mid_run, run)
+    stage("nanochat.stages.chat_sft", run, tiny_env, "--deterministic")
+    return run
+
+
+def test_mid_then_sft_learn_the_assistant_turns(sft_run, tiny_env, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
     for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
         monkeypatch.setenv(name, tiny_env[name])
     assert len(losses(run, "mid_train")) == 10
@@ -96,15 +105,14 @@ def test_mid_then_sft_learn_the_assistant_turns(mid_run, tiny_env, tmp_path, mon
     oracle = trained_tokens(batches[:10])
     assert [r["tokens"] for r in steps(run, "mid_train")] == oracle
     assert summary(run, "mid_train")["metrics"]["tokens"] == sum(oracle)
-    stage("nanochat.stages.chat_sft", run, tiny_env, "--num-steps", "6")
     sft = summary(run, "chat_sft")
     assert sft["inputs"]["checkpoint"]["uri"].startswith(summary(run, "mid_train")["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0])
-    assert sft["metrics"]["steps"] == 6 and sft["metrics"]["val_bpb"] > 0
+    assert sft["metrics"]["steps"] == 10 and sft["metrics"]["val_bpb"] > 0
     # padded rows: the padding is not counted (a step's rows hold far fewer tokens than their capacity)
-    oracle = trained_tokens(loader_batches(run, chat_sft, "mid_train", "pad", 1, 6))
+    oracle = trained_tokens(loader_batches(run, chat_sft, "mid_train", "pad", 1, 10))
     records = steps(run, "chat_sft")
     assert [r["tokens"] for r in records] == oracle and sft["metrics"]["tokens"] == sum(oracle)
-    assert sum(oracle) < 6 * presets.get("tiny", "chat_sft")["total_batch_size"]
+    assert sum(oracle) < 10 * presets.get("tiny", "chat_sft")["total_batch_size"]
     for r in records:
         assert r["tok_per_s"] == pytest.approx(r["tokens"] / r["train_time_s"])
         assert r["step_time_s"] == pytest.approx(r["batch_time_s"] + r["train_time_s"])
@@ -175,12 +183,9 @@ def test_killed_mid_train_resumes_bit_identical(mid_run, tiny_base_run, tiny_env
     assert losses(run, "mid_train") == losses(mid_run, "mid_train")  # each step once, as it was
 
 
-def test_crashed_sft_resumes_to_the_same_state(mid_run, tiny_env, tmp_path):
-    runs = {}
-    for name in ("reference", "crashed"):
-        runs[name] = tmp_path / name
-        shutil.copytree(mid_run, runs[name])
-    stage("nanochat.stages.chat_sft", runs["reference"], tiny_env, "--deterministic")
+def test_crashed_sft_resumes_to_the_same_state(sft_run, mid_run, tiny_env, tmp_path):
+    runs = {"reference": sft_run, "crashed": tmp_path / "run"}
+    shutil.copytree(mid_run, runs["crashed"])
     crashed = stage("nanochat.stages.chat_sft", runs["crashed"], {**tiny_env, "NANOCHAT_FAULT": "chat_sft:7"}, "--deterministic",
                     check=False)
     assert crashed.returncode == 3 and not (runs["crashed"] / "chat_sft" / "stage.json").exists()
