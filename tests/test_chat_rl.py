@@ -137,10 +137,11 @@ def test_killed_chat_rl_resumes_bit_identical(rl_run, tiny_base_run, first_char_
     assert step_losses(run) == step_losses(rl_run) and len(step_losses(run)) == 12
 
 
-def test_unknown_task_is_a_clear_error(tiny_base_run, tiny_env, tmp_path):
-    done = stage("nanochat.stages.chat_rl", tiny_base_run, tiny_env, "--checkpoint", str(tmp_path), "--task", "nosuch:Task",
-                 check=False)
-    assert done.returncode == 1 and "--task 'nosuch:Task'" in done.stderr
+def test_unknown_task_is_a_clear_error(tmp_path):
+    """Before any work (in this process: run_main makes a StageError the stage's one error line)."""
+    argv = ["--run", str(tmp_path), "--preset", "tiny", "--checkpoint", str(tmp_path), "--task", "nosuch:Task"]
+    with pytest.raises(contract.StageError, match="--task 'nosuch:Task'"):
+        chat_rl.main(contract.parse_args(chat_rl.build_parser(), chat_rl.STAGE, argv))
 
 
 def test_metrics_count_the_sampled_tokens_and_rollouts_autocast_as_training(tiny_base_run, tiny_env, tmp_path,
