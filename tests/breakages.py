@@ -1,0 +1,114 @@
+"""Breaks each promise the suite holds, on purpose, and shows its tests failing: a test that passes
+whatever the code does proves nothing. Each breakage is one small edit of the product code, made in a
+copy of this working tree (the repository is never touched); the tests that hold that promise then
+run in the copy, and each breakage must make them fail.
+
+    .venv/bin/python -m tests.breakages              # every breakage (several minutes)
+    .venv/bin/python -m tests.breakages sandbox-net  # the ones named
+    .venv/bin/python -m tests.breakages --list
+
+Exit status 0 when every breakage was caught; otherwise the ones that were not are named.
+"""
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.deployed import working_tree_diff
+
+REPO = Path(__file__).resolve().parent.parent
+NATIVE = "rustbpe/_native"
+
+
+@dataclasses.dataclass(frozen=True)
+class Breakage:
+    name: str
+    promise: str  # what the docs promise, broken here
+    path: str  # the file edited, relative to the repository
+    old: str  # text that must occur in it exactly once
+    new: str
+    tests: tuple  # pytest arguments that must then fail
+
+
+BREAKAGES = [
+    # the sandbox, as root and as a normal user
+    Breakage("sandbox-network", "a sandboxed program reaches no network", "nanochat/sandbox.py",
+             "CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID", "CLONE_NEWNS | CLONE_NEWPID", ("tests/test_execution.py",)),
+    Breakage("sandbox-view", "a sandboxed program cannot read its user's private files", "nanochat/sandbox.py",
+             "    enter_view(work)\n    if uid == 0:", "    if uid == 0:", ("tests/test_execution.py",)),
+    # machine independence
+    Breakage("cpu-kernels-unused", "kernel tests assert the kernel actually ran", "nanochat/cpu/kernels.py",
+             "return LIBRARY is not None and x.device.type", "return False and x.device.type", ("tests/test_cpu_kernels.py",)),
+    Breakage("cpu-switch-ignored", "NANOCHAT_CPU_FASTPATHS=0 runs inference on torch's ops", "nanochat/cpu/__init__.py",
+             "    if not enabled():", "    if False:", ("tests/test_cpu_door.py", "tests/test_linears.py")),
+]
+
+
+def copy_of_working_tree(dest):
+    """This working tree (its uncommitted changes and new files included) at `dest`, using this
+    checkout's .venv and built rustbpe library: a clone of HEAD with the working tree's diff applied."""
+    subprocess.run(["git", "clone", "--quiet", "--shared", str(REPO), str(dest)], check=True)
+    subprocess.run(["git", "apply", "--allow-empty", "--index"], input=working_tree_diff(), cwd=dest, check=True)
+    (dest / ".venv").symlink_to(REPO / ".venv")
+    shutil.copytree(REPO / NATIVE, dest / NATIVE)  # maturin's build of rustbpe, ignored by git
+
+
+def apply(breakage, root):
+    path = root / breakage.path
+    text = path.read_text()
+    if text.count(breakage.old) != 1:
+        raise SystemExit(f"{breakage.name}: {breakage.path} no longer holds the text to break exactly once; update tests/breakages.py")
+    path.write_text(text.replace(breakage.old, breakage.new))
+
+
+def run_tests(breakage, root):
+    """pytest on the breakage's tests in the copy (its packages first on every process's path):
+    (caught, seconds, the tests that failed and pytest's last line)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "CI": "true"}
+    start = time.monotonic()
+    done = subprocess.run([str(root / ".venv" / "bin" / "python"), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "-rfE", "-o", "addopts=", *breakage.tests], cwd=root, env=env, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    tail = "\n".join([line for line in lines if line.startswith(("FAILED", "ERROR"))] + lines[-1:])
+    # 1: tests ran and some failed; anything else (collection or usage errors) proves nothing
+    return done.returncode == 1, time.monotonic() - start, tail
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="breakages to make (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the breakages and the promise each breaks")
+    args = parser.parse_args(argv)
+    by_name = {b.name: b for b in BREAKAGES}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"no breakage named {', '.join(unknown)} (--list names them)")
+    chosen = [by_name[n] for n in args.names] or BREAKAGES
+    if args.list:
+        for b in chosen:
+            print(f"{b.name:24} {b.promise}")
+        return 0
+    missed = []
+    for b in chosen:
+        with tempfile.TemporaryDirectory(prefix=f"breakage-{b.name}-") as tmp:
+            os.chmod(tmp, 0o755)  # the sandbox tests' unprivileged user reads the copy too
+            root = Path(tmp) / "nanochat"
+            copy_of_working_tree(root)
+            apply(b, root)
+            caught, seconds, tail = run_tests(b, root)
+        print(f"{'caught' if caught else 'MISSED':6} {b.name:24} {seconds:5.0f} s  {b.promise}\n{tail}\n", flush=True)
+        if not caught:
+            missed.append(b.name)
+    if missed:
+        print(f"not caught: {', '.join(missed)}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
