@@ -1,35 +1,40 @@
 """The stage cache's invalidation (flows/stages.py StageCache), one cell at a time.
 
 What a stage's key is made of (an option, a preset value, a source file of the packages, .c and
-.html included) is checked on the key itself, in milliseconds. What the run's files and Prefect
-decide is checked through a real Prefect API: one run of download and tok_train on the tiny preset,
-run again after each change. Each change comes on top of a state where the run's cached results are
-valid, so if the cache missed it, the stage would be reported "Cached" instead of running.
+.html included) and when a cached result still counts are checked on the cache's own functions, in
+milliseconds. What Prefect then does is checked through a real Prefect API: a run of download and
+tok_train on the tiny preset, its tok_train forced by the stage flow, then the run again after
+download's output was tampered with. Each step starts where the cached results are valid, so if
+the cache missed a change, the stage would be reported "Cached" instead of running.
 
 Elsewhere: a re-run of an unchanged run is all cache hits, a stage whose directory is gone runs
 again, and a stage that fails once resumes on its retry (tests/test_flows.py); the source hash
 covers every file the packages load (tests/test_pipeline.py)."""
 
-import os
 import shutil
 
 import pytest
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore
+from prefect.serializers import JSONSerializer
 
+from flows import stages
 from flows.launch import RunSpec
 from flows.speedrun import one_stage, speedrun
-from flows.stages import StageCache
 from nanochat import common, pipeline, presets, storage
 from tests.flowruns import task_states
-from tests.stagerun import stage as run_by_hand
 
 SOURCES = ["nanochat/cpu/kernels.c", "nanochat/serve/ui.html"]  # source files that are not Python
 
 
+def run_spec(tmp_path, **kwargs):
+    root = storage.normalize(str(tmp_path))
+    return RunSpec(run=storage.run_uri("k", root), preset="tiny", storage=root, **kwargs)
+
+
 def key(tmp_path, **spec):
     """download's cache key in a run under `tmp_path` (download needs no upstream stage)."""
-    root = storage.normalize(str(tmp_path))
-    spec = RunSpec(run=storage.run_uri("k", root), preset="tiny", storage=root, **spec)
-    return StageCache().compute_key(None, {"stage": pipeline.stage("download"), "spec": spec}, {})
+    return stages.StageCache().compute_key(None, {"stage": pipeline.stage("download"), "spec": run_spec(tmp_path, **spec)}, {})
 
 
 def test_a_changed_option_changes_the_key(tmp_path):
@@ -59,11 +64,30 @@ def test_a_changed_source_file_changes_the_key(tmp_path, monkeypatch):
         assert key(tmp_path) != keys, source
 
 
+def test_a_result_counts_only_while_its_stage_json_is_the_one_in_the_run(tmp_path):
+    """Another option and back, or the stage run by hand, rewrites the stage's directory: a result
+    cached before no longer describes it, though every output matches the stage.json now there."""
+    spec, results = run_spec(tmp_path), tmp_path / "results"
+
+    def commit(text):
+        output = storage.join(spec.run, "download", "files.json")
+        storage.write_text(output, text)
+        summary = {"outputs": {"files": {"uri": output, "sha256": storage.sha256(output)}}}
+        storage.write_json(stages.summary_uri("download", spec), summary)
+        return summary
+
+    cache = ResultStore(result_storage=LocalFileSystem(basepath=str(results)), serializer=JSONSerializer())
+    cache.write(commit("{}"), key="k")  # as Prefect records a task's result
+    assert stages.holds(pipeline.stage("download"), spec, str(results / "k"))
+    commit('{"other": 1}')
+    assert not stages.holds(pipeline.stage("download"), spec, str(results / "k"))
+
+
 @pytest.fixture(scope="module")
 def steps(prefect_api, shared_data, tmp_path_factory):
-    """{step: {stage: state name}}: the first run, then a run after each change."""
+    """{step: {stage: state name}}: the first run of download and tok_train, tok_train forced by the
+    stage flow, then the run again after download's output was tampered with."""
     root = str(tmp_path_factory.mktemp("storage"))
-    run = storage.run_uri("c", root)
     where = {"run_name": "c", "storage": root, "data_mirror": str(shared_data), "retries": 0, "return_state": True}
 
     def states(state):
@@ -71,14 +95,17 @@ def steps(prefect_api, shared_data, tmp_path_factory):
         return task_states(state.state_details.flow_run_id)
 
     steps = {"first": states(speedrun(preset="tiny", only=["tok_train"], **where))}
-    files = storage.read_json(storage.join(run, "download", "stage.json"))["outputs"]["files"]["uri"]
+    steps["forced"] = states(one_stage("tok_train", **where))  # what deployment stage/tok_train runs
+    download = storage.read_json(storage.join(storage.run_uri("c", root), "download", "stage.json"))
+    files = download["outputs"]["files"]["uri"]
     storage.write_bytes(files, storage.read_bytes(files) + b"\n")
-    steps["tampered"] = states(speedrun(preset="tiny", only=["download"], **where))
-    steps["forced"] = states(one_stage("download", **where))  # what deployment stage/download runs
-    run_by_hand("nanochat.stages.download", run, os.environ, "--storage", root, "--data-mirror", str(shared_data),
-                "--num-shards", "1")
-    steps["after a run by hand"] = states(speedrun(preset="tiny", only=["tok_train"], **where))
+    steps["tampered"] = states(speedrun(preset="tiny", only=["tok_train"], **where))
     return steps
+
+
+def test_the_stage_flow_runs_a_cached_stage_again(steps):
+    """The flow of the per-stage deployments runs its stage although the cache holds it."""
+    assert steps["forced"]["tok_train"] == "Completed"
 
 
 def test_a_tampered_output_runs_its_stage_again(steps):
@@ -86,17 +113,6 @@ def test_a_tampered_output_runs_its_stage_again(steps):
     assert steps["tampered"]["download"] == "Completed"
 
 
-def test_the_stage_flow_runs_a_cached_stage_again(steps):
-    """The flow of the per-stage deployments runs its stage although the cache holds it."""
-    assert steps["forced"]["download"] == "Completed"
-
-
-def test_a_stage_rewritten_since_it_was_cached_runs_again(steps):
-    """download run by hand with another option since: its cached result no longer describes what
-    the run holds, though every output matches the stage.json now there."""
-    assert steps["after a run by hand"]["download"] == "Completed"
-
-
 def test_a_changed_upstream_stage_runs_the_stages_after_it_again(steps):
-    """download ran again, so its stage.json changed: tok_train runs again."""
-    assert steps["after a run by hand"]["tok_train"] == "Completed"
+    """download ran again, so its stage.json changed: tok_train, cached by the forced run, runs again."""
+    assert steps["tampered"]["tok_train"] == "Completed"
