@@ -6,23 +6,16 @@ The pipeline run is the whole tiny DAG of the `full_tiny_run` fixture (tests/con
 real HTTP mirror on 127.0.0.1 stops as soon as download has committed."""
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from nanochat import dataset, pipeline, sources, stage, storage
 from tasks.common import data_file
+from tests.flowruns import task_states
 from tests.stagerun import stage as run_stage
 
 SHARDS = ["pretrain/shard_00000.parquet", "pretrain/shard_00001.parquet", "pretrain/shard_00023.parquet"]
 TASK_FILE = "hf/openai/gsm8k/main/train-00000-of-00001.parquet"  # read by mid_train's mixture
 OPTIONAL = sources.OPTIONAL_SOURCES[0].relpath  # registered, but not something download fetches
 READS_DATA = [s.name for s in pipeline.PIPELINE if "download" in s.needs]
-
-
-def task_states(flow_run_id):
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
 
 
 def summary(run, name):
