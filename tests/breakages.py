@@ -42,11 +42,27 @@ BREAKAGES = [
              "CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID", "CLONE_NEWNS | CLONE_NEWPID", ("tests/test_execution.py",)),
     Breakage("sandbox-view", "a sandboxed program cannot read its user's private files", "nanochat/sandbox.py",
              "    enter_view(work)\n    if uid == 0:", "    if uid == 0:", ("tests/test_execution.py",)),
+    # cache invalidation
+    Breakage("cache-upstream", "a changed upstream stage runs its dependents again", "flows/stages.py",
+             '"inputs": {name: storage.sha256(summary_uri(name, spec)) for name in stage.needs},', '"inputs": {},',
+             ("tests/test_cache.py",)),
+    Breakage("cache-held", "a cached result counts only while the run holds its outputs", "flows/stages.py",
+             "if storage.exists(record) and not holds(stage, spec, record):", "if False:", ("tests/test_cache.py",)),
     # machine independence
     Breakage("cpu-kernels-unused", "kernel tests assert the kernel actually ran", "nanochat/cpu/kernels.py",
              "return LIBRARY is not None and x.device.type", "return False and x.device.type", ("tests/test_cpu_kernels.py",)),
     Breakage("cpu-switch-ignored", "NANOCHAT_CPU_FASTPATHS=0 runs inference on torch's ops", "nanochat/cpu/__init__.py",
              "    if not enabled():", "    if False:", ("tests/test_cpu_door.py", "tests/test_linears.py")),
+    # exact resume, the whole state
+    Breakage("resume-rng", "a run killed and resumed ends with the same checkpoint, RNG state included",
+             "nanochat/training.py", "        if self.rng is not None:", "        if False:",
+             ("tests/test_base_train.py", "-k", "kill_9")),
+    Breakage("resume-other-model", "a checkpoint of another model config is refused with a message",
+             "nanochat/training.py", 'if differences := config_differences(meta["model_config"], dataclasses.asdict(model.config)):',
+             "if differences := None:", ("tests/test_base_train.py", "-k", "another_model")),
+    # no hangs: a wait that gives up ends everything it waited on
+    Breakage("waits-leave-children", "a wait that gives up leaves no process behind", "tests/waiting.py",
+             "tree = [root, *root.children(recursive=True)]", "tree = [root]", ("tests/test_waiting.py",)),
 ]
 
 
@@ -70,14 +86,15 @@ def apply(breakage, root):
 def run_tests(breakage, root):
     """pytest on the breakage's tests in the copy (its packages first on every process's path):
     (caught, seconds, the tests that failed and pytest's last line)."""
-    env = {**os.environ, "PYTHONPATH": str(root), "CI": "true"}
+    data = os.environ.get("NANOCHAT_TEST_DATA") or REPO.parent / "shared" / "data"  # as tests/conftest.py finds it
+    env = {**os.environ, "PYTHONPATH": str(root), "CI": "true", "NANOCHAT_TEST_DATA": str(Path(data).resolve())}
     start = time.monotonic()
     done = subprocess.run([str(root / ".venv" / "bin" / "python"), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            "-rfE", "-o", "addopts=", *breakage.tests], cwd=root, env=env, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     tail = "\n".join([line for line in lines if line.startswith(("FAILED", "ERROR"))] + lines[-1:])
-    # 1: tests ran and some failed; anything else (collection or usage errors) proves nothing
-    return done.returncode == 1, time.monotonic() - start, tail
+    # a test failed on its own assertion; errors (collection, a fixture, the setup) prove nothing
+    return done.returncode == 1 and "\nFAILED " in f"\n{tail}", time.monotonic() - start, tail
 
 
 def main(argv=None):
