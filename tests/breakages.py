@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.deployed import working_tree_diff
+from tests.support.deployed import working_tree_diff
 
 REPO = Path(__file__).resolve().parent.parent
 NATIVE = "rustbpe/_native"
@@ -61,7 +61,7 @@ BREAKAGES = [
              "nanochat/training.py", 'if differences := config_differences(meta["model_config"], dataclasses.asdict(model.config)):',
              "if differences := None:", ("tests/test_base_train.py", "-k", "another_model")),
     # no hangs: a wait that gives up ends everything it waited on
-    Breakage("waits-leave-children", "a wait that gives up leaves no process behind", "tests/waiting.py",
+    Breakage("waits-leave-children", "a wait that gives up leaves no process behind", "tests/support/waiting.py",
              "tree = [root, *root.children(recursive=True)]", "tree = [root]", ("tests/test_waiting.py",)),
 ]
 

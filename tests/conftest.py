@@ -2,18 +2,19 @@
 
 import concurrent.futures
 import os
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests import deployed
-from tests.s3server import make_bucket, moto_server, s3_env
-from tests.stagerun import missing
+from tests.support import deployed
+from tests.support.s3server import make_bucket, moto_server, s3_env
+from tests.support.stagerun import missing, stage
 
 REPO = Path(__file__).resolve().parent.parent
-pytest_plugins = ["tests.ci_skips"]  # under CI, any skip fails the run
+pytest_plugins = ["tests.support.ci_skips"]  # under CI, any skip fails the run
 # full_tiny_run: `make setup` in a fresh clone, then the whole DAG; the tests that ask for it allow as long
 FULL_RUN_TIMEOUT = 840
 WANTS_FULL_RUN = pytest.StashKey[bool]()
@@ -84,14 +85,22 @@ def tiny_env(shared_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_base_run(tiny_env, shared_data, tmp_path_factory):
-    """A run with a tiny tokenizer and a briefly trained tiny base model."""
-    from tests.stagerun import stage
+def tiny_tokenizer_run(tiny_env, shared_data, tmp_path_factory):
+    """A run with a trained tiny tokenizer (tok_train done), in a storage root of its own: the one
+    trained tokenizer of the suite. Copy it (shutil.copytree) to build on it."""
+    run = tmp_path_factory.mktemp("tiny-storage") / "runs" / "tokenizer"
+    stage("nanochat.stages.tok_train", run, tiny_env, "--data", str(shared_data / "pretrain"))
+    return run
 
-    run = tmp_path_factory.mktemp("base") / "run"
-    data = ["--data", str(shared_data / "pretrain")]
-    stage("nanochat.stages.tok_train", run, tiny_env, *data)
-    stage("nanochat.stages.base_train", run, tiny_env, *data, "--num-steps", "6", "--eval-every", "-1")
+
+@pytest.fixture(scope="session")
+def tiny_base_run(tiny_tokenizer_run, tiny_env, shared_data):
+    """tiny_tokenizer_run with a briefly trained tiny base model, as run "tiny" of the same storage
+    root (so `nanochat serve --run tiny` finds it there): the one trained tiny run of the suite."""
+    run = tiny_tokenizer_run.parent / "tiny"
+    shutil.copytree(tiny_tokenizer_run, run)
+    stage("nanochat.stages.base_train", run, tiny_env, "--data", str(shared_data / "pretrain"), "--num-steps", "6",
+          "--eval-every", "-1")
     return run
 
 
@@ -115,5 +124,5 @@ def full_tiny_run_started(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def full_tiny_run(full_tiny_run_started, shared_data):
     """The whole tiny DAG, download to chat_eval_rl, as a user on a cluster runs it (a TinyRun, see
-    tests/deployed.py): tests/test_deploy_elsewhere.py, test_flows.py and test_data_inputs.py share it."""
+    tests/support/deployed.py): tests/test_deploy_elsewhere.py, test_flows.py and test_data_inputs.py share it."""
     return full_tiny_run_started.result(timeout=FULL_RUN_TIMEOUT + 60)

@@ -12,22 +12,14 @@ from nanochat import presets, storage
 from nanochat import stage as contract
 from nanochat.checkpoint import load, step_dir
 from nanochat.stages import base_train as base_train_stage
-from tests.resume import TIMES, assert_same_final_checkpoint, kill_after_checkpoint
-from tests.stagerun import stage
-
-
-@pytest.fixture(scope="module")
-def tokenizer_run(shared_data, tmp_path_factory):
-    """A run directory holding a trained tiny tokenizer (tok_train done)."""
-    run = tmp_path_factory.mktemp("tok") / "run"
-    stage("nanochat.stages.tok_train", run, os.environ, "--data", str(shared_data / "pretrain"))
-    return run
+from tests.support.resume import TIMES, assert_same_final_checkpoint, kill_after_checkpoint
+from tests.support.stagerun import stage
 
 
 @pytest.fixture
-def run(tokenizer_run, tmp_path):
+def run(tiny_tokenizer_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(tokenizer_run, run)
+    shutil.copytree(tiny_tokenizer_run, run)
     return run
 
 
@@ -40,10 +32,10 @@ def base_train(run, shared_data, nproc=2, *options, check=True, fault=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tokenizer_run, shared_data, tmp_path_factory):
+def trained(tiny_tokenizer_run, shared_data, tmp_path_factory):
     """A finished 2-process deterministic tiny run."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    shutil.copytree(tokenizer_run, run)
+    shutil.copytree(tiny_tokenizer_run, run)
     base_train(run, shared_data)
     return run
 

@@ -22,7 +22,7 @@ from flows import stages
 from flows.launch import RunSpec
 from flows.speedrun import one_stage, speedrun
 from nanochat import common, pipeline, presets, storage
-from tests.flowruns import task_states
+from tests.support.flowruns import task_states
 
 SOURCES = ["nanochat/cpu/kernels.c", "nanochat/serve/ui.html"]  # source files that are not Python
 

@@ -17,8 +17,8 @@ from nanochat.engine import Engine
 from nanochat.rollouts import sampled_mask
 from nanochat.stages import chat_rl
 from tasks.common import Task
-from tests.resume import assert_same_final_checkpoint, final_checkpoint, kill_after_checkpoint
-from tests.stagerun import stage
+from tests.support.resume import assert_same_final_checkpoint, final_checkpoint, kill_after_checkpoint
+from tests.support.stagerun import stage
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 

@@ -16,8 +16,8 @@ from nanochat.stages import chat_sft
 from nanochat.stages import mid_train as mid_train_stage
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
-from tests.resume import assert_same_final_checkpoint, kill_after_checkpoint
-from tests.stagerun import stage
+from tests.support.resume import assert_same_final_checkpoint, kill_after_checkpoint
+from tests.support.stagerun import stage
 
 
 def summary(run, name):

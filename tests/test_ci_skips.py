@@ -28,7 +28,7 @@ def run_suite(tmp_path, ci):
     (tmp_path / "test_some.py").write_text(SUITE)
     env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": "true"} if ci else {})
     env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.ci_skips", "-p", "no:cacheprovider", "-q",
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.support.ci_skips", "-p", "no:cacheprovider", "-q",
                            str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 

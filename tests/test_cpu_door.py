@@ -15,10 +15,10 @@ from nanochat.cpu import linears, ops
 from nanochat.engine import Engine, Request, SamplingParams
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from tests.imports import imports, within
+from tests.support.imports import imports, within
 from tests.test_gpt import random_model
 
-pytest_plugins = ["tests.cpupaths"]
+pytest_plugins = ["tests.support.cpupaths"]
 PACKAGE = Path(inference.__file__).parent
 CONFIG = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
@@ -30,7 +30,7 @@ def imports_cpu(path):
 
 def test_only_inference_imports_the_cpu_package():
     """gpt.py, engine.py and training.py (and every other module outside nanochat/cpu/ but
-    inference.py) import nothing from nanochat.cpu (tests/imports.py reads every way of writing it)."""
+    inference.py) import nothing from nanochat.cpu (tests/support/imports.py reads every way of writing it)."""
     for name in ("gpt.py", "engine.py", "training.py"):
         assert not imports_cpu(PACKAGE / name), name
     importers = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from nanochat import engine, gpt
 from nanochat.cpu import kernels, ops
-from tests.cpupaths import needs_kernels
+from tests.support.cpupaths import needs_kernels
 
-pytest_plugins = ["tests.cpupaths"]
+pytest_plugins = ["tests.support.cpupaths"]
 CAN_BUILD = {"avx2", "fma"}  # a CPU the kernels build for, whatever runs the test
 
 

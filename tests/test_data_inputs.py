@@ -9,8 +9,8 @@ import pytest
 
 from nanochat import dataset, pipeline, sources, stage, storage
 from tasks.common import data_file
-from tests.flowruns import task_states
-from tests.stagerun import stage as run_stage
+from tests.support.flowruns import task_states
+from tests.support.stagerun import stage as run_stage
 
 SHARDS = ["pretrain/shard_00000.parquet", "pretrain/shard_00001.parquet", "pretrain/shard_00023.parquet"]
 TASK_FILE = "hf/openai/gsm8k/main/train-00000-of-00001.parquet"  # read by mid_train's mixture

@@ -4,13 +4,13 @@ interpreter imports) is at another commit. prefect.yaml's pull steps clone the d
 `make setup` there; the flow process imports the clone's flows and nanochat (Prefect starts it in the
 clone with the clone first on PYTHONPATH), and the stages run with the clone's .venv.
 
-The run is the whole tiny DAG of the `full_tiny_run` fixture (tests/conftest.py, tests/deployed.py).
+The run is the whole tiny DAG of the `full_tiny_run` fixture (tests/conftest.py, tests/support/deployed.py).
 """
 
 import os
 
 from nanochat import pipeline, storage
-from tests.deployed import REPO, git
+from tests.support.deployed import REPO, git
 
 
 def test_worker_in_an_empty_folder_runs_the_deployed_commit(full_tiny_run):

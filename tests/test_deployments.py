@@ -18,8 +18,8 @@ from prefect.workers.process import ProcessJobConfiguration
 
 from flows import launch
 from flows.speedrun import speedrun
-from tests import workers
-from tests.waiting import processes, until
+from tests.support import workers
+from tests.support.waiting import processes, until
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = REPO / "deployments"

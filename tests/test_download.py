@@ -14,7 +14,7 @@ import pytest
 from nanochat import dataset, sources, storage
 from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import Tokenizer
-from tests.httpserver import serve
+from tests.support.httpserver import serve
 
 SHARD = "pretrain/shard_00000.parquet"
 

@@ -17,9 +17,9 @@ from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingOps, SamplingPa
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from tests.cpupaths import kernels_here
+from tests.support.cpupaths import kernels_here
 
-pytest_plugins = ["tests.cpupaths"]
+pytest_plugins = ["tests.support.cpupaths"]
 
 
 @pytest.fixture(scope="module")

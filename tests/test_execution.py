@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from nanochat.execution import MAX_OUTPUT_BYTES, ExecutionResult, calculator, execute, interpreter, sandbox_user
-from tests.stagerun import missing
+from tests.support.stagerun import missing
 
 REPO = Path(__file__).resolve().parent.parent
 USERS = ["root", "user"]

@@ -27,7 +27,7 @@ from prefect.client.schemas.filters import (
 from flows import launch, slots, stages
 from flows.speedrun import speedrun, with_identity
 from nanochat import pipeline, storage
-from tests.flowruns import logs, task_runs, task_states
+from tests.support.flowruns import logs, task_runs, task_states
 
 # base_train on the tiny preset, shorter still; deterministic, so a resumed run ends in the same weights
 OVERRIDES = {"base_train": {"num_steps": 4, "checkpoint_every": 2, "eval_tokens": 1024, "deterministic": True}}

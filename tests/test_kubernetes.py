@@ -27,7 +27,7 @@ from prefect.utilities.templating import find_placeholders
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
 from nanochat import pipeline
-from tests import waiting
+from tests.support import waiting
 
 REPO = Path(__file__).resolve().parent.parent
 KUBE = REPO / "deployments" / "kubernetes"

@@ -3,7 +3,7 @@ business, so a library module takes task objects and never imports tasks itself.
 
 from pathlib import Path
 
-from tests.imports import imports, within
+from tests.support.imports import imports, within
 
 REPO = Path(__file__).resolve().parent.parent
 MAY_IMPORT_TASKS = ("nanochat/stages/", "nanochat/cli.py")

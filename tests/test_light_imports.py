@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.cli import stage_names
-from tests.imports import imports, within
+from tests.support.imports import imports, within
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("flows", "nanochat", "rustbpe", "tasks")

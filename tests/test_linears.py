@@ -17,10 +17,10 @@ from nanochat.common import cpu_has_fast_bf16
 from nanochat.cpu import kernels, linears
 from nanochat.cpu.linears import PackedLinear, PanelLinear
 from nanochat.gpt import GPTConfig
-from tests.cpupaths import kernels_here
+from tests.support.cpupaths import kernels_here
 from tests.test_gpt import random_model
 
-pytest_plugins = ["tests.cpupaths"]
+pytest_plugins = ["tests.support.cpupaths"]
 FORMS = [PackedLinear, PanelLinear]
 
 

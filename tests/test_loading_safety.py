@@ -15,7 +15,7 @@ import torch
 from nanochat import checkpoint, storage
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from tests.httpserver import serve
+from tests.support.httpserver import serve
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,9 +21,9 @@ from flows import launch
 from flows.launch import RunSpec, command, rendezvous_id
 from flows.speedrun import one_stage
 from nanochat import pipeline, presets, storage
-from tests.s3server import free_port
-from tests.stagerun import stage
-from tests.waiting import end, processes, until
+from tests.support.s3server import free_port
+from tests.support.stagerun import stage
+from tests.support.waiting import end, processes, until
 
 BASE_TRAIN = pipeline.stage("base_train")
 

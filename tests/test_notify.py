@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
 from flows import notify
-from tests.waiting import end, until
+from tests.support.waiting import end, until
 
 REPO = Path(__file__).resolve().parent.parent
 

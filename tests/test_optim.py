@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize, setup_optimizers
-from tests.s3server import free_port
+from tests.support.s3server import free_port
 
 # 3 layers: every Muon group holds 3 matrices, so 2 ranks own 2 and 1 (a zero-padded slot)
 CONFIG = GPTConfig(sequence_len=16, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)

@@ -18,8 +18,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows import speedrun as speedrun_module
 from flows.speedrun import default_nproc, one_stage, speedrun
 from nanochat import presets, storage
-from tests.s3server import free_port
-from tests.waiting import end, processes, until
+from tests.support.s3server import free_port
+from tests.support.waiting import end, processes, until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import rustbpe
 from tests.conftest import REPO
-from tests.stagerun import missing
+from tests.support.stagerun import missing
 
 UPSTREAM = REPO / ".venv" / "upstream-rustbpe"
 

@@ -15,10 +15,10 @@ import pytest
 
 from nanochat.chat import FREQUENCY_PENALTY
 from nanochat.serve.worker import Worker
-from tests.serving import ask, chromium_tab, openai_client, start_server, stop_server, streamed
-from tests.waiting import until
+from tests.support.serving import ask, chromium_tab, openai_client, start_server, stop_server, streamed
+from tests.support.waiting import until
 
-pytest_plugins = ["tests.serving"]
+pytest_plugins = ["tests.support.serving"]
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from nanochat.serve.app import create_app
-from tests.serving import KEY, serving
+from tests.support.serving import KEY, serving
 
-pytest_plugins = ["tests.serving"]
+pytest_plugins = ["tests.support.serving"]
 
 SPEC = create_app(engine_factory=None).openapi()  # what the server serves: its engines load at startup, not here
 schema = schemathesis.openapi.from_dict(SPEC)

@@ -18,10 +18,10 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import KEY, ask, assert_openai_error, chromium_tab, openai_client, serving, streamed
-from tests.waiting import until
+from tests.support.serving import KEY, ask, assert_openai_error, chromium_tab, openai_client, serving, streamed
+from tests.support.waiting import until
 
-pytest_plugins = ["tests.serving"]
+pytest_plugins = ["tests.support.serving"]
 
 ENV_KEYS = "sk-env-one, sk-env-two"  # NANOCHAT_API_KEY: more keys, comma-separated
 CHAT = "/v1/chat/completions"

@@ -1,4 +1,4 @@
-"""The Slurm example for real: on a one-node cluster on 127.0.0.1 (tests/slurmcluster.py), the worker
+"""The Slurm example for real: on a one-node cluster on 127.0.0.1 (tests/support/slurmcluster.py), the worker
 of deployments/slurm/worker.sbatch, submitted with sbatch, picks up a tiny speedrun deployed on pool
 gpu-slurm, and its torchrun stage runs as a step of the worker's job, through srun."""
 
@@ -13,9 +13,9 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
-from tests import workers
-from tests.slurmcluster import DAEMONS, slurm_cluster
-from tests.stagerun import missing
+from tests.support import workers
+from tests.support.slurmcluster import DAEMONS, slurm_cluster
+from tests.support.stagerun import missing
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,8 +5,8 @@ process (SIGABRT) after its work is done."""
 
 import os
 
-from tests import waiting
-from tests.stagerun import TORCHRUN
+from tests.support import waiting
+from tests.support.stagerun import TORCHRUN
 
 PROBE = '''
 import os, sys, torch

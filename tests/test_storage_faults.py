@@ -20,10 +20,10 @@ from botocore.exceptions import ClientError
 from s3fs.errors import translate_boto_error
 
 from nanochat import checkpoint, report, stage, storage
-from tests import faultyfs
-from tests.faultyfs import FAULTS
-from tests.httpserver import serve
-from tests.stagerun import stage as run_stage
+from tests.support import faultyfs
+from tests.support.faultyfs import FAULTS
+from tests.support.httpserver import serve
+from tests.support.stagerun import stage as run_stage
 
 
 @pytest.fixture

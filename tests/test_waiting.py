@@ -10,8 +10,8 @@ import uuid
 import pytest
 
 from flows import launch
-from tests import serving, waiting
-from tests.s3server import free_port
+from tests.support import serving, waiting
+from tests.support.s3server import free_port
 
 # A stand-in that never listens, never writes a port file, never ends: it sleeps, and so does its child.
 NEVER = "sleep 600 & exec sleep 600"

@@ -1,6 +1,6 @@
 """What the serving tests share: a tiny trained run, `nanochat serve` on 127.0.0.1 in a subprocess,
 the official openai client's calls, and headless Chromium driven over the DevTools protocol. A
-pytest plugin (`pytest_plugins = ["tests.serving"]`), so the session's run is trained once; the test
+pytest plugin (`pytest_plugins = ["tests.support.serving"]`), so the session's run is trained once; the test
 modules also import it, before pytest could rewrite its asserts: PYTEST_DONT_REWRITE."""
 
 import contextlib
@@ -16,23 +16,18 @@ import httpx
 import openai
 import pytest
 
-from tests.s3server import free_port
-from tests.stagerun import missing, stage
-from tests.waiting import end, until
+from tests.support.s3server import free_port
+from tests.support.stagerun import missing
+from tests.support.waiting import end, until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "sk-test-0123456789"  # the API key of the servers that need one
 
 
 @pytest.fixture(scope="session")
-def run(shared_data, tmp_path_factory):
-    """A run with a trained tiny tokenizer and a 5-step base model: (storage root, run name)."""
-    storage = tmp_path_factory.mktemp("serve-storage")
-    env = {**os.environ, "NANOCHAT_STORAGE": str(storage)}
-    data = ["--data", str(shared_data / "pretrain")]
-    stage("nanochat.stages.tok_train", "r", env, *data)
-    stage("nanochat.stages.base_train", "r", env, *data, "--num-steps", "5")
-    return storage, "r"
+def run(tiny_base_run):
+    """The suite's trained tiny run: (storage root, run name)."""
+    return tiny_base_run.parent.parent, tiny_base_run.name
 
 
 def start_server(run, *options, env=None, timeout=120):

@@ -10,7 +10,7 @@ import pytest
 
 from nanochat import cpu
 from nanochat.cpu import kernels
-from tests.stagerun import missing
+from tests.support.stagerun import missing
 
 
 @pytest.fixture(params=[True, False], ids=["fastpaths", "torch-ops"])

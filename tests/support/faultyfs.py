@@ -17,7 +17,7 @@ import random
 import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
 
-from tests.s3server import moto_app, moto_server
+from tests.support.s3server import moto_app, moto_server
 
 TRANSIENT = (
     lambda op: ConnectionResetError(errno.ECONNRESET, f"injected: connection reset during {op}"),

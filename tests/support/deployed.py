@@ -17,10 +17,10 @@ import psutil
 from prefect.deployments import run_deployment
 
 from nanochat import storage
-from tests import workers
-from tests.httpserver import serve
+from tests.support import workers
+from tests.support.httpserver import serve
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 POOL = "elsewhere"  # not "gpu": tests/test_deployments.py's worker polls that one
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests import waiting
+from tests.support import waiting
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 

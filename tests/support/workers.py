@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.waiting import end
+from tests.support.waiting import end
 
 PREFECT = [sys.executable, "-m", "prefect"]
-POOL_TEMPLATE = Path(__file__).resolve().parent.parent / "deployments" / "gpu-pool.json"
+POOL_TEMPLATE = Path(__file__).resolve().parents[2] / "deployments" / "gpu-pool.json"
 
 
 def prefect(*args, env, cwd=None):

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 
 from flows import launch
-from tests.s3server import free_port
-from tests.waiting import end, until
+from tests.support.s3server import free_port
+from tests.support.waiting import end, until
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
