@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import random
+import select
 import shutil
 import socket
 import subprocess
@@ -20,12 +21,14 @@ import pytest
 
 from nanochat.execution import MAX_OUTPUT_BYTES, ExecutionResult, calculator, execute, interpreter, sandbox_user
 from tests.support.stagerun import missing
+from tests.support.waiting import end
 
 REPO = Path(__file__).resolve().parent.parent
 USERS = ["root", "user"]
 WITH_SECCOMP = [*USERS, "user+seccomp"]  # what the fallback contains too; files stay as readable as its user's rights allow
 EVERY_WAY = [*WITH_SECCOMP, "root+seccomp"]
 SECRET = "PRIVATE-KEY-hunter2"
+ANSWER_TIMEOUT = 60  # seconds a driver or an unsandboxed program may take (each program's own limit is 5)
 
 # Runs in the mode's user: one execute() per line of stdin, one JSON line back, with what it logged.
 DRIVER = """
@@ -97,6 +100,10 @@ class Sandbox:
         """The ExecutionResult of `program` run by the driver's execute()."""
         self.driver.stdin.write(json.dumps({"program": program, **kwargs}) + "\n")
         self.driver.stdin.flush()
+        # execute() ends every program within its timeout; a driver silent for much longer is stuck
+        if not select.select([self.driver.stdout], [], [], ANSWER_TIMEOUT)[0]:
+            end(self.driver)
+            raise TimeoutError(f"the {self.mode} driver gave no answer in {ANSWER_TIMEOUT} s")
         line = self.driver.stdout.readline()
         assert line, f"the driver died (exit code {self.driver.wait()})"
         answer = json.loads(line)
@@ -105,8 +112,11 @@ class Sandbox:
 
     def unsandboxed(self, program):
         """`program` run directly as the mode's user, as the driver could: what the sandbox prevents."""
-        done = self.popen(["-I", "-c", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        return done.communicate()[0]
+        done = self.popen(["-I", "-c", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return done.communicate(timeout=ANSWER_TIMEOUT)[0]
+        finally:
+            end(done)
 
     def leftovers(self):
         """Processes of this sandbox's programs still running as the sandbox user (their command

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -28,6 +27,7 @@ from flows import launch, slots, stages
 from flows.speedrun import speedrun, with_identity
 from nanochat import pipeline, storage
 from tests.support.flowruns import logs, task_runs, task_states
+from tests.support.waiting import processes, until
 
 # base_train on the tiny preset, shorter still; deterministic, so a resumed run ends in the same weights
 OVERRIDES = {"base_train": {"num_steps": 4, "checkpoint_every": 2, "eval_tokens": 1024, "deterministic": True}}
@@ -209,17 +209,21 @@ def test_launcher_streams_output_and_leaves_no_torchrun_worker(tmp_path, monkeyp
     stage = pipeline.stage("base_train")
     lines, result = [], {}
     thread = threading.Thread(target=lambda: result.update(out=launch.launch(
-        launch.command(stage, spec), launch.child_env(spec), lines.append, grace=5.0)))
+        launch.command(stage, spec), launch.child_env(spec), lines.append, grace=5.0)), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
-    while sum(line.count("injected fault") for line in lines) < 2:  # both ranks hang
-        assert thread.is_alive() and time.monotonic() < deadline, "\n".join(lines)
-        time.sleep(0.2)
-    agent = next(p for p in psutil.Process().children() if "torch.distributed.run" in " ".join(p.cmdline()))
-    workers = agent.children(recursive=True)
-    assert len(workers) == 2 and all(os.getsid(w.pid) != os.getsid(agent.pid) for w in workers)
-    agent.send_signal(signal.SIGKILL)
-    thread.join()
+    try:
+        until(lambda: sum(line.count("injected fault") for line in lines) == 2 or not thread.is_alive(), 120,
+              "both ranks' injected hang")
+        assert thread.is_alive(), "\n".join(lines)  # the launch hangs, as both ranks do
+        agent = next(p for p in psutil.Process().children() if "torch.distributed.run" in " ".join(p.cmdline()))
+        workers = agent.children(recursive=True)
+        assert len(workers) == 2 and all(os.getsid(w.pid) != os.getsid(agent.pid) for w in workers)
+        agent.send_signal(signal.SIGKILL)
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the launcher did not return once its torchrun was killed"
+    finally:  # whatever failed, nothing of the hung launch outlives the test
+        for p in processes(spec.run.removeprefix("file://")):
+            p.kill()
     assert result["out"][0] == -signal.SIGKILL
     assert "injected fault" in result["out"][1]
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]

@@ -4,12 +4,12 @@ and comparing the whole final checkpoints of two runs."""
 import filecmp
 import json
 import signal
-import time
 from pathlib import Path
 
 import psutil
 
 from nanochat import checkpoint, storage
+from tests.support.waiting import end, until
 
 TIMES = ("train_time_s", "batch_time_s")  # meta.json's running totals of wall-clock time
 
@@ -19,10 +19,12 @@ def kill_after_checkpoint(proc, checkpoints, step, timeout=300):
     has saved its checkpoint of `step` under `checkpoints`, kills it with SIGKILL: torchrun starts each
     worker in a session of its own, so every process of its tree, as a crash would."""
     uri = storage.normalize(str(checkpoints))
-    deadline = time.time() + timeout
-    while not (storage.exists(uri) and (step, True) in checkpoint.list_steps(uri)):
-        assert proc.poll() is None and time.time() < deadline, f"the faulty run did not reach its checkpoint of step {step}"
-        time.sleep(0.2)
+    try:
+        until(lambda: storage.exists(uri) and (step, True) in checkpoint.list_steps(uri), timeout,
+              f"the faulty run's checkpoint of step {step}", procs=[proc])
+    except BaseException:  # a hung or failed run ends with its workers, whatever ends the wait
+        end(proc)
+        raise
     tree = psutil.Process(proc.pid)
     procs = [tree, *tree.children(recursive=True)]
     assert len(procs) >= 3, procs  # torchrun and its workers
