@@ -1,6 +1,7 @@
 """Shared fixtures: the real data folder, and a real S3-compatible server."""
 
 import concurrent.futures
+import json
 import os
 import shutil
 import uuid
@@ -91,6 +92,15 @@ def tiny_tokenizer_run(tiny_env, shared_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny-storage") / "runs" / "tokenizer"
     stage("nanochat.stages.tok_train", run, tiny_env, "--data", str(shared_data / "pretrain"))
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_run):
+    """The tokenizer of tiny_tokenizer_run, loaded."""
+    from nanochat.tokenizer import Tokenizer
+
+    summary = json.loads((tiny_tokenizer_run / "tok_train" / "stage.json").read_text())
+    return Tokenizer.load(summary["outputs"]["tokenizer"]["uri"].rsplit("/", 1)[0])
 
 
 @pytest.fixture(scope="session")

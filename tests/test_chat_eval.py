@@ -13,7 +13,6 @@ from nanochat import gpt
 from nanochat import stage as contract
 from nanochat.evaluation import chatcore
 from nanochat.stages import chat_eval
-from nanochat.tokenizer import Tokenizer
 from tasks import catalog
 
 
@@ -39,29 +38,21 @@ class SaysLetter(torch.nn.Module):
         return logits if positions is None else logits[torch.arange(len(ids)), positions]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    import pyarrow.parquet as pq
-
-    texts = pq.read_table(shared_data / "pretrain" / "shard_00000.parquet", columns=["text"]).column("text").to_pylist()[:200]
-    return Tokenizer.train(iter(texts), 1024)
-
-
 @pytest.fixture
 def cached_tasks(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_MIRROR", str(shared_data))
     monkeypatch.setenv("NANOCHAT_STORAGE", str(tmp_path))
 
 
-def test_categorical_reads_the_letter_logits_at_the_answer(tokenizer, cached_tasks):
+def test_categorical_reads_the_letter_logits_at_the_answer(tiny_tokenizer, cached_tasks):
     task = catalog.eval_task("ARC-Easy")
     indices = list(range(30))
     config = type("Config", (), {"sequence_len": 4096})
     golds = [task[i]["messages"][-1]["content"] for i in indices]
     total = 0
     for letter in "ABCD":
-        model = SaysLetter(tokenizer, letter, config)
-        correct = chatcore.categorical_correct(model, tokenizer, task, indices, "cpu", contextlib.nullcontext, batch_size=7)
+        model = SaysLetter(tiny_tokenizer, letter, config)
+        correct = chatcore.categorical_correct(model, tiny_tokenizer, task, indices, "cpu", contextlib.nullcontext, batch_size=7)
         assert correct == golds.count(letter)
         total += correct
     assert total == sum(g in "ABCD" for g in golds) > 0

@@ -7,21 +7,12 @@ import pytest
 import torch
 
 from nanochat.evaluation import core
-from nanochat.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def tasks(eval_bundle):
     tasks, absent = core.load_tasks(str(eval_bundle))
     return {t["label"]: t for t in tasks}, absent
-
-
-@pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    import pyarrow.parquet as pq
-
-    texts = pq.read_table(shared_data / "pretrain" / "shard_00000.parquet", columns=["text"]).column("text").to_pylist()[:300]
-    return Tokenizer.train(iter(texts), 1024)
 
 
 class Oracle(torch.nn.Module):
@@ -71,32 +62,32 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("label", ["arc_easy", "copa", "winograd", "winogrande", "boolq"])
-def test_choice_scoring_picks_the_lowest_loss(tasks, tokenizer, label):
+def test_choice_scoring_picks_the_lowest_loss(tasks, tiny_tokenizer, label):
     task = tasks[0][label]
     for i in range(8):
         gold = task["examples"][i]["gold"]
         for picked in {0, gold, 1}:
-            model = Oracle(tokenizer.vocab_size, right_rows={picked})
-            assert core.evaluate_example(model, tokenizer, task, i, CPU, contextlib.nullcontext, 4096) == (picked == gold)
+            model = Oracle(tiny_tokenizer.vocab_size, right_rows={picked})
+            assert core.evaluate_example(model, tiny_tokenizer, task, i, CPU, contextlib.nullcontext, 4096) == (picked == gold)
 
 
 @pytest.mark.parametrize("label", ["lambada_openai", "jeopardy", "bigbench_operators"])
-def test_language_modeling_needs_exactly_the_continuation(tasks, tokenizer, label):
+def test_language_modeling_needs_exactly_the_continuation(tasks, tiny_tokenizer, label):
     task = tasks[0][label]
     for i in range(5):
         without, _ = core.render_prompts(task, i)
-        start = len(tokenizer.encode(without, prepend="<|bos|>"))  # the first continuation token
-        right = core.evaluate_example(Oracle(tokenizer.vocab_size, right_from=start), tokenizer, task, i, CPU,
+        start = len(tiny_tokenizer.encode(without, prepend="<|bos|>"))  # the first continuation token
+        right = core.evaluate_example(Oracle(tiny_tokenizer.vocab_size, right_from=start), tiny_tokenizer, task, i, CPU,
                                       contextlib.nullcontext, 4096)
-        first_wrong = core.evaluate_example(Oracle(tokenizer.vocab_size, right_from=start + 1), tokenizer, task, i, CPU,
+        first_wrong = core.evaluate_example(Oracle(tiny_tokenizer.vocab_size, right_from=start + 1), tiny_tokenizer, task, i, CPU,
                                             contextlib.nullcontext, 4096)
         assert (right, first_wrong) == (True, False)
 
 
-def test_task_accuracy_counts_and_centering(tasks, tokenizer):
+def test_task_accuracy_counts_and_centering(tasks, tiny_tokenizer):
     present, _ = tasks
     task = present["lambada_openai"]
-    acc = core.evaluate_task(Oracle(tokenizer.vocab_size), tokenizer, task, torch.device("cpu"), contextlib.nullcontext,
+    acc = core.evaluate_task(Oracle(tiny_tokenizer.vocab_size), tiny_tokenizer, task, torch.device("cpu"), contextlib.nullcontext,
                              4096, max_examples=6)
     assert acc == 1.0
     assert core.centered(0.25, 0.25) == 0.0 and core.centered(1.0, 0.25) == 1.0
