@@ -1,7 +1,6 @@
 """Tasks on the real datasets: sizes, rendering, evaluators against the datasets' own answers,
 determinism of slicing/shuffling/mixtures, and errors that name the bad file and row."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -450,8 +449,6 @@ def test_humaneval_programs_pass_with_the_canonical_solution(data, tmp_path):
     assert sum(bad for _, bad in results) <= 3  # `return None` happens to pass very few tests
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nanochat.execution") is None,
-                    reason="nanochat.execution (the sandbox, issue 6) is not written yet")
 def test_humaneval_evaluate_in_the_sandbox(data):
     task = HumanEval(stop=5)
     for conversation in task:
