@@ -87,7 +87,7 @@ class StageCache(CachePolicy):
             "config": spec.config(stage),
             "processes": [spec.nproc_per_node, spec.nnodes],
             "inputs": {name: storage.sha256(summary_uri(name, spec)) for name in stage.needs},
-            "code": {k: v for k, v in code_version().items() if k != "commit"},  # version + source hash
+            "code": code_version(commit=False),  # version + source hash
         }
         key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         record = storage.join(results_uri(spec.run), key)

@@ -240,12 +240,13 @@ def git_commit():
         return None
 
 
-def code_version():
-    """What produced an artifact: package version, git commit (if any) and a hash of the sources."""
+def code_version(commit=True):
+    """What produced an artifact: package version, git commit (if any; `commit=False` leaves it
+    out without running git, as the stage cache's key does) and a hash of the sources."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         package_version = version("nanochat")
     except PackageNotFoundError:
         package_version = None
-    return {"version": package_version, "commit": git_commit(), "source_sha256": source_hash()}
+    return {"version": package_version, **({"commit": git_commit()} if commit else {}), "source_sha256": source_hash()}
