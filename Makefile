@@ -68,7 +68,7 @@ $(VENV)/.dev: $(VENV)/.setup
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/upstream-rustbpe rustbpe==0.1.0 $(QUIET_PIP)
 	touch $@
 
-speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d26|d32, RUN=name, NPROC=processes)
+speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d24|d26|d32, RUN=name, NPROC=processes)
 	$(PY) -m flows.speedrun --preset $(PRESET) --run $(RUN) $(if $(NPROC),--nproc-per-node $(NPROC))
 
 server: setup  ## Prefect server and UI on http://$(HOST):$(PORT) (SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL)

@@ -78,15 +78,15 @@ def cpu_model():
 
 
 def autocast_dtype(device_type, name="auto"):
-    """The dtype matmuls autocast to: `name` ("bfloat16", "float32"), or for "auto" bf16 where the
-    hardware does it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16) and fp32 elsewhere (fp16
-    would need loss scaling)."""
+    """The dtype matmuls autocast to: `name` ("bfloat16", "float16", "float32"), or for "auto" bf16
+    where the hardware does it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16), fp16 on older
+    GPUs (training scales the loss for it) and fp32 on other CPUs."""
     import torch
 
     if name != "auto":
         return getattr(torch, name)
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device_type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32

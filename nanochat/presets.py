@@ -2,18 +2,55 @@
 
 tiny  CI and tests: the whole DAG in a few minutes on 2 CPU cores.
 cpu   a laptop: your own chat model in under an hour on 2 cores (docs/cpu-preset.md).
-d20, d26, d32  one 8xGPU node, as in the original speedrun.
+d24   one 8xGPU node: upstream nanochat's 2026 speedrun (runs/speedrun.sh), with our mid_train and chat_rl.
+d20, d26, d32  one 8xGPU node, the same recipe at other depths.
+
+Where a value is upstream's, its comment names the file of karpathy/nanochat (at 92d63d4) it is read from.
 """
 
 TOKENIZER_GPU = {"vocab_size": 65536, "max_chars": 2_000_000_000, "doc_cap": 10_000}
 
-# base_train values every preset shares (nanochat's optimizer settings); each preset adds the rest.
+# The classic recipe: nanochat's model, optimizer and schedules of late 2025.
+CLASSIC_MODEL = {"window_pattern": "L", "value_embeds": False, "lambdas": False, "smear": False, "backout": False,
+                 "qk_scale": 1.0, "rope_base": 10000.0, "init": "classic"}
+CLASSIC_OPTIMIZER = {"optimizer_recipe": "classic", "matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004,
+                     "scalar_lr": 0.5, "weight_decay": 0.0}
+CLASSIC_SCHEDULES = {"warmup_steps": 0, "warmdown_ratio": 0.2, "final_lr_frac": 0.0, "momentum_schedule": "classic",
+                     "weight_decay_schedule": "constant"}
+CLASSIC_HORIZON = {"total_batch_size": 524288, "batch_lr_scaling": False, "param_data_ratio": 20.0}
+
+# Upstream nanochat's 2026 recipe, in the four groups bench/recipe_ablation.py measures one by one.
+MODEL_2026 = {
+    "window_pattern": "SSSL",  # nanochat/gpt.py GPTConfig.window_pattern
+    "value_embeds": True, "lambdas": True, "smear": True, "backout": True,  # nanochat/gpt.py GPT.__init__
+    "qk_scale": 1.2,  # nanochat/gpt.py CausalSelfAttention.forward
+    "rope_base": 100000.0,  # nanochat/gpt.py GPT._precompute_rotary_embeddings
+    "init": "2026",  # nanochat/gpt.py GPT.init_weights
+}
+OPTIMIZER_2026 = {
+    "optimizer_recipe": "2026",  # nanochat/optim.py (NorMuon, cautious weight decay, MuonEq, Muon+); gpt.py setup_optimizer
+    "matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5,  # scripts/base_train.py defaults
+    "weight_decay": 0.28,  # scripts/base_train.py --weight-decay
+}
+SCHEDULES_2026 = {
+    "warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05,  # scripts/base_train.py get_lr_multiplier
+    "momentum_schedule": "2026",  # scripts/base_train.py get_muon_momentum
+    "weight_decay_schedule": "cosine",  # scripts/base_train.py get_weight_decay
+}
+HORIZON_2026 = {
+    "total_batch_size": -1, "batch_lr_scaling": True,  # scripts/base_train.py steps 2) to 4)
+    "param_data_ratio": 12.0,  # scripts/base_train.py --target-param-data-ratio
+}
+RECIPE_GROUPS = {"model": (CLASSIC_MODEL, MODEL_2026), "optimizer": (CLASSIC_OPTIMIZER, OPTIMIZER_2026),
+                 "schedules": (CLASSIC_SCHEDULES, SCHEDULES_2026), "horizon": (CLASSIC_HORIZON, HORIZON_2026)}
+CLASSIC = {k: v for classic, _ in RECIPE_GROUPS.values() for k, v in classic.items()}
+RECIPE_2026 = {k: v for _, new in RECIPE_GROUPS.values() for k, v in new.items()}
+
+# base_train values every preset shares; each preset adds the rest.
 BASE_TRAIN = {
-    "n_kv_head": None, "num_steps": -1, "param_data_ratio": 20.0, "matrix_lr": 0.02, "embedding_lr": 0.2,
-    "unembedding_lr": 0.004, "weight_decay": 0.0, "warmup_ratio": 0.0, "warmdown_ratio": 0.2,
+    **CLASSIC, "n_kv_head": None, "num_steps": -1, "target_flops": -1.0, "fp8": False,
     "eval_tokens": 10 * 524288, "eval_every": 250, "sample_every": 2000, "checkpoint_every": 1000,
-    "keep_last": 2, "head_dim": 128, "max_seq_len": 2048, "total_batch_size": 524288, "core_every": 2000,
-    "core_max_per_task": 500,
+    "keep_last": 2, "head_dim": 128, "max_seq_len": 2048, "core_every": 2000, "core_max_per_task": 500,
 }
 
 
@@ -22,7 +59,7 @@ def base_train(**overrides):
 
 
 # mid_train and chat_sft: nanochat's settings (SFT at 2% of the base learning rates, decaying to 0)
-FINETUNE = {"matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004, "weight_decay": 0.0, "warmup_ratio": 0.0,
+FINETUNE = {"matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004, "weight_decay": 0.0, "warmup_steps": 0,
             "warmdown_ratio": 0.2, "eval_every": 150, "checkpoint_every": 200, "keep_last": 2, "eval_conversations": 200,
             "identity_weight": 2.0, "spelling_size": 10_000, "max_seq_len": None, "smoltalk_weight": 1.0,
             "smoltalk_max_chars": None, "gsm8k_weight": 1.0}
@@ -38,7 +75,7 @@ def chat_sft(**overrides):
 
 
 # chat_rl: nanochat's settings (5% of the base learning rates, decaying to 0)
-RL = {"matrix_lr": 0.001, "embedding_lr": 0.01, "unembedding_lr": 0.0002, "weight_decay": 0.0, "warmup_ratio": 0.0,
+RL = {"matrix_lr": 0.001, "embedding_lr": 0.01, "unembedding_lr": 0.0002, "weight_decay": 0.0, "warmup_steps": 0,
       "warmdown_ratio": 1.0, "temperature": 1.0, "top_k": 50, "max_new_tokens": 256, "checkpoint_every": 60,
       "keep_last": 2, "eval_every": 60, "eval_examples": 400, "examples_per_step": 16, "num_samples": 16,
       "num_steps": 467}
@@ -58,6 +95,21 @@ def base_eval(**overrides):
 # GPU presets compile the model as upstream does: pretraining and packed midtraining rows have one
 # shape; SFT rows are padded per batch, so each length would compile anew, and SFT stays eager.
 GPU_COMPILE = {"compile": True}
+
+
+def gpu_preset(depth, device_batch_size, num_shards, **base):
+    """An 8xGPU preset at `depth`: the 2026 recipe, the device batch sizes upstream's scripts set for
+    80 GB GPUs, and as many pretraining shards as the original speedrun scripts downloaded."""
+    return {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": num_shards},
+            "base_train": base_train(**{**GPU_COMPILE, **RECIPE_2026, "depth": depth,
+                                        "device_batch_size": device_batch_size, "num_shards": num_shards, **base}),
+            "base_eval": base_eval(device_batch_size=device_batch_size, num_shards=num_shards),
+            "mid_train": mid_train(**GPU_COMPILE, optimizer_recipe="2026", device_batch_size=device_batch_size,
+                                   total_batch_size=524544, num_steps=800),
+            "chat_sft": chat_sft(optimizer_recipe="2026", device_batch_size=4, total_batch_size=65568, num_steps=700),
+            "chat_eval": CHAT_EVAL,
+            "chat_rl": chat_rl(optimizer_recipe="2026")}
+
 
 PRESETS = {
     "tiny": {
@@ -97,34 +149,17 @@ PRESETS = {
         # every categorical problem, the first 200 of each generative task (HumanEval has 164)
         "chat_eval": {**CHAT_EVAL, "max_generative": 200, "max_new_tokens": 256, "batch_size": 16},
     },
-    # shards as in the original speedrun scripts (about 250M characters each upstream)
-    # device batch sizes as the original speedrun scripts set them for 80 GB GPUs
-    "d20": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 240},
-            "base_train": base_train(**GPU_COMPILE, depth=20, device_batch_size=32, num_shards=240),
-            "base_eval": base_eval(device_batch_size=32, num_shards=240),
-            "mid_train": mid_train(**GPU_COMPILE, device_batch_size=32, total_batch_size=524544, num_steps=800),
-            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
-            "chat_eval": CHAT_EVAL,
-            "chat_rl": chat_rl()},
-    "d26": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 450},
-            "base_train": base_train(**GPU_COMPILE, depth=26, device_batch_size=16, num_shards=450),
-            "base_eval": base_eval(device_batch_size=16, num_shards=450),
-            "mid_train": mid_train(**GPU_COMPILE, device_batch_size=16, total_batch_size=524544, num_steps=800),
-            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
-            "chat_eval": CHAT_EVAL,
-            "chat_rl": chat_rl()},
-    "d32": {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": 800},
-            "base_train": base_train(**GPU_COMPILE, depth=32, device_batch_size=8, num_shards=800),
-            "base_eval": base_eval(device_batch_size=8, num_shards=800),
-            "mid_train": mid_train(**GPU_COMPILE, device_batch_size=8, total_batch_size=524544, num_steps=800),
-            "chat_sft": chat_sft(device_batch_size=4, total_batch_size=65568, num_steps=700),
-            "chat_eval": CHAT_EVAL,
-            "chat_rl": chat_rl()},
+    # d24 is upstream's speedrun (runs/speedrun.sh: --depth=24 --target-param-data-ratio=8
+    # --device-batch-size=16 --fp8); the other depths take the same recipe at upstream's default ratio
+    "d20": gpu_preset(depth=20, device_batch_size=32, num_shards=240),
+    "d24": gpu_preset(depth=24, device_batch_size=16, num_shards=240, param_data_ratio=8.0, fp8=True),
+    "d26": gpu_preset(depth=26, device_batch_size=16, num_shards=450),
+    "d32": gpu_preset(depth=32, device_batch_size=8, num_shards=800),
 }
 
 # Presets for a GPU node: their stages run one process per GPU by default, and their device batch
 # sizes are sized, as upstream's, for GPUs of this much memory (smaller GPUs get a smaller one).
-GPU_PRESETS = {"d20", "d26", "d32"}
+GPU_PRESETS = {"d20", "d24", "d26", "d32"}
 SIZED_FOR_GPU_GB = 80
 
 
@@ -146,6 +181,7 @@ LIMITS = {
     "cpu": {"stage_timeout_s": {**dict.fromkeys(GPU_TIMEOUTS, 2 * HOUR), "base_train": 6 * HOUR},
             "collective_timeout_s": 300},
     "d20": {"stage_timeout_s": GPU_TIMEOUTS, "collective_timeout_s": 900},
+    "d24": {"stage_timeout_s": GPU_TIMEOUTS, "collective_timeout_s": 900},
     "d26": {"stage_timeout_s": {**GPU_TIMEOUTS, "base_train": 30 * HOUR}, "collective_timeout_s": 900},
     "d32": {"stage_timeout_s": {**GPU_TIMEOUTS, "base_train": 72 * HOUR}, "collective_timeout_s": 900},
 }

@@ -47,8 +47,9 @@ def parser(stage, doc):
 
 def add_compute_options(p):
     """--dtype and --device-type, for stages that run the model."""
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="autocast dtype; auto: bf16 where the hardware does it fast")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="autocast dtype; auto: bf16 where the hardware does it fast, fp16 (with loss scaling) on "
+                        "GPUs without bf16, else fp32")
     p.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None,
                    help="default: cuda > mps > cpu, whichever exists")
 

@@ -4,7 +4,8 @@ A `Training` owns one stage's training: compute and autocast, resuming from the 
 checkpoint, the step loop (gradient accumulation, LR and Muon-momentum schedules, metrics,
 progress), periodic hooks (evaluations, samples) and checkpoints. The order within a step is:
 optimizer step, metrics, due hooks, due checkpoint, so a checkpoint's metrics are complete; the
-final checkpoint is saved before any final evaluation, so a crash there loses no training.
+final checkpoint is saved before any final evaluation, so a crash there loses no training. Under
+fp16 autocast (GPUs without bf16) a gradient scaler scales the loss, and its state is checkpointed.
 
 Throughput counts the tokens trained on: the targets that are not -1 (padding, prompts and forced
 tool output are), summed on the device over the accumulation passes and over the processes once
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from nanochat import checkpoint, common, stage, storage, training_options
 from nanochat.common import log
-from nanochat.optim import lr_multiplier, muon_momentum
+from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers, weight_decay_multiplier
 
 
 def every(period, step):
@@ -50,6 +51,8 @@ class Training:
         training_options.fit_to_gpu(args, stage_name, self.compute)
         self.dtype = common.autocast_dtype(self.compute.device_type, args.dtype)
         self.autocast = common.autocast_context(self.compute.device_type, self.dtype)
+        # fp16's narrow exponent range needs loss scaling (bf16 and fp32 have fp32's range)
+        self.scaler = torch.amp.GradScaler(self.compute.device_type) if self.dtype == torch.float16 else None
         self.ckpt_dir = stage.stage_uri(args.run, stage_name, "checkpoints")
         self.step = 0
         self.rng = None  # the resumed checkpoint's RNG state, restored when training starts
@@ -61,6 +64,15 @@ class Training:
     @property
     def master(self):
         return self.compute.master
+
+    def optimizer(self, model, lr_scale=1.0, weight_decay=None):
+        """The MuonAdamW of the stage's options, its learning rates times lr_scale (and its Muon
+        weight decay `weight_decay` if given)."""
+        a = self.args
+        return setup_optimizers(model, unembedding_lr=a.unembedding_lr * lr_scale, embedding_lr=a.embedding_lr * lr_scale,
+                                matrix_lr=a.matrix_lr * lr_scale, scalar_lr=a.scalar_lr * lr_scale,
+                                weight_decay=a.weight_decay if weight_decay is None else weight_decay,
+                                recipe=a.optimizer_recipe)
 
     def resume(self, model, optimizer):
         """Restores the newest complete checkpoint, if any; returns this rank's loader state
@@ -77,6 +89,8 @@ class Training:
                                        f"resume it with --nproc_per_node {meta['world_size']}")
             model.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)
+            if self.scaler is not None and "grad_scaler" in meta:
+                self.scaler.load_state_dict(meta["grad_scaler"])
             self.rng = checkpoint.rng_state()  # as load_latest restored it
             self.step, loader_state = meta["step"], meta["loader_states"][self.compute.rank]
             self.totals.update({k: meta[k] for k in self.totals if k in meta})
@@ -92,6 +106,8 @@ class Training:
         self.metrics.flush()
         meta = {**meta, "model_config": dataclasses.asdict(model.config), "loader_states": gather(loader.state_dict()),
                 **self.totals}
+        if self.scaler is not None:
+            meta["grad_scaler"] = self.scaler.state_dict()
         return checkpoint.save(self.ckpt_dir, self.step, model.state_dict(), optimizer.state_dict(), meta,
                                rank=self.compute.rank, world_size=self.compute.world_size, keep_last=self.args.keep_last)
 
@@ -109,9 +125,10 @@ class Training:
             checkpoint.set_rng_state(self.rng)  # uninterrupted run drew before its first step
         while self.step < plan.num_steps:
             started = time.perf_counter()
-            lrm = lr_multiplier(self.step, plan.num_steps, warmup_ratio=args.warmup_ratio,
-                                warmdown_ratio=args.warmdown_ratio)
-            optimizer.set_schedule(lrm, muon_momentum(self.step))
+            lrm = lr_multiplier(self.step, plan.num_steps, warmup_steps=args.warmup_steps,
+                                warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
+            optimizer.set_schedule(lrm, muon_momentum(self.step, plan.num_steps, args.momentum_schedule, args.warmdown_ratio),
+                                   weight_decay_multiplier(self.step, plan.num_steps, args.weight_decay_schedule))
             loss_sum = torch.zeros((), device=self.device)
             tokens = torch.zeros((), dtype=torch.long, device=self.device)
             batch_time = 0.0
@@ -121,10 +138,10 @@ class Training:
                 batch_time += time.perf_counter() - t
                 with self.autocast():
                     value = loss(train_model, batch) if loss else train_model(*batch)
-                (value / plan.grad_accum).backward()
+                self.scaled(value / plan.grad_accum).backward()
                 loss_sum += value.detach()
                 tokens += (batch[1] != -1).sum()
-            optimizer.step()
+            self.optimizer_step(optimizer)
             model.zero_grad(set_to_none=True)
             common.sum_over_ranks(tokens)
             step_loss, step_tokens = loss_sum.item() / plan.grad_accum, tokens.item()  # waits for the device
@@ -144,6 +161,24 @@ class Training:
             stage.fault(self.stage, self.step)
         bar.close()
         return self.save(model, optimizer, batches, meta or {})
+
+    def scaled(self, loss):
+        """The loss to differentiate: under fp16, multiplied by the gradient scaler's scale."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def optimizer_step(self, optimizer):
+        """optimizer.step(), or under fp16 the scaler's step: gradients unscaled, and the step skipped
+        (the scale halved) on every rank if any rank's gradients overflowed. The optimizer averages
+        gradients over the ranks itself, after this, so the ranks must agree on skipping first."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.unscale_(optimizer)
+        if dist.is_initialized():
+            for found_inf in self.scaler._found_inf_per_device(optimizer).values():  # as upstream does
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def _record(self, loss, lrm, tokens, step_time, batch_time, mfu_per_tok_s, plan):
         """The metrics record of the step just done; adds it to the totals."""

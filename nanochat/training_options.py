@@ -17,9 +17,19 @@ def add_options(p):
     a("--matrix-lr", type=float, help="Muon learning rate of the transformer matrices")
     a("--embedding-lr", type=float, help="AdamW learning rate of the embedding (at width 768; scaled as 1/sqrt(width))")
     a("--unembedding-lr", type=float, help="AdamW learning rate of lm_head (at width 768; scaled as 1/sqrt(width))")
+    a("--scalar-lr", type=float, help="AdamW learning rate of the per-layer scalars (--lambdas), as upstream's")
     a("--weight-decay", type=float, help="Muon weight decay")
-    a("--warmup-ratio", type=float, help="fraction of steps warming the learning rate up")
+    a("--optimizer-recipe", choices=["classic", "2026"],
+      help="classic: Muon and AdamW as nanochat had them in 2025; 2026: NorMuon variance reduction, cautious weight "
+           "decay, MuonEq, Muon+ and upstream's per-group AdamW betas and weight decays")
+    a("--warmup-steps", type=int, help="steps warming the learning rate up linearly")
     a("--warmdown-ratio", type=float, help="fraction of steps decaying the learning rate at the end")
+    a("--final-lr-frac", type=float, help="the learning rate at the end of the warm-down, as a fraction of its peak")
+    a("--momentum-schedule", choices=["classic", "2026"],
+      help="Muon momentum: classic 0.85 -> 0.95 over 300 steps; 2026 0.85 -> 0.97 over 400 steps, then to 0.90 "
+           "over the warm-down")
+    a("--weight-decay-schedule", choices=["constant", "cosine"], help="Muon weight decay over training: constant, "
+      "or cosine-decayed to 0")
     a("--eval-every", type=int, help="steps between validation evaluations (-1: only at the end)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (-1: only at the end)")
     a("--keep-last", type=int, help="checkpoints kept (older ones are deleted)")
@@ -28,8 +38,9 @@ def add_options(p):
     a("--seed", type=int, help="seed of the weights' init and of sampling")
     a("--wandb", choices=["off", "offline", "online"], help="log to Weights & Biases (offline needs no network)")
     stage.add_compute_options(p)
-    p.set_defaults(compile=False, wandb="off", seed=42, keep_last=2, warmup_ratio=0.0,
-                   warmdown_ratio=0.2, weight_decay=0.0)
+    p.set_defaults(compile=False, wandb="off", seed=42, keep_last=2, warmup_steps=0, warmdown_ratio=0.2,
+                   final_lr_frac=0.0, weight_decay=0.0, scalar_lr=0.5, optimizer_recipe="classic",
+                   momentum_schedule="classic", weight_decay_schedule="constant")
 
 
 @dataclasses.dataclass

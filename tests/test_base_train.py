@@ -1,7 +1,6 @@
 """base_train under real torchrun (2 processes, gloo): training, exact resume after kill -9, and
 errors before any work."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ from nanochat import presets, storage
 from nanochat import stage as contract
 from nanochat.checkpoint import load, step_dir
 from nanochat.stages import base_train as base_train_stage
-from tests.support.resume import TIMES, assert_same_final_checkpoint, kill_after_checkpoint
+from tests.support.resume import TIMES, assert_same_final_checkpoint, edit_meta, final_checkpoint, kill_after_checkpoint
 from tests.support.stagerun import stage
 
 
@@ -79,21 +78,36 @@ def test_a_checkpoint_from_before_the_running_totals_resumes(trained, run, share
     resumes to the same state; the log says the totals count from the resumed step, and they do."""
     shutil.rmtree(run / "base_train", ignore_errors=True)
     shutil.copytree(trained / "base_train" / "checkpoints" / "step_000010", run / "base_train" / "checkpoints" / "step_000010")
-    old = run / "base_train" / "checkpoints" / "step_000010"
-    meta = json.loads((old / "meta.json").read_text())
-    for key in ("tokens", "train_time_s", "batch_time_s"):
-        del meta[key]
-    data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-    (old / "meta.json").write_bytes(data)
-    manifest = json.loads((old / "manifest.json").read_text())
-    manifest["files"]["meta.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    edit_meta(run / "base_train" / "checkpoints" / "step_000010",
+              lambda meta: [meta.pop(key) for key in ("tokens", "train_time_s", "batch_time_s")])
 
     resumed = base_train(run, shared_data)
     assert "resumed at step 10" in resumed.stderr and "the totals count from step 10" in resumed.stderr
     assert_same_final_checkpoint(run, trained, "base_train", meta_apart=(*TIMES, "tokens"))
     summary = json.loads((run / "base_train" / "stage.json").read_text())
     assert summary["metrics"]["tokens"] == 10 * presets.get("tiny", "base_train")["total_batch_size"]
+
+
+def test_fp16_trains_with_a_loss_scaler_whose_state_resumes(run, shared_data, tmp_path):
+    """--dtype float16 (what GPUs without bf16 get by default) scales the loss, and its scaler's state
+    is checkpointed and resumed: a step-2 checkpoint whose scale is set to 8 resumes at scale 8."""
+    options = ("--dtype", "float16", "--num-steps", "4", "--checkpoint-every", "2", "--eval-every", "-1")
+    reference = tmp_path / "reference"
+    shutil.copytree(run, reference)
+    base_train(reference, shared_data, 1, *options)
+    assert json.loads((reference / "base_train" / "stage.json").read_text())["metrics"]["dtype"] == "float16"
+    scaler = final_meta(reference)["grad_scaler"]
+    assert scaler["scale"] >= 2**10 and scaler["_growth_tracker"] >= 1  # the loss was scaled; steps counted
+
+    step2 = run / "base_train" / "checkpoints" / "step_000002"
+    shutil.copytree(reference / "base_train" / "checkpoints" / "step_000002", step2)
+    edit_meta(step2, lambda meta: meta["grad_scaler"].update(scale=8.0))
+    assert "resumed at step 2" in base_train(run, shared_data, 1, *options).stderr
+    assert final_meta(run)["grad_scaler"]["scale"] == 8.0  # no overflow at a scale this small
+
+
+def final_meta(run):
+    return json.loads((final_checkpoint(run, "base_train") / "meta.json").read_text())
 
 
 def test_periodic_core_and_resume_with_another_model_or_world_size_is_refused(run, shared_data, eval_bundle):

@@ -8,14 +8,31 @@ import pytest
 from nanochat import pipeline, presets, training_options
 from nanochat.stage import StageError, parse_args
 
-PROCESSES = {"tiny": (1, 2), "cpu": (1, 2), "d20": (8,), "d26": (8,), "d32": (8,)}
+PROCESSES = {"tiny": (1, 2), "cpu": (1, 2), "d20": (8,), "d24": (8,), "d26": (8,), "d32": (8,)}
+GPU_VOCAB = presets.TOKENIZER_GPU["vocab_size"]
+
+
+def base_train_horizon(preset):
+    """The base_train horizon of `preset` (its total batch resolved when the preset leaves it to
+    the depth), for a model of the preset's vocabulary."""
+    import torch
+
+    from nanochat.gpt import GPT
+    from nanochat.stages import base_train
+
+    args = parse_args(base_train.build_parser(), "base_train", ["--run", "/tmp/x", "--preset", preset])
+    vocab = presets.get(preset, "tok_train")["vocab_size"]
+    with torch.device("meta"):
+        model = GPT(base_train.model_config(args, vocab))
+    return base_train.training_horizon(args, model)
 
 
 @pytest.mark.parametrize("preset", sorted(presets.PRESETS))
 def test_batches_split_into_whole_passes(preset):
     base = presets.get(preset, "base_train")
+    total_batch = base_train_horizon(preset).total_batch_size
     for world in PROCESSES[preset]:
-        assert base["total_batch_size"] % (base["device_batch_size"] * base["max_seq_len"] * world) == 0
+        assert total_batch % (base["device_batch_size"] * base["max_seq_len"] * world) == 0
         for name in ("mid_train", "chat_sft"):
             cfg = presets.get(preset, name)
             row = (cfg["max_seq_len"] or base["max_seq_len"]) + 1
@@ -38,7 +55,7 @@ def test_parse_args_takes_preset_defaults_and_overrides():
     assert (args.num_steps, args.depth, args.run) == (3, presets.get("tiny", "base_train")["depth"], "file:///tmp/x")
 
 
-@pytest.mark.parametrize("preset", ["d20", "d26", "d32"])
+@pytest.mark.parametrize("preset", sorted(presets.GPU_PRESETS))
 def test_gpu_presets_compile_the_fixed_shape_stages(preset):
     """As upstream: pretraining and packed midtraining rows have one shape, so they compile; SFT
     rows are padded per batch (a compile per length) and stay eager, as do the CPU presets."""
@@ -58,7 +75,8 @@ def test_gpu_batches_fit_smaller_gpus_and_still_split_into_whole_passes(preset):
         assert training_options.fit_device_batch(preset, name, sized, 85.0e9) == sized  # an H100's 79 GiB
         for gb, at_most in ((42.5e9, sized // 2), (25.4e9, sized // 4)):
             fitted = training_options.fit_device_batch(preset, name, sized, gb)
-            assert 1 <= fitted <= at_most and cfg["total_batch_size"] % (fitted * row * 8) == 0
+            total_batch = base_train_horizon(preset).total_batch_size if name == "base_train" else cfg["total_batch_size"]
+            assert 1 <= fitted <= at_most and total_batch % (fitted * row * 8) == 0
         assert training_options.fit_device_batch(preset, name, sized + 1, 25.4e9) == sized + 1
 
 

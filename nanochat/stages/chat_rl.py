@@ -54,7 +54,6 @@ def load_task(spec, split):
 def main(args):
     from nanochat import checkpoint, training
     from nanochat.engine import Engine, SamplingParams
-    from nanochat.optim import setup_optimizers
     from nanochat.rollouts import Rollouts, pass_at_k, policy_gradient_loss
 
     started = time.time()
@@ -66,8 +65,7 @@ def main(args):
         raise stage.StageError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {world} processes")
     model, tokenizer, meta = checkpoint.load_model(source, trainer.device)
     model.train()
-    optimizer = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                 matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    optimizer = trainer.optimizer(model)
     state = trainer.resume(model, optimizer)
     engine = Engine(model, tokenizer, max_rows=max(16, args.num_samples))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens)

@@ -2,6 +2,7 @@
 and comparing the whole final checkpoints of two runs."""
 
 import filecmp
+import hashlib
 import json
 import signal
 from pathlib import Path
@@ -56,3 +57,14 @@ def assert_same_final_checkpoint(run, reference, stage_name, meta_apart=TIMES):
         for key in meta_apart:
             meta.pop(key, None)
     assert got_meta == want_meta
+
+
+def edit_meta(directory, edit):
+    """Rewrites a checkpoint's meta.json through `edit(meta)` (in place), its manifest entry to match."""
+    meta = json.loads((directory / "meta.json").read_text())
+    edit(meta)
+    data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    (directory / "meta.json").write_bytes(data)
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    manifest["files"]["meta.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))

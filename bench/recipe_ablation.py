@@ -1,0 +1,161 @@
+"""The recipe ablation: upstream's 2026 recipe against our classic one, group by group, at the cpu
+preset's scale and a fixed training budget per arm.
+
+    .venv/bin/python bench/recipe_ablation.py [--minutes 10] [--arms all] [--jobs 2] [--storage DIR]
+
+Arms: `classic` (the recipe of late 2025) and `full` (all four groups of presets.RECIPE_GROUPS:
+model, optimizer, schedules, horizon), each with two seeds, and `full-<group>`, the full recipe
+with that group back at its classic values. Every arm trains the cpu preset's model (its depth,
+width, context, data and tokenizer) with base_train for the same budget: --minutes on 2 cores,
+counted as CPU time / 2 (one single-threaded process per arm, --jobs side by side, so other
+work on the machine barely moves the figure). Each arm's steps are set from its own cost per
+step, measured by two short runs (5 and 15 steps; their CPU-time difference over 10 steps), so an
+option that slows a step pays for it in steps. One evaluation at the end, on the same validation
+text as every arm.
+
+A group wins if taking it out of the full recipe costs more bits per byte than the spread between
+the seeds (the larger of classic's and full's). Runs again with the same --storage reuse the arms
+that finished, so it can run in pieces. Prints the table (also written to OUT.md with OUT.json),
+then one JSON line.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from cpu_sweep import DATA, ROOT, stage  # bench/ is on sys.path: this file runs as a script
+
+from nanochat import presets
+
+SEEDS = (42, 43)
+EVAL_TOKENS = 262_144  # the cpu preset's base_eval: four times base_train's, for a steadier figure
+CALIBRATION_STEPS = (5, 15)
+
+
+CLASSIC_BATCH = 8192  # the cpu preset's total batch before the 2026 recipe (docs/cpu-preset.md)
+
+
+def arms():
+    """{name: (options, seed)}: the recipe's options of each arm (the rest are the cpu preset's)."""
+    groups = {name: (dict(classic), new) for name, (classic, new) in presets.RECIPE_GROUPS.items()}
+    groups["horizon"][0]["total_batch_size"] = CLASSIC_BATCH  # classic, at the cpu preset's scale
+    classic = {k: v for old, _ in groups.values() for k, v in old.items()}
+    full = {k: v for _, new in groups.values() for k, v in new.items()}
+    table = {f"classic-s{seed}": (classic, seed) for seed in SEEDS}
+    table.update({f"full-s{seed}": (full, seed) for seed in SEEDS})
+    for group, (old, _) in groups.items():
+        table[f"full-{group}"] = ({**full, **old}, SEEDS[0])
+    return table
+
+
+def flags(options):
+    """The base_train command-line flags of an option dict."""
+    out = []
+    for name, value in sorted(options.items()):
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def base_train(run, storage, options, seed, steps, eval_tokens):
+    """A base_train run of its own (sharing the tokenizer) from scratch; (stage.json, CPU seconds)."""
+    runs = Path(storage) / "runs"
+    shutil.rmtree(runs / run, ignore_errors=True)
+    shutil.copytree(runs / "tokenizer" / "tok_train", runs / run / "tok_train")
+    summary, _, cpu = stage("base_train", run, storage, *flags(options), "--seed", seed, "--num-steps", steps,
+                            "--eval-every", -1, "--checkpoint-every", -1, "--sample-every", -1, "--core-every", -1,
+                            "--eval-tokens", eval_tokens, "--data", DATA / "pretrain", threads=1)
+    return summary, cpu
+
+
+def cost_per_step(name, storage, options):
+    """CPU seconds per training step of these options (from two short runs; cached by options)."""
+    key = json.dumps(options, sort_keys=True)
+    cache = Path(storage) / "calibration.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        lo, hi = (base_train(f"calibrate-{name}-{n}", storage, options, SEEDS[0], n, 4096)[1] for n in CALIBRATION_STEPS)
+        known = json.loads(cache.read_text()) if cache.exists() else {}  # another job may have added one meanwhile
+        known[key] = (hi - lo) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+        cache.write_text(json.dumps(known, indent=1))
+    return known[key]
+
+
+def measure(name, options, seed, storage, minutes):
+    done = Path(storage) / "runs" / name / "ablation.json"
+    if done.exists():  # finished by an earlier invocation
+        return json.loads(done.read_text())
+    per_step = cost_per_step(name.removesuffix(f"-s{seed}"), storage, options)
+    steps = max(1, round(minutes * 60 * 2 / per_step))
+    summary, cpu = base_train(name, storage, options, seed, steps, EVAL_TOKENS)
+    m = summary["metrics"]
+    row = {"arm": name, "seed": seed, "steps": steps, "tokens": m["tokens"], "val_bpb": m["val_bpb"],
+           "minutes_2cores": cpu / 2 / 60, "cpu_s_per_step": per_step, "parameters": m["parameters"]}
+    done.write_text(json.dumps(row))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def verdicts(rows):
+    """Each group's cost when taken out of the full recipe, against the seeds' spread."""
+    bpb = {r["arm"]: r["val_bpb"] for r in rows}
+    seeds = {arm: [bpb.get(f"{arm}-s{s}") for s in SEEDS] for arm in ("classic", "full")}
+    spreads = [abs(a - b) for a, b in seeds.values() if a is not None and b is not None]
+    spread = max(spreads) if spreads else None
+    full = [v for v in seeds["full"] if v is not None]
+    out = {"spread": spread, "groups": {}}
+    for group in presets.RECIPE_GROUPS:
+        if f"full-{group}" in bpb and full and spread is not None:
+            cost = bpb[f"full-{group}"] - sum(full) / len(full)
+            out["groups"][group] = {"cost_of_removing": cost, "wins": cost > spread}
+    return out
+
+
+def table(rows, result, minutes):
+    lines = [f"Budget: {minutes:g} minutes of base_train per arm on 2 cores (CPU time / 2), the cpu preset's model.", "",
+             "| arm | seed | steps | tokens | val bpb | 2-core min | CPU s/step |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["arm"]):
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['tokens'] / 1e6:.1f}M | {r['val_bpb']:.4f} | "
+                     f"{r['minutes_2cores']:.1f} | {r['cpu_s_per_step']:.2f} |")
+    if result["spread"] is not None:
+        lines += ["", f"Spread between seeds: {result['spread']:.4f} bpb.", "",
+                  "| group taken out of full | val bpb cost | wins |", "|---|---|---|"]
+        for group, v in result["groups"].items():
+            lines.append(f"| {group} | {v['cost_of_removing']:+.4f} | {'yes' if v['wins'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=10.0, help="base_train budget per arm, in minutes on 2 cores")
+    p.add_argument("--arms", default="all", help="comma-separated arm names (default: all: " + ", ".join(arms()) + ")")
+    p.add_argument("--jobs", type=int, default=2, help="arms side by side, one thread each")
+    p.add_argument("--storage", default=None, help="storage root kept between pieces (default: a temporary one)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "recipe-ablation"), help="writes OUT.md and OUT.json")
+    args = p.parse_args()
+    table_arms = arms()
+    chosen = list(table_arms) if args.arms == "all" else args.arms.split(",")
+    if unknown := [a for a in chosen if a not in table_arms]:
+        raise SystemExit(f"unknown arms {unknown}; choose from {', '.join(table_arms)}")
+    storage = args.storage or tempfile.mkdtemp(prefix="nanochat-ablation-")
+    if not (Path(storage) / "runs" / "tokenizer" / "tok_train" / "stage.json").exists():
+        stage("tok_train", "tokenizer", storage, "--data", DATA / "pretrain")
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda a: measure(a, *table_arms[a], storage, args.minutes), chosen))
+    rows = [json.loads(f.read_text()) for f in sorted((Path(storage) / "runs").glob("*/ablation.json"))]
+    result = verdicts(rows)
+    text = table(rows, result, args.minutes)
+    Path(args.out + ".md").write_text(text)
+    Path(args.out + ".json").write_text(json.dumps({"rows": rows, **result}, indent=1) + "\n")
+    print("\n" + text)
+    print(json.dumps({"bench": "recipe_ablation", "rows": rows, **result}))
+
+
+if __name__ == "__main__":
+    main()
