@@ -16,12 +16,14 @@ A permanent failure raises `DownloadError`, one line naming the URL and the reas
 
 `fetch(relpath)` is the one-file form the tasks use; `shard_waiter` lets a training loader start
 on the first shards while a download stage (another process) still fetches the rest: it waits
-on the partial file's lock, then finds the file done.
+on the partial file's lock, then finds the file done. The shard functions take `source`, the name
+of a pretraining corpus (sources.CORPORA; None: the run's, else the default).
 
 In a pipeline run (a stage in a run whose download stage is committed, `stage.declare_data`), the
 functions a stage reads data through (`fetch`, `pretrain_shards`, `shard_split`, `eval_bundle_dir`)
 take every file from the run's files.json instead and never download: a file it does not declare,
-or that is not there, is a StageError naming it. The shards are the declared ones.
+or that is not there, is a StageError naming it. The shards are the declared ones, all of one corpus:
+a `source` other than theirs is a StageError.
 """
 
 import contextlib
@@ -344,50 +346,69 @@ def fetch(relpath, storage_uri=None, mirror=None, **options):
     return Downloader(storage_uri, mirror, progress=False, **options).fetch(relpath)
 
 
-def pretrain_shards(num_shards, storage_uri=None, mirror=None):
-    """(train shard URIs, validation shard URI) in the cache for `num_shards` training shards; they
-    may not be there yet: give the loader `wait_for_shard=shard_waiter(...)`. In a pipeline run, the
-    first `num_shards` declared training shards and the last declared shard (validation)."""
+def pretrain_shards(num_shards, storage_uri=None, mirror=None, source=None):
+    """(train shard URIs, validation shard URI) of corpus `source` in the cache for `num_shards`
+    training shards; they may not be there yet: give the loader `wait_for_shard=shard_waiter(...)`.
+    In a pipeline run, the first `num_shards` declared training shards and the last declared shard
+    (validation)."""
     if (declared := stage.declared_data()) is not None:
-        *train, val = _declared_shards(declared)
+        *train, val = _declared_shards(declared, source)
         if num_shards != -1 and num_shards > len(train):
             raise stage.StageError(f"{num_shards} training shards wanted, but {declared.uri} declares {len(train)}; "
                                    f"download more (-n) or ask for fewer (--num-shards)")
         train = train if num_shards == -1 else train[:num_shards]
         return [declared.resolve(r) for r in train], declared.resolve(val)
+    c = _corpus(source)
     try:
-        train, val = sources.pretrain_plan(num_shards, mirror)
+        train, val = sources.pretrain_plan(num_shards, mirror, c.name)
     except sources.SourceError as e:
         raise stage.StageError(str(e)) from None
     root = storage.data_root(storage_uri)
-    return [storage.join(root, sources.shard_relpath(i)) for i in train], storage.join(root, sources.shard_relpath(val))
+    return [storage.join(root, c.relpath(i)) for i in train], storage.join(root, c.relpath(val))
 
 
-def shard_split(split, storage_uri=None):
-    """The shards of `split` ('train': all but the last, 'val': the last) among those in the data
-    cache's pretrain directory, or, in a pipeline run, the declared ones."""
+def shard_split(split, storage_uri=None, source=None):
+    """The shards of `split` ('train': all but the last, 'val': the last) among those of corpus
+    `source` in the data cache, or, in a pipeline run, the declared ones."""
     if (declared := stage.declared_data()) is not None:
-        return [declared.resolve(r) for r in shards.split_shards(_declared_shards(declared), split)]
-    return shards.split_shards(shards.list_shards(storage.join(storage.data_root(storage_uri), sources.PRETRAIN_DIR)), split)
+        return [declared.resolve(r) for r in shards.split_shards(_declared_shards(declared, source), split)]
+    directory = storage.join(storage.data_root(storage_uri), _corpus(source).dir)
+    return shards.split_shards(shards.list_shards(directory), split)
 
 
-def _declared_shards(declared):
-    """The relpaths of the shards files.json declares (at least a training and a validation one)."""
+def _corpus(source):
+    """sources.corpus(source), its error a StageError (one line: the known sources)."""
+    try:
+        return sources.corpus(source)
+    except sources.SourceError as e:
+        raise stage.StageError(str(e)) from None
+
+
+def _declared_shards(declared, source=None):
+    """The relpaths of the shards files.json declares (at least a training and a validation one),
+    all of one corpus, and of corpus `source` if one is named."""
     relpaths = declared.relpaths(sources.SHARD_RE)
+    found = sorted({sources.corpus_of(r).name for r in relpaths})
+    if len(found) > 1:
+        raise stage.StageError(f"{declared.uri} declares shards of {' and '.join(found)}; a run pretrains on one source")
+    if source is not None and found and found != [_corpus(source).name]:
+        raise stage.StageError(f"the run's download fetched {found[0]} shards ({declared.uri}), not {source}; "
+                               f"download {source} in another run, or drop --source")
     if len(relpaths) < 2:
         raise stage.StageError(f"{declared.uri} declares {len(relpaths)} pretraining shard(s); need at least 2 "
                                f"(train + validation)")
     return relpaths
 
 
-def shard_waiter(storage_uri=None, mirror=None):
-    """A `wait_for_shard(uri)` for the loader: returns once the shard is in the cache, waiting for
-    a download in progress (or fetching it itself if none is). None in a pipeline run, whose
-    shards are all there."""
+def shard_waiter(storage_uri=None, mirror=None, source=None):
+    """A `wait_for_shard(uri)` for the loader of corpus `source`: returns once the shard is in the
+    cache, waiting for a download in progress (or fetching it itself if none is). None in a
+    pipeline run, whose shards are all there."""
     if stage.declared_data() is not None:
         return None
+    directory = _corpus(source).dir
     downloader = Downloader(storage_uri, mirror, progress=False)
-    return lambda uri: downloader.fetch(f"{sources.PRETRAIN_DIR}/{uri.rsplit('/', 1)[-1]}")
+    return lambda uri: downloader.fetch(f"{directory}/{uri.rsplit('/', 1)[-1]}")
 
 
 def extract_zip(zip_uri, dest_root):

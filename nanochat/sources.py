@@ -4,11 +4,19 @@ Every file the pipeline downloads is a `Source`: a relative path, which is both 
 cache (`<storage>/data/<relpath>`) and its path in a mirror (the layout of ../shared/data), plus its
 real upstream URL and, optionally, a pinned size and sha256:
 
-    pretrain/shard_NNNNN.parquet   karpathy/fineweb-edu-100b-shuffle on Hugging Face, shards 0..1822
+    pretrain/shard_NNNNN.parquet   FineWeb-EDU: karpathy/fineweb-edu-100b-shuffle on Hugging Face, shards 0..1822
+    climbmix/shard_NNNNN.parquet   ClimbMix: karpathy/climbmix-400b-shuffle on Hugging Face, shards 0..6542
     eval_bundle.zip                nanochat's CORE eval bundle
     identity_conversations.jsonl   nanochat's synthetic identity conversations
     words/words_alpha.txt          dwyl/english-words
     hf/<org>/<dataset>/<path>      https://huggingface.co/datasets/<org>/<dataset>/resolve/main/<path>
+
+Pretraining corpora. A run pretrains on one `Corpus`, chosen by name (`--source`, default
+fineweb-edu). Both are upstream nanochat's repackagings (its dev/repackage_data_reference.py):
+documents shuffled into `shard_NNNNN.parquet` files at the dataset's root, about 250M characters
+each, one document per row in a string column `text` (ClimbMix's are decoded from the GPT-2 tokens
+of nvidia/Nemotron-ClimbMix), row groups of 1024 rows. Each corpus has a directory of its own in
+the cache and in a mirror, so the two never mix; FineWeb-EDU keeps `pretrain/`, where it always was.
 
 `NANOCHAT_DATA_MIRROR` (or a stage's `--data-mirror`) maps every source onto `<mirror>/<relpath>`;
 the mirror is anything fsspec opens: a path, file://, http(s)://, s3://. No size or sha256 is
@@ -17,13 +25,13 @@ byte copies. Pin them per source where a byte-exact upstream matters; the downlo
 
 Which shard is validation. By convention the last shard is the validation split, and
 `shards.list_shards` applied to the cache directory keeps that meaning, so the validation shard
-must be the highest-numbered file there. A source of shards therefore has a shard set: upstream it
-is known from the registry (0..1822); a mirror is asked (fsspec `ls` of `<mirror>/pretrain/`, or,
-when an HTTP server lists nothing, a HEAD probe of `shard_NNNNN.parquet`). `pretrain_plan(n)` takes
-the first n shards of that set for training plus the set's last shard for validation: `-n 8`
-fetches 0..7 + 1822 upstream and 0..7 + 23 from ../shared/data. The validation shard sorts last in
-the cache whatever n is, and the downloader fetches it before any training shard, so "last =
-validation" also holds at every moment of a download running in the background.
+must be the highest-numbered file there. A corpus therefore has a shard set: upstream it is known
+from the registry (0..1822, 0..6542); a mirror is asked (fsspec `ls` of `<mirror>/<corpus dir>/`,
+or, when an HTTP server lists nothing, a HEAD probe of `shard_NNNNN.parquet`). `pretrain_plan(n)`
+takes the first n shards of that set for training plus the set's last shard for validation: `-n 8`
+fetches 0..7 + 1822 of FineWeb-EDU upstream and 0..7 + 23 from ../shared/data. The validation
+shard sorts last in the cache whatever n is, and the downloader fetches it before any training
+shard, so "last = validation" also holds at every moment of a download running in the background.
 """
 
 import dataclasses
@@ -36,15 +44,48 @@ from nanochat import storage
 
 HF = "https://huggingface.co/datasets"
 KARPATHY_S3 = "https://karpathy-public.s3.us-west-2.amazonaws.com"
-PRETRAIN_REPO = "karpathy/fineweb-edu-100b-shuffle"
-PRETRAIN_SHARDS = 1823  # shard_00000 .. shard_01822 upstream; the last one is validation
-PRETRAIN_DIR = "pretrain"
-SHARD_RE = re.compile(r"^pretrain/shard_(\d{5})\.parquet$")
 EVAL_BUNDLE = "eval_bundle.zip"
 
 
 class SourceError(ValueError):
     """An unknown data file, or a mirror that cannot serve the sources; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A pretraining corpus: shard_00000.parquet .. shard_<shards-1>.parquet at the root of a Hugging
+    Face dataset, under `dir/` in the cache and in a mirror; the last shard is validation."""
+    name: str  # what --source names
+    repo: str  # the Hugging Face dataset
+    shards: int
+    dir: str
+
+    def relpath(self, index):
+        return f"{self.dir}/shard_{index:05d}.parquet"
+
+
+# Shard counts from upstream nanochat's nanochat/dataset.py, whose MAX_SHARD is the last (validation)
+# shard: 1822 for FineWeb-EDU until commit 324e69c, 6542 for ClimbMix from then on (HEAD 92d63d4).
+CORPORA = {c.name: c for c in [
+    Corpus("fineweb-edu", "karpathy/fineweb-edu-100b-shuffle", 1823, "pretrain"),
+    Corpus("climbmix", "karpathy/climbmix-400b-shuffle", 6543, "climbmix"),
+]}
+DEFAULT_CORPUS = "fineweb-edu"
+SHARD_RE = re.compile(rf"^({'|'.join(c.dir for c in CORPORA.values())})/shard_(\d{{5}})\.parquet$")
+
+
+def corpus(name=None):
+    """The pretraining corpus called `name` (None: the default); a SourceError naming the known ones."""
+    name = DEFAULT_CORPUS if name is None else name
+    if name not in CORPORA:
+        raise SourceError(f"unknown pretraining source {name!r}; known sources: {', '.join(sorted(CORPORA))}")
+    return CORPORA[name]
+
+
+def corpus_of(relpath):
+    """The corpus a shard's relpath belongs to (by its directory), or None for any other file."""
+    m = SHARD_RE.match(relpath)
+    return next(c for c in CORPORA.values() if c.dir == m.group(1)) if m else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +126,13 @@ REGISTRY = {s.relpath: s for s in [Source(EVAL_BUNDLE, f"{KARPATHY_S3}/eval_bund
 GROUPS = {"eval": [EVAL_BUNDLE], "tasks": [s.relpath for s in TASK_SOURCES]}
 
 
-def shard_relpath(index):
-    return f"{PRETRAIN_DIR}/shard_{index:05d}.parquet"
-
-
 def get(relpath):
     """The Source of a data file, by its relative path; a SourceError for an unknown one."""
     if relpath in REGISTRY:
         return REGISTRY[relpath]
-    m = SHARD_RE.match(relpath)
-    if m and int(m.group(1)) < PRETRAIN_SHARDS:
-        return Source(relpath, f"{HF}/{PRETRAIN_REPO}/resolve/main/{relpath.split('/', 1)[1]}")
+    c = corpus_of(relpath)
+    if c is not None and int(SHARD_RE.match(relpath).group(2)) < c.shards:
+        return Source(relpath, f"{HF}/{c.repo}/resolve/main/{relpath.split('/', 1)[1]}")
     raise SourceError(f"unknown data file {relpath!r}: not in the registry (nanochat/sources.py)")
 
 
@@ -125,29 +162,29 @@ def check_mirror(mirror=None):
         raise SourceError(f"data mirror {root} does not exist (NANOCHAT_DATA_MIRROR / --data-mirror)")
 
 
-def shard_indices(mirror=None):
-    """The shard numbers a source offers, in order: upstream 0..1822, a mirror whatever it holds."""
+def shard_indices(corpus, mirror=None):
+    """The shard numbers a Corpus offers, in order: upstream all of them, a mirror whatever it holds."""
     root = mirror_root(mirror)
     if root is None:
-        return list(range(PRETRAIN_SHARDS))
-    directory = storage.join(root, PRETRAIN_DIR)
+        return list(range(corpus.shards))
+    directory = storage.join(root, corpus.dir)
     try:
         names = storage.listdir(directory)
     except Exception:  # noqa: BLE001 - e.g. an HTTP server without directory listings
         names = []
-    found = sorted(int(m.group(1)) for n in names if (m := SHARD_RE.match(f"{PRETRAIN_DIR}/{n}")))
+    found = sorted(int(m.group(2)) for n in names if (m := SHARD_RE.match(f"{corpus.dir}/{n}")))
     if not found and root.startswith(("http://", "https://")):
-        found = list(range(_probe_count(root)))
+        found = list(range(_probe_count(root, corpus)))
     if not found:
-        raise SourceError(f"data mirror {root} has no {PRETRAIN_DIR}/shard_NNNNN.parquet files")
+        raise SourceError(f"data mirror {root} has no {corpus.dir}/shard_NNNNN.parquet files (source {corpus.name})")
     return found
 
 
-def _probe_count(root):
+def _probe_count(root, corpus):
     """Number of contiguous shards 0..k-1 an HTTP mirror serves, by HEAD requests (O(log k))."""
     def exists(i):
         try:
-            with urllib.request.urlopen(urllib.request.Request(storage.join(root, shard_relpath(i)), method="HEAD"), timeout=30):
+            with urllib.request.urlopen(urllib.request.Request(storage.join(root, corpus.relpath(i)), method="HEAD"), timeout=30):
                 return True
         except urllib.error.HTTPError as e:
             if e.code in (403, 404, 410):
@@ -167,12 +204,13 @@ def _probe_count(root):
     return hi
 
 
-def pretrain_plan(num_shards, mirror=None):
-    """(train shard numbers, validation shard number) for `num_shards` training shards (-1: all).
-    More than the source has is clamped to what it has; see the module docstring."""
+def pretrain_plan(num_shards, mirror=None, source=None):
+    """(train shard numbers, validation shard number) of corpus `source` (None: the default) for
+    `num_shards` training shards (-1: all). More than the corpus has is clamped to what it has; see
+    the module docstring."""
     if num_shards < -1 or num_shards == 0:
         raise SourceError(f"number of shards must be -1 (all) or >= 1, not {num_shards}")
-    indices = shard_indices(mirror)
+    indices = shard_indices(corpus(source), mirror)
     if len(indices) < 2:
         raise SourceError(f"the shard source has {len(indices)} shard(s); need at least 2 (train + validation)")
     train = indices[:-1] if num_shards == -1 else indices[:-1][:num_shards]

@@ -3,9 +3,12 @@ cache (<storage>/data/), from the real sources or a mirror.
 
     python -m nanochat.stages.download --run myrun --preset d20
     python -m nanochat.stages.download --run myrun --preset d20 -n 8 &   # train while it downloads
+    python -m nanochat.stages.download --run myrun --preset d20 --source climbmix
     python -m nanochat.stages.download --run /tmp/run --preset tiny --data-mirror ../shared/data
 
-`-n` training shards (-1: all) plus the validation shard, which is fetched first; then the eval
+`--source` picks the pretraining corpus (nanochat/sources.py: fineweb-edu, the default, or climbmix);
+the stages after this one read the shards it declares, so the whole run pretrains on it. `-n`
+training shards (-1: all) plus the validation shard, which is fetched first; then the eval
 bundle (also extracted to <storage>/data/eval_bundle/) and the task files. Files already in the
 cache are not fetched again. Writes <run>/download/files.json (relpath, URI, bytes, sha256 of
 every file), then stage.json.
@@ -21,6 +24,8 @@ STAGE = "download"
 
 def build_parser():
     p = stage.parser(STAGE, __doc__)
+    p.add_argument("--source", default=sources.DEFAULT_CORPUS,
+                   help=f"pretraining corpus, one of: {', '.join(sorted(sources.CORPORA))}")
     p.add_argument("-n", "--num-shards", type=int, help="training shards to fetch (-1: all); the validation shard comes too")
     p.add_argument("--data-mirror", default=None,
                    help="mirror root laid out like ../shared/data (default: $NANOCHAT_DATA_MIRROR, else the real sources)")
@@ -37,13 +42,15 @@ def main(args):
         raise stage.StageError("--workers must be >= 1, --retries >= 0 and --timeout > 0")
     try:
         sources.check_mirror(args.data_mirror)
-        train, val = sources.pretrain_plan(args.num_shards, args.data_mirror)
+        corpus = sources.corpus(args.source)
+        train, val = sources.pretrain_plan(args.num_shards, args.data_mirror, corpus.name)
     except sources.SourceError as e:
         raise stage.StageError(str(e)) from None
-    relpaths = [sources.shard_relpath(i) for i in [val, *train]]
+    relpaths = [corpus.relpath(i) for i in [val, *train]]
     relpaths += sources.GROUPS["eval"] + sources.GROUPS["tasks"]
-    log.info("fetching %d training shards + the validation shard, the eval bundle and %d task files from %s",
-             len(train), len(sources.GROUPS["tasks"]), sources.mirror_root(args.data_mirror) or "the real sources")
+    log.info("fetching %d %s training shards + the validation shard, the eval bundle and %d task files from %s",
+             len(train), corpus.name, len(sources.GROUPS["tasks"]),
+             sources.mirror_root(args.data_mirror) or "the real sources")
     downloader = dataset.Downloader(args.storage, args.data_mirror, workers=args.workers, retries=args.retries,
                                     timeout=args.timeout, verify=args.verify)
     try:
