@@ -193,10 +193,10 @@ def compute_init(device_type=None, seed=None):
 
 
 def compute_cleanup():
-    """Destroys the process group (joining gloo's worker threads), if there is one."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    """Destroys the process group (joining gloo's worker threads), if there is one. A stage that never
+    imported torch.distributed has none, and is spared importing torch (seconds) to find that out."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized():
         dist.destroy_process_group()
 
 

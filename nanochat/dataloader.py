@@ -312,14 +312,16 @@ class PretrainLoader:
         return self.stats["cropped_tokens"] / max(1, self.stats["doc_tokens"])
 
 
-def pretrain_loader(tokenizer, B, T, split, data=None, num_shards=-1, storage_uri=None, device="cpu", state=None):
-    """The loader of a training stage: the `split` of the shard directory `data`, or else of the
-    data cache, for `num_shards` training shards (waiting for shards still downloading)."""
+def pretrain_loader(tokenizer, B, T, split, data=None, num_shards=-1, storage_uri=None, device="cpu", state=None,
+                    source=None):
+    """The loader of a training stage: the `split` of the shard directory `data`, or else of corpus
+    `source` in the data cache (the run's), for `num_shards` training shards (waiting for shards
+    still downloading)."""
     if data:
         return PretrainLoader(tokenizer, B, T, data, split=split, device=device, state=state)
-    train, val = dataset.pretrain_shards(num_shards, storage_uri)
+    train, val = dataset.pretrain_shards(num_shards, storage_uri, source=source)
     return PretrainLoader(tokenizer, B, T, train if split == "train" else [val], split=split, device=device,
-                          state=state, wait_for_shard=dataset.shard_waiter(storage_uri))
+                          state=state, wait_for_shard=dataset.shard_waiter(storage_uri, source=source))
 
 
 class ConversationLoader:

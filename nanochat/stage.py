@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from nanochat import pipeline, presets, storage
+from nanochat import pipeline, presets, sources, storage
 from nanochat.common import code_version, compute_cleanup, setup_logging
 
 SUMMARY = "stage.json"
@@ -43,6 +43,13 @@ def parser(stage, doc):
     p.add_argument("--preset", required=True, choices=sorted(presets.PRESETS), help="defaults for every option below")
     p.add_argument("--storage", default=None, help="storage root for run names and the data cache (default: $NANOCHAT_STORAGE or file://~/.cache/nanochat)")
     return p
+
+
+def add_source_option(p):
+    """--source, for stages that read the pretraining shards."""
+    p.add_argument("--source", default=None, choices=sorted(sources.CORPORA),
+                   help="pretraining corpus when the run has no committed download (default: "
+                        f"{sources.DEFAULT_CORPUS}); in a run, the one its download fetched")
 
 
 def add_compute_options(p):

@@ -31,6 +31,7 @@ def build_parser():
     a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's, else the data cache's)")
     a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files (the last is validation)")
     a("--num-shards", type=int, help="training shards for the unigram baseline (the first of the run's, else of the data cache)")
+    stage.add_source_option(p)
     stage.add_compute_options(p)
     return p
 
@@ -61,7 +62,7 @@ def main(args):
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
 
     def batches(split, tokens):
-        loader = pretrain_loader(tokenizer, B, T, split, args.data, args.num_shards, args.storage, device)
+        loader = pretrain_loader(tokenizer, B, T, split, args.data, args.num_shards, args.storage, device, source=args.source)
         return itertools.islice(loader, max(1, tokens // (B * T * compute.world_size)))
 
     counts = token_counts(batches("train", args.unigram_tokens), tokenizer.vocab_size, device)

@@ -38,6 +38,7 @@ def build_parser():
     p.add_argument("--tokenizer", default=None, help="tokenizer directory URI (default: tok_train's in the run)")
     p.add_argument("--data", default=None,
                    help="directory URI of shard_NNNNN.parquet files (default: the run's shards, else the data cache's)")
+    stage.add_source_option(p)
     return p
 
 
@@ -62,7 +63,7 @@ def main(args):
         if args.data:
             val_shard = shards.split_shards(shards.list_shards(args.data), "val")
         else:
-            val_shard = dataset.shard_split("val", args.storage)
+            val_shard = dataset.shard_split("val", args.storage, args.source)
     except shards.ShardError as e:
         raise stage.StageError(str(e)) from None
     val_docs = []

@@ -28,6 +28,7 @@ def build_parser():
     p.add_argument("--doc-cap", type=int, help="cut each document to this many characters")
     p.add_argument("--data", default=None,
                    help="directory URI of shard_NNNNN.parquet files (default: the run's shards, else the data cache's)")
+    stage.add_source_option(p)
     return p
 
 
@@ -39,7 +40,7 @@ def main(args):
         if args.data:
             train_shards = shards.split_shards(shards.list_shards(args.data), "train")
         else:
-            train_shards = dataset.shard_split("train", args.storage)
+            train_shards = dataset.shard_split("train", args.storage, args.source)
     except shards.ShardError as e:
         raise stage.StageError(str(e)) from None
     log.info("training a %d-token tokenizer on up to %s chars from %d shards in %s",
