@@ -45,10 +45,10 @@ MUON_REFINEMENTS = dict(muoneq=False, muon_plus=False, normuon_beta2=None, cauti
 MUON_2026 = dict(muoneq=True, muon_plus=True, normuon_beta2=0.9, cautious=True)
 
 
-def orthogonalize(G, steps=5):
-    """Approximately U V^T for G = U S V^T, batched over leading dims, computed in bfloat16 (stable
-    for these iterations, and fast on GPUs and on CPUs with bf16 units). Returns bfloat16."""
-    X = G.bfloat16()
+def orthogonalize(G, steps=5, dtype=torch.bfloat16):
+    """Approximately U V^T for G = U S V^T, batched over leading dims, computed in `dtype`: bfloat16
+    is stable for these iterations, and fast on GPUs and on CPUs with bf16 units (see polar_dtype)."""
+    X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
@@ -60,6 +60,14 @@ def orthogonalize(G, steps=5):
         B = b * A + c * (A @ A)
         X = a * X + B @ X
     return X.mT if tall else X
+
+
+def polar_dtype(device):
+    """bfloat16, or float32 on a GPU without native bf16 (where training runs in fp16, whose narrow
+    exponent range these iterations would overflow)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float32
+    return torch.bfloat16
 
 
 def equilibrate_rows(G):
@@ -92,15 +100,15 @@ def variance_reduce(U, second_moment, beta2):
 
 
 def muon_update(params, grads, momentum_buffer, lr, momentum, ns_steps, weight_decay, muoneq=False,
-                muon_plus=False, second_moment=None, normuon_beta2=None, cautious=False):
+                muon_plus=False, second_moment=None, normuon_beta2=None, cautious=False, dtype=torch.bfloat16):
     """One Muon step on stacked params (K, rows, cols) given their mean gradients (consumed); the
     refinements are off by default (classic Muon). NorMuon runs when `normuon_beta2` is set, with
-    its `second_moment` buffer (K, rows, 1) or (K, 1, cols)."""
+    its `second_moment` buffer (K, rows, 1) or (K, 1, cols). `dtype`: the polar iteration's."""
     momentum_buffer.lerp_(grads, 1 - momentum)
     update = grads.lerp_(momentum_buffer, momentum)  # Nesterov: look ahead along the momentum
     if muoneq:
         update = equilibrate_rows(update)
-    update = orthogonalize(update, ns_steps).to(params.dtype)
+    update = orthogonalize(update, ns_steps, dtype).to(params.dtype)
     if muon_plus:
         update = renormalize(update)
     if normuon_beta2 is not None:
@@ -155,7 +163,9 @@ class MuonAdamW(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
-        self.reduce_scatter = distributed and reduce_scatter_works(self.param_groups[0]["params"][0].device)
+        device = self.param_groups[0]["params"][0].device
+        self.reduce_scatter = distributed and reduce_scatter_works(device)
+        self.polar_dtype = polar_dtype(device)
 
     def set_schedule(self, lr_multiplier, muon_momentum=None, weight_decay_multiplier=None):
         """Sets every group's lr to initial_lr * lr_multiplier and, if given, the Muon groups'
@@ -294,7 +304,7 @@ class MuonAdamW(torch.optim.Optimizer):
             muon_update(owned, own_grads[:end - start], state["momentum_buffer"][:end - start], group["lr"],
                         group["momentum"], group["ns_steps"], group["weight_decay"], muoneq=group["muoneq"],
                         muon_plus=group["muon_plus"], second_moment=second_moment,
-                        normuon_beta2=group["normuon_beta2"], cautious=group["cautious"])
+                        normuon_beta2=group["normuon_beta2"], cautious=group["cautious"], dtype=self.polar_dtype)
         if self.world_size == 1:
             torch._foreach_copy_(params, list(owned.unbind(0)))
             return []

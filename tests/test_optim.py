@@ -53,21 +53,23 @@ def gpt_with_options():
     return model
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96), (4, 48, 16)])
-def test_orthogonalize_maps_singular_values_near_one(shape):
+@pytest.mark.parametrize("shape,dtype", [((64, 64), torch.bfloat16), ((96, 32), torch.bfloat16),
+                                         ((32, 96), torch.bfloat16), ((4, 48, 16), torch.bfloat16),
+                                         ((96, 32), torch.float32)])  # float32: GPUs without bf16
+def test_orthogonalize_maps_singular_values_near_one(shape, dtype):
     torch.manual_seed(0)
     *batch, m, n = shape
     U, _ = torch.linalg.qr(torch.randn(*batch, m, min(m, n)))
     V, _ = torch.linalg.qr(torch.randn(*batch, n, min(m, n)))
     S = torch.logspace(-2, 0, min(m, n)) * 5.0  # condition number 100, arbitrary scale
     G = U @ torch.diag_embed(S.expand(*batch, -1)) @ V.mT
-    X = orthogonalize(G)
-    assert X.dtype == torch.bfloat16 and X.shape == G.shape
+    X = orthogonalize(G, dtype=dtype)
+    assert X.dtype == dtype and X.shape == G.shape
     singular = torch.linalg.svdvals(X.float())
     assert singular.min() > 0.7 and singular.max() < 1.2
     polar = U @ V.mT  # the exact answer
     assert (X.float() - polar).norm() / polar.norm() < 0.15
-    torch.testing.assert_close(orthogonalize(G.mT), X.mT, rtol=0, atol=0.05)  # up to bf16 rounding
+    torch.testing.assert_close(orthogonalize(G.mT, dtype=dtype), X.mT, rtol=0, atol=0.05)  # up to bf16 rounding
 
 
 def todays_muon_step(stacked, grads, buffer, lr, momentum, weight_decay):
