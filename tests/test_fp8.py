@@ -109,17 +109,19 @@ def test_training_needs_whole_multiples_of_16_rows():
 
 
 def test_compiled_equals_eager_in_one_graph():
-    """The FP8 matmul is one node of the compiler's graph (no graph break), and the compiled model's
-    output and gradients are eager's to the bit."""
+    """Under autocast, as training runs it: the FP8 matmul is one node of the compiler's graph (no
+    graph break), and the compiled model's output and gradients are eager's to the bit."""
     model = nn.Sequential(nn.Linear(128, 256, bias=False), nn.ReLU(), nn.Linear(256, 128, bias=False))
     assert fp8.convert_linears(model) == 2
     x = randn(16, 128)
-    eager = model(x)
-    eager.square().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(x)
+    eager.float().square().sum().backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
-    compiled.square().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    compiled.float().square().sum().backward()
     assert torch.equal(compiled, eager)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), eager_grads))
 
