@@ -143,13 +143,17 @@ class TextStream:
 
 class RowCache:
     """Keys and values for up to `rows` sequences of `max_len` positions, each row at its own
-    length. Active rows are kept in slots 0..B-1, so a decode step reads a view, never a gather.
-    `view(...)` gives the object a model forward uses (nanochat.gpt's KV-cache protocol)."""
+    length (and, for a model with the smear option, each position's token embedding). Active rows
+    are kept in slots 0..B-1, so a decode step reads a view, never a gather. `prefill(...)` and
+    `decode(...)` give the object a model forward uses (nanochat.gpt's KV-cache protocol)."""
 
     def __init__(self, config, rows, max_len, dtype, device):
         shape = (config.n_layer, rows, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # the smear option's previous-token embeddings, kept per position as the keys are: a padded
+        # prefill, a row decoding the same token again after a tool call and a copied row all stay right
+        self.embeddings = torch.zeros(rows, max_len, config.n_embd, dtype=dtype, device=device) if config.smear else None
         self.lengths = [0] * rows
         self.max_len = max_len
 
@@ -165,10 +169,12 @@ class RowCache:
         return CacheView(self, slice(0, num_rows), lengths[0] if len(set(lengths)) == 1 else lengths)
 
     def copy(self, src, dst):
-        """Slot dst takes slot src's keys, values and length."""
+        """Slot dst takes slot src's keys, values, embeddings and length."""
         n = self.lengths[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        if self.embeddings is not None:
+            self.embeddings[dst, :n] = self.embeddings[src, :n]
         self.lengths[dst] = n
 
 
@@ -186,11 +192,20 @@ class CacheView:
         self.pos = torch.tensor(pos, device=device)
         self.end = max(pos) + 1
         self.row_index = torch.arange(rows.start, rows.stop, device=device)
-        # Row b sees its own keys 0..pos[b]; the rest of the window belongs to longer rows.
+        # Row b sees its own keys 0..pos[b]; the keys after them belong to longer rows. (The model adds
+        # its sliding windows to this mask.)
         self.attn_mask = (torch.arange(self.end, device=device) <= self.pos[:, None])[:, None, None, :]
 
     def get_pos(self):
         return self.pos
+
+    def insert_embedding(self, x):
+        stored = self.cache.embeddings
+        if self.attn_mask is None:
+            stored[self.rows, self.pos:self.pos + x.size(1)] = x
+            return None if self.pos == 0 else stored[self.rows, self.pos - 1:self.pos]
+        stored[self.row_index, self.pos] = x[:, 0].to(stored.dtype)
+        return stored[self.row_index, self.pos - 1].unsqueeze(1)
 
     def insert_kv(self, layer, k, v):
         keys, values = self.cache.k[layer], self.cache.v[layer]

@@ -9,11 +9,23 @@ Features (as nanochat):
 - untied embedding and lm_head; vocabulary padded to a multiple of 64 (logits are sliced back)
 - logit soft-capping: 15 * tanh(logits / 15)
 
+Options, each a GPTConfig field whose default leaves the model above ("classic") as it was;
+RECIPE_2026 turns on all of upstream nanochat's 2026 model (karpathy/nanochat 92d63d4):
+- window_pattern: sliding-window attention on the layers marked S (a quarter of the context)
+- value_embeds: token embeddings added to the values of alternating layers, gated by the input
+- lambdas: learnable per-layer scales of the residual stream and of the embedding mixed back in
+- smear: each token's embedding takes in the previous token's, gated (cheap bigram information)
+- backout: a learnable share of the mid-layer residual taken out before the final norm
+- qk_scale, rope_base: sharper attention, longer rotary wavelengths
+- init "2026": upstream's current initialisation (GPT.init_weights)
+
 Generation goes through a KV cache (the KVCache protocol below): prefill the prompt in one forward,
 then one token per forward.
 
-The same code runs on every device. Two hooks let an inference model take other forms of two
-operations (nanochat.cpu sets them per instance on the model it loads):
+The same code runs on every device, with one exception: where flash attention is installed and
+runs (nanochat.flash_attention: CUDA, fp16/bf16), attention without a per-row mask goes through it.
+Two hooks let an inference model take other forms of two operations (nanochat.cpu sets them per
+instance on the model it loads):
 - CausalSelfAttention.attend(q, k, v, mask): the attention; SDPA (causal_attention) by default.
 - GPT.cap(logits): the logit soft cap of forward's output; softcap by default.
 
@@ -33,12 +45,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat import loss
+from nanochat import flash_attention, loss
 
 LOGIT_SOFTCAP = 15.0
 VOCAB_MULTIPLE = 64  # pad the embedding/lm_head rows so matmuls hit aligned shapes
 ROTARY_HEADROOM = 10  # rotary tables cover 10x sequence_len, so generation can run past training length
-ROTARY_BASE = 10000
+VE_GATE_CHANNELS = 12  # the value embeddings' gate reads this many channels of the block's input (upstream)
+SMEAR_CHANNELS = 24  # the smear gate reads this many channels of the token's embedding (upstream)
+INITS = ("classic", "2026")
+
+# upstream nanochat's model of 2026 (scripts/base_train.py's defaults and nanochat/gpt.py at 92d63d4)
+RECIPE_2026 = {"window_pattern": "SSSL", "value_embeds": True, "lambdas": True, "smear": True, "backout": True,
+               "qk_scale": 1.2, "rope_base": 100000.0, "init": "2026"}
 
 
 def norm(x):
@@ -46,7 +64,7 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_tables(num_positions, head_dim, base=ROTARY_BASE, device=None):
+def rotary_tables(num_positions, head_dim, base, device=None):
     """cos and sin of shape (num_positions, head_dim // 2), computed in fp32."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     angles = torch.outer(torch.arange(num_positions, dtype=torch.float32, device=device), inv_freq)
@@ -62,19 +80,26 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache(Protocol):
-    """What a forward needs of a KV cache: the model calls get_pos once, then insert_kv and reads
-    attn_mask once per layer, then advance once. The engine's RowCache views are the batched one."""
+    """What a forward needs of a KV cache: the model calls get_pos and reads attn_mask once, calls
+    insert_embedding once if it has the smear option, insert_kv once per layer, then advance once.
+    The engine's RowCache views are the batched one."""
 
-    # None: every row at the same position, plain causal attention over the cache; else the boolean
-    # (B, 1, T, keys) mask of the keys each query sees
+    # None: every row at the same position, the queries the last T of the keys (plain causal
+    # attention over the cache); else the boolean (B, 1, T, keys) mask of the keys each query sees.
+    # The model adds its sliding windows to either.
     attn_mask: torch.Tensor | None
 
     def get_pos(self) -> int | torch.Tensor:
-        """The rotary offset of this forward: an int for every row, or a (B,) tensor, a position per row."""
+        """The rotary offset of this forward: an int for every row, or a (B,) tensor, a position per
+        row (never 0: such rows have been prefilled)."""
+
+    def insert_embedding(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Stores this forward's token embeddings x (B, T, n_embd); returns each row's embedding of
+        the token before them (B, 1, n_embd), or None where the rows start at position 0."""
 
     def insert_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores this forward's k, v (B, n_kv_head, T, head_dim) of a layer; returns the keys and
-        values its queries attend to."""
+        values its queries attend to: those of each row's positions from 0 on."""
 
     def advance(self, num_tokens: int) -> None:
         """Moves past the num_tokens positions this forward fed."""
@@ -82,8 +107,8 @@ class KVCache(Protocol):
 
 def causal_attention(q, k, v, mask=None):
     """SDPA where the Tq queries are the last Tq of the Tk key positions; any earlier keys are a
-    cached prefix that every query sees in full. A boolean `mask` (B, 1, Tq, Tk), given by a cache
-    whose rows are at different positions, says instead which keys each query sees."""
+    cached prefix that every query sees in full. A boolean `mask` ((Tq, Tk), or (B, 1, Tq, Tk) from
+    a cache whose rows are at different positions) says instead which keys each query sees."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
     if mask is not None:
@@ -96,6 +121,37 @@ def causal_attention(q, k, v, mask=None):
     # query i (at absolute position Tk - Tq + i) may see keys 0..Tk - Tq + i.
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def window_mask(window, Tq, Tk, pos=None, base=None, device=None):
+    """Which of Tk keys each of Tq queries sees under a sliding window: itself and the `window` keys
+    before it (window + 1 in all, as flash attention's window_size=(window, 0)), none after it.
+    Without `base` the queries are the last Tq of the keys: (Tq, Tk). With a cache's mask `base`
+    (B, 1, Tq, Tk) row b's queries are at pos[b] on, and the result is base's keys in the window."""
+    if base is None:
+        query = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    else:
+        query = (pos[:, None] + torch.arange(Tq, device=device))[:, None, :, None]
+    key = torch.arange(Tk, device=device)
+    mask = (key <= query) & (key >= query - window)
+    return mask if base is None else mask & base
+
+
+class AttentionMasks:
+    """The attention masks of one forward: the KV cache's mask (`base`; None without a cache or with
+    every row at one position) and, per sliding window, that mask with the window added, built when
+    the first layer of that window asks for it and shared by the others."""
+
+    def __init__(self, pos=0, base=None):
+        self.pos, self.base, self.windowed = pos, base, {}
+
+    def get(self, window, Tq, Tk, device):
+        """The mask of a layer of `window` (None: full context) for causal_attention."""
+        if window is None or window >= Tk - 1:  # the window reaches back past the first key
+            return self.base
+        if window not in self.windowed:
+            self.windowed[window] = window_mask(window, Tq, Tk, self.pos, self.base, device)
+        return self.windowed[window]
 
 
 def softcap(logits):
@@ -112,34 +168,44 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
+        self.window = config.windows[layer_idx]
+        self.qk_scale = config.qk_scale
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.c_qkv = None  # for inference, c_q, c_k and c_v as one layer (see fuse_qkv)
+        if layer_idx in config.value_embed_layers:
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, masks, ve=None, kv_cache=None):
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        mask = None
+        if ve is not None:  # the value embeddings (B, T, kv dims) of the tokens, each head gated in (0, 3) by x
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS])).transpose(1, 2).unsqueeze(-1)
+            v = v + gate * ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2).to(v.dtype)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-            mask = kv_cache.attn_mask
-        y = self.attend(q, k, v, mask)
+        if masks.base is None and (flash := flash_attention.kernel(q)) is not None:
+            y = flash_attention.attention(flash, q, k, v, self.window)
+        else:
+            y = self.attend(q, k, v, masks.get(self.window, T, k.size(2), q.device))
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def project(self, x, cos, sin):
-        """Queries, keys (rotated, normed) and values of x: (B, heads, T, head_dim) each."""
+        """Queries, keys (rotated, normed, scaled by qk_scale) and values of x: (B, heads, T, head_dim) each."""
         B, T, _ = x.shape
         if self.c_qkv is None:
             q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
             k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-            return norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin)), v
-        # one matmul; the query and key heads sit side by side, so one rotary and one norm take both
-        qkv = self.c_qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
-        q, k = norm(apply_rotary(qk, cos, sin)).split([self.n_head, self.n_kv_head], dim=1)
+            q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        else:  # one matmul; the query and key heads sit side by side, so one rotary and one norm take both
+            qkv = self.c_qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+            q, k = norm(apply_rotary(qk, cos, sin)).split([self.n_head, self.n_kv_head], dim=1)
+        if self.qk_scale != 1.0:  # the scores grow by its square: sharper attention
+            q, k = q * self.qk_scale, k * self.qk_scale
         return q, k, v
 
     def fuse_qkv(self):
@@ -168,8 +234,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, masks, ve=None, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, masks, ve, kv_cache)
         return x + self.mlp(norm(x))
 
 
@@ -181,6 +247,15 @@ class GPTConfig:
     n_head: int = 10  # query heads; head_dim = n_embd // n_head
     n_kv_head: int = 10  # key/value heads: equal to n_head, or a divisor of it for GQA
     n_embd: int = 1280
+    # The options (module docstring); these defaults are the classic model, RECIPE_2026 upstream's.
+    window_pattern: str = "L"  # tiled over the layers, the last always L: S a short window, L the full context
+    value_embeds: bool = False
+    lambdas: bool = False
+    smear: bool = False
+    backout: bool = False
+    qk_scale: float = 1.0
+    rope_base: float = 10000.0
+    init: str = "classic"  # or "2026"
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -189,19 +264,45 @@ class GPTConfig:
             raise ValueError(f"n_kv_head {self.n_kv_head} does not divide n_head {self.n_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise ValueError(f"window_pattern {self.window_pattern!r}: expected letters S (short window) and L (full context)")
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r}: expected one of {', '.join(INITS)}")
+        if self.qk_scale <= 0 or self.rope_base <= 1:
+            raise ValueError(f"qk_scale {self.qk_scale} must be positive and rope_base {self.rope_base} above 1")
 
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
 
+    @property
+    def short_window(self):
+        """The keys before a query that an S layer's query sees as well: a quarter of the context,
+        rounded up to a multiple of 128 (flash attention's tile), at most the context (upstream)."""
+        return min(math.ceil(self.sequence_len / 4 / 128) * 128, self.sequence_len)
+
+    @property
+    def windows(self):
+        """Each layer's window: short_window (S), or None (L: every key before the query; upstream's
+        window of sequence_len, which is the same within the training context)."""
+        pattern = self.window_pattern
+        windows = [self.short_window if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
+        return windows[:-1] + [None]
+
+    @property
+    def value_embed_layers(self):
+        """The layers with value embeddings: every other one, ending with the last (upstream)."""
+        return [i for i in range(self.n_layer) if self.value_embeds and i % 2 == (self.n_layer - 1) % 2]
+
     @classmethod
-    def from_depth(cls, depth, vocab_size, sequence_len, head_dim=128, aspect_ratio=64, n_kv_head=None):
+    def from_depth(cls, depth, vocab_size, sequence_len, head_dim=128, aspect_ratio=64, n_kv_head=None, **options):
         """nanochat's sizing rule: width = aspect_ratio * depth, rounded up to whole heads of
-        head_dim (tiny presets pass a smaller head_dim). n_kv_head defaults to n_head (no GQA)."""
+        head_dim (tiny presets pass a smaller head_dim). n_kv_head defaults to n_head (no GQA).
+        `options`: the model options (window_pattern, ..., init), as GPTConfig's fields."""
         n_embd = math.ceil(aspect_ratio * depth / head_dim) * head_dim
         n_head = n_embd // head_dim
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                   n_kv_head=n_kv_head or n_head, n_embd=n_embd)
+                   n_kv_head=n_kv_head or n_head, n_embd=n_embd, **options)
 
 
 class GPT(nn.Module):
@@ -218,6 +319,18 @@ class GPT(nn.Module):
                 "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             })
             self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+            # the options' parameters exist only where the option is on
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+                                               for i in config.value_embed_layers})
+            if config.lambdas:
+                self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+                self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+            if config.smear:
+                self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+                self.smear_lambda = nn.Parameter(torch.empty(1))
+            if config.backout:
+                self.backout_lambda = nn.Parameter(torch.empty(1))
             # Not saved in checkpoints: rebuilt from the config by init_weights().
             rotary_len = ROTARY_HEADROOM * config.sequence_len
             self.register_buffer("cos", torch.empty(rotary_len, config.head_dim // 2), persistent=False)
@@ -229,16 +342,38 @@ class GPT(nn.Module):
     def init_weights(self):
         """nanochat's init: embedding N(0, 1); lm_head N(0, 0.001); the input projections uniform
         with the std of N(0, 1/n_embd) (uniform has no outliers); the output projections of
-        attention and MLP zero, so every block starts as the identity."""
-        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        attention and MLP zero, so every block starts as the identity. Init "2026" (upstream's now)
+        draws the embedding with std 0.8 and the MLP's c_fc within 0.4 times the bound, and starts
+        the lambdas on ramps over depth (resid 1.15 -> 1.05, x0 0.20 -> 0.05) where classic starts
+        them neutral (1, 0). Either way, drawn after the weights above as upstream draws them: the
+        smear gate uniform in [0, 0.02] with smear_lambda 0, backout_lambda 0.2, the value
+        embeddings as c_v, their gates uniform in [0, 0.02]."""
+        c = self.config
+        modern = c.init == "2026"
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if modern else 1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        bound = math.sqrt(3) / math.sqrt(self.config.n_embd)
+        bound = math.sqrt(3) / math.sqrt(c.n_embd)
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 torch.nn.init.uniform_(linear.weight, -bound, bound)
+            fc_bound = 0.4 * bound if modern else bound
+            torch.nn.init.uniform_(block.mlp.c_fc.weight, -fc_bound, fc_bound)
             torch.nn.init.zeros_(block.attn.c_proj.weight)
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
-        cos, sin = rotary_tables(self.cos.size(0), self.config.head_dim, device=self.cos.device)
+        if c.lambdas:
+            depth = [i / max(c.n_layer - 1, 1) for i in range(c.n_layer)]
+            self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * d if modern else 1.0 for d in depth]))
+            self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * d if modern else 0.0 for d in depth]))
+        if c.smear:
+            torch.nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            torch.nn.init.zeros_(self.smear_lambda)
+        if c.backout:
+            torch.nn.init.constant_(self.backout_lambda, 0.2)
+        for embedding in self.value_embeds.values():
+            torch.nn.init.uniform_(embedding.weight, -bound, bound)
+        for i in c.value_embed_layers:
+            torch.nn.init.uniform_(self.transformer.h[i].attn.ve_gate.weight, 0.0, 0.02)
+        cos, sin = rotary_tables(self.cos.size(0), c.head_dim, c.rope_base, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -248,11 +383,23 @@ class GPT(nn.Module):
         which spares the vocabulary projection of every other position. With targets (B, T; -1 =
         ignore): the cross-entropy in fp32, a scalar ('mean'/'sum') or (B, T) ('none')."""
         B, T = idx.shape
-        cos, sin = self.rotary(0 if kv_cache is None else kv_cache.get_pos(), T)
+        pos = 0 if kv_cache is None else kv_cache.get_pos()
+        cos, sin = self.rotary(pos, T)
+        masks = AttentionMasks(pos, None if kv_cache is None else kv_cache.attn_mask)
 
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        if self.config.smear:
+            x = self.smear(x, None if kv_cache is None else kv_cache.insert_embedding(x))
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            if self.config.lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, masks, ve, kv_cache)
+            if i == self.config.n_layer // 2:
+                mid = x
+        if self.config.backout:
+            x = x - self.backout_lambda * mid
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
@@ -267,6 +414,15 @@ class GPT(nn.Module):
         losses = loss.cross_entropy(x.reshape(B * T, -1), w, targets.reshape(B * T), loss_reduction,
                                     loss.chunk_sizes(x.device.type), LOGIT_SOFTCAP)
         return losses.view(B, T) if loss_reduction == "none" else losses
+
+    def smear(self, x, previous=None):
+        """The token embeddings x (B, T, C), each plus the previous token's times smear_lambda *
+        sigmoid(a gate of its own first channels). `previous` (B, 1, C): the embedding of the token
+        before x[:, 0] (from a KV cache); None: x[:, 0] starts its sequence and takes nothing."""
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        if previous is None:
+            return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
+        return x + gate * torch.cat([previous.to(x.dtype), x[:, :-1]], dim=1)
 
     def fuse_qkv(self):
         """The model (in place) with each attention's c_q, c_k and c_v as one layer, for inference:
@@ -289,11 +445,18 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def scaling_params(self):
+        """The parameters that the param:data ratio counts, as upstream counts them: the blocks'
+        matrices and the lm_head (no embeddings, no scalars)."""
+        return sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
+
     def estimate_flops(self):
         """Training FLOPs per token (forward + backward), as nanochat and the PaLM paper count them:
-        6 per matmul weight (2 forward, 4 backward; the embedding is a lookup, not a matmul), plus
-        12 * L * H * D * T for the attention scores and the weighted sum of values (the causal
-        mask is not discounted)."""
+        6 per matmul weight (2 forward, 4 backward; every 2-D weight but the embeddings, which are
+        lookups), plus 12 * H * D * min(window, T) per layer for the attention scores and the
+        weighted sum of values (the causal mask is not discounted)."""
         c = self.config
-        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
-        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        embeddings = [self.transformer.wte, *self.value_embeds.values()]
+        matmul_params = sum(p.numel() for p in self.parameters() if p.dim() == 2) - sum(e.weight.numel() for e in embeddings)
+        keys = sum(c.sequence_len if window is None else min(window, c.sequence_len) for window in c.windows)
+        return 6 * matmul_params + 12 * c.n_head * c.head_dim * keys

@@ -9,8 +9,9 @@ from nanochat.cpu import kernels
 
 
 def decode_attention(q, k, v, mask=None):
-    """Attention of one query per row (B, H, 1, D) over its keys (B, Hkv, Tk, D), `mask` (B, 1, 1, Tk)
-    saying which it sees (all if None): two batched matmuls with fp32 scores, as SDPA computes them.
+    """Attention of one query per row (B, H, 1, D) over its keys (B, Hkv, Tk, D), `mask` saying which
+    it sees (all if None): (B, 1, 1, Tk) for rows at their own positions, or (1, Tk), a sliding
+    window over rows at one position. Two batched matmuls with fp32 scores, as SDPA computes them.
     In bf16 on CPU faster than SDPA's kernel at decode sizes; in fp32 slower (figures in
     docs/ARCHITECTURE.md)."""
     B, H, _, D = q.shape

@@ -1,0 +1,43 @@
+"""Flash attention for the model's causal attention where a build of it is installed and can run: FA3
+(`flash_attn_interface`, built from flash-attention's hopper/ directory) on Hopper GPUs, else FA2 (the
+`flash_attn` package) on Ampere or newer, in fp16 or bf16. Neither is a dependency of nanochat: without
+them, and on every other device or dtype, the model attends with SDPA (nanochat.gpt.causal_attention).
+
+Both take a sliding window as window_size=(left, right): a query at position i sees the keys
+i - left .. i + right, so a window of N admits N + 1 keys, as nanochat.gpt's window masks do. With
+causal=True and fewer queries than keys, the queries are the last ones (a cached prefix before them).
+"""
+
+import torch
+
+try:
+    from flash_attn_interface import flash_attn_func as fa3
+except ImportError:  # not installed, or built for another torch
+    fa3 = None
+try:
+    from flash_attn import flash_attn_func as fa2
+except ImportError:
+    fa2 = None
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def kernel(q):
+    """The flash attention function that runs the attention of q (B, heads, T, head_dim), or None."""
+    if (fa3 is None and fa2 is None) or not q.is_cuda or q.dtype not in HALF:
+        return None
+    major, _ = torch.cuda.get_device_capability(q.device)
+    if fa3 is not None and major == 9:
+        return fa3
+    return fa2 if fa2 is not None and major >= 8 else None
+
+
+def attention(function, q, k, v, window=None):
+    """Causal attention by `function` (a kernel() result) of the queries q (B, H, Tq, D), the last Tq
+    positions of the keys k, v (B, Hkv, Tk, D), each seeing at most `window` keys before it (None:
+    all). Same layout in and out as SDPA; flash attention's own is (B, T, heads, D)."""
+    out = function(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                   window_size=(-1 if window is None else window, 0))
+    if isinstance(out, tuple):  # FA3 builds before 2025 also return the softmax's log-sum-exp
+        out = out[0]
+    return out.transpose(1, 2)
