@@ -8,8 +8,9 @@ one cropped to fill the row exactly. No padding; every row starts with BOS. See
 `BestFitBuffer` for the rule.
 
 `ConversationLoader` renders a task's conversations (rank r takes items r, r+W, ...) and either
-packs them best-fit into rows (midtraining) or puts one per row padded to the batch's longest
-(SFT). Targets are -1 wherever the model is not trained (user text, tool output, padding).
+packs whole conversations best-fit into rows (mid_train and chat_sft, as upstream's SFT) or puts
+one per row padded to the batch's longest. Targets are -1 wherever the model is not trained (user
+text, tool output, padding).
 
 Both are iterators of `(inputs, targets)`, int64 tensors of shape (B, T) with targets shifted by
 one, and resume exactly: `state_dict()` is small JSON data (a cursor plus references to the
@@ -325,15 +326,19 @@ def pretrain_loader(tokenizer, B, T, split, data=None, num_shards=-1, storage_ur
 
 
 class ConversationLoader:
-    """Batches of rendered conversations for midtraining (mode='pack') or SFT (mode='pad').
+    """Batches of rendered conversations, packed (mode='pack') or padded (mode='pad').
 
     task        any sequence of conversations (`len(task)`, `task[i]`), deterministic per index
-    mode        'pack': conversations best-fit into rows of T+1; when none fits the rest of a
-                row, it is padded (a conversation is never split across rows).
+    mode        'pack': rows of T+1 tokens filled best-fit (`BestFitBuffer`), each time with the
+                largest buffered conversation that fits the rest of the row; only when none fits
+                is the rest padded. A conversation is never split across rows, and each starts
+                with BOS. (Upstream's SFT packs the same way.)
                 'pad': one conversation per row, the batch padded to its longest row.
                 Inputs are padded with BOS, targets with -1.
-    B, T        rows per batch, and the row length is at most T+1 tokens: longer conversations
-                are cropped to T+1 and counted in `stats['cropped']`
+    B, T        rows per batch, and the row length is at most T+1 tokens: a longer conversation
+                keeps its first T+1 tokens, a row of its own (upstream renders at most 2048
+                tokens of one, for rows of 2049); the rest is never trained on. Counted in
+                `stats['cropped']`.
     rank, world_size   rank r takes items r, r+W, ... (default from torch.distributed)
     epochs      passes over the task; None = forever. The last batch may have fewer rows.
     buffer_size conversations kept for best fit (pack mode)

@@ -48,9 +48,10 @@ class TaskSequence(Task):
 
 
 class TaskMixture(TaskSequence):
-    """The tasks' examples interleaved in a fixed pseudo-random order (`seed`). `weights[k]` scales how
-    many examples task k contributes: 2 = every example twice, 0.5 = a fixed random half, 1 (the
-    default) = each once (listing a task twice is the same as weight 2)."""
+    """The tasks' examples interleaved in a fixed pseudo-random order (`seed`). `weights[k]` is task k's
+    epochs in the mixture, the passes over it: 2 = every example twice, 0.5 = a fixed random half,
+    1 (the default) = each once (listing a task twice is the same as weight 2, as upstream lists one
+    per epoch)."""
 
     def __init__(self, tasks, weights=None, seed=42, **kwargs):
         tasks = list(tasks)

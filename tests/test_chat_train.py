@@ -1,7 +1,8 @@
 """mid_train and chat_sft on a tiny base model: validation on assistant text improves, each step's
-token count is the assistant tokens it trained on (padding and prompts left out), the user's identity
-conversations replace nanochat's in the mixture, and a crashed or killed run resumes to the state an
-uninterrupted one ends in."""
+token count is the assistant tokens it trained on (padding and prompts left out), ChatCORE is measured
+during training, the optimizer can start from the upstream stage's, the user's identity conversations
+replace nanochat's in the mixture, and a crashed or killed run resumes to the state an uninterrupted
+one ends in."""
 
 import json
 import shutil
@@ -12,11 +13,13 @@ import torch
 from nanochat import checkpoint, presets, training_options
 from nanochat import stage as contract
 from nanochat.dataloader import ConversationLoader
-from nanochat.stages import chat_sft
+from nanochat.optim import setup_optimizers
+from nanochat.stages import _finetune, chat_sft
 from nanochat.stages import mid_train as mid_train_stage
+from tasks import catalog
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
-from tests.support.resume import assert_same_final_checkpoint, kill_after_checkpoint
+from tests.support.resume import assert_same_final_checkpoint, final_checkpoint, kill_after_checkpoint
 from tests.support.stagerun import stage
 
 
@@ -24,10 +27,15 @@ def summary(run, name):
     return json.loads((run / name / "stage.json").read_text())
 
 
+def records(run, name, key):
+    """The metrics records of `name` that hold `key`."""
+    lines = (run / name / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
+
+
 def steps(run, name):
     """The metrics records of the training steps."""
-    lines = (run / name / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return records(run, name, "loss")
 
 
 def losses(run, name):
@@ -79,12 +87,17 @@ def mid_run(tiny_base_run, tiny_env, tmp_path_factory):
     return run
 
 
+CHATCORE = ["--chatcore-every", "5", "--chatcore-max-problems", "4", "--chatcore-max-generative", "2",
+            "--chatcore-max-new-tokens", "8"]
+
+
 @pytest.fixture(scope="module")
 def sft_run(mid_run, tiny_env, tmp_path_factory):
-    """mid_run with chat_sft done: one process, deterministic, the preset's 10 steps."""
+    """mid_run with chat_sft done: one process, deterministic, the preset's 10 steps, packed rows,
+    ChatCORE measured at step 5."""
     run = tmp_path_factory.mktemp("sft") / "run"
     shutil.copytree(mid_run, run)
-    stage("nanochat.stages.chat_sft", run, tiny_env, "--deterministic")
+    stage("nanochat.stages.chat_sft", run, tiny_env, "--deterministic", "--rows", "pack", *CHATCORE)
     return run
 
 
@@ -108,14 +121,22 @@ def test_mid_then_sft_learn_the_assistant_turns(sft_run, tiny_env, tmp_path, mon
     sft = summary(run, "chat_sft")
     assert sft["inputs"]["checkpoint"]["uri"].startswith(summary(run, "mid_train")["outputs"]["checkpoint"]["uri"].rsplit("/", 1)[0])
     assert sft["metrics"]["steps"] == 10 and sft["metrics"]["val_bpb"] > 0
-    # padded rows: the padding is not counted (a step's rows hold far fewer tokens than their capacity)
-    oracle = trained_tokens(loader_batches(run, chat_sft, "mid_train", "pad", 1, 10))
-    records = steps(run, "chat_sft")
-    assert [r["tokens"] for r in records] == oracle and sft["metrics"]["tokens"] == sum(oracle)
+    # packed rows: the prompts and padding are not counted (a step's rows hold fewer trained tokens than their capacity)
+    oracle = trained_tokens(loader_batches(run, chat_sft, "mid_train", "pack", 1, 10))
+    sft_steps = steps(run, "chat_sft")
+    assert [r["tokens"] for r in sft_steps] == oracle and sft["metrics"]["tokens"] == sum(oracle)
     assert sum(oracle) < 10 * presets.get("tiny", "chat_sft")["total_batch_size"]
-    for r in records:
+    for r in sft_steps:
         assert r["tok_per_s"] == pytest.approx(r["tokens"] / r["train_time_s"])
         assert r["step_time_s"] == pytest.approx(r["batch_time_s"] + r["train_time_s"])
+    # ChatCORE during training, at step 5 (as base_train's CORE: between steps): each of chat_eval's tasks
+    # scored, the score their accuracies centered by chance; stage.json leaves ChatCORE to chat_eval
+    [measured] = records(run, "chat_sft", "chatcore")
+    accuracies = {t: measured[f"chatcore/{t}"] for t in catalog.BASELINES}
+    assert measured["step"] == 5 and all(0 <= a <= 1 for a in accuracies.values())
+    centered = [(a - catalog.BASELINES[t]) / (1 - catalog.BASELINES[t]) for t, a in accuracies.items()]
+    assert measured["chatcore"] == pytest.approx(sum(centered) / len(centered))
+    assert "chatcore" not in sft["metrics"]
     # chat_eval on 2 processes: every task scored on its 4 problems, ChatCORE from the accuracies
     stage("nanochat.stages.chat_eval", run, tiny_env, "--source", "sft", "-a", "ARC-Easy,MMLU,GSM8K,SpellingBee", nproc=2)
     metrics = summary(run, "chat_eval_sft")["metrics"]
@@ -126,7 +147,22 @@ def test_mid_then_sft_learn_the_assistant_turns(sft_run, tiny_env, tmp_path, mon
     assert bad.returncode == 1 and "-a: unknown task 'Jeopardy'; choose from ARC-Easy" in bad.stderr
 
 
-def test_identity_conversations_replace_nanochats(tiny_base_run, tiny_env, shared_data, tmp_path, monkeypatch):
+def assert_same_state(got, want):
+    """Two nested optimizer states hold the same values, tensors bit for bit."""
+    if isinstance(want, torch.Tensor):
+        assert torch.equal(got, want)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_same_state(got[key], want[key])
+    else:
+        assert got == want
+
+
+def test_identity_conversations_and_warm_start(tiny_base_run, tiny_env, shared_data, tmp_path, monkeypatch):
+    """The user's identity conversations replace nanochat's in the mixture, --identity-weight epochs of
+    them; with --warm-start-optimizer the optimizer starts from base_train's final state (a run of 0
+    steps checkpoints it as it started) under mid_train's own learning rates."""
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
     for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
@@ -136,15 +172,36 @@ def test_identity_conversations_replace_nanochats(tiny_base_run, tiny_env, share
     identity = tmp_path / "me.jsonl"
     conversation = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Tinybot."}]
     identity.write_text("\n".join(json.dumps(conversation) for _ in range(7)) + "\n")
-    stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1", "--identity", str(identity), "--identity-weight", "3")
+    halves = {name: value / 2 for name, value in presets.get("tiny", "mid_train").items() if name.endswith("_lr")}
+    stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "0", "--identity", str(identity), "--identity-weight", "3",
+          "--warm-start-optimizer", *(f"--{name.replace('_', '-')}={value}" for name, value in halves.items()))
     nanochats = sum(1 for _ in open(shared_data / "identity_conversations.jsonl"))
     weight = presets.get("tiny", "mid_train")["identity_weight"]
     assert summary(run, "mid_train")["metrics"]["conversations"] == plain - weight * nanochats + 21  # yours replace them
+    _, base, _ = checkpoint.load(str(final_checkpoint(run, "base_train")))
+    _, mid, _ = checkpoint.load(str(final_checkpoint(run, "mid_train")))
+    assert summary(run, "mid_train")["metrics"]["steps"] == 0 and base["state"]
+    assert_same_state(mid["state"], base["state"])
+    model, _, _ = checkpoint.load_model(str(final_checkpoint(run, "mid_train")))
+    own = setup_optimizers(model, **halves).state_dict()["param_groups"]
+    for got, want, upstream in zip(mid["param_groups"], own, base["param_groups"], strict=True):
+        assert got["lr"] == got["initial_lr"] == want["initial_lr"] != upstream["initial_lr"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps([{"role": "assistant", "content": "hi"}]) + "\n")
     shutil.rmtree(run / "mid_train")
     done = stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1", "--identity", str(bad), check=False)
     assert done.returncode != 0 and "bad.jsonl" in done.stderr
+
+
+def test_warm_start_needs_the_upstreams_processes(mid_run):
+    """Each process takes its own rank's optimizer state, so a warm start from a checkpoint of 2 processes
+    is refused to 1, naming both."""
+    source = contract.upstream_checkpoint(str(mid_run), "mid_train")
+    model, _, _ = checkpoint.load_model(source)
+    optimizer = setup_optimizers(model)
+    with pytest.raises(contract.StageError, match=r"holds the optimizer state of 2 processes and this stage runs 1; "
+                                                  r"run it with --nproc_per_node 2"):
+        _finetune.warm_start(optimizer, source, rank=0, world_size=1)
 
 
 def test_task_weights_and_smoltalk_length_limit(shared_data, tmp_path, monkeypatch):
@@ -184,6 +241,8 @@ def test_killed_mid_train_resumes_bit_identical(mid_run, tiny_base_run, tiny_env
 
 
 def test_crashed_sft_resumes_to_the_same_state(sft_run, mid_run, tiny_env, tmp_path):
+    """The reference measured ChatCORE at step 5 and the crashed run does not: the same final state
+    also shows that measuring it leaves training as it was."""
     runs = {"reference": sft_run, "crashed": tmp_path / "run"}
     shutil.copytree(mid_run, runs["crashed"])
     crashed = stage("nanochat.stages.chat_sft", runs["crashed"], {**tiny_env, "NANOCHAT_FAULT": "chat_sft:7"}, "--deterministic",

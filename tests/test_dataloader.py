@@ -346,42 +346,45 @@ def test_sft_pad_masks(tok, task):
     assert list(ids[start + 1:start + 1 + len(out)]) == out and (targets[start - 1:start + len(out) + 1] == -1).all()
 
 
-def test_midtrain_pack_masks(tok, task):
-    """Packed rows hold whole conversations (BOS-aligned) then padding; targets follow each
-    conversation's mask and are -1 on padding."""
-    T = 127
-    loader = ConversationLoader(tok, task, 2, T, mode="pack", epochs=1, buffer_size=8)
-    rendered = [expected_targets(tok, c, T) for c in task]
-    seen = []
+@pytest.mark.parametrize("buffer_size", [5, 100])
+def test_pack_places_every_conversation_whole_once(tok, task, buffer_size):
+    """Packed rows (what mid_train and chat_sft train on), against an oracle built from the rows'
+    inputs: every conversation's tokens exactly once in a pass, whole, in order and in one row, its
+    targets its mask's; one longer than a row is its first T+1 tokens, a row of its own; padding
+    (BOS in, -1 out) only at the end of a row, and shorter than every conversation then buffered
+    (the loader buffers in task order, buffer_size ahead of what it placed): nothing fitted."""
+    T = 70
+    loader = ConversationLoader(tok, task, 3, T, mode="pack", epochs=1, buffer_size=buffer_size)
+    rendered = [expected_targets(tok, c, T) for c in task]  # cropped to T+1 tokens
+    lengths = [len(tok.render_conversation(c, max_tokens=1 << 30)[0]) for c in task]
+    bos = tok.bos_token_id
+    placed, rows = [], 0
     for x, y in loader:
         assert x.shape == y.shape and x.shape[1] == T
         for xr, yr in zip(x.numpy(), y.numpy()):
-            # the whole row of T+1 tokens, and tgt[j] = the target that predicts row[j]
-            row = np.append(xr, yr[-1] if yr[-1] != -1 else tok.bos_token_id)
-            tgt = np.append(-1, yr)
-            p = 0
-            while p < T + 1:
-                match = [i for i, (ids, _) in enumerate(rendered) if len(ids) <= T + 1 - p and (row[p:p + len(ids)] == ids).all()]
-                if not match:
+            want_x, want_y, p = np.full(T + 1, bos), np.full(T, -1), 0
+            while True:  # the conversation starting at p: the one not yet placed whose tokens are there
+                here = [i for i, (ids, _) in enumerate(rendered) if i not in placed and len(ids) <= T + 1 - p
+                        and (xr[p:p + len(ids)] == ids[:T - p]).all()]
+                if not here:
                     break
-                i = match[0]
+                assert len(here) == 1
+                i = here[0]
                 ids, targets = rendered[i]
-                assert tgt[p] == -1 and (tgt[p + 1:p + len(ids)] == targets).all()
-                seen.append(i)
+                if lengths[i] > T + 1:
+                    assert p == 0 and len(ids) == T + 1, "a cropped conversation fills a row of its own"
+                want_x[p:p + len(ids)] = ids
+                want_y[p:p + len(ids) - 1] = targets
+                placed.append(i)
                 p += len(ids)
-            assert p > 0 and (tgt[p:] == -1).all() and (row[p:] == tok.bos_token_id).all()
-    assert sorted(seen) == list(range(len(task))), "each conversation exactly once per pass"
-    assert loader.stats["cropped"] == 0
-
-
-def test_long_conversations_are_cropped_and_counted(tok, task):
-    T = 40
-    loader = ConversationLoader(tok, task, 3, T, mode="pack", epochs=1)
-    n_long = sum(len(tok.render_conversation(c, max_tokens=1 << 30)[0]) > T + 1 for c in task)
-    for x, y in loader:
-        assert x.shape[1] == y.shape[1] == T
-    assert n_long > 0 and loader.stats["cropped"] == n_long
-    assert loader.stats["conversations"] == len(task)
+            rows += 1
+            assert p > 0 and (xr == want_x[:T]).all() and (yr == want_y).all()
+            buffered = [i for i in range(min(len(task), len(placed) + buffer_size)) if i not in placed]
+            assert all(min(lengths[i], T + 1) > T + 1 - p for i in buffered), "padding where a conversation fitted"
+    assert sorted(placed) == list(range(len(task))), "each conversation exactly once per pass"
+    assert loader.stats["cropped"] == sum(n > T + 1 for n in lengths) > 0
+    assert loader.stats["conversations"] == len(task) and loader.stats["rows"] == rows
+    assert loader.stats["pad_tokens"] == rows * (T + 1) - sum(len(ids) for ids, _ in rendered)
 
 
 @pytest.mark.parametrize("mode", ["pack", "pad"])

@@ -1,7 +1,12 @@
 """The body of the stages that continue training a checkpoint on conversations (mid_train and
 chat_sft): their options, their fixed task mixture and the stage itself. Not a stage of its own
 (the underscore keeps it out of the `nanochat` command's list). Torch loads inside `finetune`, so a
-stage's `--help` stays light."""
+stage's `--help` stays light.
+
+Options beyond training's own: how rows are made (`--rows`: conversations packed best-fit, or one
+per row padded), a warm start from the optimizer state the upstream stage ended with, as upstream's
+chat_sft does (`--warm-start-optimizer`), and ChatCORE measured on the first problems of each of
+chat_eval's tasks every `--chatcore-every` steps (metrics.jsonl, as base_train's CORE)."""
 
 import argparse
 import itertools
@@ -10,6 +15,7 @@ import time
 
 from nanochat import stage, storage, training_options
 from nanochat.common import log
+from tasks import catalog
 from tasks.common import TaskDataError
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
@@ -29,22 +35,33 @@ def finetune_parser(stage_name, doc):
     a("--eval-conversations", type=int, help="held-out conversations for the validation loss")
     a("--identity", default=None, help="a JSONL file of your own identity/personality conversations, replacing "
       "nanochat's identity conversations")
-    a("--identity-weight", type=weight, help="how many times the identity conversations are repeated in the mixture")
-    a("--smoltalk-weight", type=weight, help="how many times each SmolTalk conversation is in the mixture "
-      "(a fraction: a fixed random share)")
+    a("--identity-weight", type=weight, help="epochs of the identity conversations in the mixture: how many times "
+      "each is in it (a fraction: a fixed random share of one pass)")
+    a("--smoltalk-weight", type=weight, help="epochs of SmolTalk in the mixture (a fraction: a fixed random share)")
     a("--smoltalk-max-chars", type=positive, help="leave out SmolTalk conversations longer than this many characters "
       "(a small model imitates long replies by never ending its own)")
-    a("--gsm8k-weight", type=weight, help="how many times each GSM8K problem is in the mixture (a fraction: a fixed "
-      "random share)")
+    a("--gsm8k-weight", type=weight, help="epochs of GSM8K in the mixture (a fraction: a fixed random share)")
+    a("--rows", choices=["pack", "pad"], help="pack: whole conversations best-fit into full rows (padded only where no "
+      "buffered conversation fits); pad: one conversation per row, each batch padded to its longest")
+    a("--warm-start-optimizer", action=argparse.BooleanOptionalAction, help="start from the optimizer state "
+      "(momentum, Adam moments) the upstream checkpoint ended with; this stage's learning rates and schedule stay its "
+      "own. Needs the upstream's number of processes")
+    a("--chatcore-every", type=int, help="steps between ChatCORE evaluations on the first problems of each of "
+      "chat_eval's tasks (-1: never)")
+    a("--chatcore-max-problems", type=int, help="problems per categorical task in those evaluations (-1: all)")
+    a("--chatcore-max-generative", type=int, help="problems per generative task in those evaluations (-1: all)")
+    a("--chatcore-max-new-tokens", type=int, help="tokens sampled per generative answer in those evaluations")
     training_options.add_options(p)
+    p.set_defaults(rows="pack", warm_start_optimizer=False, chatcore_every=-1, chatcore_max_problems=-1,
+                   chatcore_max_generative=24, chatcore_max_new_tokens=512)
     return p
 
 
 def weight(text):
-    """argparse type of a mixture weight: a finite number >= 0."""
+    """argparse type of a mixture weight, in epochs: a finite number >= 0."""
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"a weight is a number >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"a weight (epochs) is a number >= 0, got {text}")
     return value
 
 
@@ -58,8 +75,8 @@ def positive(text):
 
 def conversation_mixture(args, seed, extra=()):
     """The fixed shuffled mixture of mid_train and chat_sft, as the options of finetune_parser set
-    it: SmolTalk, the `extra` tasks (once each), GSM8K, SpellingBee and the identity conversations
-    (nanochat's, or the user's --identity file instead)."""
+    it: SmolTalk, the `extra` tasks (one epoch each), GSM8K, SpellingBee and the identity
+    conversations (nanochat's, or the user's --identity file instead), each weighted in epochs."""
     weighted = [(SmolTalk(split="train", max_chars=args.smoltalk_max_chars), args.smoltalk_weight),
                 *((task, 1) for task in extra), (GSM8K(split="train"), args.gsm8k_weight),
                 (SpellingBee(size=args.spelling_size), 1), (CustomJSON(path=args.identity), args.identity_weight)]
@@ -67,24 +84,21 @@ def conversation_mixture(args, seed, extra=()):
     return TaskMixture(tasks, weights=weights, seed=seed)
 
 
-def finetune(args, stage_name, upstream, mode, train_task):
-    """Trains the `upstream` stage's model on the conversations of `train_task` (mode 'pack' or
-    'pad', see ConversationLoader), evaluating bits per byte of the assistant tokens on SmolTalk's
-    test split; commits the stage with its final checkpoint and returns its metrics."""
+def finetune(args, stage_name, upstream, train_task):
+    """Trains the `upstream` stage's model on the conversations of `train_task` (rows as --rows
+    makes them, see ConversationLoader), evaluating bits per byte of the assistant tokens on
+    SmolTalk's test split; commits the stage with its final checkpoint and returns its metrics."""
     import torch
 
     from nanochat import checkpoint, training
     from nanochat.dataloader import ConversationLoader
     from nanochat.evaluation.bpb import bits_per_byte, model_losses
-    from nanochat.optim import setup_optimizers
 
     started = time.time()
     source = args.checkpoint or stage.upstream_checkpoint(args.run, upstream)
     val_task = SmolTalk(split="test", stop=args.eval_conversations)
-    try:
-        n_conversations = len(train_task)  # loads and checks every file of the mixture
-    except (TaskDataError, OSError) as e:
-        raise stage.StageError(str(e)) from None
+    chat_tasks = {name: catalog.eval_task(name) for name in catalog.BASELINES} if args.chatcore_every > 0 else {}
+    n_conversations, *_ = read_tasks(train_task, *chat_tasks.values())
     trainer = training.Training(args, stage_name)
     model, tokenizer, meta = checkpoint.load_model(source, trainer.device)
     model.train()
@@ -92,10 +106,11 @@ def finetune(args, stage_name, upstream, mode, train_task):
     world = trainer.compute.world_size
     accum = training_options.grad_accum(args.total_batch_size, args.device_batch_size, T + 1, world)
     plan = training_options.Plan(args.num_steps, accum)
-    optimizer = setup_optimizers(model, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                 matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    optimizer = trainer.optimizer(model)
     state = trainer.resume(model, optimizer)
-    batches = ConversationLoader(tokenizer, train_task, args.device_batch_size, T, mode=mode, device=trainer.device,
+    if state is None and args.warm_start_optimizer:
+        warm_start(optimizer, source, trainer.compute.rank, world)
+    batches = ConversationLoader(tokenizer, train_task, args.device_batch_size, T, mode=args.rows, device=trainer.device,
                                  state=state)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=trainer.device)
 
@@ -108,14 +123,74 @@ def finetune(args, stage_name, upstream, mode, train_task):
         return bpb
 
     log.info("%s from %s: %d steps of %d x %d-token rows x %d processes x %d accumulation, %d conversations (%s)",
-             stage_name, source, plan.num_steps, args.device_batch_size, T + 1, world, accum, n_conversations, mode)
+             stage_name, source, plan.num_steps, args.device_batch_size, T + 1, world, accum, n_conversations, args.rows)
     if trainer.step == 0 and args.eval_every > 0:
         evaluate(0)
-    final = trainer.train(model, optimizer, batches, plan, [(args.eval_every, evaluate)],
-                          meta={"tokenizer": meta["tokenizer"]})
+    hooks = [(args.eval_every, evaluate), (args.chatcore_every, chatcore_hook(args, trainer, model, tokenizer, chat_tasks))]
+    final = trainer.train(model, optimizer, batches, plan, hooks, meta={"tokenizer": meta["tokenizer"]})
     val_bpb = evaluate(trainer.step)
     metrics = {"val_bpb": val_bpb, "conversations": n_conversations, "epochs_started": batches.epoch + 1}
     metrics = trainer.commit({"checkpoint": storage.join(source, checkpoint.MANIFEST)}, final, metrics, started)
     log.info("done: validation %.4f bits per byte of assistant text; checkpoint %s", val_bpb, final)
     trainer.close()
     return metrics
+
+
+def read_tasks(*tasks):
+    """The lengths of the tasks, read now (tasks load their files lazily): bad or missing data fails
+    the stage before any training."""
+    try:
+        return [len(task) for task in tasks]
+    except (TaskDataError, OSError) as e:
+        raise stage.StageError(str(e)) from None
+
+
+def warm_start(optimizer, source, rank, world_size):
+    """Loads into `optimizer` this rank's optimizer state of the checkpoint `source` (the momentum
+    and Adam moments the upstream stage ended with), keeping the optimizer's own hyperparameters:
+    learning rates, their schedule, betas and weight decay are this stage's. Upstream's chat_sft
+    starts so from pretraining's optimizer."""
+    from nanochat import checkpoint
+
+    saved = checkpoint.read_manifest(source)["world_size"]
+    if saved != world_size:
+        raise stage.StageError(f"--warm-start-optimizer: {source} holds the optimizer state of {saved} processes and "
+                               f"this stage runs {world_size}; run it with --nproc_per_node {saved}, or "
+                               "without --warm-start-optimizer")
+    rng = checkpoint.rng_state()
+    _, loaded, _ = checkpoint.load(source, rank=rank)  # the weights are read again but stay on the CPU
+    checkpoint.set_rng_state(rng)  # load restored the upstream's RNG state; this stage keeps its own
+    groups = optimizer.state_dict()["param_groups"]
+    layout = [(g["kind"], len(g["params"])) for g in groups]
+    if (saved_layout := [(g.get("kind"), len(g["params"])) for g in loaded["param_groups"]]) != layout:
+        raise stage.StageError(f"--warm-start-optimizer: the optimizer state in {source} has the parameter groups "
+                               f"{saved_layout} and this stage's optimizer {layout} (another optimizer recipe?)")
+    try:
+        optimizer.load_state_dict({"state": loaded["state"], "param_groups": groups})
+    except ValueError as e:
+        raise stage.StageError(f"--warm-start-optimizer: {source}: {e}") from None
+    log.info("warm start: the optimizer state of %s (this stage's learning rates)", source)
+
+
+def chatcore_hook(args, trainer, model, tokenizer, tasks):
+    """The hook measuring ChatCORE as chat_eval does (greedy answers), on the first
+    --chatcore-max-problems of each categorical task and --chatcore-max-generative of each
+    generative one; it records the score and each task's accuracy in metrics.jsonl."""
+    from nanochat.engine import Engine, SamplingParams
+    from nanochat.evaluation import chatcore
+
+    # greedy, and seeded: unseeded rows would draw their seeds from Python's global random
+    params = SamplingParams(temperature=0.0, max_tokens=args.chatcore_max_new_tokens, seed=1234)
+
+    def evaluate_chatcore(step):
+        engine = Engine(model, tokenizer)  # its cache lives for this evaluation only
+        accuracies = {}
+        for name, task in tasks.items():
+            limit = args.chatcore_max_generative if task.eval_type == "generative" else args.chatcore_max_problems
+            accuracies[name], _ = chatcore.evaluate(task, model, tokenizer, engine, trainer.device, trainer.autocast,
+                                                    limit, args.device_batch_size, params, trainer.compute.rank,
+                                                    trainer.compute.world_size)
+        score = chatcore.chatcore(accuracies, catalog.BASELINES)
+        trainer.metrics.add({"step": step, "chatcore": score, **{f"chatcore/{n}": a for n, a in accuracies.items()}})
+
+    return evaluate_chatcore

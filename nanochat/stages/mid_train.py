@@ -3,13 +3,15 @@
     torchrun --nproc_per_node 2 -m nanochat.stages.mid_train -- --run myrun --preset tiny
     python -m nanochat.stages.mid_train --run myrun --preset cpu --identity my_identity.jsonl
 
-Starts from base_train's final checkpoint in the same run (or --checkpoint). Trains on a fixed,
-shuffled mixture of SmolTalk, MMLU (dev + validation, as multiple choice), GSM8K (calculator steps as
-python tool calls), SpellingBee and the identity conversations (nanochat's, or your own --identity
-file instead, --identity-weight times; SmolTalk and GSM8K weighted and limited by the same options as
-in chat_sft), packed best-fit into rows; the loss covers assistant tokens
-only. Validation: bits per byte of assistant text on SmolTalk's test split. Checkpoints, exact resume and metrics.jsonl as in
-base_train; stage.json's `checkpoint` output is the final checkpoint.
+Starts from base_train's final checkpoint in the same run (or --checkpoint), with its optimizer
+state too if --warm-start-optimizer. Trains on a fixed, shuffled mixture of SmolTalk, MMLU (dev +
+validation, as multiple choice), GSM8K (calculator steps as python tool calls), SpellingBee and the
+identity conversations (nanochat's, or your own --identity file instead), weighted in epochs and
+limited by the same options as in chat_sft, packed best-fit into rows (--rows pad: one per row);
+the loss covers assistant tokens only. Validation: bits per byte of assistant text on SmolTalk's
+test split; with --chatcore-every N, ChatCORE on the first problems of chat_eval's tasks every N
+steps, in metrics.jsonl. Checkpoints, exact resume and metrics.jsonl as in base_train; stage.json's
+`checkpoint` output is the final checkpoint.
 """
 
 from nanochat import stage
@@ -28,7 +30,7 @@ def mixture(args):
 
 
 def main(args):
-    return _finetune.finetune(args, STAGE, "base_train", "pack", mixture(args))
+    return _finetune.finetune(args, STAGE, "base_train", mixture(args))
 
 
 if __name__ == "__main__":
