@@ -35,6 +35,16 @@ SAVED_AT = 2  # the distributed runs checkpoint after this many steps, and resum
 MUON_FIELDS = ("muoneq", "muon_plus", "normuon_beta2", "cautious")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second OpenMP thread gains nothing, and when the cores are busy (a
+    background run of the suite) the threads wait on each other, 20-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gpt_with_options():
     """A GPT with the model options' parameters, named as the model names them (value embeddings on
     layers 1 and 2 with their gates, residual and x0 lambdas, smear gate, backout). The optimizer
