@@ -117,7 +117,7 @@ def muon_update(params, grads, momentum_buffer, lr, momentum, ns_steps, weight_d
     # sqrt(rows/cols) so their RMS update matches square ones (Keller Jordan's Muon scaling).
     rows, cols = params.shape[-2:]
     scaled_lr = lr * max(1.0, rows / cols) ** 0.5
-    if cautious:  # decay only the weights the update pushes further out, at the update's rate (upstream's)
+    if cautious:  # decay only where the update also pulls the weight toward 0, at the update's rate (upstream's)
         params.sub_(params * (update * params >= 0), alpha=scaled_lr * weight_decay)
     else:
         params.mul_(1 - lr * weight_decay)
