@@ -4,6 +4,7 @@ check (determinism, semi-orthogonal first update, convergence), the schedules, a
 step (2 real gloo processes, sharded state, a resumed checkpoint) against one process."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -30,6 +31,7 @@ from tests.support.s3server import free_port
 
 # 3 layers: every Muon group holds 3 matrices, so 2 ranks own 2 and 1 (a zero-padded slot)
 CONFIG = GPTConfig(sequence_len=16, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
+OPTIONS = dataclasses.replace(CONFIG, value_embeds=True, lambdas=True, smear=True, backout=True)
 STEPS = 4
 SAVED_AT = 2  # the distributed runs checkpoint after this many steps, and resume from there
 MUON_FIELDS = ("muoneq", "muon_plus", "normuon_beta2", "cautious")
@@ -46,21 +48,10 @@ def one_thread():
 
 
 def gpt_with_options():
-    """A GPT with the model options' parameters, named as the model names them (value embeddings on
-    layers 1 and 2 with their gates, residual and x0 lambdas, smear gate, backout). The optimizer
-    finds parameters by name; these tests give every parameter its gradient directly."""
+    """The GPT with every model option that has parameters (value embeddings on layers 0 and 2 with
+    their gates, residual and x0 lambdas, smear gate, backout); the optimizer finds them by name."""
     torch.manual_seed(0)
-    model = GPT(CONFIG)
-    kv_dim = CONFIG.n_kv_head * (CONFIG.n_embd // CONFIG.n_head)
-    model.value_embeds = nn.ModuleDict({str(i): nn.Embedding(model.padded_vocab_size, kv_dim) for i in (1, 2)})
-    for i in (1, 2):
-        model.transformer.h[i].attn.ve_gate = nn.Linear(12, CONFIG.n_kv_head, bias=False)
-    model.resid_lambdas = nn.Parameter(torch.ones(CONFIG.n_layer))
-    model.x0_lambdas = nn.Parameter(torch.full((CONFIG.n_layer,), 0.1))
-    model.smear_gate = nn.Linear(24, 1, bias=False)
-    model.smear_lambda = nn.Parameter(torch.zeros(1))
-    model.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
-    return model
+    return GPT(OPTIONS)
 
 
 @pytest.mark.parametrize("shape,dtype", [((64, 64), torch.bfloat16), ((96, 32), torch.bfloat16),
@@ -132,7 +123,7 @@ def test_classic_equals_todays_optimizer_bit_for_bit():
 # (lm_head and wte: the 2026 ones under recipe 2026, today's under classic); scalar_lr=0.5
 SCALE = (CONFIG.n_embd / 768) ** -0.5
 OPTION_ADAMW = {
-    "value_embeds.1.weight": (0.2 * SCALE * 0.5, (0.8, 0.995), 0.01),
+    "value_embeds.0.weight": (0.2 * SCALE * 0.5, (0.8, 0.995), 0.01),
     "value_embeds.2.weight": (0.2 * SCALE * 0.5, (0.8, 0.995), 0.01),
     "resid_lambdas": (0.5 * 0.01, (0.8, 0.95), 0.05),
     "x0_lambdas": (0.5, (0.96, 0.95), 0.0),
