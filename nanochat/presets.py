@@ -92,21 +92,27 @@ def base_eval(**overrides):
     return {"max_per_task": -1, "eval_tokens": BASE_TRAIN["eval_tokens"], "unigram_tokens": 20_000_000, **overrides}
 
 
-# GPU presets compile the model as upstream does: pretraining and packed midtraining rows have one
-# shape; SFT rows are padded per batch, so each length would compile anew, and SFT stays eager.
+# GPU presets compile the model as upstream does: pretraining rows and packed conversation rows
+# have one shape.
 GPU_COMPILE = {"compile": True}
 
 
 def gpu_preset(depth, device_batch_size, num_shards, **base):
-    """An 8xGPU preset at `depth`: the 2026 recipe, the device batch sizes upstream's scripts set for
-    80 GB GPUs, and as many pretraining shards as the original speedrun scripts downloaded."""
-    return {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000}, "download": {"num_shards": num_shards},
+    """An 8xGPU preset at `depth`: the 2026 recipe on ClimbMix, the device batch sizes upstream's
+    scripts set for 80 GB GPUs, and `num_shards` ClimbMix shards: the horizon's tokens at about 47M
+    tokens a shard (upstream's dev/LOG.md: 150 shards are about 7B tokens), plus some to spare."""
+    return {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000},
+            "download": {"num_shards": num_shards, "source": "climbmix"},  # ClimbMix: README leaderboard, 2.76 -> 2.02 h
             "base_train": base_train(**{**GPU_COMPILE, **RECIPE_2026, "depth": depth,
                                         "device_batch_size": device_batch_size, "num_shards": num_shards, **base}),
             "base_eval": base_eval(device_batch_size=device_batch_size, num_shards=num_shards),
             "mid_train": mid_train(**GPU_COMPILE, optimizer_recipe="2026", device_batch_size=device_batch_size,
                                    total_batch_size=524544, num_steps=800),
-            "chat_sft": chat_sft(optimizer_recipe="2026", device_batch_size=4, total_batch_size=65568, num_steps=700),
+            # scripts/chat_sft.py: --load-optimizer 1, ChatCORE every 200 steps on up to 24 problems
+            # of each generative task (and every categorical one), 512 new tokens
+            "chat_sft": chat_sft(**GPU_COMPILE, optimizer_recipe="2026", device_batch_size=4, total_batch_size=65568,
+                                 num_steps=700, warm_start_optimizer=True, chatcore_every=200, chatcore_max_problems=-1,
+                                 chatcore_max_generative=24, chatcore_max_new_tokens=512),
             "chat_eval": CHAT_EVAL,
             "chat_rl": chat_rl(optimizer_recipe="2026")}
 
@@ -116,16 +122,19 @@ PRESETS = {
         "tok_train": {"vocab_size": 2048, "max_chars": 5_000_000, "doc_cap": 10_000},
         "tok_eval": {"max_docs": 200},
         "download": {"num_shards": 2},
-        "base_train": base_train(depth=2, head_dim=64, n_kv_head=1, max_seq_len=128, device_batch_size=4,
+        # the GPU presets' recipe (less its horizon), so the tests run the code a GPU run does;
+        # its warm-up scaled to 20 steps
+        "base_train": base_train(**{**MODEL_2026, **OPTIMIZER_2026, **SCHEDULES_2026, "warmup_steps": 2},
+                                 depth=2, head_dim=64, n_kv_head=1, max_seq_len=128, device_batch_size=4,
                                  total_batch_size=1024, num_steps=20, eval_every=10, eval_tokens=4096,
                                  sample_every=-1, checkpoint_every=10, num_shards=2, core_every=-1),
         "base_eval": {"max_per_task": 8, "eval_tokens": 4096, "unigram_tokens": 65536, "device_batch_size": 4,
                       "num_shards": 2},
-        "mid_train": mid_train(device_batch_size=4, total_batch_size=1032, num_steps=10, eval_every=-1, checkpoint_every=5,
-                               eval_conversations=8, spelling_size=50),
-        "chat_sft": chat_sft(device_batch_size=4, total_batch_size=1032, num_steps=10, eval_every=-1, checkpoint_every=5,
-                             eval_conversations=8, spelling_size=50),
-        "chat_rl": chat_rl(examples_per_step=2, num_samples=4, max_new_tokens=16, num_steps=4, checkpoint_every=2,
+        "mid_train": mid_train(optimizer_recipe="2026", device_batch_size=4, total_batch_size=1032, num_steps=10,
+                               eval_every=-1, checkpoint_every=5, eval_conversations=8, spelling_size=50),
+        "chat_sft": chat_sft(optimizer_recipe="2026", device_batch_size=4, total_batch_size=1032, num_steps=10,
+                             eval_every=-1, checkpoint_every=5, eval_conversations=8, spelling_size=50),
+        "chat_rl": chat_rl(optimizer_recipe="2026", examples_per_step=2, num_samples=4, max_new_tokens=16, num_steps=4, checkpoint_every=2,
                            eval_every=-1, eval_examples=4),
         "chat_eval": {**CHAT_EVAL, "max_problems": 4, "max_generative": 4, "max_new_tokens": 24},
     },
@@ -141,7 +150,7 @@ PRESETS = {
         "mid_train": mid_train(device_batch_size=8, total_batch_size=16416, num_steps=150, eval_every=50,
                                checkpoint_every=50, eval_conversations=100, spelling_size=2000, identity_weight=5.0),
         # short conversations, several passes: a model this small learns to end its replies
-        "chat_sft": chat_sft(device_batch_size=8, total_batch_size=16416, num_steps=300, eval_every=100,
+        "chat_sft": chat_sft(rows="pad", device_batch_size=8, total_batch_size=16416, num_steps=300, eval_every=100,
                              checkpoint_every=100, eval_conversations=100, smoltalk_weight=2.0, smoltalk_max_chars=1000,
                              gsm8k_weight=0.05, spelling_size=50, identity_weight=8.0),
         "chat_rl": chat_rl(examples_per_step=8, num_samples=8, max_new_tokens=192, num_steps=16, checkpoint_every=8,
@@ -151,10 +160,10 @@ PRESETS = {
     },
     # d24 is upstream's speedrun (runs/speedrun.sh: --depth=24 --target-param-data-ratio=8
     # --device-batch-size=16 --fp8); the other depths take the same recipe at upstream's default ratio
-    "d20": gpu_preset(depth=20, device_batch_size=32, num_shards=240),
-    "d24": gpu_preset(depth=24, device_batch_size=16, num_shards=240, param_data_ratio=8.0, fp8=True),
-    "d26": gpu_preset(depth=26, device_batch_size=16, num_shards=450),
-    "d32": gpu_preset(depth=32, device_batch_size=8, num_shards=800),
+    "d20": gpu_preset(depth=20, device_batch_size=32, num_shards=150),  # 5.7B tokens
+    "d24": gpu_preset(depth=24, device_batch_size=16, num_shards=170, param_data_ratio=8.0, fp8=True),  # speedrun.sh -n 170
+    "d26": gpu_preset(depth=26, device_batch_size=16, num_shards=280),  # 11.7B tokens
+    "d32": gpu_preset(depth=32, device_batch_size=8, num_shards=500),  # 21B tokens
 }
 
 # Presets for a GPU node: their stages run one process per GPU by default, and their device batch

@@ -57,11 +57,15 @@ def test_parse_args_takes_preset_defaults_and_overrides():
 
 @pytest.mark.parametrize("preset", sorted(presets.GPU_PRESETS))
 def test_gpu_presets_compile_the_fixed_shape_stages(preset):
-    """As upstream: pretraining and packed midtraining rows have one shape, so they compile; SFT
-    rows are padded per batch (a compile per length) and stay eager, as do the CPU presets."""
-    assert presets.get(preset, "base_train")["compile"] and presets.get(preset, "mid_train")["compile"]
-    assert "compile" not in presets.get(preset, "chat_sft")
-    assert not any(presets.get(p, s).get("compile") for p in ("tiny", "cpu") for s in ("base_train", "mid_train"))
+    """As upstream: pretraining rows and packed conversation rows have one shape, so those stages
+    compile on GPU presets; rows padded per batch (a compile per length) never do, nor do the CPU
+    presets."""
+    for name in ("base_train", "mid_train", "chat_sft"):
+        assert presets.get(preset, name)["compile"], name
+    for p in presets.PRESETS:
+        for name in ("mid_train", "chat_sft"):
+            assert not (presets.get(p, name).get("compile") and presets.get(p, name).get("rows") == "pad"), (p, name)
+    assert not any(presets.get(p, s).get("compile") for p in ("tiny", "cpu") for s in ("base_train", "mid_train", "chat_sft"))
 
 
 @pytest.mark.parametrize("preset", sorted(presets.GPU_PRESETS))
