@@ -179,12 +179,13 @@ def cached_equals_uncached(device="cuda"):
     import torch
 
     from nanochat.engine import Engine, Request, SamplingParams
-    from nanochat.gpt import GPT, RECIPE_2026, GPTConfig
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.presets import MODEL_2026
     from nanochat.tokenizer import Tokenizer
 
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
     config = GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                       **RECIPE_2026)
+                       **MODEL_2026)
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(config).eval()
@@ -249,7 +250,7 @@ def flash_attention_check():
     bf16 model's attention goes through it, in every layer."""
     import torch
 
-    from nanochat import flash_attention, gpt
+    from nanochat import flash_attention, gpt, presets
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, heads, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16) for heads in (8, 2, 2))
@@ -268,7 +269,7 @@ def flash_attention_check():
         raise CheckFailed(f"flash attention differs from SDPA by up to {worst:.3g}")
 
     config = gpt.GPTConfig(sequence_len=256, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
-                           **gpt.RECIPE_2026)
+                           **presets.MODEL_2026)
     with torch.device("cuda"):
         model = gpt.GPT(config).to(torch.bfloat16)
     attention, calls = flash_attention.attention, []

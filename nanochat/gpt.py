@@ -10,7 +10,7 @@ Features (as nanochat):
 - logit soft-capping: 15 * tanh(logits / 15)
 
 Options, each a GPTConfig field whose default leaves the model above ("classic") as it was;
-RECIPE_2026 turns on all of upstream nanochat's 2026 model (karpathy/nanochat 92d63d4):
+nanochat.presets.MODEL_2026 turns on all of upstream nanochat's 2026 model (karpathy/nanochat 92d63d4):
 - window_pattern: sliding-window attention on the layers marked S (a quarter of the context)
 - value_embeds: token embeddings added to the values of alternating layers, gated by the input
 - lambdas: learnable per-layer scales of the residual stream and of the embedding mixed back in
@@ -53,10 +53,6 @@ ROTARY_HEADROOM = 10  # rotary tables cover 10x sequence_len, so generation can 
 VE_GATE_CHANNELS = 12  # the value embeddings' gate reads this many channels of the block's input (upstream)
 SMEAR_CHANNELS = 24  # the smear gate reads this many channels of the token's embedding (upstream)
 INITS = ("classic", "2026")
-
-# upstream nanochat's model of 2026 (scripts/base_train.py's defaults and nanochat/gpt.py at 92d63d4)
-RECIPE_2026 = {"window_pattern": "SSSL", "value_embeds": True, "lambdas": True, "smear": True, "backout": True,
-               "qk_scale": 1.2, "rope_base": 100000.0, "init": "2026"}
 
 
 def norm(x):
@@ -247,7 +243,7 @@ class GPTConfig:
     n_head: int = 10  # query heads; head_dim = n_embd // n_head
     n_kv_head: int = 10  # key/value heads: equal to n_head, or a divisor of it for GQA
     n_embd: int = 1280
-    # The options (module docstring); these defaults are the classic model, RECIPE_2026 upstream's.
+    # The options (module docstring); these defaults are the classic model, presets.MODEL_2026 upstream's.
     window_pattern: str = "L"  # tiled over the layers, the last always L: S a short window, L the full context
     value_embeds: bool = False
     lambdas: bool = False

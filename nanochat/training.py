@@ -81,7 +81,8 @@ class Training:
         loader_state = None
         if loaded is not None:
             model_state, optim_state, meta = loaded
-            if differences := config_differences(meta["model_config"], dataclasses.asdict(model.config)):
+            saved = dataclasses.asdict(type(model.config)(**meta["model_config"]))  # fields it lacks: their defaults
+            if differences := config_differences(saved, dataclasses.asdict(model.config)):
                 raise stage.StageError(f"the checkpoint in {self.ckpt_dir} is of another model ({differences}); "
                                        "use another run, or the options it was started with")
             if meta["world_size"] != self.compute.world_size:

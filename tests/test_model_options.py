@@ -1,4 +1,4 @@
-"""The model options of GPTConfig (upstream nanochat's 2026 model, RECIPE_2026) at a context of 512,
+"""The model options of GPTConfig (upstream nanochat's 2026 model, MODEL_2026) at a context of 512,
 where the short window (128) is shorter than the sequence: each option against a reference forward
 written here from upstream's formulas; all-full windows equal no windows; an option at its neutral
 values equals classic; the window masks against a brute-force rule; cached decoding equal to uncached
@@ -15,16 +15,17 @@ import torch.nn.functional as F
 
 from nanochat import checkpoint, flash_attention, inference, storage
 from nanochat.engine import CacheView, RowCache
-from nanochat.gpt import GPT, RECIPE_2026, AttentionMasks, GPTConfig, causal_attention, window_mask
+from nanochat.gpt import GPT, AttentionMasks, GPTConfig, causal_attention, window_mask
+from nanochat.presets import MODEL_2026
 from nanochat.tokenizer import Tokenizer
 
 pytest_plugins = ["tests.support.cpupaths"]
 
 TOKENIZER = Tokenizer({bytes([i]): i for i in range(256)})  # every byte a token, and the special tokens
 CLASSIC = GPTConfig(sequence_len=512, vocab_size=TOKENIZER.vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
-RECIPE = dataclasses.replace(CLASSIC, **RECIPE_2026)
+RECIPE = dataclasses.replace(CLASSIC, **MODEL_2026)
 # each option alone, at its recipe value
-OPTIONS = {name: dataclasses.replace(CLASSIC, **{name: value}) for name, value in RECIPE_2026.items()}
+OPTIONS = {name: dataclasses.replace(CLASSIC, **{name: value}) for name, value in MODEL_2026.items()}
 
 
 def randomized(config, seed=0):
@@ -278,7 +279,7 @@ def test_checkpoints_record_the_options(tmp_path, config):
     model = randomized(config)
     saved = dataclasses.asdict(config)
     if config == CLASSIC:
-        saved = {k: v for k, v in saved.items() if k not in RECIPE_2026}
+        saved = {k: v for k, v in saved.items() if k not in MODEL_2026}
     tokenizer_uri = TOKENIZER.save(storage.normalize(str(tmp_path / "tokenizer")))["tokenizer"]
     target = checkpoint.save(storage.normalize(str(tmp_path / "ckpt")), 1, model.state_dict(), {},
                              {"model_config": saved, "tokenizer": tokenizer_uri})
