@@ -24,6 +24,7 @@ import concurrent.futures
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from cpu_sweep import DATA, ROOT, stage  # bench/ is on sys.path: this file runs as a script
@@ -33,6 +34,7 @@ from nanochat import presets
 SEEDS = (42, 43)
 EVAL_TOKENS = 262_144  # the cpu preset's base_eval: four times base_train's, for a steadier figure
 CALIBRATION_STEPS = (5, 15)
+CALIBRATING = threading.Lock()  # one calibration at a time: arms of the same options share theirs
 
 
 CLASSIC_BATCH = 8192  # the cpu preset's total batch before the 2026 recipe (docs/cpu-preset.md)
@@ -78,13 +80,14 @@ def cost_per_step(name, storage, options):
     """CPU seconds per training step of these options (from two short runs; cached by options)."""
     key = json.dumps(options, sort_keys=True)
     cache = Path(storage) / "calibration.json"
-    known = json.loads(cache.read_text()) if cache.exists() else {}
-    if key not in known:
-        lo, hi = (base_train(f"calibrate-{name}-{n}", storage, options, SEEDS[0], n, 4096)[1] for n in CALIBRATION_STEPS)
-        known = json.loads(cache.read_text()) if cache.exists() else {}  # another job may have added one meanwhile
-        known[key] = (hi - lo) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
-        cache.write_text(json.dumps(known, indent=1))
-    return known[key]
+    with CALIBRATING:
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+        if key not in known:
+            lo, hi = (base_train(f"calibrate-{name}-{n}", storage, options, SEEDS[0], n, 4096)[1]
+                      for n in CALIBRATION_STEPS)
+            known[key] = (hi - lo) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+            cache.write_text(json.dumps(known, indent=1))
+        return known[key]
 
 
 def measure(name, options, seed, storage, minutes):
