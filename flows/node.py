@@ -22,7 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows import launch
-from flows.speedrun import spec_from_parameters
+from flows.speedrun import run_stage_row, spec_from_parameters
 from nanochat import pipeline, storage
 
 POLL_S = 1.0
@@ -47,8 +47,10 @@ def say(line):
 
 
 def follow(flow_run_id, spec, name, attempt):
-    """This node's part of one attempt of a stage: launched until it succeeds or node 0 leaves it."""
-    cmd = launch.command(TORCHRUN[name], spec, attempt)
+    """This node's part of one attempt of a stage: launched until it succeeds or node 0 leaves it.
+    Its row is the run's (run.json, which node 0 wrote before any stage ran): in a run that skips a
+    stage, the next one starts from the model before on every node."""
+    cmd = launch.command(run_stage_row(spec.run, name), spec, attempt)
 
     with get_client(sync_client=True) as client:
         def check():

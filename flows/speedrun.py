@@ -2,6 +2,7 @@
 the report.
 
     python -m flows.speedrun --preset tiny                     runs it now (a temporary local Prefect server)
+    python -m flows.speedrun --preset d24 --skip mid_train,chat_rl    upstream's 2026 shape: base -> SFT, no RL
     prefect deployment run speedrun/speedrun -p preset=tiny    through a server and a worker (prefect.yaml)
     prefect deployment run stage/tok_train -p run_name=speedrun-tiny   re-runs one stage on an existing run
 
@@ -26,7 +27,7 @@ from nanochat import pipeline, presets, report
 
 # The final artifact: the output of the last stage run that trains a model, else the tokenizer.
 FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
-RUN_RECORD = "run.json"  # what the speedrun flow ran the run with: the stage flow's defaults
+RUN_RECORD = "run.json"  # what the speedrun flow ran the run with: the stage flow's defaults, and the stages it skipped
 
 
 def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes, overrides):
@@ -40,9 +41,9 @@ def recorded_spec(run_name, storage_root, data_mirror, preset, nproc_per_node, n
     """The spec of a re-run of one stage: what is given, else what the run recorded, so a stage of a
     d20 run re-runs as d20 with the run's overrides."""
     run = nanochat.storage.run_uri(run_name, nanochat.storage.storage_root(storage_root))
-    uri = nanochat.storage.join(run, RUN_RECORD)
-    record = nanochat.storage.read_json(uri) if nanochat.storage.exists(uri) else {}
+    record = read_record(run)
     if preset is None and "preset" not in record:
+        uri = nanochat.storage.join(run, RUN_RECORD)
         raise ValueError(f"{nanochat.storage.redact(uri)} does not exist (the speedrun flow writes it): give the preset")
     return run_spec(preset or record["preset"], run, storage_root, data_mirror,
                     nproc_per_node or record.get("nproc_per_node"), nnodes or record.get("nnodes", 1),
@@ -107,9 +108,22 @@ def work_pool_type():
         return client.read_work_pool(name).type
 
 
-def record_run(spec):
-    nanochat.storage.write_json(nanochat.storage.join(spec.run, RUN_RECORD), {
-        "preset": spec.preset, "nproc_per_node": spec.nproc_per_node, "nnodes": spec.nnodes, "overrides": spec.overrides})
+def record_run(spec, skip):
+    record = {"preset": spec.preset, "nproc_per_node": spec.nproc_per_node, "nnodes": spec.nnodes,
+              "overrides": spec.overrides, **({"skip": list(skip)} if skip else {})}
+    nanochat.storage.write_json(nanochat.storage.join(spec.run, RUN_RECORD), record)
+
+
+def read_record(run):
+    """The run's run.json ({} if the speedrun flow never ran it)."""
+    uri = nanochat.storage.join(run, RUN_RECORD)
+    return nanochat.storage.read_json(uri) if nanochat.storage.exists(uri) else {}
+
+
+def run_stage_row(run, name):
+    """Stage `name`'s row in `run`, rewired by the stages the run skips (run.json): what the stage
+    flow re-runs, and what the other nodes of a multi-node launch build their command from."""
+    return pipeline.stage(name, read_record(run).get("skip"))
 
 
 def speedrun_name():
@@ -141,24 +155,27 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
              data_mirror: str | None = None, nproc_per_node: int | None = None, nnodes: int = 1,
              overrides: dict[str, dict] | None = None, retries: int = 2, only: list[str] | None = None,
              identity: str | None = None, identity_weight: float | None = None, parallel: bool | None = None,
-             stage_deployments: bool = False) -> str:
+             stage_deployments: bool = False, skip: list[str] | None = None) -> str:
     """Runs the pipeline on `preset` in run `run_name` (default speedrun-<preset>) under `storage`
     (default $NANOCHAT_STORAGE); `overrides` = {stage: {option: value}}; `only`: just these stages
-    and the ones they need; `identity`: a JSONL file (path or URI) of your own conversations (a
-    name, a personality) mixed into midtraining and SFT, `identity_weight` times; `parallel`: stages
-    whose inputs are ready run side by side (default: the preset's choice; the cpu preset runs one
-    stage at a time, as two would only share its cores), though torchrun stages never share a node
-    (flows/slots.py); `nproc_per_node`: default one per GPU on GPU presets; `stage_deployments`:
-    torchrun stages run as flow runs of their `stage/<name>` deployments, wherever those were
-    deployed (a Kubernetes pool runs each as a multi-node Job) instead of on this node. Records the run's
-    preset and overrides in <run>/run.json, the stage flow's defaults. Returns the URI
-    of the final artifact: the last training stage's `checkpoint` output; else the directory of
-    tok_train or, in a run of stages that produce neither (only=["download"]), of the last stage."""
+    and the ones they need; `skip`: leave out these optional stages (mid_train, chat_rl) and the
+    evaluations of their models, the next stage training on the model before (skip=["mid_train",
+    "chat_rl"] is upstream's 2026 shape: chat_sft trains on base_train's model); `identity`: a JSONL
+    file (path or URI) of your own conversations (a name, a personality) mixed into midtraining and
+    SFT, `identity_weight` times; `parallel`: stages whose inputs are ready run side by side
+    (default: the preset's choice; the cpu preset runs one stage at a time, as two would only share
+    its cores), though torchrun stages never share a node (flows/slots.py); `nproc_per_node`:
+    default one per GPU on GPU presets; `stage_deployments`: torchrun stages run as flow runs of
+    their `stage/<name>` deployments, wherever those were deployed (a Kubernetes pool runs each as a
+    multi-node Job) instead of on this node. Records the run's preset, overrides and skipped stages
+    in <run>/run.json, the stage flow's defaults. Returns the URI of the final artifact: the last
+    training stage's `checkpoint` output; else the directory of tok_train or, in a run of stages
+    that produce neither (only=["download"]), of the last stage."""
     check_storage(storage, nnodes, stage_deployments)
-    selected = pipeline.select(only)  # a PipelineError here, before any stage runs
+    selected = pipeline.select(only, skip)  # a PipelineError here, before any stage runs
     overrides = with_identity(overrides, identity, identity_weight)
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
-    record_run(spec)
+    record_run(spec, skip)
     if parallel is None:
         parallel = preset not in presets.ONE_STAGE_AT_A_TIME
     futures = {}
@@ -190,14 +207,15 @@ def one_stage(name: str, run_name: str, preset: str | None = None, storage: str 
               overrides: dict[str, dict] | None = None, retries: int = 2) -> dict:
     """Re-runs stage `name` on an existing run (its upstream stages must be done there), bypassing
     the cache; returns its stage.json. The preset, processes, nodes and overrides default to the
-    run's own (its run.json)."""
+    run's own (its run.json), and a stage the run skipped cannot be re-run (the one after it starts
+    from the model before, as in the run)."""
     check_storage(storage, nnodes or 1)
     spec = recorded_spec(run_name, storage, data_mirror, preset, nproc_per_node, nnodes, overrides)
-    stage = pipeline.stage(name)
+    stage = run_stage_row(spec.run, name)
     return stages.stage_task(stage, spec, retries=retries, force=True)(stage, spec)
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m flows.speedrun", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -208,9 +226,27 @@ def main(argv=None):
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--identity", default=None, help="JSONL of your own conversations to mix into mid_train and chat_sft")
     p.add_argument("--identity-weight", type=float, default=None, help="times the identity conversations are repeated")
-    args = p.parse_args(argv)
+    p.add_argument("--skip", default=None, type=skippable,
+                   help=f"comma-separated stages to leave out, of {', '.join(pipeline.SKIPPABLE)} "
+                        "(mid_train,chat_rl: upstream's 2026 speedrun, SFT straight from the base model)")
+    return p
+
+
+def skippable(text):
+    """--skip's value: comma-separated stages, refused at once (before a Prefect server starts)
+    unless a run may skip them."""
+    names = [name for name in text.split(",") if name]
+    try:
+        pipeline.select(skip=names)
+    except pipeline.PipelineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     final = speedrun(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes,
-                     identity=args.identity, identity_weight=args.identity_weight)
+                     identity=args.identity, identity_weight=args.identity_weight, skip=args.skip)
     run = nanochat.storage.run_uri(args.run or f"speedrun-{args.preset}", nanochat.storage.storage_root(args.storage))
     print(f"\nfinal artifact: {final}\nreport card:    {nanochat.storage.join(run, report.REPORT)}\n"
           f"chat with it:   .venv/bin/nanochat chat --run {run}\n"

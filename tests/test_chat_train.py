@@ -1,8 +1,8 @@
 """mid_train and chat_sft on a tiny base model: validation on assistant text improves, each step's
 token count is the assistant tokens it trained on (padding and prompts left out), ChatCORE is measured
-during training, the optimizer can start from the upstream stage's, the user's identity conversations
-replace nanochat's in the mixture, and a crashed or killed run resumes to the state an uninterrupted
-one ends in."""
+during training, chat_sft trains on the base model when told to (a run that skips mid_train), the
+optimizer can start from the upstream stage's, the user's identity conversations replace nanochat's in
+the mixture, and a crashed or killed run resumes to the state an uninterrupted one ends in."""
 
 import json
 import shutil
@@ -159,36 +159,42 @@ def assert_same_state(got, want):
         assert got == want
 
 
-def test_identity_conversations_and_warm_start(tiny_base_run, tiny_env, shared_data, tmp_path, monkeypatch):
-    """The user's identity conversations replace nanochat's in the mixture, --identity-weight epochs of
-    them; with --warm-start-optimizer the optimizer starts from base_train's final state (a run of 0
-    steps checkpoints it as it started) under mid_train's own learning rates."""
+def test_sft_from_the_base_model_with_identity_conversations_and_warm_start(tiny_base_run, tiny_env, shared_data, tmp_path,
+                                                                            monkeypatch):
+    """chat_sft on a run without mid_train, as a run that skips it passes it (--from-stage base_train):
+    it trains on base_train's final model. The user's identity conversations replace nanochat's in the
+    mixture, --identity-weight epochs of them; with --warm-start-optimizer the optimizer starts from
+    base_train's final state (a run of 0 steps checkpoints it as it started) under chat_sft's own
+    learning rates, as upstream's 2026 chat_sft starts."""
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
     for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
         monkeypatch.setenv(name, tiny_env[name])
-    plain = len(mid_train_stage.mixture(contract.parse_args(mid_train_stage.build_parser(), mid_train_stage.STAGE,
-                                                            ["--run", str(run), "--preset", "tiny"])))
+    args = contract.parse_args(chat_sft.build_parser(), chat_sft.STAGE, ["--run", str(run), "--preset", "tiny"])
+    plain = len(chat_sft.mixture(args))
     identity = tmp_path / "me.jsonl"
     conversation = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Tinybot."}]
     identity.write_text("\n".join(json.dumps(conversation) for _ in range(7)) + "\n")
-    halves = {name: value / 2 for name, value in presets.get("tiny", "mid_train").items() if name.endswith("_lr")}
-    stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "0", "--identity", str(identity), "--identity-weight", "3",
-          "--warm-start-optimizer", *(f"--{name.replace('_', '-')}={value}" for name, value in halves.items()))
+    halves = {name: getattr(args, name) / 2 for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")}
+    stage("nanochat.stages.chat_sft", run, tiny_env, "--from-stage", "base_train", "--num-steps", "0", "--identity",
+          str(identity), "--identity-weight", "3", "--warm-start-optimizer",
+          *(f"--{name.replace('_', '-')}={value}" for name, value in halves.items()))
+    sft = summary(run, "chat_sft")
+    assert sft["config"]["from_stage"] == "base_train"
+    assert sft["inputs"]["checkpoint"] == summary(run, "base_train")["outputs"]["checkpoint"]  # base_train's final model
     nanochats = sum(1 for _ in open(shared_data / "identity_conversations.jsonl"))
-    weight = presets.get("tiny", "mid_train")["identity_weight"]
-    assert summary(run, "mid_train")["metrics"]["conversations"] == plain - weight * nanochats + 21  # yours replace them
+    assert sft["metrics"]["conversations"] == plain - args.identity_weight * nanochats + 21  # yours replace them
     _, base, _ = checkpoint.load(str(final_checkpoint(run, "base_train")))
-    _, mid, _ = checkpoint.load(str(final_checkpoint(run, "mid_train")))
-    assert summary(run, "mid_train")["metrics"]["steps"] == 0 and base["state"]
-    assert_same_state(mid["state"], base["state"])
-    model, _, _ = checkpoint.load_model(str(final_checkpoint(run, "mid_train")))
-    own = setup_optimizers(model, **halves).state_dict()["param_groups"]
-    for got, want, upstream in zip(mid["param_groups"], own, base["param_groups"], strict=True):
-        assert got["lr"] == got["initial_lr"] == want["initial_lr"] != upstream["initial_lr"]
+    _, tuned, _ = checkpoint.load(str(final_checkpoint(run, "chat_sft")))
+    assert sft["metrics"]["steps"] == 0 and base["state"]
+    assert_same_state(tuned["state"], base["state"])
+    model, _, _ = checkpoint.load_model(str(final_checkpoint(run, "chat_sft")))
+    own = setup_optimizers(model, **halves, recipe=args.optimizer_recipe).state_dict()["param_groups"]
+    rates = [[group["initial_lr"] for group in groups] for groups in (tuned["param_groups"], own, base["param_groups"])]
+    assert rates[0] == rates[1] != rates[2]  # (the smear and backout gates' rate is fixed: the same in both)
+    assert all(group["lr"] == group["initial_lr"] for group in tuned["param_groups"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps([{"role": "assistant", "content": "hi"}]) + "\n")
-    shutil.rmtree(run / "mid_train")
     done = stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1", "--identity", str(bad), check=False)
     assert done.returncode != 0 and "bad.jsonl" in done.stderr
 

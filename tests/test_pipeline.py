@@ -3,7 +3,9 @@ deployments, the report's metrics table, chat_eval's and serve's --source choice
 resolution, the flow's DAG (a row whose module is missing fails the flow before any stage runs);
 and the code version that keys every stage's cache, which covers every file the packages load."""
 
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,6 +37,57 @@ def test_select_keeps_what_the_chosen_stages_need_in_pipeline_order():
     assert pipeline.stage("chat_eval_sft").args == ("--source", "sft")
     with pytest.raises(PipelineError, match="unknown stages \\['nope'\\]; choose from download, tok_train, "):
         pipeline.stage("nope")
+
+
+def test_skipping_a_stage_trains_the_next_on_the_model_before_and_drops_its_evaluation():
+    """Upstream's 2026 shape (no mid_train, no chat_rl): chat_sft trains on base_train's model, told
+    so by its arguments, and needs base_train instead; the skipped stages' evaluations go with them."""
+    assert pipeline.stage("chat_sft").args == ("--from-stage", "mid_train")
+    rows = {s.name: s for s in pipeline.select(skip=["mid_train", "chat_rl"])}
+    assert list(rows) == ["download", "tok_train", "tok_eval", "base_train", "base_eval", "chat_sft", "chat_eval_sft"]
+    assert rows["chat_sft"].needs == ("download", "base_train") and rows["chat_sft"].trains_on == "base_train"
+    assert rows["chat_sft"].args == ("--from-stage", "base_train")
+    rl_only = [s.name for s in pipeline.select(skip=["chat_rl"])]
+    assert rl_only == [s.name for s in pipeline.PIPELINE][:-2]
+    # skip and only compose: what chat_eval_sft needs, less mid_train
+    assert [s.name for s in pipeline.select(["chat_eval_sft"], ["mid_train"])] == \
+        ["download", "tok_train", "base_train", "chat_sft", "chat_eval_sft"]
+    assert pipeline.stage("chat_rl", ["mid_train"]).args == ("--from-stage", "chat_sft")  # the rest stays as it was
+    assert pipeline.SKIPPABLE == ("mid_train", "chat_rl")
+    # a trainer's --from-stage: the table's stage by default, any earlier model stage by choice
+    from nanochat.stages import chat_rl, chat_sft
+
+    for module, default, choices in ((chat_sft, "mid_train", ["base_train", "mid_train"]),
+                                     (chat_rl, "chat_sft", ["base_train", "mid_train", "chat_sft"])):
+        [option] = [a for a in module.build_parser()._actions if a.dest == "from_stage"]
+        assert (option.default, option.choices) == (default, choices)
+
+
+def test_only_optional_stages_may_be_skipped(tmp_path):
+    """Skipping a stage the rest cannot do without, or asking for a stage that a skip leaves out, is
+    a PipelineError naming the choices, from the flows before any stage runs and from the command line
+    (make speedrun SKIP=...) before any flow starts."""
+    for skip in (["chat_sft"], ["base_train"], ["chat_eval_mid"], ["nope"]):
+        with pytest.raises(PipelineError, match=re.escape(f"stages {skip} cannot be skipped; a run may skip mid_train, chat_rl")):
+            pipeline.select(skip=skip)
+    with pytest.raises(PipelineError, match=re.escape("stages ['chat_eval_mid'] do not run when skipping ['mid_train']")):
+        pipeline.select(["chat_eval_mid"], ["mid_train"])
+    with pytest.raises(PipelineError, match="cannot be skipped"):
+        flows.speedrun.speedrun.fn(preset="tiny", run_name="r", storage=str(tmp_path), retries=0, skip=["chat_sft"])
+    assert list(tmp_path.iterdir()) == []
+    # the stage flow re-runs a stage as the run ran it: one it skipped is refused
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"preset": "tiny", "skip": ["mid_train"]}))
+    with pytest.raises(PipelineError, match=re.escape("stages ['mid_train'] do not run when skipping ['mid_train']")):
+        flows.speedrun.one_stage.fn("mid_train", run_name="r", storage=str(tmp_path), retries=0)
+    assert flows.speedrun.run_stage_row(str(run), "chat_sft").args == ("--from-stage", "base_train")
+    dry = subprocess.run(["make", "-n", "speedrun", "SKIP=mid_train,chat_rl"], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert " --skip mid_train,chat_rl" in dry.stdout
+    assert flows.speedrun.build_parser().parse_args(["--skip", "mid_train,chat_rl"]).skip == ["mid_train", "chat_rl"]
+    with pytest.raises(SystemExit):
+        flows.speedrun.build_parser().parse_args(["--skip", "mid_train,chat_sft"])
 
 
 def test_prefect_yaml_has_the_speedrun_and_one_stage_deployment_per_row_in_order():
@@ -82,7 +135,11 @@ def test_find_checkpoint_takes_the_newest_source_done_in_the_table(tmp_path):
 
 
 def test_a_row_whose_module_is_missing_fails_the_flow_before_any_stage_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "PIPELINE", (*pipeline.PIPELINE, Stage("ghost", needs=("download",))))
+    table = pipeline.PIPELINE
+    monkeypatch.setattr(pipeline, "PIPELINE", tuple(dataclasses.replace(s, optional=s.name == "base_eval") for s in table))
+    with pytest.raises(PipelineError, match="stage base_eval: optional, but it does not train on another stage's model"):
+        pipeline.select()
+    monkeypatch.setattr(pipeline, "PIPELINE", (*table, Stage("ghost", needs=("download",))))
     with pytest.raises(PipelineError, match="stage ghost: its module nanochat.stages.ghost does not exist"):
         pipeline.select()
     # .fn: the flow's body without a Prefect server; it fails before building a task

@@ -3,7 +3,9 @@ chat_sft): their options, their fixed task mixture and the stage itself. Not a s
 (the underscore keeps it out of the `nanochat` command's list). Torch loads inside `finetune`, so a
 stage's `--help` stays light.
 
-Options beyond training's own: how rows are made (`--rows`: conversations packed best-fit, or one
+Options beyond training's own: which stage's final model to start from (`--from-stage`, by default
+the one the pipeline table names; a run that skips mid_train starts chat_sft from base_train's, as
+upstream's 2026 speedrun does), how rows are made (`--rows`: conversations packed best-fit, or one
 per row padded), a warm start from the optimizer state the upstream stage ended with, as upstream's
 chat_sft does (`--warm-start-optimizer`), and ChatCORE measured on the first problems of each of
 chat_eval's tasks every `--chatcore-every` steps (metrics.jsonl, as base_train's CORE)."""
@@ -13,7 +15,7 @@ import itertools
 import math
 import time
 
-from nanochat import stage, storage, training_options
+from nanochat import pipeline, stage, storage, training_options
 from nanochat.common import log
 from tasks import catalog
 from tasks.common import TaskDataError
@@ -29,7 +31,9 @@ def finetune_parser(stage_name, doc):
     p = stage.parser(stage_name, doc)
     a = p.add_argument
     a("--spelling-size", type=int, help="SpellingBee examples in the mixture")
-    a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: the upstream stage's final one)")
+    a("--from-stage", default=pipeline.STAGES[stage_name].trains_on, choices=pipeline.models_before(stage_name),
+      help="start from this stage's final checkpoint in the run")
+    a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: --from-stage's final one)")
     a("--total-batch-size", type=int, help="row tokens (T+1 capacity, padding included) per optimizer step over all processes")
     a("--max-seq-len", type=int, help="tokens per row (default: the model's training length)")
     a("--eval-conversations", type=int, help="held-out conversations for the validation loss")
@@ -84,10 +88,11 @@ def conversation_mixture(args, seed, extra=()):
     return TaskMixture(tasks, weights=weights, seed=seed)
 
 
-def finetune(args, stage_name, upstream, train_task):
-    """Trains the `upstream` stage's model on the conversations of `train_task` (rows as --rows
-    makes them, see ConversationLoader), evaluating bits per byte of the assistant tokens on
-    SmolTalk's test split; commits the stage with its final checkpoint and returns its metrics."""
+def finetune(args, stage_name, train_task):
+    """Trains the model of --checkpoint, else of the --from-stage stage, on the conversations of
+    `train_task` (rows as --rows makes them, see ConversationLoader), evaluating bits per byte of the
+    assistant tokens on SmolTalk's test split; commits the stage with its final checkpoint and
+    returns its metrics."""
     import torch
 
     from nanochat import checkpoint, training
@@ -95,7 +100,7 @@ def finetune(args, stage_name, upstream, train_task):
     from nanochat.evaluation.bpb import bits_per_byte, model_losses
 
     started = time.time()
-    source = args.checkpoint or stage.upstream_checkpoint(args.run, upstream)
+    source = args.checkpoint or stage.upstream_checkpoint(args.run, args.from_stage)
     val_task = SmolTalk(split="test", stop=args.eval_conversations)
     chat_tasks = {name: catalog.eval_task(name) for name in catalog.BASELINES} if args.chatcore_every > 0 else {}
     n_conversations, *_ = read_tasks(train_task, *chat_tasks.values())

@@ -3,16 +3,16 @@
     torchrun --nproc_per_node 2 -m nanochat.stages.chat_rl -- --run myrun --preset tiny
     python -m nanochat.stages.chat_rl --run myrun --preset cpu --num-samples 8
 
-Starts from chat_sft's final checkpoint in the same run (or --checkpoint). Each step, every process
-takes its share of --examples-per-step training questions (rank r: r, r+W, ...), samples
---num-samples answers to each with the engine (tool use on, under the training's autocast), and
-rewards each 1 if its final answer is right. The advantage of an answer is its reward minus the
-mean reward of its question's answers; the loss is the advantage-weighted negative log-likelihood
-of the sampled tokens (tool outputs, which the model did not choose, are left out), averaged over
-those tokens. pass@k on a held-out slice of the test split is logged every --eval-every steps.
+Starts from chat_sft's final checkpoint in the same run (or --from-stage's, or --checkpoint). Each
+step, every process takes its share of --examples-per-step training questions (rank r: r, r+W, ...),
+samples --num-samples answers to each with the engine (tool use on, under the training's autocast),
+and rewards each 1 if its final answer is right. The advantage of an answer is its reward minus the
+mean reward of its question's answers; the loss is the advantage-weighted negative log-likelihood of
+the sampled tokens (tool outputs, which the model did not choose, are left out), averaged over those
+tokens. pass@k on a held-out slice of the test split is logged every --eval-every steps.
 Checkpoints, exact resume and outputs as in the other training stages; in metrics.jsonl and
-stage.json, `batch_time_s` is the time spent sampling, `train_time_s` the time spent training on
-the samples, and `tokens` the sampled tokens trained on (tok_per_s and mfu are over training time).
+stage.json, `batch_time_s` is the time spent sampling, `train_time_s` the time spent training on the
+samples, and `tokens` the sampled tokens trained on (tok_per_s and mfu are over training time).
 
 --task names the task: GSM8K (default), or `module:Class` for your own (a Task whose constructor
 takes the split, 'train' or 'test', and whose `reward(conversation, completion)` is in [0, 1]).
@@ -20,7 +20,7 @@ takes the split, 'train' or 'test', and whose `reward(conversation, completion)`
 
 import time
 
-from nanochat import stage, storage, training_options
+from nanochat import pipeline, stage, storage, training_options
 from nanochat.common import log
 from tasks import catalog
 from tasks.gsm8k import GSM8K
@@ -31,7 +31,9 @@ STAGE = "chat_rl"
 def build_parser():
     p = stage.parser(STAGE, __doc__)
     a = p.add_argument
-    a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: chat_sft's final one)")
+    a("--from-stage", default=pipeline.STAGES[STAGE].trains_on, choices=pipeline.models_before(STAGE),
+      help="start from this stage's final checkpoint in the run")
+    a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: --from-stage's final one)")
     a("--task", default="GSM8K", help="GSM8K, or module:Class of your own task")
     a("--examples-per-step", type=int, help="questions per optimizer step over all processes")
     a("--num-samples", type=int, help="answers sampled per question (the group whose mean is the baseline)")
@@ -57,7 +59,7 @@ def main(args):
     from nanochat.rollouts import Rollouts, pass_at_k, policy_gradient_loss
 
     started = time.time()
-    source = args.checkpoint or stage.upstream_checkpoint(args.run, "chat_sft")
+    source = args.checkpoint or stage.upstream_checkpoint(args.run, args.from_stage)
     train_task, eval_task = load_task(args.task, "train"), load_task(args.task, "test")
     trainer = training.Training(args, STAGE)
     rank, world = trainer.compute.rank, trainer.compute.world_size

@@ -1,17 +1,18 @@
-"""Supervised finetuning of the midtrained model on curated conversations.
+"""Supervised finetuning of the midtrained model (or the base model) on curated conversations.
 
     torchrun --nproc_per_node 2 -m nanochat.stages.chat_sft -- --run myrun --preset tiny
     python -m nanochat.stages.chat_sft --run myrun --preset cpu --identity my_identity.jsonl
 
-Starts from mid_train's final checkpoint in the same run (or --checkpoint), with its optimizer
-state too if --warm-start-optimizer. Trains on a fixed, shuffled mixture of SmolTalk, GSM8K (with
-tool calls), SpellingBee and the identity conversations (nanochat's, or your own --identity file
+Starts from mid_train's final checkpoint in the same run (or --from-stage's: base_train in a run
+that skips mid_train, as upstream's 2026 speedrun does; or --checkpoint), with its optimizer state
+too if --warm-start-optimizer. Trains on a fixed, shuffled mixture of SmolTalk, GSM8K (with tool
+calls), SpellingBee and the identity conversations (nanochat's, or your own --identity file
 instead), each task weighted in epochs: --identity-weight passes over the identity conversations,
 --smoltalk-weight and --gsm8k-weight over SmolTalk (optionally without its conversations over
 --smoltalk-max-chars) and GSM8K, a fraction being a fixed random share of one pass. Conversations
-are packed best-fit into full rows (--rows pad: one per row); the loss covers assistant tokens
-only. ChatCORE every --chatcore-every steps, validation, checkpoints, exact resume and outputs as
-in mid_train.
+are packed best-fit into full rows (--rows pad: one per row); the loss covers assistant tokens only.
+ChatCORE every --chatcore-every steps, validation, checkpoints, exact resume and outputs as in
+mid_train.
 """
 
 from nanochat import stage
@@ -29,7 +30,7 @@ def mixture(args):
 
 
 def main(args):
-    return _finetune.finetune(args, STAGE, "mid_train", mixture(args))
+    return _finetune.finetune(args, STAGE, mixture(args))
 
 
 if __name__ == "__main__":

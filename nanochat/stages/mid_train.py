@@ -30,7 +30,7 @@ def mixture(args):
 
 
 def main(args):
-    return _finetune.finetune(args, STAGE, "base_train", mixture(args))
+    return _finetune.finetune(args, STAGE, mixture(args))
 
 
 if __name__ == "__main__":
