@@ -2,10 +2,12 @@
 with the real stages as child processes: two concurrent runs execute each stage once, a re-run is
 all cache hits, a stage that fails once resumes on Prefect's retry from its checkpoint to the same
 weights, s3:// storage, the stage launcher leaves no torchrun worker behind, one stage at a time
-when asked, the whole DAG end to end with the report card's full table, and never two torchrun
-stages at once on the node, in one run or in two. (The cache's invalidation: tests/test_cache.py.)"""
+when asked, a run that skips mid_train (chat_sft trains on the base model), the whole DAG end to end
+with the report card's full table, and never two torchrun stages at once on the node, in one run or
+in two. (The cache's invalidation: tests/test_cache.py.)"""
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import signal
@@ -37,9 +39,9 @@ SELECTED = [s.name for s in pipeline.select(ONLY)]
 ALL = [s.name for s in pipeline.PIPELINE]
 
 
-def run_speedrun(root, run, shared_data, retries=0, only=ONLY, **kwargs):
+def run_speedrun(root, run, shared_data, retries=0, only=ONLY, overrides=OVERRIDES, **kwargs):
     state = speedrun(preset="tiny", run_name=run, storage=str(root), data_mirror=str(shared_data),
-                     overrides=OVERRIDES, retries=retries, only=only, return_state=True, **kwargs)
+                     overrides=overrides, retries=retries, only=only, return_state=True, **kwargs)
     return state, state.state_details.flow_run_id
 
 
@@ -104,16 +106,62 @@ def test_rerun_is_all_cache_hits_and_publishes_the_report(finished):
     assert all(name in table for name in SELECTED)
 
 
-def test_missing_artifact_runs_its_stage_again(finished, prefect_api, shared_data):
+@pytest.fixture(scope="module")
+def rerun(finished, prefect_api, shared_data):
+    """The finished run again, with the directory of its last stage gone, and chat_sft added to it
+    as a run that skips mid_train runs it (0 steps: what it starts from is the point), in one flow
+    run: (its state, its flow run id)."""
+    run, *_ = finished
+    storage.remove(storage.join(run, SELECTED[-1]), recursive=True)
+    overrides = {**OVERRIDES, "chat_sft": {"num_steps": 0}}
+    return run_speedrun(storage.local_path(run).rsplit("/runs/", 1)[0], "e2e", shared_data, only=[*ONLY, "chat_sft"],
+                        skip=["mid_train"], overrides=overrides)
+
+
+def test_missing_artifact_runs_its_stage_again(finished, rerun):
     run, _, _, after_first, _ = finished
-    last = SELECTED[-1]  # no stage depends on it, so the others stay cache hits
-    storage.remove(storage.join(run, last), recursive=True)
-    state, flow_run_id = run_speedrun(storage.local_path(run).rsplit("/runs/", 1)[0], "e2e", shared_data)
+    state, flow_run_id = rerun
+    last = SELECTED[-1]  # no stage of SELECTED depends on it, so the others stay cache hits
     assert state.is_completed(), state.message
     states = task_states(flow_run_id)
     assert states[last] == "Completed"
     assert all(states[name] == "Cached" for name in SELECTED if name != last)
     assert storage.read_json(storage.join(run, last, "stage.json"))["outputs"].keys() == after_first[last]["outputs"].keys()
+
+
+def test_skipping_mid_train_trains_chat_sft_on_the_base_model(finished, rerun):
+    """skip=["mid_train"]: mid_train and its evaluation never run, and chat_sft trains on base_train's
+    final model, which is the final artifact; run.json records the skip; the report card has no MID
+    column."""
+    run, *_ = finished
+    state, flow_run_id = rerun
+    assert state.is_completed(), state.message
+    states = task_states(flow_run_id)
+    assert states["chat_sft"] == "Completed" and "mid_train" not in states and "chat_eval_mid" not in states
+    assert not storage.exists(storage.join(run, "mid_train"))
+    sft = storage.read_json(storage.join(run, "chat_sft", "stage.json"))
+    base = storage.read_json(storage.join(run, "base_train", "stage.json"))
+    assert sft["config"]["from_stage"] == "base_train" and sft["inputs"]["checkpoint"] == base["outputs"]["checkpoint"]
+    assert state.result() == sft["outputs"]["checkpoint"]["uri"]
+    assert storage.read_json(storage.join(run, "run.json"))["skip"] == ["mid_train"]  # the stage flow's and other nodes' rows
+    header = next(line for line in storage.read_text(storage.join(run, "report.md")).splitlines() if line.startswith("| metric"))
+    assert "SFT" in header and "MID" not in header
+
+
+def test_a_stage_trained_on_another_model_has_another_cache_key(tmp_path):
+    """chat_sft from base_train (mid_train skipped) and from mid_train: other arguments and other
+    upstream stage.json, so one is never a cache hit for the other."""
+    spec = launch.RunSpec(run=storage.normalize(str(tmp_path / "run")), preset="tiny", storage=storage.normalize(str(tmp_path)))
+    for name in ("download", "base_train", "mid_train"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+        (tmp_path / "run" / name / "stage.json").write_text(json.dumps({"stage": name}))
+
+    def key(stage):
+        return stages.StageCache().compute_key(None, {"stage": stage, "spec": spec}, {})
+
+    from_mid, from_base = pipeline.stage("chat_sft"), pipeline.stage("chat_sft", ["mid_train"])
+    assert key(from_mid) != key(from_base)
+    assert key(dataclasses.replace(from_base, needs=from_mid.needs)) != key(from_base)  # the upstream stage.json counts too
 
 
 def test_failed_stage_resumes_from_its_checkpoint(finished, prefect_api, shared_data, tmp_path, monkeypatch):
@@ -193,8 +241,8 @@ def test_two_runs_submitted_together_never_share_the_node(finished):
     """Two runs of their own (not one run twice, which the cache lock serializes): their base_train
     stages take the node's slot in turn, while their tokenizer stages run side by side."""
     run, first, _, _, (serial_run, serial) = finished
-    spans = torchrun_spans(run, serial_run)
-    assert len(spans) == 2
+    spans = torchrun_spans(run, serial_run)  # with the skip test's chat_sft if it ran first
+    assert len([span for span in spans if span[2].endswith("/base_train")]) == 2
     assert_one_at_a_time(spans)
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(slots.slot_name()).limit == 1
