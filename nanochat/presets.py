@@ -2,7 +2,8 @@
 
 tiny  CI and tests: the whole DAG in a few minutes on 2 CPU cores.
 cpu   a laptop: your own chat model in under an hour on 2 cores (docs/cpu-preset.md).
-d24   one 8xGPU node: upstream nanochat's 2026 speedrun (runs/speedrun.sh), with our mid_train and chat_rl.
+d24   one 8xGPU node: upstream nanochat's 2026 speedrun (runs/speedrun.sh), with our mid_train and chat_rl
+      (a flow's skip=["mid_train", "chat_rl"] leaves them out, as upstream does).
 d20, d26, d32  one 8xGPU node, the same recipe at other depths.
 
 Where a value is upstream's, its comment names the file of karpathy/nanochat (at 92d63d4) it is read from.
