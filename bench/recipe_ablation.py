@@ -9,8 +9,9 @@ with that group back at its classic values. Every arm trains the cpu preset's mo
 width, context, data and tokenizer) with base_train for the same budget: --minutes on 2 cores,
 counted as CPU time / 2 (one single-threaded process per arm, --jobs side by side, so other
 work on the machine barely moves the figure). Each arm's steps are set from its own cost per
-step, measured by two short runs (5 and 15 steps; their CPU-time difference over 10 steps), so an
-option that slows a step pays for it in steps. One evaluation at the end, on the same validation
+step, measured by two short runs (5 and 15 steps; their CPU-time difference over 10 steps) of
+each distinct model, optimizer recipe and batch, so an option that slows a step pays for it in
+steps. One evaluation at the end, on the same validation
 text as every arm.
 
 A group wins if taking it out of the full recipe costs more bits per byte than the spread between
@@ -20,6 +21,7 @@ then one JSON line.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import json
 import shutil
@@ -34,7 +36,7 @@ from nanochat import presets
 SEEDS = (42, 43)
 EVAL_TOKENS = 262_144  # the cpu preset's base_eval: four times base_train's, for a steadier figure
 CALIBRATION_STEPS = (5, 15)
-CALIBRATING = threading.Lock()  # one calibration at a time: arms of the same options share theirs
+CALIBRATING = collections.defaultdict(threading.Lock)  # per cost key: arms of one cost share a calibration
 
 
 CLASSIC_BATCH = 8192  # the cpu preset's total batch before the 2026 recipe (docs/cpu-preset.md)
@@ -76,17 +78,27 @@ def base_train(run, storage, options, seed, steps, eval_tokens):
     return summary, cpu
 
 
+def cost_key(options):
+    """What a step's cost depends on: the model, the optimizer's recipe and the batch (not the
+    schedules, learning rates or seed)."""
+    model_options = presets.RECIPE_GROUPS["model"][1]
+    return json.dumps({k: v for k, v in sorted(options.items())
+                       if k in model_options or k in ("optimizer_recipe", "total_batch_size")})
+
+
 def cost_per_step(name, storage, options):
-    """CPU seconds per training step of these options (from two short runs; cached by options)."""
-    key = json.dumps(options, sort_keys=True)
+    """CPU seconds per training step of these options (from two short runs; cached by cost_key)."""
+    key = cost_key(options)
     cache = Path(storage) / "calibration.json"
-    with CALIBRATING:
+    with CALIBRATING[key]:
         known = json.loads(cache.read_text()) if cache.exists() else {}
         if key not in known:
             lo, hi = (base_train(f"calibrate-{name}-{n}", storage, options, SEEDS[0], n, 4096)[1]
                       for n in CALIBRATION_STEPS)
-            known[key] = (hi - lo) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
-            cache.write_text(json.dumps(known, indent=1))
+            with CALIBRATING["file"]:
+                known = json.loads(cache.read_text()) if cache.exists() else {}
+                known[key] = (hi - lo) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+                cache.write_text(json.dumps(known, indent=1))
         return known[key]
 
 
