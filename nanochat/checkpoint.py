@@ -219,15 +219,26 @@ def load(target, rank=0, device="cpu", load_optimizer=True):
     model_state = {k: v.to(device) for k, v in model_state.items()}
     optim_state = None
     if load_optimizer:
-        if manifest["world_size"] != meta["world_size"] or rank >= manifest["world_size"]:
+        if manifest["world_size"] != meta["world_size"]:
             raise CheckpointError(f"{target}: saved by {manifest['world_size']} ranks, cannot restore rank {rank}")
-        name = f"optim_rank_{rank:03d}"
-        tensors = read_tensors(storage.join(target, f"{name}.safetensors"), entry(f"{name}.safetensors"))
-        skeleton = json.loads(read_verified(storage.join(target, f"{name}.json"), entry(f"{name}.json")))
-        rank_state = join_state(skeleton, tensors)
-        set_rng_state(rank_state["rng"])
-        optim_state = rank_state["optimizer"]
+        optim_state, rng = load_rank_state(target, rank, manifest)
+        set_rng_state(rng)
     return model_state, optim_state, meta
+
+
+def load_rank_state(target, rank, manifest=None):
+    """(optimizer state, RNG state) that rank `rank` saved in checkpoint `target`, verified; the
+    weights are not read and nothing is restored."""
+    manifest = manifest or read_manifest(target)
+    if rank >= manifest["world_size"]:
+        raise CheckpointError(f"{target}: saved by {manifest['world_size']} ranks, cannot restore rank {rank}")
+    files, name = manifest["files"], f"optim_rank_{rank:03d}"
+    for part in (f"{name}.safetensors", f"{name}.json"):
+        if part not in files:
+            raise CheckpointError(f"{target}: {part} is not in the manifest")
+    tensors = read_tensors(storage.join(target, f"{name}.safetensors"), files[f"{name}.safetensors"])
+    rank_state = join_state(json.loads(read_verified(storage.join(target, f"{name}.json"), files[f"{name}.json"])), tensors)
+    return rank_state["optimizer"], rank_state["rng"]
 
 
 def load_latest(directory, rank=0, device="cpu", load_optimizer=True):

@@ -162,9 +162,7 @@ def warm_start(optimizer, source, rank, world_size):
         raise stage.StageError(f"--warm-start-optimizer: {source} holds the optimizer state of {saved} processes and "
                                f"this stage runs {world_size}; run it with --nproc_per_node {saved}, or "
                                "without --warm-start-optimizer")
-    rng = checkpoint.rng_state()
-    _, loaded, _ = checkpoint.load(source, rank=rank)  # the weights are read again but stay on the CPU
-    checkpoint.set_rng_state(rng)  # load restored the upstream's RNG state; this stage keeps its own
+    loaded, _ = checkpoint.load_rank_state(source, rank)  # this stage keeps its own RNG state
     groups = optimizer.state_dict()["param_groups"]
     layout = [(g["kind"], len(g["params"])) for g in groups]
     if (saved_layout := [(g.get("kind"), len(g["params"])) for g in loaded["param_groups"]]) != layout:
