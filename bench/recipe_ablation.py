@@ -15,7 +15,8 @@ steps. One evaluation at the end, on the same validation
 text as every arm.
 
 A group wins if taking it out of the full recipe costs more bits per byte than the spread between
-the seeds (the larger of classic's and full's). Runs again with the same --storage reuse the arms
+the seeds (the larger of classic's and full's). Arms such as `full-horizon-model` take several
+groups out: with a group that loses, the others are measured without it too. Runs again with the same --storage reuse the arms
 that finished, so it can run in pieces. Prints the table (also written to OUT.md with OUT.json),
 then one JSON line.
 """
@@ -42,17 +43,32 @@ CALIBRATING = collections.defaultdict(threading.Lock)  # per cost key: arms of o
 CLASSIC_BATCH = 8192  # the cpu preset's total batch before the 2026 recipe (docs/cpu-preset.md)
 
 
-def arms():
-    """{name: (options, seed)}: the recipe's options of each arm (the rest are the cpu preset's)."""
+def recipe_groups():
+    """presets.RECIPE_GROUPS, the classic horizon at the cpu preset's scale."""
     groups = {name: (dict(classic), new) for name, (classic, new) in presets.RECIPE_GROUPS.items()}
-    groups["horizon"][0]["total_batch_size"] = CLASSIC_BATCH  # classic, at the cpu preset's scale
-    classic = {k: v for old, _ in groups.values() for k, v in old.items()}
+    groups["horizon"][0]["total_batch_size"] = CLASSIC_BATCH
+    return groups
+
+
+def arm(name):
+    """(options, seed) of arm `name`: classic-s<seed>, full-s<seed>, or full-<group>[-<group>...],
+    the full recipe with those groups back at their classic values (seed 42)."""
+    groups = recipe_groups()
     full = {k: v for _, new in groups.values() for k, v in new.items()}
-    table = {f"classic-s{seed}": (classic, seed) for seed in SEEDS}
-    table.update({f"full-s{seed}": (full, seed) for seed in SEEDS})
-    for group, (old, _) in groups.items():
-        table[f"full-{group}"] = ({**full, **old}, SEEDS[0])
-    return table
+    kind, _, rest = name.partition("-")
+    if kind in ("classic", "full") and rest in {f"s{seed}" for seed in SEEDS}:
+        options = full if kind == "full" else {k: v for old, _ in groups.values() for k, v in old.items()}
+        return options, int(rest[1:])
+    if kind == "full" and rest and all(g in groups for g in rest.split("-")):
+        return {**full, **{k: v for g in rest.split("-") for k, v in groups[g][0].items()}}, SEEDS[0]
+    raise SystemExit(f"unknown arm {name!r}: classic-s<seed>, full-s<seed> (seeds {SEEDS}) or full-<group>[-<group>...] "
+                     f"(groups: {', '.join(groups)})")
+
+
+def arms():
+    """The default arms: classic and full with each seed, and full less each group."""
+    names = [f"{kind}-s{seed}" for kind in ("classic", "full") for seed in SEEDS]
+    return names + [f"full-{group}" for group in presets.RECIPE_GROUPS]
 
 
 def flags(options):
@@ -149,15 +165,14 @@ def table(rows, result, minutes):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0, help="base_train budget per arm, in minutes on 2 cores")
-    p.add_argument("--arms", default="all", help="comma-separated arm names (default: all: " + ", ".join(arms()) + ")")
+    p.add_argument("--arms", default="all", help="comma-separated arm names (all: " + ", ".join(arms()) + "); "
+                   "full-<group>-<group> takes several groups out")
     p.add_argument("--jobs", type=int, default=2, help="arms side by side, one thread each")
     p.add_argument("--storage", default=None, help="storage root kept between pieces (default: a temporary one)")
     p.add_argument("--out", default=str(ROOT / "docs" / "recipe-ablation"), help="writes OUT.md and OUT.json")
     args = p.parse_args()
-    table_arms = arms()
-    chosen = list(table_arms) if args.arms == "all" else args.arms.split(",")
-    if unknown := [a for a in chosen if a not in table_arms]:
-        raise SystemExit(f"unknown arms {unknown}; choose from {', '.join(table_arms)}")
+    chosen = arms() if args.arms == "all" else args.arms.split(",")
+    table_arms = {name: arm(name) for name in chosen}
     storage = args.storage or tempfile.mkdtemp(prefix="nanochat-ablation-")
     if not (Path(storage) / "runs" / "tokenizer" / "tok_train" / "stage.json").exists():
         stage("tok_train", "tokenizer", storage, "--data", DATA / "pretrain")
