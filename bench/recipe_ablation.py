@@ -9,16 +9,16 @@ with that group back at its classic values. Every arm trains the cpu preset's mo
 width, context, data and tokenizer) with base_train for the same budget: --minutes on 2 cores,
 counted as CPU time / 2 (one single-threaded process per arm, --jobs side by side, so other
 work on the machine barely moves the figure). Each arm's steps are set from its own cost per
-step, measured by two short runs (5 and 15 steps; their CPU-time difference over 10 steps) of
+step, measured by two short runs (5 and 45 steps; their CPU-time difference over 40 steps) of
 each distinct model, optimizer recipe and batch, so an option that slows a step pays for it in
-steps. One evaluation at the end, on the same validation
-text as every arm.
+steps. One evaluation at the end, on the same validation text as every arm.
 
-A group wins if taking it out of the full recipe costs more bits per byte than the spread between
-the seeds (the larger of classic's and full's). Arms such as `full-horizon-model` take several
-groups out: with a group that loses, the others are measured without it too. Runs again with the same --storage reuse the arms
-that finished, so it can run in pieces. Prints the table (also written to OUT.md with OUT.json),
-then one JSON line.
+A group wins if taking it out costs more bits per byte than the spread between the seeds (the
+larger of classic's and full's). Arms such as `full-horizon-model` take several groups out: with a
+group that loses, the others are measured without it too, each against the arm one group shorter
+(full-horizon-model against full-horizon). Runs again with the same --storage reuse the arms that
+finished, so it can run in pieces. Prints the table (also written to OUT.md with OUT.json), then
+one JSON line.
 """
 
 import argparse
@@ -36,7 +36,7 @@ from nanochat import presets
 
 SEEDS = (42, 43)
 EVAL_TOKENS = 262_144  # the cpu preset's base_eval: four times base_train's, for a steadier figure
-CALIBRATION_STEPS = (5, 15)
+CALIBRATION_STEPS = (5, 45)  # 40 steps apart: a 10-step difference was off by up to 40%
 CALIBRATING = collections.defaultdict(threading.Lock)  # per cost key: arms of one cost share a calibration
 
 
@@ -133,18 +133,29 @@ def measure(name, options, seed, storage, minutes):
     return row
 
 
+def reference(name):
+    """The arm that `name` takes one more group out of: full-horizon-model's is full-horizon, and
+    full-<group>'s is full (its seeds' mean)."""
+    return name.rpartition("-")[0]
+
+
 def verdicts(rows):
-    """Each group's cost when taken out of the full recipe, against the seeds' spread."""
+    """Each group's cost when taken out of the full recipe (or out of an arm that already took
+    others out), against the seeds' spread."""
     bpb = {r["arm"]: r["val_bpb"] for r in rows}
-    seeds = {arm: [bpb.get(f"{arm}-s{s}") for s in SEEDS] for arm in ("classic", "full")}
-    spreads = [abs(a - b) for a, b in seeds.values() if a is not None and b is not None]
+    seeds = {kind: [bpb[f"{kind}-s{s}"] for s in SEEDS if f"{kind}-s{s}" in bpb] for kind in ("classic", "full")}
+    spreads = [max(v) - min(v) for v in seeds.values() if len(v) == len(SEEDS)]
     spread = max(spreads) if spreads else None
-    full = [v for v in seeds["full"] if v is not None]
-    out = {"spread": spread, "groups": {}}
-    for group in presets.RECIPE_GROUPS:
-        if f"full-{group}" in bpb and full and spread is not None:
-            cost = bpb[f"full-{group}"] - sum(full) / len(full)
-            out["groups"][group] = {"cost_of_removing": cost, "wins": cost > spread}
+    if seeds["full"]:
+        bpb["full"] = sum(seeds["full"]) / len(seeds["full"])
+    out = {"spread": spread, "removals": {}}
+    for name in sorted(bpb):
+        kind, _, groups = name.partition("-")
+        if kind != "full" or not groups or groups[1:].isdigit() or reference(name) not in bpb or spread is None:
+            continue
+        cost = bpb[name] - bpb[reference(name)]
+        out["removals"][name] = {"group": name.rpartition("-")[2], "from": reference(name),
+                                 "cost_of_removing": cost, "wins": cost > spread}
     return out
 
 
@@ -156,9 +167,9 @@ def table(rows, result, minutes):
                      f"{r['minutes_2cores']:.1f} | {r['cpu_s_per_step']:.2f} |")
     if result["spread"] is not None:
         lines += ["", f"Spread between seeds: {result['spread']:.4f} bpb.", "",
-                  "| group taken out of full | val bpb cost | wins |", "|---|---|---|"]
-        for group, v in result["groups"].items():
-            lines.append(f"| {group} | {v['cost_of_removing']:+.4f} | {'yes' if v['wins'] else 'no'} |")
+                  "| group taken out | of | val bpb cost | wins |", "|---|---|---|---|"]
+        for v in result["removals"].values():
+            lines.append(f"| {v['group']} | {v['from']} | {v['cost_of_removing']:+.4f} | {'yes' if v['wins'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
