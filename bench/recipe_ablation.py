@@ -71,24 +71,12 @@ def arms():
     return names + [f"full-{group}" for group in presets.RECIPE_GROUPS]
 
 
-def flags(options):
-    """The base_train command-line flags of an option dict."""
-    out = []
-    for name, value in sorted(options.items()):
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + flag[2:])
-        else:
-            out += [flag, str(value)]
-    return out
-
-
 def base_train(run, storage, options, seed, steps, eval_tokens):
     """A base_train run of its own (sharing the tokenizer) from scratch; (stage.json, CPU seconds)."""
     runs = Path(storage) / "runs"
     shutil.rmtree(runs / run, ignore_errors=True)
     shutil.copytree(runs / "tokenizer" / "tok_train", runs / run / "tok_train")
-    summary, _, cpu = stage("base_train", run, storage, *flags(options), "--seed", seed, "--num-steps", steps,
+    summary, _, cpu = stage("base_train", run, storage, *presets.flags(dict(sorted(options.items()))), "--seed", seed, "--num-steps", steps,
                             "--eval-every", -1, "--checkpoint-every", -1, "--sample-every", -1, "--core-every", -1,
                             "--eval-tokens", eval_tokens, "--data", DATA / "pretrain", threads=1)
     return summary, cpu

@@ -181,15 +181,19 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch's, plus: group fields the saved state lacks (it predates them) keep their values
-        from construction, and a state sharded for another number of processes is refused."""
+        from construction; AdamW state saved whole on every rank (before it was sharded) gives this
+        rank its rows; and a state sharded for another number of processes is refused."""
         constructed = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, fields in zip(self.param_groups, constructed):
-            for key, value in fields.items():
-                group.setdefault(key, value)
+            merged = {**fields, **group}  # in construction's order, as a state saved after a fresh start
+            group.clear()
+            group.update(merged)
         for group in self.param_groups:
             for p, key, shape in self._state_shapes(group):
                 saved = self.state[p].get(key)
+                if group["kind"] == "adamw" and saved is not None and saved.shape == p.shape != shape:
+                    saved = self.state[p][key] = saved[self._adamw_rows(p)].clone()
                 if saved is not None and tuple(saved.shape) != shape:
                     raise ValueError(f"optimizer state {key!r} of shape {tuple(saved.shape)} does not fit {shape}: "
                                      f"it was saved by a different number of processes than {self.world_size}")

@@ -219,3 +219,12 @@ def get(preset, stage):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
     return dict(PRESETS[preset].get(stage, {}))
+
+
+def flags(options):
+    """The command-line flags that set `options` ({name: value}) on a stage: --no-<name> for False."""
+    out = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        out += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
+    return out

@@ -4,15 +4,20 @@ errors before any work."""
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
+from pathlib import Path
 
 from nanochat import presets, storage
 from nanochat import stage as contract
 from nanochat.checkpoint import load, step_dir
 from nanochat.stages import base_train as base_train_stage
 from tests.support.resume import TIMES, assert_same_final_checkpoint, edit_meta, final_checkpoint, kill_after_checkpoint
-from tests.support.stagerun import stage
+from tests.support.stagerun import missing, stage
+
+REPO = Path(__file__).resolve().parent.parent
+BEFORE_THE_2026_RECIPE = "e4680cd"  # the last commit before issue 20: the classic model, AdamW state whole on every rank
 
 
 @pytest.fixture
@@ -22,12 +27,12 @@ def run(tiny_tokenizer_run, tmp_path):
     return run
 
 
-def base_train(run, shared_data, nproc=2, *options, check=True, fault=None):
+def base_train(run, shared_data, nproc=2, *options, check=True, fault=None, cwd=None):
     """Runs the stage, deterministic, to its end; with `fault` (a NANOCHAT_FAULT spec), in the
     background, returning the process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"NANOCHAT_FAULT": fault} if fault else {})}
     return stage("nanochat.stages.base_train", run, env, "--data", str(shared_data / "pretrain"), "--deterministic",
-                 *options, nproc=nproc, check=check, background=bool(fault))
+                 *options, nproc=nproc, check=check, background=bool(fault), cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +91,35 @@ def test_a_checkpoint_from_before_the_running_totals_resumes(trained, run, share
     assert_same_final_checkpoint(run, trained, "base_train", meta_apart=(*TIMES, "tokens"))
     summary = json.loads((run / "base_train" / "stage.json").read_text())
     assert summary["metrics"]["tokens"] == 10 * presets.get("tiny", "base_train")["total_batch_size"]
+
+
+@pytest.fixture
+def checkout_before_the_2026_recipe(tmp_path):
+    """A worktree of this repository at BEFORE_THE_2026_RECIPE, using this checkout's built tokenizer."""
+    tree = tmp_path / "before"
+    added = subprocess.run(["git", "worktree", "add", "--detach", str(tree), BEFORE_THE_2026_RECIPE], cwd=REPO,
+                           capture_output=True, text=True)
+    if added.returncode != 0:
+        missing(f"no commit {BEFORE_THE_2026_RECIPE} to check out (a shallow clone?): {added.stderr.strip()}")
+    (tree / "rustbpe" / "_native").symlink_to(REPO / "rustbpe" / "_native")
+    yield tree
+    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
+
+
+def test_a_checkpoint_from_before_the_2026_recipe_resumes_as_classic(run, shared_data, tmp_path,
+                                                                       checkout_before_the_2026_recipe):
+    """A step-10 checkpoint of the code before the 2026 recipe (2 processes, each saving the whole
+    AdamW state; a model config and optimizer groups without the new fields) resumes under today's
+    code with the classic options to the same weights as the old code's own 20 steps."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    base_train(old, shared_data, cwd=checkout_before_the_2026_recipe)  # its tiny preset: the classic recipe
+    shutil.copytree(old / "base_train" / "checkpoints" / "step_000010", run / "base_train" / "checkpoints" / "step_000010")
+    classic = {k: v for group in ("model", "optimizer", "schedules") for k, v in presets.RECIPE_GROUPS[group][0].items()}
+    resumed = base_train(run, shared_data, 2, *presets.flags(classic))
+    assert "resumed at step 10" in resumed.stderr
+    weights = [final_checkpoint(r, "base_train") / "model.safetensors" for r in (run, old)]
+    assert weights[0].read_bytes() == weights[1].read_bytes()
 
 
 def test_fp16_trains_with_a_loss_scaler_whose_state_resumes(run, shared_data, tmp_path):

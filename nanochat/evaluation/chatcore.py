@@ -10,11 +10,15 @@ task's accuracy by chance. Tasks come in as objects (`tasks.catalog` names them)
 """
 
 import collections
+import logging
+import time
 
 import torch
 
 from nanochat.common import pad_right, sum_over_ranks
 from nanochat.engine import Request
+
+log = logging.getLogger("nanochat")
 
 
 @torch.no_grad()
@@ -74,6 +78,21 @@ def evaluate(task, model, tokenizer, engine, device, autocast, max_problems=-1, 
     counts = torch.tensor([correct, len(indices)], dtype=torch.long, device=device)
     sum_over_ranks(counts)
     return counts[0].item() / counts[1].item(), counts[1].item()
+
+
+def evaluate_tasks(tasks, model, tokenizer, engine, device, autocast, max_problems, max_generative, batch_size,
+                   params, rank=0, world_size=1):
+    """{name: {accuracy, problems, seconds}} over `tasks` ({name: task}): the first max_problems of
+    each categorical task and max_generative of each generative one (-1: all)."""
+    results = {}
+    for name, task in tasks.items():
+        t0 = time.time()
+        limit = max_generative if task.eval_type == "generative" else max_problems
+        accuracy, problems = evaluate(task, model, tokenizer, engine, device, autocast, limit, batch_size, params,
+                                      rank, world_size)
+        results[name] = {"accuracy": accuracy, "problems": problems, "seconds": round(time.time() - t0, 2)}
+        log.info("%-14s accuracy %.4f on %d problems in %.1fs", name, accuracy, problems, results[name]["seconds"])
+    return results
 
 
 def chatcore(accuracies, baselines):

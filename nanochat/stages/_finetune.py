@@ -187,12 +187,10 @@ def chatcore_hook(args, trainer, model, tokenizer, tasks):
 
     def evaluate_chatcore(step):
         engine = Engine(model, tokenizer)  # its cache lives for this evaluation only
-        accuracies = {}
-        for name, task in tasks.items():
-            limit = args.chatcore_max_generative if task.eval_type == "generative" else args.chatcore_max_problems
-            accuracies[name], _ = chatcore.evaluate(task, model, tokenizer, engine, trainer.device, trainer.autocast,
-                                                    limit, args.device_batch_size, params, trainer.compute.rank,
-                                                    trainer.compute.world_size)
+        results = chatcore.evaluate_tasks(tasks, model, tokenizer, engine, trainer.device, trainer.autocast,
+                                          args.chatcore_max_problems, args.chatcore_max_generative,
+                                          args.device_batch_size, params, trainer.compute.rank, trainer.compute.world_size)
+        accuracies = {name: r["accuracy"] for name, r in results.items()}
         score = chatcore.chatcore(accuracies, catalog.BASELINES)
         trainer.metrics.add({"step": step, "chatcore": score, **{f"chatcore/{n}": a for n, a in accuracies.items()}})
 

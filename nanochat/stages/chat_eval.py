@@ -53,14 +53,8 @@ def main(args):
     engine = Engine(model, tokenizer)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens, seed=1234)
 
-    results = {}
-    for task_name, task in tasks.items():
-        t0 = time.time()
-        limit = args.max_generative if task.eval_type == "generative" else args.max_problems
-        accuracy, problems = chatcore.evaluate(task, model, tokenizer, engine, compute.device, autocast, limit,
-                                               args.batch_size, params, compute.rank, compute.world_size)
-        results[task_name] = {"accuracy": accuracy, "problems": problems, "seconds": round(time.time() - t0, 2)}
-        log.info("%-14s accuracy %.4f on %d problems in %.1fs", task_name, accuracy, problems, results[task_name]["seconds"])
+    results = chatcore.evaluate_tasks(tasks, model, tokenizer, engine, compute.device, autocast, args.max_problems,
+                                      args.max_generative, args.batch_size, params, compute.rank, compute.world_size)
     accuracies = {t: r["accuracy"] for t, r in results.items()}
     score = chatcore.chatcore(accuracies, catalog.BASELINES)
     log.info("ChatCORE %.4f over %s", score, ", ".join(results))

@@ -19,16 +19,16 @@ def missing(reason):
     pytest.skip(reason)
 
 
-def stage(module, run, env, *options, nproc=None, check=True, preset="tiny", background=False, timeout=480):
-    """Runs nanochat.stages.<module> on `run`; with nproc, under torchrun (`--` ends torchrun's
-    options: it would take `--run` for its `--run-path`). Returns the completed process (ended with
-    its workers, and a TimeoutError, after `timeout` s), or with `background` the running one
-    (output discarded)."""
+def stage(module, run, env, *options, nproc=None, check=True, preset="tiny", background=False, timeout=480, cwd=None):
+    """Runs nanochat.stages.<module> on `run` (the code of the checkout `cwd`, by default this one);
+    with nproc, under torchrun (`--` ends torchrun's options: it would take `--run` for its
+    `--run-path`). Returns the completed process (ended with its workers, and a TimeoutError, after
+    `timeout` s), or with `background` the running one (output discarded)."""
     prefix = [*TORCHRUN, str(nproc), "-m", module, "--"] if nproc else [sys.executable, "-m", module]
     cmd = [*prefix, "--run", str(run), "--preset", preset, *options]
     if background:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = waiting.run(cmd, timeout, env=env)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+    done = waiting.run(cmd, timeout, env=env, cwd=cwd)
     if check and done.returncode != 0:
         raise AssertionError(f"{module} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return done
