@@ -1,13 +1,13 @@
 """base_train under real torchrun (2 processes, gloo): training, exact resume after kill -9, and
-errors before any work."""
+errors before any work; a checkpoint written by the code before the 2026 recipe resumes."""
 
 import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from nanochat import presets, storage
 from nanochat import stage as contract
