@@ -76,7 +76,7 @@ def base_train(run, storage, options, seed, steps, eval_tokens):
     runs = Path(storage) / "runs"
     shutil.rmtree(runs / run, ignore_errors=True)
     shutil.copytree(runs / "tokenizer" / "tok_train", runs / run / "tok_train")
-    summary, _, cpu = stage("base_train", run, storage, *presets.flags(dict(sorted(options.items()))), "--seed", seed, "--num-steps", steps,
+    summary, _, cpu = stage("base_train", run, storage, *presets.flags(options), "--seed", seed, "--num-steps", steps,
                             "--eval-every", -1, "--checkpoint-every", -1, "--sample-every", -1, "--core-every", -1,
                             "--eval-tokens", eval_tokens, "--data", DATA / "pretrain", threads=1)
     return summary, cpu
@@ -138,8 +138,8 @@ def verdicts(rows):
         bpb["full"] = sum(seeds["full"]) / len(seeds["full"])
     out = {"spread": spread, "removals": {}}
     for name in sorted(bpb):
-        kind, _, groups = name.partition("-")
-        if kind != "full" or not groups or groups[1:].isdigit() or reference(name) not in bpb or spread is None:
+        seed_arm = name in {f"full-s{s}" for s in SEEDS}
+        if not name.startswith("full-") or seed_arm or reference(name) not in bpb or spread is None:
             continue
         cost = bpb[name] - bpb[reference(name)]
         out["removals"][name] = {"group": name.rpartition("-")[2], "from": reference(name),

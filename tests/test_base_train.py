@@ -16,7 +16,7 @@ from nanochat.stages import base_train as base_train_stage
 from tests.support.resume import TIMES, assert_same_final_checkpoint, edit_meta, final_checkpoint, kill_after_checkpoint
 from tests.support.stagerun import missing, stage
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # the checkout under test
 BEFORE_THE_2026_RECIPE = "e4680cd"  # the last commit before issue 20: the classic model, AdamW state whole on every rank
 
 
