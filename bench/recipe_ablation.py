@@ -52,7 +52,20 @@ def recipe_groups():
 
 def arm(name):
     """(options, seed) of arm `name`: classic-s<seed>, full-s<seed>, or full-<group>[-<group>...],
-    the full recipe with those groups back at their classic values (seed 42)."""
+    the full recipe with those groups back at their classic values (seed 42); each `@option=value`
+    after it sets one option (a variant of that arm: full-horizon-optimizer@matrix_lr=0.04)."""
+    base, *overrides = name.split("@")
+    options, seed = group_arm(base)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key not in options or not value:
+            raise SystemExit(f"arm {name!r}: {override!r} is not option=value of a recipe option ({', '.join(options)})")
+        kind = type(options[key])
+        options = {**options, key: value.lower() in ("1", "true") if kind is bool else kind(value)}
+    return options, seed
+
+
+def group_arm(name):
     groups = recipe_groups()
     full = {k: v for _, new in groups.values() for k, v in new.items()}
     kind, _, rest = name.partition("-")
@@ -136,8 +149,13 @@ def verdicts(rows):
     spread = max(spreads) if spreads else None
     if seeds["full"]:
         bpb["full"] = sum(seeds["full"]) / len(seeds["full"])
-    out = {"spread": spread, "removals": {}}
+    out = {"spread": spread, "removals": {}, "variants": {}}
     for name in sorted(bpb):
+        base = name.partition("@")[0]
+        if base != name and base in bpb and spread is not None:
+            gain = bpb[base] - bpb[name]
+            out["variants"][name] = {"of": base, "gain": gain, "wins": gain > spread}
+            continue
         seed_arm = name in {f"full-s{s}" for s in SEEDS}
         if not name.startswith("full-") or seed_arm or reference(name) not in bpb or spread is None:
             continue
@@ -158,6 +176,10 @@ def table(rows, result, minutes):
                   "| group taken out | of | val bpb cost | wins |", "|---|---|---|---|"]
         for v in result["removals"].values():
             lines.append(f"| {v['group']} | {v['from']} | {v['cost_of_removing']:+.4f} | {'yes' if v['wins'] else 'no'} |")
+        if result["variants"]:
+            lines += ["", "| variant | of | val bpb gain | wins |", "|---|---|---|---|"]
+            for name, v in result["variants"].items():
+                lines.append(f"| {name} | {v['of']} | {v['gain']:+.4f} | {'yes' if v['wins'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,8 @@
     nanochat tok_train --help                        a stage's options
     nanochat chat --run myrun [-p PROMPT]            chat in the terminal (see `nanochat chat --help`)
     nanochat serve --run myrun [--port 8000]         OpenAI-compatible API + web UI (see `nanochat serve --help`)
+    nanochat export --run myrun --to DIR             a Hugging Face transformers model directory (see `export --help`)
+    nanochat import SRC --run myrun                  a transformers or upstream nanochat model as a finished stage
     nanochat version                                 package version, git commit and source hash
 """
 
@@ -43,6 +45,14 @@ def main(argv=None):
         from nanochat.serve import main as serve
 
         return serve(rest) or 0
+    if command == "export":
+        from nanochat.export import main as export
+
+        return export(rest)
+    if command == "import":  # a keyword in Python: the module is nanochat.importer
+        from nanochat.importer import main as import_model
+
+        return import_model(rest)
     if command in stage_names():
         from nanochat import stage
 
