@@ -1,8 +1,10 @@
 //! rustbpe: a byte-level BPE tokenizer trainer.
 //!
-//! `pretok` splits text exactly like the GPT-4 split regex (and nanochat's variant), `count` counts
-//! the chunks of a corpus on worker threads (into `chunks::ChunkCounts`), `bpe` learns merges from those counts and encodes with
-//! them, and `ffi` is the C ABI that the Python wrapper in `rustbpe/__init__.py` drives through cffi.
+//! `pretok` splits text exactly like the GPT-4 split regex (and nanochat's variant; or not at all,
+//! for text the Python wrapper split with another pattern), `count` counts the chunks of a corpus on
+//! worker threads (into `chunks::ChunkCounts`), `bpe` learns merges from those counts and encodes
+//! with them, and `ffi` is the C ABI that the Python wrapper in `rustbpe/__init__.py` drives through
+//! cffi.
 
 pub mod bpe;
 mod chunks;

@@ -5,26 +5,33 @@
 //! character class (see `unicode_tables`). Some alternative always matches at least one character
 //! (every character is a letter, a number, a space or "other", and each class starts a branch),
 //! so the chunks cover the text with no gap.
+//!
+//! `Pattern::Whole` makes each text one chunk: the Python wrapper splits with any other pattern
+//! itself (with the `regex` package) and hands over the chunks as texts.
 
 use crate::unicode_tables::{class, Class, ASCII, ASCII_CASE_FOLDS};
 
-/// The split patterns we implement exactly; any other pattern is rejected by the Python wrapper.
+/// The split patterns we implement exactly (ids 0 and 1), and "no split" (id 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pattern {
     /// GPT-4 (cl100k): numbers in runs of 1-3 digits.
     Gpt4,
     /// nanochat's variant: numbers in runs of 1-2 digits.
     Nanochat,
+    /// The whole text is one chunk (none if it is empty), for text the caller has split already.
+    Whole,
 }
 
 impl Pattern {
     pub const GPT4: &'static str = r#"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"#;
     pub const NANOCHAT: &'static str = r#"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"#;
+    pub const WHOLE: &'static str = r#"(?s).+"#;
 
     pub fn from_id(id: u32) -> Option<Pattern> {
         match id {
             0 => Some(Pattern::Gpt4),
             1 => Some(Pattern::Nanochat),
+            2 => Some(Pattern::Whole),
             _ => None,
         }
     }
@@ -33,14 +40,16 @@ impl Pattern {
         match self {
             Pattern::Gpt4 => Self::GPT4,
             Pattern::Nanochat => Self::NANOCHAT,
+            Pattern::Whole => Self::WHOLE,
         }
     }
 
-    /// The `m` of `\p{N}{1,m}`, the only difference between the patterns.
-    fn max_numbers(self) -> usize {
+    /// The `m` of `\p{N}{1,m}`, the only difference between the scanned patterns (None: no scan).
+    fn max_numbers(self) -> Option<usize> {
         match self {
-            Pattern::Gpt4 => 3,
-            Pattern::Nanochat => 2,
+            Pattern::Gpt4 => Some(3),
+            Pattern::Nanochat => Some(2),
+            Pattern::Whole => None,
         }
     }
 }
@@ -49,7 +58,7 @@ impl Pattern {
 pub struct Chunks<'a> {
     text: &'a str,
     pos: usize,
-    max_numbers: usize,
+    max_numbers: Option<usize>,
 }
 
 impl<'a> Iterator for Chunks<'a> {
@@ -61,7 +70,10 @@ impl<'a> Iterator for Chunks<'a> {
             return None;
         }
         let start = self.pos;
-        self.pos = chunk_end(self.text.as_bytes(), start, self.max_numbers);
+        self.pos = match self.max_numbers {
+            Some(max_numbers) => chunk_end(self.text.as_bytes(), start, max_numbers),
+            None => self.text.len(),
+        };
         Some(&self.text[start..self.pos])
     }
 }
@@ -263,5 +275,14 @@ mod tests {
         let text = "  Mixed: ÀÉ 日本語 १२३ 👍🏽\r\n\u{2028}end ";
         assert_eq!(chunks(text, Pattern::Gpt4).concat(), text);
         assert!(chunks("", Pattern::Gpt4).is_empty());
+    }
+
+    #[test]
+    fn whole_text_is_one_chunk() {
+        let text = "  Mixed: 日本語 12345\r\n\n end ";
+        assert_eq!(chunks(text, Pattern::Whole), [text]);
+        assert_eq!(chunks("x", Pattern::Whole), ["x"]);
+        assert!(chunks("", Pattern::Whole).is_empty());
+        assert_eq!(Pattern::from_id(2), Some(Pattern::Whole));
     }
 }
