@@ -128,7 +128,7 @@ def upstream(real_texts, samples):
 @pytest.fixture(scope="module")
 def samples(real_texts):
     """Texts to encode: real ones (unseen by the custom-pattern runs) and edge cases."""
-    return real_texts[-60:] + ["", "a", "   spaces   ", "héllo wörld 12345 👍🏽\n\n  x", "don't STOP'LL 3.14!!"]
+    return real_texts[-20:] + ["", "a", "   spaces   ", "héllo wörld 12345 👍🏽\n\n  x", "don't STOP'LL 3.14!!"]
 
 
 def test_matches_upstream_rustbpe_on_real_text(real_texts, upstream):
