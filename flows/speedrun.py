@@ -24,6 +24,7 @@ from prefect.futures import wait
 import nanochat.storage
 from flows import launch, stages
 from nanochat import pipeline, presets, report
+from nanochat.stage import imported_stages
 
 # The final artifact: the output of the last stage run that trains a model, else the tokenizer.
 FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
@@ -158,9 +159,10 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
              stage_deployments: bool = False, skip: list[str] | None = None) -> str:
     """Runs the pipeline on `preset` in run `run_name` (default speedrun-<preset>) under `storage`
     (default $NANOCHAT_STORAGE); `overrides` = {stage: {option: value}}; `only`: just these stages
-    and the ones they need; `skip`: leave out these optional stages (mid_train, chat_rl) and the
-    evaluations of their models, the next stage training on the model before (skip=["mid_train",
-    "chat_rl"] is upstream's 2026 shape: chat_sft trains on base_train's model); `identity`: a JSONL
+    and the ones they need (not what the stages imported into the run needed: those are done);
+    `skip`: leave out these optional stages (mid_train, chat_rl) and the evaluations of their
+    models, the next stage training on the model before (skip=["mid_train", "chat_rl"] is
+    upstream's 2026 shape: chat_sft trains on base_train's model); `identity`: a JSONL
     file (path or URI) of your own conversations (a name, a personality) mixed into midtraining and
     SFT, `identity_weight` times; `parallel`: stages whose inputs are ready run side by side
     (default: the preset's choice; the cpu preset runs one stage at a time, as two would only share
@@ -172,16 +174,18 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     training stage's `checkpoint` output; else the directory of tok_train or, in a run of stages
     that produce neither (only=["download"]), of the last stage."""
     check_storage(storage, nnodes, stage_deployments)
-    selected = pipeline.select(only, skip)  # a PipelineError here, before any stage runs
     overrides = with_identity(overrides, identity, identity_weight)
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
+    # a PipelineError here, before any stage runs; imported stages are done and need nothing
+    selected = pipeline.select(only, skip, done=imported_stages(spec.run))
     record_run(spec, skip)
     if parallel is None:
         parallel = preset not in presets.ONE_STAGE_AT_A_TIME
     futures = {}
     for stage in selected:
         task_ = stages.stage_task(stage, spec, retries=retries, deployed=stage_deployments)
-        upstream = [futures[n] for n in stage.needs] if parallel else list(futures.values())
+        # (what an imported stage needed is not selected)
+        upstream = [futures[n] for n in stage.needs if n in futures] if parallel else list(futures.values())
         futures[stage.name] = task_.submit(stage, spec, wait_for=upstream)
     wait(list(futures.values()))
     summaries = {name: future.result() for name, future in futures.items()}  # raises the first failure

@@ -28,7 +28,7 @@ from flows.slots import node_slot
 from nanochat import presets, storage
 from nanochat.common import code_version
 from nanochat.pipeline import Stage
-from nanochat.stage import SUMMARY
+from nanochat.stage import SUMMARY, imported
 
 # Caching
 
@@ -118,6 +118,15 @@ def stage_task(stage, spec, retries=2, force=False, deployed=False):
     )
 
 
+def imported_summary(stage, spec, logger):
+    """The stage.json of a stage imported into the run (nanochat import), which is done for good:
+    the flow takes it as it is and never runs (nor overwrites) the stage; None otherwise."""
+    if not imported(spec.run, stage.name):
+        return None
+    logger.info("stage %s was imported into the run: taken as it is, not run", stage.name)
+    return storage.read_json(summary_uri(stage.name, spec))
+
+
 class StageFailed(Exception):
     """A stage exited non-zero, or ran past its timeout; the message carries its last output lines."""
 
@@ -129,6 +138,8 @@ def run_stage(stage: Stage, spec: RunSpec) -> dict:
     checkpoints (stages resume by default). A torchrun stage holds its node's slot while it runs
     (flows/slots.py); every stage is stopped at its preset's timeout."""
     logger = get_run_logger()
+    if done := imported_summary(stage, spec, logger):
+        return done
     attempt = task_run.run_count  # part of a multi-node rendezvous id; injected faults may name it
     cmd = command(stage, spec, attempt)
     progress = Progress(stage, spec)
@@ -147,6 +158,8 @@ def run_deployed_stage(stage: Stage, spec: RunSpec) -> dict:
     """Runs the stage as a flow run of its deployment `stage/<name>`, on the pool that deployment
     was deployed to (on a Kubernetes pool, a Job of `nnodes` pods), and returns its stage.json. A
     retry of this task is a new flow run, which resumes from the stage's checkpoints."""
+    if done := imported_summary(stage, spec, get_run_logger()):
+        return done
     parameters = {"name": stage.name, "run_name": spec.run, "preset": spec.preset, "storage": spec.storage,
                   "data_mirror": spec.data_mirror, "nproc_per_node": spec.nproc_per_node, "nnodes": spec.nnodes,
                   "overrides": spec.overrides, "retries": 0}

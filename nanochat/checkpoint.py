@@ -9,6 +9,9 @@ Layout of one checkpoint, `<dir>/step_NNNNNN/`:
                                the running totals (tokens, train and batch time)
     manifest.json              sha256 and size of every file above: written last, by rank 0
 
+An imported model (`nanochat import`) is a checkpoint of the first, fourth and last file alone
+(`save_weights`): later stages start from it, nothing resumes it.
+
 A checkpoint exists only once its manifest does, so a crash or a storage outage mid-save (storage
 retries transient errors, then raises) leaves nothing that a loader would take. Loading verifies
 every file against the manifest; resuming skips a corrupt checkpoint and falls back to the previous
@@ -111,11 +114,7 @@ def save(directory, step, model_state, optim_state, meta, rank=0, world_size=1, 
     """Saves a checkpoint; call on every rank with that rank's optimizer state. Rank 0 writes the
     weights, meta.json and, after all ranks' files are written, the manifest. Returns its URI."""
     target = step_dir(directory, step)
-    files = {}
-    if rank == 0:
-        files["model.safetensors"] = write_tensors(model_state, storage.join(target, "model.safetensors"))
-        meta = storage.redact({**meta, "step": step, "world_size": world_size})  # it may hold data URIs
-        files["meta.json"] = write_json(meta, storage.join(target, "meta.json"))
+    files = write_weights(target, step, model_state, meta, world_size) if rank == 0 else {}
     rank_state = {"optimizer": optim_state, "rng": rng_state()}
     tensors, skeleton = split_state(rank_state)
     name = f"optim_rank_{rank:03d}"
@@ -127,15 +126,35 @@ def save(directory, step, model_state, optim_state, meta, rank=0, world_size=1, 
         dist.all_gather_object(gathered, files)  # also a barrier: every rank's files are written
         files = {k: v for part in gathered for k, v in part.items()}
     if rank == 0:
-        manifest = {"step": step, "world_size": world_size,
-                    "files": {k: {"sha256": h, "bytes": n} for k, (h, n) in sorted(files.items())}}
-        write_json(manifest, storage.join(target, MANIFEST))
-        log.info("checkpoint saved: %s", storage.redact(target))
+        write_manifest(target, step, world_size, files)
         if keep_last:
             prune(directory, keep_last)
     if world_size > 1 and dist.is_initialized():
         dist.barrier()
     return target
+
+
+def save_weights(directory, step, model_state, meta):
+    """Saves a checkpoint of the weights alone, as an import writes one: a later stage can start
+    from it (load_model), nothing can resume it (it holds no optimizer or RNG state). Returns its URI."""
+    target = step_dir(directory, step)
+    write_manifest(target, step, 1, write_weights(target, step, model_state, meta, 1))
+    return target
+
+
+def write_weights(target, step, model_state, meta, world_size):
+    """Writes model.safetensors and meta.json of checkpoint `target`; returns their manifest entries."""
+    meta = storage.redact({**meta, "step": step, "world_size": world_size})  # it may hold data URIs
+    return {"model.safetensors": write_tensors(model_state, storage.join(target, "model.safetensors")),
+            "meta.json": write_json(meta, storage.join(target, "meta.json"))}
+
+
+def write_manifest(target, step, world_size, files):
+    """Writes the manifest, which makes the checkpoint exist: after every file it lists."""
+    manifest = {"step": step, "world_size": world_size,
+                "files": {k: {"sha256": h, "bytes": n} for k, (h, n) in sorted(files.items())}}
+    write_json(manifest, storage.join(target, MANIFEST))
+    log.info("checkpoint saved: %s", storage.redact(target))
 
 
 def prune(directory, keep_last):

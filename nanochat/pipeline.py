@@ -12,6 +12,11 @@ Skipping (`select(skip=...)`): upstream's 2026 speedrun goes from base_train str
 and has no RL. A run may leave out a stage marked `optional` (mid_train, chat_rl); the stage that
 trained on its model then trains on the model the skipped stage would have started from (skipping
 mid_train, chat_sft trains on base_train's), and the stages that evaluate its model do not run.
+
+Done stages (`select(done=...)`): a stage imported into the run (`nanochat import`) is done for
+good, so choosing a stage after it does not bring in the stages it needed: chat_sft on an imported
+base model selects download, base_train (whose stage.json the flow takes as it is), mid_train and
+chat_sft, and no tok_train.
 """
 
 import dataclasses
@@ -95,9 +100,10 @@ def check():
         raise PipelineError("; ".join(problems))
 
 
-def select(only=None, skip=None):
+def select(only=None, skip=None, done=()):
     """The rows to run: the table less the stages in `skip` (see `without`), then, with `only`, just
-    the stages in `only` and the ones they need."""
+    the stages in `only` and the ones they need, except what only stages in `done` need (a done
+    stage chosen or needed stays: the flow returns its stage.json)."""
     check()
     rows = without(skip or ())
     if not only:
@@ -111,7 +117,8 @@ def select(only=None, skip=None):
     while todo:
         name = todo.pop()
         keep.add(name)
-        todo += by_name[name].needs
+        if name not in done:
+            todo += by_name[name].needs
     return [s for s in rows if s.name in keep]
 
 

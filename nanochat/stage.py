@@ -6,6 +6,11 @@ option overrides its own. Outputs go under `<run>/<stage>/`, and the stage commi
 version). No stage.json means the stage is not done. Credentials never reach stage.json or the
 logs: both go through `storage.redact`.
 
+Imported stages. `nanochat import` (nanochat/importer.py) commits a model trained elsewhere as a
+stage: its stage.json has an `imported` entry (format, source, step). Such a stage is done for
+good: the flow never runs it (nor pulls in the stages before it), and running its program on the
+run is refused; only another import (`--force`) replaces it.
+
 Declared data. In a run whose `download` stage is committed, a stage that reads data (one whose row
 in `nanochat.pipeline` needs download) resolves every data file through that run's files.json,
 found through download's stage.json: a file is that declared URI or a StageError naming it, and
@@ -109,6 +114,17 @@ def upstream_checkpoint(run, upstream):
     return upstream_dir(run, upstream, "checkpoint")
 
 
+def imported(run, stage):
+    """The `imported` entry of stage `stage`'s stage.json in `run`, or None (not done, or trained here)."""
+    uri = stage_uri(run, stage, SUMMARY)
+    return storage.read_json(uri).get("imported") if storage.exists(uri) else None
+
+
+def imported_stages(run):
+    """The names of the pipeline's stages that were imported into `run`."""
+    return {row.name for row in pipeline.PIPELINE if imported(run, row.name)}
+
+
 def artifact(uri):
     """An input/output entry: the URI with the sha256 and size of its bytes."""
     return {"uri": uri, "sha256": storage.sha256(uri), "bytes": storage.size(uri)}
@@ -189,11 +205,11 @@ def utc(seconds):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"
 
 
-def commit(run, stage, args, inputs, outputs, metrics, started):
+def commit(run, stage, args, inputs, outputs, metrics, started, imported=None):
     """Writes stage.json last, recording everything needed to trust and reuse the outputs (storage
     retries transient errors; if it gives up, the stage is not done and a rerun commits it). The
     inputs include the declared data the stage resolved (files.json and each file, see
-    DeclaredData), after `inputs`."""
+    DeclaredData), after `inputs`. `imported`: what an import brought in (see the module docstring)."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in ("run", "storage")}
     declared = _declared.inputs() if _declared is not None else {}
     summary = {
@@ -207,6 +223,7 @@ def commit(run, stage, args, inputs, outputs, metrics, started):
         "started_at": utc(started),
         "finished_at": utc(time.time()),
         "code": code_version(),
+        **({"imported": imported} if imported else {}),
     }
     summary = storage.redact(summary)
     storage.write_json(stage_uri(run, stage, SUMMARY), summary)
@@ -244,6 +261,9 @@ def run_main(main, p, stage, argv=None):
     args = parse_args(p, stage, argv)
     fault(stage)
     try:
+        if done := imported(args.run, stage):
+            raise StageError(f"stage {stage!r} of run {args.run} was imported from {done['source']}: it is done "
+                             "(`nanochat import --force` replaces it; train in another run)")
         if reads_data(stage):
             declare_data(args.run)
         main(args)

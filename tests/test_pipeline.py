@@ -63,6 +63,23 @@ def test_skipping_a_stage_trains_the_next_on_the_model_before_and_drops_its_eval
         assert (option.default, option.choices) == (default, choices)
 
 
+def test_stages_imported_into_a_run_are_done_and_bring_in_nothing():
+    """select(done=...): the flow passes the run's imported stages (nanochat import). A chosen stage
+    after one runs on it: SFT on an imported base model needs no tokenizer training or pretraining;
+    an evaluation of an imported chat model, nothing but its data. A done stage chosen or needed is
+    kept (the flow returns its stage.json), and without `only` the whole table stays."""
+    def names(rows):
+        return [s.name for s in rows]
+
+    assert names(pipeline.select(["chat_sft"], done={"base_train"})) == ["download", "base_train", "mid_train", "chat_sft"]
+    assert names(pipeline.select(["chat_sft"], ["mid_train"], done={"base_train"})) == ["download", "base_train", "chat_sft"]
+    assert names(pipeline.select(["chat_eval_sft", "chat_rl"], done={"chat_sft"})) == \
+        ["download", "chat_sft", "chat_eval_sft", "chat_rl"]
+    assert names(pipeline.select(["chat_eval_sft", "tok_eval"], done={"chat_sft"})) == \
+        ["download", "tok_train", "tok_eval", "chat_sft", "chat_eval_sft"]
+    assert pipeline.select(done={"base_train"}) == list(pipeline.PIPELINE)
+
+
 def test_only_optional_stages_may_be_skipped(tmp_path):
     """Skipping a stage the rest cannot do without, or asking for a stage that a skip leaves out, is
     a PipelineError naming the choices, from the flows before any stage runs and from the command line

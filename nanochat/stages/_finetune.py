@@ -154,10 +154,16 @@ def warm_start(optimizer, source, rank, world_size):
     """Loads into `optimizer` this rank's optimizer state of the checkpoint `source` (the momentum
     and Adam moments the upstream stage ended with), keeping the optimizer's own hyperparameters:
     learning rates, their schedule, betas and weight decay are this stage's. Upstream's chat_sft
-    starts so from pretraining's optimizer."""
+    starts so from pretraining's optimizer. An imported model's checkpoint has no optimizer state:
+    the optimizer then starts fresh, with a warning."""
     from nanochat import checkpoint
 
-    saved = checkpoint.read_manifest(source)["world_size"]
+    manifest = checkpoint.read_manifest(source)
+    if not any(name.startswith("optim_rank_") for name in manifest["files"]):
+        log.warning("--warm-start-optimizer: %s holds no optimizer state (an imported model): the optimizer starts "
+                    "fresh", source)
+        return
+    saved = manifest["world_size"]
     if saved != world_size:
         raise stage.StageError(f"--warm-start-optimizer: {source} holds the optimizer state of {saved} processes and "
                                f"this stage runs {world_size}; run it with --nproc_per_node {saved}, or "

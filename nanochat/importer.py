@@ -1,0 +1,178 @@
+"""`nanochat import`: a model trained elsewhere, as a finished stage of a run.
+
+    nanochat import ~/.cache/nanochat/base_checkpoints/d20 --run myrun        upstream nanochat's base model
+    nanochat import ./chatsft_checkpoints/d32 --run myrun --step 700           a chosen step (default: the last)
+    nanochat import ./hf/nanochat-d32 --run myrun --as sft                     a transformers `nanochat` directory
+    nanochat chat --run myrun                                                  then use it as any stage's model
+    nanochat chat_sft --run myrun --preset d24 --from-stage base_train         or train on from it
+
+SRC is either upstream nanochat's checkpoint folder (model_<step>.pt + meta_<step>.json; its
+tokenizer.pkl in SRC, in --tokenizer, or in SRC/../../tokenizer/ as upstream lays it out) or a
+transformers model directory (config.json, model.safetensors, tokenizer.json). --as names the
+stage it becomes (base: base_train, mid: mid_train, sft: chat_sft, rl: chat_rl); for upstream's
+folders it defaults to what the folder's parent says (base_checkpoints, ..., chatrl_checkpoints),
+for a directory `nanochat export` wrote to the stage it came from.
+
+The stage gets its tokenizer (`<run>/<stage>/tokenizer/`, in our format), a checkpoint of the
+weights alone (no optimizer state: a warm start of the optimizer from it starts fresh; its
+meta.json names that tokenizer, where a trained model's names tok_train's) and a stage.json
+marked `imported`, so the flow takes it as done and never trains it again. --preset is recorded
+there too, the preset the run's later stages are meant to run with. Nothing in SRC is run:
+weights are read as
+safetensors or by torch's weights-only unpickler, tokenizer.pkl by an unpickler that admits only a
+tiktoken encoding's plain data (nanochat/upstream.py), everything else is JSON.
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from nanochat import pipeline, presets, stage, storage
+from nanochat.common import setup_logging
+
+UPSTREAM = "upstream nanochat"
+TRANSFORMERS = "transformers"
+
+
+@dataclasses.dataclass
+class Model:
+    """A model read from SRC, as ours: what the stage is made of."""
+    format: str  # UPSTREAM or TRANSFORMERS
+    config: object  # GPTConfig
+    state: dict  # our state dict, fp32
+    tokenizer: object  # Tokenizer
+    step: int
+    source: str | None  # the model source SRC says it is (base, mid, sft, rl), if it says
+    inputs: dict  # {name: URI} of the files read
+    details: dict  # recorded under stage.json's `imported`
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nanochat import", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="upstream nanochat checkpoint folder or transformers model directory (path or URI)")
+    p.add_argument("--run", required=True, help="run URI, path, or name (a name X means <storage>/runs/X)")
+    p.add_argument("--as", dest="source", choices=list(pipeline.SOURCES),
+                   help="the model source it becomes (default: what SRC says it is)")
+    p.add_argument("--step", type=int, default=None, help="upstream: the checkpoint step (default: the last)")
+    p.add_argument("--tokenizer", default=None, help="upstream: the folder holding tokenizer.pkl (default: SRC, "
+                   "else SRC/../../tokenizer)")
+    p.add_argument("--preset", choices=sorted(presets.PRESETS), default=None,
+                   help="the preset the run's later stages take (recorded in stage.json)")
+    p.add_argument("--storage", default=None, help="storage root for run names (default: $NANOCHAT_STORAGE or "
+                   "file://~/.cache/nanochat)")
+    p.add_argument("--force", action="store_true", help="replace the stage if the run has it already")
+    return p
+
+
+def main(argv=None):
+    """The command; returns its exit code (1 with one line on stderr when the import is refused)."""
+    setup_logging()
+    stage.redact_logs()
+    args = build_parser().parse_args(argv)
+    try:
+        args.run = storage.run_uri(args.run, args.storage)
+        summary = import_model(args)
+    except (ValueError, FileNotFoundError, stage.StageError, storage.StorageError) as e:
+        print(storage.redact(f"nanochat import: error: {e}"), file=sys.stderr)
+        return 1
+    print(storage.redact(f"imported {args.src} as {summary['stage']} of {args.run}"))
+    return 0
+
+
+def import_model(args):
+    """Reads SRC, writes the stage (its tokenizer, its checkpoint) and commits it; returns its
+    stage.json."""
+    from nanochat import checkpoint  # torch: after parsing, so --help stays light
+
+    started = time.time()
+    src = storage.normalize(args.src)
+    model = read_source(src, args)
+    source = args.source or model.source
+    if source is None:
+        raise stage.StageError(f"{src}: cannot tell which model it is (base, mid, sft or rl): give --as")
+    name = pipeline.SOURCES[source]
+    clear_stage(args.run, name, args.force)
+    tokenizer = model.tokenizer.save(stage.stage_uri(args.run, name, "tokenizer"))["tokenizer"]
+    imported = {"format": model.format, "source": src, "step": model.step, **model.details}
+    meta = {"model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, "imported": imported}
+    target = checkpoint.save_weights(stage.stage_uri(args.run, name, "checkpoints"), model.step, model.state, meta)
+    parameters = sum(t.numel() for t in model.state.values())
+    model.state = None  # freed before the checkpoint is loaded back
+    check_logits(target)
+    outputs = {"checkpoint": storage.join(target, checkpoint.MANIFEST), "tokenizer": tokenizer}
+    return stage.commit(args.run, name, args, model.inputs, outputs, {"parameters": parameters}, started,
+                        imported=imported)
+
+
+def read_source(src, args):
+    """The Model in SRC, whichever of the two formats it is."""
+    names = set(storage.listdir(src))
+    if not names:
+        raise FileNotFoundError(f"{src}: no such directory, or it is empty")
+    if {"config.json", "model.safetensors"} <= names:
+        return read_transformers(src)
+    return read_upstream(src, args)
+
+
+def read_upstream(src, args):
+    from nanochat import upstream
+
+    steps = upstream.checkpoint_steps(src)
+    if not steps:
+        raise FileNotFoundError(f"{src}: neither an upstream nanochat checkpoint folder (model_<step>.pt with "
+                                "meta_<step>.json) nor a transformers model directory (config.json, model.safetensors)")
+    step = steps[-1] if args.step is None else args.step
+    if step not in steps:
+        raise FileNotFoundError(f"{src}: no checkpoint of step {step} (it has {', '.join(map(str, steps))})")
+    folders = [args.tokenizer] if args.tokenizer else [src, storage.join(src.rsplit("/", 2)[0], "tokenizer")]
+    pickles = [storage.join(storage.normalize(f), "tokenizer.pkl") for f in folders]
+    pkl = next((uri for uri in pickles if storage.exists(uri)), None)
+    if pkl is None:
+        raise FileNotFoundError(f"no tokenizer.pkl in {' or '.join(pickles)}: give --tokenizer")
+    tokenizer = upstream.load_tokenizer(pkl)
+    inputs = {"tokenizer": pkl}
+    if storage.exists(lengths := pkl.rsplit("/", 1)[0] + "/token_bytes.pt"):
+        upstream.check_token_bytes(lengths, tokenizer)
+        inputs["token_bytes"] = lengths
+    config, state, _ = upstream.read_checkpoint(src, step)
+    if config.vocab_size != tokenizer.vocab_size:
+        raise upstream.UpstreamError(f"{src}: the model's vocab_size {config.vocab_size} is not its tokenizer's "
+                                     f"({tokenizer.vocab_size}, {pkl})")
+    model_uri, meta_uri = upstream.checkpoint_files(src, step)
+    era = "2026" if config.smear else "classic"
+    folder = src.rsplit("/", 2)[-2]  # upstream's <base>/base_checkpoints/<tag>
+    return Model(UPSTREAM, config, state, tokenizer, step, upstream.SOURCE_DIRS.get(folder),
+                 {"model": model_uri, "meta": meta_uri, **inputs}, {"model": era})
+
+
+def read_transformers(src):
+    raise stage.StageError(f"{src}: a transformers model directory; importing these is not available yet")
+
+
+def clear_stage(run, name, force):
+    """Makes way for the imported stage: refuses one the run has (done, or partly trained) unless
+    `force`, which removes it (stage.json first, so it is never a done stage with missing files)."""
+    if not storage.listdir(stage.stage_uri(run, name)):
+        return
+    if not force:
+        done = storage.exists(stage.stage_uri(run, name, stage.SUMMARY))
+        raise stage.StageError(f"run {run} has {'a done' if done else 'a partly trained'} {name}: --force replaces "
+                               "it, or import into another run")
+    storage.remove(stage.stage_uri(run, name, stage.SUMMARY))
+    storage.remove(stage.stage_uri(run, name), recursive=True)
+
+
+def check_logits(target):
+    """Loads the checkpoint written as every later stage will (verified against its manifest) and
+    refuses a model whose logits on a short text are not finite."""
+    import torch
+
+    from nanochat import checkpoint
+
+    model, tokenizer, _ = checkpoint.load_model(target)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer.encode("The capital of France is", prepend="<|bos|>")]))
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{target}: the imported model's logits are not finite")
