@@ -1,6 +1,9 @@
 """Loading safety: tensors come only from safetensors and nothing is ever unpickled, so a checkpoint
 or tokenizer from an untrusted URI cannot run code. The attack is real: a pickle whose loading
-creates a marker file (checked to work with pickle itself), served over HTTP."""
+creates a marker file (checked to work with pickle itself), served over HTTP. The one reader of
+pickles, `nanochat import` of upstream's files, uses torch's weights-only unpickler and an
+allowlisting one that builds plain data (tests/test_upstream_import.py runs this payload at it);
+the scan below finds any other."""
 
 import ast
 import hashlib
