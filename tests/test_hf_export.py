@@ -1,0 +1,194 @@
+"""`nanochat export` against transformers itself, in fp32: the exported directory loads with
+AutoModelForCausalLM / AutoTokenizer as it is and computes what we compute (logits, greedy
+tokens, chat prompts, text encoding). Two models: the tiny trained run (the 2026 options, so
+through the remote code, on inputs longer than its sliding window) exported by the CLI, and an
+in-process classic model with GQA and a non-default rotary base (transformers' own type)."""
+
+import json
+import os
+import tempfile
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat import cli, hf, hf_tokenizer, storage
+from nanochat.checkpoint import find_checkpoint, load_model
+from nanochat.engine import Engine, SamplingParams
+from nanochat.export import write_model_dir
+from nanochat.gpt import GPT, GPTConfig
+from tests.support.stagerun import missing
+
+# transformers reads these when it is imported: never the hub, its dynamic-module copies in a temp dir
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="nanochat-test-hf-"))
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(os.environ["HF_HOME"], "modules"))
+try:
+    import transformers
+except ImportError:
+    transformers = None
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there, how are you?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What's 2+2?"},
+     {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3 + 3?"}],
+    [{"role": "user", "content": "Compute 12*7"},
+     {"role": "assistant", "content": [{"type": "text", "text": "Let me check: "}, {"type": "python", "text": "12*7"},
+                                       {"type": "python_output", "text": "84"}, {"type": "text", "text": " It is 84."}]}],
+]
+
+
+@pytest.fixture(scope="module")
+def auto():
+    """transformers' Auto classes (a skip without transformers, a failure under CI)."""
+    if transformers is None:
+        missing("transformers is not installed (pip install -e '.[dev]')")
+    return transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+
+
+@pytest.fixture(scope="module")
+def texts(shared_data):
+    """Real documents of the pretraining data (not the tokenizer's training shard)."""
+    table = pq.read_table(shared_data / "pretrain" / "shard_00023.parquet", columns=["text"])
+    return table.column("text").to_pylist()[:40]
+
+
+@pytest.fixture(scope="module")
+def classic(auto, tiny_tokenizer, tmp_path_factory):
+    """An in-process classic model (GQA, rotary base 50000; weights drawn so that attention and MLP
+    matter) exported, and loaded by transformers: (ours, tokenizer, theirs, their tokenizer, dir)."""
+    config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=128, rope_base=50000.0)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.05 if name == "lm_head.weight" else 0.1)
+    directory = tmp_path_factory.mktemp("classic-hf")
+    write_model_dir(directory, model.state_dict(), config, tiny_tokenizer)
+    models, tokenizers = auto
+    theirs = models.from_pretrained(directory, dtype=torch.float32).eval()
+    return model, tiny_tokenizer, theirs, tokenizers.from_pretrained(directory), directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_base_run):
+    """tiny_base_run's model and tokenizer, loaded as `nanochat chat` loads them."""
+    model, tokenizer, _ = load_model(find_checkpoint(str(tiny_base_run))[0])
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(auto, tiny_model, tiny_base_run, tmp_path_factory):
+    """tiny_base_run exported by the CLI and loaded with its remote code: (ours, tokenizer, theirs, their tokenizer, dir)."""
+    directory = tmp_path_factory.mktemp("export") / "tiny-hf"
+    assert cli.main(["export", "--run", str(tiny_base_run), "--to", str(directory)]) == 0
+    model, tokenizer = tiny_model
+    models, tokenizers = auto
+    theirs = models.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+    return model, tokenizer, theirs, tokenizers.from_pretrained(directory, trust_remote_code=True), directory
+
+
+@pytest.fixture(params=["classic", "trained"])
+def exported(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_the_directory_is_transformers_own_type_or_carries_its_code(classic, trained):
+    assert type(classic[2]).__name__ == "NanoChatForCausalLM"
+    assert not (classic[4] / "modeling_nanochat_ext.py").exists()
+    assert type(trained[2]).__name__ == "NanoChatExtForCausalLM"
+    config = json.loads((trained[4] / "config.json").read_text())
+    assert config["auto_map"] == hf.REMOTE_AUTO_MAP and config["window_pattern"] == "SSSL" and config["smear"]
+    generation = json.loads((trained[4] / "generation_config.json").read_text())
+    assert (generation["temperature"], generation["top_k"], generation["max_new_tokens"]) == (0.6, 50, 512)
+    meta = json.loads((trained[4] / "nanochat.json").read_text())
+    assert meta["source"] == "base" and meta["frequency_penalty"] == 0.5
+    card = (trained[4] / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "frequency penalty" in card
+
+
+def test_logits_equal_ours(exported, texts):
+    """Prompts longer than the trained model's sliding window (128), so its S layer's mask bites."""
+    model, tokenizer, theirs, _, _ = exported
+    idx = torch.tensor([ids[:200] for ids in tokenizer.encode(texts[:3], prepend="<|bos|>")])
+    with torch.no_grad():
+        ours, logits = model(idx), theirs(idx).logits
+    assert logits.shape == ours.shape
+    assert (logits - ours).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_equals_our_engine(exported):
+    model, tokenizer, theirs, _, _ = exported
+    engine = Engine(model, tokenizer)
+    for conversation in CONVERSATIONS[:2]:
+        prompt = tokenizer.render_for_completion(conversation)
+        ours = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24)).completions[0].token_ids
+        with torch.no_grad():
+            out = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24)
+        assert out[0, len(prompt):].tolist() == ours
+
+
+def test_chat_template_renders_as_our_tokenizer(classic):
+    _, tokenizer, _, theirs, _ = classic
+    for conversation in CONVERSATIONS:
+        prompt = theirs.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False)
+        assert prompt == tokenizer.render_for_completion(conversation)
+        if conversation[-1]["role"] == "assistant":
+            assert theirs.apply_chat_template(conversation, return_dict=False) == tokenizer.render_conversation(conversation)[0]
+    with pytest.raises(Exception, match="alternate"):
+        theirs.apply_chat_template([{"role": "assistant", "content": "hi"}], return_dict=False)
+
+
+def test_tokenizer_encodes_real_text_as_ours(classic, texts):
+    _, tokenizer, _, theirs, _ = classic
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ids == tokenizer.encode(text, prepend="<|bos|>")
+        assert theirs.decode(ids[1:]) == text
+
+
+def test_tokenizer_json_reads_back_and_refuses_other_bpes(tiny_tokenizer):
+    data = hf_tokenizer.tokenizer_json(tiny_tokenizer)
+    back = hf_tokenizer.from_tokenizer_json(json.loads(json.dumps(data)))
+    assert back.mergeable_ranks == tiny_tokenizer.mergeable_ranks and back.pattern == tiny_tokenizer.pattern
+    data["model"]["merges"] = data["model"]["merges"][1:]  # a token BPE could no longer make as tiktoken does
+    with pytest.raises(hf_tokenizer.TokenizerFileError, match="merges"):
+        hf_tokenizer.from_tokenizer_json(data)
+
+
+def test_import_state_inverts_export_and_names_what_it_refuses(tiny_model):
+    model, tokenizer = tiny_model
+    config = hf.hf_config(model.config, tokenizer)
+    state = hf.export_state(model.state_dict(), model.config)
+    imported_config, imported = hf.import_state(state, config, tokenizer.vocab_size)
+    assert imported_config == model.config
+    for key, value in model.state_dict().items():
+        padding = key in ("transformer.wte.weight", "lm_head.weight") or key.startswith("value_embeds.")
+        expected = torch.cat([value[:tokenizer.vocab_size], torch.zeros_like(value[tokenizer.vocab_size:])]) if padding else value
+        assert torch.equal(imported[key], expected), key
+    with pytest.raises(hf.ConversionError, match="hidden_act"):
+        hf.import_state(state, {**config, "hidden_act": "gelu"}, tokenizer.vocab_size)
+    with pytest.raises(hf.ConversionError, match="model.extra"):
+        hf.import_state({**state, "model.extra": torch.zeros(1)}, config, tokenizer.vocab_size)
+
+
+def test_export_never_replaces_a_directory_without_force(trained, tiny_base_run, capsys):
+    directory = trained[4]
+    before = sorted(p.name for p in directory.iterdir())
+    assert cli.main(["export", "--run", str(tiny_base_run), "--to", str(directory)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["export", "--run", str(tiny_base_run), "--to", str(directory), "--force"]) == 0
+    assert sorted(p.name for p in directory.iterdir()) == before
+    assert sorted(p.name for p in directory.parent.iterdir()) == [directory.name]  # no staging left behind
+
+
+def test_export_to_an_object_store_writes_the_same_files(trained, tiny_base_run, s3_root):
+    """DIR may be any storage URI: on S3 (a real moto server) the same bytes as the local export."""
+    to = storage.join(s3_root, "tiny-hf")
+    assert cli.main(["export", "--run", str(tiny_base_run), "--to", to]) == 0
+    local = trained[4]
+    assert storage.listdir(to) == sorted(p.name for p in local.iterdir())
+    for name in storage.listdir(to):
+        assert storage.read_bytes(storage.join(to, name)) == (local / name).read_bytes(), name
