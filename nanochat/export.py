@@ -29,6 +29,7 @@ import uuid
 from importlib import resources
 
 from nanochat import chat, pipeline, report, storage
+from nanochat.common import log
 
 FORMAT = "nanochat-export/1"
 WHAT = {"base": "A pretrained base model (text completion)", "mid": "A mid-trained model (chat format, tools)",
@@ -166,7 +167,8 @@ def run_metrics(run):
     """The report card's BASE/MID/SFT/RL metrics table of a run, or None."""
     try:
         return report.metrics_table(report.load(run))
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError) as e:  # the card is still worth having without them
+        log.warning("export: no metrics for the model card (%s)", storage.redact(str(e)))
         return None
 
 
@@ -180,17 +182,21 @@ def export(run, to, source=None, dtype="float32", force=False):
     to = storage.normalize(to)
     if storage.listdir(to) and not force:  # before the work; publish checks again
         raise ExportError(f"{storage.redact(to)} is not empty: pass --force to replace it")
-    model_state, _, meta = checkpoint.load(target, load_optimizer=False)
+    try:
+        model_state, _, meta = checkpoint.load(target, load_optimizer=False)
+    except checkpoint.CheckpointError as e:
+        raise ExportError(str(e)) from None
     config = GPTConfig(**meta["model_config"])
     tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
     run_uri = None if source is None else storage.run_uri(run)
-    provenance = {"run": run if source else None, "source": source, "step": meta.get("step"),
+    provenance = {"run": storage.redact(run) if source else None, "source": source, "step": meta.get("step"),
                   "checkpoint": storage.redact(target), "model_config": meta["model_config"]}
     local = storage.local_path(to)
-    parent = os.path.dirname(local) if local else None
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(local or 'export')}.staging-", dir=parent)
+    if local:  # next to DIR, so that it becomes DIR in one rename (and with the umask's permissions)
+        staged = os.path.join(os.path.dirname(local), f".{os.path.basename(local)}.staging-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staged)
+    else:
+        staged = tempfile.mkdtemp(prefix="nanochat-export-")
     try:
         write_model_dir(staged, model_state, config, tokenizer, provenance, run_uri and run_metrics(run_uri), dtype)
         publish(staged, to, force)
