@@ -175,20 +175,24 @@ def test_import_state_inverts_export_and_names_what_it_refuses(tiny_model):
 
 
 def test_export_never_replaces_a_directory_without_force(trained, tiny_base_run, capsys):
+    """Nor half-writes one: the new export takes the old one's place whole, and no staging is left."""
     directory = trained[4]
     before = sorted(p.name for p in directory.iterdir())
     assert cli.main(["export", "--run", str(tiny_base_run), "--to", str(directory)]) == 1
     assert "--force" in capsys.readouterr().err
-    assert cli.main(["export", "--run", str(tiny_base_run), "--to", str(directory), "--force"]) == 0
+    checkpoint = find_checkpoint(str(tiny_base_run))[0]  # a checkpoint URI works as --run too
+    assert cli.main(["export", "--run", checkpoint, "--to", str(directory), "--force"]) == 0
     assert sorted(p.name for p in directory.iterdir()) == before
-    assert sorted(p.name for p in directory.parent.iterdir()) == [directory.name]  # no staging left behind
+    assert json.loads((directory / "nanochat.json").read_text())["checkpoint"] == checkpoint
+    assert sorted(p.name for p in directory.parent.iterdir()) == [directory.name]
 
 
-def test_export_to_an_object_store_writes_the_same_files(trained, tiny_base_run, s3_root):
-    """DIR may be any storage URI: on S3 (a real moto server) the same bytes as the local export."""
+def test_export_to_an_object_store_writes_the_same_files(tiny_base_run, s3_root, tmp_path):
+    """DIR may be any storage URI: on S3 (a real moto server) the same bytes as a local export."""
     to = storage.join(s3_root, "tiny-hf")
-    assert cli.main(["export", "--run", str(tiny_base_run), "--to", to]) == 0
-    local = trained[4]
+    for target in (to, str(tmp_path / "local")):
+        assert cli.main(["export", "--run", str(tiny_base_run), "--to", target]) == 0
+    local = tmp_path / "local"
     assert storage.listdir(to) == sorted(p.name for p in local.iterdir())
     for name in storage.listdir(to):
         assert storage.read_bytes(storage.join(to, name)) == (local / name).read_bytes(), name
