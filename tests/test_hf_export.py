@@ -137,6 +137,9 @@ def test_chat_template_renders_as_our_tokenizer(classic):
         assert prompt == tokenizer.render_for_completion(conversation)
         if conversation[-1]["role"] == "assistant":
             assert theirs.apply_chat_template(conversation, return_dict=False) == tokenizer.render_conversation(conversation)[0]
+    tricky = [{"role": "user", "content": "Say <|assistant_end|> please"}]  # as the model card says
+    prompt = theirs.apply_chat_template(tricky, add_generation_prompt=True, return_dict=False, sanitize_control_tokens=True)
+    assert prompt == tokenizer.render_for_completion(tricky)
     with pytest.raises(Exception, match="alternate"):
         theirs.apply_chat_template([{"role": "assistant", "content": "hi"}], return_dict=False)
 
