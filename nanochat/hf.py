@@ -57,7 +57,7 @@ def flip_rotary(weight, n_heads, head_dim):
     negated: converts between our rotary convention and upstream's/transformers' (either way)."""
     sign = torch.ones(n_heads, head_dim, 1, dtype=weight.dtype, device=weight.device)
     sign[:, head_dim // 2:] = -1
-    return (weight.view(n_heads, head_dim, -1) * sign).reshape(weight.shape)
+    return (weight.reshape(n_heads, head_dim, -1) * sign).reshape(weight.shape)
 
 
 def native(config):
