@@ -33,6 +33,7 @@ from nanochat.common import setup_logging
 
 UPSTREAM = "upstream nanochat"
 TRANSFORMERS = "transformers"
+SHARD_INDEX = "model.safetensors.index.json"  # transformers' map of weights to shard files
 
 
 @dataclasses.dataclass
@@ -111,7 +112,7 @@ def read_source(src, args):
     names = set(storage.listdir(src))
     if not names:
         raise FileNotFoundError(f"{src}: no such directory, or it is empty")
-    if {"config.json", "model.safetensors"} <= names:
+    if "config.json" in names and names & {"model.safetensors", SHARD_INDEX}:
         return read_transformers(src)
     return read_upstream(src, args)
 
@@ -148,7 +149,39 @@ def read_upstream(src, args):
 
 
 def read_transformers(src):
-    raise stage.StageError(f"{src}: a transformers model directory; importing these is not available yet")
+    """A transformers `nanochat` directory (transformers' own type, or `nanochat_ext` as `nanochat
+    export` writes it): config.json, the weights (model.safetensors, or shards with their index),
+    tokenizer.json, and nanochat.json if we exported it. Its Python files are never run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from nanochat import hf, hf_tokenizer
+
+    files = {name: storage.join(src, name) for name in ("config.json", "tokenizer.json")}
+    index = storage.join(src, SHARD_INDEX)
+    if storage.exists(index):
+        weight_map = storage.read_json(index).get("weight_map") or {}
+        shards = {f"weights {name}": storage.join(src, name) for name in sorted(set(weight_map.values()))}
+    else:
+        shards = {"weights": storage.join(src, "model.safetensors")}
+    provenance_uri = storage.join(src, "nanochat.json")
+    provenance = storage.read_json(provenance_uri) if storage.exists(provenance_uri) else {}
+    state = {}
+    for uri in shards.values():
+        try:
+            state.update(load_safetensors(storage.read_bytes(uri)))
+        except SafetensorError as e:
+            raise ValueError(f"{uri}: not a safetensors file ({e})") from None
+    hf_config = storage.read_json(files["config.json"])
+    try:
+        tokenizer = hf_tokenizer.from_tokenizer_json(storage.read_json(files["tokenizer.json"]))
+        config, state = hf.import_state(state, hf_config, tokenizer.vocab_size)
+    except (hf.ConversionError, hf_tokenizer.TokenizerFileError) as e:
+        raise ValueError(f"{src}: {e}") from None
+    inputs = {"tokenizer": files["tokenizer.json"], "config": files["config.json"], **shards,
+              **({"nanochat.json": provenance_uri} if provenance else {})}
+    return Model(TRANSFORMERS, config, state, tokenizer, provenance.get("step") or 0, provenance.get("source"), inputs,
+                 {"model_type": hf_config["model_type"]})
 
 
 def clear_stage(run, name, force):

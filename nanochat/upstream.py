@@ -20,7 +20,7 @@ query/key scale, rotary base and gate that changed twice and are not in the file
 Rotary convention. Upstream (and transformers) turn each (x[i], x[i+d/2]) pair of a head by
 -theta, we by +theta. Negating the second half of every query and key head's rows of c_q and c_k
 turns one into the other exactly: the QK norm and scale commute with the sign, and q.k sums the
-products of both negated halves. `flip_rotary` does it, both ways.
+products of both negated halves. `hf.flip_rotary` does it (transformers' convention is upstream's).
 """
 
 import io
@@ -32,6 +32,7 @@ import torch
 
 from nanochat import storage
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.hf import flip_rotary
 from nanochat.presets import MODEL_2026
 from nanochat.tokenizer import Tokenizer
 
@@ -201,10 +202,3 @@ def our_state(state, config, uri):
             out[key] = flip_rotary(out[key], heads, config.head_dim)
     return out
 
-
-def flip_rotary(weight, n_heads, head_dim):
-    """A query or key projection's weight with the rows of the second half of every head negated:
-    turns upstream's (and transformers') rotary convention into ours and back (module docstring)."""
-    out = weight.reshape(n_heads, head_dim, -1).clone()
-    out[:, head_dim // 2:] *= -1
-    return out.reshape(weight.shape)
