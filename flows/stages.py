@@ -86,7 +86,7 @@ class StageCache(CachePolicy):
             "stage": [stage.name, stage.module, *arguments(stage, spec)],
             "config": spec.config(stage),
             "processes": [spec.nproc_per_node, spec.nnodes],
-            "inputs": {name: storage.sha256(summary_uri(name, spec)) for name in stage.needs},
+            "inputs": {name: upstream_sha256(summary_uri(name, spec)) for name in stage.needs},
             "code": code_version(commit=False),  # version + source hash
         }
         key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -94,6 +94,12 @@ class StageCache(CachePolicy):
         if storage.exists(record) and not holds(stage, spec, record):
             storage.remove(record)
         return key
+
+
+def upstream_sha256(uri):
+    """sha256 of an upstream stage's stage.json; None for one that never ran, as what a stage
+    imported into the run needed (the flow does not select it)."""
+    return storage.sha256(uri) if storage.exists(uri) else None
 
 
 # A stage's first retry waits about this long (with jitter), each later one twice as long as the last.

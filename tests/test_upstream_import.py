@@ -213,6 +213,7 @@ def test_the_flow_takes_an_imported_stage_as_done(imported_run, prefect_api, tmp
     final = flows.speedrun.speedrun(preset="tiny", run_name=str(imported_run), only=["base_train"], retries=0)
     assert final == before["outputs"]["checkpoint"]["uri"]
     assert not (imported_run / "download").exists()
+    assert len(list((imported_run / "prefect-results").iterdir())) == 1  # cached under a key without its needs
     assert flows.speedrun.one_stage("base_train", run_name=str(imported_run), preset="tiny", retries=0) == before
     assert summary(imported_run, "base_train") == before
 
