@@ -137,7 +137,7 @@ def read_upstream(src, args):
     if storage.exists(lengths := pkl.rsplit("/", 1)[0] + "/token_bytes.pt"):
         upstream.check_token_bytes(lengths, tokenizer)
         inputs["token_bytes"] = lengths
-    config, state, _ = upstream.read_checkpoint(src, step)
+    config, state = upstream.read_checkpoint(src, step)
     if config.vocab_size != tokenizer.vocab_size:
         raise upstream.UpstreamError(f"{src}: the model's vocab_size {config.vocab_size} is not its tokenizer's "
                                      f"({tokenizer.vocab_size}, {pkl})")

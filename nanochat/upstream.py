@@ -137,7 +137,7 @@ def checkpoint_files(directory, step):
 
 
 def read_checkpoint(directory, step):
-    """(our GPTConfig, our state dict in fp32, upstream's meta) of checkpoint `step` in `directory`."""
+    """(our GPTConfig, our state dict in fp32) of checkpoint `step` in `directory`."""
     model_uri, meta_uri = checkpoint_files(directory, step)
     try:
         meta = json.loads(storage.read_bytes(meta_uri))
@@ -148,7 +148,7 @@ def read_checkpoint(directory, step):
         raise UpstreamError(f"{model_uri}: not a state dict (names to tensors)")
     state = {k.removeprefix(COMPILED_PREFIX): v for k, v in state.items()}
     config = model_config(meta.get("model_config"), state, meta_uri, model_uri)
-    return config, our_state(state, config, model_uri), meta
+    return config, our_state(state, config, model_uri)
 
 
 def model_config(fields, state, meta_uri, model_uri):
