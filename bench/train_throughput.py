@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/train_throughput.py [--modes fp32,bf16,fp32+compile,bf16+compile] [--steps 8]
     .venv/bin/python bench/train_throughput.py --preset cpu --modes fp32,bf16
+    .venv/bin/python bench/train_throughput.py --preset cpu --modes bf16,bf16+classic --steps 30
 
 The upstream-equivalent CPU config: depth 4 (width 256, 2 heads of 128), vocabulary 65,536, sequence
-512, batch 4 x 512, the real MuonAdamW; with --preset, that preset's base_train model and device
-batch instead (cpu: depth 4, heads of 64, vocabulary 8,192, batch 8 x 512). Each mode runs in its
+512, batch 4 x 512, the real MuonAdamW; with --preset, that preset's base_train model (its sizes and
+model options) and device batch instead (cpu: depth 4, heads of 64, vocabulary 8,192, batch 8 x 512).
+A mode with "+classic" trains the same sizes with the classic model options: the step cost of the
+2026 options against the model they replace, in one run. Each mode runs in its
 own process, so its peak RSS is its own: random tokens, --warmup steps (compilation included),
 then the median of --steps step times. The matmul peak of the mode's dtype
 (nanochat.common.measure_matmul_flops) is measured in the same process before and after the steps,
@@ -26,16 +29,17 @@ UPSTREAM_TOK_PER_S = {"eager": 610, "compiled": 860}
 DEPTH, VOCAB, SEQ_LEN, BATCH = 4, 65536, 512, 4
 
 
-def preset_model(preset, vocab_size=None):
+def preset_model(preset, vocab_size=None, classic=False):
     """(GPTConfig, device batch) of a preset's base_train, with its tokenizer's vocabulary size
-    unless `vocab_size` is given."""
+    unless `vocab_size` is given; with `classic`, the classic model options instead of its own."""
     from nanochat import presets
     from nanochat.gpt import GPTConfig
 
     train = presets.get(preset, "base_train")
     vocab_size = vocab_size or presets.get(preset, "tok_train")["vocab_size"]
+    options = presets.CLASSIC_MODEL if classic else {name: train[name] for name in presets.CLASSIC_MODEL}
     config = GPTConfig.from_depth(train["depth"], vocab_size, train["max_seq_len"], head_dim=train["head_dim"],
-                                  n_kv_head=train["n_kv_head"])
+                                  n_kv_head=train["n_kv_head"], **options)
     return config, train["device_batch_size"]
 
 
@@ -55,7 +59,7 @@ def run_mode(mode, steps, warmup, config=None, batch=BATCH):
     config = config or GPTConfig.from_depth(DEPTH, VOCAB, SEQ_LEN)
     model = GPT(config)
     optimizer = setup_optimizers(model)
-    train_model = torch.compile(model, dynamic=False) if mode.endswith("+compile") else model
+    train_model = torch.compile(model, dynamic=False) if "+compile" in mode else model
     tokens = torch.randint(0, config.vocab_size, (batch, config.sequence_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
@@ -101,10 +105,12 @@ def main():
     parser.add_argument("--preset", help="measure this preset's base_train model (default: the upstream-equivalent one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one mode, in this process
     args = parser.parse_args()
-    config, batch = preset_model(args.preset) if args.preset else (None, BATCH)
     if args.child:
+        classic = "+classic" in args.child
+        config, batch = preset_model(args.preset, classic=classic) if args.preset else (None, BATCH)
         print(json.dumps(run_mode(args.child, args.steps, args.warmup, config, batch)))
         return
+    config, batch = preset_model(args.preset) if args.preset else (None, BATCH)
 
     from nanochat.common import git_commit
 
@@ -128,6 +134,9 @@ def main():
     if args.preset:  # upstream has no such model: no reference
         out["config"] = {"preset": args.preset, "depth": config.n_layer, "width": config.n_embd,
                          "vocab_size": config.vocab_size, "sequence_len": config.sequence_len, "batch": batch}
+        by_mode = {r["mode"]: r["tok_per_s"] for r in results}
+        out["ratio_vs_classic"] = {mode: round(tok / by_mode[mode + "+classic"], 3) for mode, tok in by_mode.items()
+                                   if mode + "+classic" in by_mode}
     else:
         out["config"] = {"depth": DEPTH, "vocab_size": VOCAB, "sequence_len": SEQ_LEN, "batch": BATCH}
         out["reference_upstream_fp32_tok_per_s"] = UPSTREAM_TOK_PER_S
