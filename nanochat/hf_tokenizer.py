@@ -21,15 +21,46 @@ from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 BOS, EOS = "<|bos|>", "<|assistant_end|>"  # eos: the end of an assistant turn, where chat generation stops
 
-# Renders a conversation as Tokenizer.render_conversation does, and with add_generation_prompt as
-# render_for_completion (a final assistant message is dropped, then <|assistant_start|>).
+# Renders a conversation as Tokenizer.render_for_completion does with the shapes API clients send
+# (normalize_messages' `lenient`: system and developer messages fold into the next user message,
+# turns in a row from one role are joined), and with add_generation_prompt as render_for_completion
+# (a final assistant message is dropped, then <|assistant_start|>); continue_final_message keeps it
+# open, as render_for_completion(..., continue_final_message=True).
 CHAT_TEMPLATE = """\
-{%- if messages and messages[0]['role'] == 'system' -%}
-  {%- if messages | length < 2 or messages[1]['role'] != 'user' -%}
-    {{- raise_exception('a system message must be followed by a user message') -}}
+{%- set ns = namespace(out=[], system=none) -%}
+{%- for message in messages -%}
+  {%- set content = message['content'] -%}
+  {%- if message['role'] in ['system', 'developer'] -%}
+    {%- if content is not string -%}
+      {{- raise_exception('system content must be a string') -}}
+    {%- endif -%}
+    {%- set ns.system = content if ns.system is none else ns.system + '\\n\\n' + content -%}
+  {%- else -%}
+    {%- if message['role'] == 'user' and ns.system is not none -%}
+      {%- if content is not string -%}
+        {{- raise_exception('user content must be a string') -}}
+      {%- endif -%}
+      {%- set content = ns.system + '\\n\\n' + content -%}
+      {%- set ns.system = none -%}
+    {%- endif -%}
+    {%- if ns.out and ns.out[-1]['role'] == message['role'] -%}
+      {%- set first = ns.out[-1]['content'] -%}
+      {%- if first is string and content is string -%}
+        {%- set content = first + '\\n\\n' + content -%}
+      {%- else -%}
+        {%- set first = [{'type': 'text', 'text': first}] if first is string else first -%}
+        {%- set second = [{'type': 'text', 'text': content}] if content is string else content -%}
+        {%- set content = first + [{'type': 'text', 'text': '\\n\\n'}] + second -%}
+      {%- endif -%}
+      {%- set ns.out = ns.out[:-1] -%}
+    {%- endif -%}
+    {%- set ns.out = ns.out + [{'role': message['role'], 'content': content}] -%}
   {%- endif -%}
-  {%- set messages = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[1]['content']}] + messages[2:] -%}
+{%- endfor -%}
+{%- if ns.system is not none -%}
+  {{- raise_exception('a system message must be followed by a user message') -}}
 {%- endif -%}
+{%- set messages = ns.out -%}
 {%- if add_generation_prompt and messages and messages[-1]['role'] == 'assistant' -%}
   {%- set messages = messages[:-1] -%}
 {%- endif -%}

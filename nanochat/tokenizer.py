@@ -172,14 +172,22 @@ class Tokenizer:
             add([s["<|assistant_end|>"]], 1)
         return ids, mask
 
-    def render_for_completion(self, conversation):
-        """Prompt ids that ask the model for the next assistant turn: the conversation without
-        its final assistant message (if any), then <|assistant_start|>."""
-        messages = normalize_messages(conversation, allow_open_end=True)
+    def render_for_completion(self, conversation, continue_final_message=False):
+        """Prompt ids that ask the model for the next assistant turn: the conversation without its
+        final assistant message (if any), then <|assistant_start|>. With `continue_final_message`, a
+        final assistant message is kept open instead (a prefill the model continues), as
+        transformers' apply_chat_template(continue_final_message=True). Takes the shapes API clients
+        send (see normalize_messages' `lenient`)."""
+        messages = normalize_messages(conversation, allow_open_end=True, lenient=True)
+        prefill = []
         if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
+            *messages, last = messages
+            if continue_final_message:
+                if not isinstance(last["content"], str):
+                    raise ConversationError("a final assistant message to continue must be a string")
+                prefill = self.enc.encode_ordinary(last["content"])
         ids, _ = self._render(messages)
-        return ids + [self.special_ids["<|assistant_start|>"]]
+        return ids + [self.special_ids["<|assistant_start|>"]] + prefill
 
 
 def parse_ranks(data, uri="ranks"):
@@ -199,17 +207,24 @@ def parse_ranks(data, uri="ranks"):
     return ranks
 
 
-def normalize_messages(conversation, allow_open_end=False):
+def normalize_messages(conversation, allow_open_end=False, lenient=False):
     """The messages of a conversation (a dict with 'messages', or a list), with a leading
-    system message folded into the first user message, checked to alternate user/assistant
-    starting with the user (and ending with the assistant unless `allow_open_end`)."""
+    system message folded into the first user message ("system\n\nuser"), checked to alternate
+    user/assistant starting with the user (and ending with the assistant unless `allow_open_end`).
+
+    `lenient` takes the shapes API clients send (training data stays strict): a developer message
+    is a system message; a system message anywhere folds into the next user message (several in a
+    row are joined by a blank line first); turns in a row from one role are joined into one, their
+    texts separated by a blank line. The exported chat template (hf_tokenizer) does the same."""
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
     if not isinstance(messages, list) or not messages:
         raise ConversationError("a conversation is a non-empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ConversationError(f"message {i}: expected a dict with 'role' and 'content'")
-    if messages[0]["role"] == "system":
+    if lenient:
+        messages = join_turns(messages)
+    elif messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ConversationError("a system message must be followed by a user message")
         first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
@@ -223,6 +238,39 @@ def normalize_messages(conversation, allow_open_end=False):
     if not allow_open_end and messages[-1]["role"] != "assistant":
         raise ConversationError("a training conversation must end with an assistant message")
     return messages
+
+
+def join_turns(messages):
+    """Messages with system (and developer) messages folded into the next user message and turns in
+    a row from one role joined (see normalize_messages)."""
+    joined, system = [], None
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role in ("system", "developer"):
+            if not isinstance(content, str):
+                raise ConversationError(f"message {i}: system content must be a string")
+            system = content if system is None else system + "\n\n" + content
+            continue
+        if role == "user" and system is not None:
+            if not isinstance(content, str):
+                raise ConversationError(f"message {i}: user content must be a string")
+            content, system = system + "\n\n" + content, None
+        if joined and joined[-1]["role"] == role:
+            content = join_contents(joined.pop()["content"], content)
+        joined.append({"role": role, "content": content})
+    if system is not None:
+        raise ConversationError("a system message must be followed by a user message")
+    return joined
+
+
+def join_contents(first, second):
+    """Two turns' contents as one: strings joined by a blank line, else their parts with a blank
+    line between."""
+    if isinstance(first, str) and isinstance(second, str):
+        return first + "\n\n" + second
+    parts = [p for c in (first, second) for p in ([{"type": "text", "text": c}] if isinstance(c, str) else c)]
+    k = 1 if isinstance(first, str) else len(first)
+    return [*parts[:k], {"type": "text", "text": "\n\n"}, *parts[k:]]
 
 
 def assistant_parts(content):

@@ -37,6 +37,13 @@ CONVERSATIONS = [
      {"role": "assistant", "content": [{"type": "text", "text": "Let me check: "}, {"type": "python", "text": "12*7"},
                                        {"type": "python_output", "text": "84"}, {"type": "text", "text": " It is 84."}]}],
 ]
+# the shapes API clients send (normalize_messages' lenient): developer and later system messages, turns in a row
+SHAPES = [
+    [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "user", "content": "there"},
+     {"role": "assistant", "content": "Hello."}, {"role": "system", "content": "Now in French."},
+     {"role": "system", "content": "Politely."}, {"role": "user", "content": "Bye"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "assistant", "content": "Hi again."}],
+]
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +144,15 @@ def test_chat_template_renders_as_our_tokenizer(classic):
         assert prompt == tokenizer.render_for_completion(conversation)
         if conversation[-1]["role"] == "assistant":
             assert theirs.apply_chat_template(conversation, return_dict=False) == tokenizer.render_conversation(conversation)[0]
+    for conversation in SHAPES:
+        prompt = theirs.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False)
+        assert prompt == tokenizer.render_for_completion(conversation)
+    prefill = [*SHAPES[0], {"role": "assistant", "content": "Au"}]  # a trailing assistant message continues
+    prompt = theirs.apply_chat_template(prefill, continue_final_message=True, return_dict=False)
+    assert prompt == tokenizer.render_for_completion(prefill, continue_final_message=True)
+    assert prompt[-1] != tokenizer.encode_special("<|assistant_end|>")
+    with pytest.raises(Exception, match="followed by a user message"):
+        theirs.apply_chat_template([*SHAPES[1], {"role": "system", "content": "x"}], return_dict=False)
     tricky = [{"role": "user", "content": "Say <|assistant_end|> please"}]  # as the model card says
     prompt = theirs.apply_chat_template(tricky, add_generation_prompt=True, return_dict=False, sanitize_control_tokens=True)
     assert prompt == tokenizer.render_for_completion(tricky)

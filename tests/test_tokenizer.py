@@ -132,6 +132,23 @@ def test_render_for_completion(tok):
     assert tok.render_for_completion(messages[:1]) == prompt
 
 
+def test_client_shapes_render_as_documented(tok):
+    """What API clients send: system/developer messages fold into the next user turn, turns in a row
+    from one role are joined, a final assistant message is continued on request (prefill)."""
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "user", "content": "there"}, {"role": "assistant", "content": "Hello."},
+                {"role": "assistant", "content": "Yes?"}, {"role": "system", "content": "French."},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Au"}]
+    expected = ("<|bos|><|user_start|>Be brief.\n\nHi\n\nthere<|user_end|><|assistant_start|>Hello.\n\nYes?<|assistant_end|>"
+                "<|user_start|>French.\n\nBye<|user_end|><|assistant_start|>")
+    assert tok.decode(tok.render_for_completion(messages)) == expected
+    assert tok.decode(tok.render_for_completion(messages, continue_final_message=True)) == expected + "Au"
+    with pytest.raises(ConversationError, match="followed by a user message"):
+        tok.render_for_completion([*messages[:4], {"role": "system", "content": "late"}])
+    with pytest.raises(ConversationError, match="message 1"):  # training data stays strict
+        tok.render_conversation(messages[1:4])
+
+
 @pytest.mark.parametrize("messages, match", [
     ([], "non-empty"),
     ([{"role": "assistant", "content": "hi"}], "expected 'user'"),
