@@ -13,6 +13,14 @@ writes <|python_start|> expr <|python_end|> gets the expression evaluated in the
 thread, so other rows keep decoding) and the result forced in as <|output_start|> result
 <|output_end|>. The server drives `add`/`step` from one thread per device (nanochat/serve/).
 
+Log-probabilities are defined once: log_softmax of the model's soft-capped logits, before
+temperature, penalties, top-k and top-p, whichever way the token was chosen (greedy, sampled, or a
+tool's output forced in). With SamplingParams.logprobs = k, each completion carries a TokenLogprob per
+token of its token_ids (`Completion.logprobs`), and each event carries those of the tokens since the
+last one; with prompt_logprobs = k, the request carries one per prompt token
+(`Request.prompt_logprobs`: None first, as the first token has no context), computed from the
+prefill's own forward, in the engine's thread.
+
 The engine runs whatever model it is given, on any device; sampling's passes over the logits are
 torch's unless the caller hands it others (`SamplingOps`; nanochat.inference gives nanochat.cpu's
 on CPU).
@@ -47,6 +55,8 @@ class SamplingParams:
     # far) + presence_penalty if it occurs there at all; they apply to greedy rows too
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logprobs: int | None = None  # k: each generated token's TokenLogprob with the k most likely tokens (None: off)
+    prompt_logprobs: int | None = None  # k: the same for each prompt token after the first (None: off)
 
     @property
     def penalizes(self):
@@ -59,17 +69,29 @@ class SamplingParams:
 
 
 @dataclass
+class TokenLogprob:
+    """A token and its log-probability where it was chosen or given, with the k most likely tokens
+    there: `top` is [(token id, logprob)], most likely first (it may or may not hold `token`)."""
+    token: int
+    logprob: float
+    top: list
+
+
+@dataclass
 class Completion:
     index: int
     text: str = ""
     token_ids: list = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end token or stop string) or "length"
+    logprobs: list | None = None  # with params.logprobs: a TokenLogprob per token of token_ids
 
 
 class Request:
-    """A prompt, its sampling parameters and n completions. `on_event(index, text, finish_reason)`
-    is called from the engine's thread for every released piece of text and once more (with
-    text possibly empty) when completion `index` finishes. Set `cancelled` to stop it."""
+    """A prompt, its sampling parameters and n completions. `on_event(index, text, finish_reason,
+    logprobs)` is called from the engine's thread for every released piece of text and once more
+    (with text possibly empty) when completion `index` finishes; `logprobs` holds the TokenLogprobs
+    of the tokens accepted since the previous event (with params.logprobs; else it is empty). Set
+    `cancelled` to stop it."""
 
     def __init__(self, prompt_ids, params=None, n=1, on_event=None):
         if not prompt_ids:
@@ -78,7 +100,9 @@ class Request:
         self.params = params or SamplingParams()
         self.n = n
         self.on_event = on_event
-        self.completions = [Completion(i) for i in range(n)]
+        self.completions = [Completion(i, logprobs=None if self.params.logprobs is None else []) for i in range(n)]
+        self.sent = [0] * n  # per completion, the logprobs already carried by an event
+        self.prompt_logprobs = None  # with params.prompt_logprobs, after prefill: None, then a TokenLogprob per token
         self.cancelled = False
 
     @property
@@ -97,7 +121,9 @@ class Request:
         if finish_reason is not None:
             completion.finish_reason = finish_reason
         if self.on_event is not None and (text or finish_reason is not None):
-            self.on_event(index, text, finish_reason)
+            logprobs = completion.logprobs[self.sent[index]:] if completion.logprobs is not None else []
+            self.sent[index] += len(logprobs)
+            self.on_event(index, text, finish_reason, logprobs)
 
 
 class TextStream:
@@ -273,7 +299,7 @@ class Engine:
 
     def check(self, request):
         """Raises ValueError if the request can never run here."""
-        if len(request.prompt_ids) >= self.max_len:
+        if len(request.prompt_ids) > self.max_len - (request.params.max_tokens > 0):  # room for a token, if any
             raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_len}")
         if request.n > self.max_rows:
             raise ValueError(f"n={request.n} is more than the {self.max_rows} rows this engine decodes at once")
@@ -294,12 +320,19 @@ class Engine:
     def prefill(self, requests):
         """One forward over the prompts, right-padded to the longest (a causal model's tokens never
         see the padding after them, and decoding overwrites it). Request j's prompt goes to slot
-        slot + j, where its first row stays; its other rows take copies."""
+        slot + j, where its first row stays; its other rows take copies. The forward keeps every
+        position's logits only for a request that asks for its prompt's logprobs (prefilled alone,
+        see prefill_groups). A request with max_tokens 0 ends there, with no token."""
         slot, lengths = len(self.rows), [len(request.prompt_ids) for request in requests]
         ids = torch.tensor([request.prompt_ids + [0] * (max(lengths) - n) for request, n in zip(requests, lengths)],
                            device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.prefill(slot, len(requests)),
-                            positions=torch.tensor(lengths, device=self.device) - 1)
+        cache, first = self.cache.prefill(slot, len(requests)), requests[0]
+        if first.params.prompt_logprobs is not None:  # alone in its group
+            every = self.model(ids, kv_cache=cache)[0]  # (T, vocab)
+            first.prompt_logprobs = [None, *token_logprobs(every[:-1], first.prompt_ids[1:], first.params.prompt_logprobs)]
+            logits = every[-1:]
+        else:
+            logits = self.model(ids, kv_cache=cache, positions=torch.tensor(lengths, device=self.device) - 1)
         for j, n in enumerate(lengths):
             self.cache.lengths[slot + j] = n
         rows, prompt_of = [Row(request, 0, self.device) for request in requests], list(range(len(requests)))
@@ -309,8 +342,11 @@ class Engine:
                 rows.append(Row(request, i, self.device))
                 prompt_of.append(j)
         self.rows.extend(rows)
-        for row, token in zip(rows, self.sample(select_rows(logits, prompt_of), rows)):
-            self.accept(row, token)
+        for row in rows:
+            if row.request.params.max_tokens <= 0:
+                self.finish(row, "length")
+        live = [i for i, row in enumerate(rows) if not row.finished]
+        self.decide(select_rows(logits, [prompt_of[i] for i in live]), [rows[i] for i in live])
         self.remove_finished()
 
     @torch.inference_mode()
@@ -333,13 +369,7 @@ class Engine:
                     continue
                 self.force_tool_output(row)
             ready.append(slot)
-        # only rows that take a sampled token draw from their generators: how long a tool runs
-        # never changes what a seeded row samples
-        sampled = [slot for slot in ready if not self.rows[slot].forced]
-        tokens = dict(zip(sampled, self.sample(select_rows(logits, sampled), [self.rows[slot] for slot in sampled])))
-        for slot in ready:
-            row = self.rows[slot]
-            self.accept(row, row.forced.popleft() if row.forced else tokens[slot])
+        self.decide(select_rows(logits, ready), [self.rows[slot] for slot in ready])
         self.remove_finished()
 
     def generate(self, prompt_ids, params=None, n=1, on_event=None):
@@ -353,7 +383,7 @@ class Engine:
     def stream(self, prompt_ids, params=None):
         """Yields the text of one completion piece by piece (driving this otherwise idle engine)."""
         pieces = []
-        request = Request(prompt_ids, params, 1, lambda index, text, finish: pieces.append(text))
+        request = Request(prompt_ids, params, 1, lambda index, text, finish, logprobs: pieces.append(text))
         try:
             self.add(request)
             while True:
@@ -367,6 +397,25 @@ class Engine:
             self.step()
 
     # sampling and the per-row state machine
+
+    def decide(self, logits, rows):
+        """Each row's next token from its row of logits (B, vocab): a tool's output forced in, or
+        sampled; then accepted, with its TokenLogprob if the row's request asks for them (computed
+        before sampling's penalties change the logits in place). Only rows that take a sampled
+        token draw from their generators: how long a tool runs never changes what a seeded row samples."""
+        scored = [i for i, row in enumerate(rows) if row.request.params.logprobs is not None]
+        logprobs = torch.log_softmax(select_rows(logits, scored), dim=-1) if scored else None
+        sampled = [i for i, row in enumerate(rows) if not row.forced]
+        tokens = dict(zip(sampled, self.sample(select_rows(logits, sampled), [rows[i] for i in sampled])))
+        chosen = [row.forced.popleft() if row.forced else tokens[i] for i, row in enumerate(rows)]
+        entries = {}
+        if scored:
+            k = max(rows[i].request.params.logprobs for i in scored)
+            for i, entry in zip(scored, token_logprobs(logprobs, [chosen[i] for i in scored], k, normalized=True)):
+                entry.top = entry.top[:rows[i].request.params.logprobs]
+                entries[i] = entry
+        for i, row in enumerate(rows):
+            self.accept(row, chosen[i], entries.get(i))
 
     def sample(self, logits, rows):
         """One token per row of logits (B, vocab), each with its row's parameters: greedy rows (those
@@ -384,10 +433,13 @@ class Engine:
         return [tokens[i] if i in tokens else sample_one(logits[i], row.request.params, row.generator, self.ops.softmax_weights)
                 for i, row in enumerate(rows)]
 
-    def accept(self, row, token):
-        """Appends a generated (or forced) token to its row: stops, tool calls, text, limits."""
+    def accept(self, row, token, logprob=None):
+        """Appends a generated (or forced) token (and its TokenLogprob, if asked for) to its row:
+        stops, tool calls, text, limits."""
         completion, params = row.completion, row.request.params
         completion.token_ids.append(token)
+        if logprob is not None:
+            completion.logprobs.append(logprob)
         if token in self.end_ids:
             return self.finish(row, "stop")
         if token == self.python_start:
@@ -437,20 +489,37 @@ class Engine:
 
 def prefill_groups(requests):
     """The requests in groups to prefill together, shortest prompts first: a group takes the next
-    prompt while padding every prompt to it costs at most twice the group's own tokens."""
-    groups = []
+    prompt while padding every prompt to it costs at most twice the group's own tokens. A request
+    that asks for its prompt's logprobs is a group of its own: its forward keeps the logits of
+    every position, (prompt length, vocab), and one such tensor at a time is enough."""
+    groups, alone = [], [[r] for r in requests if r.params.prompt_logprobs is not None]
     for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        if request.params.prompt_logprobs is not None:
+            continue
         group, longest = (groups[-1] if groups else []), len(request.prompt_ids)
         if group and (len(group) + 1) * longest <= 2 * (sum(len(r.prompt_ids) for r in group) + longest):
             group.append(request)
         else:
             groups.append([request])
-    return groups
+    return groups + alone
 
 
 def select_rows(x, index):
     """x[index] for a list of row indices, without copying x when the index takes every row in order."""
     return x if index == list(range(x.size(0))) else x[index]
+
+
+def token_logprobs(logits, tokens, k, normalized=False):
+    """A TokenLogprob for each row of logits (B, vocab): the log_softmax of the row at tokens[i],
+    and the row's k most likely tokens (`normalized`: the rows are log-probabilities already)."""
+    if not tokens:
+        return []
+    logprobs = logits if normalized else torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(tokens, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    values, ids = logprobs.topk(min(k, logprobs.size(1)), dim=-1)
+    return [TokenLogprob(token, logprob, list(zip(top_ids, top_values)))
+            for token, logprob, top_ids, top_values in zip(tokens, chosen, ids.tolist(), values.tolist())]
 
 
 def apply_penalties(logits, params, tokens):

@@ -314,6 +314,53 @@ def test_cancelled_request_leaves_the_batch(model, tokenizer):
     assert_matches_oracle(model, engine, keep, 20)
 
 
+def assert_logprobs_match(expected, entries, tokens, k):
+    """entries: the TokenLogprobs of `tokens`, each against its oracle row of log-probabilities."""
+    assert len(entries) == len(tokens) == len(expected)
+    for row, entry, token in zip(expected, entries, tokens):
+        assert entry.token == token and abs(entry.logprob - row[token].item()) < 1e-4
+        values, ids = row.topk(k)
+        assert len(entry.top) == k and all(abs(v - row[t].item()) < 1e-4 for t, v in entry.top)
+        assert torch.allclose(torch.tensor([v for _, v in entry.top]), values, atol=1e-4)
+
+
+@FORMS
+def test_logprobs_are_the_log_softmax_of_the_capped_logits(model, tokenizer, form, fastpaths):
+    """Oracle: log_softmax of the model's own (soft-capped) logits, uncached, whatever chose the token:
+    greedy, or sampled with a temperature, top-k and penalties (which change the choice, not the
+    logprobs). Prompt logprobs come from the prefill (None for the first token), also for a request
+    with max_tokens 0, which ends there; events carry the entries of their completion in order."""
+    engine = served_engine(model, tokenizer, form, fastpaths, max_rows=8)
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("log probs, please")]
+    events = {}
+    greedy = Request(prompt, SamplingParams(temperature=0, max_tokens=10, logprobs=3, prompt_logprobs=2),
+                     on_event=lambda i, text, finish, logprobs: events.setdefault(i, []).extend(logprobs))
+    sampled = Request(prompt, SamplingParams(temperature=1.5, top_k=20, frequency_penalty=1.0, seed=4, max_tokens=10,
+                                             logprobs=0), n=2)
+    scored_only = Request(prompt[:5], SamplingParams(max_tokens=0, prompt_logprobs=1))
+    plain = Request(prompt, SamplingParams(temperature=0, max_tokens=10))
+    engine.add(greedy, sampled, scored_only, plain)
+    while engine.rows:
+        engine.step()
+    with torch.inference_mode():
+        def oracle(ids):
+            return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+
+        prompt_rows = oracle(prompt)[:-1]
+        for request, k in ((greedy, 3), (sampled, 0)):
+            for completion in request.completions:
+                tokens = completion.token_ids
+                assert_logprobs_match(oracle(prompt + tokens)[len(prompt) - 1:-1], completion.logprobs, tokens, k)
+    greedy_tokens = greedy.completions[0].token_ids
+    assert greedy_tokens == plain.completions[0].token_ids and events[0] == greedy.completions[0].logprobs
+    assert all(entry.top[0][0] == entry.token for entry in greedy.completions[0].logprobs)  # the argmax of capped logits
+    assert greedy.prompt_logprobs[0] is None and scored_only.prompt_logprobs[0] is None
+    assert_logprobs_match(prompt_rows, greedy.prompt_logprobs[1:], prompt[1:], 2)
+    assert_logprobs_match(prompt_rows[:4], scored_only.prompt_logprobs[1:], prompt[1:5], 1)
+    assert scored_only.completions[0].token_ids == [] and scored_only.completions[0].finish_reason == "length"
+    assert plain.completions[0].logprobs is None and plain.prompt_logprobs is None
+
+
 def test_text_stream_never_splits_a_character_or_shows_a_stop():
     text = "héllo 世界 END tail"
     stream = TextStream(stops=["END"])
@@ -365,7 +412,7 @@ def test_python_tool_output_is_forced_in(tokenizer):
     engine = Engine(Bigram(table, tokenizer), tokenizer)
     pieces = []
     request = engine.generate([tokenizer.special_ids["<|assistant_start|>"]], SamplingParams(temperature=0),
-                              on_event=lambda i, text, finish: pieces.append(text))
+                              on_event=lambda i, text, finish, logprobs: pieces.append(text))
     completion = request.completions[0]
     assert completion.text == "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>!"
     assert "".join(pieces) == completion.text and completion.finish_reason == "stop"

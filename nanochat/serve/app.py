@@ -262,7 +262,7 @@ async def until_finished(request, events):
         while not events.empty():
             batch.append(events.get_nowait())
         merged = {}
-        for index, text, finish_reason in batch:
+        for index, text, finish_reason, _logprobs in batch:
             merged[index] = (merged.get(index, ("", None))[0] + text, finish_reason)
             finished += finish_reason is not None
         yield merged
