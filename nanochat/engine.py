@@ -299,7 +299,7 @@ class Engine:
 
     def check(self, request):
         """Raises ValueError if the request can never run here."""
-        if len(request.prompt_ids) > self.max_len - (request.params.max_tokens > 0):  # room for a token, if any
+        if len(request.prompt_ids) > self.max_len:  # a prompt that fills the context still gets its one next token
             raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_len}")
         if request.n > self.max_rows:
             raise ValueError(f"n={request.n} is more than the {self.max_rows} rows this engine decodes at once")

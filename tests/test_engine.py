@@ -193,8 +193,10 @@ def test_limits_and_finish_reasons(model, tokenizer):
     long_prompt = [tokenizer.bos_token_id, *tokenizer.encode("y" * 90)]
     request = engine.generate(long_prompt, SamplingParams(temperature=0, max_tokens=50))
     assert len(long_prompt) + len(request.completions[0].token_ids) <= 96
+    full = engine.generate([1] * 96, SamplingParams(temperature=0, max_tokens=5)).completions[0]
+    assert len(full.token_ids) == 1 and full.finish_reason == "length"  # the next token needs no room in the cache
     with pytest.raises(ValueError, match="context"):
-        engine.generate([1] * 96)
+        engine.generate([1] * 97)
     with pytest.raises(ValueError, match="n=5"):
         engine.generate(prompt, n=5)
 

@@ -1,0 +1,361 @@
+"""OpenAI's legacy completions endpoint and vLLM's tokenizer endpoints: raw text (or token ids) in,
+no chat template, so a base model is reachable as it was trained and lm-evaluation-harness can score
+continuations by their logprobs.
+
+    POST /v1/completions   OpenAI's legacy schema (below); stream=true gives SSE chunks, then [DONE]
+    GET  /tokenizer_info   the tokenizer's special tokens and context, as vLLM serves it
+    POST /tokenize         {"prompt": text, "add_special_tokens": true} -> {"tokens", "count", "max_model_len"}
+    POST /detokenize       {"tokens": [ids]} -> {"prompt": text}
+
+Requests go through the same Workers as chat (one engine loop per device, continuous batching); each
+prompt of a request is one engine Request of n rows. Logprobs are the engine's (log_softmax of the
+soft-capped logits, before temperature and penalties); with echo, the prompt's come from its prefill.
+Text is encoded as the exported tokenizer.json encodes it (and so as vLLM would serve that): <|bos|>
+first, as our pretraining documents start, and special-token strings in the text as those tokens.
+Echoed text is the decoded prompt, <|bos|> included: what the model read.
+
+Every field of OpenAI's legacy request is honoured, ignored or refused with a 400 naming it (FIELDS);
+a field that is none of them is refused too. The tokenizer endpoints sit behind the same API keys and
+limits as /v1/ (guard.Guard).
+"""
+
+import asyncio
+import codecs
+import json
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from nanochat import hf_tokenizer
+from nanochat.engine import Request as GenerationRequest
+from nanochat.engine import SamplingParams
+from nanochat.serve.guard import error_response
+from nanochat.serve.worker import QueueFull
+
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's legacy endpoint allows 5, vLLM 20)
+DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
+MIN_TEMPERATURE = 1e-6  # below this, greedy (as the chat endpoint)
+# a sampling field that neither the request nor the model's generation defaults give (OpenAI's legacy defaults)
+DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "max_tokens": 16, "frequency_penalty": 0.0,
+            "presence_penalty": 0.0}
+
+# What happens to each field of OpenAI's legacy completions request (and our extensions).
+FIELDS = {
+    "model": "honoured: the served model's name, or nanochat; another is a 404 naming the served model",
+    "prompt": "honoured: text, token ids, or a list of either (each its own choices)",
+    "max_tokens": "honoured (0 with echo scores the prompt alone)",
+    "temperature": "honoured", "top_p": "honoured", "top_k": "honoured (an extension; -1: all tokens)",
+    "n": "honoured", "seed": "honoured", "stop": "honoured",
+    "frequency_penalty": "honoured", "presence_penalty": "honoured",
+    "stream": "honoured", "stream_options": "honoured (include_usage)",
+    "echo": "honoured", "logprobs": f"honoured (0-{MAX_LOGPROBS})",
+    "best_of": "honoured when equal to n (or 1 with n 1); more is refused",
+    "suffix": "refused unless empty (no insertion)",
+    "logit_bias": "refused unless empty",
+    "user": "ignored (metadata)",
+}
+
+
+class CompletionsError(Exception):
+    """A request refused with OpenAI's error body, naming the field (`param`)."""
+
+    def __init__(self, status, message, param=None, type="invalid_request_error", code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code, self.headers = status, message, param, type, code, headers
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy completions request; null means not given; an unknown field is refused."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    n: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # vLLM's other options (model, return_token_strs) change nothing here
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
+
+
+def prompts_of(body, tokenizer, limits):
+    """The prompts' token ids: a text prompt is <|bos|> + its text."""
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt or len(prompt) > limits.max_messages:
+        raise CompletionsError(400, f"prompt takes 1 to {limits.max_messages} prompts", "prompt")
+    prompts = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            if len(p) > limits.max_message_chars:
+                raise CompletionsError(400, f"prompt {i} is longer than {limits.max_message_chars} characters", "prompt")
+            p = encode(tokenizer, p, bos=True)
+        if not p or not all(0 <= t < tokenizer.vocab_size for t in p):
+            raise CompletionsError(400, f"prompt {i}: token ids must be 0 to {tokenizer.vocab_size - 1}, and at least one", "prompt")
+        prompts.append(p)
+    return prompts
+
+
+def encode(tokenizer, text, bos):
+    """Text as the exported tokenizer.json encodes it: special-token strings become those tokens."""
+    return [tokenizer.bos_token_id] * bos + tokenizer.enc.encode(text, allowed_special="all")
+
+
+def sampling_params(body, limits, generation):
+    """The engine's SamplingParams, once every field is classified (FIELDS) and the limits checked. A
+    sampling field the request leaves out takes the model's generation default, then DEFAULTS."""
+    def given(name):
+        value = getattr(body, name)
+        return value if value is not None else generation.get(name, DEFAULTS[name])
+
+    n = body.n or 1
+    if body.suffix:
+        raise CompletionsError(400, "suffix is not supported (no insertion)", "suffix")
+    if body.logit_bias:
+        raise CompletionsError(400, "logit_bias is not supported", "logit_bias")
+    if body.best_of is not None and body.best_of != n:
+        raise CompletionsError(400, "best_of is supported only equal to n (every sample is returned)", "best_of")
+    if n > limits.max_n:
+        raise CompletionsError(400, f"n must be at most {limits.max_n}", "n")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > limits.max_stop or not all(stop):
+        raise CompletionsError(400, f"stop takes at most {limits.max_stop} non-empty strings", "stop")
+    if body.top_k == 0:
+        raise CompletionsError(400, "top_k must be at least 1 (or -1: all tokens)", "top_k")
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(given("max_tokens"), limits.max_tokens)
+    if max_tokens > limits.max_tokens:
+        raise CompletionsError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
+    if max_tokens == 0 and not body.echo:
+        raise CompletionsError(400, "max_tokens 0 needs echo (there would be nothing to return)", "max_tokens")
+    temperature, top_k = given("temperature"), given("top_k")
+    return SamplingParams(temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+                          top_k=None if top_k == -1 else top_k, top_p=given("top_p"), max_tokens=max_tokens,
+                          stop=tuple(stop), seed=body.seed, frequency_penalty=given("frequency_penalty"),
+                          presence_penalty=given("presence_penalty"), logprobs=body.logprobs,
+                          prompt_logprobs=body.logprobs if body.echo else None)
+
+
+def token_text(data):
+    """A token's text in OpenAI's logprobs: its UTF-8, or "bytes:\\xNN..." for a piece of a character."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+class LegacyLogprobs:
+    """One choice's logprobs in OpenAI's legacy format, built piece by piece as its text is:
+    tokens, token_logprobs, top_logprobs ({token text: logprob}: the k most likely and the chosen
+    one, so up to k + 1) and text_offset (where each token's text starts in the choice's text)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.offset = 0
+
+    def add(self, entries, tokens=None):
+        """The format for the next TokenLogprobs (`entries`; None: a prompt's first token, of `tokens`)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i, entry in enumerate(entries):
+            token = tokens[i] if entry is None else entry.token
+            data = self.tokenizer.id_to_bytes(token)
+            out["tokens"].append(token_text(data))
+            out["text_offset"].append(self.offset)
+            self.offset += len(self.decoder.decode(data))
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(entry.logprob)
+            top = {token_text(self.tokenizer.id_to_bytes(t)): lp for t, lp in entry.top}
+            top.setdefault(out["tokens"][-1], entry.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+
+def usage(requests):
+    prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+    completion_tokens = sum(len(c.token_ids) for r in requests for c in r.completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def add_routes(app, workers, relays, limits, served, generation):
+    """Adds /v1/completions and the tokenizer endpoints to create_app's app, over its workers and
+    their relays (filled at startup); `served(name)` is the served model's card (or raises the 404
+    that names it), `generation` the model's generation defaults."""
+
+    @app.exception_handler(CompletionsError)
+    async def refused(request, e):
+        return error_response(e.status, e.message, e.param, e.type, e.code, e.headers)
+
+    def tokenizer():
+        return workers[0].engine.tokenizer
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {**hf_tokenizer.tokenizer_config(workers[0].engine.max_len), "chat_template": hf_tokenizer.CHAT_TEMPLATE,
+                "vocab_size": tokenizer().vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        tokens = encode(tokenizer(), body.prompt, body.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": workers[0].engine.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        tok = tokenizer()
+        if not all(0 <= t < tok.vocab_size for t in body.tokens):
+            raise CompletionsError(400, f"tokens must be 0 to {tok.vocab_size - 1}", "tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http_request: Request):
+        model = served(body.model)["id"]
+        params = sampling_params(body, limits, generation)
+        worker = min(workers, key=lambda w: w.load)
+        prompts = prompts_of(body, worker.engine.tokenizer, limits)
+        events = asyncio.Queue()
+        requests = []
+        for i, ids in enumerate(prompts):
+            if len(ids) > worker.engine.max_len:
+                raise CompletionsError(400, f"prompt {i} has {len(ids)} tokens; the context holds {worker.engine.max_len}",
+                                       "prompt", code="context_length_exceeded")
+            send = relays[worker].sender(events)
+            requests.append(GenerationRequest(ids, params, body.n or 1, lambda *event, i=i, send=send: send(i, *event)))
+        submit(worker, requests, limits)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        choices = Choices(requests, worker.engine.tokenizer, body.echo, body.logprobs is not None)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(choices, events, meta, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if not await finished(choices, events, http_request):
+            return JSONResponse({}, status_code=499)
+        return {**meta, "object": "text_completion", "choices": choices.whole(), "usage": usage(requests)}
+
+
+def submit(worker, requests, limits):
+    """Queues all the prompts' requests, or none (a full queue cancels those already in)."""
+    try:
+        for request in requests:
+            worker.submit(request)
+    except ValueError as e:
+        for request in requests:
+            request.cancelled = True
+        raise CompletionsError(400, str(e), "prompt") from None
+    except QueueFull as e:
+        for request in requests:
+            request.cancelled = True
+        raise CompletionsError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(limits.retry_after)}) from None
+
+
+class Choices:
+    """The choices of a request's prompts (prompt i's sample j is choice i * n + j), each with its
+    text so far (the echoed prompt first) and its logprobs, from the engine's events."""
+
+    def __init__(self, requests, tokenizer, echo, logprobs):
+        self.requests, self.tokenizer, self.echo, self.logprobs = requests, tokenizer, echo, logprobs
+        self.n = requests[0].n
+        self.formats = [LegacyLogprobs(tokenizer) for _ in range(len(requests) * self.n)]
+        self.started = set()
+
+    def index(self, prompt, sample):
+        return prompt * self.n + sample
+
+    def piece(self, prompt, sample, text, finish_reason, entries):
+        """A choice's chunk for an event: its text (after the echoed prompt, for the first) and logprobs."""
+        index, request = self.index(prompt, sample), self.requests[prompt]
+        echo = self.echo and index not in self.started
+        self.started.add(index)
+        if echo:
+            text = self.tokenizer.decode(request.prompt_ids) + text
+        logprobs = None
+        if self.logprobs:
+            format = self.formats[index]
+            echoed = format.add(request.prompt_logprobs, request.prompt_ids) if echo else {}
+            logprobs = {key: echoed.get(key, []) + values for key, values in format.add(entries).items()}
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def whole(self):
+        """Every choice, complete (after all have finished)."""
+        return [self.piece(p, c.index, c.text, c.finish_reason, c.logprobs or [])
+                for p, request in enumerate(self.requests) for c in request.completions]
+
+
+async def events_of(choices, events):
+    """The events (prompt, sample, text, finish_reason, logprobs) as they arrive, until every choice has finished."""
+    unfinished = len(choices.formats)
+    while unfinished:
+        event = await events.get()
+        unfinished -= event[3] is not None
+        yield event
+
+
+async def finished(choices, events, http_request):
+    """Waits for every choice; False if the client went away first (its requests are cancelled)."""
+    async def drain():
+        async for _ in events_of(choices, events):
+            pass
+
+    done = asyncio.create_task(drain())
+    try:
+        while not done.done():
+            await asyncio.wait({done}, timeout=DISCONNECT_POLL)
+            if not done.done() and await http_request.is_disconnected():
+                done.cancel()
+                return False
+    finally:
+        if not done.done():
+            for request in choices.requests:
+                request.cancelled = True
+    return True
+
+
+async def stream(choices, events, meta, include_usage):
+    """SSE chunks as OpenAI's legacy endpoint sends them: text pieces (the echoed prompt first) with
+    their logprobs, a finish_reason per choice, usage if asked (null in every other chunk), [DONE]."""
+    def chunk(choices_, **extra):
+        return "data: " + json.dumps({**meta, "object": "text_completion", "choices": choices_, **extra}) + "\n\n"
+
+    extra = {"usage": None} if include_usage else {}
+    try:
+        async for prompt, sample, text, finish_reason, entries in events_of(choices, events):
+            yield chunk([choices.piece(prompt, sample, text, finish_reason, entries)], **extra)
+        if include_usage:
+            yield chunk([], usage=usage(choices.requests))
+        yield "data: [DONE]\n\n"
+    finally:
+        for request in choices.requests:
+            request.cancelled = True

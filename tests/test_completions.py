@@ -1,0 +1,187 @@
+"""/v1/completions and the tokenizer endpoints of a real `nanochat serve` (the suite's tiny base
+model, behind an API key) with real clients: the official openai package and raw HTTP. The oracle
+of every logprob is our model's own log-softmax of its soft-capped logits, computed here without
+a cache from the model loaded as the server loads it."""
+
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+
+from nanochat.inference import load_engine
+from tests.support.serving import KEY, assert_openai_error, openai_client, start_server, stop_server
+
+pytest_plugins = ["tests.support.serving"]
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPT_TOL = 1e-4  # prompt logprobs: the server's prefill is the same one forward over the same ids
+# a generated token's logprob comes from a cached decode step, in the served dtype (bf16 on CPUs with
+# bf16 matmuls), against the oracle's one uncached forward: the same value up to that dtype's rounding
+DECODE_TOL = 5e-2
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    proc, url = start_server(run, "--api-key", KEY)
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server, api_key=KEY)
+
+
+@pytest.fixture(scope="module")
+def oracle(run):
+    """ids -> (T, vocab): log_softmax of the served model's capped logits at every position, uncached."""
+    storage, name = run
+    model = load_engine(str(storage / "runs" / name)).model
+
+    @torch.inference_mode()
+    def log_softmax(ids):
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+
+    return log_softmax
+
+
+def post(server, path, body, headers=AUTH):
+    return httpx.post(server + path, json=body, headers=headers, timeout=60)
+
+
+def tokenize(server, text, add_special_tokens=True):
+    response = post(server, "/tokenize", {"prompt": text, "add_special_tokens": add_special_tokens})
+    assert response.status_code == 200, response.text
+    return response.json()["tokens"]
+
+
+def test_openai_client_echo_logprobs_equal_our_log_softmax(server, client, oracle):
+    """completions.create(echo=True, logprobs=5): the prompt's logprobs (None first) and the
+    completion's equal the oracle's, each with its top 5 (and the chosen token); the text is the
+    echoed prompt then the completion, and text_offset says where each token starts in it."""
+    prompt = "The capital of France is"
+    response = client.completions.create(model="nanochat", prompt=prompt, echo=True, logprobs=5, max_tokens=6,
+                                         temperature=0, frequency_penalty=0)  # not the model's default penalty
+    choice = response.choices[0]
+    ids = tokenize(server, prompt)
+    generated = len(choice.logprobs.tokens) - len(ids)
+    assert response.object == "text_completion" and response.model == "nanochat-base" and response.id.startswith("cmpl-")
+    assert response.usage.prompt_tokens == len(ids) and response.usage.completion_tokens == generated > 0
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    detok = post(server, "/detokenize", {"tokens": ids}).json()["prompt"]
+    assert detok == "<|bos|>" + prompt and choice.text.startswith(detok)
+    sequence = list(ids)
+    for position in range(1, len(logprobs.tokens)):
+        token, logprob, top = logprobs.tokens[position], logprobs.token_logprobs[position], logprobs.top_logprobs[position]
+        row, tol = oracle(sequence[:position])[-1], PROMPT_TOL if position < len(ids) else DECODE_TOL
+        if position == len(sequence):  # greedy: the argmax of the capped logits
+            sequence.append(int(row.argmax()))
+            assert token.startswith("bytes:") or post(server, "/detokenize", {"tokens": [sequence[-1]]}).json()["prompt"] == token
+        assert abs(logprob - row[sequence[position]].item()) < tol, (position, token)
+        assert 5 <= len(top) <= 6 and top[token] == logprob
+        assert sorted(top.values(), reverse=True)[:5] == pytest.approx(row.topk(5).values.tolist(), abs=tol)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    for token, start in zip(logprobs.tokens, logprobs.text_offset):
+        assert token.startswith("bytes:") or choice.text[start:start + len(token)] == token
+
+
+def test_token_id_prompts_lists_and_scoring_alone(server, client, oracle):
+    """A list of token-id prompts with n=2: prompt i's sample j is choice 2i + j; with max_tokens 0
+    and echo a prompt is scored alone (lm-evaluation-harness sends max_tokens 1 and drops the last)."""
+    prompts = [tokenize(server, "Once upon a time"), tokenize(server, "1, 2, 3,", False)]
+    response = client.completions.create(model="nanochat", prompt=prompts, n=2, max_tokens=3, temperature=0)
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert response.choices[0].text == response.choices[1].text  # greedy, twice
+    assert response.usage.prompt_tokens == len(prompts[0]) + len(prompts[1])  # a prompt counts once, as OpenAI counts it
+    scored = client.completions.create(model="nanochat", prompt=prompts, max_tokens=0, echo=True, logprobs=0)
+    for ids, choice in zip(prompts, scored.choices):
+        expected = oracle(ids)
+        assert choice.finish_reason == "length" and len(choice.logprobs.token_logprobs) == len(ids)
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx([expected[t - 1, ids[t]].item() for t in range(1, len(ids))],
+                                                                   abs=PROMPT_TOL)
+        assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])  # k=0: the chosen token alone
+
+
+def test_stop_n_seed_and_streaming(client):
+    """Seeded samples repeat and differ from each other; a stop string ends the text before it; the
+    stream (with usage last, null before) carries the same text and logprobs as the whole answer."""
+    kw = {"model": "nanochat", "prompt": "The weather today", "max_tokens": 5, "temperature": 1.0, "n": 3, "seed": 11}
+    first, again = client.completions.create(**kw), client.completions.create(**kw)
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in again.choices] and len(set(texts)) > 1
+    full = client.completions.create(model="nanochat", prompt="Counting:", max_tokens=16, temperature=0).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = client.completions.create(model="nanochat", prompt="Counting:", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    whole = client.completions.create(model="nanochat", prompt="Counting:", max_tokens=8, temperature=0, echo=True,
+                                      logprobs=2)
+    text, tokens, logprobs, usages = "", [], [], []
+    for chunk in client.completions.create(model="nanochat", prompt="Counting:", max_tokens=8, temperature=0, echo=True,
+                                           logprobs=2, stream=True, stream_options={"include_usage": True}):
+        usages.append(chunk.usage)
+        for choice in chunk.choices:
+            text += choice.text
+            tokens += choice.logprobs.tokens
+            logprobs += choice.logprobs.token_logprobs
+    assert text == whole.choices[0].text and tokens == whole.choices[0].logprobs.tokens
+    assert logprobs == whole.choices[0].logprobs.token_logprobs
+    assert usages[-1].completion_tokens == whole.usage.completion_tokens and not any(usages[:-1])
+
+
+def test_raw_stream_headers_and_base_model_text(server):
+    """The event stream is not cached or buffered by a proxy; a text prompt reaches the model with no
+    chat template (the prompt's ids are <|bos|> and the text's)."""
+    with httpx.stream("POST", server + "/v1/completions", headers=AUTH, timeout=60,
+                      json={"prompt": "Hello", "max_tokens": 2, "stream": True, "echo": True}) as response:
+        assert response.headers["cache-control"] == "no-cache" and response.headers["x-accel-buffering"] == "no"
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["text"].startswith("<|bos|>Hello")
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"suffix": "the end"}, 400, "suffix"),
+    ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"best_of": 3}, 400, "best_of"),
+    ({"functions": []}, 400, "functions"),  # not a field of this endpoint
+    ({"logprobs": 21}, 400, "logprobs"),
+    ({"top_k": 0}, 400, "top_k"),
+    ({"max_tokens": 0}, 400, "max_tokens"),  # without echo there is nothing to return
+    ({"n": 9}, 400, "n"),
+    ({"prompt": [[1, 2], [10 ** 6]]}, 400, "prompt"),
+    ({"prompt": "word " * 300}, 400, "prompt"),  # more tokens than the context
+    ({"model": "gpt-4"}, 404, "model"),
+])
+def test_refusals_name_the_field(server, body, status, param):
+    error = assert_openai_error(post(server, "/v1/completions", {"prompt": "hi", **body}), status)
+    assert error["param"] == param and param.split(".")[0] in error["message"]
+    if body.get("prompt") == "word " * 300:
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_ignored_and_null_fields_are_accepted(client):
+    """Metadata (user) is ignored; best_of equal to n, an empty logit_bias or suffix, and null for any
+    optional field change nothing."""
+    plain = client.completions.create(model="nanochat", prompt="Hi", max_tokens=4, temperature=0).choices[0].text
+    same = client.completions.create(model="nanochat", prompt="Hi", max_tokens=4, temperature=0, user="u-1", best_of=1,
+                                     logit_bias={}, suffix="", extra_body={"top_p": None, "stop": None})
+    assert same.choices[0].text == plain
+
+
+def test_tokenizer_endpoints_as_vllm_serves_them(server):
+    """/tokenizer_info, /tokenize and /detokenize (lm-evaluation-harness's remote tokenizer), behind
+    the API key as /v1/ is."""
+    info = httpx.get(server + "/tokenizer_info", headers=AUTH).json()
+    assert info["bos_token"] == "<|bos|>" and info["eos_token"] and info["model_max_length"] == 128
+    ids = tokenize(server, "Hello world")
+    assert ids[0] == tokenize(server, "<|bos|>", False)[0] and tokenize(server, "Hello world", False) == ids[1:]
+    assert post(server, "/detokenize", {"tokens": ids[1:]}).json() == {"prompt": "Hello world"}
+    assert post(server, "/tokenize", {"prompt": "Hi"}).json()["max_model_len"] == 128
+    for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]}), ("/v1/completions", {"prompt": "x"})):
+        assert_openai_error(post(server, path, body, headers={}), 401)
+    assert_openai_error(httpx.get(server + "/tokenizer_info"), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(server, api_key="wrong").completions.create(model="nanochat", prompt="x")
