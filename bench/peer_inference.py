@@ -1,12 +1,12 @@
 """Decode throughput of our engine against Hugging Face transformers, the same weights in both.
 
-The model is bench/inference.py's d4 model (width 256, 2 heads of 128, vocabulary 65,536, seeded random weights, its
-synthetic tokenizer) exported by `nanochat export`'s writer (nanochat/export.py) into a temporary
-directory and loaded there with AutoModelForCausalLM, which gives transformers' own
-NanoChatForCausalLM (the d4 model is classic). Both decode greedily, 128 new tokens after
-64-token prompts, at batch 1 and batch 8 (eight different prompts: eight requests to our engine,
-one batch of eight rows to `generate`), in one process with the same torch thread count, in fp32
-and, where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), in bf16.
+The model is bench/inference.py's d4 model (width 256, 2 heads of 128, vocabulary 65,536, seeded
+random weights, its synthetic tokenizer) exported by `nanochat export`'s writer (nanochat/export.py)
+into a temporary directory and loaded there with AutoModelForCausalLM, which gives transformers' own
+NanoChatForCausalLM (the d4 model is classic). Both decode greedily, 128 new tokens after 64-token
+prompts, at batch 1 and batch 8 (eight different prompts: eight requests to our engine, one batch of
+eight rows to `generate`), in one process with the same torch thread count, in fp32 and, where the
+CPU multiplies bf16 in hardware (AMX or AVX512-BF16), in bf16.
 
 - transformers: `model.generate(do_sample=False)` with its default KV cache (DynamicCache) and
   attention (SDPA), the model cast to the dtype by `from_pretrained(dtype=...)`.
@@ -22,7 +22,8 @@ best of --repeats runs after one warm-up, the two sides taking turns.
     python bench/peer_inference.py [--repeats 3] [--threads N]     --threads 1 on a machine busy with other work
 
 Prints a table of tok/s and the ratios ours/transformers, then one JSON line with the CPU, the
-thread count, transformers' version and, per dtype and batch, both tok/s and the ratio.
+thread count, transformers' version and, per dtype and batch, both tok/s, the ratio and the share
+of tokens the two agree on.
 """
 
 import argparse
@@ -134,8 +135,7 @@ def table(result):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure, the best kept (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's, "
                         "i.e. the cores this process may use)")
