@@ -12,10 +12,13 @@ import sys
 
 from nanochat import pipeline
 
-# A chat's defaults. The frequency penalty (OpenAI's) keeps a small model from looping on a phrase:
-# greedy replies of the cpu preset's model end by themselves 31 times in 40 without it, 40 with it
-# (docs/cpu-preset.md).
+# A model's generation defaults (its generation config), the one place they live: `nanochat chat`
+# takes them as its options' defaults, `nanochat serve` for the fields a request leaves out (the web
+# UI's included), `nanochat export` writes them to generation_config.json. The frequency penalty
+# (OpenAI's) keeps a small model from looping on a phrase: greedy replies of the cpu preset's model
+# end by themselves 31 times in 40 without it, 40 with it (docs/cpu-preset.md).
 TEMPERATURE, TOP_K, MAX_TOKENS, FREQUENCY_PENALTY = 0.6, 50, 512, 0.5
+GENERATION = {"temperature": TEMPERATURE, "top_k": TOP_K, "max_tokens": MAX_TOKENS, "frequency_penalty": FREQUENCY_PENALTY}
 
 
 def build_parser():

@@ -9,7 +9,7 @@
     tokenizer = AutoTokenizer.from_pretrained(DIR)
 
 DIR gets config.json, model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja,
-generation_config.json (temperature, top-k and max new tokens as `nanochat chat`'s defaults),
+generation_config.json (temperature, top-k and max new tokens: the model's generation defaults, chat.GENERATION),
 nanochat.json (where it came from, and what transformers cannot express: the frequency penalty),
 README.md (a model card with the run's metrics) and, for a model with the 2026 options, which
 transformers' own `nanochat` type lacks, the modeling code (nanochat/hf_remote) that config.json's
@@ -53,11 +53,12 @@ def build_parser():
 
 
 def generation_config(tokenizer, remote):
-    """generation_config.json: `nanochat chat`'s sampling defaults, stopping where our engine stops."""
-    ids = tokenizer.special_ids
+    """generation_config.json: the model's generation defaults (chat.GENERATION, which `nanochat chat`
+    and `nanochat serve` use), stopping where our engine stops."""
+    ids, defaults = tokenizer.special_ids, chat.GENERATION
     return {"bos_token_id": ids["<|bos|>"], "eos_token_id": [ids["<|assistant_end|>"], ids["<|bos|>"]],
-            "pad_token_id": ids["<|assistant_end|>"], "do_sample": True, "temperature": chat.TEMPERATURE,
-            "top_k": chat.TOP_K, "max_new_tokens": chat.MAX_TOKENS, "use_cache": not remote}
+            "pad_token_id": ids["<|assistant_end|>"], "do_sample": True, "temperature": defaults["temperature"],
+            "top_k": defaults["top_k"], "max_new_tokens": defaults["max_tokens"], "use_cache": not remote}
 
 
 def model_card(config, provenance, metrics, remote):
@@ -90,8 +91,9 @@ def model_card(config, provenance, metrics, remote):
         'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
         "`tokenizer(text)` starts with `<|bos|>`, as the training documents did; the chat template adds its own.", "",
         "## Differences from `nanochat chat`", "",
-        f"- generation_config.json has its temperature ({chat.TEMPERATURE}), top-k ({chat.TOP_K}) and maximum "
-        f"new tokens ({chat.MAX_TOKENS}). Its frequency penalty ({chat.FREQUENCY_PENALTY}, subtracted from a token's "
+        f"- generation_config.json has its temperature ({chat.GENERATION['temperature']}), top-k ({chat.GENERATION['top_k']}) "
+        f"and maximum new tokens ({chat.GENERATION['max_tokens']}). Its frequency penalty "
+        f"({chat.GENERATION['frequency_penalty']}, subtracted from a token's "
         "logit per earlier occurrence) has no transformers equivalent (repetition_penalty is multiplicative): it is "
         "only in nanochat.json.",
         "- Special-token strings inside message text become special tokens; pass `sanitize_control_tokens=True` "
@@ -124,7 +126,7 @@ def write_model_dir(directory, model_state, config, tokenizer, provenance=None, 
         "tokenizer.json": hf_tokenizer.tokenizer_json(tokenizer),
         "tokenizer_config.json": hf_tokenizer.tokenizer_config(config.sequence_len),
         "nanochat.json": {"format": FORMAT, **provenance, "model_config": provenance.get("model_config") or dataclasses.asdict(config),
-                          "frequency_penalty": chat.FREQUENCY_PENALTY, "code": code_version()},
+                          "frequency_penalty": chat.GENERATION["frequency_penalty"], "code": code_version()},
     }
     for name, obj in files.items():
         with open(os.path.join(directory, name), "w") as f:

@@ -3,29 +3,41 @@ real clients: the official openai package, raw HTTP for errors, concurrent strea
 
 import base64
 import concurrent.futures
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import openai
 import psutil
 import pytest
 
-from nanochat.chat import FREQUENCY_PENALTY
+from nanochat.chat import GENERATION
+from nanochat.serve.app import CHAT_FIELDS, ChatCompletionRequest, parameter_table
 from nanochat.serve.worker import Worker
-from tests.support.serving import ask, chromium_tab, openai_client, start_server, stop_server, streamed
+from tests.support.serving import ask, assert_openai_error, chromium_tab, healthy, openai_client, start_server, stop_server, streamed
 from tests.support.waiting import until
 
 pytest_plugins = ["tests.support.serving"]
 
+HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
 
 @pytest.fixture(scope="module")
-def server(run):
+def served(run):
+    """(the server process, its URL); its output (the access log) is in proc.log."""
     proc, url = start_server(run)
-    yield url
+    yield proc, url
     stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
 
 
 @pytest.fixture
@@ -33,9 +45,14 @@ def client(server):
     return openai_client(server)
 
 
-def test_models_health_and_binding(server):
+def test_models_health_and_binding(server, client):
     models = openai.OpenAI(base_url=server + "/v1", api_key="unused").models.list()
     assert [m.id for m in models.data] == ["nanochat-base"]
+    assert client.models.retrieve("nanochat-base").id == client.models.retrieve("nanochat").id == "nanochat-base"
+    for response in (httpx.get(server + "/v1/models/gpt-4o"),
+                     httpx.post(server + "/v1/chat/completions", json={**HELLO, "model": "gpt-4o"})):
+        error = assert_openai_error(response, 404)
+        assert error["code"] == "model_not_found" and "gpt-4o" in error["message"] and "nanochat-base" in error["message"]
     assert httpx.get(server + "/health").json()["status"] == "ok"
     port = int(server.rsplit(":", 1)[1])
     listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
@@ -53,6 +70,35 @@ def test_openai_client_non_streaming_and_streaming_agree(client):
                                       stream_options={"include_usage": True})
     assert texts == {0: choice.message.content} and finishes == {0: choice.finish_reason}
     assert usage.completion_tokens == response.usage.completion_tokens
+
+
+def test_event_streams_pass_proxies_and_carry_usage_last(server):
+    """No caching or buffering by a proxy; with include_usage, `usage` is null on every chunk but the last."""
+    body = {**HELLO, "stream": True, "n": 2, "max_tokens": 6, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["cache-control"] == "no-cache" and response.headers["x-accel-buffering"] == "no"
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1) and len(chunks) > 4
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_chat_logprobs_streaming_and_not(client):
+    """logprobs / top_logprobs: one entry per generated token, the greedy token the most likely one,
+    the same numbers streamed."""
+    response = ask(client, "Tell me a story.", temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0 and bytes(entry.bytes).decode(errors="replace") == entry.token
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    streamed_entries = [e for chunk in ask(client, "Tell me a story.", temperature=0, max_tokens=8, logprobs=True,
+                                           top_logprobs=3, stream=True)
+                        for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert [e.model_dump() for e in streamed_entries] == [e.model_dump() for e in content]
+    assert ask(client, "Tell me a story.", max_tokens=2).choices[0].logprobs is None
 
 
 def test_n_samples_seed_and_stop(client):
@@ -92,6 +138,14 @@ def test_concurrent_streaming_clients_get_complete_answers(client):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_k": 0}, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, "functions"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"42": 5}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"]}, "modalities"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, "frobnicate"),
     ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -3}, "presence_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
@@ -102,9 +156,8 @@ def test_concurrent_streaming_clients_get_complete_answers(client):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": "x" * 40_000}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": "hi"}] * 65}, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "word " * 500}]}, "messages"),  # longer than the context
+    ({"messages": [{"role": "assistant", "content": "yo"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "messages"),
     ({"messages": "hi"}, "messages"),
     ({}, "messages"),
 ])
@@ -113,6 +166,69 @@ def test_bad_requests_are_400_with_openai_errors(server, body, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_context_overflow_names_its_code(server):
+    body = {"messages": [{"role": "user", "content": "word " * 500}]}  # longer than the context
+    error = assert_openai_error(httpx.post(server + "/v1/chat/completions", json=body), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+
+
+def test_metadata_is_ignored_and_null_is_not_given(server):
+    """Metadata and the values of refused fields that ask for nothing are accepted; null is the same
+    as leaving a field out (the model's defaults then apply: the same seeded answer)."""
+    nulls = {name: None for name, p in CHAT_FIELDS.items() if name not in ("messages", "seed", "max_tokens")}
+    harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "tools": [],
+                "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "modalities": ["text"],
+                "parallel_tool_calls": False}
+    answers = [httpx.post(server + "/v1/chat/completions", json={**HELLO, "seed": 3, "max_tokens": 8, **extra}, timeout=60)
+               for extra in ({}, nulls, harmless)]
+    assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+    assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1
+
+
+def test_conversation_shapes(client):
+    """A later system message and turns in a row are joined as documented (the same greedy answer as
+    the joined conversation); a final assistant message is continued (prefill)."""
+    def greedy(messages):
+        return client.chat.completions.create(model="nanochat", messages=messages, temperature=0,
+                                              max_tokens=16).choices[0].message.content
+
+    shaped = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "there"}, {"role": "assistant", "content": "Yo."},
+              {"role": "developer", "content": "Be kind."}, {"role": "user", "content": "Tell me a story."}]
+    joined = [{"role": "user", "content": "Hi\n\nthere"}, {"role": "assistant", "content": "Yo."},
+              {"role": "user", "content": "Be kind.\n\nTell me a story."}]
+    answer = greedy(joined)
+    assert greedy(shaped) == answer
+    cut = answer.index(" ", len(answer) // 2)  # a word boundary, where tokens start
+    assert greedy([*joined, {"role": "assistant", "content": answer[:cut]}]).startswith(answer[cut:])  # 16 more tokens
+
+
+def test_metrics_and_access_log(served):
+    """/metrics in Prometheus' text format counts what was served; the log has one line per request,
+    without its text."""
+    proc, url = served
+    secret = "Zebra-7d1f-secret"
+    ask(openai_client(url), f"Say {secret}", max_tokens=4)
+
+    def samples():
+        lines = httpx.get(url + "/metrics").text.splitlines()
+        return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
+
+    metrics = until(samples, 30, "/metrics to count the request", done=lambda m: m.get('nanochat_requests_total{status="200"}'))
+    assert metrics["nanochat_prompt_tokens_total"] > 0 and metrics["nanochat_completion_tokens_total"] > 0
+    assert metrics["nanochat_time_to_first_token_seconds_count"] > 0 and "nanochat_queued_requests" in metrics
+    log = until(lambda: os.pread(proc.log.fileno(), 1 << 24, 0).decode(), 30, "the access log line",
+                done=lambda text: "POST /v1/chat/completions 200" in text)
+    assert secret not in log
+
+
+def test_readme_parameter_table_is_the_servers():
+    """README's chat parameter table is app.CHAT_FIELDS; its honoured fields are the request's."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert parameter_table() in readme
+    honoured = [name for name, p in CHAT_FIELDS.items() if p.treatment == "honoured"]
+    assert sorted(honoured) == sorted(ChatCompletionRequest.model_fields)
 
 
 def test_malformed_json_is_400(server, client):
@@ -125,7 +241,7 @@ def test_malformed_json_is_400(server, client):
 def test_full_queue_is_429_and_a_disconnect_cancels(run):
     """One request at a time, one waiting: of a burst of simultaneous requests, those beyond that
     are refused with Retry-After. A streaming client that goes away cancels its request (the
-    server counts it)."""
+    server counts it). On SIGTERM a running request finishes, and the server exits."""
     proc, url = start_server(run, "--one-at-a-time", "--max-pending", "1")
     body = {"messages": [{"role": "user", "content": "Go on forever."}], "n": 8, "max_tokens": 256}
     try:
@@ -140,6 +256,18 @@ def test_full_queue_is_429_and_a_disconnect_cancels(run):
         health = until(lambda: httpx.get(url + "/health").json(), 60, "the server to count a cancelled request",
                        done=lambda h: h["cancelled_requests"] >= 1)
         assert health["active_requests"] == 0 and health["queued_requests"] == 0
+        # SIGTERM: no new connections; the running request finishes, then the server exits
+        with httpx.Client(timeout=120) as http:
+            with http.stream("POST", url + "/v1/chat/completions", json={**body, "n": 1, "max_tokens": 32, "stream": True}) as running:
+                lines = running.iter_lines()
+                next(lines)
+                proc.send_signal(signal.SIGTERM)
+                until(lambda: not healthy(url), 30, "the server to stop taking connections")
+                rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert sorted(c["index"] for line in rest[:-1] for c in json.loads(line[6:])["choices"] if c["finish_reason"]) == [0]
+        assert proc.wait(timeout=60) == -signal.SIGTERM  # uvicorn raises the signal again once it has shut down
+        assert "SIGTERM: taking no new requests; 1 in progress" in os.pread(proc.log.fileno(), 1 << 24, 0).decode()
     finally:
         stop_server(proc)
 
@@ -167,12 +295,16 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     cli = [sys.executable, "-m", "nanochat.cli", "chat", "--run", name, "--max-tokens", "8", "--temperature", "0"]
     one_shot = subprocess.run([*cli, "-p", "Hello"], env=env, capture_output=True, text=True, check=True, timeout=120)
     assert one_shot.stdout.strip()
-    # the CLI's default frequency penalty: its greedy answer is the API's with that penalty, not without
-    longer = subprocess.run([*cli, "--max-tokens", "24", "-p", "Count with me."], env=env, capture_output=True,
-                            text=True, check=True, timeout=120)
-    with_penalty, without = (ask(client, "Count with me.", temperature=0, max_tokens=24, frequency_penalty=penalty)
-                             .choices[0].message.content for penalty in (FREQUENCY_PENALTY, 0))
-    assert longer.stdout == with_penalty + "\n" and with_penalty != without
+    # one set of generation defaults: the CLI's, and the API's for the fields a request leaves out (seeded sampling)
+    defaults = subprocess.run([*cli[:-4], "--seed", "5", "--max-tokens", "24", "-p", "Count with me."], env=env,
+                              capture_output=True, text=True, check=True, timeout=120)
+    omitted = ask(client, "Count with me.", seed=5, max_tokens=24).choices[0].message.content
+    explicit = ask(client, "Count with me.", seed=5, max_tokens=24, temperature=GENERATION["temperature"],
+                   frequency_penalty=GENERATION["frequency_penalty"], extra_body={"top_k": GENERATION["top_k"]})
+    openai_defaults = ask(client, "Count with me.", seed=5, max_tokens=24, temperature=1, frequency_penalty=0,
+                          extra_body={"top_k": -1})
+    assert defaults.stdout == omitted + "\n" and omitted == explicit.choices[0].message.content
+    assert openai_defaults.choices[0].message.content != omitted
     session = subprocess.run(cli, input="Hello\n/clear\nAgain\n/quit\n", env=env, capture_output=True, text=True, check=True,
                              timeout=120)
     assert session.stdout.count("nanochat> ") == 2 and session.stdout.startswith("you> ")
@@ -182,8 +314,10 @@ def test_chat_cli_one_shot_and_interactive(run, client):
 
 
 def test_web_ui_in_headless_chromium(server, tmp_path):
-    """On a phone-sized screen: send a message, see the answer stream in, regenerate it; the page
-    never scrolls sideways. Leaves a screenshot in the test's tmp dir."""
+    """On a phone-sized screen: send a message, see the answer stream in, regenerate it; the model's
+    name shows, and the settings panel's temperature, max tokens and system prompt reach the answer
+    (the API's for the same request); the page never scrolls sideways. Leaves a screenshot in the
+    test's tmp dir."""
     with chromium_tab(tmp_path) as tab:
         tab.open(server + "/")
         first, error = tab.say("Hello there!")
@@ -192,6 +326,18 @@ def test_web_ui_in_headless_chromium(server, tmp_path):
         tab.js("document.getElementById('regenerate').click()")
         tab.wait_for("document.querySelectorAll('.assistant').length === 1 && document.querySelector('.assistant').dataset.done === 'true'")
         assert tab.js("document.querySelectorAll('.msg').length") == 2
+        # the model's name, and its generation defaults as what empty settings mean
+        tab.wait_for("document.getElementById('model').textContent === 'nanochat-base'")
+        assert tab.js("document.getElementById('temperature').placeholder") == str(GENERATION["temperature"])
+        assert tab.js("document.getElementById('top_k').placeholder") == str(GENERATION["top_k"])
+        tab.js("document.getElementById('clear').click(); document.getElementById('settings').open = true;"
+               "document.getElementById('temperature').value = '0'; document.getElementById('max_tokens').value = '6';"
+               "document.getElementById('system').value = 'Be brief.'")
+        answer, error = tab.say("Name a color.")
+        expected = openai_client(server).chat.completions.create(
+            model="nanochat", temperature=0, max_tokens=6,
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}])
+        assert not error and answer == expected.choices[0].message.content
         assert tab.js("document.documentElement.scrollWidth <= window.innerWidth")
         shot = tab.call("Page.captureScreenshot", format="png")["data"]
         (tmp_path / "ui.png").write_bytes(base64.b64decode(shot))

@@ -4,6 +4,9 @@
     nanochat serve --run s3://bucket/runs/x --source sft --port 8080
     nanochat serve --run myrun --devices 8           one engine per GPU, requests to the least loaded
     NANOCHAT_API_KEY=k1,k2 nanochat serve --run myrun --host 0.0.0.0   on the network: /v1/ needs a key
+
+On SIGTERM (or Ctrl-C) the server takes no new connections, gives the requests in progress up to
+--shutdown-timeout seconds to finish, then exits. Every request is one line of the log (never its text).
 """
 
 import argparse
@@ -11,7 +14,7 @@ import ipaddress
 import os
 from dataclasses import fields
 
-from nanochat import pipeline
+from nanochat import chat, pipeline
 from nanochat.serve.app import Limits, create_app
 from nanochat.serve.guard import MAX_HEADER_BYTES
 
@@ -32,6 +35,8 @@ def build_parser():
     p.add_argument("--api-key", action="append", default=[], help="a key that /v1/ accepts as `Authorization: Bearer "
                    "<key>` (repeatable; also NANOCHAT_API_KEY, comma-separated); default: none, /v1/ is open")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds the requests in progress get to "
+                   "finish on SIGTERM (default: %(default)s)")
     p.add_argument("--cors-origin", action="append", default=[], help="a web origin (https://host:port) whose pages "
                    "may call the API (repeatable; default: none)")
     for f in LIMITS:
@@ -62,6 +67,7 @@ def main(argv=None):
     from nanochat.checkpoint import find_checkpoint
     from nanochat.common import autodetect_device_type, setup_logging
     from nanochat.inference import load_engine
+    from nanochat.serve.ops import Server
 
     args = build_parser().parse_args(argv)
     keys = api_keys(args)
@@ -81,9 +87,12 @@ def main(argv=None):
     directory, source = find_checkpoint(args.run, args.source)
     limits = Limits(**{f.name: getattr(args, f.name) for f in LIMITS}, max_requests=1 if args.one_at_a_time else None)
     app = create_app(lambda device: load_engine(directory, device=device, max_rows=args.max_rows), limits, devices,
-                     model_name=f"nanochat-{source or 'checkpoint'}", api_keys=keys, cors_origins=args.cors_origin)
+                     model_name=f"nanochat-{source or 'checkpoint'}", api_keys=keys, cors_origins=args.cors_origin,
+                     generation=chat.GENERATION)
     print(f"nanochat: serving {directory} on http://{args.host}:{args.port}"
           f" ({'API key required' if keys else 'no API key'})", flush=True)
     # an idle keep-alive connection is closed after 5 s; h11 answers incomplete headers over its limit with 400
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http="h11", server_header=False,
-                timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", http="h11", server_header=False,
+                            timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    Server(config, app.state.in_progress).run()

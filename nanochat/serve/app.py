@@ -1,14 +1,18 @@
 """The OpenAI-compatible API and the web UI, over one engine loop per device.
 
-    POST /v1/chat/completions   OpenAI's schema; stream=true gives SSE chunks ending with `data: [DONE]`
-    GET  /v1/models             the one model served
-    GET  /health                status and load
+    POST /v1/chat/completions   OpenAI's schema (CHAT_FIELDS says what is honoured, ignored, refused);
+                                stream=true gives SSE chunks ending with `data: [DONE]`
+    GET  /v1/models[/{id}]      the one model served
+    GET  /metrics               Prometheus metrics (ops.py), behind the API keys as /v1/ is
+    GET  /health                status, load, the model's name and generation defaults
     GET  /                      the web UI (one self-contained page)
 
 Generation never runs on the event loop: each device's Worker thread decodes, and its Relay hands
 each step's pieces of text to the loop in one callback. Bad input is a 400 with an OpenAI-style error
 body, a full queue a 429 with Retry-After; a client that goes away cancels its generation. In front
-of /v1/, `guard.Guard` checks the API key, the client's rate and concurrency, and the body.
+of /v1/, `guard.Guard` checks the API key, the client's rate and concurrency, and the body. Sampling
+fields a request leaves out (or sends as null) take the model's generation defaults
+(nanochat.chat.GENERATION), then OpenAI's; --max-tokens caps them all.
 """
 
 import asyncio
@@ -24,13 +28,15 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from nanochat.engine import Request as GenerationRequest
 from nanochat.engine import SamplingParams
+from nanochat.serve import completions
 from nanochat.serve.guard import Guard, error_response
+from nanochat.serve.ops import AccessLog, Metrics
 from nanochat.serve.worker import QueueFull, Worker
 from nanochat.tokenizer import ConversationError
 
@@ -39,6 +45,11 @@ log = logging.getLogger(__name__)
 UI_PAGE = Path(__file__).with_name("ui.html")
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 MIN_TEMPERATURE = 1e-6  # below this, greedy: logits / temperature would overflow fp32 into inf and NaN
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+ALIAS = "nanochat"  # a model name that always means the served model (clients and tests send it)
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # so that no proxy holds events back
+# what a sampling field is when neither the request nor the model's generation defaults give it (OpenAI's)
+SERVER_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": None, "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
 
 def setting(default, help):
@@ -56,13 +67,73 @@ class Limits:
     max_message_chars: int = setting(32_000, "characters per message")
     max_n: int = setting(8, "completions per request (n)")
     max_stop: int = setting(4, "stop strings per request")
-    max_tokens: int = setting(4096, "tokens per completion (also the default of max_tokens)")
+    max_tokens: int = setting(4096, "tokens per completion: a request may ask for no more, and the model's default is cut to it")
     max_seconds: float = setting(300.0, "wall time per request in seconds; then its completions end with finish_reason length")
     max_concurrent: int = setting(32, "requests in progress per client; more get 429")
     rate_limit: int = setting(600, "requests per minute per client (bursts of as many); more get 429; 0: no limit")
     max_pending: int = setting(64, "requests waiting per engine; more get 429")
     max_requests: int | None = None  # requests decoding together per engine (1: one at a time)
     retry_after: int = 1  # seconds, in a 429's Retry-After when the wait is unknown
+
+
+@dataclass(frozen=True)
+class Param:
+    """What the server does with a field of OpenAI's chat request: `honoured`, `ignored` (accepted,
+    changes nothing) or `refused` (a 400 naming it, unless `allows(value)`: the values that ask for
+    nothing we lack, such as tools=[])."""
+    treatment: Literal["honoured", "ignored", "refused"]
+    note: str
+    allows: object = None
+
+
+# Every field of OpenAI's chat completions request (and top_k, an extension), in one table: the
+# honoured ones are ChatCompletionRequest's fields, the README's parameter table is written from it.
+CHAT_FIELDS = {
+    "model": Param("honoured", f"the served model's id, or `{ALIAS}`; another is a 404 naming the served model"),
+    "messages": Param("honoured", "system, developer, user and assistant text; see the conversation shapes below"),
+    "temperature": Param("honoured", "0 to 2; 0 (or below 1e-6) is greedy"),
+    "top_p": Param("honoured", "nucleus sampling"),
+    "top_k": Param("honoured", "an extension (as vLLM's): the k most likely tokens; -1: all"),
+    "frequency_penalty": Param("honoured", "-2 to 2, as OpenAI subtracts it"),
+    "presence_penalty": Param("honoured", "-2 to 2, as OpenAI subtracts it"),
+    "max_tokens": Param("honoured", "at most `--max-tokens`"),
+    "max_completion_tokens": Param("honoured", "as max_tokens, and wins over it"),
+    "n": Param("honoured", "at most `--max-n`; the n samples share one prefill"),
+    "stop": Param("honoured", "up to `--max-stop` strings, not included in the text"),
+    "seed": Param("honoured", "sample i draws from a generator seeded with seed + i: reproducible in any batch"),
+    "stream": Param("honoured", "server-sent events ending with `data: [DONE]`"),
+    "stream_options": Param("honoured", "include_usage: a last chunk with the usage (`usage: null` on the others)"),
+    "logprobs": Param("honoured", "the log-softmax of the model's logits, before temperature and penalties"),
+    "top_logprobs": Param("honoured", f"0 to {MAX_TOP_LOGPROBS}, with logprobs"),
+    "user": Param("ignored", "metadata"),
+    "metadata": Param("ignored", "metadata; nothing is stored"),
+    "store": Param("ignored", "nothing is stored"),
+    "service_tier": Param("ignored", "one tier"),
+    "prompt_cache_key": Param("ignored", "a caching hint"),
+    "prompt_cache_retention": Param("ignored", "a caching hint"),
+    "safety_identifier": Param("ignored", "metadata"),
+    "parallel_tool_calls": Param("ignored", "means nothing without tools"),
+    "tools": Param("refused", "no tool calling: the model's python tool runs inside the server", lambda v: v == []),
+    "tool_choice": Param("refused", "no tool calling", lambda v: v == "none"),
+    "functions": Param("refused", "no function calling", lambda v: v == []),
+    "function_call": Param("refused", "no function calling", lambda v: v == "none"),
+    "response_format": Param("refused", "no JSON mode or schemas; `{\"type\": \"text\"}` is accepted",
+                             lambda v: v == {"type": "text"}),
+    "logit_bias": Param("refused", "not implemented; `{}` is accepted", lambda v: v == {}),
+    "modalities": Param("refused", "text only; `[\"text\"]` is accepted", lambda v: v == ["text"]),
+    "audio": Param("refused", "text only"),
+    "prediction": Param("refused", "no predicted outputs"),
+    "reasoning_effort": Param("refused", "not a reasoning model"),
+    "verbosity": Param("refused", "not implemented"),
+    "web_search_options": Param("refused", "no web search"),
+}
+
+
+def parameter_table():
+    """The README's table of the chat request's fields (tests check that they agree)."""
+    rows = ["| Field | | Notes |", "|---|---|---|"]
+    rows += [f"| `{name}` | {p.treatment} | {p.note} |" for name, p in CHAT_FIELDS.items()]
+    return "\n".join(rows)
 
 
 class APIError(Exception):
@@ -78,7 +149,7 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # name, refusal, ...
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -87,66 +158,98 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields of OpenAI's chat completions request that apply here (others are ignored);
-    top_k is an extension."""
-    model_config = ConfigDict(extra="ignore")
+    """The honoured fields of OpenAI's chat completions request (CHAT_FIELDS); the others arrive as
+    extras and are checked by `refusals`. Every optional field may be null: not given."""
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1)
+    n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI (torch's generators take no more)
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
-def sampling_params(body, limits):
-    """The engine's SamplingParams for a validated request, checking the server's limits."""
+def refusals(body):
+    """A 400 naming the first field the server would not honour: an unknown field, or a refused one
+    whose value asks for something (CHAT_FIELDS)."""
+    for name, value in (body.model_extra or {}).items():
+        param = CHAT_FIELDS.get(name)
+        if param is None:
+            raise APIError(400, f"unrecognized request argument supplied: {name}", name)
+        if param.treatment == "refused" and value is not None and not (param.allows and param.allows(value)):
+            raise APIError(400, f"{name} is not supported by this server ({param.note})", name, code="unsupported_parameter")
+
+
+def sampling_params(body, limits, generation):
+    """The engine's SamplingParams for a validated request, checking the server's limits. A field the
+    request leaves out takes the model's generation default (`generation`), then SERVER_DEFAULTS."""
     if len(body.messages) > limits.max_messages:
         raise APIError(400, f"at most {limits.max_messages} messages per request", "messages")
     for i, message in enumerate(body.messages):
         if len(message.text()) > limits.max_message_chars:
             raise APIError(400, f"message {i} is longer than {limits.max_message_chars} characters", f"messages.{i}.content")
-    if body.n > limits.max_n:
+    if (body.n or 1) > limits.max_n:
         raise APIError(400, f"n must be at most {limits.max_n}", "n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > limits.max_stop or not all(stop):
         raise APIError(400, f"stop takes at most {limits.max_stop} non-empty strings", "stop")
-    max_tokens = body.max_completion_tokens or body.max_tokens or limits.max_tokens
-    if max_tokens > limits.max_tokens:
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None and max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
-    temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-    return SamplingParams(temperature=temperature, top_k=body.top_k, top_p=body.top_p,
-                          max_tokens=max_tokens, stop=tuple(stop), seed=body.seed,
-                          frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty)
+    if body.top_k == 0:
+        raise APIError(400, "top_k must be at least 1 (or -1: all tokens)", "top_k")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+    def given(name):
+        value = getattr(body, name)
+        return value if value is not None else generation.get(name, SERVER_DEFAULTS[name])
+
+    temperature, top_k = given("temperature"), given("top_k")
+    return SamplingParams(temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+                          top_k=None if top_k == -1 else top_k, top_p=given("top_p"),
+                          max_tokens=max_tokens or min(generation.get("max_tokens", limits.max_tokens), limits.max_tokens),
+                          stop=tuple(stop), seed=body.seed, frequency_penalty=given("frequency_penalty"),
+                          presence_penalty=given("presence_penalty"),
+                          logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
-def render_prompt(tokenizer, messages):
-    """Prompt ids for the next assistant message."""
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-    if conversation[-1]["role"] != "user":
-        raise APIError(400, "the last message must be the user's", "messages")
+def render_prompt(tokenizer, messages, max_len):
+    """Prompt ids for the next assistant message, or the continuation of a final assistant one."""
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        return tokenizer.render_for_completion(conversation)
+        prompt = tokenizer.render_for_completion(conversation, continue_final_message=True)
     except ConversationError as e:
         raise APIError(400, str(e), "messages") from None
+    if len(prompt) >= max_len:
+        raise APIError(400, f"the prompt has {len(prompt)} tokens; the model's context holds {max_len}", "messages",
+                       code="context_length_exceeded")
+    return prompt
 
 
-def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="nanochat", api_keys=(), cors_origins=()):
+def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALIAS, api_keys=(), cors_origins=(),
+               generation=None):
     """The FastAPI app. `engine_factory(device)` builds the Engine of one device, at startup, in the
-    Worker thread that runs it; a request goes to the least loaded worker. With `api_keys`, /v1/ needs one of
-    them; `cors_origins` are the web origins whose pages may call the API (none by default)."""
+    Worker thread that runs it; a request goes to the least loaded worker. With `api_keys`, /v1/ and
+    /metrics need one of them; `cors_origins` are the web origins whose pages may call the API (none
+    by default). `generation`: the model's generation defaults (SamplingParams fields)."""
     workers, relays = [], {}  # relays: worker -> its Relay
+    generation = dict(generation or {})
+    metrics = Metrics()
 
     async def lifespan(app):
         for device in devices:
@@ -159,11 +262,21 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="na
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
+    app.state.in_progress = lambda: sum(w.load for w in workers)
     app.add_middleware(Guard, keys=api_keys, limits=limits)
-    if cors_origins:  # outermost, so that preflight requests and refusals get CORS headers
+    if cors_origins:  # outside the guard, so that preflight requests and refusals get CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(AccessLog, metrics=metrics)
     created = int(time.time())
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}
+
+    def served(name):
+        """The served model's card for a requested model name, or a 404 naming the served model."""
+        if name is not None and name not in (model_name, ALIAS):
+            raise APIError(404, f"the model {name!r} is not served here; this server serves {model_name!r} (also as "
+                           f"{ALIAS!r})", "model", code="model_not_found")
+        return model_card
 
     @app.exception_handler(APIError)
     async def api_error(request, e):
@@ -187,14 +300,23 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="na
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "devices": len(workers),
-                "active_requests": sum(len(w.active) for w in workers),
+        return {"status": "ok", "model": model_name, "generation": generation, "max_tokens": limits.max_tokens,
+                "devices": len(workers), "active_requests": sum(len(w.active) for w in workers),
                 "queued_requests": sum(len(w.pending) for w in workers),
                 "cancelled_requests": sum(w.cancelled for w in workers)}
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        text = metrics.exposition(sum(len(w.pending) for w in workers), sum(len(w.active) for w in workers))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        return served(model_id)
 
     @app.get("/", response_class=HTMLResponse)
     async def ui():
@@ -202,11 +324,14 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="na
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http_request: Request):
-        params = sampling_params(body, limits)
+        served(body.model)
+        refusals(body)
+        params = sampling_params(body, limits, generation)
         worker = min(workers, key=lambda w: w.load)
-        prompt = render_prompt(worker.engine.tokenizer, body.messages)
+        tokenizer = worker.engine.tokenizer
+        prompt = render_prompt(tokenizer, body.messages, worker.engine.max_len)
         events = asyncio.Queue()
-        request = GenerationRequest(prompt, params, body.n, relays[worker].sender(events))
+        request = GenerationRequest(prompt, params, body.n or 1, relays[worker].sender(events))
         try:
             worker.submit(request)
         except ValueError as e:
@@ -214,12 +339,15 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name="na
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(limits.retry_after)}) from None
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model or model_name}
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        progress = Progress(request, events, metrics, tokenizer)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_chunks(request, events, meta, include_usage), media_type="text/event-stream")
-        return await complete(request, events, meta, http_request)
+            return StreamingResponse(stream_chunks(progress, meta, include_usage), media_type="text/event-stream",
+                                     headers=STREAM_HEADERS)
+        return await complete(progress, meta, http_request)
 
+    completions.add_routes(app, workers, relays, limits, served, generation)  # /v1/completions, /tokenize, ... (completions.py)
     return app
 
 
@@ -253,25 +381,60 @@ def usage(request):
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def logprobs_content(tokenizer, token_logprobs):
+    """OpenAI's chat `logprobs.content` entries of TokenLogprobs."""
+    def entry(token, logprob):
+        data = tokenizer.id_to_bytes(token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+    return [{**entry(t.token, t.logprob), "top_logprobs": [entry(token, logprob) for token, logprob in t.top]}
+            for t in token_logprobs]
+
+
 async def until_finished(request, events):
-    """Yields the events that have arrived, as {index: (text, finish_reason)} with each completion's
-    texts joined (a client that falls behind gets fewer, larger chunks), until all have finished."""
+    """Yields the events that have arrived, as {index: (text, finish_reason, logprobs)} with each
+    completion's texts and logprobs joined (a client that falls behind gets fewer, larger chunks),
+    until all have finished."""
     finished = 0
     while finished < request.n:
         batch = [await events.get()]
         while not events.empty():
             batch.append(events.get_nowait())
         merged = {}
-        for index, text, finish_reason, _logprobs in batch:
-            merged[index] = (merged.get(index, ("", None))[0] + text, finish_reason)
+        for index, text, finish_reason, logprobs in batch:
+            old_text, _, old_logprobs = merged.get(index, ("", None, []))
+            merged[index] = (old_text + text, finish_reason, old_logprobs + list(logprobs))
             finished += finish_reason is not None
         yield merged
 
 
-async def complete(request, events, meta, http_request):
+class Progress:
+    """A submitted request as the loop sees it: its events as they arrive, and its metrics."""
+
+    def __init__(self, request, events, metrics, tokenizer):
+        self.request, self.events, self.metrics, self.tokenizer = request, events, metrics, tokenizer
+        self.started, self.first = time.monotonic(), None
+
+    async def until_finished(self):
+        """until_finished's events, timed: the request's metrics are recorded when it ends."""
+        async for merged in until_finished(self.request, self.events):
+            if self.first is None and any(text for text, _, _ in merged.values()):
+                self.first = time.monotonic()
+            yield merged
+        self.metrics.generated(usage(self.request), self.started, self.first, time.monotonic())
+
+    def logprobs(self, token_logprobs):
+        if self.request.params.logprobs is None:
+            return None
+        return {"content": logprobs_content(self.tokenizer, token_logprobs), "refusal": None}
+
+
+async def complete(progress, meta, http_request):
     """The non-streaming answer; a client that disconnects meanwhile cancels the generation."""
+    request = progress.request
+
     async def drain():
-        async for _ in until_finished(request, events):
+        async for _ in progress.until_finished():
             pass
 
     done = asyncio.create_task(drain())
@@ -285,25 +448,30 @@ async def complete(request, events, meta, http_request):
         if not done.done():
             request.cancelled = True
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason, "logprobs": None} for c in request.completions]
+                "finish_reason": c.finish_reason, "logprobs": progress.logprobs(c.logprobs or [])} for c in request.completions]
     return {**meta, "object": "chat.completion", "choices": choices, "usage": usage(request)}
 
 
-async def stream_chunks(request, events, meta, include_usage):
-    """SSE chunks as OpenAI sends them: the role first, then content deltas, a finish_reason per
-    choice, optionally usage, then [DONE]. Leaving early (the client went away) cancels."""
+async def stream_chunks(progress, meta, include_usage):
+    """SSE chunks as OpenAI sends them: the role first, then content deltas (with their logprobs), a
+    finish_reason per choice, optionally usage (null on every chunk but the last), then [DONE].
+    Leaving early (the client went away) cancels."""
+    request = progress.request
+    extra = {"usage": None} if include_usage else {}
+
     def chunk(choices, **extra):
         return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
 
     try:
         for i in range(request.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        async for merged in until_finished(request, events):
-            for index, (text, finish_reason) in merged.items():
-                if text:
-                    yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], **extra)
+        async for merged in progress.until_finished():
+            for index, (text, finish_reason, logprobs) in merged.items():
+                if text or logprobs:
+                    yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None,
+                                  "logprobs": progress.logprobs(logprobs)}], **extra)
                 if finish_reason is not None:
-                    yield chunk([{"index": index, "delta": {}, "finish_reason": finish_reason}])
+                    yield chunk([{"index": index, "delta": {}, "finish_reason": finish_reason}], **extra)
         if include_usage:
             yield chunk([], usage=usage(request))
         yield "data: [DONE]\n\n"

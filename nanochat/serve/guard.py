@@ -1,6 +1,6 @@
 """Who may call the API, and how much: API keys, requests in progress and requests per minute per
 client, body size and body read time. `Guard` is a plain ASGI middleware in front of every /v1/
-route, so a refused request costs no body read and no JSON parsing. Refusals are OpenAI-style error
+route (and /metrics), so a refused request costs no body read and no JSON parsing. Refusals are OpenAI-style error
 bodies and close the connection (a client that kept sending would otherwise hold it)."""
 
 import asyncio
@@ -12,6 +12,8 @@ from collections import Counter
 from fastapi.responses import JSONResponse
 
 MAX_HEADER_BYTES = 16 * 1024  # h11 refuses larger headers only when they arrive over several reads
+# path prefixes behind the keys and limits (a path P counts as P + "/"); the last three: vLLM's tokenizer endpoints
+GUARDED = ("/v1/", "/metrics/", "/tokenizer_info/", "/tokenize/", "/detokenize/")
 
 def error_response(status, message, param=None, type="invalid_request_error", code=None, headers=None):
     """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
@@ -59,7 +61,7 @@ class RateLimit:
 
 
 class Guard:
-    """ASGI middleware: headers over MAX_HEADER_BYTES get 431; then for /v1/: the API key (if any are
+    """ASGI middleware: headers over MAX_HEADER_BYTES get 431; then for /v1/ and /metrics: the API key (if any are
     configured), the client's requests in progress and rate, then the body (read whole here, within
     its size and time limits, and handed on). A client is its API key, or its IP address when the
     server has no keys."""
@@ -76,7 +78,7 @@ class Guard:
         if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
             return await Refused(431, f"the request headers are larger than {MAX_HEADER_BYTES} bytes",
                                  "headers_too_large").response(scope, receive, send)
-        if not (scope["path"] + "/").startswith("/v1/"):
+        if not (scope["path"] + "/").startswith(GUARDED):
             return await self.app(scope, receive, send)
         try:
             client = self.client(scope)
