@@ -189,7 +189,7 @@ def test_an_upstream_base_model_imports_as_a_finished_base_train(base_2026, impo
     with pytest.raises(SystemExit) as exit_, session_logging():
         stage.run_main(base_train.main, base_train.build_parser(), "base_train",
                        ["--run", str(imported_run), "--preset", "tiny"])
-    assert exit_.value.code == 1 and "base_train' of run" in capsys.readouterr().err
+    assert exit_.value.code == 1 and "was imported from" in capsys.readouterr().err
 
 
 def test_sft_trains_on_an_imported_base_model(imported_run, tiny_env, tmp_path):
