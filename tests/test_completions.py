@@ -24,7 +24,7 @@ DECODE_TOL = 5e-2
 
 @pytest.fixture(scope="module")
 def server(run):
-    proc, url = start_server(run, "--api-key", KEY)
+    proc, url = start_server(run, "--api-key", KEY, env={"OMP_NUM_THREADS": "1"})  # the tiny model's matmuls on busy cores
     yield url
     stop_server(proc)
 
@@ -39,12 +39,15 @@ def oracle(run):
     """ids -> (T, vocab): log_softmax of the served model's capped logits at every position, uncached."""
     storage, name = run
     model = load_engine(str(storage / "runs" / name)).model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
 
     @torch.inference_mode()
     def log_softmax(ids):
         return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
 
-    return log_softmax
+    yield log_softmax
+    torch.set_num_threads(threads)
 
 
 def post(server, path, body, headers=AUTH):
