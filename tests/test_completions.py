@@ -4,6 +4,8 @@ of every logprob is our model's own log-softmax of its soft-capped logits, compu
 a cache from the model loaded as the server loads it."""
 
 import json
+import re
+from pathlib import Path
 
 import httpx
 import openai
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from nanochat.inference import load_engine
+from nanochat.serve.completions import FIELDS, CompletionRequest
 from tests.support.serving import KEY, assert_openai_error, openai_client, start_server, stop_server
 
 pytest_plugins = ["tests.support.serving"]
@@ -188,3 +191,14 @@ def test_tokenizer_endpoints_as_vllm_serves_them(server):
     assert_openai_error(httpx.get(server + "/tokenizer_info"), 401)
     with pytest.raises(openai.AuthenticationError):
         openai_client(server, api_key="wrong").completions.create(model="nanochat", prompt="x")
+
+
+def test_every_field_is_classified_and_the_readme_says_so():
+    """Every field the endpoint takes is in FIELDS (honoured, ignored or refused: none unclassified),
+    and README.md's table is FIELDS."""
+    assert set(FIELDS) == set(CompletionRequest.model_fields)
+    assert {status for status, _ in FIELDS.values()} <= {"honoured", "ignored", "refused"}
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = re.search(r"<!-- completions-parameters:.*?-->\n(.*?)<!-- /completions-parameters -->", readme, re.S).group(1)
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert {name.strip("|` "): (status, note.rstrip(" |")) for name, status, note in rows} == FIELDS

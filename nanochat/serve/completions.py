@@ -15,7 +15,7 @@ first, as our pretraining documents start, and special-token strings in the text
 Echoed text is the decoded prompt, <|bos|> included: what the model read.
 
 Every field of OpenAI's legacy request is honoured, ignored or refused with a 400 naming it (FIELDS);
-a field that is none of them is refused too. The tokenizer endpoints sit behind the same API keys and
+a field OpenAI's request does not have is refused too. The tokenizer endpoints sit behind the same API keys and
 limits as /v1/ (guard.Guard).
 """
 
@@ -42,20 +42,29 @@ MIN_TEMPERATURE = 1e-6  # below this, greedy (as the chat endpoint)
 DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "max_tokens": 16, "frequency_penalty": 0.0,
             "presence_penalty": 0.0}
 
-# What happens to each field of OpenAI's legacy completions request (and our extensions).
+# What happens to each field of OpenAI's legacy completions request (and our extension, top_k):
+# honoured, ignored (accepted, changes nothing) or refused (a 400 naming it). README.md's table is this.
 FIELDS = {
-    "model": "honoured: the served model's name, or nanochat; another is a 404 naming the served model",
-    "prompt": "honoured: text, token ids, or a list of either (each its own choices)",
-    "max_tokens": "honoured (0 with echo scores the prompt alone)",
-    "temperature": "honoured", "top_p": "honoured", "top_k": "honoured (an extension; -1: all tokens)",
-    "n": "honoured", "seed": "honoured", "stop": "honoured",
-    "frequency_penalty": "honoured", "presence_penalty": "honoured",
-    "stream": "honoured", "stream_options": "honoured (include_usage)",
-    "echo": "honoured", "logprobs": f"honoured (0-{MAX_LOGPROBS})",
-    "best_of": "honoured when equal to n (or 1 with n 1); more is refused",
-    "suffix": "refused unless empty (no insertion)",
-    "logit_bias": "refused unless empty",
-    "user": "ignored (metadata)",
+    "model": ("honoured", "the served model's id, or `nanochat`; another is a 404 naming the served model"),
+    "prompt": ("honoured", "text (the BOS token first), token ids, or a list of either; prompt i's sample j is choice i·n + j"),
+    "max_tokens": ("honoured", "default the model's, then 16; at most `--max-tokens`; 0 with `echo` scores the prompt alone"),
+    "temperature": ("honoured", "0 to 2; 0 (or below 1e-6) is greedy"),
+    "top_p": ("honoured", "nucleus sampling"),
+    "top_k": ("honoured", "an extension (as vLLM's): the k most likely tokens; -1: all"),
+    "frequency_penalty": ("honoured", "-2 to 2, as OpenAI subtracts it"),
+    "presence_penalty": ("honoured", "-2 to 2, as OpenAI subtracts it"),
+    "n": ("honoured", "at most `--max-n`; the n samples share one prefill"),
+    "seed": ("honoured", "sample i draws from a generator seeded with seed + i"),
+    "stop": ("honoured", "up to `--max-stop` strings, not included in the text"),
+    "stream": ("honoured", "server-sent events ending with `data: [DONE]`"),
+    "stream_options": ("honoured", "include_usage: a last chunk with the usage (`usage: null` on the others)"),
+    "echo": ("honoured", "the text starts with the decoded prompt (its BOS token included); with logprobs, the prompt's too"),
+    "logprobs": ("honoured", f"0 to {MAX_LOGPROBS}: tokens, token_logprobs, top_logprobs (the k most likely and the chosen "
+                             "token), text_offset; the log-softmax of the model's logits, before temperature and penalties"),
+    "best_of": ("honoured", "equal to n (every sample is returned); another value is refused"),
+    "suffix": ("refused", "no insertion; `\"\"` is accepted"),
+    "logit_bias": ("refused", "not implemented; `{}` is accepted"),
+    "user": ("ignored", "metadata"),
 }
 
 
