@@ -49,11 +49,13 @@ def test_openai_client_works_with_any_configured_key(keyed_server):
         _, finishes, _ = streamed(client, "Hello", max_tokens=4)
         assert list(finishes) == [0]
         assert [m.id for m in client.models.list().data] == ["nanochat-base"]
+        metrics = httpx.get(keyed_server + "/metrics", headers={"Authorization": f"Bearer {key}"})
+        assert metrics.status_code == 200 and "nanochat_requests_total" in metrics.text
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
                                      {"Authorization": f"Bearer {KEY}x"}, {"Authorization": "Bearer"}])
-@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", CHAT), ("GET", "/v1/unknown")])
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", CHAT), ("GET", "/v1/unknown"), ("GET", "/metrics")])
 def test_v1_without_a_valid_key_is_401(keyed_server, headers, method, path):
     response = httpx.request(method, keyed_server + path, headers=headers, json=HELLO if method == "POST" else None)
     error = assert_openai_error(response, 401)

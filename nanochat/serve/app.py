@@ -184,12 +184,14 @@ class ChatCompletionRequest(BaseModel):
 
 
 def refusals(body):
-    """A 400 naming the first field the server would not honour: an unknown field, or a refused one
-    whose value asks for something (CHAT_FIELDS)."""
-    for name, value in (body.model_extra or {}).items():
-        param = CHAT_FIELDS.get(name)
-        if param is None:
+    """A 400 naming a field the server would not honour: an unknown field, else the first refused one
+    (in CHAT_FIELDS' order: tools before tool_choice) whose value asks for something."""
+    extra = body.model_extra or {}
+    for name in extra:
+        if name not in CHAT_FIELDS:
             raise APIError(400, f"unrecognized request argument supplied: {name}", name)
+    for name, param in CHAT_FIELDS.items():
+        value = extra.get(name)
         if param.treatment == "refused" and value is not None and not (param.allows and param.allows(value)):
             raise APIError(400, f"{name} is not supported by this server ({param.note})", name, code="unsupported_parameter")
 
