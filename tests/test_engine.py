@@ -326,7 +326,9 @@ def assert_logprobs_match(expected, entries, tokens, k):
         assert torch.allclose(torch.tensor([v for _, v in entry.top]), values, atol=1e-4)
 
 
-@FORMS
+# the logprobs' forms: the model as trained, and as served with the CPU's soft-cap kernel and without
+@pytest.mark.parametrize("form,fastpaths", [("plain", True), ("served", True), ("served", False)],
+                         ids=["plain", "served", "served-torch-ops"], indirect=["fastpaths"])
 def test_logprobs_are_the_log_softmax_of_the_capped_logits(model, tokenizer, form, fastpaths):
     """Oracle: log_softmax of the model's own (soft-capped) logits, uncached, whatever chose the token:
     greedy, or sampled with a temperature, top-k and penalties (which change the choice, not the
