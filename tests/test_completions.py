@@ -94,11 +94,21 @@ def test_openai_client_echo_logprobs_equal_our_log_softmax(server, client, oracl
         assert token.startswith("bytes:") or choice.text[start:start + len(token)] == token
 
 
+def token_counters(server):
+    """/metrics' (prompt tokens, completion tokens) counters."""
+    text = httpx.get(server + "/metrics", headers=AUTH).text
+    return tuple(int(re.search(rf"^nanochat_{name}_tokens_total (\d+)$", text, re.M).group(1)) for name in ("prompt", "completion"))
+
+
 def test_token_id_prompts_lists_and_scoring_alone(server, client, oracle):
-    """A list of token-id prompts with n=2: prompt i's sample j is choice 2i + j; with max_tokens 0
-    and echo a prompt is scored alone (lm-evaluation-harness sends max_tokens 1 and drops the last)."""
+    """A list of token-id prompts with n=2: prompt i's sample j is choice 2i + j; its tokens count in
+    /metrics. With max_tokens 0 and echo a prompt is scored alone (lm-evaluation-harness sends
+    max_tokens 1 and drops the last)."""
     prompts = [tokenize(server, "Once upon a time"), tokenize(server, "1, 2, 3,", False)]
+    before = token_counters(server)
     response = client.completions.create(model="nanochat", prompt=prompts, n=2, max_tokens=3, temperature=0)
+    after = token_counters(server)
+    assert (after[0] - before[0], after[1] - before[1]) == (response.usage.prompt_tokens, response.usage.completion_tokens)
     assert [c.index for c in response.choices] == [0, 1, 2, 3]
     assert response.choices[0].text == response.choices[1].text  # greedy, twice
     assert response.usage.prompt_tokens == len(prompts[0]) + len(prompts[1])  # a prompt counts once, as OpenAI counts it

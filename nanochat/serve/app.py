@@ -349,7 +349,7 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALI
                                      headers=STREAM_HEADERS)
         return await complete(progress, meta, http_request)
 
-    completions.add_routes(app, workers, relays, limits, served, generation)  # /v1/completions, /tokenize, ... (completions.py)
+    completions.add_routes(app, workers, relays, limits, served, generation, metrics)  # /v1/completions, /tokenize, ... (completions.py)
     return app
 
 

@@ -219,10 +219,10 @@ def usage(requests):
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def add_routes(app, workers, relays, limits, served, generation):
+def add_routes(app, workers, relays, limits, served, generation, metrics):
     """Adds /v1/completions and the tokenizer endpoints to create_app's app, over its workers and
     their relays (filled at startup); `served(name)` is the served model's card (or raises the 404
-    that names it), `generation` the model's generation defaults."""
+    that names it), `generation` the model's generation defaults, `metrics` the server's ops.Metrics."""
 
     @app.exception_handler(CompletionsError)
     async def refused(request, e):
@@ -264,7 +264,7 @@ def add_routes(app, workers, relays, limits, served, generation):
             requests.append(GenerationRequest(ids, params, body.n or 1, lambda *event, i=i, send=send: send(i, *event)))
         submit(worker, requests, limits)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-        choices = Choices(requests, worker.engine.tokenizer, body.echo, body.logprobs is not None)
+        choices = Choices(requests, worker.engine.tokenizer, body.echo, body.logprobs is not None, metrics)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(choices, events, meta, include_usage), media_type="text/event-stream",
@@ -292,13 +292,15 @@ def submit(worker, requests, limits):
 
 class Choices:
     """The choices of a request's prompts (prompt i's sample j is choice i * n + j), each with its
-    text so far (the echoed prompt first) and its logprobs, from the engine's events."""
+    text so far (the echoed prompt first) and its logprobs, from the engine's events; and the
+    request's metrics (when it was submitted, when its first text came)."""
 
-    def __init__(self, requests, tokenizer, echo, logprobs):
+    def __init__(self, requests, tokenizer, echo, logprobs, metrics):
         self.requests, self.tokenizer, self.echo, self.logprobs = requests, tokenizer, echo, logprobs
+        self.metrics, self.started, self.first = metrics, time.monotonic(), None
         self.n = requests[0].n
         self.formats = [LegacyLogprobs(tokenizer) for _ in range(len(requests) * self.n)]
-        self.started = set()
+        self.begun = set()  # choices whose first chunk (with the echo) is out
 
     def index(self, prompt, sample):
         return prompt * self.n + sample
@@ -306,8 +308,8 @@ class Choices:
     def piece(self, prompt, sample, text, finish_reason, entries):
         """A choice's chunk for an event: its text (after the echoed prompt, for the first) and logprobs."""
         index, request = self.index(prompt, sample), self.requests[prompt]
-        echo = self.echo and index not in self.started
-        self.started.add(index)
+        echo = self.echo and index not in self.begun
+        self.begun.add(index)
         if echo:
             text = self.tokenizer.decode(request.prompt_ids) + text
         logprobs = None
@@ -324,12 +326,16 @@ class Choices:
 
 
 async def events_of(choices, events):
-    """The events (prompt, sample, text, finish_reason, logprobs) as they arrive, until every choice has finished."""
+    """The events (prompt, sample, text, finish_reason, logprobs) as they arrive, until every choice
+    has finished; then the request's metrics are recorded."""
     unfinished = len(choices.formats)
     while unfinished:
         event = await events.get()
         unfinished -= event[3] is not None
+        if event[2] and choices.first is None:
+            choices.first = time.monotonic()
         yield event
+    choices.metrics.generated(usage(choices.requests), choices.started, choices.first, time.monotonic())
 
 
 async def finished(choices, events, http_request):
