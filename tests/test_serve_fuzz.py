@@ -22,8 +22,9 @@ STATUSES = defaultdict(Counter)  # "METHOD /path" -> status -> requests
 
 @pytest.fixture(scope="module")
 def fuzzed(run):
-    """The server under fuzzing (short completions, no rate limit); prints the requests it got."""
-    with serving(run, "--api-key", KEY, "--max-tokens", "32", "--rate-limit", "0") as url:
+    """The server under fuzzing (short completions, at most 2 a request: the fuzz is after errors, not
+    text; no rate limit); prints the requests it got."""
+    with serving(run, "--api-key", KEY, "--max-tokens", "8", "--max-n", "2", "--rate-limit", "0") as url:
         assert httpx.get(url + "/openapi.json").json() == SPEC
         yield url
     for operation, statuses in sorted(STATUSES.items()):
