@@ -42,15 +42,12 @@ def oracle(run):
     """ids -> (T, vocab): log_softmax of the served model's capped logits at every position, uncached."""
     storage, name = run
     model = load_engine(str(storage / "runs" / name)).model
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     @torch.inference_mode()
     def log_softmax(ids):
         return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
 
-    yield log_softmax
-    torch.set_num_threads(threads)
+    return log_softmax
 
 
 def post(server, path, body, headers=AUTH):

@@ -57,14 +57,9 @@ def test_lm_eval_scores_arc_easy_with_our_logprobs(run, shared_data, monkeypatch
     accuracy, docs = output["results"]["nanochat_arc_easy"]["acc,none"], output["samples"]["nanochat_arc_easy"]
     assert len(docs) == QUESTIONS
     correct = 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for doc in docs:
-            theirs = [float(resp[0][0]) for resp in doc["resps"]]  # (loglikelihood, is_greedy) per answer
-            ours = [answer_loglikelihoods(served.model, served.tokenizer, *arguments) for arguments in doc["arguments"]]
-            assert max(abs(a - b) for a, b in zip(theirs, ours)) < 1e-4, (doc["doc_id"], theirs, ours)
-            correct += ours.index(max(ours)) == int(doc["target"])
-    finally:
-        torch.set_num_threads(threads)
+    for doc in docs:
+        theirs = [float(resp[0][0]) for resp in doc["resps"]]  # (loglikelihood, is_greedy) per answer
+        ours = [answer_loglikelihoods(served.model, served.tokenizer, *arguments) for arguments in doc["arguments"]]
+        assert max(abs(a - b) for a, b in zip(theirs, ours)) < 1e-4, (doc["doc_id"], theirs, ours)
+        correct += ours.index(max(ours)) == int(doc["target"])
     assert accuracy == correct / QUESTIONS
