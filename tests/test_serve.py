@@ -320,16 +320,17 @@ def test_web_ui_in_headless_chromium(server, tmp_path):
     test's tmp dir."""
     with chromium_tab(tmp_path) as tab:
         tab.open(server + "/")
+        # the model's name, and its generation defaults as what empty settings mean
+        tab.wait_for("document.getElementById('model').textContent === 'nanochat-base'")
+        assert tab.js("document.getElementById('temperature').placeholder") == str(GENERATION["temperature"])
+        assert tab.js("document.getElementById('top_k').placeholder") == str(GENERATION["top_k"])
+        tab.js("document.getElementById('max_tokens').value = '24'")  # short answers: the test's time
         first, error = tab.say("Hello there!")
         assert first and not error
         assert tab.js("document.querySelector('.user').textContent") == "Hello there!"
         tab.js("document.getElementById('regenerate').click()")
         tab.wait_for("document.querySelectorAll('.assistant').length === 1 && document.querySelector('.assistant').dataset.done === 'true'")
         assert tab.js("document.querySelectorAll('.msg').length") == 2
-        # the model's name, and its generation defaults as what empty settings mean
-        tab.wait_for("document.getElementById('model').textContent === 'nanochat-base'")
-        assert tab.js("document.getElementById('temperature').placeholder") == str(GENERATION["temperature"])
-        assert tab.js("document.getElementById('top_k').placeholder") == str(GENERATION["top_k"])
         tab.js("document.getElementById('clear').click(); document.getElementById('settings').open = true;"
                "document.getElementById('temperature').value = '0'; document.getElementById('max_tokens').value = '6';"
                "document.getElementById('system').value = 'Be brief.'")

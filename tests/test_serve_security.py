@@ -91,6 +91,7 @@ def test_web_ui_asks_for_the_key_and_keeps_it(keyed_server, tmp_path):
     with chromium_tab(tmp_path) as tab:
         tab.open(keyed_server + "/")
         assert tab.js("document.getElementById('key').hidden")
+        tab.js("document.getElementById('max_tokens').value = '16'")  # short answers: the test's time
         text, error = tab.say("Hello there!")
         assert error and "API key" in text and not tab.js("document.getElementById('key').hidden")
         assert tab.js("document.documentElement.scrollWidth <= window.innerWidth")
@@ -102,6 +103,7 @@ def test_web_ui_asks_for_the_key_and_keeps_it(keyed_server, tmp_path):
         assert tab.js("document.querySelectorAll('.assistant').length") == 1 and not tab.js("!!document.querySelector('.error')")
         tab.open(keyed_server + "/")
         assert tab.js("document.getElementById('key').value") == KEY
+        tab.js("document.getElementById('max_tokens').value = '16'")
         text, error = tab.say("Hello again!")
         assert text and not error
 
