@@ -37,13 +37,12 @@ from nanochat.engine import SamplingParams
 from nanochat.serve import completions
 from nanochat.serve.guard import Guard, error_response
 from nanochat.serve.ops import AccessLog, Metrics
-from nanochat.serve.worker import QueueFull, Worker
+from nanochat.serve.worker import QueueFull, Worker, finished
 from nanochat.tokenizer import ConversationError
 
 log = logging.getLogger(__name__)
 
 UI_PAGE = Path(__file__).with_name("ui.html")
-DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 MIN_TEMPERATURE = 1e-6  # below this, greedy: logits / temperature would overflow fp32 into inf and NaN
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 ALIAS = "nanochat"  # a model name that always means the served model (clients and tests send it)
@@ -434,21 +433,8 @@ class Progress:
 async def complete(progress, meta, http_request):
     """The non-streaming answer; a client that disconnects meanwhile cancels the generation."""
     request = progress.request
-
-    async def drain():
-        async for _ in progress.until_finished():
-            pass
-
-    done = asyncio.create_task(drain())
-    try:
-        while not done.done():
-            await asyncio.wait({done}, timeout=DISCONNECT_POLL)
-            if not done.done() and await http_request.is_disconnected():
-                done.cancel()
-                return JSONResponse({}, status_code=499)
-    finally:
-        if not done.done():
-            request.cancelled = True
+    if not await finished(progress.until_finished(), http_request, [request]):
+        return JSONResponse({}, status_code=499)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "finish_reason": c.finish_reason, "logprobs": progress.logprobs(c.logprobs or [])} for c in request.completions]
     return {**meta, "object": "chat.completion", "choices": choices, "usage": usage(request)}

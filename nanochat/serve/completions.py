@@ -33,10 +33,9 @@ from nanochat import hf_tokenizer
 from nanochat.engine import Request as GenerationRequest
 from nanochat.engine import SamplingParams
 from nanochat.serve.guard import error_response
-from nanochat.serve.worker import QueueFull
+from nanochat.serve.worker import QueueFull, finished
 
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's legacy endpoint allows 5, vLLM 20)
-DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 MIN_TEMPERATURE = 1e-6  # below this, greedy (as the chat endpoint)
 # a sampling field that neither the request nor the model's generation defaults give (OpenAI's legacy defaults)
 DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "max_tokens": 16, "frequency_penalty": 0.0,
@@ -269,7 +268,7 @@ def add_routes(app, workers, relays, limits, served, generation, metrics):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(choices, events, meta, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        if not await finished(choices, events, http_request):
+        if not await finished(events_of(choices, events), http_request, requests):
             return JSONResponse({}, status_code=499)
         return {**meta, "object": "text_completion", "choices": choices.whole(), "usage": usage(requests)}
 
@@ -336,26 +335,6 @@ async def events_of(choices, events):
             choices.first = time.monotonic()
         yield event
     choices.metrics.generated(usage(choices.requests), choices.started, choices.first, time.monotonic())
-
-
-async def finished(choices, events, http_request):
-    """Waits for every choice; False if the client went away first (its requests are cancelled)."""
-    async def drain():
-        async for _ in events_of(choices, events):
-            pass
-
-    done = asyncio.create_task(drain())
-    try:
-        while not done.done():
-            await asyncio.wait({done}, timeout=DISCONNECT_POLL)
-            if not done.done() and await http_request.is_disconnected():
-                done.cancel()
-                return False
-    finally:
-        if not done.done():
-            for request in choices.requests:
-                request.cancelled = True
-    return True
 
 
 async def stream(choices, events, meta, include_usage):

@@ -1,16 +1,40 @@
 """One engine loop per device: a thread that admits queued requests into the running batch as rows
 free up (continuous batching) and decodes one token for all of them per step."""
 
+import asyncio
 import logging
 import threading
 import time
 from collections import deque
 
 log = logging.getLogger(__name__)
+DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 
 
 class QueueFull(Exception):
     """No room in the queue: the caller should answer 429."""
+
+
+async def finished(events, http_request, requests):
+    """Consumes `events` (an async iterator that ends when `requests` have finished) for a
+    non-streaming answer: True once they have, False if the client went away first, in which case
+    the requests are cancelled so their rows free up."""
+    async def drain():
+        async for _ in events:
+            pass
+
+    done = asyncio.create_task(drain())
+    try:
+        while not done.done():
+            await asyncio.wait({done}, timeout=DISCONNECT_POLL)
+            if not done.done() and await http_request.is_disconnected():
+                done.cancel()
+                return False
+    finally:
+        if not done.done():
+            for request in requests:
+                request.cancelled = True
+    return True
 
 
 class Worker:
