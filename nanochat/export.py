@@ -111,7 +111,7 @@ def write_model_dir(directory, model_state, config, tokenizer, provenance=None, 
     """Writes the export's files for our model (its state dict, GPTConfig and Tokenizer) into a
     local `directory`; returns their names."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from nanochat import hf, hf_tokenizer
     from nanochat.common import code_version
@@ -119,7 +119,8 @@ def write_model_dir(directory, model_state, config, tokenizer, provenance=None, 
     provenance = dict(provenance or {})
     remote = not hf.native(config)
     tensors = hf.export_state(model_state, config, getattr(torch, dtype))
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "model.safetensors"), "wb") as f:  # save_file would make it 0600 whatever the umask
+        f.write(save(tensors, metadata={"format": "pt"}))
     files = {
         "config.json": hf.hf_config(config, tokenizer, getattr(torch, dtype)),
         "generation_config.json": generation_config(tokenizer, remote),

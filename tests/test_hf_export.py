@@ -204,6 +204,8 @@ def test_export_never_replaces_a_directory_without_force(trained, tiny_base_run,
     assert sorted(p.name for p in directory.iterdir()) == before
     assert json.loads((directory / "nanochat.json").read_text())["checkpoint"] == checkpoint
     assert sorted(p.name for p in directory.parent.iterdir()) == [directory.name]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}  # the weights readable as the rest are
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes
 
 
 def test_export_to_an_object_store_writes_the_same_files(tiny_base_run, s3_root, tmp_path):
@@ -215,3 +217,9 @@ def test_export_to_an_object_store_writes_the_same_files(tiny_base_run, s3_root,
     assert storage.listdir(to) == sorted(p.name for p in local.iterdir())
     for name in storage.listdir(to):
         assert storage.read_bytes(storage.join(to, name)) == (local / name).read_bytes(), name
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
