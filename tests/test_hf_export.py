@@ -6,7 +6,6 @@ in-process classic model with GQA and a non-default rotary base (transformers' o
 
 import json
 import os
-import tempfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,17 +16,8 @@ from nanochat.checkpoint import find_checkpoint, load_model
 from nanochat.engine import Engine, SamplingParams
 from nanochat.export import write_model_dir
 from nanochat.gpt import GPT, GPTConfig
+from tests.support.hf import transformers
 from tests.support.stagerun import missing
-
-# transformers reads these when it is imported: never the hub, its dynamic-module copies in a temp dir
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="nanochat-test-hf-"))
-os.environ.setdefault("HF_MODULES_CACHE", os.path.join(os.environ["HF_HOME"], "modules"))
-try:
-    import transformers
-except ImportError:
-    transformers = None
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there, how are you?"}],

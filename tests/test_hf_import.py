@@ -4,26 +4,15 @@ drawn so that attention and MLP matter) becomes a finished stage whose logits an
 are transformers'."""
 
 import json
-import os
-import tempfile
 
 import pytest
 import torch
 
 from nanochat import checkpoint, hf_tokenizer, importer
 from nanochat.engine import Engine, SamplingParams
+from tests.support.hf import transformers
 from tests.support.stagerun import missing
 from tests.test_upstream_import import session_logging
-
-# transformers reads these when it is imported: never the hub, its dynamic-module copies in a temp dir
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="nanochat-test-hf-"))
-os.environ.setdefault("HF_MODULES_CACHE", os.path.join(os.environ["HF_HOME"], "modules"))
-try:
-    import transformers
-except ImportError:
-    transformers = None
 
 PROMPTS = [
     [{"role": "user", "content": "Hi there, how are you?"}],
