@@ -62,9 +62,9 @@ def test_flows_and_the_stage_contract_import_without_torch():
     assert chain is None, f"importing {', '.join(LIGHT)} loads torch through {chain}; top-level imports: {culprits(files)}"
 
 
-@pytest.mark.parametrize("stage", stage_names())
+@pytest.mark.parametrize("stage", [*stage_names(), "export", "import"])
 def test_stage_help_does_not_load_torch(stage):
-    """`nanochat <stage> --help` (what `python -m nanochat.cli` runs) prints the options only."""
+    """`nanochat <stage> --help` (what `python -m nanochat.cli` runs), and export's and import's, print the options only."""
     chain, files = loaded("import runpy\n"
                           f"sys.argv = ['nanochat', {stage!r}, '--help']\n"
                           "try:\n    runpy.run_module('nanochat.cli', run_name='__main__')\n"
