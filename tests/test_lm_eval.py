@@ -1,36 +1,55 @@
-"""lm-evaluation-harness against a real `nanochat serve` (the suite's tiny base model): its
-local-completions model runs a multiple-choice task (tests/lm_eval/nanochat_arc_easy.yaml, ARC-Easy
-from the shared data), offline, tokenizing through our /tokenize. Oracle: each answer's
-loglikelihood is the sum of our model's own log-softmax over the answer's tokens, and lm-eval's
-accuracy is the accuracy those sums give.
+"""lm-evaluation-harness against a real `nanochat serve` (the suite's tiny base model), offline, on
+tasks of tests/lm_eval over the shared data:
+
+- local-completions runs a multiple-choice task (nanochat_arc_easy.yaml, ARC-Easy), tokenizing
+  through our /tokenize. Oracle: each answer's loglikelihood is the sum of our model's own
+  log-softmax over the answer's tokens, and lm-eval's accuracy is the accuracy those sums give.
+- local-chat-completions, with the chat template applied, runs a generative task
+  (nanochat_gsm8k_chat.yaml, GSM8K's first questions). Oracle: each response lm-eval recorded is
+  what our server answers to the same messages with the same greedy parameters (asked again through
+  the openai client), and lm-eval's chrF is the chrF of those answers against the references.
 
 lm-eval runs in this process, through the Python API the `lm_eval` command calls, with the README's
 model arguments: the command indexes all of lm-eval's own tasks first (20 s on 2 busy cores), which a
-TaskManager of our task alone skips."""
+TaskManager of our tasks alone skips."""
 
+import json
 from pathlib import Path
 
+import pytest
+import sacrebleu
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
 from nanochat.inference import load_engine
 from nanochat.serve.completions import encode
-from tests.support.serving import serving
+from tests.support.serving import openai_client, serving
 
 pytest_plugins = ["tests.support.serving"]
 
 TASKS = Path(__file__).parent / "lm_eval"
-QUESTIONS = 24
+QUESTIONS = 24  # ARC-Easy's
+CHAT_QUESTIONS = 4  # GSM8K's first four fit the tiny model's context of 128 tokens with the answer; the fifth does not
 
 
-def lm_eval(url, context):
-    """local-completions over our remote tokenizer, on our task alone: its results, samples logged."""
-    model_args = (f"model=nanochat,base_url={url}/v1/completions,tokenizer_backend=remote,tokenized_requests=True,"
-                  f"max_length={context},num_concurrent=1,max_retries=1")
-    return simple_evaluate(model="local-completions", model_args=model_args, tasks=["nanochat_arc_easy"], batch_size=8,
-                           limit=QUESTIONS, log_samples=True,
-                           task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
+@pytest.fixture(scope="module")
+def server(run, shared_data):
+    """`nanochat serve` on the suite's tiny run, for the module's lm-eval runs, which read their data
+    offline from the data directory (the tasks' data_files are relative to it): its URL."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(shared_data)
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        with serving(run, env={"OMP_NUM_THREADS": "1"}) as url:  # one thread: the tiny model's matmuls on busy cores
+            yield url
+
+
+def lm_eval(model, model_args, task, limit, **options):
+    """lm-eval's `model` on our task alone: its results and the samples it logged."""
+    output = simple_evaluate(model=model, model_args=model_args, tasks=[task], limit=limit, log_samples=True,
+                             task_manager=TaskManager(include_path=str(TASKS), include_defaults=False), **options)
+    return output["results"][task], output["samples"][task]
 
 
 def answer_loglikelihoods(model, tokenizer, context, continuation):
@@ -46,15 +65,12 @@ def answer_loglikelihoods(model, tokenizer, context, continuation):
     return sum(logprobs[t - 1, whole[t]].item() for t in range(start, len(whole)))
 
 
-def test_lm_eval_scores_arc_easy_with_our_logprobs(run, shared_data, monkeypatch):
+def test_lm_eval_scores_arc_easy_with_our_logprobs(run, server):
     storage, name = run
     served = load_engine(str(storage / "runs" / name))
-    monkeypatch.chdir(shared_data)  # the task's data_files are relative to the data directory
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with serving(run, env={"OMP_NUM_THREADS": "1"}) as url:  # one thread: the tiny model's matmuls on busy cores
-        output = lm_eval(url, served.max_len)
-    accuracy, docs = output["results"]["nanochat_arc_easy"]["acc,none"], output["samples"]["nanochat_arc_easy"]
+    model_args = (f"model=nanochat,base_url={server}/v1/completions,tokenizer_backend=remote,tokenized_requests=True,"
+                  f"max_length={served.max_len},num_concurrent=1,max_retries=1")
+    results, docs = lm_eval("local-completions", model_args, "nanochat_arc_easy", QUESTIONS, batch_size=8)
     assert len(docs) == QUESTIONS
     correct = 0
     for doc in docs:
@@ -62,4 +78,20 @@ def test_lm_eval_scores_arc_easy_with_our_logprobs(run, shared_data, monkeypatch
         ours = [answer_loglikelihoods(served.model, served.tokenizer, *arguments) for arguments in doc["arguments"]]
         assert max(abs(a - b) for a, b in zip(theirs, ours)) < 1e-4, (doc["doc_id"], theirs, ours)
         correct += ours.index(max(ours)) == int(doc["target"])
-    assert accuracy == correct / QUESTIONS
+    assert results["acc,none"] == correct / QUESTIONS
+
+
+def test_lm_eval_chat_generates_gsm8k_answers_as_our_server(server):
+    model_args = f"model=nanochat,base_url={server}/v1/chat/completions,num_concurrent=1,max_retries=1"
+    results, docs = lm_eval("local-chat-completions", model_args, "nanochat_gsm8k_chat", CHAT_QUESTIONS,
+                            apply_chat_template=True)
+    assert len(docs) == CHAT_QUESTIONS
+    client = openai_client(server)
+    for doc in docs:
+        [(chat, gen_kwargs)] = doc["arguments"]  # the messages as JSON (a JsonChatStr, logged as a tuple), the task's generation_kwargs
+        assert gen_kwargs == {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False, "temperature": 0.0}
+        ours = client.chat.completions.create(model="nanochat", messages=json.loads(chat[0]), max_tokens=8,
+                                              temperature=0, stop=["\n\n"]).choices[0].message.content
+        assert doc["resps"] == [[ours]], doc["doc_id"]
+    references, responses = [doc["target"] for doc in docs], [doc["resps"][0][0] for doc in docs]
+    assert results["chrf,none"] == sacrebleu.corpus_chrf(responses, [references]).score
