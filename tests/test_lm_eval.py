@@ -30,7 +30,7 @@ pytest_plugins = ["tests.support.serving"]
 
 TASKS = Path(__file__).parent / "lm_eval"
 QUESTIONS = 24  # ARC-Easy's
-CHAT_QUESTIONS = 4  # GSM8K's first four fit the tiny model's context of 128 tokens with the answer; the fifth does not
+CHAT_QUESTIONS = 4  # GSM8K's first four and 16 tokens fit the tiny model's context (128 tokens); the fifth does not
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +89,10 @@ def test_lm_eval_chat_generates_gsm8k_answers_as_our_server(server):
     client = openai_client(server)
     for doc in docs:
         [(chat, gen_kwargs)] = doc["arguments"]  # the messages as JSON (a JsonChatStr, logged as a tuple), the task's generation_kwargs
-        assert gen_kwargs == {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False, "temperature": 0.0}
-        ours = client.chat.completions.create(model="nanochat", messages=json.loads(chat[0]), max_tokens=8,
-                                              temperature=0, stop=["\n\n"]).choices[0].message.content
+        assert gen_kwargs == {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": False, "temperature": 0.0,
+                              "frequency_penalty": 0}
+        ours = client.chat.completions.create(model="nanochat", messages=json.loads(chat[0]), max_tokens=16,
+                                              temperature=0, frequency_penalty=0, stop=["\n\n"]).choices[0].message.content
         assert doc["resps"] == [[ours]], doc["doc_id"]
     references, responses = [doc["target"] for doc in docs], [doc["resps"][0][0] for doc in docs]
     assert results["chrf,none"] == sacrebleu.corpus_chrf(responses, [references]).score
