@@ -12,13 +12,34 @@ import sys
 
 from nanochat import pipeline
 
-# A model's generation defaults (its generation config), the one place they live: `nanochat chat`
-# takes them as its options' defaults, `nanochat serve` for the fields a request leaves out (the web
-# UI's included), `nanochat export` writes them to generation_config.json. The frequency penalty
-# (OpenAI's) keeps a small model from looping on a phrase: greedy replies of the cpu preset's model
-# end by themselves 31 times in 40 without it, 40 with it (docs/cpu-preset.md).
+# The generation defaults of a model whose checkpoint names none of its own (a model we trained). A
+# model's generation config (nanochat.checkpoint.generation: these, overlaid with its meta.json's
+# `generation`, which `nanochat import` fills from a transformers generation_config.json) is the one
+# place its defaults live: `nanochat chat` takes them as its options' defaults, `nanochat serve` for
+# the fields a request leaves out (the web UI's included), `nanochat export` writes them to
+# generation_config.json. The frequency penalty (OpenAI's) keeps a small model from looping on a
+# phrase: greedy replies of the cpu preset's model end by themselves 31 times in 40 without it, 40
+# with it (docs/cpu-preset.md).
 TEMPERATURE, TOP_K, MAX_TOKENS, FREQUENCY_PENALTY = 0.6, 50, 512, 0.5
 GENERATION = {"temperature": TEMPERATURE, "top_k": TOP_K, "max_tokens": MAX_TOKENS, "frequency_penalty": FREQUENCY_PENALTY}
+# each field's kind and least value (top_k may also be None: every token)
+KINDS = {"temperature": (float, 0), "top_k": (int, 1), "max_tokens": (int, 1), "frequency_penalty": (float, None)}
+
+
+def generation_config(values, where):
+    """GENERATION overlaid with a model's own `values`; an unknown field or a value of the wrong kind
+    is a ValueError naming `where` (the file it came from) and the field."""
+    for name, value in values.items():
+        if name not in KINDS:
+            raise ValueError(f"{where}: unknown generation field {name!r} (known: {', '.join(KINDS)})")
+        kind, least = KINDS[name]
+        if name == "top_k" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+                or (least is not None and value < least):
+            wanted = ("a number" if kind is float else "an integer") + (f" of at least {least}" if least is not None else "")
+            raise ValueError(f"{where}: generation field {name} must be {wanted}, not {value!r}")
+    return {**GENERATION, **values}
 
 
 def build_parser():
@@ -27,11 +48,13 @@ def build_parser():
     p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
     p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
     p.add_argument("-p", "--prompt", help="answer this one message and exit")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0: greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=TOP_K, help="(default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="(default: %(default)s)")
-    p.add_argument("--frequency-penalty", type=float, default=FREQUENCY_PENALTY,
-                   help="a token's logit drops by this much per time it already occurs in the reply (default: %(default)s)")
+    # the sampling options default to the model's generation config (GENERATION for a model we trained)
+    p.add_argument("--temperature", type=float, help=f"0: greedy (default: the model's, else {GENERATION['temperature']})")
+    p.add_argument("--top-k", type=int, help=f"(default: the model's, else {GENERATION['top_k']})")
+    p.add_argument("--max-tokens", type=int, help=f"(default: the model's, else {GENERATION['max_tokens']})")
+    p.add_argument("--frequency-penalty", type=float,
+                   help="a token's logit drops by this much per time it already occurs in the reply "
+                   f"(default: the model's, else {GENERATION['frequency_penalty']})")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="a token's logit drops by this much if it already occurs in the reply (default: %(default)s)")
     p.add_argument("--seed", type=int)
@@ -52,18 +75,20 @@ def reply(engine, messages, params, out):
 
 
 def main(argv=None):
+    from nanochat.checkpoint import find_checkpoint, generation
     from nanochat.common import autodetect_device_type
     from nanochat.engine import SamplingParams
     from nanochat.inference import load_engine
 
     args = build_parser().parse_args(argv)
     try:
-        engine = load_engine(args.run, args.source, args.device or autodetect_device_type(), max_rows=1)
+        directory, _ = find_checkpoint(args.run, args.source)
+        engine = load_engine(directory, device=args.device or autodetect_device_type(), max_rows=1)
     except FileNotFoundError as e:
         print(f"nanochat chat: {e}", file=sys.stderr)
         return 1
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
-                            frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+    given = {name: getattr(args, name) for name in GENERATION if getattr(args, name) is not None}
+    params = SamplingParams(**{**generation(directory), **given}, seed=args.seed, presence_penalty=args.presence_penalty)
     if args.prompt is not None:
         reply(engine, [{"role": "user", "content": args.prompt}], params, sys.stdout)
         return 0

@@ -6,7 +6,8 @@ Layout of one checkpoint, `<dir>/step_NNNNNN/`:
     optim_rank_RRR.safetensors each rank's optimizer state and RNG state (tensors)
     optim_rank_RRR.json        the non-tensor part of that state
     meta.json                  model config, step, world size, tokenizer URI, each rank's loader state,
-                               the running totals (tokens, train and batch time)
+                               the running totals (tokens, train and batch time), and optionally
+                               `generation`: the model's own generation defaults (see `generation`)
     manifest.json              sha256 and size of every file above: written last, by rank 0
 
 An imported model (`nanochat import`) is a checkpoint of the first, fourth and last file alone
@@ -31,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from nanochat import pipeline, stage, storage
+from nanochat import chat, pipeline, stage, storage
 from nanochat.common import log
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -226,15 +227,8 @@ def load(target, rank=0, device="cpu", load_optimizer=True):
     """Loads and verifies one checkpoint: (model_state, optimizer_state or None, meta). The
     optimizer state (and RNG state, restored here) is that of `rank`."""
     manifest = read_manifest(target)
-    files = manifest["files"]
-
-    def entry(name):
-        if name not in files:
-            raise CheckpointError(f"{target}: {name} is not in the manifest")
-        return files[name]
-
-    meta = json.loads(read_verified(storage.join(target, "meta.json"), entry("meta.json")))
-    model_state = read_tensors(storage.join(target, "model.safetensors"), entry("model.safetensors"))
+    meta = read_meta(target, manifest)
+    model_state = read_tensors(storage.join(target, "model.safetensors"), manifest_entry(target, manifest, "model.safetensors"))
     model_state = {k: v.to(device) for k, v in model_state.items()}
     optim_state = None
     if load_optimizer:
@@ -243,6 +237,26 @@ def load(target, rank=0, device="cpu", load_optimizer=True):
         optim_state, rng = load_rank_state(target, rank, manifest)
         set_rng_state(rng)
     return model_state, optim_state, meta
+
+
+def manifest_entry(target, manifest, name):
+    if name not in manifest["files"]:
+        raise CheckpointError(f"{target}: {name} is not in the manifest")
+    return manifest["files"][name]
+
+
+def read_meta(target, manifest=None):
+    """A checkpoint's meta.json, verified against its manifest; the weights are not read."""
+    manifest = manifest or read_manifest(target)
+    return json.loads(read_verified(storage.join(target, "meta.json"), manifest_entry(target, manifest, "meta.json")))
+
+
+def generation(target, meta=None):
+    """A checkpoint's generation config, the model's sampling defaults: chat.GENERATION overlaid with
+    its meta.json's `generation` (an imported model's, from its generation_config.json). `meta`: the
+    checkpoint's, if already read."""
+    meta = read_meta(target) if meta is None else meta
+    return chat.generation_config(meta.get("generation") or {}, storage.redact(storage.join(target, "meta.json")))
 
 
 def load_rank_state(target, rank, manifest=None):

@@ -9,7 +9,8 @@
     tokenizer = AutoTokenizer.from_pretrained(DIR)
 
 DIR gets config.json, model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja,
-generation_config.json (temperature, top-k and max new tokens: the model's generation defaults, chat.GENERATION),
+generation_config.json (temperature, top-k and max new tokens: the model's generation config, which
+`nanochat import` reads back),
 nanochat.json (where it came from, and what transformers cannot express: the frequency penalty),
 README.md (a model card with the run's metrics) and, for a model with the 2026 options, which
 transformers' own `nanochat` type lacks, the modeling code (nanochat/hf_remote) that config.json's
@@ -52,16 +53,18 @@ def build_parser():
     return p
 
 
-def generation_config(tokenizer, remote):
-    """generation_config.json: the model's generation defaults (chat.GENERATION, which `nanochat chat`
-    and `nanochat serve` use), stopping where our engine stops."""
-    ids, defaults = tokenizer.special_ids, chat.GENERATION
+def generation_config(tokenizer, remote, generation):
+    """generation_config.json: the model's generation config (`generation`, which `nanochat chat` and
+    `nanochat serve` use), stopping where our engine stops. Temperature 0 is greedy (no sampling) and
+    top_k 0 every token, as transformers reads them."""
+    ids = tokenizer.special_ids
     return {"bos_token_id": ids["<|bos|>"], "eos_token_id": [ids["<|assistant_end|>"], ids["<|bos|>"]],
-            "pad_token_id": ids["<|assistant_end|>"], "do_sample": True, "temperature": defaults["temperature"],
-            "top_k": defaults["top_k"], "max_new_tokens": defaults["max_tokens"], "use_cache": not remote}
+            "pad_token_id": ids["<|assistant_end|>"], "do_sample": generation["temperature"] > 0,
+            "temperature": generation["temperature"], "top_k": generation["top_k"] or 0,
+            "max_new_tokens": generation["max_tokens"], "use_cache": not remote}
 
 
-def model_card(config, provenance, metrics, remote):
+def model_card(config, provenance, metrics, remote, generation):
     """README.md: what the model is, how to load it, where it differs from `nanochat chat`, its metrics."""
     source = provenance.get("source")
     name = provenance["run"].rstrip("/").rsplit("/", 1)[-1] if provenance.get("run") else "nanochat model"
@@ -91,9 +94,9 @@ def model_card(config, provenance, metrics, remote):
         'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
         "`tokenizer(text)` starts with `<|bos|>`, as the training documents did; the chat template adds its own.", "",
         "## Differences from `nanochat chat`", "",
-        f"- generation_config.json has its temperature ({chat.GENERATION['temperature']}), top-k ({chat.GENERATION['top_k']}) "
-        f"and maximum new tokens ({chat.GENERATION['max_tokens']}). Its frequency penalty "
-        f"({chat.GENERATION['frequency_penalty']}, subtracted from a token's "
+        f"- generation_config.json has its temperature ({generation['temperature']}), top-k ({generation['top_k'] or 'off'}) "
+        f"and maximum new tokens ({generation['max_tokens']}). Its frequency penalty "
+        f"({generation['frequency_penalty']}, subtracted from a token's "
         "logit per earlier occurrence) has no transformers equivalent (repetition_penalty is multiplicative): it is "
         "only in nanochat.json.",
         "- Special-token strings inside message text become special tokens; pass `sanitize_control_tokens=True` "
@@ -107,32 +110,33 @@ def model_card(config, provenance, metrics, remote):
     return "\n".join(lines)
 
 
-def write_model_dir(directory, model_state, config, tokenizer, provenance=None, metrics=None, dtype="float32"):
-    """Writes the export's files for our model (its state dict, GPTConfig and Tokenizer) into a
-    local `directory`; returns their names."""
+def write_model_dir(directory, model_state, config, tokenizer, provenance=None, metrics=None, dtype="float32",
+                    generation=None):
+    """Writes the export's files for our model (its state dict, GPTConfig, Tokenizer and generation
+    config, by default chat.GENERATION) into a local `directory`; returns their names."""
     import torch
     from safetensors.torch import save
 
     from nanochat import hf, hf_tokenizer
     from nanochat.common import code_version
 
-    provenance = dict(provenance or {})
+    provenance, generation = dict(provenance or {}), generation or chat.GENERATION
     remote = not hf.native(config)
     tensors = hf.export_state(model_state, config, getattr(torch, dtype))
     with open(os.path.join(directory, "model.safetensors"), "wb") as f:  # save_file would make it 0600 whatever the umask
         f.write(save(tensors, metadata={"format": "pt"}))
     files = {
         "config.json": hf.hf_config(config, tokenizer, getattr(torch, dtype)),
-        "generation_config.json": generation_config(tokenizer, remote),
+        "generation_config.json": generation_config(tokenizer, remote, generation),
         "tokenizer.json": hf_tokenizer.tokenizer_json(tokenizer),
         "tokenizer_config.json": hf_tokenizer.tokenizer_config(config.sequence_len),
         "nanochat.json": {"format": FORMAT, **provenance, "model_config": provenance.get("model_config") or dataclasses.asdict(config),
-                          "frequency_penalty": chat.GENERATION["frequency_penalty"], "code": code_version()},
+                          "frequency_penalty": generation["frequency_penalty"], "code": code_version()},
     }
     for name, obj in files.items():
         with open(os.path.join(directory, name), "w") as f:
             json.dump(obj, f, indent=None if name == "tokenizer.json" else 2, ensure_ascii=False)
-    texts = {"chat_template.jinja": hf_tokenizer.CHAT_TEMPLATE, "README.md": model_card(config, provenance, metrics, remote)}
+    texts = {"chat_template.jinja": hf_tokenizer.CHAT_TEMPLATE, "README.md": model_card(config, provenance, metrics, remote, generation)}
     if remote:
         code = resources.files("nanochat") / "hf_remote"
         texts.update({name: (code / name).read_text() for name in hf.REMOTE_FILES})
@@ -187,7 +191,8 @@ def export(run, to, source=None, dtype="float32", force=False):
         raise ExportError(f"{storage.redact(to)} is not empty: pass --force to replace it")
     try:
         model_state, _, meta = checkpoint.load(target, load_optimizer=False)
-    except checkpoint.CheckpointError as e:
+        generation = checkpoint.generation(target, meta)
+    except (checkpoint.CheckpointError, ValueError) as e:
         raise ExportError(str(e)) from None
     config = GPTConfig(**meta["model_config"])
     tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
@@ -201,7 +206,8 @@ def export(run, to, source=None, dtype="float32", force=False):
     else:
         staged = tempfile.mkdtemp(prefix="nanochat-export-")
     try:
-        write_model_dir(staged, model_state, config, tokenizer, provenance, run_uri and run_metrics(run_uri), dtype)
+        write_model_dir(staged, model_state, config, tokenizer, provenance, run_uri and run_metrics(run_uri), dtype,
+                        generation)
         publish(staged, to, force)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -11,7 +11,10 @@ tokenizer.pkl in SRC, in --tokenizer, or in SRC/../../tokenizer/ as upstream lay
 transformers model directory (config.json, model.safetensors, tokenizer.json). --as names the
 stage it becomes (base: base_train, mid: mid_train, sft: chat_sft, rl: chat_rl); for upstream's
 folders it defaults to what the folder's parent says (base_checkpoints, ..., chatrl_checkpoints),
-for a directory `nanochat export` wrote to the stage it came from.
+for a directory `nanochat export` wrote to the stage it came from. A transformers directory's
+generation_config.json (its temperature, top_k and max_new_tokens, as vLLM reads it; the rest is
+transformers' own) and nanochat.json's frequency penalty become the model's generation config,
+which `nanochat chat`, `nanochat serve` and `nanochat export` then use.
 
 The stage gets its tokenizer (`<run>/<stage>/tokenizer/`, in our format), a checkpoint of the
 weights alone (no optimizer state: a warm start of the optimizer from it starts fresh; its
@@ -28,12 +31,13 @@ import dataclasses
 import sys
 import time
 
-from nanochat import pipeline, presets, stage, storage
+from nanochat import chat, pipeline, presets, stage, storage
 from nanochat.common import setup_logging
 
 UPSTREAM = "upstream nanochat"
 TRANSFORMERS = "transformers"
 SHARD_INDEX = "model.safetensors.index.json"  # transformers' map of weights to shard files
+GENERATION_FIELDS = {"temperature": "temperature", "top_k": "top_k", "max_new_tokens": "max_tokens"}  # theirs: ours
 
 
 @dataclasses.dataclass
@@ -47,6 +51,7 @@ class Model:
     source: str | None  # the model source SRC says it is (base, mid, sft, rl), if it says
     inputs: dict  # {name: URI} of the files read
     details: dict  # recorded under stage.json's `imported`
+    generation: dict | None = None  # its generation config (chat.generation_config), if SRC gives one
 
 
 def build_parser():
@@ -97,7 +102,8 @@ def import_model(args):
     clear_stage(args.run, name, args.force)
     tokenizer = model.tokenizer.save(stage.stage_uri(args.run, name, "tokenizer"))["tokenizer"]
     imported = {"format": model.format, "source": src, "step": model.step, **model.details}
-    meta = {"model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, "imported": imported}
+    meta = {"model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, "imported": imported,
+            **({"generation": model.generation} if model.generation else {})}
     target = checkpoint.save_weights(stage.stage_uri(args.run, name, "checkpoints"), model.step, model.state, meta)
     parameters = sum(t.numel() for t in model.state.values())
     model.state = None  # freed before the checkpoint is loaded back
@@ -180,8 +186,25 @@ def read_transformers(src):
         raise ValueError(f"{src}: {e}") from None
     inputs = {"tokenizer": files["tokenizer.json"], "config": files["config.json"], **shards,
               **({"nanochat.json": provenance_uri} if provenance else {})}
+    generation_uri = storage.join(src, "generation_config.json")
+    if storage.exists(generation_uri):
+        inputs["generation_config"] = generation_uri
     return Model(TRANSFORMERS, config, state, tokenizer, provenance.get("step") or 0, provenance.get("source"), inputs,
-                 {"model_type": hf_config["model_type"]})
+                 {"model_type": hf_config["model_type"]}, read_generation(generation_uri, provenance, provenance_uri))
+
+
+def read_generation(uri, provenance, provenance_uri):
+    """The generation config of a transformers directory: its generation_config.json's sampling
+    fields (top_k 0 is transformers' "every token"), then the frequency penalty nanochat.json carries."""
+    theirs = storage.read_json(uri) if storage.exists(uri) else {}
+    given = {ours: theirs[name] for name, ours in GENERATION_FIELDS.items() if theirs.get(name) is not None}
+    if given.get("top_k") == 0:
+        given["top_k"] = None
+    generation = chat.generation_config(given, uri)
+    if "frequency_penalty" in provenance:
+        generation = chat.generation_config({**generation, "frequency_penalty": provenance["frequency_penalty"]},
+                                            provenance_uri)
+    return generation
 
 
 def clear_stage(run, name, force):

@@ -1,16 +1,20 @@
 """`nanochat import` of a transformers `nanochat` model directory, against transformers itself in
 fp32: a model transformers made and saved (its own NanoChatConfig and save_pretrained, weights
 drawn so that attention and MLP matter) becomes a finished stage whose logits and greedy tokens
-are transformers'."""
+are transformers', and whose generation config (greedy, in its generation_config.json) is the
+default of the CLI and the API and goes back out with `nanochat export`."""
 
 import json
+import shutil
 
+import httpx
 import pytest
 import torch
 
-from nanochat import checkpoint, hf_tokenizer, importer
+from nanochat import chat, checkpoint, export, hf_tokenizer, importer
 from nanochat.engine import Engine, SamplingParams
 from tests.support.hf import transformers
+from tests.support.serving import ask, openai_client, serving
 from tests.support.stagerun import missing
 from tests.test_upstream_import import session_logging
 
@@ -37,19 +41,35 @@ def theirs(tiny_tokenizer, tmp_path_factory):
             p.normal_(0, 0.05 if name == "lm_head.weight" else 0.1)
     directory = tmp_path_factory.mktemp("hf") / "nanochat-tiny"
     model.save_pretrained(directory)
+    generation = directory / "generation_config.json"  # a greedy model's (transformers refuses to save it)
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "do_sample": False, "temperature": 0.0,
+                                      "top_k": 1, "max_new_tokens": 24}))
     (directory / "tokenizer.json").write_text(json.dumps(hf_tokenizer.tokenizer_json(tiny_tokenizer)))
     return model, directory
 
 
-def test_a_transformers_model_imports_with_its_logits_and_greedy_tokens(theirs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def imported(theirs, tmp_path_factory):
+    """The run that `nanochat import --as sft` of `theirs` makes."""
+    run = tmp_path_factory.mktemp("imported") / "run"
+    with session_logging():
+        assert importer.main([str(theirs[1]), "--run", str(run), "--as", "sft"]) == 0
+    return run
+
+
+def test_a_transformers_model_imports_with_its_logits_and_greedy_tokens(theirs, imported, tmp_path, capsys):
     model, directory = theirs
-    run = tmp_path / "run"
+    run = imported
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "generation_config.json",
                                                            "model.safetensors", "tokenizer.json"]
+    hot = tmp_path / "hot"  # a generation config we cannot take
+    shutil.copytree(directory, hot)
+    (hot / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
     with session_logging():
-        assert importer.main([str(directory), "--run", str(run)]) == 1  # nothing says which model it is
+        assert importer.main([str(directory), "--run", str(tmp_path / "run")]) == 1  # nothing says which model it is
         assert "give --as" in capsys.readouterr().err
-        assert importer.main([str(directory), "--run", str(run), "--as", "sft"]) == 0
+        assert importer.main([str(hot), "--run", str(tmp_path / "run"), "--as", "sft"]) == 1
+        assert "generation_config.json: generation field temperature must be a number" in capsys.readouterr().err
     summary = json.loads((run / "chat_sft" / "stage.json").read_text())
     assert summary["imported"]["format"] == "transformers" and summary["imported"]["model_type"] == "nanochat"
     ours, tokenizer, _ = checkpoint.load_model(checkpoint.find_checkpoint(str(run))[0])
@@ -68,3 +88,24 @@ def test_a_transformers_model_imports_with_its_logits_and_greedy_tokens(theirs, 
             out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, eos_token_id=stops,
                                  pad_token_id=stops[0])
         assert out[0, len(prompt):].tolist() == greedy and len(set(greedy)) > 3
+
+
+def test_its_generation_config_is_the_cli_and_api_default_and_exports_back(imported, tmp_path, capsys):
+    run = imported
+    greedy = {"temperature": 0.0, "top_k": 1, "max_tokens": 24, "frequency_penalty": chat.GENERATION["frequency_penalty"]}
+    assert checkpoint.generation(checkpoint.find_checkpoint(str(run))[0]) == greedy
+    question = PROMPTS[0][0]["content"]
+    capsys.readouterr()
+    assert chat.main(["--run", str(run), "-p", question]) == 0
+    from_cli = capsys.readouterr().out
+    with serving((tmp_path, str(run)), env={"OMP_NUM_THREADS": "1"}) as url:  # one thread: a tiny model on busy cores
+        client = openai_client(url)
+        omitted = ask(client, question)  # no temperature, top_k or max_tokens: the model's
+        explicit = ask(client, question, temperature=0, max_tokens=24, extra_body={"top_k": 1})
+        assert httpx.get(url + "/health").json()["generation"] == greedy  # what the web UI shows
+    assert omitted.choices[0].message.content == explicit.choices[0].message.content
+    assert from_cli == omitted.choices[0].message.content + "\n" and omitted.usage.completion_tokens <= 24
+
+    export.export(str(run), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (config["do_sample"], config["temperature"], config["top_k"], config["max_new_tokens"]) == (False, 0.0, 1, 24)

@@ -11,8 +11,8 @@ Generation never runs on the event loop: each device's Worker thread decodes, an
 each step's pieces of text to the loop in one callback. Bad input is a 400 with an OpenAI-style error
 body, a full queue a 429 with Retry-After; a client that goes away cancels its generation. In front
 of /v1/, `guard.Guard` checks the API key, the client's rate and concurrency, and the body. Sampling
-fields a request leaves out (or sends as null) take the model's generation defaults
-(nanochat.chat.GENERATION), then OpenAI's; --max-tokens caps them all.
+fields a request leaves out (or sends as null) take the model's generation defaults (its checkpoint's
+generation config, nanochat.checkpoint.generation), then OpenAI's; --max-tokens caps them all.
 """
 
 import asyncio
