@@ -272,6 +272,39 @@ def test_full_queue_is_429_and_a_disconnect_cancels(run):
         stop_server(proc)
 
 
+def test_sigterm_cuts_what_outlasts_the_shutdown_deadline(run):
+    """Requests still decoding (or queued) when --shutdown-timeout runs out are cut: their streams
+    end without [DONE], the server says so, and the process exits instead of waiting for them."""
+    proc, url = start_server(run, "--one-at-a-time", "--max-pending", "3", "--shutdown-timeout", "0.2")
+    body = {"messages": [{"role": "user", "content": "Go on forever."}], "n": 8, "max_tokens": 512, "stream": True,
+            "frequency_penalty": 0}
+    started = threading.Barrier(2)
+
+    def stream(first):
+        with httpx.Client(timeout=120) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            lines = []
+            try:
+                for line in response.iter_lines():
+                    lines.append(line)
+                    if first and len(lines) == 1:
+                        started.wait()
+            except httpx.RemoteProtocolError:  # the connection closed mid-stream
+                pass
+            return [line for line in lines if line]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            streams = [pool.submit(stream, i == 0) for i in range(4)]
+            started.wait()  # one is decoding, the others queued: 4 x 8 answers of up to a context each
+            proc.send_signal(signal.SIGTERM)
+            ends = [f.result()[-1:] for f in streams]
+        assert any(end != ["data: [DONE]"] for end in ends), ends
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        assert "timeout graceful shutdown exceeded" in os.pread(proc.log.fileno(), 1 << 24, 0).decode()
+    finally:
+        stop_server(proc)
+
+
 def test_the_worker_builds_its_engine_on_its_own_thread():
     """The engine is built on the thread that decodes with it (one OpenMP thread team on CPU, see
     Worker), and what the factory raises comes out of the constructor."""
