@@ -168,6 +168,13 @@ def test_bad_requests_are_400_with_openai_errors(server, body, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+def test_an_image_part_is_refused_by_name(server):
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]}
+    error = assert_openai_error(httpx.post(server + "/v1/chat/completions", json=body), 400)
+    assert error["param"] == "messages.0.content" and "'image_url' are not supported" in error["message"], error
+
+
 def test_context_overflow_names_its_code(server):
     body = {"messages": [{"role": "user", "content": "word " * 500}]}  # longer than the context
     error = assert_openai_error(httpx.post(server + "/v1/chat/completions", json=body), 400)

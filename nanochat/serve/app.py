@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from nanochat.engine import Request as GenerationRequest
@@ -151,6 +151,16 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # name, refusal, ...
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_only(cls, content):
+        """An image or audio part is refused by name, not as a part that failed to be text."""
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in (None, "text"):
+                raise ValueError(f"content parts of type {kind!r} are not supported: this model reads text only")
+        return content
 
     def text(self):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
