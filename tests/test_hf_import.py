@@ -11,12 +11,12 @@ import httpx
 import pytest
 import torch
 
-from nanochat import chat, checkpoint, export, hf_tokenizer, importer
+from nanochat import chat, checkpoint, export, hf_tokenizer
 from nanochat.engine import Engine, SamplingParams
 from tests.support.hf import transformers
 from tests.support.serving import ask, openai_client, serving
 from tests.support.stagerun import missing
-from tests.test_upstream_import import session_logging
+from tests.test_upstream_import import import_, imported_into
 
 PROMPTS = [
     [{"role": "user", "content": "Hi there, how are you?"}],
@@ -51,10 +51,7 @@ def theirs(tiny_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(theirs, tmp_path_factory):
     """The run that `nanochat import --as sft` of `theirs` makes."""
-    run = tmp_path_factory.mktemp("imported") / "run"
-    with session_logging():
-        assert importer.main([str(theirs[1]), "--run", str(run), "--as", "sft"]) == 0
-    return run
+    return imported_into(tmp_path_factory.mktemp("imported") / "run", theirs[1], "--as", "sft")
 
 
 def test_a_transformers_model_imports_with_its_logits_and_greedy_tokens(theirs, imported, tmp_path, capsys):
@@ -65,11 +62,10 @@ def test_a_transformers_model_imports_with_its_logits_and_greedy_tokens(theirs, 
     hot = tmp_path / "hot"  # a generation config we cannot take
     shutil.copytree(directory, hot)
     (hot / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
-    with session_logging():
-        assert importer.main([str(directory), "--run", str(tmp_path / "run")]) == 1  # nothing says which model it is
-        assert "give --as" in capsys.readouterr().err
-        assert importer.main([str(hot), "--run", str(tmp_path / "run"), "--as", "sft"]) == 1
-        assert "generation_config.json: generation field temperature must be a number" in capsys.readouterr().err
+    code, err = import_(capsys, directory, "--run", tmp_path / "run")
+    assert code == 1 and "give --as" in err  # nothing says which model it is
+    code, err = import_(capsys, hot, "--run", tmp_path / "run", "--as", "sft")
+    assert code == 1 and "generation_config.json: generation field temperature must be a number" in err
     summary = json.loads((run / "chat_sft" / "stage.json").read_text())
     assert summary["imported"]["format"] == "transformers" and summary["imported"]["model_type"] == "nanochat"
     ours, tokenizer, _ = checkpoint.load_model(checkpoint.find_checkpoint(str(run))[0])

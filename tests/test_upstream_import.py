@@ -127,6 +127,13 @@ def import_(capsys, *argv):
     return code, capsys.readouterr().err
 
 
+def imported_into(run, src, *argv):
+    """`nanochat import SRC --run RUN ...` in this process, which must succeed: the run."""
+    with session_logging():
+        assert importer.main([str(src), "--run", str(run), *argv]) == 0
+    return run
+
+
 def summary(run, name):
     return json.loads((run / name / "stage.json").read_text())
 
@@ -152,10 +159,7 @@ def base_2026(tiny_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported_run(base_2026, tmp_path_factory):
     """A run into which base_2026 was imported."""
-    run = tmp_path_factory.mktemp("runs") / "imported"
-    with session_logging():
-        assert importer.main([str(base_2026[0]), "--run", str(run), "--preset", "tiny"]) == 0
-    return run
+    return imported_into(tmp_path_factory.mktemp("runs") / "imported", base_2026[0], "--preset", "tiny")
 
 
 def test_an_upstream_base_model_imports_as_a_finished_base_train(base_2026, imported_run, tiny_tokenizer, capsys):
