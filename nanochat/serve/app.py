@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from nanochat.engine import Request as GenerationRequest
 from nanochat.engine import SamplingParams
 from nanochat.serve import completions
+from nanochat.serve.common import MAX_LOGPROBS, MIN_TEMPERATURE, STREAM_HEADERS, APIError, StreamOptions, api_error
 from nanochat.serve.guard import Guard, error_response
 from nanochat.serve.ops import AccessLog, Metrics
 from nanochat.serve.worker import QueueFull, Worker, finished
@@ -43,10 +44,7 @@ from nanochat.tokenizer import ConversationError
 log = logging.getLogger(__name__)
 
 UI_PAGE = Path(__file__).with_name("ui.html")
-MIN_TEMPERATURE = 1e-6  # below this, greedy: logits / temperature would overflow fp32 into inf and NaN
-MAX_TOP_LOGPROBS = 20  # as OpenAI
 ALIAS = "nanochat"  # a model name that always means the served model (clients and tests send it)
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # so that no proxy holds events back
 # what a sampling field is when neither the request nor the model's generation defaults give it (OpenAI's)
 SERVER_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": None, "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
@@ -103,7 +101,7 @@ CHAT_FIELDS = {
     "stream": Param("honoured", "server-sent events ending with `data: [DONE]`"),
     "stream_options": Param("honoured", "include_usage: a last chunk with the usage (`usage: null` on the others)"),
     "logprobs": Param("honoured", "the log-softmax of the model's logits, before temperature and penalties"),
-    "top_logprobs": Param("honoured", f"0 to {MAX_TOP_LOGPROBS}, with logprobs"),
+    "top_logprobs": Param("honoured", f"0 to {MAX_LOGPROBS}, with logprobs"),
     "user": Param("ignored", "metadata"),
     "metadata": Param("ignored", "metadata; nothing is stored"),
     "store": Param("ignored", "nothing is stored"),
@@ -135,13 +133,6 @@ def parameter_table():
     return "\n".join(rows)
 
 
-class APIError(Exception):
-    def __init__(self, status, message, param=None, type="invalid_request_error", code=None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers
-
-
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -166,10 +157,6 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool | None = None
-
-
 class ChatCompletionRequest(BaseModel):
     """The honoured fields of OpenAI's chat completions request (CHAT_FIELDS); the others arrive as
     extras and are checked by `refusals`. Every optional field may be null: not given."""
@@ -189,7 +176,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 def refusals(body):
@@ -289,9 +276,7 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALI
                            f"{ALIAS!r})", "model", code="model_not_found")
         return model_card
 
-    @app.exception_handler(APIError)
-    async def api_error(request, e):
-        return error_response(e.status, e.message, e.param, e.type, e.code, e.headers)
+    app.add_exception_handler(APIError, api_error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e):

@@ -32,11 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from nanochat import hf_tokenizer
 from nanochat.engine import Request as GenerationRequest
 from nanochat.engine import SamplingParams
-from nanochat.serve.guard import error_response
+from nanochat.serve.common import MAX_LOGPROBS, MIN_TEMPERATURE, STREAM_HEADERS, APIError, StreamOptions
 from nanochat.serve.worker import QueueFull, finished
 
-MAX_LOGPROBS = 20  # alternatives per token (OpenAI's legacy endpoint allows 5, vLLM 20)
-MIN_TEMPERATURE = 1e-6  # below this, greedy (as the chat endpoint)
 # a sampling field that neither the request nor the model's generation defaults give (OpenAI's legacy defaults)
 DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "max_tokens": 16, "frequency_penalty": 0.0,
             "presence_penalty": 0.0}
@@ -65,19 +63,6 @@ FIELDS = {
     "logit_bias": ("refused", "not implemented; `{}` is accepted"),
     "user": ("ignored", "metadata"),
 }
-
-
-class CompletionsError(Exception):
-    """A request refused with OpenAI's error body, naming the field (`param`)."""
-
-    def __init__(self, status, message, param=None, type="invalid_request_error", code=None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code, self.headers = status, message, param, type, code, headers
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -121,15 +106,15 @@ def prompts_of(body, tokenizer, limits):
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt or len(prompt) > limits.max_messages:
-        raise CompletionsError(400, f"prompt takes 1 to {limits.max_messages} prompts", "prompt")
+        raise APIError(400, f"prompt takes 1 to {limits.max_messages} prompts", "prompt")
     prompts = []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             if len(p) > limits.max_message_chars:
-                raise CompletionsError(400, f"prompt {i} is longer than {limits.max_message_chars} characters", "prompt")
+                raise APIError(400, f"prompt {i} is longer than {limits.max_message_chars} characters", "prompt")
             p = encode(tokenizer, p, bos=True)
         if not p or not all(0 <= t < tokenizer.vocab_size for t in p):
-            raise CompletionsError(400, f"prompt {i}: token ids must be 0 to {tokenizer.vocab_size - 1}, and at least one", "prompt")
+            raise APIError(400, f"prompt {i}: token ids must be 0 to {tokenizer.vocab_size - 1}, and at least one", "prompt")
         prompts.append(p)
     return prompts
 
@@ -148,23 +133,23 @@ def sampling_params(body, limits, generation):
 
     n = body.n or 1
     if body.suffix:
-        raise CompletionsError(400, "suffix is not supported (no insertion)", "suffix")
+        raise APIError(400, "suffix is not supported (no insertion)", "suffix")
     if body.logit_bias:
-        raise CompletionsError(400, "logit_bias is not supported", "logit_bias")
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
     if body.best_of is not None and body.best_of != n:
-        raise CompletionsError(400, "best_of is supported only equal to n (every sample is returned)", "best_of")
+        raise APIError(400, "best_of is supported only equal to n (every sample is returned)", "best_of")
     if n > limits.max_n:
-        raise CompletionsError(400, f"n must be at most {limits.max_n}", "n")
+        raise APIError(400, f"n must be at most {limits.max_n}", "n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > limits.max_stop or not all(stop):
-        raise CompletionsError(400, f"stop takes at most {limits.max_stop} non-empty strings", "stop")
+        raise APIError(400, f"stop takes at most {limits.max_stop} non-empty strings", "stop")
     if body.top_k == 0:
-        raise CompletionsError(400, "top_k must be at least 1 (or -1: all tokens)", "top_k")
+        raise APIError(400, "top_k must be at least 1 (or -1: all tokens)", "top_k")
     max_tokens = body.max_tokens if body.max_tokens is not None else min(given("max_tokens"), limits.max_tokens)
     if max_tokens > limits.max_tokens:
-        raise CompletionsError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
+        raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
     if max_tokens == 0 and not body.echo:
-        raise CompletionsError(400, "max_tokens 0 needs echo (there would be nothing to return)", "max_tokens")
+        raise APIError(400, "max_tokens 0 needs echo (there would be nothing to return)", "max_tokens")
     temperature, top_k = given("temperature"), given("top_k")
     return SamplingParams(temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
                           top_k=None if top_k == -1 else top_k, top_p=given("top_p"), max_tokens=max_tokens,
@@ -223,10 +208,6 @@ def add_routes(app, workers, relays, limits, served, generation, metrics):
     their relays (filled at startup); `served(name)` is the served model's card (or raises the 404
     that names it), `generation` the model's generation defaults, `metrics` the server's ops.Metrics."""
 
-    @app.exception_handler(CompletionsError)
-    async def refused(request, e):
-        return error_response(e.status, e.message, e.param, e.type, e.code, e.headers)
-
     def tokenizer():
         return workers[0].engine.tokenizer
 
@@ -244,7 +225,7 @@ def add_routes(app, workers, relays, limits, served, generation, metrics):
     async def detokenize(body: DetokenizeRequest):
         tok = tokenizer()
         if not all(0 <= t < tok.vocab_size for t in body.tokens):
-            raise CompletionsError(400, f"tokens must be 0 to {tok.vocab_size - 1}", "tokens")
+            raise APIError(400, f"tokens must be 0 to {tok.vocab_size - 1}", "tokens")
         return {"prompt": tok.decode(body.tokens)}
 
     @app.post("/v1/completions")
@@ -257,7 +238,7 @@ def add_routes(app, workers, relays, limits, served, generation, metrics):
         requests = []
         for i, ids in enumerate(prompts):
             if len(ids) > worker.engine.max_len:
-                raise CompletionsError(400, f"prompt {i} has {len(ids)} tokens; the context holds {worker.engine.max_len}",
+                raise APIError(400, f"prompt {i} has {len(ids)} tokens; the context holds {worker.engine.max_len}",
                                        "prompt", code="context_length_exceeded")
             send = relays[worker].sender(events)
             requests.append(GenerationRequest(ids, params, body.n or 1, lambda *event, i=i, send=send: send(i, *event)))
@@ -267,7 +248,7 @@ def add_routes(app, workers, relays, limits, served, generation, metrics):
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(choices, events, meta, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers=STREAM_HEADERS)
         if not await finished(events_of(choices, events), http_request, requests):
             return JSONResponse({}, status_code=499)
         return {**meta, "object": "text_completion", "choices": choices.whole(), "usage": usage(requests)}
@@ -281,11 +262,11 @@ def submit(worker, requests, limits):
     except ValueError as e:
         for request in requests:
             request.cancelled = True
-        raise CompletionsError(400, str(e), "prompt") from None
+        raise APIError(400, str(e), "prompt") from None
     except QueueFull as e:
         for request in requests:
             request.cancelled = True
-        raise CompletionsError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
+        raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                                headers={"Retry-After": str(limits.retry_after)}) from None
 
 
