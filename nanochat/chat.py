@@ -75,20 +75,18 @@ def reply(engine, messages, params, out):
 
 
 def main(argv=None):
-    from nanochat.checkpoint import find_checkpoint, generation
     from nanochat.common import autodetect_device_type
     from nanochat.engine import SamplingParams
     from nanochat.inference import load_engine
 
     args = build_parser().parse_args(argv)
     try:
-        directory, _ = find_checkpoint(args.run, args.source)
-        engine = load_engine(directory, device=args.device or autodetect_device_type(), max_rows=1)
+        engine = load_engine(args.run, args.source, device=args.device or autodetect_device_type(), max_rows=1)
     except FileNotFoundError as e:
         print(f"nanochat chat: {e}", file=sys.stderr)
         return 1
     given = {name: getattr(args, name) for name in GENERATION if getattr(args, name) is not None}
-    params = SamplingParams(**{**generation(directory), **given}, seed=args.seed, presence_penalty=args.presence_penalty)
+    params = SamplingParams(**{**engine.generation, **given}, seed=args.seed, presence_penalty=args.presence_penalty)
     if args.prompt is not None:
         reply(engine, [{"role": "user", "content": args.prompt}], params, sys.stdout)
         return 0

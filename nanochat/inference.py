@@ -8,19 +8,22 @@ one place they are applied; NANOCHAT_CPU_FASTPATHS=0 turns them off).
 import torch
 
 from nanochat import cpu
-from nanochat.checkpoint import find_checkpoint, load_model
+from nanochat.checkpoint import find_checkpoint, generation, load_model
 from nanochat.common import autocast_dtype
 from nanochat.engine import MAX_ROWS, Engine, SamplingOps
 
 
 def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
     """The Engine of a checkpoint or a run's model (see checkpoint.find_checkpoint), its weights in the
-    dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs)."""
+    dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs). Its `generation` is
+    the model's sampling defaults (checkpoint.generation), from the meta.json read for the weights."""
     directory, _ = find_checkpoint(target, source)
     device = torch.device(device)
-    model, tokenizer, _ = load_model(directory, device)
+    model, tokenizer, meta = load_model(directory, device)
     model.to(autocast_dtype(device.type))
-    return Engine(model, tokenizer, max_rows, ops=prepare(model))
+    engine = Engine(model, tokenizer, max_rows, ops=prepare(model))
+    engine.generation = generation(directory, meta)
+    return engine
 
 
 def prepare(model):

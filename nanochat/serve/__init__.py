@@ -64,7 +64,7 @@ def main(argv=None):
     import torch
     import uvicorn
 
-    from nanochat.checkpoint import find_checkpoint, generation
+    from nanochat.checkpoint import find_checkpoint
     from nanochat.common import autodetect_device_type, setup_logging
     from nanochat.inference import load_engine
     from nanochat.serve.ops import Server
@@ -87,8 +87,7 @@ def main(argv=None):
     directory, source = find_checkpoint(args.run, args.source)
     limits = Limits(**{f.name: getattr(args, f.name) for f in LIMITS}, max_requests=1 if args.one_at_a_time else None)
     app = create_app(lambda device: load_engine(directory, device=device, max_rows=args.max_rows), limits, devices,
-                     model_name=f"nanochat-{source or 'checkpoint'}", api_keys=keys, cors_origins=args.cors_origin,
-                     generation=generation(directory))
+                     model_name=f"nanochat-{source or 'checkpoint'}", api_keys=keys, cors_origins=args.cors_origin)
     print(f"nanochat: serving {directory} on http://{args.host}:{args.port}"
           f" ({'API key required' if keys else 'no API key'})", flush=True)
     # an idle keep-alive connection is closed after 5 s; h11 answers incomplete headers over its limit with 400

@@ -239,14 +239,14 @@ def render_prompt(tokenizer, messages, max_len):
     return prompt
 
 
-def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALIAS, api_keys=(), cors_origins=(),
-               generation=None):
+def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALIAS, api_keys=(), cors_origins=()):
     """The FastAPI app. `engine_factory(device)` builds the Engine of one device, at startup, in the
-    Worker thread that runs it; a request goes to the least loaded worker. With `api_keys`, /v1/ and
-    /metrics need one of them; `cors_origins` are the web origins whose pages may call the API (none
-    by default). `generation`: the model's generation defaults (SamplingParams fields)."""
+    Worker thread that runs it; a request goes to the least loaded worker. The model's generation
+    defaults (SamplingParams fields) are the engine's `generation` (inference.load_engine sets it
+    from the checkpoint). With `api_keys`, /v1/ and /metrics need one of them; `cors_origins` are the
+    web origins whose pages may call the API (none by default)."""
     workers, relays = [], {}  # relays: worker -> its Relay
-    generation = dict(generation or {})
+    generation = {}  # the engines' (filled at startup)
     metrics = Metrics()
 
     async def lifespan(app):
@@ -255,6 +255,7 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALI
             workers.append(await asyncio.to_thread(Worker, functools.partial(engine_factory, device), limits.max_pending,
                                                    limits.max_requests, limits.max_seconds, relay.flush))
             relays[workers[-1]] = relay
+        generation.update(workers[0].engine.generation)
         yield
         for worker in workers:
             await asyncio.to_thread(worker.stop)
