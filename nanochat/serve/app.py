@@ -12,7 +12,8 @@ each step's pieces of text to the loop in one callback. Bad input is a 400 with 
 body, a full queue a 429 with Retry-After; a client that goes away cancels its generation. In front
 of /v1/, `guard.Guard` checks the API key, the client's rate and concurrency, and the body. Sampling
 fields a request leaves out (or sends as null) take the model's generation defaults (its checkpoint's
-generation config, nanochat.checkpoint.generation), then OpenAI's; --max-tokens caps them all.
+generation config, nanochat.checkpoint.generation), then OpenAI's for the fields that config lacks
+(top_p, presence_penalty); --max-tokens caps them all.
 """
 
 import asyncio
@@ -35,7 +36,7 @@ from starlette.exceptions import HTTPException
 from nanochat.engine import Request as GenerationRequest
 from nanochat.engine import SamplingParams
 from nanochat.serve import completions
-from nanochat.serve.common import MAX_LOGPROBS, MIN_TEMPERATURE, STREAM_HEADERS, APIError, StreamOptions, api_error
+from nanochat.serve.common import DEFAULTS, MAX_LOGPROBS, MIN_TEMPERATURE, STREAM_HEADERS, APIError, StreamOptions, api_error
 from nanochat.serve.guard import Guard, error_response
 from nanochat.serve.ops import AccessLog, Metrics
 from nanochat.serve.worker import QueueFull, Worker, finished
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 
 UI_PAGE = Path(__file__).with_name("ui.html")
 ALIAS = "nanochat"  # a model name that always means the served model (clients and tests send it)
-# what a sampling field is when neither the request nor the model's generation defaults give it (OpenAI's)
-SERVER_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": None, "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
 
 def setting(default, help):
@@ -194,7 +193,7 @@ def refusals(body):
 
 def sampling_params(body, limits, generation):
     """The engine's SamplingParams for a validated request, checking the server's limits. A field the
-    request leaves out takes the model's generation default (`generation`), then SERVER_DEFAULTS."""
+    request leaves out takes the model's generation default (`generation`), else common.DEFAULTS."""
     if len(body.messages) > limits.max_messages:
         raise APIError(400, f"at most {limits.max_messages} messages per request", "messages")
     for i, message in enumerate(body.messages):
@@ -215,12 +214,12 @@ def sampling_params(body, limits, generation):
 
     def given(name):
         value = getattr(body, name)
-        return value if value is not None else generation.get(name, SERVER_DEFAULTS[name])
+        return value if value is not None else {**DEFAULTS, **generation}[name]
 
     temperature, top_k = given("temperature"), given("top_k")
     return SamplingParams(temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
                           top_k=None if top_k == -1 else top_k, top_p=given("top_p"),
-                          max_tokens=max_tokens or min(generation.get("max_tokens", limits.max_tokens), limits.max_tokens),
+                          max_tokens=max_tokens or min(generation["max_tokens"], limits.max_tokens),
                           stop=tuple(stop), seed=body.seed, frequency_penalty=given("frequency_penalty"),
                           presence_penalty=given("presence_penalty"),
                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)

@@ -7,6 +7,8 @@ from nanochat.serve.guard import error_response
 
 MIN_TEMPERATURE = 1e-6  # below this, greedy: logits / temperature would overflow fp32 into inf and NaN
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat endpoint and vLLM (OpenAI's legacy endpoint allows 5)
+# OpenAI's values of the sampling fields a model's generation config (chat.GENERATION) has none of
+DEFAULTS = {"top_p": 1.0, "presence_penalty": 0.0}
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # so that no proxy holds events back
 
 

@@ -32,19 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from nanochat import hf_tokenizer
 from nanochat.engine import Request as GenerationRequest
 from nanochat.engine import SamplingParams
-from nanochat.serve.common import MAX_LOGPROBS, MIN_TEMPERATURE, STREAM_HEADERS, APIError, StreamOptions
+from nanochat.serve.common import DEFAULTS, MAX_LOGPROBS, MIN_TEMPERATURE, STREAM_HEADERS, APIError, StreamOptions
 from nanochat.serve.worker import QueueFull, finished
-
-# a sampling field that neither the request nor the model's generation defaults give (OpenAI's legacy defaults)
-DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "max_tokens": 16, "frequency_penalty": 0.0,
-            "presence_penalty": 0.0}
 
 # What happens to each field of OpenAI's legacy completions request (and our extension, top_k):
 # honoured, ignored (accepted, changes nothing) or refused (a 400 naming it). README.md's table is this.
 FIELDS = {
     "model": ("honoured", "the served model's id, or `nanochat`; another is a 404 naming the served model"),
     "prompt": ("honoured", "text (the BOS token first), token ids, or a list of either; prompt i's sample j is choice i·n + j"),
-    "max_tokens": ("honoured", "default the model's, then 16; at most `--max-tokens`; 0 with `echo` scores the prompt alone"),
+    "max_tokens": ("honoured", "default the model's; at most `--max-tokens`; 0 with `echo` scores the prompt alone"),
     "temperature": ("honoured", "0 to 2; 0 (or below 1e-6) is greedy"),
     "top_p": ("honoured", "nucleus sampling"),
     "top_k": ("honoured", "an extension (as vLLM's): the k most likely tokens; -1: all"),
@@ -126,10 +122,10 @@ def encode(tokenizer, text, bos):
 
 def sampling_params(body, limits, generation):
     """The engine's SamplingParams, once every field is classified (FIELDS) and the limits checked. A
-    sampling field the request leaves out takes the model's generation default, then DEFAULTS."""
+    sampling field the request leaves out takes the model's generation default, else common.DEFAULTS."""
     def given(name):
         value = getattr(body, name)
-        return value if value is not None else generation.get(name, DEFAULTS[name])
+        return value if value is not None else {**DEFAULTS, **generation}[name]
 
     n = body.n or 1
     if body.suffix:
