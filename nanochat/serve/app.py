@@ -34,9 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from nanochat.engine import Request as GenerationRequest
-from nanochat.engine import SamplingParams
-from nanochat.serve import completions
-from nanochat.serve.common import DEFAULTS, MAX_LOGPROBS, MIN_TEMPERATURE, STREAM_HEADERS, APIError, StreamOptions, api_error
+from nanochat.serve import common, completions
+from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions, api_error
 from nanochat.serve.guard import Guard, error_response
 from nanochat.serve.ops import AccessLog, Metrics
 from nanochat.serve.worker import QueueFull, Worker, finished
@@ -192,37 +191,17 @@ def refusals(body):
 
 
 def sampling_params(body, limits, generation):
-    """The engine's SamplingParams for a validated request, checking the server's limits. A field the
-    request leaves out takes the model's generation default (`generation`), else common.DEFAULTS."""
+    """The engine's SamplingParams for a validated request: the chat endpoint's own checks (messages,
+    top_logprobs), then the ones it shares with completions (common.sampling_params)."""
     if len(body.messages) > limits.max_messages:
         raise APIError(400, f"at most {limits.max_messages} messages per request", "messages")
     for i, message in enumerate(body.messages):
         if len(message.text()) > limits.max_message_chars:
             raise APIError(400, f"message {i} is longer than {limits.max_message_chars} characters", f"messages.{i}.content")
-    if (body.n or 1) > limits.max_n:
-        raise APIError(400, f"n must be at most {limits.max_n}", "n")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > limits.max_stop or not all(stop):
-        raise APIError(400, f"stop takes at most {limits.max_stop} non-empty strings", "stop")
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
-    if body.top_k == 0:
-        raise APIError(400, "top_k must be at least 1 (or -1: all tokens)", "top_k")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-
-    def given(name):
-        value = getattr(body, name)
-        return value if value is not None else {**DEFAULTS, **generation}[name]
-
-    temperature, top_k = given("temperature"), given("top_k")
-    return SamplingParams(temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
-                          top_k=None if top_k == -1 else top_k, top_p=given("top_p"),
-                          max_tokens=max_tokens or min(generation["max_tokens"], limits.max_tokens),
-                          stop=tuple(stop), seed=body.seed, frequency_penalty=given("frequency_penalty"),
-                          presence_penalty=given("presence_penalty"),
-                          logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    return common.sampling_params(body, limits, generation, body.max_completion_tokens or body.max_tokens,
+                                  logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
 def render_prompt(tokenizer, messages, max_len):

@@ -1,8 +1,9 @@
 """What the chat and the legacy completions endpoints share: the error a request is refused with,
-the sampling limits and the stream's headers."""
+the sampling fields' defaults, limits and checks, and the stream's headers."""
 
 from pydantic import BaseModel
 
+from nanochat.engine import SamplingParams
 from nanochat.serve.guard import error_response
 
 MIN_TEMPERATURE = 1e-6  # below this, greedy: logits / temperature would overflow fp32 into inf and NaN
@@ -27,3 +28,31 @@ async def api_error(request, e):
 
 class StreamOptions(BaseModel):
     include_usage: bool | None = None
+
+
+def sampling_params(body, limits, generation, max_tokens, **fields):
+    """The engine's SamplingParams of a validated chat or completions request, after the checks both
+    endpoints make (n, stop, max_tokens, top_k). A sampling field the request leaves out (or sends as
+    null) takes the model's generation default (`generation`), else DEFAULTS. `max_tokens`: the
+    request's (None: not given); `fields`: the endpoint's own SamplingParams fields (logprobs)."""
+    if (body.n or 1) > limits.max_n:
+        raise APIError(400, f"n must be at most {limits.max_n}", "n")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > limits.max_stop or not all(stop):
+        raise APIError(400, f"stop takes at most {limits.max_stop} non-empty strings", "stop")
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
+    if body.top_k == 0:
+        raise APIError(400, "top_k must be at least 1 (or -1: all tokens)", "top_k")
+    defaults = {**DEFAULTS, **generation}
+
+    def given(name):
+        value = getattr(body, name)
+        return defaults[name] if value is None else value
+
+    temperature, top_k = given("temperature"), given("top_k")
+    return SamplingParams(temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+                          top_k=None if top_k == -1 else top_k, top_p=given("top_p"),
+                          max_tokens=min(defaults["max_tokens"], limits.max_tokens) if max_tokens is None else max_tokens,
+                          stop=tuple(stop), seed=body.seed, frequency_penalty=given("frequency_penalty"),
+                          presence_penalty=given("presence_penalty"), **fields)

@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nanochat import hf_tokenizer
 from nanochat.engine import Request as GenerationRequest
-from nanochat.engine import SamplingParams
-from nanochat.serve.common import DEFAULTS, MAX_LOGPROBS, MIN_TEMPERATURE, STREAM_HEADERS, APIError, StreamOptions
+from nanochat.serve import common
+from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions
 from nanochat.serve.worker import QueueFull, finished
 
 # What happens to each field of OpenAI's legacy completions request (and our extension, top_k):
@@ -121,37 +121,19 @@ def encode(tokenizer, text, bos):
 
 
 def sampling_params(body, limits, generation):
-    """The engine's SamplingParams, once every field is classified (FIELDS) and the limits checked. A
-    sampling field the request leaves out takes the model's generation default, else common.DEFAULTS."""
-    def given(name):
-        value = getattr(body, name)
-        return value if value is not None else {**DEFAULTS, **generation}[name]
-
-    n = body.n or 1
+    """The engine's SamplingParams, once every field is classified (FIELDS): this endpoint's own
+    checks (suffix, logit_bias, best_of, max_tokens 0), then the ones it shares with chat
+    (common.sampling_params)."""
     if body.suffix:
         raise APIError(400, "suffix is not supported (no insertion)", "suffix")
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", "logit_bias")
-    if body.best_of is not None and body.best_of != n:
+    if body.best_of is not None and body.best_of != (body.n or 1):
         raise APIError(400, "best_of is supported only equal to n (every sample is returned)", "best_of")
-    if n > limits.max_n:
-        raise APIError(400, f"n must be at most {limits.max_n}", "n")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > limits.max_stop or not all(stop):
-        raise APIError(400, f"stop takes at most {limits.max_stop} non-empty strings", "stop")
-    if body.top_k == 0:
-        raise APIError(400, "top_k must be at least 1 (or -1: all tokens)", "top_k")
-    max_tokens = body.max_tokens if body.max_tokens is not None else min(given("max_tokens"), limits.max_tokens)
-    if max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
-    if max_tokens == 0 and not body.echo:
+    if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 needs echo (there would be nothing to return)", "max_tokens")
-    temperature, top_k = given("temperature"), given("top_k")
-    return SamplingParams(temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
-                          top_k=None if top_k == -1 else top_k, top_p=given("top_p"), max_tokens=max_tokens,
-                          stop=tuple(stop), seed=body.seed, frequency_penalty=given("frequency_penalty"),
-                          presence_penalty=given("presence_penalty"), logprobs=body.logprobs,
-                          prompt_logprobs=body.logprobs if body.echo else None)
+    return common.sampling_params(body, limits, generation, body.max_tokens, logprobs=body.logprobs,
+                                  prompt_logprobs=body.logprobs if body.echo else None)
 
 
 def token_text(data):
