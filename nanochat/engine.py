@@ -273,6 +273,10 @@ class Row:
         return self.request.completions[self.index]
 
 
+class ContextTooLong(ValueError):
+    """A prompt longer than the engine's context (the server's `context_length_exceeded`)."""
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_rows=MAX_ROWS, max_len=None, ops=None):
         self.model, self.tokenizer = model, tokenizer
@@ -298,9 +302,9 @@ class Engine:
         return self.max_rows - len(self.rows)
 
     def check(self, request):
-        """Raises ValueError if the request can never run here."""
+        """Raises ValueError (ContextTooLong for its prompt) if the request can never run here."""
         if len(request.prompt_ids) > self.max_len:  # a prompt that fills the context still gets its one next token
-            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_len}")
+            raise ContextTooLong(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_len}")
         if request.n > self.max_rows:
             raise ValueError(f"n={request.n} is more than the {self.max_rows} rows this engine decodes at once")
 

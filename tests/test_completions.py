@@ -175,6 +175,18 @@ def test_refusals_name_the_field(server, body, status, param):
         assert error["code"] == "context_length_exceeded"
 
 
+def test_a_prompt_that_fills_the_context_gets_its_next_token(server):
+    """The context's length of token ids is answered (at most its one next token), one more is
+    refused with context_length_exceeded: the engine's rule, as the chat endpoint's."""
+    context = httpx.get(server + "/tokenizer_info", headers=AUTH).json()["model_max_length"]
+    answer = post(server, "/v1/completions", {"prompt": [5] * context, "max_tokens": 4})
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    assert usage["prompt_tokens"] == context and usage["completion_tokens"] <= 1
+    error = assert_openai_error(post(server, "/v1/completions", {"prompt": [5] * (context + 1)}), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+
+
 def test_ignored_and_null_fields_are_accepted(client):
     """Metadata (user) is ignored; best_of equal to n, an empty logit_bias or suffix, and null for any
     optional field change nothing."""

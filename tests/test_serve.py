@@ -175,9 +175,26 @@ def test_an_image_part_is_refused_by_name(server):
     assert error["param"] == "messages.0.content" and "'image_url' are not supported" in error["message"], error
 
 
-def test_context_overflow_names_its_code(server):
-    body = {"messages": [{"role": "user", "content": "word " * 500}]}  # longer than the context
-    error = assert_openai_error(httpx.post(server + "/v1/chat/completions", json=body), 400)
+def user_message_of(tokenizer, length):
+    """A user message whose chat prompt is `length` tokens."""
+    for words in range(length):
+        for tail in ("", "a", "ab", "."):
+            message = {"role": "user", "content": "word " * words + tail}
+            if len(tokenizer.render_for_completion([message])) == length:
+                return message
+    raise AssertionError(f"no prompt of {length} tokens")
+
+
+def test_context_overflow_names_its_code(server, tiny_tokenizer):
+    """A prompt that fills the context is answered (its one next token), one token more is refused
+    with OpenAI's code, as the engine decides (and as /v1/completions does)."""
+    context = httpx.get(server + "/tokenizer_info").json()["model_max_length"]
+    full = {"messages": [user_message_of(tiny_tokenizer, context)], "max_tokens": 4}
+    answer = httpx.post(server + "/v1/chat/completions", json=full, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] == context and answer.json()["usage"]["completion_tokens"] <= 1
+    over = {"messages": [user_message_of(tiny_tokenizer, context + 1)]}
+    error = assert_openai_error(httpx.post(server + "/v1/chat/completions", json=over), 400)
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
 
 

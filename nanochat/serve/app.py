@@ -38,7 +38,7 @@ from nanochat.serve import common, completions
 from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions, api_error
 from nanochat.serve.guard import Guard, error_response
 from nanochat.serve.ops import AccessLog, Metrics
-from nanochat.serve.worker import QueueFull, Worker, finished
+from nanochat.serve.worker import Worker, finished
 from nanochat.tokenizer import ConversationError
 
 log = logging.getLogger(__name__)
@@ -204,17 +204,13 @@ def sampling_params(body, limits, generation):
                                   logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
-def render_prompt(tokenizer, messages, max_len):
+def render_prompt(tokenizer, messages):
     """Prompt ids for the next assistant message, or the continuation of a final assistant one."""
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        prompt = tokenizer.render_for_completion(conversation, continue_final_message=True)
+        return tokenizer.render_for_completion(conversation, continue_final_message=True)
     except ConversationError as e:
         raise APIError(400, str(e), "messages") from None
-    if len(prompt) >= max_len:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens; the model's context holds {max_len}", "messages",
-                       code="context_length_exceeded")
-    return prompt
 
 
 def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALIAS, api_keys=(), cors_origins=()):
@@ -304,16 +300,10 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALI
         params = sampling_params(body, limits, generation)
         worker = min(workers, key=lambda w: w.load)
         tokenizer = worker.engine.tokenizer
-        prompt = render_prompt(tokenizer, body.messages, worker.engine.max_len)
+        prompt = render_prompt(tokenizer, body.messages)
         events = asyncio.Queue()
         request = GenerationRequest(prompt, params, body.n or 1, relays[worker].sender(events))
-        try:
-            worker.submit(request)
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
-        except QueueFull as e:
-            raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(limits.retry_after)}) from None
+        common.submit(worker, [request], limits, "messages")
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         progress = Progress(request, events, metrics, tokenizer)
         if body.stream:

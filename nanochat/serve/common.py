@@ -1,10 +1,11 @@
 """What the chat and the legacy completions endpoints share: the error a request is refused with,
-the sampling fields' defaults, limits and checks, and the stream's headers."""
+the sampling fields' defaults, limits and checks, submitting to a worker, and the stream's headers."""
 
 from pydantic import BaseModel
 
-from nanochat.engine import SamplingParams
+from nanochat.engine import ContextTooLong, SamplingParams
 from nanochat.serve.guard import error_response
+from nanochat.serve.worker import QueueFull
 
 MIN_TEMPERATURE = 1e-6  # below this, greedy: logits / temperature would overflow fp32 into inf and NaN
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat endpoint and vLLM (OpenAI's legacy endpoint allows 5)
@@ -56,3 +57,19 @@ def sampling_params(body, limits, generation, max_tokens, **fields):
                           max_tokens=min(defaults["max_tokens"], limits.max_tokens) if max_tokens is None else max_tokens,
                           stop=tuple(stop), seed=body.seed, frequency_penalty=given("frequency_penalty"),
                           presence_penalty=given("presence_penalty"), **fields)
+
+
+def submit(worker, requests, limits, param):
+    """Queues all the requests, or none (a refusal cancels those already in): one that can never run
+    is a 400 naming `param` (with code context_length_exceeded for a prompt longer than the
+    context), a full queue a 429."""
+    try:
+        for request in requests:
+            worker.submit(request)
+    except (ValueError, QueueFull) as e:
+        for request in requests:
+            request.cancelled = True
+        if isinstance(e, QueueFull):
+            raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(limits.retry_after)}) from None
+        raise APIError(400, str(e), param, code="context_length_exceeded" if isinstance(e, ContextTooLong) else None) from None

@@ -33,7 +33,7 @@ from nanochat import hf_tokenizer
 from nanochat.engine import Request as GenerationRequest
 from nanochat.serve import common
 from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions
-from nanochat.serve.worker import QueueFull, finished
+from nanochat.serve.worker import finished
 
 # What happens to each field of OpenAI's legacy completions request (and our extension, top_k):
 # honoured, ignored (accepted, changes nothing) or refused (a 400 naming it). README.md's table is this.
@@ -215,12 +215,9 @@ def add_routes(app, workers, relays, limits, served, generation, metrics):
         events = asyncio.Queue()
         requests = []
         for i, ids in enumerate(prompts):
-            if len(ids) > worker.engine.max_len:
-                raise APIError(400, f"prompt {i} has {len(ids)} tokens; the context holds {worker.engine.max_len}",
-                                       "prompt", code="context_length_exceeded")
             send = relays[worker].sender(events)
             requests.append(GenerationRequest(ids, params, body.n or 1, lambda *event, i=i, send=send: send(i, *event)))
-        submit(worker, requests, limits)
+        common.submit(worker, requests, limits, "prompt")
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         choices = Choices(requests, worker.engine.tokenizer, body.echo, body.logprobs is not None, metrics)
         if body.stream:
@@ -230,22 +227,6 @@ def add_routes(app, workers, relays, limits, served, generation, metrics):
         if not await finished(events_of(choices, events), http_request, requests):
             return JSONResponse({}, status_code=499)
         return {**meta, "object": "text_completion", "choices": choices.whole(), "usage": usage(requests)}
-
-
-def submit(worker, requests, limits):
-    """Queues all the prompts' requests, or none (a full queue cancels those already in)."""
-    try:
-        for request in requests:
-            worker.submit(request)
-    except ValueError as e:
-        for request in requests:
-            request.cancelled = True
-        raise APIError(400, str(e), "prompt") from None
-    except QueueFull as e:
-        for request in requests:
-            request.cancelled = True
-        raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(limits.retry_after)}) from None
 
 
 class Choices:
