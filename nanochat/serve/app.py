@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 
 from nanochat.engine import Request as GenerationRequest
 from nanochat.serve import common, completions
-from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions, api_error
+from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions, api_error, usage
 from nanochat.serve.guard import Guard, error_response
 from nanochat.serve.ops import AccessLog, Metrics
 from nanochat.serve.worker import Worker, finished
@@ -339,13 +339,6 @@ def deliver(events):
         queue.put_nowait(event)
 
 
-def usage(request):
-    completion_tokens = sum(len(c.token_ids) for c in request.completions)
-    prompt_tokens = len(request.prompt_ids)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def logprobs_content(tokenizer, token_logprobs):
     """OpenAI's chat `logprobs.content` entries of TokenLogprobs."""
     def entry(token, logprob):
@@ -386,7 +379,7 @@ class Progress:
             if self.first is None and any(text for text, _, _ in merged.values()):
                 self.first = time.monotonic()
             yield merged
-        self.metrics.generated(usage(self.request), self.started, self.first, time.monotonic())
+        self.metrics.generated(usage([self.request]), self.started, self.first, time.monotonic())
 
     def logprobs(self, token_logprobs):
         if self.request.params.logprobs is None:
@@ -401,7 +394,7 @@ async def complete(progress, meta, http_request):
         return JSONResponse({}, status_code=499)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "finish_reason": c.finish_reason, "logprobs": progress.logprobs(c.logprobs or [])} for c in request.completions]
-    return {**meta, "object": "chat.completion", "choices": choices, "usage": usage(request)}
+    return {**meta, "object": "chat.completion", "choices": choices, "usage": usage([request])}
 
 
 async def stream_chunks(progress, meta, include_usage):
@@ -425,7 +418,7 @@ async def stream_chunks(progress, meta, include_usage):
                 if finish_reason is not None:
                     yield chunk([{"index": index, "delta": {}, "finish_reason": finish_reason}], **extra)
         if include_usage:
-            yield chunk([], usage=usage(request))
+            yield chunk([], usage=usage([request]))
         yield "data: [DONE]\n\n"
     finally:
         request.cancelled = True

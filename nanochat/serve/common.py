@@ -73,3 +73,11 @@ def submit(worker, requests, limits, param):
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(limits.retry_after)}) from None
         raise APIError(400, str(e), param, code="context_length_exceeded" if isinstance(e, ContextTooLong) else None) from None
+
+
+def usage(requests):
+    """OpenAI's usage of engine requests (a chat request is one; a completions request one per prompt)."""
+    prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+    completion_tokens = sum(len(c.token_ids) for r in requests for c in r.completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from nanochat import hf_tokenizer
 from nanochat.engine import Request as GenerationRequest
 from nanochat.serve import common
-from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions
+from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions, usage
 from nanochat.serve.worker import finished
 
 # What happens to each field of OpenAI's legacy completions request (and our extension, top_k):
@@ -172,13 +172,6 @@ class LegacyLogprobs:
             top.setdefault(out["tokens"][-1], entry.logprob)
             out["top_logprobs"].append(top)
         return out
-
-
-def usage(requests):
-    prompt_tokens = sum(len(r.prompt_ids) for r in requests)
-    completion_tokens = sum(len(c.token_ids) for r in requests for c in r.completions)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def add_routes(app, workers, relays, limits, served, generation, metrics):
