@@ -302,12 +302,18 @@ def load_model(target, device="cpu"):
     """The GPT of a checkpoint directory, weights verified, in eval mode, and the tokenizer it was
     trained with: (model, tokenizer, meta)."""
     model_state, _, meta = load(target, device=device, load_optimizer=False)
+    model = build_model(GPTConfig(**meta["model_config"]), model_state, device)
+    return model, Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0]), meta
+
+
+def build_model(config, model_state, device="cpu"):
+    """The GPT of `config` holding `model_state` (strict), in eval mode: allocated once, on `device`."""
     with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["model_config"]))
+        model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()  # the buffers that are not saved (rotary tables)
     model.load_state_dict(model_state)
-    return model.eval(), Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0]), meta
+    return model.eval()
 
 
 def find_checkpoint(target, source=None):

@@ -99,6 +99,7 @@ def import_model(args):
     if source is None:
         raise stage.StageError(f"{src}: cannot tell which model it is (base, mid, sft or rl): give --as")
     name = pipeline.SOURCES[source]
+    check_logits(checkpoint.build_model(model.config, model.state), model.tokenizer, src)  # before anything is written
     clear_stage(args.run, name, args.force)
     tokenizer = model.tokenizer.save(stage.stage_uri(args.run, name, "tokenizer"))["tokenizer"]
     imported = {"format": model.format, "source": src, "step": model.step, **model.details}
@@ -106,8 +107,6 @@ def import_model(args):
             **({"generation": model.generation} if model.generation else {})}
     target = checkpoint.save_weights(stage.stage_uri(args.run, name, "checkpoints"), model.step, model.state, meta)
     parameters = sum(t.numel() for t in model.state.values())
-    model.state = None  # freed before the checkpoint is loaded back
-    check_logits(target)
     outputs = {"checkpoint": storage.join(target, checkpoint.MANIFEST), "tokenizer": tokenizer}
     return stage.commit(args.run, name, args, model.inputs, outputs, {"parameters": parameters}, started,
                         imported=imported)
@@ -220,15 +219,11 @@ def clear_stage(run, name, force):
     storage.remove(stage.stage_uri(run, name), recursive=True)
 
 
-def check_logits(target):
-    """Loads the checkpoint written as every later stage will (verified against its manifest) and
-    refuses a model whose logits on a short text are not finite."""
+def check_logits(model, tokenizer, src):
+    """Refuses a model whose logits on a short text are not finite (a NaN or inf in a weight)."""
     import torch
 
-    from nanochat import checkpoint
-
-    model, tokenizer, _ = checkpoint.load_model(target)
     with torch.no_grad():
         logits = model(torch.tensor([tokenizer.encode("The capital of France is", prepend="<|bos|>")]))
     if not torch.isfinite(logits).all():
-        raise ValueError(f"{target}: the imported model's logits are not finite")
+        raise ValueError(f"{src}: the imported model's logits are not finite")
