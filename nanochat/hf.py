@@ -12,12 +12,10 @@ qk_scale) has no native transformers type: it is exported as `nanochat_ext`, who
 (nanochat/hf_remote) travels with the model and uses the names of REMOTE_KEYS.
 """
 
-import math
-
 import torch
 
 from nanochat.common import log
-from nanochat.gpt import GPT, LOGIT_SOFTCAP, VOCAB_MULTIPLE, GPTConfig
+from nanochat.gpt import GPT, LOGIT_SOFTCAP, GPTConfig
 
 NATIVE_TYPE = "nanochat"
 REMOTE_TYPE = "nanochat_ext"
@@ -84,12 +82,19 @@ def hf_key(key):
     return key
 
 
-def _is_vocab(key):
-    """Parameters with a row per token (padded to VOCAB_MULTIPLE in our model, exactly the vocabulary in transformers)."""
+def is_vocab(key):
+    """Parameters with a row per token (padded to gpt.VOCAB_MULTIPLE in our model; exactly the
+    vocabulary in transformers and in upstream's older checkpoints)."""
     return key in ("transformer.wte.weight", "lm_head.weight") or key.startswith("value_embeds.")
 
 
-def _flip(key, tensor, config):
+def pad_vocab(tensor, rows):
+    """A vocabulary tensor with zero rows appended up to `rows` (its shape in `shapes(config)`)."""
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])])
+
+
+def flip_qk(key, tensor, config):
+    """Parameter `key`'s tensor in the other rotary convention: flip_rotary for c_q and c_k, else as it is."""
     if key.endswith(".attn.c_q.weight"):
         return flip_rotary(tensor, config.n_head, config.head_dim)
     if key.endswith(".attn.c_k.weight"):
@@ -108,9 +113,9 @@ def export_state(model_state, config, dtype=None):
     out = {}
     for key, tensor in model_state.items():
         tensor = tensor.detach()
-        if _is_vocab(key):
+        if is_vocab(key):
             tensor = tensor[:config.vocab_size]
-        tensor = _flip(key, tensor, config)
+        tensor = flip_qk(key, tensor, config)
         out[hf_key(key)] = tensor.to(dtype or tensor.dtype).contiguous().clone()
     return out
 
@@ -227,15 +232,14 @@ def import_state(hf_state, hf_config_dict, vocab_size):
     if unknown or missing:
         raise ConversionError(f"model weights: unknown tensors {unknown[:4]}, missing {missing[:4]} "
                               f"(a {hf_config_dict['model_type']} model of this config.json has exactly {len(by_hf)})")
-    padded = math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     state = {}
     for name, key in by_hf.items():
         tensor = hf_state[name].detach().to(torch.float32)
-        if _is_vocab(key):
+        if is_vocab(key):
             if tensor.dim() != 2 or tensor.size(0) < vocab_size:
                 raise ConversionError(f"model weights: {name} {tuple(tensor.shape)}: fewer rows than the {vocab_size} tokens")
-            tensor = torch.cat([tensor[:vocab_size], tensor.new_zeros(padded - vocab_size, tensor.size(1))])
+            tensor = pad_vocab(tensor[:vocab_size], expected[key][0])
         if tuple(tensor.shape) != expected[key]:
             raise ConversionError(f"model weights: {name} has shape {tuple(tensor.shape)}, config.json implies {expected[key]}")
-        state[key] = _flip(key, tensor, config).contiguous().clone()
+        state[key] = flip_qk(key, tensor, config).contiguous().clone()
     return config, state

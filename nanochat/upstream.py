@@ -20,7 +20,7 @@ query/key scale, rotary base and gate that changed twice and are not in the file
 Rotary convention. Upstream (and transformers) turn each (x[i], x[i+d/2]) pair of a head by
 -theta, we by +theta. Negating the second half of every query and key head's rows of c_q and c_k
 turns one into the other exactly: the QK norm and scale commute with the sign, and q.k sums the
-products of both negated halves. `hf.flip_rotary` does it (transformers' convention is upstream's).
+products of both negated halves. `hf.flip_qk` does it (transformers' convention is upstream's).
 """
 
 import io
@@ -30,9 +30,8 @@ import re
 
 import torch
 
-from nanochat import storage
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.hf import flip_rotary
+from nanochat import hf, storage
+from nanochat.gpt import GPTConfig
 from nanochat.presets import MODEL_2026
 from nanochat.tokenizer import Tokenizer
 
@@ -182,8 +181,7 @@ def our_state(state, config, uri):
     """Upstream's state dict as ours: the same names and shapes (rows of a vocabulary that was not
     yet padded to a multiple of 64 are padded with zeros), fp32, queries and keys flipped to our
     rotary convention."""
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    expected = hf.shapes(config)
     if missing := sorted(expected.keys() - state.keys()):
         raise UpstreamError(f"{uri}: lacks {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
     if unknown := sorted(state.keys() - expected.keys()):
@@ -191,14 +189,9 @@ def our_state(state, config, uri):
     out = {}
     for name, shape in expected.items():
         tensor = state[name].float()
-        if tensor.shape != shape and tensor.shape[1:] == shape[1:] and tensor.shape[0] == config.vocab_size:
-            tensor = torch.cat([tensor, tensor.new_zeros(shape[0] - config.vocab_size, *shape[1:])])
+        if hf.is_vocab(name) and tensor.shape[1:] == shape[1:] and tensor.shape[0] == config.vocab_size:
+            tensor = hf.pad_vocab(tensor, shape[0])
         if tensor.shape != shape:
-            raise UpstreamError(f"{uri}: {name} has shape {tuple(tensor.shape)}, its model_config says {tuple(shape)}")
-        out[name] = tensor
-    for i in range(config.n_layer):
-        for name, heads in (("c_q", config.n_head), ("c_k", config.n_kv_head)):
-            key = f"transformer.h.{i}.attn.{name}.weight"
-            out[key] = flip_rotary(out[key], heads, config.head_dim)
+            raise UpstreamError(f"{uri}: {name} has shape {tuple(tensor.shape)}, its model_config says {shape}")
+        out[name] = hf.flip_qk(name, tensor, config)
     return out
-
