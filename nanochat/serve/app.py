@@ -269,16 +269,20 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALI
         log.exception("unhandled error")
         return error_response(500, "internal server error", type="server_error")
 
+    def queued_and_active():
+        """The requests waiting for an engine and those decoding, over all the workers."""
+        return sum(len(w.pending) for w in workers), sum(len(w.active) for w in workers)
+
     @app.get("/health")
     async def health():
+        queued, active = queued_and_active()
         return {"status": "ok", "model": model_name, "generation": generation, "max_tokens": limits.max_tokens,
-                "devices": len(workers), "active_requests": sum(len(w.active) for w in workers),
-                "queued_requests": sum(len(w.pending) for w in workers),
+                "devices": len(workers), "active_requests": active, "queued_requests": queued,
                 "cancelled_requests": sum(w.cancelled for w in workers)}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        text = metrics.exposition(sum(len(w.pending) for w in workers), sum(len(w.active) for w in workers))
+        text = metrics.exposition(*queued_and_active())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -1,7 +1,8 @@
 """Who may call the API, and how much: API keys, requests in progress and requests per minute per
 client, body size and body read time. `Guard` is a plain ASGI middleware in front of every /v1/
-route (and /metrics), so a refused request costs no body read and no JSON parsing. Refusals are OpenAI-style error
-bodies and close the connection (a client that kept sending would otherwise hold it)."""
+route, /metrics and vLLM's tokenizer endpoints (GUARDED), so a refused request costs no body read
+and no JSON parsing. Refusals are OpenAI-style error bodies and close the connection (a client that
+kept sending would otherwise hold it)."""
 
 import asyncio
 import hashlib
@@ -61,10 +62,10 @@ class RateLimit:
 
 
 class Guard:
-    """ASGI middleware: headers over MAX_HEADER_BYTES get 431; then for /v1/ and /metrics: the API key (if any are
-    configured), the client's requests in progress and rate, then the body (read whole here, within
-    its size and time limits, and handed on). A client is its API key, or its IP address when the
-    server has no keys."""
+    """ASGI middleware: headers over MAX_HEADER_BYTES get 431; then for the GUARDED paths (/v1/,
+    /metrics and the tokenizer endpoints): the API key (if any are configured), the client's requests
+    in progress and rate, then the body (read whole here, within its size and time limits, and
+    handed on). A client is its API key, or its IP address when the server has no keys."""
 
     def __init__(self, app, keys, limits):
         self.app, self.limits = app, limits
