@@ -28,7 +28,7 @@ from flows.slots import node_slot
 from nanochat import presets, storage
 from nanochat.common import code_version
 from nanochat.pipeline import Stage
-from nanochat.stage import SUMMARY, imported
+from nanochat.stage import SUMMARY
 
 # Caching
 
@@ -127,10 +127,12 @@ def stage_task(stage, spec, retries=2, force=False, deployed=False):
 def imported_summary(stage, spec, logger):
     """The stage.json of a stage imported into the run (nanochat import), which is done for good:
     the flow takes it as it is and never runs (nor overwrites) the stage; None otherwise."""
-    if not imported(spec.run, stage.name):
+    uri = summary_uri(stage.name, spec)
+    summary = storage.read_json(uri) if storage.exists(uri) else {}
+    if not summary.get("imported"):
         return None
     logger.info("stage %s was imported into the run: taken as it is, not run", stage.name)
-    return storage.read_json(summary_uri(stage.name, spec))
+    return summary
 
 
 class StageFailed(Exception):
