@@ -24,7 +24,6 @@ products of both negated halves. `hf.flip_qk` does it (transformers' convention 
 """
 
 import io
-import json
 import pickle
 import re
 
@@ -138,15 +137,12 @@ def checkpoint_files(directory, step):
 def read_checkpoint(directory, step):
     """(our GPTConfig, our state dict in fp32) of checkpoint `step` in `directory`."""
     model_uri, meta_uri = checkpoint_files(directory, step)
-    try:
-        meta = json.loads(storage.read_bytes(meta_uri))
-    except ValueError as e:
-        raise UpstreamError(f"{meta_uri}: not JSON ({e})") from None
+    meta = storage.read_json(meta_uri)
     state = load_tensors(model_uri)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise UpstreamError(f"{model_uri}: not a state dict (names to tensors)")
     state = {k.removeprefix(COMPILED_PREFIX): v for k, v in state.items()}
-    config = model_config(meta.get("model_config"), state, meta_uri, model_uri)
+    config = model_config(meta.get("model_config") if isinstance(meta, dict) else None, state, meta_uri, model_uri)
     return config, our_state(state, config, model_uri)
 
 

@@ -255,6 +255,9 @@ def test_an_upstream_model_between_the_eras_is_refused_naming_its_keys(base_2026
     code, err = import_(capsys, tmp_path / "base_checkpoints" / "d2", "--run", tmp_path / "run")
     assert code == 1 and "between the classic one and a825e63" in err and "resid_lambdas" in err
     assert not (tmp_path / "run").exists()
+    (tmp_path / "base_checkpoints" / "d2" / f"meta_{STEP:06d}.json").write_text("{not json")
+    code, err = import_(capsys, tmp_path / "base_checkpoints" / "d2", "--run", tmp_path / "run")
+    assert code == 1 and f"meta_{STEP:06d}.json: invalid JSON" in err and not (tmp_path / "run").exists()
 
 
 def test_a_model_with_non_finite_logits_is_refused_before_anything_is_written(base_2026, tiny_tokenizer, tmp_path,
