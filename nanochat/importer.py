@@ -118,14 +118,15 @@ def read_source(src, args):
     if not names:
         raise FileNotFoundError(f"{src}: no such directory, or it is empty")
     if "config.json" in names and names & {"model.safetensors", SHARD_INDEX}:
-        return read_transformers(src)
-    return read_upstream(src, args)
+        return read_transformers(src, names)
+    return read_upstream(src, args, names)
 
 
-def read_upstream(src, args):
+def read_upstream(src, args, names):
+    """An upstream checkpoint folder, whose files are `names`."""
     from nanochat import upstream
 
-    steps = upstream.checkpoint_steps(src)
+    steps = upstream.checkpoint_steps(names)
     if not steps:
         raise FileNotFoundError(f"{src}: neither an upstream nanochat checkpoint folder (model_<step>.pt with "
                                 "meta_<step>.json) nor a transformers model directory (config.json, model.safetensors)")
@@ -142,35 +143,35 @@ def read_upstream(src, args):
     if storage.exists(lengths := pkl.rsplit("/", 1)[0] + "/token_bytes.pt"):
         upstream.check_token_bytes(lengths, tokenizer)
         inputs["token_bytes"] = lengths
-    config, state = upstream.read_checkpoint(src, step)
+    model_uri, meta_uri = upstream.checkpoint_files(src, step)
+    config, state = upstream.read_checkpoint(model_uri, meta_uri)
     if config.vocab_size != tokenizer.vocab_size:
         raise upstream.UpstreamError(f"{src}: the model's vocab_size {config.vocab_size} is not its tokenizer's "
                                      f"({tokenizer.vocab_size}, {pkl})")
-    model_uri, meta_uri = upstream.checkpoint_files(src, step)
     era = "2026" if config.smear else "classic"
     folder = src.rsplit("/", 2)[-2]  # upstream's <base>/base_checkpoints/<tag>
     return Model(UPSTREAM, config, state, tokenizer, step, upstream.SOURCE_DIRS.get(folder),
                  {"model": model_uri, "meta": meta_uri, **inputs}, {"model": era})
 
 
-def read_transformers(src):
+def read_transformers(src, names):
     """A transformers `nanochat` directory (transformers' own type, or `nanochat_ext` as `nanochat
-    export` writes it): config.json, the weights (model.safetensors, or shards with their index),
-    tokenizer.json, and nanochat.json if we exported it. Its Python files are never run."""
+    export` writes it) whose files are `names`: config.json, the weights (model.safetensors, or
+    shards with their index), tokenizer.json, and nanochat.json if we exported it. Its Python files
+    are never run."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
     from nanochat import hf, hf_tokenizer
 
     files = {name: storage.join(src, name) for name in ("config.json", "tokenizer.json")}
-    index = storage.join(src, SHARD_INDEX)
-    if storage.exists(index):
-        weight_map = storage.read_json(index).get("weight_map") or {}
+    if SHARD_INDEX in names:
+        weight_map = storage.read_json(storage.join(src, SHARD_INDEX)).get("weight_map") or {}
         shards = {f"weights {name}": storage.join(src, name) for name in sorted(set(weight_map.values()))}
     else:
         shards = {"weights": storage.join(src, "model.safetensors")}
     provenance_uri = storage.join(src, "nanochat.json")
-    provenance = storage.read_json(provenance_uri) if storage.exists(provenance_uri) else {}
+    provenance = storage.read_json(provenance_uri) if "nanochat.json" in names else {}
     state = {}
     for uri in shards.values():
         try:
@@ -184,18 +185,20 @@ def read_transformers(src):
     except (hf.ConversionError, hf_tokenizer.TokenizerFileError) as e:
         raise ValueError(f"{src}: {e}") from None
     inputs = {"tokenizer": files["tokenizer.json"], "config": files["config.json"], **shards,
-              **({"nanochat.json": provenance_uri} if provenance else {})}
+              **({"nanochat.json": provenance_uri} if "nanochat.json" in names else {})}
     generation_uri = storage.join(src, "generation_config.json")
-    if storage.exists(generation_uri):
+    theirs = {}
+    if "generation_config.json" in names:
+        theirs = storage.read_json(generation_uri)
         inputs["generation_config"] = generation_uri
     return Model(TRANSFORMERS, config, state, tokenizer, provenance.get("step") or 0, provenance.get("source"), inputs,
-                 {"model_type": hf_config["model_type"]}, read_generation(generation_uri, provenance, provenance_uri))
+                 {"model_type": hf_config["model_type"]}, read_generation(theirs, generation_uri, provenance, provenance_uri))
 
 
-def read_generation(uri, provenance, provenance_uri):
-    """The generation config of a transformers directory: its generation_config.json's sampling
-    fields (top_k 0 is transformers' "every token"), then the frequency penalty nanochat.json carries."""
-    theirs = storage.read_json(uri) if storage.exists(uri) else {}
+def read_generation(theirs, uri, provenance, provenance_uri):
+    """The generation config of a transformers directory: its generation_config.json's (`theirs`,
+    read from `uri`) sampling fields (top_k 0 is transformers' "every token"), then the frequency
+    penalty nanochat.json carries."""
     given = {ours: theirs[name] for name, ours in GENERATION_FIELDS.items() if theirs.get(name) is not None}
     if given.get("top_k") == 0:
         given["top_k"] = None

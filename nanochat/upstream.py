@@ -122,10 +122,9 @@ def load_tensors(uri):
         raise UpstreamError(f"{uri}: not a torch.save file of tensors: {e}") from None
 
 
-def checkpoint_steps(directory):
-    """The steps of the checkpoints in upstream checkpoint folder `directory` (those having both
-    model_<step>.pt and meta_<step>.json), oldest first."""
-    names = set(storage.listdir(directory))
+def checkpoint_steps(names):
+    """The steps of the checkpoints among the file names of an upstream checkpoint folder (those
+    having both model_<step>.pt and meta_<step>.json), oldest first."""
     return sorted(int(m.group(1)) for m in map(MODEL_RE.match, names) if m and f"meta_{m.group(1)}.json" in names)
 
 
@@ -134,9 +133,8 @@ def checkpoint_files(directory, step):
     return (storage.join(directory, f"model_{step:06d}.pt"), storage.join(directory, f"meta_{step:06d}.json"))
 
 
-def read_checkpoint(directory, step):
-    """(our GPTConfig, our state dict in fp32) of checkpoint `step` in `directory`."""
-    model_uri, meta_uri = checkpoint_files(directory, step)
+def read_checkpoint(model_uri, meta_uri):
+    """(our GPTConfig, our state dict in fp32) of the checkpoint in model_<step>.pt and meta_<step>.json."""
     meta = storage.read_json(meta_uri)
     state = load_tensors(model_uri)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
