@@ -265,12 +265,10 @@ def load_rank_state(target, rank, manifest=None):
     manifest = manifest or read_manifest(target)
     if rank >= manifest["world_size"]:
         raise CheckpointError(f"{target}: saved by {manifest['world_size']} ranks, cannot restore rank {rank}")
-    files, name = manifest["files"], f"optim_rank_{rank:03d}"
-    for part in (f"{name}.safetensors", f"{name}.json"):
-        if part not in files:
-            raise CheckpointError(f"{target}: {part} is not in the manifest")
-    tensors = read_tensors(storage.join(target, f"{name}.safetensors"), files[f"{name}.safetensors"])
-    rank_state = join_state(json.loads(read_verified(storage.join(target, f"{name}.json"), files[f"{name}.json"])), tensors)
+    name = f"optim_rank_{rank:03d}"
+    tensors_entry, skeleton_entry = (manifest_entry(target, manifest, f"{name}.{ext}") for ext in ("safetensors", "json"))
+    tensors = read_tensors(storage.join(target, f"{name}.safetensors"), tensors_entry)
+    rank_state = join_state(json.loads(read_verified(storage.join(target, f"{name}.json"), skeleton_entry)), tensors)
     return rank_state["optimizer"], rank_state["rng"]
 
 
@@ -302,8 +300,12 @@ def load_model(target, device="cpu"):
     """The GPT of a checkpoint directory, weights verified, in eval mode, and the tokenizer it was
     trained with: (model, tokenizer, meta)."""
     model_state, _, meta = load(target, device=device, load_optimizer=False)
-    model = build_model(GPTConfig(**meta["model_config"]), model_state, device)
-    return model, Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0]), meta
+    return build_model(GPTConfig(**meta["model_config"]), model_state, device), load_tokenizer(meta), meta
+
+
+def load_tokenizer(meta):
+    """The tokenizer a checkpoint's meta.json names (its tokenizer.json, in a tokenizer directory)."""
+    return Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
 
 
 def build_model(config, model_state, device="cpu"):

@@ -183,7 +183,6 @@ def export(run, to, source=None, dtype="float32", force=False):
     """Exports a run's model (or a checkpoint URI's) to `to`; returns the export's nanochat.json provenance."""
     from nanochat import checkpoint
     from nanochat.gpt import GPTConfig
-    from nanochat.tokenizer import Tokenizer
 
     target, source = checkpoint.find_checkpoint(run, source)
     to = storage.normalize(to)
@@ -195,7 +194,7 @@ def export(run, to, source=None, dtype="float32", force=False):
     except (checkpoint.CheckpointError, ValueError) as e:
         raise ExportError(str(e)) from None
     config = GPTConfig(**meta["model_config"])
-    tokenizer = Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
+    tokenizer = checkpoint.load_tokenizer(meta)
     run_uri = None if source is None else storage.run_uri(run)
     provenance = {"run": storage.redact(run) if source else None, "source": source, "step": meta.get("step"),
                   "checkpoint": storage.redact(target), "model_config": meta["model_config"]}
