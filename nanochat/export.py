@@ -55,13 +55,12 @@ def build_parser():
 
 def generation_config(tokenizer, remote, generation):
     """generation_config.json: the model's generation config (`generation`, which `nanochat chat` and
-    `nanochat serve` use), stopping where our engine stops. Temperature 0 is greedy (no sampling) and
-    top_k 0 every token, as transformers reads them."""
+    `nanochat serve` use) as transformers reads it (hf.export_generation), stopping where our engine stops."""
+    from nanochat import hf
+
     ids = tokenizer.special_ids
     return {"bos_token_id": ids["<|bos|>"], "eos_token_id": [ids["<|assistant_end|>"], ids["<|bos|>"]],
-            "pad_token_id": ids["<|assistant_end|>"], "do_sample": generation["temperature"] > 0,
-            "temperature": generation["temperature"], "top_k": generation["top_k"] or 0,
-            "max_new_tokens": generation["max_tokens"], "use_cache": not remote}
+            "pad_token_id": ids["<|assistant_end|>"], **hf.export_generation(generation), "use_cache": not remote}
 
 
 def model_card(config, provenance, metrics, remote, generation):

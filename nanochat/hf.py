@@ -1,5 +1,5 @@
-"""Our GPT <-> Hugging Face transformers' `nanochat` model: parameter names, the rotary convention
-and config.json, both ways. Plain tensors and dicts; transformers itself is never imported.
+"""Our GPT <-> Hugging Face transformers' `nanochat` model: parameter names, the rotary convention,
+config.json and generation_config.json's sampling fields, both ways. Plain tensors and dicts; transformers itself is never imported.
 
 transformers' `nanochat` type (5.0+) is our classic model under other names, with one difference
 of convention: its rotary embedding turns each pair (x[i], x[i + D/2]) by the opposite angle to
@@ -45,6 +45,9 @@ REMOTE_OPTIONS = ("window_pattern", "value_embeds", "lambdas", "smear", "backout
 # we can run; import refuses any other value, naming the field.
 FIXED = {"hidden_act": "relu2", "final_logit_softcapping": LOGIT_SOFTCAP, "attention_bias": False}
 
+# generation_config.json's sampling fields: ours (chat.GENERATION's) -> transformers'. The frequency
+# penalty has no transformers equivalent (repetition_penalty is multiplicative).
+GENERATION_FIELDS = {"temperature": "temperature", "top_k": "top_k", "max_tokens": "max_new_tokens"}
 
 class ConversionError(ValueError):
     """A transformers model that our GPT cannot represent exactly; the message names the field or key."""
@@ -243,3 +246,19 @@ def import_state(hf_state, hf_config_dict, vocab_size):
             raise ConversionError(f"model weights: {name} has shape {tuple(tensor.shape)}, config.json implies {expected[key]}")
         state[key] = flip_qk(key, tensor, config).contiguous().clone()
     return config, state
+
+
+def export_generation(generation):
+    """generation_config.json's sampling fields of our generation config (chat.GENERATION's fields):
+    temperature 0 is greedy (no sampling), and top_k None (every token) is transformers' 0."""
+    out = {theirs: generation[ours] for ours, theirs in GENERATION_FIELDS.items()}
+    return {**out, "top_k": out["top_k"] or 0, "do_sample": generation["temperature"] > 0}
+
+
+def import_generation(theirs):
+    """The fields of our generation config that a generation_config.json (a dict) gives, unchecked
+    (chat.generation_config checks them); transformers' top_k 0 is every token (None)."""
+    given = {ours: theirs[name] for ours, name in GENERATION_FIELDS.items() if theirs.get(name) is not None}
+    if given.get("top_k") == 0:
+        given["top_k"] = None
+    return given

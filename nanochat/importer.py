@@ -37,7 +37,6 @@ from nanochat.common import setup_logging
 UPSTREAM = "upstream nanochat"
 TRANSFORMERS = "transformers"
 SHARD_INDEX = "model.safetensors.index.json"  # transformers' map of weights to shard files
-GENERATION_FIELDS = {"temperature": "temperature", "top_k": "top_k", "max_new_tokens": "max_tokens"}  # theirs: ours
 
 
 @dataclasses.dataclass
@@ -191,17 +190,14 @@ def read_transformers(src, names):
     if "generation_config.json" in names:
         theirs = storage.read_json(generation_uri)
         inputs["generation_config"] = generation_uri
+    generation = read_generation(hf.import_generation(theirs), generation_uri, provenance, provenance_uri)
     return Model(TRANSFORMERS, config, state, tokenizer, provenance.get("step") or 0, provenance.get("source"), inputs,
-                 {"model_type": hf_config["model_type"]}, read_generation(theirs, generation_uri, provenance, provenance_uri))
+                 {"model_type": hf_config["model_type"]}, generation)
 
 
-def read_generation(theirs, uri, provenance, provenance_uri):
-    """The generation config of a transformers directory: its generation_config.json's (`theirs`,
-    read from `uri`) sampling fields (top_k 0 is transformers' "every token"), then the frequency
-    penalty nanochat.json carries."""
-    given = {ours: theirs[name] for name, ours in GENERATION_FIELDS.items() if theirs.get(name) is not None}
-    if given.get("top_k") == 0:
-        given["top_k"] = None
+def read_generation(given, uri, provenance, provenance_uri):
+    """The generation config of a transformers directory: the fields its generation_config.json
+    (at `uri`) gives (hf.import_generation), then the frequency penalty nanochat.json carries."""
     generation = chat.generation_config(given, uri)
     if "frequency_penalty" in provenance:
         generation = chat.generation_config({**generation, "frequency_penalty": provenance["frequency_penalty"]},
