@@ -87,14 +87,14 @@ def test_event_streams_pass_proxies_and_carry_usage_last(server):
 def test_chat_logprobs_streaming_and_not(client):
     """logprobs / top_logprobs: one entry per generated token, the greedy token the most likely one,
     the same numbers streamed."""
-    response = ask(client, "Tell me a story.", temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    response = ask(client, "Tell me a story.", temperature=0, frequency_penalty=0, max_tokens=8, logprobs=True, top_logprobs=3)
     content = response.choices[0].logprobs.content
     assert len(content) == response.usage.completion_tokens
     for entry in content:
         assert len(entry.top_logprobs) == 3 and entry.logprob <= 0 and bytes(entry.bytes).decode(errors="replace") == entry.token
         assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
-    streamed_entries = [e for chunk in ask(client, "Tell me a story.", temperature=0, max_tokens=8, logprobs=True,
+    streamed_entries = [e for chunk in ask(client, "Tell me a story.", temperature=0, frequency_penalty=0, max_tokens=8, logprobs=True,
                                            top_logprobs=3, stream=True)
                         for c in chunk.choices if c.logprobs for e in c.logprobs.content]
     assert [e.model_dump() for e in streamed_entries] == [e.model_dump() for e in content]
@@ -215,8 +215,8 @@ def test_conversation_shapes(client):
     """A later system message and turns in a row are joined as documented (the same greedy answer as
     the joined conversation); a final assistant message is continued (prefill)."""
     def greedy(messages):
-        return client.chat.completions.create(model="nanochat", messages=messages, temperature=0,
-                                              max_tokens=12).choices[0].message.content
+        return client.chat.completions.create(model="nanochat", messages=messages, temperature=0, frequency_penalty=0,
+                                              max_tokens=12).choices[0].message.content  # the penalty counts the reply's own tokens
 
     shaped = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "there"}, {"role": "assistant", "content": "Yo."},
               {"role": "developer", "content": "Be kind."}, {"role": "user", "content": "Tell me a story."}]
@@ -350,11 +350,11 @@ def test_the_worker_builds_its_engine_on_its_own_thread():
 def test_chat_cli_one_shot_and_interactive(run, client):
     storage, name = run
     env = {**os.environ, "NANOCHAT_STORAGE": str(storage)}
-    cli = [sys.executable, "-m", "nanochat.cli", "chat", "--run", name, "--max-tokens", "8", "--temperature", "0"]
-    one_shot = subprocess.run([*cli, "-p", "Hello"], env=env, capture_output=True, text=True, check=True, timeout=120)
-    assert one_shot.stdout.strip()
-    # one set of generation defaults: the CLI's, and the API's for the fields a request leaves out (seeded sampling)
-    defaults = subprocess.run([*cli[:-4], "--seed", "5", "--max-tokens", "24", "-p", "Count with me."], env=env,
+    chat = [sys.executable, "-m", "nanochat.cli", "chat", "--run", name]
+    cli = [*chat, "--max-tokens", "8", "--temperature", "0"]
+    # one shot, with one set of generation defaults: the CLI's, and the API's for the fields a request
+    # leaves out (seeded sampling)
+    defaults = subprocess.run([*chat, "--seed", "5", "--max-tokens", "24", "-p", "Count with me."], env=env,
                               capture_output=True, text=True, check=True, timeout=120)
     omitted = ask(client, "Count with me.", seed=5, max_tokens=24).choices[0].message.content
     explicit = ask(client, "Count with me.", seed=5, max_tokens=24, temperature=GENERATION["temperature"],
@@ -383,6 +383,8 @@ def test_web_ui_in_headless_chromium(server, tmp_path):
         assert tab.js("document.getElementById('temperature').placeholder") == str(GENERATION["temperature"])
         assert tab.js("document.getElementById('top_k').placeholder") == str(GENERATION["top_k"])
         tab.js("document.getElementById('max_tokens').value = '24'")  # short answers: the test's time
+        assert tab.js("JSON.stringify(request())") == json.dumps(  # empty settings: the model's own defaults apply
+            {"messages": [], "stream": True, "max_tokens": 24}, separators=(",", ":"))
         first, error = tab.say("Hello there!")
         assert first and not error
         assert tab.js("document.querySelector('.user').textContent") == "Hello there!"

@@ -42,3 +42,14 @@ def test_no_server_errors_and_openai_error_bodies(case, fuzzed):
     if not 200 <= response.status_code < 300:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str), response.text
+
+
+def test_max_tokens_caps_the_models_default(fuzzed):
+    """--max-tokens 8 caps the model's own default (512) for requests that leave max_tokens out, on both
+    endpoints."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    bodies = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "Tell me a long story."}]},
+              "/v1/completions": {"prompt": "Once upon a time", "temperature": 0, "frequency_penalty": 0}}
+    answers = {path: httpx.post(fuzzed + path, json=body, headers=headers, timeout=60).json() for path, body in bodies.items()}
+    assert all(a["usage"]["completion_tokens"] <= 8 for a in answers.values()), answers
+    assert answers["/v1/completions"]["choices"][0]["finish_reason"] == "length", answers
