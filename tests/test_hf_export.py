@@ -16,8 +16,7 @@ from nanochat.checkpoint import find_checkpoint, load_model
 from nanochat.engine import Engine, SamplingParams
 from nanochat.export import write_model_dir
 from nanochat.gpt import GPT, GPTConfig
-from tests.support.hf import transformers
-from tests.support.stagerun import missing
+from tests.support.hf import randomize, require_transformers
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there, how are you?"}],
@@ -39,8 +38,7 @@ SHAPES = [
 @pytest.fixture(scope="module")
 def auto():
     """transformers' Auto classes (a skip without transformers, a failure under CI)."""
-    if transformers is None:
-        missing("transformers is not installed (pip install -e '.[dev]')")
+    transformers = require_transformers()
     return transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
 
@@ -58,10 +56,7 @@ def classic(auto, tiny_tokenizer, tmp_path_factory):
     config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
                        n_embd=128, rope_base=50000.0)
     torch.manual_seed(0)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.05 if name == "lm_head.weight" else 0.1)
+    model = randomize(GPT(config))
     directory = tmp_path_factory.mktemp("classic-hf")
     write_model_dir(directory, model.state_dict(), config, tiny_tokenizer)
     models, tokenizers = auto

@@ -13,9 +13,8 @@ import torch
 
 from nanochat import chat, checkpoint, export, hf_tokenizer
 from nanochat.engine import Engine, SamplingParams
-from tests.support.hf import transformers
+from tests.support.hf import randomize, require_transformers
 from tests.support.serving import ask, openai_client, serving
-from tests.support.stagerun import missing
 from tests.test_upstream_import import import_, imported_into
 
 PROMPTS = [
@@ -28,17 +27,13 @@ PROMPTS = [
 def theirs(tiny_tokenizer, tmp_path_factory):
     """A random NanoChatForCausalLM (GQA, rotary base 50000, transformers' default RMSNorm eps)
     saved by transformers, with the tokenizer's files beside it: (model, directory)."""
-    if transformers is None:
-        missing("transformers is not installed (pip install -e '.[dev]')")
+    transformers = require_transformers()
     config = transformers.NanoChatConfig(vocab_size=tiny_tokenizer.vocab_size, hidden_size=128, intermediate_size=512,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=256,
                                          rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
     torch.manual_seed(0)
-    model = transformers.NanoChatForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.05 if name == "lm_head.weight" else 0.1)
+    model = randomize(transformers.NanoChatForCausalLM(config))
     directory = tmp_path_factory.mktemp("hf") / "nanochat-tiny"
     model.save_pretrained(directory)
     generation = directory / "generation_config.json"  # a greedy model's (transformers refuses to save it)
