@@ -79,15 +79,26 @@ def norm(key):
     return "".join(c for c in key.lower() if c.isalnum())
 
 
+def own_tasks(summaries):
+    """The tasks of your own a chat_eval stage evaluated (`-a module:Class`): the names in its
+    metrics' `tasks` that are not built-in columns, in the order first met."""
+    known = {norm(c) for c in COLUMNS}
+    names = [t for s in summaries.values() for t in s.get("metrics", {}).get("tasks", {}) if norm(t) not in known]
+    return list(dict.fromkeys(names))
+
+
 def metrics_table(summaries):
-    """The BASE/MID/SFT/RL table with the columns that have a value in some row, or None."""
+    """The BASE/MID/SFT/RL table with the columns that have a value in some row, or None; tasks of
+    your own come after the built-in ones, before ChatCORE."""
+    at = COLUMNS.index("ChatCORE")
+    all_columns = (*COLUMNS[:at], *own_tasks(summaries), *COLUMNS[at:])
     values = {}
     for row, stages in ROWS.items():
         found = {}
         for stage in stages:
             found.update({norm(k): v for k, v in scalars(summaries.get(stage, {}).get("metrics", {})).items()})
-        values[row] = {col: found[norm(col)] for col in COLUMNS if norm(col) in found}
-    columns = [c for c in COLUMNS if any(c in v for v in values.values())]
+        values[row] = {col: found[norm(col)] for col in all_columns if norm(col) in found}
+    columns = [c for c in all_columns if any(c in v for v in values.values())]
     rows = [r for r, v in values.items() if v]
     if not columns:
         return None

@@ -1,10 +1,12 @@
 """Tasks by name: chat_eval's evaluation tasks with their chance baselines, and `module:Class` for a
-task of your own (a Task subclass importable from PYTHONPATH). The stages resolve names here and
-pass task objects on; nothing under nanochat/ outside the stages imports tasks."""
+task of your own (a Task subclass importable from PYTHONPATH, whose constructor takes the split).
+The stages resolve names here and pass task objects on; nothing under nanochat/ outside the stages
+imports tasks."""
 
 import importlib
 
 from tasks.arc import ARC
+from tasks.common import Task
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -20,19 +22,36 @@ EVAL_TASKS = {"ARC-Easy": lambda: ARC("ARC-Easy"), "ARC-Challenge": lambda: ARC(
 assert EVAL_TASKS.keys() == BASELINES.keys(), "every evaluation task needs its chance baseline"
 
 
+EVAL_TYPES = ("categorical", "generative")
+NEEDED = ("num_examples", "get_example", "evaluate")  # the methods a Task subclass must define
+
+
 class UnknownTask(ValueError):
     """A task name or `module:Class` that names no task; the message says why."""
 
 
 def eval_task(name):
-    """The evaluation split of the task chat_eval knows as `name` (a key of BASELINES)."""
-    if name not in EVAL_TASKS:
-        raise UnknownTask(f"unknown task {name!r}; choose from {', '.join(EVAL_TASKS)}")
-    return EVAL_TASKS[name]()
+    """The evaluation split of the task chat_eval knows as `name` (a key of BASELINES), or of your
+    own task `module:Class` (its 'test' split)."""
+    if name in EVAL_TASKS:
+        return EVAL_TASKS[name]()
+    if ":" in name:
+        return task(name, "test")
+    raise UnknownTask(f"unknown task {name!r}; choose from {', '.join(EVAL_TASKS)}, or module:Class")
+
+
+def task(spec, split, known=None):
+    """The task `spec` names (see task_class) on `split` ('train' or 'test')."""
+    cls = task_class(spec, known)
+    try:
+        return cls(split)
+    except TypeError as e:  # most often a constructor that does not take the split
+        raise UnknownTask(f"{spec!r}: {cls.__name__}({split!r}) failed: {e} (a task's constructor takes the split)") from None
 
 
 def task_class(spec, known=None):
-    """The Task class `spec` names: a key of `known` ({name: class}), or `module:Class` (imported)."""
+    """The Task class `spec` names: a key of `known` ({name: class}), or `module:Class` (imported),
+    checked to be a Task that defines what a task needs."""
     known = known or {}
     if spec in known:
         return known[spec]
@@ -41,6 +60,14 @@ def task_class(spec, known=None):
         choices = ", ".join([*known, "module:Class"])
         raise UnknownTask(f"{spec!r} names no task; use {choices}")
     try:
-        return getattr(importlib.import_module(module), name)
+        cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise UnknownTask(f"{spec!r}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise UnknownTask(f"{spec!r} is not a Task subclass (tasks.common.Task)")
+    missing = [method for method in NEEDED if getattr(cls, method) is getattr(Task, method)]
+    if cls.eval_type not in EVAL_TYPES:
+        missing.append(f"eval_type ({' or '.join(map(repr, EVAL_TYPES))}, not {cls.eval_type!r})")
+    if missing:
+        raise UnknownTask(f"{spec!r} lacks what a task needs: {', '.join(missing)}")
+    return cls

@@ -2,13 +2,18 @@
 
     torchrun --nproc_per_node 2 -m nanochat.stages.chat_eval -- --run myrun --preset tiny --source sft
     python -m nanochat.stages.chat_eval --run myrun --preset cpu --source mid -a ARC-Easy,GSM8K --max-generative 200
+    python -m nanochat.stages.chat_eval --run myrun --preset cpu --source sft -a ARC-Easy,mytasks:Capitals
 
 Reads the final checkpoint of the --source stage (mid_train, chat_sft or chat_rl) in the same run.
 Categorical tasks compare the logits of the answer letters, batched; generative ones sample with
 the engine (greedy by default; GSM8K uses the calculator, HumanEval runs in the sandbox). Both run
 under the autocast that training used (--dtype). Problems are spread over the processes. Writes
 <run>/chat_eval_<source>/stage.json: each task's accuracy, problem count and time, and ChatCORE
-over the tasks evaluated.
+over the built-in tasks evaluated.
+
+-a takes `module:Class` for a task of your own (as chat_rl's --task: a Task whose constructor takes
+the split; this stage evaluates 'test'). Its accuracy is reported under that name; it stays out of
+ChatCORE, which centers each task by its known chance accuracy and so stays comparable across runs.
 """
 
 import time
@@ -22,7 +27,8 @@ def build_parser():
     p = stage.parser("chat_eval", __doc__)
     a = p.add_argument
     a("--source", choices=pipeline.CHAT_SOURCES, required=True, help="which stage's model to evaluate")
-    a("-a", "--tasks", default=",".join(catalog.BASELINES), help="comma-separated tasks (default: all)")
+    a("-a", "--tasks", default=",".join(catalog.BASELINES),
+      help="comma-separated tasks, built-in or module:Class of your own (default: all built-in)")
     a("--max-problems", type=int, help="problems per categorical task (-1: all)")
     a("--max-generative", type=int, help="problems per generative task, each sampled (-1: all)")
     a("--batch-size", type=int, help="conversations per forward pass for categorical tasks")
@@ -56,8 +62,10 @@ def main(args):
     results = chatcore.evaluate_tasks(tasks, model, tokenizer, engine, compute.device, autocast, args.max_problems,
                                       args.max_generative, args.batch_size, params, compute.rank, compute.world_size)
     accuracies = {t: r["accuracy"] for t, r in results.items()}
-    score = chatcore.chatcore(accuracies, catalog.BASELINES)
-    log.info("ChatCORE %.4f over %s", score, ", ".join(results))
+    builtin = {t: accuracy for t, accuracy in accuracies.items() if t in catalog.BASELINES}
+    score = chatcore.chatcore(builtin, catalog.BASELINES) if builtin else None  # None: only tasks of your own
+    if builtin:
+        log.info("ChatCORE %.4f over %s", score, ", ".join(builtin))
     metrics = {"chatcore": score, "tasks": results, "source": args.source,
                "dtype": str(dtype).removeprefix("torch."), **accuracies}
     if compute.master:

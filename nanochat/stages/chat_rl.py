@@ -48,7 +48,7 @@ def build_parser():
 def load_task(spec, split):
     """The task --task names, on `split`."""
     try:
-        return catalog.task_class(spec, {"GSM8K": GSM8K})(split)
+        return catalog.task(spec, split, {"GSM8K": GSM8K})
     except catalog.UnknownTask as e:
         raise stage.StageError(f"--task {e}") from None
 
