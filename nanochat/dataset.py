@@ -22,8 +22,8 @@ of a pretraining corpus (sources.CORPORA; None: the run's, else the default).
 In a pipeline run (a stage in a run whose download stage is committed, `stage.declare_data`), the
 functions a stage reads data through (`fetch`, `pretrain_shards`, `shard_split`, `eval_bundle_dir`)
 take every file from the run's files.json instead and never download: a file it does not declare,
-or that is not there, is a StageError naming it. The shards are the declared ones, all of one corpus:
-a `source` other than theirs is a StageError.
+or that is not there, is a StageError naming it. The shards are the declared ones, all of one corpus
+or all your own text (`own_text`: declared where it is): a `source` other than theirs is a StageError.
 """
 
 import contextlib
@@ -386,9 +386,9 @@ def _corpus(source):
 
 def _declared_shards(declared, source=None):
     """The relpaths of the shards files.json declares (at least a training and a validation one),
-    all of one corpus, and of corpus `source` if one is named."""
-    relpaths = declared.relpaths(sources.SHARD_RE)
-    found = sorted({sources.corpus_of(r).name for r in relpaths})
+    all of one source (a corpus, or your own text), and of corpus `source` if one is named."""
+    relpaths = declared.relpaths(sources.PRETRAIN_RE)
+    found = sorted({sources.source_of(r) for r in relpaths})
     if len(found) > 1:
         raise stage.StageError(f"{declared.uri} declares shards of {' and '.join(found)}; a run pretrains on one source")
     if source is not None and found and found != [_corpus(source).name]:
@@ -398,6 +398,19 @@ def _declared_shards(declared, source=None):
         raise stage.StageError(f"{declared.uri} declares {len(relpaths)} pretraining shard(s); need at least 2 "
                                f"(train + validation)")
     return relpaths
+
+
+def own_text(folder, num_shards=-1):
+    """The files.json entries of your own pretraining text (`sources.own_text_plan`'s files), each
+    checked to be parquet with a string `text` column (a ShardError naming the file) and hashed;
+    declared where they are, never copied."""
+    train, val = sources.own_text_plan(folder, num_shards)
+    entries = []
+    for uri in [*train, val]:
+        shards.open_shard(uri).close(force=True)
+        entries.append({"relpath": f"{sources.OWN}/{uri.rsplit('/', 1)[-1]}", "uri": uri, "url": uri,
+                        "bytes": storage.size(uri), "sha256": storage.sha256(uri), "fetched": 0})
+    return entries
 
 
 def shard_waiter(storage_uri=None, mirror=None, source=None):

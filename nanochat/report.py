@@ -162,9 +162,9 @@ def build(run):
         lines += [f"- code: nanochat {code['version']}, commit {code['commit']}, sources {code['source_sha256'][:12]}"]
 
     if "download" in summaries:
-        m = summaries["download"]["metrics"]
-        lines += ["", "## Data", "", f"- {m['files']} files, {m['train_shards']} training shards + validation, "
-                                      f"{m['bytes']:,} bytes in `{m['data_root']}`"]
+        m, source = summaries["download"]["metrics"], summaries["download"]["config"].get("source")
+        lines += ["", "## Data", "", f"- pretraining text: {source}, {m['train_shards']} training shards + validation",
+                  f"- {m['files']} files, {m['bytes']:,} bytes; data cache `{m['data_root']}`"]
     if "tok_train" in summaries:
         m = summaries["tok_train"]["metrics"]
         lines += ["", "## Tokenizer", "", f"- vocabulary {m['vocab_size']:,}, trained on {m['chars']:,} characters "

@@ -1,4 +1,5 @@
-"""Pretraining shards: parquet files `shard_NNNNN.parquet` with one document per row in `text`.
+"""Pretraining shards: parquet files `shard_NNNNN.parquet` (your own text's: any `.parquet` name) with
+one document per row in `text`.
 
 By convention the last shard of a directory is the validation split, the rest are training.
 Files are read through fsspec, one row group at a time, so memory stays bounded by a row group.

@@ -32,6 +32,12 @@ takes the first n shards of that set for training plus the set's last shard for 
 fetches 0..7 + 1822 of FineWeb-EDU upstream and 0..7 + 23 from ../shared/data. The validation
 shard sorts last in the cache whatever n is, and the downloader fetches it before any training
 shard, so "last = validation" also holds at every moment of a download running in the background.
+
+Your own text. A `--source` with a "/" (a path or URI) instead of a corpus name is a folder of your
+own `.parquet` files with a string column `text`, one document per row: `own_text_plan` takes the
+files directly in it in name order, the last one validation, and the download stage declares them
+in the run where they are (never copied into the cache, where two runs' folders would collide)
+under `own/<file name>`; from there the run's stages read them as they read a corpus's shards.
 """
 
 import dataclasses
@@ -80,6 +86,25 @@ def corpus(name=None):
     if name not in CORPORA:
         raise SourceError(f"unknown pretraining source {name!r}; known sources: {', '.join(sorted(CORPORA))}")
     return CORPORA[name]
+
+
+OWN = "own"  # the directory of your own text's files in files.json, and its name as a source
+OWN_RE = re.compile(rf"^{OWN}/[^/]+\.parquet$")
+PRETRAIN_RE = re.compile(f"{SHARD_RE.pattern}|{OWN_RE.pattern}")  # a declared file of pretraining text
+
+
+def is_own_text(source):
+    """Whether a --source names a folder of your own text (a path or URI: it has a "/") rather than
+    a corpus."""
+    return "/" in source
+
+
+def source_of(relpath):
+    """The pretraining source a declared file belongs to: its corpus's name, OWN, or None."""
+    if OWN_RE.match(relpath):
+        return OWN
+    c = corpus_of(relpath)
+    return c.name if c else None
 
 
 def corpus_of(relpath):
@@ -208,10 +233,33 @@ def pretrain_plan(num_shards, mirror=None, source=None):
     """(train shard numbers, validation shard number) of corpus `source` (None: the default) for
     `num_shards` training shards (-1: all). More than the corpus has is clamped to what it has; see
     the module docstring."""
+    _check_count(num_shards)
+    indices = shard_indices(corpus(source), mirror)
+    return _split(indices, num_shards, f"the shard source has {len(indices)} shard(s)")
+
+
+def own_text_plan(folder, num_shards):
+    """(train file URIs, validation file URI) of your own text: the `.parquet` files directly in
+    `folder` (a path or URI) in name order, the last one validation, and the first `num_shards` of
+    the others (-1: all) training."""
+    _check_count(num_shards)
+    root = storage.normalize(folder)
+    try:
+        names = storage.listdir(root)
+    except Exception as e:  # noqa: BLE001 - any filesystem error means the folder is unusable
+        raise SourceError(f"your text {root} is not a readable folder ({type(e).__name__}: {e})") from None
+    files = [storage.join(root, name) for name in names if name.endswith(".parquet")]
+    return _split(files, num_shards, f"your text {root} has {len(files)} .parquet file(s)")
+
+
+def _check_count(num_shards):
     if num_shards < -1 or num_shards == 0:
         raise SourceError(f"number of shards must be -1 (all) or >= 1, not {num_shards}")
-    indices = shard_indices(corpus(source), mirror)
-    if len(indices) < 2:
-        raise SourceError(f"the shard source has {len(indices)} shard(s); need at least 2 (train + validation)")
-    train = indices[:-1] if num_shards == -1 else indices[:-1][:num_shards]
-    return train, indices[-1]
+
+
+def _split(items, num_shards, found):
+    """(the first `num_shards` of all but the last of `items` (-1: all), the last); `found` says
+    what `items` are, for the error when they are fewer than 2."""
+    if len(items) < 2:
+        raise SourceError(f"{found}; need at least 2 (train + validation)")
+    return (items[:-1] if num_shards == -1 else items[:-1][:num_shards]), items[-1]

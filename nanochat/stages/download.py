@@ -5,18 +5,21 @@ cache (<storage>/data/), from the real sources or a mirror.
     python -m nanochat.stages.download --run myrun --preset d20 -n 8 &   # train while it downloads
     python -m nanochat.stages.download --run myrun --preset d20 --source climbmix
     python -m nanochat.stages.download --run /tmp/run --preset tiny --data-mirror ../shared/data
+    python -m nanochat.stages.download --run myrun --preset cpu --source s3://bucket/my-texts/
 
-`--source` picks the pretraining corpus (nanochat/sources.py: fineweb-edu, the default, or climbmix);
-the stages after this one read the shards it declares, so the whole run pretrains on it. `-n`
-training shards (-1: all) plus the validation shard, which is fetched first; then the eval
-bundle (also extracted to <storage>/data/eval_bundle/) and the task files. Files already in the
-cache are not fetched again. Writes <run>/download/files.json (relpath, URI, bytes, sha256 of
-every file), then stage.json.
+`--source` picks the pretraining corpus (nanochat/sources.py: fineweb-edu, the default, or climbmix),
+or, as a path or URI (anything with a "/"), a folder of your own `.parquet` files with a string
+column `text`, the last in name order validation: checked and declared where they are, not copied.
+The stages after this one read the shards it declares, so the whole run, tokenizer included,
+trains on them. `-n` training shards (-1: all) plus the validation shard, which is fetched first;
+then the eval bundle (also extracted to <storage>/data/eval_bundle/) and the task files. Files
+already in the cache are not fetched again. Writes <run>/download/files.json (relpath, URI, bytes,
+sha256 of every file), then stage.json.
 """
 
 import time
 
-from nanochat import dataset, sources, stage, storage
+from nanochat import dataset, shards, sources, stage, storage
 from nanochat.common import log
 
 STAGE = "download"
@@ -25,7 +28,8 @@ STAGE = "download"
 def build_parser():
     p = stage.parser(STAGE, __doc__)
     p.add_argument("--source", default=sources.DEFAULT_CORPUS,
-                   help=f"pretraining corpus, one of: {', '.join(sorted(sources.CORPORA))}")
+                   help=f"pretraining corpus, one of: {', '.join(sorted(sources.CORPORA))}; or a folder (path or URI, "
+                        "with a '/') of your own .parquet files with a `text` column, the last one validation")
     p.add_argument("-n", "--num-shards", type=int, help="training shards to fetch (-1: all); the validation shard comes too")
     p.add_argument("--data-mirror", default=None,
                    help="mirror root laid out like ../shared/data (default: $NANOCHAT_DATA_MIRROR, else the real sources)")
@@ -42,19 +46,23 @@ def main(args):
         raise stage.StageError("--workers must be >= 1, --retries >= 0 and --timeout > 0")
     try:
         sources.check_mirror(args.data_mirror)
-        corpus = sources.corpus(args.source)
-        train, val = sources.pretrain_plan(args.num_shards, args.data_mirror, corpus.name)
-    except sources.SourceError as e:
+        if sources.is_own_text(args.source):  # declared where it is: nothing to fetch
+            own = dataset.own_text(args.source, args.num_shards)
+            pretraining, text = [], f"your text in {args.source}: {len(own) - 1} training files + the validation file"
+        else:
+            corpus = sources.corpus(args.source)
+            train, val = sources.pretrain_plan(args.num_shards, args.data_mirror, corpus.name)
+            own, pretraining = [], [corpus.relpath(i) for i in [val, *train]]
+            text = f"{len(train)} {corpus.name} training shards + the validation shard, fetched"
+    except (sources.SourceError, shards.ShardError) as e:
         raise stage.StageError(str(e)) from None
-    relpaths = [corpus.relpath(i) for i in [val, *train]]
-    relpaths += sources.GROUPS["eval"] + sources.GROUPS["tasks"]
-    log.info("fetching %d %s training shards + the validation shard, the eval bundle and %d task files from %s",
-             len(train), corpus.name, len(sources.GROUPS["tasks"]),
+    relpaths = pretraining + sources.GROUPS["eval"] + sources.GROUPS["tasks"]
+    log.info("pretraining on %s; the eval bundle and %d task files from %s", text, len(sources.GROUPS["tasks"]),
              sources.mirror_root(args.data_mirror) or "the real sources")
     downloader = dataset.Downloader(args.storage, args.data_mirror, workers=args.workers, retries=args.retries,
                                     timeout=args.timeout, verify=args.verify)
     try:
-        entries = downloader.download(relpaths)
+        entries = own + downloader.download(relpaths)
     except dataset.DownloadError as e:
         raise stage.StageError(str(e)) from None
     bundle = dataset.extract_zip(downloader.cache_uri(sources.EVAL_BUNDLE), downloader.data_root)
@@ -64,7 +72,7 @@ def main(args):
     storage.write_json(files_uri, files)
     metrics = {
         "files": len(entries),
-        "train_shards": len(train),
+        "train_shards": len(own or pretraining) - 1,
         "bytes": sum(e["bytes"] for e in entries),
         "fetched_bytes": sum(e["fetched"] for e in entries),
         "eval_bundle_files": len(bundle),

@@ -1,0 +1,93 @@
+"""Your own pretraining text: download --source given a folder of parquet files with a `text`
+column declares them where they are, and the run's tokenizer and base model train on them and on
+nothing else; a folder that cannot serve is refused naming the file or the folder."""
+
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat import report, stage, storage
+from nanochat.dataloader import pretrain_loader
+from nanochat.stages import download as download_stage
+from nanochat.tokenizer import Tokenizer
+from tests.support.stagerun import stage as run_stage
+
+# two training files and the validation file (the last in name order), each with words of its own
+TEXTS = {"a.parquet": "alpha apricot", "b.parquet": "bravo banana", "c.parquet": "charlie cherry"}
+
+
+def write_texts(folder):
+    """The folder's documents by file: 60 a file, about 3,000 characters."""
+    folder.mkdir()
+    docs = {}
+    for name, words in TEXTS.items():
+        docs[name] = [f"Document {i}: {words} {words} number {i}." for i in range(60)]
+        pq.write_table(pa.table({"text": docs[name]}), folder / name, row_group_size=20)
+    (folder / "README.txt").write_text("not a parquet file: left out")
+    return docs
+
+
+def download(run, source, shared_data, store, *options):
+    """The download stage's main, as `run_main` calls it."""
+    argv = ["--run", str(run), "--preset", "tiny", "--storage", store, "--data-mirror", str(shared_data),
+            "--source", source, *options]
+    return download_stage.main(stage.parse_args(download_stage.build_parser(), download_stage.STAGE, argv))
+
+
+def summary(run, name):
+    return json.loads((run / name / "stage.json").read_text())
+
+
+def test_the_run_trains_on_your_text(tmp_path, shared_data, tiny_env, monkeypatch):
+    docs = write_texts(tmp_path / "texts")
+    run = tmp_path / "run"
+    download(run, f"{tmp_path}/texts/", shared_data, tiny_env["NANOCHAT_STORAGE"])
+    files = storage.read_json(summary(run, "download")["outputs"]["files"]["uri"])
+    own = {r: e for r, e in files.items() if r.startswith("own/")}
+    assert {r: e["uri"] for r, e in own.items()} == {f"own/{n}": storage.normalize(str(tmp_path / "texts" / n)) for n in TEXTS}
+    assert all(e["sha256"] == storage.sha256(e["uri"]) for e in own.values())  # declared where they are, hashed
+    assert not any(r.startswith(("pretrain/", "climbmix/")) for r in files)  # no corpus fetched
+    assert summary(run, "download")["metrics"]["train_shards"] == 2
+    assert f"- pretraining text: {tmp_path}/texts/, 2 training shards + validation\n" in report.build(str(run))
+
+    run_stage("nanochat.stages.tok_train", run, tiny_env, "--vocab-size", "300")
+    run_stage("nanochat.stages.base_train", run, tiny_env, "--num-steps", "2", "--eval-every", "-1",
+              "--checkpoint-every", "-1")
+
+    def data_inputs(name):
+        inputs = summary(run, name)["inputs"]
+        return {r: inputs[r]["uri"] for r in inputs if r.startswith("own/")}
+
+    # the tokenizer trained on every document of the training files, and on nothing else
+    tokenizer_metrics = summary(run, "tok_train")["metrics"]
+    train_docs = docs["a.parquet"] + docs["b.parquet"]
+    assert (tokenizer_metrics["docs"], tokenizer_metrics["chars"]) == (len(train_docs), sum(map(len, train_docs)))
+    assert data_inputs("tok_train") == {r: own[r]["uri"] for r in ("own/a.parquet", "own/b.parquet")}
+    # base_train read the three files, and the loader it builds in the run yields their text
+    assert data_inputs("base_train") == {r: e["uri"] for r, e in own.items()}
+    tokenizer = Tokenizer.load(summary(run, "tok_train")["outputs"]["tokenizer"]["uri"].rsplit("/", 1)[0])
+    monkeypatch.setattr(stage, "_declared", None)  # restored after the test
+    stage.declare_data(str(run))
+    train = tokenizer.decode(next(pretrain_loader(tokenizer, 4, 128, "train"))[0].flatten().tolist())
+    val = tokenizer.decode([t for x, _ in pretrain_loader(tokenizer, 4, 128, "val") for t in x.flatten().tolist()])
+    assert "alpha apricot" in train and "charlie" not in train
+    assert "charlie cherry" in val and not {"alpha", "bravo"} & set(val.split())
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda folder: None, "your text {folder} has 0 .parquet file(s); need at least 2 (train + validation)"),
+    (lambda folder: [pq.write_table(pa.table({"body": ["x"]}), folder / f"{n}.parquet") for n in "ab"],
+     "{folder}/a.parquet: no 'text' column (columns: body)"),
+    (lambda folder: [pq.write_table(pa.table({"text": [1]}), folder / f"{n}.parquet") for n in "ab"],
+     "{folder}/a.parquet: column 'text' has type int64, expected string"),
+])
+def test_a_folder_that_cannot_serve_is_refused_naming_it(tmp_path, shared_data, make, error):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    make(folder)
+    with pytest.raises(stage.StageError, match="^" + re.escape(error.format(folder=storage.normalize(str(folder)))) + "$"):
+        download(tmp_path / "run", f"{folder}/", shared_data, str(tmp_path / "storage"))
+    assert not (tmp_path / "storage").exists()  # refused before anything was fetched
