@@ -302,16 +302,16 @@ def test_sigterm_cuts_what_outlasts_the_shutdown_deadline(run):
     proc, url = start_server(run, "--one-at-a-time", "--max-pending", "4", "--shutdown-timeout", "0.2")
     body = {"messages": [{"role": "user", "content": "Go on forever."}], "n": 8, "max_tokens": 512, "stream": True,
             "frequency_penalty": 0}
-    started = threading.Barrier(2, timeout=60)
+    started = threading.Barrier(5, timeout=60)  # the four streams' first lines, and the signal
 
-    def stream(first):
+    def stream():
         with httpx.Client(timeout=120) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200  # admitted: decoding or queued
             lines = []
             try:
                 for line in response.iter_lines():
                     lines.append(line)
-                    if first and len(lines) == 1:
+                    if len(lines) == 1:
                         started.wait()
             except httpx.RemoteProtocolError:  # the connection closed mid-stream
                 pass
@@ -319,8 +319,8 @@ def test_sigterm_cuts_what_outlasts_the_shutdown_deadline(run):
 
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            streams = [pool.submit(stream, i == 0) for i in range(4)]
-            started.wait()  # one is decoding, the others queued: 4 x 8 answers of up to a context each
+            streams = [pool.submit(stream) for _ in range(4)]
+            started.wait()  # all four connected: one decoding, the others queued (4 x 8 answers of up to a context each)
             proc.send_signal(signal.SIGTERM)
             ends = [f.result()[-1:] for f in streams]
         assert any(end != ["data: [DONE]"] for end in ends), ends
@@ -373,9 +373,10 @@ def test_chat_cli_one_shot_and_interactive(run, client):
 
 def test_web_ui_in_headless_chromium(server, tmp_path):
     """On a phone-sized screen: send a message, see the answer stream in, regenerate it; the model's
-    name shows, and the settings panel's temperature, max tokens and system prompt reach the answer
-    (the API's for the same request); the page never scrolls sideways. Leaves a screenshot in the
-    test's tmp dir."""
+    name shows; New chat empties the conversation; the settings panel's temperature, max tokens and
+    system prompt reach the answer, and Enter (not Shift+Enter) sends a second turn with the whole
+    conversation (each answer the API's for the same request); the page never scrolls sideways.
+    Leaves a screenshot in the test's tmp dir."""
     with chromium_tab(tmp_path) as tab:
         tab.open(server + "/")
         # the model's name, and its generation defaults as what empty settings mean
@@ -391,14 +392,56 @@ def test_web_ui_in_headless_chromium(server, tmp_path):
         tab.js("document.getElementById('regenerate').click()")
         tab.wait_for("document.querySelectorAll('.assistant').length === 1 && document.querySelector('.assistant').dataset.done === 'true'")
         assert tab.js("document.querySelectorAll('.msg').length") == 2
-        tab.js("document.getElementById('clear').click(); document.getElementById('settings').open = true;"
+        tab.js("document.getElementById('clear').click()")
+        assert tab.js("document.getElementById('log').children.length") == 0 and tab.js("request().messages") == []
+        tab.js("document.getElementById('settings').open = true;"
                "document.getElementById('temperature').value = '0'; document.getElementById('max_tokens').value = '6';"
                "document.getElementById('system').value = 'Be brief.'")
         answer, error = tab.say("Name a color.")
-        expected = openai_client(server).chat.completions.create(
-            model="nanochat", temperature=0, max_tokens=6,
-            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}])
-        assert not error and answer == expected.choices[0].message.content
+        conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+
+        def api(messages):
+            return openai_client(server).chat.completions.create(model="nanochat", temperature=0, max_tokens=6,
+                                                                 messages=messages).choices[0].message.content
+
+        assert not error and answer == api(conversation)
+        tab.js("document.getElementById('input').focus()")
+        tab.call("Input.insertText", text="And")
+        tab.press_enter(shift=True)  # a new line, not sent
+        tab.call("Input.insertText", text="another?")
+        assert tab.js("document.querySelectorAll('.user').length") == 1
+        tab.press_enter()
+        tab.wait_for("document.querySelectorAll('.assistant').length === 2 && "
+                     "document.querySelectorAll('.assistant')[1].dataset.done === 'true'")
+        assert tab.js("document.querySelectorAll('.user')[1].textContent") == "And\nanother?"
+        second = api([*conversation, {"role": "assistant", "content": answer}, {"role": "user", "content": "And\nanother?"}])
+        assert tab.js("document.querySelectorAll('.assistant')[1].textContent") == second
         assert tab.js("document.documentElement.scrollWidth <= window.innerWidth")
         shot = tab.call("Page.captureScreenshot", format="png")["data"]
         (tmp_path / "ui.png").write_bytes(base64.b64decode(shot))
+
+
+# the text of the answer being streamed into the web UI, null once it is done
+STREAMING = "(a => a && a.dataset.done !== 'true' ? a.textContent : null)([...document.querySelectorAll('.assistant')].at(-1))"
+
+
+def test_web_ui_streams_the_answer_and_stop_cancels_it(slow_server, tmp_path):
+    """With the engine slowed (slow_server), the answer is seen growing between two reads while it
+    streams; Stop ends it, keeps its text as the conversation's last turn, and the server cancels
+    the request."""
+    cancelled = httpx.get(slow_server + "/health").json()["cancelled_requests"]
+    with chromium_tab(tmp_path) as tab:
+        tab.open(slow_server + "/")
+        tab.js("document.getElementById('input').value = 'Tell me a long story.'; document.getElementById('form').requestSubmit()")
+        first = until(lambda: tab.js(STREAMING), 30, "the answer's first text while it streams")
+        grown = until(lambda: tab.js(STREAMING), 30, "the answer to grow while it streams",
+                      done=lambda text: text is not None and len(text) > len(first))
+        assert grown.startswith(first)
+        tab.js("document.getElementById('stop').click()")
+        tab.wait_for("[...document.querySelectorAll('.assistant')].at(-1).dataset.done === 'true'")
+        stopped = tab.js("[...document.querySelectorAll('.assistant')].at(-1).textContent")
+        assert stopped.startswith(grown) and not tab.js("!!document.querySelector('.error')")
+        assert tab.js("request().messages.at(-1)") == {"role": "assistant", "content": stopped}
+        assert tab.js("[document.getElementById('send').disabled, document.getElementById('stop').disabled]") == [False, True]
+    until(lambda: httpx.get(slow_server + "/health").json()["cancelled_requests"], 30, "the server to cancel the request",
+          done=lambda n: n > cancelled)

@@ -5,19 +5,25 @@ clients over raw sockets (malformed and invalid UTF-8 bodies, huge headers, slow
 that leave mid-stream) while a well-behaved client keeps getting the right answers."""
 
 import base64
+import concurrent.futures
 import contextlib
 import json
+import math
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
+from nanochat.serve import main as serve
 from tests.support.serving import KEY, ask, assert_openai_error, chromium_tab, openai_client, serving, streamed
 from tests.support.waiting import until
 
@@ -72,16 +78,25 @@ def test_health_and_ui_stay_open(keyed_server):
     assert "<textarea" in httpx.get(keyed_server + "/").text
 
 
-def test_cors_only_for_configured_origins(run, keyed_server):
+def test_cors_only_for_configured_origins(keyed_server, hostile_server):
+    """A preflight from a --cors-origin is allowed POST with the Authorization and Content-Type
+    headers (no credentials); answers, refusals too, carry the origin; another origin, or a server
+    without --cors-origin, gets no CORS headers."""
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
     allowed = httpx.options(keyed_server + CHAT, headers={"Origin": "http://ui.test", **preflight})
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://ui.test"
+    assert {m.strip() for m in allowed.headers["access-control-allow-methods"].split(",")} == {"GET", "POST"}
+    assert {h.strip().lower() for h in allowed.headers["access-control-allow-headers"].split(",")} >= {"authorization", "content-type"}
+    assert "access-control-allow-credentials" not in allowed.headers
+    answered = httpx.get(keyed_server + "/v1/models", headers={"Origin": "http://ui.test", "Authorization": f"Bearer {KEY}"})
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "http://ui.test"
     refused = httpx.post(keyed_server + CHAT, json=HELLO, headers={"Origin": "http://ui.test"})  # no key
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "http://ui.test"
     other = httpx.options(keyed_server + CHAT, headers={"Origin": "http://evil.test", **preflight})
     assert "access-control-allow-origin" not in other.headers
-    with serving(run) as url:  # CORS is off by default
-        response = httpx.get(url + "/v1/models", headers={"Origin": "http://ui.test"})
+    for url in (keyed_server, hostile_server):  # another origin; CORS off, the default
+        response = httpx.get(url + "/v1/models", headers={"Origin": "http://evil.test" if url == keyed_server else "http://ui.test",
+                                                          "Authorization": f"Bearer {KEY}"})
         assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
 
 
@@ -117,12 +132,31 @@ def test_network_host_without_a_key_is_refused(run):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_limits_per_key_body_and_wall_time(run):
-    """Requests in progress and requests per minute are counted per key (another key is not
-    affected); bodies over the size limit are refused before parsing, also when chunked."""
-    keys = ["sk-a", "sk-b", "sk-c"]
+def test_a_bad_fastpaths_switch_is_refused_at_start(run, monkeypatch, capsys):
+    """NANOCHAT_CPU_FASTPATHS is read at each model load, in the workers once serving: a bad value
+    stops `nanochat serve` before it says it is serving, with one line naming the variable."""
+    monkeypatch.setenv("NANOCHAT_STORAGE", str(run[0]))
+    monkeypatch.setenv("NANOCHAT_CPU_FASTPATHS", "yes")
+    with pytest.raises(SystemExit) as exit:
+        serve(["--run", run[1]])
+    message = str(exit.value)
+    assert "NANOCHAT_CPU_FASTPATHS='yes'" in message and len(message.splitlines()) == 1
+    assert capsys.readouterr().out == ""
+
+
+RATE = 20  # the limits server's requests a minute per key
+
+
+def test_limits_per_key_body_and_request(run):
+    """Each limit set to a value other than its default, and crossed: requests in progress and
+    requests per minute are counted per key (another key is not affected), the rate limit's 429
+    says exactly when the next request may go; bodies over the size limit are refused before
+    parsing, also when chunked; a request's messages, their length and its stop strings are
+    refused one past their limits and served at them."""
+    keys = ["sk-a", "sk-b", "sk-c", "sk-d"]
     options = [a for k in keys for a in ("--api-key", k)]
-    with serving(run, *options, "--max-concurrent", "2", "--rate-limit", "20", "--max-body-bytes", "4096") as url:
+    with serving(run, *options, "--max-concurrent", "2", "--rate-limit", str(RATE), "--max-body-bytes", "4096",
+                 "--max-messages", "3", "--max-message-chars", "100", "--max-stop", "1") as url:
         def get(key):
             return httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
 
@@ -136,10 +170,23 @@ def test_limits_per_key_body_and_wall_time(run):
         assert until(lambda: get(keys[0]), 30, "sk-a to be served again",
                      done=lambda r: r.status_code != 429).status_code == 200  # both left
 
-        answers = [get(keys[2]) for _ in range(60)]  # bursts of 20, then one every 3 s
-        limited = [r for r in answers if r.status_code == 429]
-        assert all(r.status_code == 200 for r in answers[:20]) and limited
-        assert int(limited[0].headers["Retry-After"]) >= 1 and get(keys[1]).status_code == 200
+        # a burst of RATE, then one every 60 / RATE s: the first refusal's Retry-After is the wait
+        # until the bucket, full at the first request, holds a token again
+        first_sent = time.monotonic()
+        answers = [get(keys[2])]
+        first_answered = time.monotonic()
+        while answers[-1].status_code == 200 and len(answers) <= 2 * RATE:
+            last_sent = time.monotonic()
+            answers.append(get(keys[2]))
+        assert all(r.status_code == 200 for r in answers[:RATE]) and answers[-1].status_code == 429, answers
+        refused_at = time.monotonic()
+
+        def retry_after(elapsed):  # the server's seconds between the first request and the refused one
+            tokens = RATE - (len(answers) - 1) + elapsed * RATE / 60
+            return math.ceil((1 - tokens) * 60 / RATE)
+
+        assert retry_after(refused_at - first_sent) <= int(answers[-1].headers["Retry-After"]) <= retry_after(last_sent - first_answered)
+        assert get(keys[1]).status_code == 200
 
         auth = {"Authorization": f"Bearer {keys[1]}", "Content-Type": "application/json"}
         too_big = b"{" + b" " * 5000  # not even JSON: refused on its size
@@ -147,15 +194,77 @@ def test_limits_per_key_body_and_wall_time(run):
         chunked = httpx.post(url + CHAT, content=iter([too_big[:3000], too_big[3000:]]), headers=auth)
         assert "content-length" not in chunked.request.headers and assert_openai_error(chunked, 413)["code"] == "request_too_large"
 
+        def chat(messages, **body):
+            return httpx.post(url + CHAT, json={"messages": messages, "max_tokens": 1, **body}, timeout=60,
+                              headers={"Authorization": f"Bearer {keys[3]}"})
 
-def test_wall_time_limit_ends_completions_with_length(run):
-    """With no time at all, every completion ends at once with finish_reason "length"."""
-    with serving(run, "--max-seconds", "0") as url:
-        client = openai_client(url)
-        response = ask(client, "Tell me a long story.", n=3, max_tokens=100)
-        assert [c.finish_reason for c in response.choices] == ["length"] * 3 and response.usage.completion_tokens == 0
-        texts, finishes, _ = streamed(client, "Tell me a long story.", n=2, max_tokens=100)
-        assert finishes == {0: "length", 1: "length"}
+        hi = {"role": "user", "content": "hi"}
+        for messages, stop, param in (([hi] * 4, None, "messages"), ([{"role": "user", "content": "x" * 101}], None,
+                                      "messages.0.content"), ([hi], ["a", "b"], "stop")):
+            assert assert_openai_error(chat(messages, stop=stop), 400)["param"] == param
+        at_the_limits = chat([hi] * 3, stop=["a"]), chat([{"role": "user", "content": "x" * 100}])
+        assert [r.status_code for r in at_the_limits] == [200, 200], [r.text for r in at_the_limits]
+
+
+def test_wall_time_limit_keeps_the_text_and_ends_the_stream(slow_server):
+    """--max-seconds cuts a request whose steps are slowed past it (100 tokens take twice the limit):
+    each completion ends with finish_reason "length" and keeps what was generated (the start of the
+    same seeded answer, which 4 tokens give in time), streaming as a finish chunk per choice, the
+    usage, then [DONE]. Meanwhile an idle keep-alive connection is closed by the server."""
+    client = openai_client(slow_server)
+    seeded = {"temperature": 1.0, "seed": 3, "n": 2}
+    starts = [c.message.content for c in ask(client, "Tell me a long story.", max_tokens=4, **seeded).choices]
+    assert all(starts), starts
+    with raw_socket(slow_server) as idle, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # keep-alive, HTTP/1.1's default
+        assert read_response(idle)[0] == 200
+        whole = pool.submit(ask, client, "Tell me a long story.", max_tokens=100, **seeded)
+        events = [json.loads(e) if e != "[DONE]" else e for e in stream_events(
+            slow_server, {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 100, "stream": True,
+                          "stream_options": {"include_usage": True}, **seeded})]
+        response = whole.result()
+        idle.settimeout(60)
+        assert idle.recv(1) == b"", "the idle connection is still open"
+    assert [c.finish_reason for c in response.choices] == ["length"] * 2
+    assert all(c.message.content.startswith(start) for c, start in zip(response.choices, starts)), (response.choices, starts)
+    assert 8 <= response.usage.completion_tokens < 200
+    assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and 8 <= events[-2]["usage"]["completion_tokens"] < 200
+    texts, finishes = {0: "", 1: ""}, {}
+    for event in events[:-2]:
+        for choice in event["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+            if choice["finish_reason"]:
+                assert choice["delta"] == {} and choice["index"] not in finishes
+                finishes[choice["index"]] = choice["finish_reason"]
+    assert finishes == {0: "length", 1: "length"} and all(texts[i].startswith(start) for i, start in enumerate(starts)), texts
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_request(slow_server):
+    """A client waiting for a whole answer that closes its connection cancels its request (the
+    server counts it) long before the request would end (cut by --max-seconds, which is no cancel)."""
+    before = httpx.get(slow_server + "/health").json()["cancelled_requests"]
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 100}).encode()
+    with raw_socket(slow_server) as sock:
+        sock.sendall(request_head("POST", CHAT, len(body)) + body)
+        until(lambda: httpx.get(slow_server + "/health").json()["active_requests"], 30, "the request to be decoding")
+    health = until(lambda: httpx.get(slow_server + "/health").json(), 30, "the request to be cancelled",
+                   done=lambda h: h["cancelled_requests"] > before)
+    assert health["active_requests"] == 0
+
+
+def test_insecure_serves_the_network_and_tells_clients_apart_by_address(slow_server):
+    """--insecure: a server on every interface without a key; its clients are their IP addresses, so
+    that two requests in progress from 127.0.0.1 (--max-concurrent 2: bodies that never end) leave
+    127.0.0.2 served."""
+    port = int(slow_server.rsplit(":", 1)[1])
+    assert [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port] == ["0.0.0.0"]
+    with contextlib.ExitStack() as stack, httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
+        for _ in range(2):
+            stack.enter_context(raw_socket(slow_server)).sendall(request_head("POST", CHAT, 100) + b"{")
+        busy = until(lambda: httpx.get(slow_server + "/v1/models"), 30, "127.0.0.1 to be refused",
+                     done=lambda r: r.status_code != 200)
+        assert assert_openai_error(busy, 429)["code"] == "rate_limit_exceeded"
+        assert other.get(slow_server + "/v1/models").status_code == 200
 
 
 def test_extreme_sampling_values(hostile_server):
@@ -183,6 +292,25 @@ def request_head(method, path, length=None, *headers):
     if length is not None:
         lines += ["Content-Type: application/json", f"Content-Length: {length}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_response(sock):
+    """One response (with a Content-Length) from a connection that stays open: (status, body)."""
+    received = b""
+    while True:
+        head, found, body = received.partition(b"\r\n\r\n")
+        if found and len(body) >= int(re.search(rb"^content-length: *(\d+)", head, re.I | re.M).group(1)):
+            return int(head.split()[1]), body
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed in the middle of a response: {received[:200]}"
+        received += chunk
+
+
+def stream_events(url, body):
+    """The data of a streamed answer's events, in order."""
+    with httpx.stream("POST", url + CHAT, json=body, timeout=60) as response:
+        assert response.status_code == 200
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line]
 
 
 def exchange(url, data):
@@ -242,14 +370,19 @@ def test_malformed_and_invalid_utf8_bodies_are_400(hostile_server):
 
 
 def test_huge_headers_and_garbage_get_an_error_or_a_closed_connection(hostile_server):
+    """Headers over 16 KiB get 431 (the guard, when they arrive in one read) or 400 (h11, when they
+    arrive over several), never a silent close; garbage and ambiguous framing get 400 or a close."""
     with well_behaved_client(hostile_server):
-        huge = request_head("GET", "/health", None, "X-Big: " + "a" * 100_000)
-        many = request_head("GET", "/health", None, *[f"X-H{i}: {i}" for i in range(5000)])
+        over = [request_head("GET", "/health", None, "X-Big: " + "a" * 17_000),
+                request_head("GET", "/health", None, "X-Big: " + "a" * 100_000),
+                request_head("GET", "/health", None, *[f"X-H{i}: {i}" for i in range(5000)])]
+        statuses = [exchange(hostile_server, data)[0] for data in over]
+        assert all(status in (400, 431) for status in statuses), statuses
         ambiguous = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-        for data in (huge, many, b"\x00\xff garbage\r\n\r\n", ambiguous,
-                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+        negative = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"
+        for data in (b"\x00\xff garbage\r\n\r\n", ambiguous, negative):
             status, _ = exchange(hostile_server, data)
-            assert status in (None, 400, 431), (data[:60], status)
+            assert status in (None, 400), (data[:60], status)
     assert httpx.get(hostile_server + "/health").status_code == 200
 
 

@@ -64,6 +64,7 @@ def main(argv=None):
     import torch
     import uvicorn
 
+    from nanochat import cpu
     from nanochat.checkpoint import find_checkpoint
     from nanochat.common import autodetect_device_type, setup_logging
     from nanochat.inference import load_engine
@@ -74,6 +75,10 @@ def main(argv=None):
     if not keys and not is_loopback(args.host) and not args.insecure:
         raise SystemExit(f"nanochat serve: refusing to serve {args.host} without an API key: give --api-key or "
                          "NANOCHAT_API_KEY (or --insecure to let anyone who can reach it in)")
+    try:  # read again at each model load, in the workers once serving: a bad value is refused before that
+        cpu.enabled()
+    except ValueError as e:
+        raise SystemExit(f"nanochat serve: {e}") from None
     setup_logging()
     device_type = autodetect_device_type()
     if device_type == "cuda":

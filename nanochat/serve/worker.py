@@ -3,12 +3,15 @@ free up (continuous batching) and decodes one token for all of them per step."""
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
 
 log = logging.getLogger(__name__)
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
+# test-only: seconds each engine step sleeps, so that a test sees an answer grow or cuts it mid-stream
+STEP_DELAY = "NANOCHAT_SERVE_TEST_STEP_DELAY"
 
 
 class QueueFull(Exception):
@@ -61,6 +64,7 @@ class Worker:
         self.wakeup = threading.Condition()
         self.stopped = False
         self.cancelled = 0  # requests whose client went away before they finished
+        self.step_delay = float(os.environ.get(STEP_DELAY, "0"))  # test-only (STEP_DELAY)
         self.thread = threading.Thread(target=self.run, args=(engine_factory,), name="engine", daemon=True)
         self.built = threading.Event()
         self.failure = None
@@ -120,6 +124,8 @@ class Worker:
             self.active = [r for r in self.active if not r.done and not r.cancelled]
             if self.after_step is not None:
                 self.after_step()
+            if self.step_delay:
+                time.sleep(self.step_delay)
 
     def retire(self, request):
         """Forgets a request that left the queue or the batch for good."""

@@ -16,18 +16,31 @@ import httpx
 import openai
 import pytest
 
+from nanochat.serve.worker import STEP_DELAY
 from tests.support.s3server import free_port
 from tests.support.stagerun import missing
 from tests.support.waiting import end, until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "sk-test-0123456789"  # the API key of the servers that need one
+SLOW_STEP, SLOW_MAX_SECONDS = 0.1, 5  # slow_server's: 50 tokens, at most, before a request is cut
 
 
 @pytest.fixture(scope="session")
 def run(tiny_base_run):
     """The suite's trained tiny run: (storage root, run name)."""
     return tiny_base_run.parent.parent, tiny_base_run.name
+
+
+@pytest.fixture(scope="session")
+def slow_server(run):
+    """A server whose engine sleeps SLOW_STEP s after each step (the worker's test-only delay), so
+    that an answer takes seconds: a test sees it grow, stops it, or has it cut by --max-seconds
+    mid-way, whatever the machine's speed. It listens on every interface without a key (--insecure),
+    and takes at most 2 requests in progress per client (its address, as it has no key)."""
+    options = ["--host", "0.0.0.0", "--insecure", "--max-seconds", str(SLOW_MAX_SECONDS), "--max-concurrent", "2"]
+    with serving(run, *options, env={STEP_DELAY: str(SLOW_STEP), "NANOCHAT_API_KEY": ""}) as url:
+        yield url
 
 
 def start_server(run, *options, env=None, timeout=120):
@@ -143,6 +156,12 @@ class DevTools:
         """Navigates to the web UI at `url` and waits until it is ready."""
         self.call("Page.navigate", url=url)
         self.wait_for("document.readyState === 'complete' && !!document.getElementById('input')")
+
+    def press_enter(self, shift=False):
+        """Enter (with Shift: Shift+Enter) pressed and released in the focused element, as a keyboard does."""
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                      text="\r" if kind == "keyDown" else "", modifiers=8 if shift else 0)
 
     def say(self, text):
         """Sends a message in the web UI and waits for the whole answer: (its text, whether an error)."""
