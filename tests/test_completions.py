@@ -1,9 +1,12 @@
 """/v1/completions and the tokenizer endpoints of a real `nanochat serve` (the suite's tiny base
 model, behind an API key) with real clients: the official openai package and raw HTTP. The oracle
 of every logprob is our model's own log-softmax of its soft-capped logits, computed here without
-a cache from the model loaded as the server loads it."""
+a cache from the model loaded as the server loads it; the echo oracle also runs with
+NANOCHAT_CPU_FASTPATHS=0 (a server and an oracle on torch's ops, as on a CPU without nanochat.cpu's
+fast paths)."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -12,11 +15,12 @@ import openai
 import pytest
 import torch
 
+from nanochat import cpu
 from nanochat.inference import load_engine
 from nanochat.serve.completions import FIELDS, CompletionRequest
 from tests.support.serving import KEY, assert_openai_error, openai_client, start_server, stop_server
 
-pytest_plugins = ["tests.support.serving"]
+pytest_plugins = ["tests.support.serving", "tests.support.cpupaths"]
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT_TOL = 1e-4  # prompt logprobs: the server's prefill is the same one forward over the same ids
@@ -33,13 +37,21 @@ def server(run):
 
 
 @pytest.fixture(scope="module")
+def torch_ops_server(run):
+    """The same server with NANOCHAT_CPU_FASTPATHS=0: (process, URL)."""
+    proc, url = start_server(run, "--api-key", KEY, env={"OMP_NUM_THREADS": "1", cpu.SWITCH: "0"})
+    yield proc, url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
 def client(server):
     return openai_client(server, api_key=KEY)
 
 
-@pytest.fixture(scope="module")
-def oracle(run):
-    """ids -> (T, vocab): log_softmax of the served model's capped logits at every position, uncached."""
+def oracle_of(run):
+    """ids -> (T, vocab): log_softmax of the served model's capped logits at every position, uncached,
+    from the model loaded as the server loads it (with this process's NANOCHAT_CPU_FASTPATHS)."""
     storage, name = run
     model = load_engine(str(storage / "runs" / name)).model
 
@@ -48,6 +60,11 @@ def oracle(run):
         return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
 
     return log_softmax
+
+
+@pytest.fixture(scope="module")
+def oracle(run):
+    return oracle_of(run)
 
 
 def post(server, path, body, headers=AUTH):
@@ -60,10 +77,20 @@ def tokenize(server, text, add_special_tokens=True):
     return response.json()["tokens"]
 
 
-def test_openai_client_echo_logprobs_equal_our_log_softmax(server, client, oracle):
+def test_openai_client_echo_logprobs_equal_our_log_softmax(request, run, fastpaths):
     """completions.create(echo=True, logprobs=5): the prompt's logprobs (None first) and the
     completion's equal the oracle's, each with its top 5 (and the chosen token); the text is the
-    echoed prompt then the completion, and text_offset says where each token starts in it."""
+    echoed prompt then the completion, and text_offset says where each token starts in it. Also
+    with NANOCHAT_CPU_FASTPATHS=0 (torch-ops): a server whose log says its fast paths are off,
+    against the model loaded with them off."""
+    if fastpaths:
+        server, oracle = request.getfixturevalue("server"), request.getfixturevalue("oracle")
+    else:
+        proc, server = request.getfixturevalue("torch_ops_server")
+        if not torch.cuda.is_available():  # where the server's model is on the CPU, which the switch is about
+            assert f"CPU fast paths off ({cpu.SWITCH}=0)" in os.pread(proc.log.fileno(), 1 << 24, 0).decode()
+        oracle = oracle_of(run)  # fastpaths set the switch in this process
+    client = openai_client(server, api_key=KEY)
     prompt = "The capital of France is"
     response = client.completions.create(model="nanochat", prompt=prompt, echo=True, logprobs=5, max_tokens=6,
                                          temperature=0, frequency_penalty=0)  # not the model's default penalty
