@@ -30,6 +30,9 @@ GIT_URL ?= $(or $(shell git remote get-url origin 2>/dev/null),$(CURDIR))
 NPROC ?=
 # stages `make speedrun` leaves out, comma-separated (mid_train,chat_rl: upstream's 2026 speedrun)
 SKIP ?=
+# your own identity conversations (`nanochat identity`), for mid_train and chat_sft: a path, made
+# absolute for the stages, or a URI
+IDENTITY ?=
 # `make server` listens here; beyond loopback only with PREFECT_SERVER_API_AUTH_STRING set
 HOST ?= 127.0.0.1
 PORT ?= 4200
@@ -70,8 +73,9 @@ $(VENV)/.dev: $(VENV)/.setup
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/upstream-rustbpe rustbpe==0.1.0 $(QUIET_PIP)
 	touch $@
 
-speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d24|d26|d32, RUN=name, NPROC=processes, SKIP=mid_train,chat_rl)
-	$(PY) -m flows.speedrun --preset $(PRESET) --run $(RUN) $(if $(NPROC),--nproc-per-node $(NPROC)) $(if $(SKIP),--skip $(SKIP))
+speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d24|d26|d32, RUN=name, NPROC=processes, SKIP=mid_train,chat_rl, IDENTITY=my.jsonl)
+	$(PY) -m flows.speedrun --preset $(PRESET) --run $(RUN) $(if $(NPROC),--nproc-per-node $(NPROC)) $(if $(SKIP),--skip $(SKIP)) \
+	  $(if $(IDENTITY),--identity $(if $(findstring ://,$(IDENTITY)),$(IDENTITY),$(abspath $(IDENTITY))))
 
 server: setup  ## Prefect server and UI on http://$(HOST):$(PORT) (SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL)
 	@case "$(HOST)" in 127.0.0.1|localhost|::1) ;; *) [ -n "$${PREFECT_SERVER_API_AUTH_STRING:-}" ] || { \

@@ -6,6 +6,7 @@
     nanochat serve --run myrun [--port 8000]         OpenAI-compatible API + web UI (see `nanochat serve --help`)
     nanochat export --run myrun --to DIR             a Hugging Face transformers model directory (see `export --help`)
     nanochat import SRC --run myrun                  a transformers or upstream nanochat model as a finished stage
+    nanochat identity --persona me.json --out me.jsonl   identity conversations for --identity (see `identity --help`)
     nanochat version                                 package version, git commit and source hash
 """
 
@@ -53,6 +54,10 @@ def main(argv=None):
         from nanochat.importer import main as import_model
 
         return import_model(rest)
+    if command == "identity":
+        from nanochat.identity import main as identity
+
+        return identity(rest)
     if command in stage_names():
         from nanochat import stage
 
