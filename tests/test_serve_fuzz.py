@@ -46,10 +46,16 @@ def test_no_server_errors_and_openai_error_bodies(case, fuzzed):
 
 def test_max_tokens_caps_the_models_default(fuzzed):
     """--max-tokens 8 caps the model's own default (512) for requests that leave max_tokens out, on both
-    endpoints."""
+    endpoints (and /health says so, for the web UI); a request for 9 tokens, or for 3 completions
+    with --max-n 2, is refused naming the field."""
     headers = {"Authorization": f"Bearer {KEY}"}
     bodies = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "Tell me a long story."}]},
               "/v1/completions": {"prompt": "Once upon a time", "temperature": 0, "frequency_penalty": 0}}
     answers = {path: httpx.post(fuzzed + path, json=body, headers=headers, timeout=60).json() for path, body in bodies.items()}
     assert all(a["usage"]["completion_tokens"] <= 8 for a in answers.values()), answers
     assert answers["/v1/completions"]["choices"][0]["finish_reason"] == "length", answers
+    assert httpx.get(fuzzed + "/health").json()["max_tokens"] == 8
+    for path, body in bodies.items():
+        for over in ({"max_tokens": 9}, {"n": 3}):
+            answer = httpx.post(fuzzed + path, json={**body, **over}, headers=headers)
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == next(iter(over)), answer.text
