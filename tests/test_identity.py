@@ -215,11 +215,12 @@ def test_endpoint_answers_checked_retried_and_deduplicated(tmp_path, monkeypatch
         assert said in err, said
 
 
-def test_an_interrupted_run_continues_without_duplicates(tmp_path):
+def test_an_interrupted_run_continues_without_duplicates(tmp_path, capsys):
     """Killed while it waits for its third answer, the command is run again: the file keeps its
     lines, a line cut by a kill is dropped, a repeat of a line already there is refused, and the run
     ends with the number asked for. The second endpoint refuses response_format (as nanochat serve):
-    the generator asks again without it, and from then on never sends it."""
+    the generator asks again without it, and from then on never sends it; a 429's Retry-After (0 s)
+    is waited instead of the backoff (here up to 1,000 s)."""
     out, persona_file = tmp_path / "quill.jsonl", write_persona(tmp_path)
     with scripted_endpoint("same", "good", "hang") as server:
         command = [sys.executable, "-m", "nanochat.cli", "identity", *endpoint_options(server, out, persona_file, 5, 1, 60)]
@@ -234,15 +235,18 @@ def test_an_interrupted_run_continues_without_duplicates(tmp_path):
         before = out.read_text()
         with out.open("a") as f:
             f.write('[{"role": "user", "content": "hello')  # a line cut in the middle
-        server.refuse_format, server.script = True, ["same"]
+        server.refuse_format, server.script = True, ["429", "same"]
         sent = len(server.requests)
-        assert identity.main(endpoint_options(server, out, persona_file, 5, 1)) == 0
+        assert identity.main([*endpoint_options(server, out, persona_file, 5, 1), "--retry-delay", "1000"]) == 0
     after = out.read_text()
     assert after.startswith(before) and len(CustomJSON(path=str(out)).rows) == 5
     assert len({identity.key(messages) for messages in lines(out)}) == 5
     second = server.requests[sent:]
-    assert [action for action, _, _ in second] == ["refuse-format", "same", "good", "good", "good"]
+    assert [action for action, _, _ in second] == ["refuse-format", "429", "same", "good", "good", "good"]
     assert "response_format" in second[0][1] and not any("response_format" in body for _, body, _ in second[1:])
+    err = capsys.readouterr().err
+    assert "dropping its unfinished last line" in err and "refuses response_format" in err
+    assert "HTTP 429; retry 1 of 6 in 0.0 s" in err and "refused 1 (duplicate)" in err
 
 
 @pytest.fixture(scope="module")
