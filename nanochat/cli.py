@@ -6,7 +6,7 @@
     nanochat serve --run myrun [--port 8000]         OpenAI-compatible API + web UI (see `nanochat serve --help`)
     nanochat export --run myrun --to DIR             a Hugging Face transformers model directory (see `export --help`)
     nanochat import SRC --run myrun                  a transformers or upstream nanochat model as a finished stage
-    nanochat identity --persona me.json --out me.jsonl   identity conversations for --identity (see `identity --help`)
+    nanochat identity --persona me.json --out OUT    identity conversations for --identity (see `identity --help`)
     nanochat version                                 package version, git commit and source hash
 """
 

@@ -333,12 +333,15 @@ class Generation:
     def summary(self):
         self.bar.close()
         lines = [f"{self.out.path}: {self.out.count} conversations"]
-        lines += [f"  refused {n} ({reason}), e.g. {self.examples[reason]}" for reason, n in self.refused.most_common()]
+        for reason, n in self.refused.most_common():
+            example = self.examples[reason]
+            lines.append(f"  refused {n} ({reason})" + (f", e.g. {example}" if example != reason else ""))
         return "\n".join(lines)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="nanochat identity", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="nanochat identity", description="Identity conversations for mid_train and "
+                                "chat_sft (--identity) from a persona file: by an LLM endpoint, or from templates.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__ + "\nThe persona file and the checks:\n" + personas.__doc__)
     p.add_argument("--persona", required=True, help="the persona's JSON file (below)")
@@ -369,6 +372,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.base_url and not args.model:
         parser.error("--base-url needs --model")
+    for name in ("num", "workers", "max_tries"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     key = os.environ.get(args.api_key_env)
     if args.api_key_env != "OPENAI_API_KEY" and not key:
         parser.error(f"--api-key-env {args.api_key_env}: that environment variable is not set")
