@@ -181,10 +181,11 @@ class Endpoint:
         if self.structured:
             body["response_format"] = RESPONSE_FORMAT
         status, answer = self.post(body)
-        if status == 400 and self.structured and error_of(answer).get("param") == "response_format":
-            self.structured = False
-            tqdm.write(f"nanochat identity: {self.url} refuses response_format; asking for JSON in the prompt alone",
-                       file=sys.stderr)
+        if status == 400 and "response_format" in body and error_of(answer).get("param") == "response_format":
+            if self.structured:  # (another request in flight may have been refused first)
+                self.structured = False
+                tqdm.write(f"nanochat identity: {self.url} refuses response_format; asking for JSON in the prompt alone",
+                           file=sys.stderr)
             return self.conversation(text)
         if status != 200:
             message = error_of(answer).get("message") or answer[:200].decode("utf-8", "replace")
