@@ -1,5 +1,6 @@
-"""What the serving tests share: a tiny trained run, `nanochat serve` on 127.0.0.1 in a subprocess,
-the official openai client's calls, and headless Chromium driven over the DevTools protocol. A
+"""What the serving tests share: a tiny trained run, `nanochat serve` on 127.0.0.1 in a subprocess
+(and one slowed down, `slow_server`), the official openai client's calls, and headless Chromium
+driven over the DevTools protocol. A
 pytest plugin (`pytest_plugins = ["tests.support.serving"]`), so the session's run is trained once; the test
 modules also import it, before pytest could rewrite its asserts: PYTEST_DONT_REWRITE."""
 
