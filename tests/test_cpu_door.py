@@ -1,7 +1,7 @@
 """nanochat.cpu has one door: the model, the engine and training never import it; loading an engine
 on CPU applies it in one call (with NANOCHAT_CPU_FASTPATHS=0 a call that changes nothing: the
-loading test runs both ways), and on any other device nothing of it; a model served without it
-decodes through SDPA, whatever its dtype."""
+loading test runs both ways), and on any other device nothing of it; a bf16 model decodes through
+SDPA, served with it or without it."""
 
 from dataclasses import asdict
 from pathlib import Path
@@ -60,10 +60,9 @@ def test_loading_an_engine_on_cpu_applies_it_once(tmp_path, applied, fastpaths):
 
     served = inference.load_engine(uri, device="cpu")
     assert applied == [served.model]
-    sampling_ops, cap, attend = (ops.SAMPLING, ops.softcap, ops.attention) if fastpaths else \
-        (engine.SamplingOps(), gpt.softcap, gpt.causal_attention)
+    sampling_ops, cap = (ops.SAMPLING, ops.softcap) if fastpaths else (engine.SamplingOps(), gpt.softcap)
     assert served.ops == sampling_ops and served.model.cap is cap
-    assert all(block.attn.attend is attend and block.attn.c_qkv is not None for block in served.model.transformer.h)
+    assert all(block.attn.attend is gpt.causal_attention and block.attn.c_qkv is not None for block in served.model.transformer.h)
     forms = {type(m) for m in served.model.modules() if isinstance(m, (torch.nn.Linear, linears.PackedLinear, linears.PanelLinear))}
     assert len(forms) == 1 and (fastpaths or forms == {torch.nn.Linear})  # one form: this config's widths fill whole panels
     dtype = next(served.model.parameters()).dtype
@@ -94,19 +93,18 @@ def test_other_devices_take_nothing_of_it(applied):
     assert len(applied) == 1
 
 
-def test_a_bf16_model_without_the_cpu_package_decodes_through_sdpa(monkeypatch):
-    """A bf16 model driven by an Engine without nanochat.cpu (as a GPU serves it) runs every decode
-    step's attention through F.scaled_dot_product_attention, one call per layer with one bf16 query
-    per row, and never through the CPU's decode_attention. On a machine without a GPU this is the
-    nearest we come to checking that a GPU keeps its SDPA kernels."""
+def test_a_bf16_model_decodes_through_sdpa(monkeypatch, fastpaths):
+    """A bf16 model driven by an Engine, with nanochat.cpu applied or without it (as a GPU serves it),
+    runs every decode step's attention through F.scaled_dot_product_attention, one call per layer
+    with one bf16 query per row. On a machine without a GPU this is the nearest we come to checking
+    that a GPU keeps its SDPA kernels."""
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
     model = random_model(GPTConfig(**{**asdict(CONFIG), "vocab_size": tokenizer.vocab_size})).eval()
-    model.to(torch.bfloat16).fuse_qkv()
-    served = Engine(model, tokenizer, max_rows=4)
+    model.to(torch.bfloat16)
+    served = Engine(model, tokenizer, max_rows=4, ops=inference.prepare(model))
     for text in ("a", "a longer prompt"):  # rows at different positions: a masked decode
         served.add(Request([tokenizer.bos_token_id, *tokenizer.encode(text)], SamplingParams(temperature=0, max_tokens=8)))
     calls, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *args, **kw: calls.append((q.shape, q.dtype)) or sdpa(q, *args, **kw))
-    monkeypatch.setattr(ops, "decode_attention", lambda *args: pytest.fail("decoded through nanochat.cpu"))
     served.step()
     assert calls == [((2, CONFIG.n_head, 1, CONFIG.head_dim), torch.bfloat16)] * CONFIG.n_layer

@@ -5,8 +5,9 @@ ops everywhere else, and on a CPU where NANOCHAT_CPU_FASTPATHS=0.
 - kernels.c / kernels.py: nanochat's fp32 AVX2 kernels (matmul, soft cap, softmax weights,
   argmax), compiled and loaded once, here.
 - linears.py: linear layers in the form their dtype multiplies fastest on this CPU.
-- ops.py: the CPU forms of the model's hooks (attention, logit cap) and of the engine's sampling
-  passes, each falling back to the torch function beside it.
+- ops.py: the CPU form of the model's logit cap and of the engine's sampling passes, each falling
+  back to the torch function beside it. (Attention stays the model's SDPA: torch's CPU kernel
+  decodes one query per row faster than anything built from matmuls here, in bf16 too.)
 """
 
 import os
@@ -31,14 +32,12 @@ def enabled():
 def apply(model):
     """Puts a loaded inference model (in place) on the CPU's fast paths and returns the engine's
     sampling ops for it: builds the kernels (once per process; the log says where or why not),
-    puts the linear layers in their fastest form, and sets the model's hooks to ops.attention and
-    ops.softcap. With NANOCHAT_CPU_FASTPATHS=0 it leaves the model as it is and returns torch's ops."""
+    puts the linear layers in their fastest form, and sets the model's cap hook to ops.softcap.
+    With NANOCHAT_CPU_FASTPATHS=0 it leaves the model as it is and returns torch's ops."""
     if not enabled():
         log.info("CPU fast paths off (%s=0): inference runs torch's ops", SWITCH)
         return engine.SamplingOps()
     kernels.build()
     linears.fastest_linears(model)
-    for block in model.transformer.h:
-        block.attn.attend = ops.attention
     model.cap = ops.softcap
     return ops.SAMPLING
