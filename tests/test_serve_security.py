@@ -137,9 +137,9 @@ def test_a_bad_fastpaths_switch_is_refused_at_start(run, monkeypatch, capsys):
     stops `nanochat serve` before it says it is serving, with one line naming the variable."""
     monkeypatch.setenv("NANOCHAT_STORAGE", str(run[0]))
     monkeypatch.setenv("NANOCHAT_CPU_FASTPATHS", "yes")
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as refusal:
         serve(["--run", run[1]])
-    message = str(exit.value)
+    message = str(refusal.value)
     assert "NANOCHAT_CPU_FASTPATHS='yes'" in message and len(message.splitlines()) == 1
     assert capsys.readouterr().out == ""
 
