@@ -141,9 +141,10 @@ def topics(p):
 
 def template_conversation(table, rng):
     """(messages, values stated) of a conversation from the templates: an opening exchange that
-    says the name, then up to two more topics."""
+    says the name, then up to two more topics (no greeting among them)."""
     first = rng.choice(OPENERS)
-    chosen = [first, *rng.sample([t for t in table if t != first], k=min(rng.randint(0, 2), len(table) - 1))]
+    rest = [t for t in table if t not in (first, "greeting")]
+    chosen = [first, *rng.sample(rest, k=min(rng.randint(0, 2), len(rest)))]
     messages, stated = [], []
     for topic in chosen:
         _, questions, answers, values = table[topic]

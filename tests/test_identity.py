@@ -291,17 +291,18 @@ def test_make_speedrun_identity_reaches_the_flow():
 
 
 def test_a_tiny_model_trained_on_them_says_it_is_quill(quill_templates, tiny_base_run, tiny_env, tmp_path):
-    """chat_sft from the 6-step base model (a run that skips mid_train), 30 steps at mid_train's
+    """chat_sft from the 6-step base model (a run that skips mid_train), 60 steps at mid_train's
     learning rates on a mixture the identity conversations dominate (10 passes, a tenth of SmolTalk);
-    then asked, greedily, "Who are you?" as `nanochat chat` asks. (At chat_sft's own rates, 2% of those, 30 steps teach it
-    nothing; 10 steps at these rates do not yet; 20 do.)"""
+    then asked, greedily, "Who are you?" as `nanochat chat` asks. Measured with the templates'
+    conversations of seeds 0 to 4: after 30 steps 1 of 3 answers named Quill, after 45 and 60 steps 5
+    of 5 (60: a margin); at chat_sft's own rates, 2% of these, 30 steps taught it nothing."""
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
     stage("nanochat.stages.chat_sft", run, tiny_env, "--from-stage", "base_train", "--identity", str(quill_templates),
           "--identity-weight", "10", "--smoltalk-weight", "0.1", "--gsm8k-weight", "0", "--spelling-size", "0",
-          "--num-steps", "30", "--checkpoint-every", "30", "--matrix-lr", "0.02", "--embedding-lr", "0.2",
+          "--num-steps", "60", "--checkpoint-every", "60", "--matrix-lr", "0.02", "--embedding-lr", "0.2",
           "--unembedding-lr", "0.004")
     engine = load_engine(str(run), "sft", max_rows=1)
     answer = reply(engine, [{"role": "user", "content": "Who are you?"}], SamplingParams(temperature=0, max_tokens=20),
-                   io.StringIO())  # what `nanochat chat -p "Who are you?" --temperature 0` prints
+                   io.StringIO())  # what `nanochat chat -p "Who are you?" --temperature 0 --frequency-penalty 0` prints
     assert "Quill" in answer, answer
