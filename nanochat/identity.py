@@ -251,6 +251,12 @@ class Output:
             self._read(p)
         self.file = open(path, "a", encoding="utf-8")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
     def _read(self, p):
         with open(self.path, "rb+") as f:
             data = f.read()
@@ -384,12 +390,14 @@ def main(argv=None):
     max_tries = args.max_tries or 3 * num
     try:
         p = personas.load(args.persona)
-        generation = Generation(p, Output(args.out, p), num)
-        if args.base_url:
-            endpoint = Endpoint(args.base_url, args.model, key, args.timeout, args.retries, args.retry_delay, args.temperature)
-            generation.from_endpoint(endpoint, args.seed, args.workers, max_tries)
-        else:
-            generation.from_templates(args.seed)
+        with Output(args.out, p) as out:
+            generation = Generation(p, out, num)
+            if args.base_url:
+                endpoint = Endpoint(args.base_url, args.model, key, args.timeout, args.retries, args.retry_delay,
+                                    args.temperature)
+                generation.from_endpoint(endpoint, args.seed, args.workers, max_tries)
+            else:
+                generation.from_templates(args.seed)
     except (personas.PersonaError, IdentityError) as e:
         print(f"nanochat identity: {e}", file=sys.stderr)
         return 1
