@@ -1,12 +1,14 @@
 """The Prefect task that runs one stage (a row of the table in nanochat/pipeline.py) as a child
 process (flows/launch.py builds its command and runs it). Its result (the stage's stage.json) is
-cached under a key of stage + its arguments + resolved config + upstream stage.json sha256 + code
-version, in `<run>/prefect-results/`, while the run holds it (StageCache).
+cached under a key of stage + its arguments + resolved config + what the files its options name hold
++ upstream stage.json sha256 + code version, in `<run>/prefect-results/`, while the run holds it (StageCache).
 """
 
 import contextlib
 import hashlib
+import importlib.util
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -68,7 +70,8 @@ def result_storage(run):
 
 class StageCache(CachePolicy):
     """Key: the stage and the arguments it is given, its resolved config (preset values, then
-    overrides), the run's processes and nodes, its upstream stages' stage.json sha256 and the code
+    overrides), what the files and folders that config names hold (`named_contents`), the run's
+    processes and nodes, its upstream stages' stage.json sha256 and the code
     version (package version and the sources of nanochat/, tasks/ and rustbpe/: the code the stage
     process runs; not the git commit, so a docs commit keeps the cache).
 
@@ -85,6 +88,7 @@ class StageCache(CachePolicy):
         key = {
             "stage": [stage.name, stage.module, *arguments(stage, spec)],
             "config": spec.config(stage),
+            "named": named_contents(spec.config(stage)),
             "processes": [spec.nproc_per_node, spec.nnodes],
             "inputs": {name: upstream_sha256(summary_uri(name, spec)) for name in stage.needs},
             "code": code_version(commit=False),  # version + source hash
@@ -94,6 +98,40 @@ class StageCache(CachePolicy):
         if storage.exists(record) and not holds(stage, spec, record):
             storage.remove(record)
         return key
+
+
+def named_contents(config):
+    """What the files outside the run that a stage's options name hold, by option and name: a file's
+    sha256 (an identity file), a folder's entries with their sizes and modification times (your own
+    text: download hashes the files themselves), a `module:Class` task's source file. A file changed
+    under the same name is then a new key, not a stale hit. Values that name nothing are skipped."""
+    named = {}
+    for option, value in sorted(config.items()):
+        for item in value.split(",") if isinstance(value, str) else ():
+            held = contents(item)
+            if held is not None:
+                named[f"{option}={item}"] = held
+    return named
+
+
+def contents(item):
+    """sha256 or listing of what `item` names (see named_contents), or None."""
+    if ":" in item and "://" not in item:  # module:Class
+        try:
+            found = importlib.util.find_spec(item.split(":", 1)[0])
+        except Exception:  # noqa: BLE001 - the stage itself says what is wrong with the task
+            return None
+        origin = found and found.origin
+        return storage.sha256(origin) if origin and os.path.isfile(origin) else None
+    if "://" not in item and not os.path.exists(os.path.expanduser(item)):
+        return None
+    fs, path = storage.filesystem(item)
+    if not fs.exists(path):
+        return None
+    if not fs.isdir(path):
+        return storage.sha256(item)
+    return sorted([e["name"].rstrip("/").rsplit("/", 1)[-1], e.get("size"),
+                   str(e.get("mtime") or e.get("LastModified") or e.get("ETag"))] for e in fs.ls(path, detail=True))
 
 
 def upstream_sha256(uri):

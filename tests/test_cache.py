@@ -32,9 +32,9 @@ def run_spec(tmp_path, **kwargs):
     return RunSpec(run=storage.run_uri("k", root), preset="tiny", storage=root, **kwargs)
 
 
-def key(tmp_path, **spec):
-    """download's cache key in a run under `tmp_path` (download needs no upstream stage)."""
-    return stages.StageCache().compute_key(None, {"stage": pipeline.stage("download"), "spec": run_spec(tmp_path, **spec)}, {})
+def key(tmp_path, stage="download", **spec):
+    """A stage's cache key in a run under `tmp_path` (download's by default: it needs no upstream stage)."""
+    return stages.StageCache().compute_key(None, {"stage": pipeline.stage(stage), "spec": run_spec(tmp_path, **spec)}, {})
 
 
 def test_a_changed_option_changes_the_key(tmp_path):
@@ -62,6 +62,30 @@ def test_a_changed_source_file_changes_the_key(tmp_path, monkeypatch):
         keys = key(tmp_path)
         (copy / source).write_bytes((copy / source).read_bytes() + b"\n")
         assert key(tmp_path) != keys, source
+
+
+def test_a_file_an_option_names_changed_under_the_same_name_changes_the_key(tmp_path, monkeypatch):
+    """An identity file regenerated in place, a file grown in or added to a folder of your own text,
+    and the source of a task of your own: each is a new key though the options read the same."""
+    identity, text, module = tmp_path / "me.jsonl", tmp_path / "text", tmp_path / "mytasks.py"
+    identity.write_text('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I am Quill"}]\n')
+    text.mkdir()
+    (text / "a.parquet").write_bytes(b"1")
+    module.write_text("class Capitals: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    options = {"chat_sft": {"identity": str(identity)}, "download": {"source": str(text)},
+               "chat_eval_sft": {"tasks": "ARC-Easy,mytasks:Capitals"}}
+    keys = lambda: [key(tmp_path, stage, overrides=options) for stage in options]  # noqa: E731
+    changes = [lambda: identity.write_text(identity.read_text().replace("Quill", "Quilt")),
+               lambda: (text / "a.parquet").write_bytes(b"12"),
+               lambda: (text / "b.parquet").write_bytes(b"1"),
+               lambda: module.write_text("class Capitals:\n    pass\n")]
+    for stage, change in zip(["chat_sft", "download", "download", "chat_eval_sft"], changes):
+        before = keys()
+        assert keys() == before
+        change()
+        after = keys()
+        assert [b != a for b, a in zip(before, after)] == [s == stage for s in options], stage
 
 
 def test_a_result_counts_only_while_its_stage_json_is_the_one_in_the_run(tmp_path):
