@@ -24,10 +24,11 @@ then one token per forward.
 
 The same code runs on every device, with one exception: where flash attention is installed and
 runs (nanochat.flash_attention: CUDA, fp16/bf16), attention without a per-row mask goes through it.
-Two hooks let an inference model take other forms of two operations (nanochat.cpu sets them per
-instance on the model it loads):
+Two hooks let an inference model take other forms of two operations, set per instance (nanochat.cpu
+sets the cap of the model it loads):
 - CausalSelfAttention.attend(q, k, v, mask): the attention; SDPA (causal_attention) by default.
-- GPT.cap(logits): the logit soft cap of forward's output; softcap by default.
+- GPT.cap(logits): the logit soft cap of forward's output, in fp32 whatever the lm_head's dtype
+  (a CPU kernel upcasts and caps in one pass); softcap by default.
 
 GPT(config) allocates on the default device and draws every weight in init_weights(), so a seed
 gives the same weights either way; to allocate on a device only later:
@@ -151,7 +152,8 @@ class AttentionMasks:
 
 
 def softcap(logits):
-    """The logit soft cap, 15 tanh(z / 15)."""
+    """The logit soft cap in fp32, 15 tanh(z / 15)."""
+    logits = logits.float()
     return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
 
@@ -403,7 +405,7 @@ class GPT(nn.Module):
         if targets is None:
             if positions is not None:
                 x = x[torch.arange(B, device=x.device), positions]
-            return self.cap(self.lm_head(x)[..., :self.config.vocab_size].float())
+            return self.cap(self.lm_head(x)[..., :self.config.vocab_size])  # the cap returns fp32
         w = self.lm_head.weight
         if self.padded_vocab_size != self.config.vocab_size:  # even a full slice would cost a copy in backward
             w = w[:self.config.vocab_size]

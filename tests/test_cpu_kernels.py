@@ -19,24 +19,29 @@ pytest_plugins = ["tests.support.cpupaths"]
 CAN_BUILD = {"avx2", "fma"}  # a CPU the kernels build for, whatever runs the test
 
 
-def logits(rows, n, seed=0):
+def logits(rows, n, seed=0, dtype=torch.float32):
     """Logits as the engine sees them: rows of a wider buffer (a padded vocabulary sliced back), with
     values far beyond the cap, -inf, and a width that leaves a tail after the 8-float vectors."""
     torch.manual_seed(seed)
     x = torch.randn(rows, n + 5) * 20
     x[:, 3], x[0, -7], x[-1, 1] = float("-inf"), 1e6, -1e6
-    return x[:, :n]
+    return x.to(dtype)[:, :n]
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
 def test_softcap_equals_torch(rows, n, kernel_calls):
+    """fp32 logits capped in place; bf16 ones (as a bf16 lm_head gives them) into new fp32 logits."""
     x = logits(rows, n)
     got = ops.softcap(x)
     assert got.data_ptr() == x.data_ptr()  # in place
     torch.testing.assert_close(got, gpt.softcap(logits(rows, n)), rtol=0, atol=1e-5)
     model_shaped = logits(rows, n)[:, None]  # the model's (B, T, vocab) logits
     torch.testing.assert_close(ops.softcap(model_shaped), gpt.softcap(logits(rows, n)[:, None]), rtol=0, atol=1e-5)
-    assert kernel_calls == {"softcap": 2}
+    bf16 = logits(rows, n, dtype=torch.bfloat16)[:, None]
+    got = ops.softcap(bf16)
+    assert got.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got, gpt.softcap(bf16), rtol=0, atol=1e-5)
+    assert kernel_calls == {"softcap": 2, "softcap_bf16": 1}
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])

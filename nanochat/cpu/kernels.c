@@ -75,7 +75,7 @@ void panel_matmul(const float *panels, const float *x, float *y, int rows, int k
     }
 }
 
-/* Sampling's passes over the logits, each row of `n` floats `ld` apart; the threads split the rows. */
+/* Sampling's passes over the logits, each row of `n` values `ld` apart; the threads split the rows. */
 
 /* exp of 8 floats, to about 1 ulp (Cephes' expf: 2^round(x log2 e) times a degree-6 polynomial of
    the remainder); exactly 0 below ln(FLT_MIN), so that exp(-inf) = 0. */
@@ -120,21 +120,58 @@ static float row_max(const float *x, int n)
     return best;
 }
 
-/* In place, z -> cap tanh(z / cap), as cap - 2 cap / (1 + exp(2 z / cap)). */
+/* cap tanh(z / cap) of 8 floats, as cap - 2 cap / (1 + exp(2 z / cap)); a = 2 / cap. */
+static inline __m256 cap8(__m256 z, __m256 a, __m256 c)
+{
+    __m256 e = exp8(_mm256_mul_ps(z, a));
+    return _mm256_sub_ps(c, _mm256_div_ps(_mm256_add_ps(c, c), _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+}
+
+static inline float cap1(float z, float cap)
+{
+    float out[8];
+    _mm256_storeu_ps(out, cap8(_mm256_set1_ps(z), _mm256_set1_ps(2.0f / cap), _mm256_set1_ps(cap)));
+    return out[0];
+}
+
+/* In place, z -> cap tanh(z / cap). */
 void softcap(float *x, int rows, int n, long ld, float cap, int threads)
 {
-    const __m256 a = _mm256_set1_ps(2.0f / cap), c = _mm256_set1_ps(cap), c2 = _mm256_set1_ps(2.0f * cap),
-                 one = _mm256_set1_ps(1.0f);
+    const __m256 a = _mm256_set1_ps(2.0f / cap), c = _mm256_set1_ps(cap);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
         float *row = x + r * ld;
         int i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(row + i, cap8(_mm256_loadu_ps(row + i), a, c));
+        for (; i < n; i++)
+            row[i] = cap1(row[i], cap);
+    }
+}
+
+/* bf16 to fp32 is exact: the 16 bits become the float's high half. */
+static inline float bf16_float(unsigned short b)
+{
+    union { unsigned u; float f; } v = {(unsigned)b << 16};
+    return v.f;
+}
+
+/* out (rows, n) fp32, contiguous = cap tanh(x / cap) of bf16 x (a row's `n` values `ld` apart): the
+   upcast and the cap in one pass over the logits. */
+void softcap_bf16(const unsigned short *x, int rows, int n, long ld, float *out, float cap, int threads)
+{
+    const __m256 a = _mm256_set1_ps(2.0f / cap), c = _mm256_set1_ps(cap);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const unsigned short *row = x + r * ld;
+        float *capped = out + (long)r * n;
+        int i = 0;
         for (; i + 8 <= n; i += 8) {
-            __m256 e = exp8(_mm256_mul_ps(_mm256_loadu_ps(row + i), a));
-            _mm256_storeu_ps(row + i, _mm256_sub_ps(c, _mm256_div_ps(c2, _mm256_add_ps(one, e))));
+            __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + i)));
+            _mm256_storeu_ps(capped + i, cap8(_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)), a, c));
         }
         for (; i < n; i++)
-            row[i] = cap - 2.0f * cap / (1.0f + exp1(row[i] * 2.0f / cap));
+            capped[i] = cap1(bf16_float(row[i]), cap);
     }
 }
 

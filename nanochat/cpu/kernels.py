@@ -1,7 +1,8 @@
 """nanochat's C kernels for fp32 inference on x86 CPUs (kernels.c), with AVX2 and FMA:
 - x @ W.T, the weight packed once into panels: faster than torch's matmul (MKL) at the sizes
   decoding uses (figures in docs/ARCHITECTURE.md, "CPU kernels");
-- sampling's passes over (rows, vocab) logits: the soft cap (in place), softmax weights and the argmax.
+- sampling's passes over (rows, vocab) logits: the soft cap (in place, or from bf16 logits into fp32
+  ones in the same pass), softmax weights and the argmax.
 
 `build()` compiles them with the machine's C compiler ($CC, else cc) into
 $XDG_CACHE_HOME/nanochat/kernels (default ~/.cache/nanochat/kernels), one file per version of the
@@ -67,6 +68,7 @@ def load():
     rows = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long]  # x, rows, n, row stride
     for name, argtypes in {"panel_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4,
                            "softcap": [*rows, ctypes.c_float, ctypes.c_int],
+                           "softcap_bf16": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
                            "softmax_weights": [*rows, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
                            "argmax": [*rows, ctypes.c_void_p, ctypes.c_int]}.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
@@ -115,17 +117,23 @@ def panel_matmul(x, panels):
     return y
 
 
-def takes(x):
-    """Whether the row kernels below take x: fp32 (rows, n) on the CPU, each row contiguous, and the
-    kernels loaded (this never builds them)."""
-    return LIBRARY is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 \
-        and x.stride(1) == 1
+def takes(x, dtype=torch.float32):
+    """Whether the row kernels below take x: (rows, n) of `dtype` on the CPU, each row contiguous, and
+    the kernels loaded (this never builds them)."""
+    return LIBRARY is not None and x.device.type == "cpu" and x.dtype == dtype and x.dim() == 2 and x.stride(1) == 1
 
 
 def softcap_(x, cap):
     """x -> cap * tanh(x / cap), in place; x as `takes` wants it."""
     LIBRARY.softcap(x.data_ptr(), x.size(0), x.size(1), x.stride(0), cap, torch.get_num_threads())
     return x
+
+
+def softcap_bf16(x, cap):
+    """cap * tanh(x / cap) of bf16 x (as `takes(x, torch.bfloat16)` wants it) in a new fp32 tensor."""
+    out = torch.empty(x.shape)
+    LIBRARY.softcap_bf16(x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr(), cap, torch.get_num_threads())
+    return out
 
 
 def softmax_weights(x, scale):

@@ -3,17 +3,23 @@ passes (nanochat.engine.SamplingOps). Each takes what its fast path takes and ha
 torch function beside it, with the same signature and results up to rounding."""
 
 
+import torch
+
 from nanochat import engine, gpt
 from nanochat.cpu import kernels
 
 
 def softcap(logits):
-    """GPT.cap on CPU: the soft cap in place by the kernel on fp32 logits without a gradient, else
-    gpt.softcap."""
+    """GPT.cap on CPU: the soft cap by the kernel on logits without a gradient, fp32 ones in place and
+    bf16 ones into new fp32 logits in the same pass as the upcast; else gpt.softcap."""
     rows = logits.reshape(-1, logits.size(-1))  # a view for the model's logits (rows of a padded vocabulary)
-    if logits.requires_grad or not kernels.takes(rows):
+    if logits.requires_grad:
         return gpt.softcap(logits)
-    return kernels.softcap_(rows, gpt.LOGIT_SOFTCAP).view(logits.shape)
+    if kernels.takes(rows, torch.bfloat16):
+        return kernels.softcap_bf16(rows, gpt.LOGIT_SOFTCAP).view(logits.shape)
+    if kernels.takes(rows):
+        return kernels.softcap_(rows, gpt.LOGIT_SOFTCAP).view(logits.shape)
+    return gpt.softcap(logits)
 
 
 def softmax_weights(logits, temperature):
