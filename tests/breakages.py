@@ -44,8 +44,10 @@ BREAKAGES = [
              "    enter_view(work)\n    if uid == 0:", "    if uid == 0:", ("tests/test_execution.py",)),
     # cache invalidation
     Breakage("cache-upstream", "a changed upstream stage runs its dependents again", "flows/stages.py",
-             '"inputs": {name: storage.sha256(summary_uri(name, spec)) for name in stage.needs},', '"inputs": {},',
+             '"inputs": {name: upstream_sha256(summary_uri(name, spec)) for name in stage.needs},', '"inputs": {},',
              ("tests/test_cache.py",)),
+    Breakage("cache-named", "a file an option names, changed under the same name, runs its stage again", "flows/stages.py",
+             '"named": named_contents(spec.config(stage)),', '"named": {},', ("tests/test_cache.py",)),
     Breakage("cache-held", "a cached result counts only while the run holds its outputs", "flows/stages.py",
              "if storage.exists(record) and not holds(stage, spec, record):", "if False:", ("tests/test_cache.py",)),
     # machine independence
