@@ -82,7 +82,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         engine = load_engine(args.run, args.source, device=args.device or autodetect_device_type(), max_rows=1)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a bad NANOCHAT_CPU_FASTPATHS
         print(f"nanochat chat: {e}", file=sys.stderr)
         return 1
     given = {name: getattr(args, name) for name in GENERATION if getattr(args, name) is not None}

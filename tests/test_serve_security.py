@@ -23,6 +23,7 @@ import openai
 import psutil
 import pytest
 
+from nanochat import chat
 from nanochat.serve import main as serve
 from tests.support.serving import KEY, ask, assert_openai_error, chromium_tab, openai_client, serving, streamed
 from tests.support.waiting import until
@@ -134,7 +135,8 @@ def test_network_host_without_a_key_is_refused(run):
 
 def test_a_bad_fastpaths_switch_is_refused_at_start(run, monkeypatch, capsys):
     """NANOCHAT_CPU_FASTPATHS is read at each model load, in the workers once serving: a bad value
-    stops `nanochat serve` before it says it is serving, with one line naming the variable."""
+    stops `nanochat serve` before it says it is serving, and `nanochat chat` before it answers, each
+    with one line naming the variable."""
     monkeypatch.setenv("NANOCHAT_STORAGE", str(run[0]))
     monkeypatch.setenv("NANOCHAT_CPU_FASTPATHS", "yes")
     with pytest.raises(SystemExit) as refusal:
@@ -142,6 +144,9 @@ def test_a_bad_fastpaths_switch_is_refused_at_start(run, monkeypatch, capsys):
     message = str(refusal.value)
     assert "NANOCHAT_CPU_FASTPATHS='yes'" in message and len(message.splitlines()) == 1
     assert capsys.readouterr().out == ""
+    assert chat.main(["--run", run[1], "-p", "hi"]) == 1  # `nanochat chat` alike, before it answers
+    out, err = capsys.readouterr()
+    assert out == "" and "NANOCHAT_CPU_FASTPATHS='yes'" in err and len(err.splitlines()) == 1
 
 
 RATE = 20  # the limits server's requests a minute per key
