@@ -24,11 +24,9 @@ then one token per forward.
 
 The same code runs on every device, with one exception: where flash attention is installed and
 runs (nanochat.flash_attention: CUDA, fp16/bf16), attention without a per-row mask goes through it.
-Two hooks let an inference model take other forms of two operations, set per instance (nanochat.cpu
-sets the cap of the model it loads):
-- CausalSelfAttention.attend(q, k, v, mask): the attention; SDPA (causal_attention) by default.
-- GPT.cap(logits): the logit soft cap of forward's output, in fp32 whatever the lm_head's dtype
-  (a CPU kernel upcasts and caps in one pass); softcap by default.
+One hook lets an inference model take another form of one operation, set per instance (nanochat.cpu
+sets it on the model it loads): GPT.cap(logits), the logit soft cap of forward's output, in fp32
+whatever the lm_head's dtype (a CPU kernel upcasts and caps in one pass); softcap by default.
 
 GPT(config) allocates on the default device and draws every weight in init_weights(), so a seed
 gives the same weights either way; to allocate on a device only later:
@@ -158,8 +156,6 @@ def softcap(logits):
 
 
 class CausalSelfAttention(nn.Module):
-    attend = staticmethod(causal_attention)  # hook: the attention of (q, k, v, mask); an instance may set its own
-
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -187,7 +183,7 @@ class CausalSelfAttention(nn.Module):
         if masks.base is None and (flash := flash_attention.kernel(q)) is not None:
             y = flash_attention.attention(flash, q, k, v, self.window)
         else:
-            y = self.attend(q, k, v, masks.get(self.window, T, k.size(2), q.device))
+            y = causal_attention(q, k, v, masks.get(self.window, T, k.size(2), q.device))
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def project(self, x, cos, sin):

@@ -26,6 +26,12 @@ def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
     return engine
 
 
+def check_switch():
+    """Raises ValueError naming NANOCHAT_CPU_FASTPATHS if its value is neither 0 nor 1, so that a
+    program that loads models later (the server's workers) refuses it at start."""
+    cpu.enabled()
+
+
 def prepare(model):
     """The engine's sampling ops for an inference model, put (in place) in its serving form: its
     query, key and value layers fused on every device, and on CPU nanochat.cpu applied. The model can

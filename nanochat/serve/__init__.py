@@ -64,10 +64,9 @@ def main(argv=None):
     import torch
     import uvicorn
 
-    from nanochat import cpu
     from nanochat.checkpoint import find_checkpoint
     from nanochat.common import autodetect_device_type, setup_logging
-    from nanochat.inference import load_engine
+    from nanochat.inference import check_switch, load_engine
     from nanochat.serve.ops import Server
 
     args = build_parser().parse_args(argv)
@@ -76,7 +75,7 @@ def main(argv=None):
         raise SystemExit(f"nanochat serve: refusing to serve {args.host} without an API key: give --api-key or "
                          "NANOCHAT_API_KEY (or --insecure to let anyone who can reach it in)")
     try:  # read again at each model load, in the workers once serving: a bad value is refused before that
-        cpu.enabled()
+        check_switch()
     except ValueError as e:
         raise SystemExit(f"nanochat serve: {e}") from None
     setup_logging()
