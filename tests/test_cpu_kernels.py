@@ -44,6 +44,17 @@ def test_softcap_equals_torch(rows, n, kernel_calls):
     assert kernel_calls == {"softcap": 2, "softcap_bf16": 1}
 
 
+def test_softcap_keeps_nan(kernel_calls):
+    """A NaN logit (a broken weight) stays NaN through the cap, in a vector and in the tail, as in
+    torch: clamping it to a finite number would hide the fault from every check after it."""
+    x = logits(2, 1003)
+    x[0, 5], x[1, 1001] = float("nan"), float("nan")
+    expected = gpt.softcap(x.clone())
+    torch.testing.assert_close(ops.softcap(x.clone()), expected, rtol=0, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(ops.softcap(x.bfloat16()), gpt.softcap(x.bfloat16()), rtol=0, atol=1e-5, equal_nan=True)
+    assert kernel_calls == {"softcap": 1, "softcap_bf16": 1}
+
+
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
 def test_softmax_weights_equal_torch(rows, n, kernel_calls):
     """Per-row temperatures from 0.01 (most weights underflow to 0) to 2; a 1-D row with a number as

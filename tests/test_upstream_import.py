@@ -260,16 +260,17 @@ def test_an_upstream_model_between_the_eras_is_refused_naming_its_keys(base_2026
     assert code == 1 and f"meta_{STEP:06d}.json: invalid JSON" in err and not (tmp_path / "run").exists()
 
 
-def test_a_model_with_non_finite_logits_is_refused_before_anything_is_written(base_2026, tiny_tokenizer, tmp_path,
-                                                                             capsys):
+def test_a_model_with_a_non_finite_weight_is_refused_before_anything_is_written(base_2026, tiny_tokenizer, tmp_path,
+                                                                                capsys):
     """The check runs on the model as read, so a refused import leaves no stage behind and the
-    corrected one needs no --force."""
+    corrected one needs no --force. The NaN is in a query weight, which the logits alone would miss
+    (torch's causal SDPA on CPU gives a finite output for a NaN query)."""
     folder, source = base_2026
     state = upstream_state(source)
-    state[next(k for k in state if k.endswith("mlp.c_fc.weight"))][0, 0] = float("nan")
+    state[next(k for k in state if k.endswith("attn.c_q.weight"))][0, 0] = float("nan")
     src = write_upstream(tmp_path / "base_checkpoints" / "d2", source, tiny_tokenizer, state=state)
     code, err = import_(capsys, src, "--run", tmp_path / "run")
-    assert code == 1 and "the imported model's logits are not finite" in err
+    assert code == 1 and "the imported weight transformer.h.0.attn.c_q.weight is not finite" in err
     assert not (tmp_path / "run" / "base_train").exists()
     write_upstream(src, source, tiny_tokenizer)
     assert import_(capsys, src, "--run", tmp_path / "run")[0] == 0

@@ -78,12 +78,13 @@ void panel_matmul(const float *panels, const float *x, float *y, int rows, int k
 /* Sampling's passes over the logits, each row of `n` values `ld` apart; the threads split the rows. */
 
 /* exp of 8 floats, to about 1 ulp (Cephes' expf: 2^round(x log2 e) times a degree-6 polynomial of
-   the remainder); exactly 0 below ln(FLT_MIN), so that exp(-inf) = 0. */
+   the remainder); exactly 0 below ln(FLT_MIN), so that exp(-inf) = 0; NaN stays NaN (max/min return
+   their second operand when either is NaN, so x goes second). */
 static inline __m256 exp8(__m256 x)
 {
     const __m256 lowest = _mm256_set1_ps(-87.33654f);
     __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.37626f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.37626f), _mm256_max_ps(lowest, x));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
