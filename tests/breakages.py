@@ -90,7 +90,7 @@ BREAKAGES = [
              "if not done.done() and await http_request.is_disconnected():", "if False:",
              ("tests/test_serve_security.py", "-k", "non_streaming_client_that_leaves")),
     Breakage("serve-fastpaths-value", "serve refuses a bad NANOCHAT_CPU_FASTPATHS at start, in one line",
-             "nanochat/serve/__init__.py", "        cpu.enabled()\n", "        pass\n",
+             "nanochat/serve/__init__.py", "        check_switch()\n", "        pass\n",
              ("tests/test_serve_security.py", "-k", "fastpaths_switch")),
     Breakage("serve-switch-ignored", "a server with NANOCHAT_CPU_FASTPATHS=0 serves on torch's ops", "nanochat/cpu/__init__.py",
              "    if not enabled():", "    if False:", ("tests/test_completions.py", "-k", "echo_logprobs and torch")),
