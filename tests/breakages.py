@@ -99,6 +99,9 @@ BREAKAGES = [
              ("tests/test_serve.py", "-k", "stop_cancels")),
     Breakage("ui-new-chat", "the web UI's New chat starts an empty conversation", "nanochat/serve/ui.html",
              "messages = []; log.innerHTML = \"\"; busy(false);", "busy(false);", ("tests/test_serve.py", "-k", "web_ui_in_headless")),
+    # order independence and layout
+    Breakage("make-test-env", "`make test` and a plain pytest see the same environment", "Makefile",
+             "\tenv $(addprefix -u ,$(TEST_UNSET)) $(PY) -m pytest", "\t$(PY) -m pytest", ("tests/test_make_test.py",)),
     # no hangs: a wait that gives up ends everything it waited on
     Breakage("waits-leave-children", "a wait that gives up leaves no process behind", "tests/support/waiting.py",
              "tree = [root, *root.children(recursive=True)]", "tree = [root]", ("tests/test_waiting.py",)),
