@@ -24,9 +24,11 @@ then one token per forward.
 
 The same code runs on every device, with one exception: where flash attention is installed and
 runs (nanochat.flash_attention: CUDA, fp16/bf16), attention without a per-row mask goes through it.
-One hook lets an inference model take another form of one operation, set per instance (nanochat.cpu
-sets it on the model it loads): GPT.cap(logits), the logit soft cap of forward's output, in fp32
-whatever the lm_head's dtype (a CPU kernel upcasts and caps in one pass); softcap by default.
+Two hooks let an inference model take another form of an operation, set per instance (nanochat.cpu
+sets them on the model it loads): GPT.cap(logits), the logit soft cap of forward's output, in fp32
+whatever the lm_head's dtype (a CPU kernel upcasts and caps in one pass), softcap by default; and
+norm(x), every RMSNorm of the model (GPT.use_norm sets it on the model and its layers; a CPU kernel
+does in one call what F.rms_norm does in seven ops), norm by default.
 
 GPT(config) allocates on the default device and draws every weight in init_weights(), so a seed
 gives the same weights either way; to allocate on a device only later:
@@ -156,6 +158,8 @@ def softcap(logits):
 
 
 class CausalSelfAttention(nn.Module):
+    norm = staticmethod(norm)  # hook: the RMSNorm of queries and keys (GPT.use_norm)
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -193,11 +197,11 @@ class CausalSelfAttention(nn.Module):
             q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
             k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-            q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+            q, k = self.norm(apply_rotary(q, cos, sin)), self.norm(apply_rotary(k, cos, sin))
         else:  # one matmul; the query and key heads sit side by side, so one rotary and one norm take both
             qkv = self.c_qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
             qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
-            q, k = norm(apply_rotary(qk, cos, sin)).split([self.n_head, self.n_kv_head], dim=1)
+            q, k = self.norm(apply_rotary(qk, cos, sin)).split([self.n_head, self.n_kv_head], dim=1)
         if self.qk_scale != 1.0:  # the scores grow by its square: sharper attention
             q, k = q * self.qk_scale, k * self.qk_scale
         return q, k, v
@@ -223,14 +227,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    norm = staticmethod(norm)  # hook: the RMSNorm before attention and MLP (GPT.use_norm)
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, masks, ve=None, kv_cache=None):
-        x = x + self.attn(norm(x), cos, sin, masks, ve, kv_cache)
-        return x + self.mlp(norm(x))
+        x = x + self.attn(self.norm(x), cos, sin, masks, ve, kv_cache)
+        return x + self.mlp(self.norm(x))
 
 
 @dataclass
@@ -301,6 +307,7 @@ class GPTConfig:
 
 class GPT(nn.Module):
     cap = staticmethod(softcap)  # hook: the soft cap of forward's logits; an instance may set its own
+    norm = staticmethod(norm)  # hook: the RMSNorm of the embeddings and of the last hidden states (GPT.use_norm)
 
     def __init__(self, config):
         super().__init__()
@@ -381,7 +388,7 @@ class GPT(nn.Module):
         cos, sin = self.rotary(pos, T)
         masks = AttentionMasks(pos, None if kv_cache is None else kv_cache.attn_mask)
 
-        x = norm(self.transformer.wte(idx))
+        x = self.norm(self.transformer.wte(idx))
         if self.config.smear:
             x = self.smear(x, None if kv_cache is None else kv_cache.insert_embedding(x))
         x0 = x
@@ -394,7 +401,7 @@ class GPT(nn.Module):
                 mid = x
         if self.config.backout:
             x = x - self.backout_lambda * mid
-        x = norm(x)
+        x = self.norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
 
@@ -417,6 +424,14 @@ class GPT(nn.Module):
         if previous is None:
             return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
         return x + gate * torch.cat([previous.to(x.dtype), x[:, :-1]], dim=1)
+
+    def use_norm(self, fn):
+        """The model (in place) with `fn` as the norm hook of itself and every block and attention: each
+        of its RMSNorms becomes fn(x) (an inference form of norm, as nanochat.cpu's)."""
+        for module in self.modules():
+            if isinstance(module, (GPT, Block, CausalSelfAttention)):
+                module.norm = fn
+        return self
 
     def fuse_qkv(self):
         """The model (in place) with each attention's c_q, c_k and c_v as one layer, for inference:

@@ -60,10 +60,12 @@ def test_loading_an_engine_on_cpu_applies_it_once(tmp_path, applied, fastpaths):
 
     served = inference.load_engine(uri, device="cpu")
     assert applied == [served.model]
-    sampling_ops, cap = (ops.SAMPLING, ops.softcap) if fastpaths else (engine.SamplingOps(), gpt.softcap)
+    sampling_ops, cap, norm = (ops.SAMPLING, ops.softcap, ops.rms_norm) if fastpaths else (engine.SamplingOps(), gpt.softcap, gpt.norm)
     assert served.ops == sampling_ops and served.model.cap is cap
     assert all(block.attn.c_qkv is not None for block in served.model.transformer.h)
-    forms = {type(m) for m in served.model.modules() if isinstance(m, (torch.nn.Linear, linears.PackedLinear, linears.PanelLinear))}
+    assert all(m.norm is norm for m in served.model.modules() if isinstance(m, (GPT, gpt.Block, gpt.CausalSelfAttention)))
+    forms = {type(m) for m in served.model.modules()
+             if isinstance(m, (torch.nn.Linear, linears.AmxLinear, linears.PackedLinear, linears.PanelLinear))}
     assert len(forms) == 1 and (fastpaths or forms == {torch.nn.Linear})  # one form: this config's widths fill whole panels
     dtype = next(served.model.parameters()).dtype
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("door")]])
@@ -87,7 +89,7 @@ def test_other_devices_take_nothing_of_it(applied):
         model = GPT(CONFIG)
     sampling_ops = inference.prepare(model)
     assert applied == [] and sampling_ops == engine.SamplingOps()
-    assert model.cap is gpt.softcap
+    assert model.cap is gpt.softcap and model.norm is gpt.norm and model.transformer.h[0].attn.norm is gpt.norm
     assert all(block.attn.c_qkv is not None for block in model.transformer.h)
     inference.prepare(random_model(CONFIG))
     assert len(applied) == 1

@@ -1,4 +1,4 @@
-"""nanochat.cpu's ops: the soft cap and sampling's passes equal the torch functions
+"""nanochat.cpu's ops: the RMSNorm, the soft cap and sampling's passes equal the torch functions
 they stand in for (the oracles), the kernel counted as it runs (a machine without the kernels skips
 those tests outside CI and fails them under it); the build: compiled once per source version into
 the cache and reused, only when asked (never by a check on the hot path); a compiler that fails or
@@ -30,7 +30,8 @@ def logits(rows, n, seed=0, dtype=torch.float32):
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
 def test_softcap_equals_torch(rows, n, kernel_calls):
-    """fp32 logits capped in place; bf16 ones (as a bf16 lm_head gives them) into new fp32 logits."""
+    """fp32 logits capped in place; bf16 ones (as a bf16 lm_head gives them) into new fp32 logits (on a
+    CPU with AVX-512 by avx512.c's cap, 16 lanes at a time with a masked tail)."""
     x = logits(rows, n)
     got = ops.softcap(x)
     assert got.data_ptr() == x.data_ptr()  # in place
@@ -53,6 +54,29 @@ def test_softcap_keeps_nan(kernel_calls):
     torch.testing.assert_close(ops.softcap(x.clone()), expected, rtol=0, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(ops.softcap(x.bfloat16()), gpt.softcap(x.bfloat16()), rtol=0, atol=1e-5, equal_nan=True)
     assert kernel_calls == {"softcap": 1, "softcap_bf16": 1}
+
+
+def test_rms_norm_equals_torch(kernel_calls):
+    """bf16 activations as the model norms them: the residual stream (B, 1, C), and queries and keys
+    (B, H, 1, D) as a view of the fused projection's heads; a width with a tail after the 8-float
+    vectors, rows of zeros, of large and of tiny values, and a NaN, which spreads over its row as
+    in torch. The results are torch's to the bit (both compute in fp32 and round to nearest even)."""
+    torch.manual_seed(0)
+    stream = (torch.randn(8, 1, 256) * torch.logspace(-3, 3, 8)[:, None, None]).bfloat16()
+    stream[2] = 0
+    stream[5, 0, 7] = float("nan")
+    heads = torch.randn(8, 1, 6, 128).bfloat16().transpose(1, 2)[:, :4]  # a view with strides
+    tail = torch.randn(3, 1003).bfloat16()
+    for x in (stream, heads, tail):
+        got = ops.rms_norm(x)
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        assert torch.equal(got.isnan(), gpt.norm(x).isnan()) and got.isnan().sum() == (x is stream) * 256
+        torch.testing.assert_close(got, gpt.norm(x), rtol=0, atol=0, equal_nan=True)
+    fp32, trained = torch.randn(4, 64), torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    torch.testing.assert_close(ops.rms_norm(fp32), gpt.norm(fp32), rtol=0, atol=0)  # torch's, not counted
+    torch.testing.assert_close(ops.rms_norm(trained), gpt.norm(trained), rtol=0, atol=0)
+    assert ops.rms_norm(trained).requires_grad
+    assert kernel_calls == {"rms_norm_bf16": 3}
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])

@@ -11,7 +11,7 @@ import torch
 
 from nanochat import engine as engine_module
 from nanochat import inference
-from nanochat.cpu import ops
+from nanochat.cpu import kernels, ops
 from nanochat.cpu.linears import PackedLinear, PanelLinear, replace_linears
 from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingOps, SamplingParams, TextStream, prefill_groups, sample_one, sample_rows
 from nanochat.execution import calculator
@@ -110,6 +110,29 @@ def test_cached_batched_greedy_equals_uncached(model, tokenizer, form, fastpaths
     for request in requests:
         assert request.done
         assert_matches_oracle(model, engine, request, 24)
+
+
+@pytest.mark.parametrize("fastpaths", [True], ids=["fastpaths"], indirect=True)
+def test_bf16_served_greedy_equals_the_bf16_model_uncached(model, tokenizer, fastpaths, kernel_calls):
+    """In bf16 (as load_engine loads a model on a CPU that multiplies bf16 fast) with nanochat.cpu's
+    fast paths, whose kernels run (counted: AMX's matmul where the CPU has AMX, the RMSNorm, the
+    cap): rows joining a running batch decode what uncached greedy decoding of the plain bf16 model,
+    on torch's ops, gives."""
+    plain = copy.deepcopy(model).to(torch.bfloat16)
+    served = copy.deepcopy(plain)
+    engine = Engine(served, tokenizer, 8, ops=inference.prepare(served))
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    prompts = [[tokenizer.bos_token_id, *tokenizer.encode(text)] for text in ("hi", "hello there, model", "x" * 40)]
+    requests = [Request(p, greedy, n=n) for p, n in zip(prompts, (1, 3, 2))]
+    engine.add(requests[0])
+    engine.step()
+    engine.add(*requests[1:])
+    while engine.rows:
+        engine.step()
+    for request in requests:
+        assert_matches_oracle(plain, engine, request, 16)
+    assert kernel_calls["rms_norm_bf16"] > 0 and kernel_calls["softcap_bf16"] > 0
+    assert kernel_calls["amx_matmul"] > 0 or not kernels.has_amx()
 
 
 @FORMS

@@ -2,8 +2,9 @@
 row counts decoding and prefill use; nanochat.cpu picks the form by dtype and CPU, and with
 NANOCHAT_CPU_FASTPATHS=0 none (test_apply_picks_the_form_for_the_dtype runs both ways, the one test
 here whose result depends on the switch); where nanochat's kernels cannot run or torch's private
-oneDNN ops are missing or fail, layers stay nn.Linear with the same logits. The tests of the kernel's
-form need the kernels (a skip outside CI on a machine without them, a failure under CI)."""
+oneDNN ops are missing or fail, layers stay nn.Linear with the same logits. The tests of the kernels'
+forms need the kernels, and AmxLinear's a CPU with AMX too (a skip outside CI on a machine without
+them, a failure under CI)."""
 
 import copy
 import logging
@@ -15,29 +16,59 @@ import torch
 from nanochat import cpu
 from nanochat.common import cpu_has_fast_bf16
 from nanochat.cpu import kernels, linears
-from nanochat.cpu.linears import PackedLinear, PanelLinear
+from nanochat.cpu.linears import AmxLinear, PackedLinear, PanelLinear
 from nanochat.gpt import GPTConfig
 from tests.support.cpupaths import kernels_here
+from tests.support.stagerun import missing
 from tests.test_gpt import random_model
 
 pytest_plugins = ["tests.support.cpupaths"]
-FORMS = [PackedLinear, PanelLinear]
+FORMS = [PackedLinear, PanelLinear, AmxLinear]
+
+
+def amx_here():
+    """nanochat's kernels loaded on a CPU with AMX (else missing(): a skip outside CI, a failure under it)."""
+    kernels_here()
+    if not kernels.has_amx():
+        missing("this CPU has no AMX (or Linux did not grant its tiles): AmxLinear cannot run here")
 
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shape", [(1, 64), (2, 64), (8, 64), (3, 5, 64), (8, 1, 64)])
 def test_forms_equal_nn_linear(form, shape):
-    """Same values and shape as nn.Linear, and the output reshapes as the model reshapes it."""
+    """Same values and shape as nn.Linear, and the output reshapes as the model reshapes it; AmxLinear
+    in bf16, where its values are nn.Linear's (oneDNN's) to the bit."""
+    dtype, tolerance = torch.float32, 1e-5
     if form is PanelLinear:
         kernels_here()
+    if form is AmxLinear:
+        amx_here()
+        dtype, tolerance = torch.bfloat16, 0
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 96, bias=False)
-    x = torch.randn(shape)
+    linear = torch.nn.Linear(64, 96, bias=False).to(dtype)
+    x = torch.randn(shape, dtype=dtype)
     with torch.inference_mode():
         expected, got = linear(x), form(linear)(x)
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.reshape(-1, 4, 24), expected.reshape(-1, 4, 24), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got.reshape(-1, 4, 24), expected.reshape(-1, 4, 24), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 15, 16, 17, 33, 512])
+def test_amx_matmul_equals_torch(rows, kernel_calls):
+    """Row counts of decoding and of a prefill (512: 8 prompts of 64), with a block of 16 rows and a
+    part of one; an odd number of panels (the last alone), a depth of several tiles; an input with
+    strides between its rows; values spread over magnitudes, a NaN spreading over its output row.
+    bf16 results equal torch's bf16 linear (both sum in fp32, round to nearest even) to the bit."""
+    amx_here()
+    torch.manual_seed(rows)
+    weight = (torch.randn(80, 96) * torch.logspace(-2, 2, 96)).bfloat16()
+    x = torch.randn(rows, 128).bfloat16()[:, 16:112]  # rows 128 apart
+    x[-1, 5] = float("nan")
+    got = kernels.amx_matmul(x, kernels.pack_bf16(weight))
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight), rtol=0, atol=0, equal_nan=True)
+    assert got[-1].isnan().all() and not got[:-1].isnan().any()
+    assert kernel_calls == {"amx_matmul": 1}
 
 
 @pytest.mark.parametrize("rows", [*range(1, 14), 1021, 2045])
@@ -65,9 +96,9 @@ def test_panel_linear_takes_a_strided_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
     """Each attention's query, key and value layers become one; fp32 weights go into panels for
-    nanochat's kernel where this machine can build it, bf16 ones are packed for oneDNN where the CPU
-    multiplies bf16 fast, else they stay nn.Linear, as they all do with NANOCHAT_CPU_FASTPATHS=0; one
-    form for all, and the logits are those of the model before."""
+    nanochat's kernel where this machine can build it, bf16 ones into AMX panels where the CPU has
+    AMX, else are packed for oneDNN where it multiplies bf16 fast, else they stay nn.Linear, as they
+    all do with NANOCHAT_CPU_FASTPATHS=0; one form for all, and the logits are those of the model before."""
     # every weight random (at init the output projections are zero, which would hide the attention)
     model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)).eval()
     ids = torch.randint(0, 300, (2, 7))
@@ -80,6 +111,8 @@ def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
         wanted = torch.nn.Linear
     elif dtype == torch.float32:
         wanted = PanelLinear if kernels.lacking() is None else torch.nn.Linear
+    elif kernels.has_amx():
+        wanted = AmxLinear
     else:
         wanted = PackedLinear if cpu_has_fast_bf16() else torch.nn.Linear
     assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, *FORMS))} == {wanted}
@@ -88,7 +121,8 @@ def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
-def test_layers_the_kernel_cannot_take_stay_nn_linear():
+@pytest.mark.parametrize("fastpaths", [True], ids=["fastpaths"], indirect=True)  # whatever the switch says outside
+def test_layers_the_kernel_cannot_take_stay_nn_linear(fastpaths):
     """Layers whose outputs do not fill whole panels of 16 (width 40: the attention's and MLP's
     output projections) stay nn.Linear beside the panel ones, with the logits unchanged."""
     kernels_here()
@@ -102,6 +136,25 @@ def test_layers_the_kernel_cannot_take_stay_nn_linear():
     assert [type(m) for m in (block.attn.c_qkv, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj, model.lm_head)] == \
         [PanelLinear, torch.nn.Linear, PanelLinear, torch.nn.Linear, PanelLinear]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fastpaths", [True], ids=["fastpaths"], indirect=True)  # whatever the switch says outside
+def test_bf16_layers_amx_cannot_take_are_packed(fastpaths):
+    """Layers whose inputs do not fill whole AMX tiles of 32 features (width 48: the query, key and
+    value, the MLP's input and the lm_head) are packed for oneDNN beside the AMX ones, with the
+    logits of the model before."""
+    amx_here()
+    model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=1, n_embd=48)).eval()
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.inference_mode():
+        model.to(torch.bfloat16)
+        expected = model(ids)
+        cpu.apply(model.fuse_qkv())
+        got = model(ids)
+    block = model.transformer.h[0]
+    assert [type(m) for m in (block.attn.c_qkv, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj, model.lm_head)] == \
+        [PackedLinear, PackedLinear, PackedLinear, AmxLinear, PackedLinear]
+    torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1)  # bf16: logits up to 15, where an ulp is 1/16
 
 
 def test_without_the_kernels_every_fp32_layer_stays_nn_linear(monkeypatch):

@@ -157,10 +157,68 @@ static inline float bf16_float(unsigned short b)
     return v.f;
 }
 
+static inline __m256 bf16x8_float(const unsigned short *x)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x)), 16));
+}
+
+/* 8 floats to bf16, rounded to nearest even (as torch rounds); a NaN stays NaN. */
+static inline __m128i float_bf16x8(__m256 f)
+{
+    __m256i bits = _mm256_castps_si256(f), odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+static inline unsigned short float_bf16(float f)
+{
+    unsigned short out[8];
+    _mm_storeu_si128((__m128i *)out, float_bf16x8(_mm256_set1_ps(f)));
+    return out[0];
+}
+
+/* out (rows, n) bf16, contiguous = RMSNorm of bf16 x (a row's `n` values `ld` apart) as torch's
+   rms_norm computes it for bf16: in fp32, x * (1 / sqrt(mean(x^2) + eps)), rounded to bf16. A call on a
+   few rows (decoding) stays on the calling thread: a parallel region would cost more than the rows. */
+void rms_norm_bf16(const unsigned short *x, int rows, int n, long ld, unsigned short *out, float eps, int threads)
+{
+#pragma omp parallel for num_threads(threads) schedule(static) if ((long)rows * n >= 65536)
+    for (int r = 0; r < rows; r++) {
+        const unsigned short *row = x + r * ld;
+        unsigned short *normed = out + (long)r * n;
+        __m256 squares = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = bf16x8_float(row + i);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        float lanes[8], sum = 0;
+        _mm256_storeu_ps(lanes, squares);
+        for (int j = 0; j < 8; j++)
+            sum += lanes[j];
+        for (int j = i; j < n; j++)
+            sum += bf16_float(row[j]) * bf16_float(row[j]);
+        float scale = 1.0f / sqrtf(sum / n + eps);
+        __m256 vs = _mm256_set1_ps(scale);
+        for (i = 0; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(normed + i), float_bf16x8(_mm256_mul_ps(bf16x8_float(row + i), vs)));
+        for (; i < n; i++)
+            normed[i] = float_bf16(bf16_float(row[i]) * scale);
+    }
+}
+
+void softcap_bf16_avx512(const unsigned short *x, int rows, int n, long ld, float *out, float cap, int threads);
+
 /* out (rows, n) fp32, contiguous = cap tanh(x / cap) of bf16 x (a row's `n` values `ld` apart): the
-   upcast and the cap in one pass over the logits. */
+   upcast and the cap in one pass over the logits; on a CPU with AVX-512, avx512.c's (twice the
+   lanes, no division). */
 void softcap_bf16(const unsigned short *x, int rows, int n, long ld, float *out, float cap, int threads)
 {
+    if (__builtin_cpu_supports("avx512bw")) {
+        softcap_bf16_avx512(x, rows, n, ld, out, cap, threads);
+        return;
+    }
     const __m256 a = _mm256_set1_ps(2.0f / cap), c = _mm256_set1_ps(cap);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {

@@ -2,8 +2,12 @@
 its matmul runs fastest at decode sizes (a few rows of activations against a large weight). Each
 form computes what nn.Linear computes, up to rounding (tests/test_linears.py).
 
-- bf16 weights, on a CPU that multiplies bf16 fast: `PackedLinear`, the weight reordered once into
-  oneDNN's blocked layout (as torch.compile's freezing does) rather than on every call.
+- bf16 weights, on a CPU with AMX where nanochat's kernels are loaded: `AmxLinear`, nanochat's AMX
+  matmul (avx512.c) on the weight packed into panels of 16 outputs; at decode sizes a call through
+  torch's oneDNN costs several times the work. A layer whose sizes do not fill whole tiles, or any
+  layer where there is no AMX but the CPU multiplies bf16 fast (AVX512-BF16): `PackedLinear`, the
+  weight reordered once into oneDNN's blocked layout (as torch.compile's freezing does) rather than
+  on every call.
 - fp32 weights, where nanochat's kernels are loaded: `PanelLinear`, nanochat's AVX2 matmul
   (kernels.c) on the weight packed into panels of 16 outputs; MKL takes slow paths at these sizes on
   AVX2-only CPUs. A layer whose outputs do not fill whole panels stays nn.Linear.
@@ -30,6 +34,24 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
+class AmxLinear(torch.nn.Module):
+    """A bias-free bf16 nn.Linear computed by nanochat's AMX kernel, its weight packed once into
+    panels of 16 output features (kernels.pack_bf16). The output is row-major."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.panels = kernels.pack_bf16(linear.weight)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.size(-1))
+        y = kernels.amx_matmul(rows if rows.stride(-1) == 1 else rows.contiguous(), self.panels)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def fits(linear):
+        return linear.out_features % kernels.PANEL == 0 and linear.in_features % kernels.AMX_DEPTH == 0
+
+
 class PanelLinear(torch.nn.Module):
     """A bias-free fp32 nn.Linear computed by nanochat's AVX2 kernel, its weight packed once into
     panels of 16 output features. The output is row-major."""
@@ -45,8 +67,11 @@ class PanelLinear(torch.nn.Module):
 
 def fastest_linears(model):
     """The model (in place) with its bias-free linear layers in the form that runs fastest here for
-    their dtype (see the module docstring). Needs the kernels built (kernels.build) for PanelLinear."""
+    their dtype (see the module docstring). Needs the kernels built (kernels.build) for AmxLinear and
+    PanelLinear."""
     dtype = next(model.parameters()).dtype
+    if dtype == torch.bfloat16 and kernels.has_amx():
+        replace_linears(model, AmxLinear, AmxLinear.fits)
     if dtype == torch.bfloat16 and cpu_has_fast_bf16() and torch.backends.mkldnn.is_available():
         return packed_or_kept(model)
     if dtype == torch.float32 and kernels.LIBRARY is not None:

@@ -1,12 +1,24 @@
-"""The CPU forms of the model's logit cap (nanochat.gpt's GPT.cap hook) and of the engine's sampling
-passes (nanochat.engine.SamplingOps). Each takes what its fast path takes and hands anything else to the
-torch function beside it, with the same signature and results up to rounding."""
+"""The CPU forms of the model's RMSNorm and logit cap (nanochat.gpt's GPT.norm and GPT.cap hooks)
+and of the engine's sampling passes (nanochat.engine.SamplingOps). Each takes what its fast path
+takes and hands anything else to the torch function beside it, with the same signature and results
+up to rounding."""
 
 
 import torch
 
 from nanochat import engine, gpt
 from nanochat.cpu import kernels
+
+# torch's rms_norm of bf16 computes in fp32, with fp32's epsilon (tests/test_cpu_kernels.py holds it to that)
+NORM_EPS = torch.finfo(torch.float32).eps
+
+
+def rms_norm(x):
+    """GPT.norm on CPU: bf16 activations without a gradient by the kernel (a new tensor); else gpt.norm."""
+    rows = x.reshape(-1, x.size(-1))
+    if x.requires_grad or not kernels.takes(rows, torch.bfloat16):
+        return gpt.norm(x)
+    return kernels.rms_norm_bf16(rows, NORM_EPS).view(x.shape)
 
 
 def softcap(logits):
