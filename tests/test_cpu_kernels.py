@@ -98,10 +98,13 @@ def test_softmax_weights_equal_torch(rows, n, kernel_calls):
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])
 def test_argmax_equals_torch_first_maximum(rows, n, kernel_calls):
-    """Ties (few distinct values) take the first maximum, as torch's argmax does."""
-    for x in (logits(rows, n), torch.randint(0, 5, (rows, n)).float(), torch.full((rows, n), float("-inf"))):
+    """Ties (few distinct values) take the first maximum, as torch's argmax does; a row with a NaN
+    gives its first NaN's index, as in torch (in a vector, in the tail, after a larger value)."""
+    with_nan = logits(rows, n)
+    with_nan[0, n // 2], with_nan[-1, n - 1], with_nan[-1, 0] = float("nan"), float("nan"), 1e9
+    for x in (logits(rows, n), torch.randint(0, 5, (rows, n)).float(), torch.full((rows, n), float("-inf")), with_nan):
         assert torch.equal(ops.argmax(x), engine.row_argmax(x))
-    assert kernel_calls == {"argmax": 3}
+    assert kernel_calls == {"argmax": 4}
 
 
 def test_the_hot_path_never_builds(monkeypatch):

@@ -251,24 +251,39 @@ void softmax_weights(const float *x, int rows, int n, long ld, const float *scal
     }
 }
 
-/* Per row, the index of its first maximum. */
+/* Per row, the index of its first maximum, or of its first NaN where it has one (as torch's argmax). */
 void argmax(const float *x, int rows, int n, long ld, long *out, int threads)
 {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
         const float *row = x + r * ld;
-        float m = row_max(row, n);
-        __m256 vm = _mm256_set1_ps(m);
+        __m256 vm = _mm256_set1_ps(-INFINITY), any_nan = _mm256_setzero_ps();
         int i = 0;
         for (; i + 8 <= n; i += 8) {
-            int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), vm, _CMP_EQ_OQ));
+            __m256 v = _mm256_loadu_ps(row + i);
+            vm = _mm256_max_ps(vm, v);
+            any_nan = _mm256_or_ps(any_nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float lanes[8], m = -INFINITY;
+        _mm256_storeu_ps(lanes, vm);
+        for (int j = 0; j < 8; j++)
+            m = lanes[j] > m ? lanes[j] : m;
+        int nan = _mm256_movemask_ps(any_nan) != 0;
+        for (; i < n; i++) {
+            nan |= isnan(row[i]);
+            m = row[i] > m ? row[i] : m;
+        }
+        vm = _mm256_set1_ps(m);
+        for (i = 0; i + 8 <= n; i += 8) { /* the first lane equal to m, or unordered where m is NaN */
+            __m256 v = _mm256_loadu_ps(row + i);
+            int hits = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, vm, _CMP_EQ_OQ));
             if (hits) {
                 i += __builtin_ctz(hits);
                 break;
             }
         }
-        while (i < n && row[i] != m)
+        while (i < n && !(nan ? isnan(row[i]) : row[i] == m))
             i++;
-        out[r] = i < n ? i : 0; /* none equal the maximum only where it is NaN */
+        out[r] = i;
     }
 }
