@@ -24,11 +24,13 @@ then one token per forward.
 
 The same code runs on every device, with one exception: where flash attention is installed and
 runs (nanochat.flash_attention: CUDA, fp16/bf16), attention without a per-row mask goes through it.
-Two hooks let an inference model take another form of an operation, set per instance (nanochat.cpu
-sets them on the model it loads): GPT.cap(logits), the logit soft cap of forward's output, in fp32
-whatever the lm_head's dtype (a CPU kernel upcasts and caps in one pass), softcap by default; and
-norm(x), every RMSNorm of the model (GPT.use_norm sets it on the model and its layers; a CPU kernel
-does in one call what F.rms_norm does in seven ops), norm by default.
+Hooks let an inference model take another form of an operation, set per instance (nanochat.cpu sets
+them on the model it loads), each by default the op the model runs everywhere else: GPT.cap(logits),
+the logit soft cap of forward's output, in fp32 whatever the lm_head's dtype (a CPU kernel upcasts
+and caps in one pass), softcap by default; GPT.head(x), forward's logits of its last hidden states
+(the lm_head, then the cap hook; a CPU kernel does both in one pass); and norm(x), every RMSNorm of
+the model (GPT.use_norm sets it on the model and its layers; a CPU kernel does in one call what
+F.rms_norm does in seven ops), norm by default.
 
 GPT(config) allocates on the default device and draws every weight in init_weights(), so a seed
 gives the same weights either way; to allocate on a device only later:
@@ -408,13 +410,18 @@ class GPT(nn.Module):
         if targets is None:
             if positions is not None:
                 x = x[torch.arange(B, device=x.device), positions]
-            return self.cap(self.lm_head(x)[..., :self.config.vocab_size])  # the cap returns fp32
+            return self.head(x)
         w = self.lm_head.weight
         if self.padded_vocab_size != self.config.vocab_size:  # even a full slice would cost a copy in backward
             w = w[:self.config.vocab_size]
         losses = loss.cross_entropy(x.reshape(B * T, -1), w, targets.reshape(B * T), loss_reduction,
                                     loss.chunk_sizes(x.device.type), LOGIT_SOFTCAP)
         return losses.view(B, T) if loss_reduction == "none" else losses
+
+    def head(self, x):
+        """The fp32 logits of the last hidden states x: the lm_head's, its padding rows cut, capped by the
+        cap hook. A hook too: an instance may set its own (nanochat.cpu's runs lm_head and cap in one pass)."""
+        return self.cap(self.lm_head(x)[..., :self.config.vocab_size])  # the cap returns fp32
 
     def smear(self, x, previous=None):
         """The token embeddings x (B, T, C), each plus the previous token's times smear_lambda *

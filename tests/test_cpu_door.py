@@ -64,6 +64,7 @@ def test_loading_an_engine_on_cpu_applies_it_once(tmp_path, applied, fastpaths):
     assert served.ops == sampling_ops and served.model.cap is cap
     assert all(block.attn.c_qkv is not None for block in served.model.transformer.h)
     assert all(m.norm is norm for m in served.model.modules() if isinstance(m, (GPT, gpt.Block, gpt.CausalSelfAttention)))
+    assert getattr(vars(served.model).get("head"), "func", GPT.head) is (ops.head if fastpaths else GPT.head)
     forms = {type(m) for m in served.model.modules()
              if isinstance(m, (torch.nn.Linear, linears.AmxLinear, linears.PackedLinear, linears.PanelLinear))}
     assert len(forms) == 1 and (fastpaths or forms == {torch.nn.Linear})  # one form: this config's widths fill whole panels
@@ -90,6 +91,7 @@ def test_other_devices_take_nothing_of_it(applied):
     sampling_ops = inference.prepare(model)
     assert applied == [] and sampling_ops == engine.SamplingOps()
     assert model.cap is gpt.softcap and model.norm is gpt.norm and model.transformer.h[0].attn.norm is gpt.norm
+    assert "head" not in vars(model)
     assert all(block.attn.c_qkv is not None for block in model.transformer.h)
     inference.prepare(random_model(CONFIG))
     assert len(applied) == 1

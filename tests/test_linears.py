@@ -139,6 +139,29 @@ def test_layers_the_kernel_cannot_take_stay_nn_linear(fastpaths):
 
 
 @pytest.mark.parametrize("fastpaths", [True], ids=["fastpaths"], indirect=True)  # whatever the switch says outside
+def test_amx_head_equals_the_models_head(fastpaths, kernel_calls):
+    """An AmxLinear lm_head gives the model's logits (GPT.head: the bf16 lm_head, its padding rows cut,
+    then softcap) in one kernel pass that caps them too (counted: one matmul, no separate cap), for
+    decoding's rows and a prefill's; a hidden state that needs a gradient takes the model's own head
+    (the lm_head, then the cap hook)."""
+    amx_here()
+    model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=1, n_embd=64)).eval()
+    model.to(torch.bfloat16)
+    x = torch.randn(8, 3, 64).bfloat16() * 3
+    with torch.inference_mode():
+        expected = model.head(x)
+        cpu.apply(model.fuse_qkv())
+        got = [model.head(x[:, -1:]), model.head(x)]
+    assert isinstance(model.lm_head, AmxLinear) and got[1].shape == expected.shape == (8, 3, 300)
+    torch.testing.assert_close(got[0], expected[:, -1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1], expected, rtol=0, atol=1e-5)
+    assert kernel_calls == {"amx_matmul": 2}
+    trained = x.clone().requires_grad_()
+    torch.testing.assert_close(model.head(trained), expected, rtol=0, atol=1e-5)
+    assert kernel_calls == {"amx_matmul": 3, "softcap_bf16": 1}  # the lm_head, then the cap hook
+
+
+@pytest.mark.parametrize("fastpaths", [True], ids=["fastpaths"], indirect=True)  # whatever the switch says outside
 def test_bf16_layers_amx_cannot_take_are_packed(fastpaths):
     """Layers whose inputs do not fill whole AMX tiles of 32 features (width 48: the query, key and
     value, the MLP's input and the lm_head) are packed for oneDNN beside the AMX ones, with the

@@ -1,5 +1,6 @@
 /* nanochat's kernels for bf16 CPU inference on x86 CPUs with AVX-512 and AMX (Intel Sapphire Rapids
-   on): the matmul y = x @ W.T of bf16 x and W on AMX, and the soft cap of bf16 logits in AVX-512.
+   on): the matmul y = x @ W.T of bf16 x and W on AMX (for the lm_head with the soft cap of its
+   logits in the same pass), and in AVX-512 the soft cap of bf16 logits.
 
    At decode sizes (a few rows of x) torch's oneDNN call costs 25-40 us whatever the layer's size,
    five to ten times the work itself; a call here costs a few. The work is AMX's tile multiply:
@@ -47,14 +48,10 @@ static AMX void configure(int m)
     _tile_loadconfig(&config);
 }
 
-/* cap tanh(z / cap) of 16 floats, as cap - 2 cap / (1 + exp(2 z / cap)) with the division by one
-   reciprocal estimate and a Newton step. 2 z / cap is clamped to [-30, 30], where tanh is already
-   +-1 in fp32 (max/min return their second operand when either is NaN: a NaN stays NaN). exp: 2^n
-   times Cephes' degree-6 polynomial of the remainder, as kernels.c's exp8. */
-static inline AVX512 __m512 cap16(__m512 z, float cap)
+/* exp of 16 floats in [-100, 88] (or NaN), to about 1 ulp: 2^n times Cephes' degree-6 polynomial
+   of the remainder, as kernels.c's exp8; 2^n by scalef, which goes to 0 through the denormals. */
+static inline AVX512 __m512 exp16(__m512 t)
 {
-    __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(2.0f / cap));
-    t = _mm512_min_ps(_mm512_set1_ps(30.0f), _mm512_max_ps(_mm512_set1_ps(-30.0f), t));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
     t = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), t);
@@ -65,16 +62,38 @@ static inline AVX512 __m512 cap16(__m512 z, float cap)
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(t, t), _mm512_add_ps(t, _mm512_set1_ps(1.0f)));
-    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* cap tanh(z / cap) of 16 floats, as cap - 2 cap / (1 + exp(2 z / cap)) with the division by one
+   reciprocal estimate and a Newton step. 2 z / cap is clamped to [-30, 30], where tanh is already
+   +-1 in fp32 (max/min return their second operand when either is NaN: a NaN stays NaN). */
+static inline AVX512 __m512 cap16(__m512 z, float cap)
+{
+    __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(2.0f / cap));
+    t = _mm512_min_ps(_mm512_set1_ps(30.0f), _mm512_max_ps(_mm512_set1_ps(-30.0f), t));
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(t));
     __m512 r = _mm512_rcp14_ps(d);
     r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
     return _mm512_fnmadd_ps(_mm512_set1_ps(2.0f * cap), r, _mm512_set1_ps(cap));
 }
 
+/* One row's 16 sums of a panel into y at `at`: rounded to bf16, or with cap > 0 the capped fp32 of
+   that bf16 (the lm_head's logits, as GPT.forward caps the bf16 ones, without writing them). */
+static inline AMX void emit(const float *sums, void *y, long at, float cap)
+{
+    __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums));
+    if (cap > 0)
+        _mm512_storeu_ps((float *)y + at, cap16(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)), cap));
+    else
+        _mm256_storeu_si256((__m256i *)((unsigned short *)y + at), rounded);
+}
+
 /* y (rows, n), contiguous = x (rows, k; rows ldx apart) @ W.T for W (n, k) packed as n / 16 panels;
-   k a multiple of 32, n of 16; all bf16. The threads split the panels; each configures its own tiles. */
+   k a multiple of 32, n of 16; x and W bf16, y bf16 or, with cap > 0, fp32 capped (see emit). The
+   threads split the panels; each configures its own tiles. */
 AMX void amx_matmul(const unsigned short *panels, const unsigned short *x, int rows, int k, long ldx,
-                    int n, unsigned short *y, int threads)
+                    int n, void *y, float cap, int threads)
 {
     int blocks = k / 32, count = n / 16;
     long panel = 16L * k; /* elements per panel */
@@ -103,9 +122,8 @@ AMX void amx_matmul(const unsigned short *panels, const unsigned short *x, int r
                 _tile_stored(0, sums[0], 64);
                 _tile_stored(1, sums[1], 64);
                 for (int j = 0; j <= pair; j++)
-                    for (int r = 0; r < m; r++) /* to bf16, to nearest even */
-                        _mm256_storeu_si256((__m256i *)(y + (long)(start + r) * n + (p + j) * 16),
-                                            (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums[j][r])));
+                    for (int r = 0; r < m; r++)
+                        emit(sums[j][r], y, (long)(start + r) * n + (p + j) * 16, cap);
             }
         }
         _tile_release();

@@ -42,9 +42,10 @@ class AmxLinear(torch.nn.Module):
         super().__init__()
         self.panels = kernels.pack_bf16(linear.weight)
 
-    def forward(self, x):
+    def forward(self, x, cap=None):
+        """nn.Linear's output; with a `cap`, its fp32 cap * tanh(y / cap) computed in the same pass."""
         rows = x.reshape(-1, x.size(-1))
-        y = kernels.amx_matmul(rows if rows.stride(-1) == 1 else rows.contiguous(), self.panels)
+        y = kernels.amx_matmul(rows if rows.stride(-1) == 1 else rows.contiguous(), self.panels, cap)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod

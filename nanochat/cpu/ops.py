@@ -1,5 +1,5 @@
-"""The CPU forms of the model's RMSNorm and logit cap (nanochat.gpt's GPT.norm and GPT.cap hooks)
-and of the engine's sampling passes (nanochat.engine.SamplingOps). Each takes what its fast path
+"""The CPU forms of the model's RMSNorm, logit cap and head (nanochat.gpt's GPT.norm, GPT.cap and
+GPT.head hooks) and of the engine's sampling passes (nanochat.engine.SamplingOps). Each takes what its fast path
 takes and hands anything else to the torch function beside it, with the same signature and results
 up to rounding."""
 
@@ -8,6 +8,7 @@ import torch
 
 from nanochat import engine, gpt
 from nanochat.cpu import kernels
+from nanochat.cpu.linears import AmxLinear
 
 # torch's rms_norm of bf16 computes in fp32, with fp32's epsilon (tests/test_cpu_kernels.py holds it to that)
 NORM_EPS = torch.finfo(torch.float32).eps
@@ -32,6 +33,15 @@ def softcap(logits):
     if kernels.takes(rows):
         return kernels.softcap_(rows, gpt.LOGIT_SOFTCAP).view(logits.shape)
     return gpt.softcap(logits)
+
+
+def head(model, x):
+    """GPT.head on CPU (bound to its model by nanochat.cpu.apply): an AmxLinear lm_head without a
+    gradient computes the logits and their cap in one pass, never writing the bf16 logits; else the
+    model's own head (lm_head, then its cap hook)."""
+    if isinstance(model.lm_head, AmxLinear) and not x.requires_grad:
+        return model.lm_head(x, gpt.LOGIT_SOFTCAP)[..., :model.config.vocab_size]
+    return gpt.GPT.head(model, x)
 
 
 def softmax_weights(logits, temperature):
