@@ -28,9 +28,10 @@ Hooks let an inference model take another form of an operation, set per instance
 them on the model it loads), each by default the op the model runs everywhere else: GPT.cap(logits),
 the logit soft cap of forward's output, in fp32 whatever the lm_head's dtype (a CPU kernel upcasts
 and caps in one pass), softcap by default; GPT.head(x), forward's logits of its last hidden states
-(the lm_head, then the cap hook; a CPU kernel does both in one pass); and norm(x), every RMSNorm of
-the model (GPT.use_norm sets it on the model and its layers; a CPU kernel does in one call what
-F.rms_norm does in seven ops), norm by default.
+(the lm_head, then the cap hook; a CPU kernel does both in one pass); and the RMSNorms (set by
+GPT.use_norms): norm(x) of the model and its blocks, norm by default, and each attention's
+rotary_norm(x, cos, sin) of its queries and keys, rotary_norm by default (CPU kernels do in one call
+what takes torch seven ops, or fifteen).
 
 GPT(config) allocates on the default device and draws every weight in init_weights(), so a seed
 gives the same weights either way; to allocate on a device only later:
@@ -76,6 +77,11 @@ def apply_rotary(x, cos, sin):
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the tables are fp32; under autocast x is bf16
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def rotary_norm(x, cos, sin):
+    """The queries' or keys' rotary (apply_rotary), then their RMSNorm (QK-norm)."""
+    return norm(apply_rotary(x, cos, sin))
 
 
 class KVCache(Protocol):
@@ -160,7 +166,7 @@ def softcap(logits):
 
 
 class CausalSelfAttention(nn.Module):
-    norm = staticmethod(norm)  # hook: the RMSNorm of queries and keys (GPT.use_norm)
+    rotary_norm = staticmethod(rotary_norm)  # hook: the rotary and RMSNorm of queries and keys (GPT.use_norms)
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -199,11 +205,11 @@ class CausalSelfAttention(nn.Module):
             q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
             k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-            q, k = self.norm(apply_rotary(q, cos, sin)), self.norm(apply_rotary(k, cos, sin))
+            q, k = self.rotary_norm(q, cos, sin), self.rotary_norm(k, cos, sin)
         else:  # one matmul; the query and key heads sit side by side, so one rotary and one norm take both
             qkv = self.c_qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
             qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
-            q, k = self.norm(apply_rotary(qk, cos, sin)).split([self.n_head, self.n_kv_head], dim=1)
+            q, k = self.rotary_norm(qk, cos, sin).split([self.n_head, self.n_kv_head], dim=1)
         if self.qk_scale != 1.0:  # the scores grow by its square: sharper attention
             q, k = q * self.qk_scale, k * self.qk_scale
         return q, k, v
@@ -229,7 +235,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    norm = staticmethod(norm)  # hook: the RMSNorm before attention and MLP (GPT.use_norm)
+    norm = staticmethod(norm)  # hook: the RMSNorm before attention and MLP (GPT.use_norms)
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -309,7 +315,7 @@ class GPTConfig:
 
 class GPT(nn.Module):
     cap = staticmethod(softcap)  # hook: the soft cap of forward's logits; an instance may set its own
-    norm = staticmethod(norm)  # hook: the RMSNorm of the embeddings and of the last hidden states (GPT.use_norm)
+    norm = staticmethod(norm)  # hook: the RMSNorm of the embeddings and of the last hidden states (GPT.use_norms)
 
     def __init__(self, config):
         super().__init__()
@@ -432,12 +438,14 @@ class GPT(nn.Module):
             return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
         return x + gate * torch.cat([previous.to(x.dtype), x[:, :-1]], dim=1)
 
-    def use_norm(self, fn):
-        """The model (in place) with `fn` as the norm hook of itself and every block and attention: each
-        of its RMSNorms becomes fn(x) (an inference form of norm, as nanochat.cpu's)."""
+    def use_norms(self, norm, rotary_norm):
+        """The model (in place) with inference forms of its RMSNorms (as nanochat.cpu's): `norm` as the
+        norm hook of itself and every block, `rotary_norm` as every attention's rotary_norm hook."""
         for module in self.modules():
-            if isinstance(module, (GPT, Block, CausalSelfAttention)):
-                module.norm = fn
+            if isinstance(module, (GPT, Block)):
+                module.norm = norm
+            elif isinstance(module, CausalSelfAttention):
+                module.rotary_norm = rotary_norm
         return self
 
     def fuse_qkv(self):

@@ -60,10 +60,12 @@ def test_loading_an_engine_on_cpu_applies_it_once(tmp_path, applied, fastpaths):
 
     served = inference.load_engine(uri, device="cpu")
     assert applied == [served.model]
-    sampling_ops, cap, norm = (ops.SAMPLING, ops.softcap, ops.rms_norm) if fastpaths else (engine.SamplingOps(), gpt.softcap, gpt.norm)
+    sampling_ops, cap, norm, rotary_norm = ((ops.SAMPLING, ops.softcap, ops.rms_norm, ops.rotary_norm) if fastpaths
+                                            else (engine.SamplingOps(), gpt.softcap, gpt.norm, gpt.rotary_norm))
     assert served.ops == sampling_ops and served.model.cap is cap
     assert all(block.attn.c_qkv is not None for block in served.model.transformer.h)
-    assert all(m.norm is norm for m in served.model.modules() if isinstance(m, (GPT, gpt.Block, gpt.CausalSelfAttention)))
+    assert all(m.norm is norm for m in served.model.modules() if isinstance(m, (GPT, gpt.Block)))
+    assert all(block.attn.rotary_norm is rotary_norm for block in served.model.transformer.h)
     assert getattr(vars(served.model).get("head"), "func", GPT.head) is (ops.head if fastpaths else GPT.head)
     forms = {type(m) for m in served.model.modules()
              if isinstance(m, (torch.nn.Linear, linears.AmxLinear, linears.PackedLinear, linears.PanelLinear))}
@@ -90,7 +92,7 @@ def test_other_devices_take_nothing_of_it(applied):
         model = GPT(CONFIG)
     sampling_ops = inference.prepare(model)
     assert applied == [] and sampling_ops == engine.SamplingOps()
-    assert model.cap is gpt.softcap and model.norm is gpt.norm and model.transformer.h[0].attn.norm is gpt.norm
+    assert model.cap is gpt.softcap and model.norm is gpt.norm and model.transformer.h[0].attn.rotary_norm is gpt.rotary_norm
     assert "head" not in vars(model)
     assert all(block.attn.c_qkv is not None for block in model.transformer.h)
     inference.prepare(random_model(CONFIG))

@@ -1,4 +1,4 @@
-"""nanochat.cpu's ops: the RMSNorm, the soft cap and sampling's passes equal the torch functions
+"""nanochat.cpu's ops: the RMSNorms, the soft cap and sampling's passes equal the torch functions
 they stand in for (the oracles), the kernel counted as it runs (a machine without the kernels skips
 those tests outside CI and fails them under it); the build: compiled once per source version into
 the cache and reused, only when asked (never by a check on the hot path); a compiler that fails or
@@ -77,6 +77,29 @@ def test_rms_norm_equals_torch(kernel_calls):
     torch.testing.assert_close(ops.rms_norm(trained), gpt.norm(trained), rtol=0, atol=0)
     assert ops.rms_norm(trained).requires_grad
     assert kernel_calls == {"rms_norm_bf16": 3}
+
+
+def test_rotary_norm_equals_torch(kernel_calls):
+    """Decoding's queries and keys, (B, heads, 1, dim) as a view of the fused projection's heads, with
+    the angles of one position for every row and of a position per row (rows at different lengths),
+    bf16 as a bf16 model holds its tables; a NaN spreads over its head. The results are torch's to
+    the bit (every product and sum rounded to bf16 as torch's bf16 ops round them). More than one
+    position (a prefill) or a gradient takes torch's."""
+    torch.manual_seed(0)
+    qkv = (torch.randn(8, 1, 6 * 128) * 3).bfloat16()
+    qkv[5, 0, 130] = float("nan")  # row 5, head 1
+    x = qkv.view(8, 1, -1, 128).transpose(1, 2)[:, :4]
+    cos, sin = (table.bfloat16() for table in gpt.rotary_tables(300, 128, 10000.0))
+    positions = torch.randint(0, 300, (8, 1))
+    for angles in [(cos[37:38], sin[37:38]), (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))]:
+        got, expected = ops.rotary_norm(x, *angles), gpt.rotary_norm(x, *angles)
+        assert got.shape == expected.shape and got.isnan().sum() == 128
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    prefill = torch.randn(2, 4, 3, 128).bfloat16()
+    torch.testing.assert_close(ops.rotary_norm(prefill, cos[:3], sin[:3]), gpt.rotary_norm(prefill, cos[:3], sin[:3]), rtol=0, atol=0)
+    trained = x.detach().clone().requires_grad_()
+    assert ops.rotary_norm(trained, cos[:1], sin[:1]).requires_grad
+    assert kernel_calls == {"rotary_norm_bf16": 2}
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])

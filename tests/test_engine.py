@@ -115,7 +115,7 @@ def test_cached_batched_greedy_equals_uncached(model, tokenizer, form, fastpaths
 @pytest.mark.parametrize("fastpaths", [True], ids=["fastpaths"], indirect=True)
 def test_bf16_served_greedy_equals_the_bf16_model_uncached(model, tokenizer, fastpaths, kernel_calls):
     """In bf16 (as load_engine loads a model on a CPU that multiplies bf16 fast) with nanochat.cpu's
-    fast paths, whose kernels run (counted: the RMSNorm, and AMX's matmul, which caps the logits too,
+    fast paths, whose kernels run (counted: the RMSNorms, and AMX's matmul, which caps the logits too,
     where the CPU has AMX, else the cap): rows joining a running batch decode what uncached greedy
     decoding of the plain bf16 model, on torch's ops, gives."""
     plain = copy.deepcopy(model).to(torch.bfloat16)
@@ -131,7 +131,7 @@ def test_bf16_served_greedy_equals_the_bf16_model_uncached(model, tokenizer, fas
         engine.step()
     for request in requests:
         assert_matches_oracle(plain, engine, request, 16)
-    assert kernel_calls["rms_norm_bf16"] > 0
+    assert kernel_calls["rms_norm_bf16"] > 0 and kernel_calls["rotary_norm_bf16"] > 0
     assert kernel_calls["amx_matmul" if kernels.has_amx() else "softcap_bf16"] > 0
 
 

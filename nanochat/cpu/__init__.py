@@ -3,9 +3,9 @@ nanochat.inference.load_engine when the device is the CPU); the model and the en
 ops everywhere else, and on a CPU where NANOCHAT_CPU_FASTPATHS=0.
 
 - kernels.c, avx512.c / kernels.py: nanochat's C kernels (fp32 matmul in AVX2, bf16 matmul on AMX,
-  RMSNorm, soft cap, softmax weights, argmax), compiled and loaded once, here.
+  RMSNorm, rotary, soft cap, softmax weights, argmax), compiled and loaded once, here.
 - linears.py: linear layers in the form their dtype multiplies fastest on this CPU.
-- ops.py: the CPU form of the model's RMSNorm, logit cap and head and of the engine's sampling
+- ops.py: the CPU form of the model's RMSNorms, logit cap and head and of the engine's sampling
   passes, each falling back to the torch function beside it. (Attention stays the model's SDPA: torch's CPU kernel
   decodes one query per row faster than anything built from matmuls here, in bf16 too.)
 """
@@ -34,7 +34,7 @@ def apply(model):
     """Puts a loaded inference model (in place) on the CPU's fast paths and returns the engine's
     sampling ops for it: builds the kernels (once per process; the log says where or why not),
     puts the linear layers in their fastest form, and sets the model's hooks: cap to ops.softcap, head
-    to ops.head, norm to ops.rms_norm.
+    to ops.head, the norms to ops.rms_norm and ops.rotary_norm.
     With NANOCHAT_CPU_FASTPATHS=0 it leaves the model as it is and returns torch's ops."""
     if not enabled():
         log.info("CPU fast paths off (%s=0): inference runs torch's ops", SWITCH)
@@ -43,5 +43,5 @@ def apply(model):
     linears.fastest_linears(model)
     model.cap = ops.softcap
     model.head = functools.partial(ops.head, model)
-    model.use_norm(ops.rms_norm)
+    model.use_norms(ops.rms_norm, ops.rotary_norm)
     return ops.SAMPLING

@@ -234,6 +234,48 @@ void softcap_bf16(const unsigned short *x, int rows, int n, long ld, float *out,
     }
 }
 
+static inline __m256 round_bf16(__m256 f) /* f rounded to bf16, as a float */
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(float_bf16x8(f)), 16));
+}
+
+/* out (rows, heads, dim) bf16, contiguous = RMSNorm(rotary(x)) of bf16 x, one position per row (the
+   queries and keys of decoding), as GPT's rotary_norm computes them in bf16: the rotation
+   (x1 cos - x2 sin, x1 sin + x2 cos) of the halves of each head with every product, sum and
+   difference rounded to bf16 as torch's bf16 ops round them, then rms_norm_bf16's norm. Head h of
+   row r is at x + r * x_row + h * x_head; the row's angles at cos + r * angle_row (0: every row
+   alike), dim / 2 of each. dim a multiple of 16, at most 1024. */
+void rotary_norm_bf16(const unsigned short *x, int rows, int heads, int dim, long x_row, long x_head,
+                      const unsigned short *cos, const unsigned short *sin, long angle_row,
+                      unsigned short *out, float eps, int threads)
+{
+    int half = dim / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if ((long)rows * heads * dim >= 65536)
+    for (int rh = 0; rh < rows * heads; rh++) {
+        int r = rh / heads, h = rh % heads;
+        const unsigned short *head = x + r * x_row + h * x_head, *c = cos + r * angle_row, *s = sin + r * angle_row;
+        float rotated[1024];
+        __m256 squares = _mm256_setzero_ps();
+        for (int i = 0; i < half; i += 8) {
+            __m256 x1 = bf16x8_float(head + i), x2 = bf16x8_float(head + half + i);
+            __m256 vc = bf16x8_float(c + i), vs = bf16x8_float(s + i);
+            __m256 y1 = round_bf16(_mm256_sub_ps(round_bf16(_mm256_mul_ps(x1, vc)), round_bf16(_mm256_mul_ps(x2, vs))));
+            __m256 y2 = round_bf16(_mm256_add_ps(round_bf16(_mm256_mul_ps(x1, vs)), round_bf16(_mm256_mul_ps(x2, vc))));
+            _mm256_storeu_ps(rotated + i, y1);
+            _mm256_storeu_ps(rotated + half + i, y2);
+            squares = _mm256_fmadd_ps(y1, y1, _mm256_fmadd_ps(y2, y2, squares));
+        }
+        float lanes[8], sum = 0;
+        _mm256_storeu_ps(lanes, squares);
+        for (int j = 0; j < 8; j++)
+            sum += lanes[j];
+        __m256 scale = _mm256_set1_ps(1.0f / sqrtf(sum / dim + eps));
+        unsigned short *normed = out + (long)rh * dim;
+        for (int i = 0; i < dim; i += 8)
+            _mm_storeu_si128((__m128i *)(normed + i), float_bf16x8(_mm256_mul_ps(_mm256_loadu_ps(rotated + i), scale)));
+    }
+}
+
 /* Per row r: out = exp((x - max of the row) * scale[r]), softmax's unnormalized weights; out is
    (rows, n) and contiguous. */
 void softmax_weights(const float *x, int rows, int n, long ld, const float *scale, float *out, int threads)

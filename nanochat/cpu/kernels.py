@@ -3,7 +3,8 @@ AMX where the CPU has them (avx512.c):
 - x @ W.T, the weight packed once into panels: in fp32 faster than torch's matmul (MKL) at the
   sizes decoding uses (figures in docs/ARCHITECTURE.md, "CPU kernels"); in bf16 on AMX, where a
   call costs a few microseconds against oneDNN's 25-40 through torch;
-- the model's RMSNorm of bf16 rows, in one call where torch's takes seven ops;
+- the model's RMSNorm of bf16 rows, in one call where torch's takes seven ops, and its rotary and
+  RMSNorm of decoding's queries and keys, in one call where torch's take fifteen;
 - sampling's passes over (rows, vocab) logits: the soft cap (in place, or from bf16 logits into fp32
   ones in the same pass), softmax weights and the argmax.
 
@@ -79,6 +80,8 @@ def load():
                            "softcap": [*rows, ctypes.c_float, ctypes.c_int],
                            "softcap_bf16": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
                            "rms_norm_bf16": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
+                           "rotary_norm_bf16": [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2
+                                               + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
                            "softmax_weights": [*rows, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
                            "argmax": [*rows, ctypes.c_void_p, ctypes.c_int],
                            "amx_matmul": [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long, ctypes.c_int,
@@ -175,6 +178,17 @@ def rms_norm_bf16(x, eps):
     """RMSNorm of each row of bf16 x (as `takes(x, torch.bfloat16)` wants it) in a new bf16 tensor."""
     out = torch.empty(x.shape, dtype=torch.bfloat16)
     LIBRARY.rms_norm_bf16(x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr(), eps, torch.get_num_threads())
+    return out
+
+
+def rotary_norm_bf16(x, cos, sin, eps):
+    """RMSNorm(rotary(x)) of bf16 x (rows, heads, dim), each head contiguous, by the angles cos, sin
+    (rows or 1, dim / 2; bf16, each row contiguous), in a new (rows, heads, dim) bf16 tensor."""
+    rows, heads, dim = x.shape
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    angle_row = cos.stride(0) if cos.size(0) > 1 else 0
+    LIBRARY.rotary_norm_bf16(x.data_ptr(), rows, heads, dim, x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
+                             angle_row, out.data_ptr(), eps, torch.get_num_threads())
     return out
 
 

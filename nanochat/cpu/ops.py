@@ -1,5 +1,5 @@
-"""The CPU forms of the model's RMSNorm, logit cap and head (nanochat.gpt's GPT.norm, GPT.cap and
-GPT.head hooks) and of the engine's sampling passes (nanochat.engine.SamplingOps). Each takes what its fast path
+"""The CPU forms of the model's RMSNorms, logit cap and head (nanochat.gpt's norm, rotary_norm,
+GPT.cap and GPT.head hooks) and of the engine's sampling passes (nanochat.engine.SamplingOps). Each takes what its fast path
 takes and hands anything else to the torch function beside it, with the same signature and results
 up to rounding."""
 
@@ -20,6 +20,18 @@ def rms_norm(x):
     if x.requires_grad or not kernels.takes(rows, torch.bfloat16):
         return gpt.norm(x)
     return kernels.rms_norm_bf16(rows, NORM_EPS).view(x.shape)
+
+
+def rotary_norm(x, cos, sin):
+    """An attention's rotary_norm on CPU: bf16 queries or keys of one position per row (B, heads, 1,
+    dim), without a gradient, by the kernel (a new tensor); else gpt.rotary_norm."""
+    dim = x.size(-1)
+    if x.size(2) != 1 or x.requires_grad or x.dtype != torch.bfloat16 or x.stride(-1) != 1 or dim % 16 or dim > 1024:
+        return gpt.rotary_norm(x, cos, sin)
+    angles = [a.reshape(-1, dim // 2) for a in (cos, sin)]  # (1, dim / 2), or a row for each row of x
+    if not all(kernels.takes(a, torch.bfloat16) for a in angles) or angles[0].stride() != angles[1].stride():
+        return gpt.rotary_norm(x, cos, sin)
+    return kernels.rotary_norm_bf16(x[:, :, 0], *angles, NORM_EPS).view(x.shape)
 
 
 def softcap(logits):
