@@ -6,6 +6,7 @@ in-process classic model with GQA and a non-default rotary base (transformers' o
 
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -178,9 +179,11 @@ def test_import_state_inverts_export_and_names_what_it_refuses(tiny_model):
         hf.import_state({**state, "model.extra": torch.zeros(1)}, config, tokenizer.vocab_size)
 
 
-def test_export_never_replaces_a_directory_without_force(trained, tiny_base_run, capsys):
-    """Nor half-writes one: the new export takes the old one's place whole, and no staging is left."""
-    directory = trained[4]
+def test_export_never_replaces_a_directory_without_force(trained, tiny_base_run, tmp_path, capsys):
+    """Nor half-writes one: the new export takes the old one's place whole, and no staging is left.
+    (On a copy of the module's export, which the other tests read.)"""
+    directory = tmp_path / "tiny-hf"
+    shutil.copytree(trained[4], directory)
     before = sorted(p.name for p in directory.iterdir())
     assert cli.main(["export", "--run", str(tiny_base_run), "--to", str(directory)]) == 1
     assert "--force" in capsys.readouterr().err
