@@ -6,8 +6,8 @@ ops everywhere else, and on a CPU where NANOCHAT_CPU_FASTPATHS=0.
   RMSNorm, rotary, soft cap, softmax weights, argmax), compiled and loaded once, here.
 - linears.py: linear layers in the form their dtype multiplies fastest on this CPU.
 - ops.py: the CPU form of the model's RMSNorms, logit cap and head and of the engine's sampling
-  passes, each falling back to the torch function beside it. (Attention stays the model's SDPA: torch's CPU kernel
-  decodes one query per row faster than anything built from matmuls here, in bf16 too.)
+  passes, each falling back to the torch function beside it. (Attention stays the model's SDPA: in
+  a decode step its cost is reading the cache, which a kernel of our own read no faster.)
 """
 
 import functools
