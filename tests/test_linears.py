@@ -13,10 +13,10 @@ import types
 import pytest
 import torch
 
-from nanochat import cpu
+from nanochat import cpu, gpt
 from nanochat.common import cpu_has_fast_bf16
 from nanochat.cpu import kernels, linears
-from nanochat.cpu.linears import AmxLinear, PackedLinear, PanelLinear
+from nanochat.cpu.linears import AmxLinear, AmxMLP, PackedLinear, PanelLinear
 from nanochat.gpt import GPTConfig
 from tests.support.cpupaths import kernels_here
 from tests.support.stagerun import missing
@@ -97,7 +97,7 @@ def test_panel_linear_takes_a_strided_input():
 def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
     """Each attention's query, key and value layers become one; fp32 weights go into panels for
     nanochat's kernel where this machine can build it, bf16 ones into AMX panels where the CPU has
-    AMX, else are packed for oneDNN where it multiplies bf16 fast, else they stay nn.Linear, as they
+    AMX (each MLP an AmxMLP), else are packed for oneDNN where it multiplies bf16 fast, else they stay nn.Linear, as they
     all do with NANOCHAT_CPU_FASTPATHS=0; one form for all, and the logits are those of the model before."""
     # every weight random (at init the output projections are zero, which would hide the attention)
     model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)).eval()
@@ -113,6 +113,7 @@ def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
         wanted = PanelLinear if kernels.lacking() is None else torch.nn.Linear
     elif kernels.has_amx():
         wanted = AmxLinear
+        assert all(isinstance(block.mlp, AmxMLP) for block in model.transformer.h)
     else:
         wanted = PackedLinear if cpu_has_fast_bf16() else torch.nn.Linear
     assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, *FORMS))} == {wanted}
@@ -136,6 +137,23 @@ def test_layers_the_kernel_cannot_take_stay_nn_linear(fastpaths):
     assert [type(m) for m in (block.attn.c_qkv, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj, model.lm_head)] == \
         [PanelLinear, torch.nn.Linear, PanelLinear, torch.nn.Linear, PanelLinear]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_amx_mlp_equals_the_models_mlp(kernel_calls):
+    """AmxMLP gives the bf16 MLP's output to the bit (c_fc's bf16 output through torch's bf16 relu and
+    square, then c_proj) in two kernel calls, the ReLU and square in the first; a NaN input spreads as in torch."""
+    amx_here()
+    torch.manual_seed(0)
+    mlp = gpt.MLP(GPTConfig(n_embd=64, n_head=2, n_kv_head=2)).to(torch.bfloat16)
+    for linear in (mlp.c_fc, mlp.c_proj):
+        torch.nn.init.normal_(linear.weight, std=0.3)
+    x = torch.randn(8, 1, 64).bfloat16() * 2
+    x[3, 0, 5] = float("nan")
+    with torch.inference_mode():
+        expected, got = mlp(x), AmxMLP(mlp)(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert got[3].isnan().all() and not got[:3].isnan().any()
+    assert kernel_calls == {"amx_matmul": 2}
 
 
 @pytest.mark.parametrize("fastpaths", [True], ids=["fastpaths"], indirect=True)  # whatever the switch says outside

@@ -1,6 +1,7 @@
 /* nanochat's kernels for bf16 CPU inference on x86 CPUs with AVX-512 and AMX (Intel Sapphire Rapids
-   on): the matmul y = x @ W.T of bf16 x and W on AMX (for the lm_head with the soft cap of its
-   logits in the same pass), and in AVX-512 the soft cap of bf16 logits.
+   on): the matmul y = x @ W.T of bf16 x and W on AMX (for the MLP's hidden layer with its ReLU and
+   square, for the lm_head with the soft cap of its logits, in the same pass), and in AVX-512 the
+   soft cap of bf16 logits.
 
    At decode sizes (a few rows of x) torch's oneDNN call costs 25-40 us whatever the layer's size,
    five to ten times the work itself; a call here costs a few. The work is AMX's tile multiply:
@@ -78,22 +79,32 @@ static inline AVX512 __m512 cap16(__m512 z, float cap)
     return _mm512_fnmadd_ps(_mm512_set1_ps(2.0f * cap), r, _mm512_set1_ps(cap));
 }
 
-/* One row's 16 sums of a panel into y at `at`: rounded to bf16, or with cap > 0 the capped fp32 of
-   that bf16 (the lm_head's logits, as GPT.forward caps the bf16 ones, without writing them). */
-static inline AMX void emit(const float *sums, void *y, long at, float cap)
+enum { PLAIN, RELU_SQUARE, CAPPED }; /* what amx_matmul writes: see emit */
+
+/* One row's 16 sums of a panel into y at `at`: rounded to bf16 (PLAIN); then through ReLU and
+   squared, rounded again (RELU_SQUARE: the MLP's hidden layer as torch's bf16 relu and square give
+   it); or the capped fp32 of that bf16 (CAPPED: the lm_head's logits, as GPT.forward caps the bf16
+   ones, without writing them). max returns its second operand for a NaN, which stays NaN. */
+static inline AMX void emit(const float *sums, void *y, long at, int op, float cap)
 {
     __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums));
-    if (cap > 0)
-        _mm512_storeu_ps((float *)y + at, cap16(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16)), cap));
-    else
-        _mm256_storeu_si256((__m256i *)((unsigned short *)y + at), rounded);
+    __m512 z = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+    if (op == CAPPED) {
+        _mm512_storeu_ps((float *)y + at, cap16(z, cap));
+        return;
+    }
+    if (op == RELU_SQUARE) {
+        z = _mm512_max_ps(_mm512_setzero_ps(), z);
+        rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(z, z));
+    }
+    _mm256_storeu_si256((__m256i *)((unsigned short *)y + at), rounded);
 }
 
 /* y (rows, n), contiguous = x (rows, k; rows ldx apart) @ W.T for W (n, k) packed as n / 16 panels;
-   k a multiple of 32, n of 16; x and W bf16, y bf16 or, with cap > 0, fp32 capped (see emit). The
+   k a multiple of 32, n of 16; x and W bf16, y bf16 or (CAPPED) fp32, as `op` says (see emit). The
    threads split the panels; each configures its own tiles. */
 AMX void amx_matmul(const unsigned short *panels, const unsigned short *x, int rows, int k, long ldx,
-                    int n, void *y, float cap, int threads)
+                    int n, void *y, int op, float cap, int threads)
 {
     int blocks = k / 32, count = n / 16;
     long panel = 16L * k; /* elements per panel */
@@ -123,7 +134,7 @@ AMX void amx_matmul(const unsigned short *panels, const unsigned short *x, int r
                 _tile_stored(1, sums[1], 64);
                 for (int j = 0; j <= pair; j++)
                     for (int r = 0; r < m; r++)
-                        emit(sums[j][r], y, (long)(start + r) * n + (p + j) * 16, cap);
+                        emit(sums[j][r], y, (long)(start + r) * n + (p + j) * 16, op, cap);
             }
         }
         _tile_release();

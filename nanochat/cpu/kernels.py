@@ -84,8 +84,8 @@ def load():
                                                + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
                            "softmax_weights": [*rows, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
                            "argmax": [*rows, ctypes.c_void_p, ctypes.c_int],
-                           "amx_matmul": [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long, ctypes.c_int,
-                                                                                      ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
+                           "amx_matmul": [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long, ctypes.c_int, ctypes.c_void_p]
+                                         + [ctypes.c_int, ctypes.c_float, ctypes.c_int],
                            "amx_init": []}.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     lib.amx_init.restype = ctypes.c_int
@@ -143,15 +143,16 @@ def pack_bf16(weight):
     return weight.detach().view(n // PANEL, PANEL, k // 2, 2).transpose(1, 2).contiguous()
 
 
-def amx_matmul(x, panels, cap=None):
+def amx_matmul(x, panels, cap=None, relu_square=False):
     """bf16 x (rows, k), each row contiguous, @ W.T for W packed by `pack_bf16`: a new (rows, n) bf16
-    tensor, row-major; with a `cap`, fp32 cap * tanh(y / cap) of that bf16 y, in the same pass. Only
-    where has_amx()."""
+    tensor y, row-major; with `relu_square`, relu(y) ** 2 (in bf16, as torch's ops round it); with a
+    `cap`, fp32 cap * tanh(y / cap). Either in the same pass. Only where has_amx()."""
     groups, half, _, _ = panels.shape
     assert x.dtype == torch.bfloat16 and x.size(1) == 2 * half and x.stride(1) == 1, (x.dtype, x.shape, x.stride())
     y = torch.empty(x.size(0), groups * PANEL, dtype=torch.bfloat16 if cap is None else torch.float32)
+    op = 2 if cap is not None else 1 if relu_square else 0  # avx512.c's PLAIN, RELU_SQUARE, CAPPED
     LIBRARY.amx_matmul(panels.data_ptr(), x.data_ptr(), x.size(0), x.size(1), x.stride(0), y.size(1), y.data_ptr(),
-                       cap or 0.0, torch.get_num_threads())
+                       op, cap or 0.0, torch.get_num_threads())
     return y
 
 

@@ -4,10 +4,10 @@ form computes what nn.Linear computes, up to rounding (tests/test_linears.py).
 
 - bf16 weights, on a CPU with AMX where nanochat's kernels are loaded: `AmxLinear`, nanochat's AMX
   matmul (avx512.c) on the weight packed into panels of 16 outputs; at decode sizes a call through
-  torch's oneDNN costs several times the work. A layer whose sizes do not fill whole tiles, or any
-  layer where there is no AMX but the CPU multiplies bf16 fast (AVX512-BF16): `PackedLinear`, the
-  weight reordered once into oneDNN's blocked layout (as torch.compile's freezing does) rather than
-  on every call.
+  torch's oneDNN costs several times the work. Each MLP whose layers both fit is an `AmxMLP`. A
+  layer whose sizes do not fill whole tiles, or any layer where there is no AMX but the CPU
+  multiplies bf16 fast (AVX512-BF16): `PackedLinear`, the weight reordered once into oneDNN's
+  blocked layout (as torch.compile's freezing does) rather than on every call.
 - fp32 weights, where nanochat's kernels are loaded: `PanelLinear`, nanochat's AVX2 matmul
   (kernels.c) on the weight packed into panels of 16 outputs; MKL takes slow paths at these sizes on
   AVX2-only CPUs. A layer whose outputs do not fill whole panels stays nn.Linear.
@@ -42,15 +42,32 @@ class AmxLinear(torch.nn.Module):
         super().__init__()
         self.panels = kernels.pack_bf16(linear.weight)
 
-    def forward(self, x, cap=None):
-        """nn.Linear's output; with a `cap`, its fp32 cap * tanh(y / cap) computed in the same pass."""
+    def forward(self, x, cap=None, relu_square=False):
+        """nn.Linear's output y; with `relu_square` relu(y) ** 2, with a `cap` its fp32 cap * tanh(y /
+        cap), either computed in the same pass (kernels.amx_matmul)."""
         rows = x.reshape(-1, x.size(-1))
-        y = kernels.amx_matmul(rows if rows.stride(-1) == 1 else rows.contiguous(), self.panels, cap)
+        y = kernels.amx_matmul(rows if rows.stride(-1) == 1 else rows.contiguous(), self.panels, cap, relu_square)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def fits(linear):
         return linear.out_features % kernels.PANEL == 0 and linear.in_features % kernels.AMX_DEPTH == 0
+
+
+class AmxMLP(torch.nn.Module):
+    """nanochat.gpt's MLP, c_proj(relu(c_fc(x)) ** 2), in bf16 on AMX: the ReLU and square are done
+    as c_fc's sums are written, with torch's roundings, where the MLP would run two more ops."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.c_fc, self.c_proj = AmxLinear(mlp.c_fc), AmxLinear(mlp.c_proj)
+
+    def forward(self, x):
+        return self.c_proj(self.c_fc(x, relu_square=True))
+
+    @staticmethod
+    def fits(mlp):
+        return all(isinstance(linear, torch.nn.Linear) and AmxLinear.fits(linear) for linear in (mlp.c_fc, mlp.c_proj))
 
 
 class PanelLinear(torch.nn.Module):
@@ -72,6 +89,9 @@ def fastest_linears(model):
     PanelLinear."""
     dtype = next(model.parameters()).dtype
     if dtype == torch.bfloat16 and kernels.has_amx():
+        for block in model.transformer.h:
+            if AmxMLP.fits(block.mlp):
+                block.mlp = AmxMLP(block.mlp)
         replace_linears(model, AmxLinear, AmxLinear.fits)
     if dtype == torch.bfloat16 and cpu_has_fast_bf16() and torch.backends.mkldnn.is_available():
         return packed_or_kept(model)
