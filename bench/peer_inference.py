@@ -12,11 +12,13 @@ CPU multiplies bf16 in hardware (AMX or AVX512-BF16), in bf16.
   attention (SDPA), the model cast to the dtype by `from_pretrained(dtype=...)`.
 - ours: nanochat.engine.Engine as `nanochat serve` builds it (nanochat.inference.load_engine): the
   model cast to the dtype, then nanochat.inference.prepare (fused query/key/value layers and
-  nanochat.cpu's fast paths: oneDNN-packed linear layers in bf16, nanochat's AVX2 kernels in fp32).
+  nanochat.cpu's fast paths: in bf16 nanochat's AMX matmul, RMSNorm, rotary and cap kernels where
+  the CPU has AMX, else oneDNN-packed linear layers; in fp32 nanochat's AVX2 kernels).
 
 The fp32 runs must give the same batch-1 greedy tokens, or the bench fails (a fast wrong answer
 proves nothing); every run reports the share of tokens the two sides agree on (in bf16 they may
-part: our RMSNorm takes bf16's epsilon, 0.0078, transformers' 1.2e-7 in fp32). Each figure is the
+part: the two round their bf16 ops differently; transformers' RMSNorm, for one, is its own ops,
+not torch's rms_norm, which computes in fp32). Each figure is the
 best of --repeats runs after one warm-up, the two sides taking turns.
 
     python bench/peer_inference.py [--repeats 3] [--threads N]     --threads 1 on a machine busy with other work
