@@ -31,6 +31,7 @@ from nanochat.common import cpu_flags, log
 SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "avx512.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]  # avx512.c turns on its own sets per function
 PANEL = 16  # output features per panel, as in kernels.c and avx512.c
+AMX_FLAGS = {"amx_tile", "amx_bf16", "avx512_bf16"}  # what avx512.c's AMX matmul needs of the CPU
 AMX_DEPTH = 32  # input features per AMX tile: amx_matmul takes multiples of it
 
 LIBRARY = None  # the loaded kernels (a ctypes library) once build() has loaded them
@@ -89,7 +90,7 @@ def load():
                            "amx_init": []}.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     lib.amx_init.restype = ctypes.c_int
-    lib.amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags() and lib.amx_init() == 1
+    lib.amx = AMX_FLAGS <= cpu_flags() and lib.amx_init() == 1
     log.info("CPU kernels loaded from %s", path)
     return lib
 
