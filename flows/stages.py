@@ -85,10 +85,11 @@ class StageCache(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         stage, spec = inputs["stage"], inputs["spec"]
+        config = spec.config(stage)
         key = {
             "stage": [stage.name, stage.module, *arguments(stage, spec)],
-            "config": spec.config(stage),
-            "named": named_contents(spec.config(stage)),
+            "config": config,
+            "named": named_contents(config),
             "processes": [spec.nproc_per_node, spec.nnodes],
             "inputs": {name: upstream_sha256(summary_uri(name, spec)) for name in stage.needs},
             "code": code_version(commit=False),  # version + source hash
