@@ -45,6 +45,17 @@ def test_softcap_equals_torch(rows, n, kernel_calls):
     assert kernel_calls == {"softcap": 2, "softcap_bf16": 1}
 
 
+def test_the_avx2_bf16_cap_equals_torch(kernel_calls):
+    """The bf16 cap's AVX2 form, which a CPU without AVX-512 takes (softcap_bf16 picks it in C, so it
+    is called by name here), in a vector and in the tail, NaN included."""
+    x = logits(3, 1003, dtype=torch.bfloat16)
+    x[0, 5], x[2, 1001] = float("nan"), float("nan")
+    out = torch.empty(x.shape)
+    kernels.LIBRARY.softcap_bf16_avx2(x.data_ptr(), 3, 1003, x.stride(0), out.data_ptr(), gpt.LOGIT_SOFTCAP, 1)
+    torch.testing.assert_close(out, gpt.softcap(x), rtol=0, atol=1e-5, equal_nan=True)
+    assert kernel_calls == {"softcap_bf16_avx2": 1}
+
+
 def test_softcap_keeps_nan(kernel_calls):
     """A NaN logit (a broken weight) stays NaN through the cap, in a vector and in the tail, as in
     torch: clamping it to a finite number would hide the fault from every check after it."""

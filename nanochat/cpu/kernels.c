@@ -211,14 +211,10 @@ void rms_norm_bf16(const unsigned short *x, int rows, int n, long ld, unsigned s
 void softcap_bf16_avx512(const unsigned short *x, int rows, int n, long ld, float *out, float cap, int threads);
 
 /* out (rows, n) fp32, contiguous = cap tanh(x / cap) of bf16 x (a row's `n` values `ld` apart): the
-   upcast and the cap in one pass over the logits; on a CPU with AVX-512, avx512.c's (twice the
-   lanes, no division). */
-void softcap_bf16(const unsigned short *x, int rows, int n, long ld, float *out, float cap, int threads)
+   upcast and the cap in one pass over the logits, 8 lanes at a time (softcap_bf16 below takes it on
+   a CPU without AVX-512; exported for the tests of a CPU that has it). */
+void softcap_bf16_avx2(const unsigned short *x, int rows, int n, long ld, float *out, float cap, int threads)
 {
-    if (__builtin_cpu_supports("avx512bw")) {
-        softcap_bf16_avx512(x, rows, n, ld, out, cap, threads);
-        return;
-    }
     const __m256 a = _mm256_set1_ps(2.0f / cap), c = _mm256_set1_ps(cap);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
@@ -232,6 +228,15 @@ void softcap_bf16(const unsigned short *x, int rows, int n, long ld, float *out,
         for (; i < n; i++)
             capped[i] = cap1(bf16_float(row[i]), cap);
     }
+}
+
+/* softcap_bf16_avx2's result, by avx512.c's (twice the lanes, no division) on a CPU with AVX-512. */
+void softcap_bf16(const unsigned short *x, int rows, int n, long ld, float *out, float cap, int threads)
+{
+    if (__builtin_cpu_supports("avx512bw"))
+        softcap_bf16_avx512(x, rows, n, ld, out, cap, threads);
+    else
+        softcap_bf16_avx2(x, rows, n, ld, out, cap, threads);
 }
 
 static inline __m256 round_bf16(__m256 f) /* f rounded to bf16, as a float */

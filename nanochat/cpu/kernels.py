@@ -80,6 +80,7 @@ def load():
     for name, argtypes in {"panel_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4,
                            "softcap": [*rows, ctypes.c_float, ctypes.c_int],
                            "softcap_bf16": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
+                           "softcap_bf16_avx2": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
                            "rms_norm_bf16": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
                            "rotary_norm_bf16": [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2
                                                + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
