@@ -2,8 +2,9 @@
 
 Muon (https://kellerjordan.github.io/posts/muon/) runs SGD with Nesterov momentum and replaces each
 2-D update by its nearest semi-orthogonal matrix, computed with Polar Express iterations
-(Amsel, Persson, Musco, Gower 2025, https://arxiv.org/abs/2505.16932) in bfloat16. It is meant for
-the transformer's hidden matrices only; the embeddings, the lm_head and any scalars use AdamW.
+(Amsel, Persson, Musco, Gower 2025, https://arxiv.org/abs/2505.16932) in bfloat16 where the hardware
+multiplies it fast (`polar_dtype`). It is meant for the transformer's hidden matrices only; the
+embeddings, the lm_head and any scalars use AdamW.
 Two recipes build the groups (`setup_optimizers`): "classic", nanochat's of late 2025, and "2026",
 upstream nanochat's current one, which adds to Muon four refinements, each a group field:
 MuonEq row equilibration, Muon+ renormalisation, NorMuon variance reduction and cautious weight decay.
@@ -29,6 +30,8 @@ import math
 import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
+
+from nanochat.common import cpu_has_fast_bf16
 
 # Polar Express coefficients (a, b, c) of the odd quintics a*x + b*x^3 + c*x^5, one per iteration,
 # for 5 iterations with safety factor 2e-2 and cushion 2 (the paper's setting, as in nanochat).
@@ -63,10 +66,13 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
 
 
 def polar_dtype(device):
-    """bfloat16, or float32 on a GPU without native bf16 (where training runs in fp16, whose narrow
-    exponent range these iterations would overflow)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.float32
+    """bfloat16 where the hardware multiplies it fast (GPUs with native bf16, CPUs with AMX or
+    AVX512-BF16), else float32: other CPUs emulate bf16 matmuls, 2-3x slower than fp32, and a GPU
+    without bf16 trains in fp16, whose narrow exponent range these iterations would overflow."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return torch.bfloat16
 
 

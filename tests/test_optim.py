@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nanochat import checkpoint
+from nanochat import checkpoint, common
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import (
     RECIPES,
@@ -24,6 +24,7 @@ from nanochat.optim import (
     muon_momentum,
     muon_update,
     orthogonalize,
+    polar_dtype,
     setup_optimizers,
     weight_decay_multiplier,
 )
@@ -73,10 +74,20 @@ def test_orthogonalize_maps_singular_values_near_one(shape, dtype):
     torch.testing.assert_close(orthogonalize(G.mT, dtype=dtype), X.mT, rtol=0, atol=0.05)  # up to bf16 rounding
 
 
+@pytest.mark.parametrize("flags,dtype", [({"avx512f", "amx_bf16"}, torch.bfloat16), ({"avx512_bf16"}, torch.bfloat16),
+                                         ({"avx512f", "avx2"}, torch.float32), (set(), torch.float32)])
+def test_the_polar_iterations_run_in_bf16_only_on_cpus_that_multiply_it(monkeypatch, flags, dtype):
+    """A CPU without AMX or AVX512-BF16 emulates bf16 matmuls, 2-3x slower than fp32 (the
+    optimizer step was a quarter of a cpu-preset step on such a CPU), so there they run in fp32."""
+    monkeypatch.setattr(common, "cpu_flags", lambda: flags)
+    assert polar_dtype(torch.device("cpu")) == dtype
+    assert setup_optimizers(GPT(CONFIG)).polar_dtype == dtype  # what the optimizer runs them in
+
+
 def todays_muon_step(stacked, grads, buffer, lr, momentum, weight_decay):
     """The classic Muon step as it was before the 2026 refinements, written out."""
     buffer.lerp_(grads, 1 - momentum)
-    update = orthogonalize(grads.lerp(buffer, momentum)).to(stacked.dtype)
+    update = orthogonalize(grads.lerp(buffer, momentum), dtype=polar_dtype(stacked.device)).to(stacked.dtype)
     rows, cols = stacked.shape[-2:]
     stacked.mul_(1 - lr * weight_decay)
     stacked.add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
