@@ -45,6 +45,8 @@ class Counted:
 
     def __getattr__(self, name):
         function = getattr(self.library, name)
+        if not callable(function):  # a flag the library carries (`amx`), not a C function
+            return function
 
         def call(*args):
             self.calls[name] += 1
