@@ -8,10 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanochat import presets, storage
 from nanochat import stage as contract
 from nanochat.checkpoint import load, step_dir
+from nanochat.optim import polar_dtype
 from nanochat.stages import base_train as base_train_stage
 from tests.support.resume import TIMES, assert_same_final_checkpoint, edit_meta, final_checkpoint, kill_after_checkpoint
 from tests.support.stagerun import missing, stage
@@ -95,13 +97,20 @@ def test_a_checkpoint_from_before_the_running_totals_resumes(trained, run, share
 
 @pytest.fixture
 def checkout_before_the_2026_recipe(tmp_path):
-    """A worktree of this repository at BEFORE_THE_2026_RECIPE, using this checkout's built tokenizer."""
+    """A worktree of this repository at BEFORE_THE_2026_RECIPE, using this checkout's built tokenizer.
+    Its Muon iterated in bf16 on every CPU; today's does on a CPU without bf16 units in fp32
+    (optim.polar_dtype), and so does the old code here, the one line changed."""
     tree = tmp_path / "before"
     added = subprocess.run(["git", "worktree", "add", "--detach", str(tree), BEFORE_THE_2026_RECIPE], cwd=REPO,
                            capture_output=True, text=True)
     if added.returncode != 0:
         missing(f"no commit {BEFORE_THE_2026_RECIPE} to check out (a shallow clone?): {added.stderr.strip()}")
     (tree / "rustbpe" / "_native").symlink_to(REPO / "rustbpe" / "_native")
+    if polar_dtype(torch.device("cpu")) == torch.float32:
+        optim = tree / "nanochat" / "optim.py"
+        source = optim.read_text()
+        assert source.count("X = G.bfloat16()") == 1
+        optim.write_text(source.replace("X = G.bfloat16()", "X = G.float()"))
     yield tree
     subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
 
