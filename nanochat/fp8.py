@@ -62,9 +62,11 @@ class _Float8Matmul(torch.autograd.Function):
         ctx.save_for_backward(input_fp8, input_inv, weight_fp8, weight_inv)
         ctx.dtypes = input.dtype, weight.dtype
         # weight_fp8.t() is column-major as it is; the fast accumulation is upstream's choice for
-        # the forward (the gradients accumulate exactly)
-        return torch._scaled_mm(input_fp8.contiguous(), weight_fp8.t(), scale_a=input_inv, scale_b=weight_inv,
-                                out_dtype=out_dtype, use_fast_accum=True)
+        # the forward (the gradients accumulate exactly). Every dtype here is explicit: eager CPU
+        # autocast would still alter _scaled_mm's result (a compiled graph's it does not)
+        with torch.autocast(input.device.type, enabled=False):
+            return torch._scaled_mm(input_fp8.contiguous(), weight_fp8.t(), scale_a=input_inv, scale_b=weight_inv,
+                                    out_dtype=out_dtype, use_fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -73,12 +75,13 @@ class _Float8Matmul(torch.autograd.Function):
         grad_fp8, grad_inv = quantize(grad_output, torch.float8_e5m2)
         grad_fp8 = grad_fp8.contiguous()
         grad_input = grad_weight = None
-        if ctx.needs_input_grad[0]:  # (rows, out) @ (out, in)
-            grad_input = torch._scaled_mm(grad_fp8, column_major(weight_fp8), scale_a=grad_inv, scale_b=weight_inv,
-                                          out_dtype=input_dtype)
-        if ctx.needs_input_grad[1]:  # (out, rows) @ (rows, in)
-            grad_weight = torch._scaled_mm(grad_fp8.t().contiguous(), column_major(input_fp8), scale_a=grad_inv,
-                                           scale_b=input_inv, out_dtype=weight_dtype)
+        with torch.autocast(grad_output.device.type, enabled=False):  # (as in forward)
+            if ctx.needs_input_grad[0]:  # (rows, out) @ (out, in)
+                grad_input = torch._scaled_mm(grad_fp8, column_major(weight_fp8), scale_a=grad_inv, scale_b=weight_inv,
+                                              out_dtype=input_dtype)
+            if ctx.needs_input_grad[1]:  # (out, rows) @ (rows, in)
+                grad_weight = torch._scaled_mm(grad_fp8.t().contiguous(), column_major(input_fp8), scale_a=grad_inv,
+                                               scale_b=input_inv, out_dtype=weight_dtype)
         return grad_input, grad_weight, None
 
 

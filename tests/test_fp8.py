@@ -108,6 +108,20 @@ def test_training_needs_whole_multiples_of_16_rows():
         assert layer(randn(3, 8, 128)).shape == (3, 8, 128)
 
 
+def test_autocast_leaves_the_fp8_matmul_alone():
+    """Every dtype of the FP8 matmul is explicit, so autocast changes nothing in it, forward or
+    backward (CPU autocast rounded eager _scaled_mm's result otherwise, and not a compiled graph's)."""
+    x, weight = randn(16, 128).requires_grad_(), randn(256, 128).requires_grad_()
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            y = fp8._Float8Matmul.apply(x, weight, torch.bfloat16)
+            y.float().square().sum().backward()
+        results.append((y, x.grad, weight.grad))
+        x.grad = weight.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_compiled_equals_eager_in_one_graph():
     """Under autocast, as training runs it: the FP8 matmul is one node of the compiler's graph (no
     graph break), and the compiled model's output and gradients are eager's to the bit."""
