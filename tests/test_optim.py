@@ -311,7 +311,9 @@ def test_convergence_needs_muon_plus_on_a_rank_one_gradient():
     assert all(r < 0.5 for r in distance_to_target(dict(muon_plus=True))[1:])
     classic = distance_to_target({})
     assert classic[0] < 0.5  # the AdamW parameter converges either way
-    assert all(0.6 < r < 0.8 for r in classic[1:]), classic
+    # at most 1.0 of 4.52 (32x64) and 1.41 of 4.52 (64x32): 0.78 and 0.69 left with a polar factor of
+    # norm 1 (fp32 iterations: 0.800 and 0.718); bf16 iterations overshoot it a little
+    assert all(0.6 < r < 0.85 for r in classic[1:]), classic
 
 
 def test_schedules():
