@@ -130,16 +130,20 @@ def measure_matmul_flops(device, dtype, n=1024, seconds=0.5):
     import torch
 
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # a GPU queues 4 between synchronizations; a CPU checks the time after each (a CPU without fp16
+    # units takes seconds for one: a 4-multiply minimum made this half a minute)
+    per_check = 4 if cuda else 1
+    for _ in range(2 if cuda else 1):
         a @ b
     sync()
     iters, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for _ in range(4):
+        for _ in range(per_check):
             a @ b
         sync()
-        iters += 4
+        iters += per_check
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
