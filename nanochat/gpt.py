@@ -298,6 +298,12 @@ class GPTConfig:
         return windows[:-1] + [None]
 
     @property
+    def backout_layer(self):
+        """The layer whose output backout takes a share of: the middle one (upstream's n_layer // 2). Below
+        3 layers that is the last, whose output backout would only scale before the final norm."""
+        return self.n_layer // 2
+
+    @property
     def value_embed_layers(self):
         """The layers with value embeddings: every other one, ending with the last (upstream)."""
         return [i for i in range(self.n_layer) if self.value_embeds and i % 2 == (self.n_layer - 1) % 2]
@@ -405,7 +411,7 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, masks, ve, kv_cache)
-            if i == self.config.n_layer // 2:
+            if i == self.config.backout_layer:
                 mid = x
         if self.config.backout:
             x = x - self.backout_lambda * mid

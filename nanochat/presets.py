@@ -124,8 +124,8 @@ PRESETS = {
         "tok_eval": {"max_docs": 200},
         "download": {"num_shards": 2},
         # the GPU presets' recipe (less its horizon), so the tests run the code a GPU run does;
-        # its warm-up scaled to 20 steps
-        "base_train": base_train(**{**MODEL_2026, **OPTIMIZER_2026, **SCHEDULES_2026, "warmup_steps": 2},
+        # its warm-up scaled to 20 steps; no backout, which needs 3 layers (GPTConfig.backout_layer)
+        "base_train": base_train(**{**MODEL_2026, **OPTIMIZER_2026, **SCHEDULES_2026, "warmup_steps": 2, "backout": False},
                                  depth=2, head_dim=64, n_kv_head=1, max_seq_len=128, device_batch_size=4,
                                  total_batch_size=1024, num_steps=20, eval_every=10, eval_tokens=4096,
                                  sample_every=-1, checkpoint_every=10, num_shards=2, core_every=-1),

@@ -14,6 +14,7 @@ import torch
 from nanochat import presets, storage
 from nanochat import stage as contract
 from nanochat.checkpoint import load, step_dir
+from nanochat.common import measure_matmul_flops
 from nanochat.optim import polar_dtype
 from nanochat.stages import base_train as base_train_stage
 from tests.support.resume import TIMES, assert_same_final_checkpoint, edit_meta, final_checkpoint, kill_after_checkpoint
@@ -53,9 +54,11 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     metrics = [json.loads(line) for line in (reference / "base_train" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == summary["metrics"]["steps"] == 20
-    # it learns: 7.6 -> 6.0 and 2.84 bits per byte, trained in bf16 (CPUs with AMX or AVX512-BF16) or in fp32
+    # it learns: 7.6 -> 6.0 and 2.91 bits per byte, trained in bf16 (CPUs with AMX or AVX512-BF16) or in fp32
     assert losses[-1] < losses[0] - 1.0
     assert summary["metrics"]["val_bpb"] < 4.0
+    validations = [m["val_bpb"] for m in metrics if "val_bpb" in m]  # steps 0, 10, 20: no spike (backout at depth 2 made one)
+    assert len(validations) == 3 and validations == sorted(validations, reverse=True), validations
     assert summary["metrics"]["world_size"] == 2
     # every pretraining target is a real token: a step trains on all total-batch-size of them
     batch = presets.get("tiny", "base_train")["total_batch_size"]
@@ -175,6 +178,30 @@ def test_bad_batch_size_fails_before_work(run, shared_data):
     assert done.returncode == 1
     assert "--total-batch-size 1000 is not a multiple of" in done.stderr
     assert not (run / "base_train" / "checkpoints").exists()
+
+
+def test_backout_at_depth_2_is_refused(run, shared_data):
+    """At depth 2 the middle layer is the last: backout would only scale its output before the final
+    norm, and flip its sign when backout_lambda passes 1 (GPTConfig.backout_layer)."""
+    argv = ["--run", str(run), "--preset", "tiny", "--data", str(shared_data / "pretrain"), "--backout"]
+    with pytest.raises(contract.StageError, match=r"--backout needs depth 3 or more: at depth 2 .*; use --no-backout"):
+        base_train_stage.main(contract.parse_args(base_train_stage.build_parser(), "base_train", argv))
+    assert not (run / "base_train" / "checkpoints").exists()
+
+
+def multiplies(fn):
+    with torch.profiler.profile() as profile:
+        result = fn()
+    return result, sum(event.count for event in profile.key_averages() if event.key == "aten::mm")
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.05])
+def test_peak_flops_take_one_multiply_when_it_outlasts_the_measurement(seconds):
+    """MFU's peak on a CPU: a multiply slower than the measurement's `seconds` (fp16 without fp16 units
+    takes seconds, at every stage start) is the measurement, not a warm-up before more."""
+    flops, count = multiplies(lambda: measure_matmul_flops(torch.device("cpu"), torch.float32, n=64, seconds=seconds))
+    assert flops > 0
+    assert count == 1 if seconds == 0.0 else count > 2
 
 
 def test_needs_the_tokenizer(shared_data, tmp_path):

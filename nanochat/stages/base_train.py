@@ -95,6 +95,10 @@ def main(args):
     device, autocast = trainer.device, trainer.autocast
 
     config = model_config(args, tokenizer.vocab_size)
+    if config.backout and config.backout_layer == config.n_layer - 1:
+        raise stage.StageError(f"--backout needs depth 3 or more: at depth {config.n_layer} the middle layer is the last, "
+                               "whose output backout would only scale before the final norm, flipping its sign (and "
+                               "the loss up) whenever backout_lambda passes 1; use --no-backout")
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
