@@ -15,7 +15,8 @@
   and the bf16 run's d20 model as load_engine serves it on the GPU runs torch's attention and
   sampling (nanochat.cpu is for CPUs), with its decode tok/s at batch 1 and 8.
 - Flash attention, where a build of it runs on this GPU (else the check is skipped): it agrees with
-  SDPA, and a bf16 model attends through it in every layer.
+  SDPA, and a model attends through it in every layer, with bf16 weights (inference) and with fp32
+  weights under bf16 autocast (training).
 - Serving: `nanochat serve` of the d20 model on the GPU answers a chat completion and a streamed one
   through the official openai client.
 
@@ -26,6 +27,7 @@ check failed.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -247,7 +249,8 @@ def served_decoding(run, device="cuda"):
 def flash_attention_check():
     """Where a flash attention build runs on this GPU: it agrees with SDPA (whole context and a
     sliding window; all queries, and the last few after a cached prefix; grouped-query heads), and a
-    bf16 model's attention goes through it, in every layer."""
+    model's attention goes through it in every layer, with bf16 weights and with fp32 ones under bf16
+    autocast."""
     import torch
 
     from nanochat import flash_attention, gpt, presets
@@ -271,17 +274,32 @@ def flash_attention_check():
     config = gpt.GPTConfig(sequence_len=256, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
                            **presets.MODEL_2026)
     with torch.device("cuda"):
-        model = gpt.GPT(config).to(torch.bfloat16)
+        model = gpt.GPT(config)
+    # as inference runs it (bf16 weights) and as training does (fp32 weights, bf16 autocast: a query
+    # or key that autocast left in fp32 would send every layer to SDPA)
+    for weights, dtype, context in (("bf16", torch.bfloat16, contextlib.nullcontext()),
+                                    ("fp32 under bf16 autocast", torch.float32, torch.autocast("cuda", torch.bfloat16))):
+        calls = flash_attention_calls(model.to(dtype), context)
+        if calls != config.n_layer:
+            raise CheckFailed(f"the model with {weights} weights called flash attention in {calls} of its "
+                              f"{config.n_layer} layers")
+    return {"kernel": function.__module__, "max_abs_diff_vs_sdpa": worst}
+
+
+def flash_attention_calls(model, context):
+    """How many times one forward of `model` in `context` calls nanochat.flash_attention.attention."""
+    import torch
+
+    from nanochat import flash_attention
+
     attention, calls = flash_attention.attention, []
-    flash_attention.attention = lambda *a, **kw: calls.append(1) or attention(*a, **kw)  # counts the model's calls
+    flash_attention.attention = lambda *a, **kw: calls.append(1) or attention(*a, **kw)
     try:
-        with torch.no_grad():
-            model(torch.randint(0, 512, (2, 256), device="cuda"))
+        with torch.no_grad(), context:
+            model(torch.randint(0, model.config.vocab_size, (2, model.config.sequence_len), device="cuda"))
     finally:
         flash_attention.attention = attention
-    if len(calls) != config.n_layer:
-        raise CheckFailed(f"the bf16 model called flash attention in {len(calls)} of its {config.n_layer} layers")
-    return {"kernel": function.__module__, "max_abs_diff_vs_sdpa": worst}
+    return len(calls)
 
 
 def free_port():
