@@ -85,8 +85,8 @@ def autocast_dtype(device_type, name="auto"):
 
     if name != "auto":
         return getattr(torch, name)
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device_type == "cuda":  # (a V100 or T4 emulates bf16: slower than its fp16)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device_type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
@@ -123,14 +123,17 @@ def autocast_context(device_type, dtype):
     return functools.partial(torch.autocast, device_type=device_type, dtype=dtype)
 
 
-def measure_matmul_flops(device, dtype, n=1024, seconds=0.5):
-    """Matmul FLOP/s this process reaches on `device` in `dtype` (the peak MFU is taken against)."""
+def measure_matmul_flops(device, dtype, n=None, seconds=0.5):
+    """Matmul FLOP/s this process reaches on `device` in `dtype` (the peak MFU is taken against), with
+    n x n matrices: by default 8192 on a GPU (an H100 finishes a 1024 one in microseconds, about a
+    kernel launch: the peak would be the launch rate's, and MFU overstated) and 1024 on a CPU."""
     import time
 
     import torch
 
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 1024)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # a GPU queues 4 between synchronizations; a CPU checks the time after each (a CPU without fp16
     # units takes seconds for one: a 4-multiply minimum made this half a minute)

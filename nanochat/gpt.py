@@ -80,8 +80,10 @@ def apply_rotary(x, cos, sin):
 
 
 def rotary_norm(x, cos, sin):
-    """The queries' or keys' rotary (apply_rotary), then their RMSNorm (QK-norm)."""
-    return norm(apply_rotary(x, cos, sin))
+    """The queries' or keys' rotary (apply_rotary), then their RMSNorm (QK-norm), in x's dtype: CUDA
+    autocast computes rms_norm in fp32, and flash attention takes queries, keys and values of one
+    half-precision dtype (fp32 ones would send every layer to SDPA)."""
+    return norm(apply_rotary(x, cos, sin)).to(x.dtype)
 
 
 class KVCache(Protocol):

@@ -186,11 +186,17 @@ class MuonAdamW(torch.optim.Optimizer):
                 group["weight_decay"] = group["initial_weight_decay"] * weight_decay_multiplier
 
     def load_state_dict(self, state_dict):
-        """torch's, plus: group fields the saved state lacks (it predates them) keep their values
-        from construction; AdamW state saved whole on every rank (before it was sharded) gives this
-        rank its rows; and a state sharded for another number of processes is refused."""
+        """torch's, plus: AdamW's step counts go to their parameters' devices with the rest of the
+        state (torch leaves them where they were loaded, on the CPU, unless a group says `fused`,
+        and the fused CUDA kernel refuses them there); group fields the saved state lacks (it
+        predates them) keep their values from construction; AdamW state saved whole on every rank
+        (before it was sharded) gives this rank its rows; and a state sharded for another number
+        of processes is refused."""
         constructed = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         for group, fields in zip(self.param_groups, constructed):
             merged = {**fields, **group}  # in construction's order, as a state saved after a fresh start
             group.clear()

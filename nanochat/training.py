@@ -120,7 +120,9 @@ class Training:
         args = self.args
         train_model = torch.compile(model, dynamic=False) if args.compile else model
         # MFU per token/s: training FLOPs per token over the matmul peak of all processes, measured now
-        mfu_per_tok_s = model.estimate_flops() / (common.measure_matmul_flops(self.device, self.dtype) * self.compute.world_size)
+        peak = common.measure_matmul_flops(self.device, self.dtype)
+        log.info("matmul peak %.3g TFLOP/s per process in %s (MFU's denominator)", peak / 1e12, str(self.dtype).removeprefix("torch."))
+        mfu_per_tok_s = model.estimate_flops() / (peak * self.compute.world_size)
         bar = progress_bar(self.master, self.stage, self.step, plan.num_steps)
         if self.rng is not None:  # what the stage drew since resuming (the matmul peak's inputs, say), an
             checkpoint.set_rng_state(self.rng)  # uninterrupted run drew before its first step

@@ -105,6 +105,20 @@ def test_one_query_attention_equals_sdpa_in_fp32(dtype, masked):
     torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
 
 
+def test_queries_and_keys_keep_their_dtype_where_autocast_norms_in_fp32(monkeypatch):
+    """CUDA autocast computes rms_norm in fp32 (torch has an AutocastCUDA kernel for it and no
+    AutocastCPU one, so CPU autocast cannot show it): the rotary and QK-norm still give bf16 queries
+    and keys, the values' dtype, as flash attention needs. Here F.rms_norm upcasts as that kernel does."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "AutocastCUDA")
+    rms_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, *args: rms_norm(x.float(), shape, *args))
+    x = torch.randn(2, 4, 8, 16).bfloat16()
+    cos, sin = gpt.rotary_tables(8, 16, 10000.0)
+    normed = gpt.rotary_norm(x, cos, sin)
+    assert normed.dtype == torch.bfloat16
+    assert torch.equal(normed, rms_norm(gpt.apply_rotary(x, cos, sin).float(), (16,)).bfloat16())
+
+
 def test_the_cap_hook_is_what_forward_calls():
     """The logits are the cap hook's result on the lm_head's output (by default softcap): an
     instance's own cap takes the place of the class's."""

@@ -84,6 +84,15 @@ def test_the_polar_iterations_run_in_bf16_only_on_cpus_that_multiply_it(monkeypa
     assert setup_optimizers(GPT(CONFIG)).polar_dtype == dtype  # what the optimizer runs them in
 
 
+@pytest.mark.parametrize("native,dtype,polar", [(True, torch.bfloat16, torch.bfloat16), (False, torch.float16, torch.float32)])
+def test_a_gpu_that_emulates_bf16_trains_in_fp16(monkeypatch, native, dtype, polar):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4, which emulate bf16 (slower than their
+    fp16), and no there without emulation: such a GPU trains in fp16, its polar iterations in fp32."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert common.autocast_dtype("cuda") == dtype
+    assert polar_dtype(torch.device("cuda")) == polar
+
+
 def todays_muon_step(stacked, grads, buffer, lr, momentum, weight_decay):
     """The classic Muon step as it was before the 2026 refinements, written out."""
     buffer.lerp_(grads, 1 - momentum)
@@ -473,3 +482,19 @@ def test_a_state_saved_before_the_refinements_resumes():
     stepped(optimizer, model, 1)
     stepped(resumed, resumed_model, 1)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_a_loaded_state_lives_on_its_parameters_device():
+    """A checkpoint's state is read on the CPU; loaded into an optimizer of parameters elsewhere (the
+    meta device stands in for a GPU), every state tensor goes there, AdamW's step counts too: torch
+    leaves those on the CPU, and the fused CUDA AdamW kernel refuses them."""
+    model = gpt_with_options()
+    optimizer = setup_optimizers(model, recipe="2026")
+    for p, g in zip(model.parameters(), rank_grads(model, 0, 0)):
+        p.grad = g
+    optimizer.step()
+    with torch.device("meta"):
+        elsewhere = setup_optimizers(gpt_with_options(), recipe="2026")
+    elsewhere.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    placed = {(key, tensor.device.type) for state in elsewhere.state.values() for key, tensor in state.items()}
+    assert ("step", "meta") in placed and {device for _, device in placed} == {"meta"}, placed
