@@ -6,7 +6,8 @@
   2,048 tokens, on shards of synthetic text written here and a 65,536-token tokenizer trained on
   them (tok_train): bf16 eager and compiled, FP8 eager and compiled, fp16 with its gradient scaler.
   Each must learn (its last loss below its first, every loss finite) in the dtype asked for; FP8 must
-  have converted layers, fp16 must have checkpointed its scaler. tok/s and MFU are the medians of
+  have converted layers, fp16 must have checkpointed its scaler. And a small bf16 run crashed after
+  a checkpoint resumes from it on the GPU. tok/s and MFU are the medians of
   the steps after the first two (compilation, warm-up); MFU is against the bf16 matmul peak measured
   by the stage, FP8's too (as upstream counts it).
 - Decoding on CUDA: the engine's cached, batched greedy decoding equals uncached greedy decoding of
@@ -31,6 +32,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -101,16 +103,18 @@ def prepare(data, tokenizer_run):
     return {"train_chars": TRAIN_CHARS}
 
 
-def stage(module, run, *options, timeout):
+def stage(module, run, *options, timeout, fault=None):
     """Runs nanochat.stages.<module> on `run` at the preset; the completed process, or CheckFailed
-    with the end of its output."""
+    with the end of its output. With `fault` (a NANOCHAT_FAULT spec) it must crash there (exit 3)."""
     cmd = [sys.executable, "-m", f"nanochat.stages.{module}", "--run", str(run), "--preset", PRESET, *options]
+    env = {**os.environ, **({"NANOCHAT_FAULT": fault} if fault else {})}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     except subprocess.TimeoutExpired:
         raise CheckFailed(f"{module} ran past {timeout} s") from None
-    if done.returncode != 0:
-        raise CheckFailed(f"{module} failed ({done.returncode}): {done.stderr[-1500:]}")
+    if done.returncode != (3 if fault else 0):
+        raise CheckFailed(f"{module} {f'with the fault {fault} ' if fault else ''}ended with {done.returncode}: "
+                          f"{done.stderr[-1500:]}")
     return done
 
 
@@ -162,6 +166,24 @@ def check_training(run, options, timeout, data, args):
     if problems:
         raise CheckFailed("; ".join(problems) + f" ({json.dumps(figures)})")
     return figures
+
+
+def resumed_training(tokenizer_run, data, workdir):
+    """base_train crashed right after its step-2 checkpoint resumes there and ends: the optimizer
+    state, read on the CPU, goes back to the GPU (the fused AdamW kernel takes nothing else). A
+    depth-4 model, bf16: the resume is what is checked, not the size."""
+    run = workdir / "resumed"
+    shutil.copytree(tokenizer_run, run)
+    options = ["--data", str(data), "--depth", "4", "--num-steps", "4", "--checkpoint-every", "2", "--device-batch-size",
+               "4", "--total-batch-size", str(4 * SEQ_LEN), "--eval-every", "-1", "--core-every", "-1", "--sample-every",
+               "-1", "--dtype", "bfloat16", "--no-compile", "--no-fp8"]
+    stage("base_train", run, *options, timeout=180, fault="base_train:2")
+    done = stage("base_train", run, *options, timeout=180)
+    records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r and r["step"] > 2]
+    if "resumed at step 2" not in done.stderr or len(losses) != 2 or not all(map(math.isfinite, losses)):
+        raise CheckFailed(f"losses after the resume {losses}: {done.stderr[-1500:]}")
+    return {"resumed_at": 2, "losses_after": len(losses)}
 
 
 def greedy_uncached(model, prompt, num_tokens):
@@ -403,6 +425,7 @@ def main():
         if checked(results, "shards and tok_train", prepare, data, tokenizer_run):
             figures = {name: checked(results, f"base_train {name}", train, name, tokenizer_run, data, workdir, args)
                        for name in RUNS}
+            checked(results, "base_train resumed", resumed_training, tokenizer_run, data, workdir)
         else:
             figures = dict.fromkeys(RUNS)
         checked(results, "engine cached = uncached", cached_equals_uncached)
