@@ -17,7 +17,7 @@
   sampling (nanochat.cpu is for CPUs), with its decode tok/s at batch 1 and 8.
 - Flash attention, where a build of it runs on this GPU (else the check is skipped): it agrees with
   SDPA, and a model attends through it in every layer, with bf16 weights (inference) and with fp32
-  weights under bf16 autocast (training).
+  weights under bf16 autocast (training); the engine of that fp32 model decodes under autocast.
 - Serving: `nanochat serve` of the d20 model on the GPU answers a chat completion and a streamed one
   through the official openai client.
 
@@ -272,14 +272,16 @@ def flash_attention_check():
     """Where a flash attention build runs on this GPU: it agrees with SDPA (whole context and a
     sliding window; all queries, and the last few after a cached prefix; grouped-query heads), and a
     model's attention goes through it in every layer, with bf16 weights and with fp32 ones under bf16
-    autocast."""
+    autocast; and the engine of such an fp32 model under autocast (its cache fp32) decodes."""
     import torch
 
     from nanochat import flash_attention, gpt, presets
+    from nanochat.engine import Engine, SamplingParams
+    from nanochat.tokenizer import Tokenizer
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, heads, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16) for heads in (8, 2, 2))
-    function = flash_attention.kernel(q)
+    function = flash_attention.kernel(q, k, v)
     if function is None:
         installed = [name for name, f in (("FA3", flash_attention.fa3), ("FA2", flash_attention.fa2)) if f is not None]
         raise Skipped(f"{' and '.join(installed) or 'no flash attention'} installed, none runs here: the model uses SDPA")
@@ -293,8 +295,9 @@ def flash_attention_check():
     if worst > 0.02:  # outputs of magnitude ~1 in bf16, whose last place there is 0.008
         raise CheckFailed(f"flash attention differs from SDPA by up to {worst:.3g}")
 
-    config = gpt.GPTConfig(sequence_len=256, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
-                           **presets.MODEL_2026)
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
+    config = gpt.GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=4, n_head=4, n_kv_head=2,
+                           n_embd=256, **presets.MODEL_2026)
     with torch.device("cuda"):
         model = gpt.GPT(config)
     # as inference runs it (bf16 weights) and as training does (fp32 weights, bf16 autocast: a query
@@ -305,6 +308,11 @@ def flash_attention_check():
         if calls != config.n_layer:
             raise CheckFailed(f"the model with {weights} weights called flash attention in {calls} of its "
                               f"{config.n_layer} layers")
+    # the engine over fp32 weights under bf16 autocast (chat_eval's, chat_rl's): its cache is fp32,
+    # which flash attention cannot take beside bf16 queries; such layers must go to SDPA
+    engine = Engine(model.to(torch.float32), tokenizer, max_rows=2)
+    with torch.autocast("cuda", torch.bfloat16):
+        engine.generate(list(range(1, 40)), SamplingParams(temperature=0, max_tokens=8), n=2)
     return {"kernel": function.__module__, "max_abs_diff_vs_sdpa": worst}
 
 

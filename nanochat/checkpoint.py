@@ -225,7 +225,9 @@ def read_manifest(target):
 
 def load(target, rank=0, device="cpu", load_optimizer=True):
     """Loads and verifies one checkpoint: (model_state, optimizer_state or None, meta). The
-    optimizer state (and RNG state, restored here) is that of `rank`."""
+    optimizer state (and RNG state, restored here) is that of `rank`; a rank past those that saved
+    it gets none, and meta's world_size says how many did (a caller with more processes refuses to
+    resume: skipping the checkpoint as if broken would start over and prune it)."""
     manifest = read_manifest(target)
     meta = read_meta(target, manifest)
     model_state = read_tensors(storage.join(target, "model.safetensors"), manifest_entry(target, manifest, "model.safetensors"))
@@ -234,8 +236,9 @@ def load(target, rank=0, device="cpu", load_optimizer=True):
     if load_optimizer:
         if manifest["world_size"] != meta["world_size"]:
             raise CheckpointError(f"{target}: saved by {manifest['world_size']} ranks, cannot restore rank {rank}")
-        optim_state, rng = load_rank_state(target, rank, manifest)
-        set_rng_state(rng)
+        if rank < manifest["world_size"]:
+            optim_state, rng = load_rank_state(target, rank, manifest)
+            set_rng_state(rng)
     return model_state, optim_state, meta
 
 

@@ -194,7 +194,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate * ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2).to(v.dtype)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        if masks.base is None and (flash := flash_attention.kernel(q)) is not None:
+        if masks.base is None and (flash := flash_attention.kernel(q, k, v)) is not None:
             y = flash_attention.attention(flash, q, k, v, self.window)
         else:
             y = causal_attention(q, k, v, masks.get(self.window, T, k.size(2), q.device))

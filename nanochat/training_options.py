@@ -75,9 +75,10 @@ def fit_device_batch(preset, stage_name, device_batch_size, gpu_bytes):
     """The device batch size for this GPU. GPU presets size theirs, as upstream does, for 80 GB
     GPUs; on a smaller one the preset's value is halved until it fits (gradient accumulation keeps
     the total batch), and a GPU too small for one row is refused, naming the memory needed. An
-    explicit --device-batch-size, a larger GPU and CPU presets keep the value as it is."""
+    explicit --device-batch-size, a larger GPU, a stage the preset sizes none for (chat_rl: its
+    rollouts decide) and CPU presets keep the value as it is."""
     sized = presets.get(preset, stage_name).get("device_batch_size")
-    if preset not in presets.GPU_PRESETS or device_batch_size != sized:
+    if preset not in presets.GPU_PRESETS or sized is None or device_batch_size != sized:
         return device_batch_size
     have_gb = gpu_bytes / 1e9
     need_gb = presets.SIZED_FOR_GPU_GB * 0.98  # an "80 GB" GPU reports about 79-85 GB

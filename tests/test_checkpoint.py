@@ -74,6 +74,18 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path):
     assert checkpoint.load_latest(storage.join(root, "nothing")) is None
 
 
+def test_a_rank_the_saving_run_lacked_finds_the_checkpoint_without_optimizer_state(tmp_path):
+    """Resumed by more processes than saved it, the newest checkpoint is still found (its meta says
+    how many saved it, and training refuses another number), not skipped as broken: skipped, training
+    would start over from step 0 and prune the checkpoints it had."""
+    root = storage.normalize(str(tmp_path))
+    model, opt = make_model_and_optimizer()
+    save(root, model, opt, step=10)
+    model_state, optim_state, meta = checkpoint.load_latest(root, rank=1)
+    assert meta["step"] == 10 and meta["world_size"] == 1 and optim_state is None
+    assert all(torch.equal(model_state[k], v) for k, v in model.state_dict().items())
+
+
 def test_retention_keeps_last_n(tmp_path):
     root = storage.normalize(str(tmp_path))
     model, opt = make_model_and_optimizer()

@@ -84,6 +84,17 @@ def test_gpu_batches_fit_smaller_gpus_and_still_split_into_whole_passes(preset):
         assert training_options.fit_device_batch(preset, name, sized + 1, 25.4e9) == sized + 1
 
 
+@pytest.mark.parametrize("preset", sorted(presets.GPU_PRESETS))
+def test_every_training_stage_of_a_gpu_preset_gets_a_device_batch_on_a_small_gpu(preset):
+    """Each training stage's device batch as Training sets it on a 24 GB GPU: what its preset sizes
+    halved to fit, or the stage's own choice where the preset sizes none (chat_rl's rollouts)."""
+    for name in ("base_train", "mid_train", "chat_sft", "chat_rl"):
+        sized = presets.get(preset, name).get("device_batch_size")
+        fitted = training_options.fit_device_batch(preset, name, sized, 25.4e9)
+        assert fitted is None if sized is None else 1 <= fitted <= sized, (name, sized, fitted)
+    assert presets.get(preset, "chat_rl").get("device_batch_size") is None  # (the case above is real)
+
+
 def test_a_gpu_too_small_for_one_row_is_refused_naming_the_memory():
     with pytest.raises(StageError, match=r"needs about 10 GB of GPU memory per row and this GPU has 5 GB"):
         training_options.fit_device_batch("d32", "base_train", 8, 5e9)
