@@ -17,10 +17,10 @@ micro-batches (gradient accumulation needs no no_sync), and `step()` synchronise
 - The matrices of a Muon group are stacked and reduce-scattered, so each rank receives the mean
   gradient of its own matrices; it keeps their momentum only, orthogonalises them, updates them, and
   the results are all-gathered into every rank's parameters.
-Collectives are launched asynchronously so communication overlaps compute. Averages are taken as
-sums of gradients divided by the world size beforehand, since gloo lacks ReduceOp.AVG in older
-releases; likewise, where gloo lacks reduce_scatter (it has it in torch 2.13, for fp32 and bf16),
-gradients are all-reduced whole and each rank keeps its share, so the state is sharded the same way.
+Collectives are launched asynchronously so communication overlaps compute, and average with
+ReduceOp.AVG (NCCL's, and gloo's in torch 2.13): no pass over the gradients divides them first.
+Where gloo lacks reduce_scatter (it has it in torch 2.13, for fp32 and bf16), gradients are
+all-reduced whole and each rank keeps its share, so the state is sharded the same way.
 Build the optimizer after the process group exists. A checkpoint holds one optimizer state per rank
 and resumes only with the same number of processes (`load_state_dict` refuses another).
 """
@@ -42,6 +42,7 @@ POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+AVG = dist.ReduceOp.AVG
 SHARD_MIN_NUMEL = 1024  # smaller AdamW parameters (scalars, gates) are all-reduced and replicated
 RECIPES = ("classic", "2026")
 MUON_REFINEMENTS = dict(muoneq=False, muon_plus=False, normuon_beta2=None, cautious=False)  # classic Muon
@@ -265,15 +266,14 @@ class MuonAdamW(torch.optim.Optimizer):
         if group["kind"] == "adamw":
             if self.world_size == 1:
                 return [(None, p.grad) for p in params]
-            torch._foreach_div_([p.grad for p in params], self.world_size)
             pending = []
             for p in params:
                 rows = self._adamw_rows(p)
                 if rows is not None and self.reduce_scatter:
                     own = torch.empty_like(p.grad[rows])
-                    pending.append((dist.reduce_scatter_single(own, p.grad, async_op=True), own))
+                    pending.append((dist.reduce_scatter_single(own, p.grad, op=AVG, async_op=True), own))
                 else:
-                    pending.append((dist.all_reduce(p.grad, async_op=True), p.grad if rows is None else p.grad[rows]))
+                    pending.append((dist.all_reduce(p.grad, op=AVG, async_op=True), p.grad if rows is None else p.grad[rows]))
             return pending
         chunk, _, _ = self._muon_shard(group)
         # Zero-padded to chunk * world_size slots, so every rank receives an equal share.
@@ -281,12 +281,11 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_copy_(list(grads[:len(params)].unbind(0)), [p.grad for p in params])
         if self.world_size == 1:
             return None, grads
-        grads.div_(self.world_size)
         if self.reduce_scatter:
             own = torch.empty_like(grads[:chunk])
-            return dist.reduce_scatter_single(own, grads, async_op=True), own
+            return dist.reduce_scatter_single(own, grads, op=AVG, async_op=True), own
         own = grads[self.rank * chunk:(self.rank + 1) * chunk]
-        return dist.all_reduce(grads, async_op=True), own
+        return dist.all_reduce(grads, op=AVG, async_op=True), own
 
     def _update(self, group, pending):
         """Applies the group's update once its gradients have landed; returns the gathers it
