@@ -22,16 +22,24 @@ except ImportError:
 HALF = (torch.float16, torch.bfloat16)
 
 
+def for_device(device):
+    """The flash attention function installed for `device` (FA3 on Hopper, else FA2 on Ampere or
+    newer), or None."""
+    if (fa3 is None and fa2 is None) or device.type != "cuda":
+        return None
+    major = torch.cuda.get_device_properties(device).major  # (torch.compile folds this call to a constant)
+    if fa3 is not None and major == 9:
+        return fa3
+    return fa2 if fa2 is not None and major >= 8 else None
+
+
 def kernel(q, k, v):
     """The flash attention function that runs the attention of q (B, heads, T, head_dim), k and v, or
     None: it takes CUDA tensors of one half-precision dtype only (an engine's fp32 cache of an fp32
     model under bf16 autocast, as chat_eval and chat_rl run it, goes to SDPA, which autocast casts)."""
-    if (fa3 is None and fa2 is None) or not q.is_cuda or q.dtype not in HALF or not q.dtype == k.dtype == v.dtype:
+    if q.dtype not in HALF or not q.dtype == k.dtype == v.dtype:
         return None
-    major = torch.cuda.get_device_properties(q.device).major  # (torch.compile folds this call to a constant)
-    if fa3 is not None and major == 9:
-        return fa3
-    return fa2 if fa2 is not None and major >= 8 else None
+    return for_device(q.device)
 
 
 def attention(function, q, k, v, window=None):
