@@ -18,6 +18,8 @@
 - Flash attention, where a build of it runs on this GPU (else the check is skipped): it agrees with
   SDPA, and a model attends through it in every layer, with bf16 weights (inference) and with fp32
   weights under bf16 autocast (training); the engine of that fp32 model decodes under autocast.
+- The training loss at d20's sizes: nanochat.loss's fused one agrees with F.cross_entropy of the
+  capped logits compiled (upstream's formulation), and the times of both (forward and backward).
 - Serving: `nanochat serve` of the d20 model on the GPU answers a chat completion and a streamed one
   through the official openai client.
 
@@ -316,6 +318,50 @@ def flash_attention_check():
     return {"kernel": function.__module__, "max_abs_diff_vs_sdpa": worst}
 
 
+def fused_loss_against_compiled(tokens=32_768, width=1280, vocab=65_536, repeats=5):
+    """The training loss at d20's sizes (--device-batch-size 16 rows of 2,048), forward and backward
+    under bf16 autocast: nanochat.loss's fused, chunked one (kept out of compiled graphs) against
+    F.cross_entropy of the capped logits compiled (upstream's formulation). They must agree; their
+    times say whether the fusion, tuned on CPUs, pays on this GPU too."""
+    import torch
+    import torch.nn.functional as F
+
+    from nanochat import gpt, loss
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, width, device="cuda", generator=g).requires_grad_()
+    w = (torch.randn(vocab, width, device="cuda", generator=g) * width**-0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+    def fused(x, w, targets):
+        return loss.cross_entropy(x, w, targets, "mean", loss.chunk_sizes("cuda"), gpt.LOGIT_SOFTCAP)
+
+    def upstreams(x, w, targets):
+        return F.cross_entropy(gpt.softcap(x @ w.T), targets, ignore_index=-1)
+
+    plain = torch.compile(upstreams, dynamic=False)
+    results = {}
+    for name, fn in (("fused", fused), ("compiled", plain)):
+        times = []
+        for _ in range(repeats + 1):  # the first compiles and warms up
+            x.grad = w.grad = None
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            with torch.autocast("cuda", torch.bfloat16):
+                value = fn(x, w, targets)
+            value.backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        results[name] = (value.item(), x.grad.clone(), w.grad.clone(), statistics.median(times[1:]))
+    (fused_loss, fused_gx, fused_gw, fused_s), (plain_loss, plain_gx, plain_gw, plain_s) = results["fused"], results["compiled"]
+    worst = max((a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+                for a, b in ((fused_gx, plain_gx), (fused_gw, plain_gw)))
+    if abs(fused_loss - plain_loss) > 0.01 * plain_loss or worst > 0.05:
+        raise CheckFailed(f"fused loss {fused_loss:.5f} against {plain_loss:.5f}; gradients apart by up to {worst:.3g} "
+                          "of their largest")
+    return {"fused_ms": round(fused_s * 1e3, 1), "compiled_ms": round(plain_s * 1e3, 1),
+            "fused_over_compiled": round(fused_s / plain_s, 2)}
+
+
 def flash_attention_calls(model, context):
     """How many times one forward of `model` in `context` calls nanochat.flash_attention.attention."""
     import torch
@@ -438,6 +484,7 @@ def main():
             figures = dict.fromkeys(RUNS)
         checked(results, "engine cached = uncached", cached_equals_uncached)
         checked(results, "flash attention", flash_attention_check)
+        checked(results, "fused loss vs compiled", fused_loss_against_compiled)
         checked(results, "served model decoding", served_decoding, workdir / SERVED_RUN)  # base_train bf16's model
         torch.cuda.empty_cache()
         checked(results, "nanochat serve + openai", serving, workdir / SERVED_RUN)
