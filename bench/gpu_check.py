@@ -3,7 +3,7 @@
     .venv/bin/python bench/gpu_check.py [--steps 8] [--device-batch-size 16]
 
 - Training: the base_train stage itself at preset d20, --steps steps of --device-batch-size rows of
-  2,048 tokens, on shards of synthetic text written here and a 65,536-token tokenizer trained on
+  2,048 tokens, on shards of synthetic text written here and the preset's tokenizer (32,768 tokens) trained on
   them (tok_train): bf16 eager and compiled, FP8 eager and compiled, fp16 with its gradient scaler.
   Each must learn (its last loss below its first, every loss finite) in the dtype asked for; FP8 must
   have converted layers, fp16 must have checkpointed its scaler. And a small bf16 run crashed after
@@ -73,7 +73,7 @@ class Skipped(Exception):
 
 def write_shards(directory, train_chars, seed=0):
     """Two shards of synthetic documents (the last is validation): Zipf-distributed pseudo-words, so
-    BPE finds 65,536 tokens in them and the model has something to learn."""
+    BPE finds the preset's 32,768 tokens in them and the model has something to learn."""
     rng = random.Random(seed)
     consonants, vowels = "bcdfghjklmnprstvwz", "aeiou"
     words = set()
@@ -258,7 +258,7 @@ def served_decoding(run, device="cuda"):
         problems.append(f"weights in {dtype}, not bf16")
     if problems:
         raise CheckFailed("; ".join(problems))
-    prompt = torch.randint(0, 60_000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, 32_000, (64,), generator=torch.Generator().manual_seed(0)).tolist()  # ordinary tokens
     params = SamplingParams(temperature=0, max_tokens=128)
     figures = {}
     for batch in (1, 8):
@@ -318,7 +318,7 @@ def flash_attention_check():
     return {"kernel": function.__module__, "max_abs_diff_vs_sdpa": worst}
 
 
-def fused_loss_against_compiled(tokens=32_768, width=1280, vocab=65_536, repeats=5):
+def fused_loss_against_compiled(tokens=32_768, width=1280, vocab=32_768, repeats=5):
     """The training loss at d20's sizes (--device-batch-size 16 rows of 2,048), forward and backward
     under bf16 autocast: nanochat.loss's fused, chunked one (kept out of compiled graphs) against
     F.cross_entropy of the capped logits compiled (upstream's formulation). They must agree; their

@@ -9,7 +9,8 @@ d20, d26, d32  one 8xGPU node, the same recipe at other depths.
 Where a value is upstream's, its comment names the file of karpathy/nanochat (at 92d63d4) it is read from.
 """
 
-TOKENIZER_GPU = {"vocab_size": 65536, "max_chars": 2_000_000_000, "doc_cap": 10_000}
+# scripts/tok_train.py: 2^15 tokens (its default since upstream's ccf4b7f), and runs/speedrun.sh: ~2B characters
+TOKENIZER_GPU = {"vocab_size": 32768, "max_chars": 2_000_000_000, "doc_cap": 10_000}
 
 # The classic recipe: nanochat's model, optimizer and schedules of late 2025.
 CLASSIC_MODEL = {"window_pattern": "L", "value_embeds": False, "lambdas": False, "smear": False, "backout": False,
