@@ -60,6 +60,8 @@ RUNS = {
     "fp16+scaler": (["--dtype", "float16", "--no-compile", "--no-fp8"], 180),
 }
 SERVED_RUN = "bf16"  # whose model the decoding and serving checks load
+# every check's base_train trains only: no evaluation, CORE or samples between steps
+TRAINING_ONLY = ["--eval-every", "-1", "--core-every", "-1", "--sample-every", "-1"]
 FP8_LOG = re.compile(r"FP8 training: (\d+) of (\d+) linear layers converted")  # nanochat.fp8.convert_linears
 
 
@@ -138,9 +140,8 @@ def check_training(run, options, timeout, data, args):
 
     rows = args.device_batch_size * SEQ_LEN
     done = stage("base_train", run, "--data", str(data), "--num-steps", str(args.steps), "--device-batch-size",
-                 str(args.device_batch_size), "--total-batch-size", str(rows), "--eval-every", "-1", "--eval-tokens",
-                 str(rows), "--core-every", "-1", "--sample-every", "-1", "--checkpoint-every", "-1", "--keep-last", "1",
-                 *options, timeout=timeout)
+                 str(args.device_batch_size), "--total-batch-size", str(rows), *TRAINING_ONLY, "--eval-tokens", str(rows),
+                 "--checkpoint-every", "-1", "--keep-last", "1", *options, timeout=timeout)
     summary = json.loads((run / "base_train" / "stage.json").read_text())
     records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -177,8 +178,7 @@ def resumed_training(tokenizer_run, data, workdir):
     run = workdir / "resumed"
     shutil.copytree(tokenizer_run, run)
     options = ["--data", str(data), "--depth", "4", "--num-steps", "4", "--checkpoint-every", "2", "--device-batch-size",
-               "4", "--total-batch-size", str(4 * SEQ_LEN), "--eval-every", "-1", "--core-every", "-1", "--sample-every",
-               "-1", "--dtype", "bfloat16", "--no-compile", "--no-fp8"]
+               "4", "--total-batch-size", str(4 * SEQ_LEN), *TRAINING_ONLY, "--dtype", "bfloat16", "--no-compile", "--no-fp8"]
     stage("base_train", run, *options, timeout=180, fault="base_train:2")
     done = stage("base_train", run, *options, timeout=180)
     records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
@@ -258,7 +258,8 @@ def served_decoding(run, device="cuda"):
         problems.append(f"weights in {dtype}, not bf16")
     if problems:
         raise CheckFailed("; ".join(problems))
-    prompt = torch.randint(0, 32_000, (64,), generator=torch.Generator().manual_seed(0)).tolist()  # ordinary tokens
+    ordinary = len(engine.tokenizer.mergeable_ranks)  # the special tokens' ids come after these
+    prompt = torch.randint(0, ordinary, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(temperature=0, max_tokens=128)
     figures = {}
     for batch in (1, 8):
@@ -318,7 +319,7 @@ def flash_attention_check():
     return {"kernel": function.__module__, "max_abs_diff_vs_sdpa": worst}
 
 
-def fused_loss_against_compiled(tokens=32_768, width=1280, vocab=32_768, repeats=5):
+def fused_loss_against_compiled(tokens=32_768, width=1280, repeats=5):
     """The training loss at d20's sizes (--device-batch-size 16 rows of 2,048), forward and backward
     under bf16 autocast: nanochat.loss's fused, chunked one (kept out of compiled graphs) against
     F.cross_entropy of the capped logits compiled (upstream's formulation). They must agree; their
@@ -326,12 +327,14 @@ def fused_loss_against_compiled(tokens=32_768, width=1280, vocab=32_768, repeats
     import torch
     import torch.nn.functional as F
 
-    from nanochat import gpt, loss
+    from nanochat import gpt, loss, presets
 
+    vocab = presets.get(PRESET, "tok_train")["vocab_size"]
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, width, device="cuda", generator=g).requires_grad_()
     w = (torch.randn(vocab, width, device="cuda", generator=g) * width**-0.5).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+
     def fused(x, w, targets):
         return loss.cross_entropy(x, w, targets, "mean", loss.chunk_sizes("cuda"), gpt.LOGIT_SOFTCAP)
 
