@@ -45,20 +45,22 @@ POLAR_EXPRESS_COEFFS = (
 AVG = dist.ReduceOp.AVG
 SHARD_MIN_NUMEL = 1024  # smaller AdamW parameters (scalars, gates) are all-reduced and replicated
 RECIPES = ("classic", "2026")
-MUON_REFINEMENTS = dict(muoneq=False, muon_plus=False, normuon_beta2=None, cautious=False)  # classic Muon
-MUON_2026 = dict(muoneq=True, muon_plus=True, normuon_beta2=0.9, cautious=True)
+# Each recipe's Muon fields; polar_margin is orthogonalize's (upstream's 6ed7d1d moved it from 1.02 to 1.01).
+MUON_REFINEMENTS = dict(muoneq=False, muon_plus=False, normuon_beta2=None, cautious=False, polar_margin=1.02)  # classic
+MUON_2026 = dict(muoneq=True, muon_plus=True, normuon_beta2=0.9, cautious=True, polar_margin=1.01)
 
 
-def orthogonalize(G, steps=5, dtype=torch.bfloat16):
+def orthogonalize(G, steps=5, dtype=torch.bfloat16, margin=1.02):
     """Approximately U V^T for G = U S V^T, batched over leading dims, computed in `dtype`: bfloat16
     is stable for these iterations, and fast on GPUs and on CPUs with bf16 units (see polar_dtype)."""
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         X = X.mT
-    # The Frobenius norm bounds the spectral norm, so singular values start in (0, 1]; the 2% margin
-    # (nanochat's) keeps bf16 rounding from pushing the largest past 1, where the polynomials diverge.
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    # The Frobenius norm bounds the spectral norm, so singular values start in (0, 1]; the margin
+    # (nanochat's: 2%, 1% since 2026) keeps bf16 rounding from pushing the largest past 1, where the
+    # polynomials diverge.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-6)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -107,15 +109,17 @@ def variance_reduce(U, second_moment, beta2):
 
 
 def muon_update(params, grads, momentum_buffer, lr, momentum, ns_steps, weight_decay, muoneq=False,
-                muon_plus=False, second_moment=None, normuon_beta2=None, cautious=False, dtype=torch.bfloat16):
+                muon_plus=False, second_moment=None, normuon_beta2=None, cautious=False, dtype=torch.bfloat16,
+                polar_margin=1.02):
     """One Muon step on stacked params (K, rows, cols) given their mean gradients (consumed); the
     refinements are off by default (classic Muon). NorMuon runs when `normuon_beta2` is set, with
-    its `second_moment` buffer (K, rows, 1) or (K, 1, cols). `dtype`: the polar iteration's."""
+    its `second_moment` buffer (K, rows, 1) or (K, 1, cols). `dtype` and `polar_margin`: the polar
+    iteration's (orthogonalize)."""
     momentum_buffer.lerp_(grads, 1 - momentum)
     update = grads.lerp_(momentum_buffer, momentum)  # Nesterov: look ahead along the momentum
     if muoneq:
         update = equilibrate_rows(update)
-    update = orthogonalize(update, ns_steps, dtype).to(params.dtype)
+    update = orthogonalize(update, ns_steps, dtype, polar_margin).to(params.dtype)
     if muon_plus:
         update = renormalize(update)
     if normuon_beta2 is not None:
@@ -149,7 +153,7 @@ class MuonAdamW(torch.optim.Optimizer):
     param_groups: dicts with 'params' and 'kind':
         kind='adamw': lr, betas, eps, weight_decay (torch.optim.AdamW's update and state)
         kind='muon':  lr, momentum, ns_steps, weight_decay; all params 2-D and of one shape; optional
-                      refinements (`muon_update`): muoneq, muon_plus, normuon_beta2, cautious
+                      refinements (`muon_update`): muoneq, muon_plus, normuon_beta2, cautious, polar_margin
     Every group also gets 'initial_lr' (its lr at construction), and Muon groups 'initial_weight_decay',
     for `set_schedule`. Every parameter must have a gradient when `step()` runs.
     """
@@ -319,7 +323,8 @@ class MuonAdamW(torch.optim.Optimizer):
             muon_update(owned, own_grads[:end - start], state["momentum_buffer"][:end - start], group["lr"],
                         group["momentum"], group["ns_steps"], group["weight_decay"], muoneq=group["muoneq"],
                         muon_plus=group["muon_plus"], second_moment=second_moment,
-                        normuon_beta2=group["normuon_beta2"], cautious=group["cautious"], dtype=self.polar_dtype)
+                        normuon_beta2=group["normuon_beta2"], cautious=group["cautious"], dtype=self.polar_dtype,
+                        polar_margin=group["polar_margin"])
         if self.world_size == 1:
             torch._foreach_copy_(params, list(owned.unbind(0)))
             return []

@@ -35,7 +35,7 @@ CONFIG = GPTConfig(sequence_len=16, vocab_size=100, n_layer=3, n_head=4, n_kv_he
 OPTIONS = dataclasses.replace(CONFIG, value_embeds=True, lambdas=True, smear=True, backout=True)
 STEPS = 4
 SAVED_AT = 2  # the distributed runs checkpoint after this many steps, and resume from there
-MUON_FIELDS = ("muoneq", "muon_plus", "normuon_beta2", "cautious")
+MUON_FIELDS = ("muoneq", "muon_plus", "normuon_beta2", "cautious", "polar_margin")
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +72,24 @@ def test_orthogonalize_maps_singular_values_near_one(shape, dtype):
     polar = U @ V.mT  # the exact answer
     assert (X.float() - polar).norm() / polar.norm() < 0.15
     torch.testing.assert_close(orthogonalize(G.mT, dtype=dtype), X.mT, rtol=0, atol=0.05)  # up to bf16 rounding
+
+
+def test_the_polar_margin_is_each_recipes_own():
+    """The iterations start from G / (margin * ||G||_F), and the optimizer iterates with its group's
+    margin: the two recipes' (1.02, 1.01) give different updates."""
+    G = torch.randn(2, 24, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(orthogonalize(G, steps=0, dtype=torch.float32, margin=1.01),
+                               G / (G.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6))
+    updates = {}
+    for margin in (1.02, 1.01):
+        p = nn.Parameter(torch.zeros(24, 8))
+        optimizer = MuonAdamW([muon_group([p], "classic", lr=1.0, momentum=0.0, polar_margin=margin)])
+        p.grad = G[0].clone()
+        optimizer.step()
+        expected = -orthogonalize(G[:1], dtype=optimizer.polar_dtype, margin=margin).float()[0] * 3 ** 0.5
+        torch.testing.assert_close(p.detach(), expected)
+        updates[margin] = p.detach()
+    assert not torch.equal(updates[1.02], updates[1.01])
 
 
 @pytest.mark.parametrize("flags,dtype", [({"avx512f", "amx_bf16"}, torch.bfloat16), ({"avx512_bf16"}, torch.bfloat16),
@@ -172,8 +190,9 @@ def test_groups_and_adamw_equal_upstream_hyperparameters_and_torch_adamw(recipe)
     matrices = {name for name in named if name.startswith("transformer.h.")}
     assert {id(p) for g in muon for p in g["params"]} == {id(named[name]) for name in matrices}
     assert any(name.endswith("ve_gate.weight") for name in matrices)
-    expected = {"classic": dict(muoneq=False, muon_plus=False, normuon_beta2=None, cautious=False),
-                "2026": dict(muoneq=True, muon_plus=True, normuon_beta2=0.9, cautious=True)}[recipe]
+    # upstream's polar margin: 1.02 in 2025, 1.01 since 6ed7d1d (nanochat/optim.py muon_step_fused)
+    expected = {"classic": dict(muoneq=False, muon_plus=False, normuon_beta2=None, cautious=False, polar_margin=1.02),
+                "2026": dict(muoneq=True, muon_plus=True, normuon_beta2=0.9, cautious=True, polar_margin=1.01)}[recipe]
     assert all({k: g[k] for k in MUON_FIELDS} == expected and g["lr"] == 0.02 and g["weight_decay"] == 0.2
                for g in muon)
 
@@ -271,7 +290,7 @@ def test_muoneq_equalises_rows_and_keeps_the_norm():
 
 def muon_group(params, recipe, **fields):
     refinements = dict(muoneq=recipe == "2026", muon_plus=recipe == "2026", cautious=recipe == "2026",
-                       normuon_beta2=0.9 if recipe == "2026" else None)
+                       normuon_beta2=0.9 if recipe == "2026" else None, polar_margin=1.01 if recipe == "2026" else 1.02)
     return {**dict(kind="muon", params=params, lr=0.02, momentum=0.95, ns_steps=5, weight_decay=0.0),
             **refinements, **fields}
 
@@ -314,7 +333,7 @@ def test_convergence_needs_muon_plus_on_a_rank_one_gradient():
     """The 2026 recipe (and Muon+ alone) halves the distance in 50 steps; classic Muon cannot: the
     polar factor of a rank-1 gradient has Frobenius norm 1, so each step moves a matrix at most
     lr * sqrt(max(1, rows/cols)) = 0.02 or 0.028, about 1.0-1.4 in 50 steps of a 4.5 distance."""
-    new = dict(muoneq=True, muon_plus=True, normuon_beta2=0.9, cautious=True)
+    new = dict(muoneq=True, muon_plus=True, normuon_beta2=0.9, cautious=True, polar_margin=1.01)
     full = distance_to_target(new)
     assert all(r < 0.5 for r in full), full
     assert all(r < 0.5 for r in distance_to_target(dict(muon_plus=True))[1:])
