@@ -99,22 +99,35 @@ def base_eval(**overrides):
 GPU_COMPILE = {"compile": True}
 
 
-def gpu_preset(depth, device_batch_size, num_shards, **base):
+# scripts/chat_sft.py: pretraining's learning rates (its defaults, inherited) at --init-lr-frac 0.8,
+# no weight decay, the warm-down over the last half to 0, momentum 0.85 -> 0.95 over 300 steps
+# (classic), one epoch (--num-iterations -1) of SmolTalk + MMLU auxiliary_train x3 + GSM8K x4,
+# --load-optimizer 1, ChatCORE every 200 steps on up to 24 problems of each generative task (and
+# every categorical one), 512 new tokens. Ours besides: SpellingBee and the identity conversations
+# (x2, as upstream had them until its 950a1dc dropped both).
+SFT_2026 = {"matrix_lr": OPTIMIZER_2026["matrix_lr"], "embedding_lr": OPTIMIZER_2026["embedding_lr"],
+            "unembedding_lr": OPTIMIZER_2026["unembedding_lr"], "scalar_lr": OPTIMIZER_2026["scalar_lr"],
+            "init_lr_frac": 0.8, "weight_decay": 0.0, "warmdown_ratio": 0.5, "final_lr_frac": 0.0, "num_steps": -1,
+            "smoltalk_weight": 1.0, "mmlu_weight": 3.0, "gsm8k_weight": 4.0, "eval_every": 200, "warm_start_optimizer": True,
+            "chatcore_every": 200, "chatcore_max_problems": -1, "chatcore_max_generative": 24, "chatcore_max_new_tokens": 512}
+
+
+def gpu_preset(depth, device_batch_size, num_shards, batch, **base):
     """An 8xGPU preset at `depth`: the 2026 recipe on ClimbMix, the device batch sizes upstream's
     scripts set for 80 GB GPUs, and `num_shards` ClimbMix shards: the horizon's tokens at about 47M
-    tokens a shard (upstream's dev/LOG.md: 150 shards are about 7B tokens), plus some to spare."""
+    tokens a shard (upstream's dev/LOG.md: 150 shards are about 7B tokens), plus some to spare.
+    `batch`: base_train's total batch at this depth (its automatic one, tests/test_presets.py checks),
+    which chat_sft inherits as upstream's does, in rows of max_seq_len + 1 tokens."""
+    sft_batch = batch * (BASE_TRAIN["max_seq_len"] + 1) // BASE_TRAIN["max_seq_len"]
     return {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000},
-            "download": {"num_shards": num_shards, "source": "climbmix"},  # ClimbMix: README leaderboard, 2.76 -> 2.02 h
+            "download": {"num_shards": num_shards, "source": "climbmix", "mmlu_train": True},  # ClimbMix: README leaderboard, 2.76 -> 2.02 h
             "base_train": base_train(**{**GPU_COMPILE, **RECIPE_2026, "depth": depth,
                                         "device_batch_size": device_batch_size, "num_shards": num_shards, **base}),
             "base_eval": base_eval(device_batch_size=device_batch_size, num_shards=num_shards),
             "mid_train": mid_train(**GPU_COMPILE, optimizer_recipe="2026", device_batch_size=device_batch_size,
                                    total_batch_size=524544, num_steps=800),
-            # scripts/chat_sft.py: --load-optimizer 1, ChatCORE every 200 steps on up to 24 problems
-            # of each generative task (and every categorical one), 512 new tokens
-            "chat_sft": chat_sft(**GPU_COMPILE, optimizer_recipe="2026", device_batch_size=4, total_batch_size=65568,
-                                 num_steps=700, warm_start_optimizer=True, chatcore_every=200, chatcore_max_problems=-1,
-                                 chatcore_max_generative=24, chatcore_max_new_tokens=512),
+            "chat_sft": chat_sft(**GPU_COMPILE, **SFT_2026, optimizer_recipe="2026", device_batch_size=device_batch_size,
+                                 total_batch_size=sft_batch),
             "chat_eval": CHAT_EVAL,
             "chat_rl": chat_rl(optimizer_recipe="2026")}
 
@@ -165,10 +178,11 @@ PRESETS = {
     },
     # d24 is upstream's speedrun (runs/speedrun.sh: --depth=24 --target-param-data-ratio=8
     # --device-batch-size=16 --fp8); the other depths take the same recipe at upstream's default ratio
-    "d20": gpu_preset(depth=20, device_batch_size=32, num_shards=150),  # 5.7B tokens
-    "d24": gpu_preset(depth=24, device_batch_size=16, num_shards=170, param_data_ratio=8.0, fp8=True),  # speedrun.sh -n 170
-    "d26": gpu_preset(depth=26, device_batch_size=16, num_shards=280),  # 11.7B tokens
-    "d32": gpu_preset(depth=32, device_batch_size=8, num_shards=500),  # 21B tokens
+    "d20": gpu_preset(depth=20, device_batch_size=32, num_shards=150, batch=2**20),  # 5.7B tokens
+    "d24": gpu_preset(depth=24, device_batch_size=16, num_shards=170, batch=2**20, param_data_ratio=8.0,
+                      fp8=True),  # speedrun.sh -n 170
+    "d26": gpu_preset(depth=26, device_batch_size=16, num_shards=280, batch=2**20),  # 11.7B tokens
+    "d32": gpu_preset(depth=32, device_batch_size=8, num_shards=500, batch=2**21),  # 21B tokens
 }
 
 # Presets for a GPU node: their stages run one process per GPU by default, and their device batch

@@ -143,12 +143,13 @@ TASK_SOURCES = [
     Source("identity_conversations.jsonl", f"{KARPATHY_S3}/identity_conversations.jsonl"),
     Source("words/words_alpha.txt", "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"),
 ]
-# Registered for fetch() but in no group: ../shared/data does not have it.
-OPTIONAL_SOURCES = _hf("cais/mmlu", "auxiliary_train/train-00000-of-00001.parquet")
+# MMLU's 100k training questions, which upstream's chat_sft trains on: fetched by download only when
+# asked (--mmlu-train, the GPU presets), as ../shared/data does not have it.
+MMLU_TRAIN = _hf("cais/mmlu", "auxiliary_train/train-00000-of-00001.parquet")
 
-REGISTRY = {s.relpath: s for s in [Source(EVAL_BUNDLE, f"{KARPATHY_S3}/eval_bundle.zip"), *TASK_SOURCES, *OPTIONAL_SOURCES]}
-# What a stage's `--what` names; "pretrain" is planned by `pretrain_plan`, not listed here.
-GROUPS = {"eval": [EVAL_BUNDLE], "tasks": [s.relpath for s in TASK_SOURCES]}
+REGISTRY = {s.relpath: s for s in [Source(EVAL_BUNDLE, f"{KARPATHY_S3}/eval_bundle.zip"), *TASK_SOURCES, *MMLU_TRAIN]}
+# What the download stage fetches besides the pretraining text, which `pretrain_plan` plans.
+GROUPS = {"eval": [EVAL_BUNDLE], "tasks": [s.relpath for s in TASK_SOURCES], "mmlu_train": [s.relpath for s in MMLU_TRAIN]}
 
 
 def get(relpath):

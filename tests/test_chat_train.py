@@ -5,6 +5,7 @@ optimizer can start from the upstream stage's, the user's identity conversations
 the mixture, and a crashed or killed run resumes to the state an uninterrupted one ends in."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -19,6 +20,7 @@ from nanochat.stages import mid_train as mid_train_stage
 from tasks import catalog
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
+from tests.support.mirrors import task_mirror
 from tests.support.resume import assert_same_final_checkpoint, final_checkpoint, kill_after_checkpoint
 from tests.support.stagerun import stage
 
@@ -197,6 +199,45 @@ def test_sft_from_the_base_model_with_identity_conversations_and_warm_start(tiny
     bad.write_text(json.dumps([{"role": "assistant", "content": "hi"}]) + "\n")
     done = stage("nanochat.stages.mid_train", run, tiny_env, "--num-steps", "1", "--identity", str(bad), check=False)
     assert done.returncode != 0 and "bad.jsonl" in done.stderr
+
+
+def test_sft_trains_one_pass_over_a_mixture_with_mmlu_at_a_fraction_of_the_rates(tiny_base_run, tiny_env, shared_data,
+                                                                                  tmp_path, monkeypatch):
+    """chat_sft as the GPU presets run upstream's 2026 recipe, on 2 processes: --num-steps -1 trains
+    the steps of one pass over the mixture (the busiest process's batches, 2 to a step), MMLU's
+    auxiliary_train is in the mixture --mmlu-weight times, and every group's learning rate, the fixed
+    ones of the gates too, is --init-lr-frac of what the options give."""
+    mirror = task_mirror(shared_data, tmp_path / "mirror", mmlu_questions=40)
+    env = {**tiny_env, "NANOCHAT_DATA_MIRROR": str(mirror), "NANOCHAT_STORAGE": str(tmp_path / "storage")}
+    for name in ("NANOCHAT_STORAGE", "NANOCHAT_DATA_MIRROR"):
+        monkeypatch.setenv(name, env[name])
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base_run, run)
+    small = ["--from-stage", "base_train", "--smoltalk-weight", "0.01", "--gsm8k-weight", "0.002", "--spelling-size", "8",
+             "--identity-weight", "0.1", "--total-batch-size", "2064"]
+    options = [*small, "--num-steps", "-1", "--mmlu-weight", "2", "--init-lr-frac", "0.8"]
+    stage("nanochat.stages.chat_sft", run, env, "--deterministic", *options, nproc=2)
+
+    args = contract.parse_args(chat_sft.build_parser(), chat_sft.STAGE, ["--run", str(run), "--preset", "tiny", *options])
+    task = chat_sft.mixture(args)
+    without = chat_sft.mixture(contract.parse_args(chat_sft.build_parser(), chat_sft.STAGE,
+                                                   ["--run", str(run), "--preset", "tiny", *small]))
+    assert len(task) == len(without) + 2 * 40
+    model, tokenizer, _ = checkpoint.load_model(contract.upstream_checkpoint(str(run), "base_train"))
+    T = model.config.sequence_len
+    accum = training_options.grad_accum(args.total_batch_size, args.device_batch_size, T + 1, 2)
+    batches = max(sum(1 for _ in ConversationLoader(tokenizer, task, args.device_batch_size, T, rank=rank, world_size=2,
+                                                    epochs=1)) for rank in range(2))
+    metrics = summary(run, "chat_sft")["metrics"]
+    assert accum == 2 and metrics["steps"] == len(losses(run, "chat_sft")) == math.ceil(batches / accum) > 1
+    assert metrics["conversations"] == len(task)
+
+    _, tuned, _ = checkpoint.load(str(final_checkpoint(run, "chat_sft")))
+    rates = {name: getattr(args, name) for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")}
+    full = setup_optimizers(model, **rates, recipe=args.optimizer_recipe).state_dict()["param_groups"]
+    assert [g["initial_lr"] for g in tuned["param_groups"]] == [0.8 * g["initial_lr"] for g in full]
+    bad = stage("nanochat.stages.chat_sft", run, env, *small, "--num-steps", "-2", check=False)
+    assert bad.returncode != 0 and "--num-steps must be -1 (one pass over the mixture) or positive, got -2" in bad.stderr
 
 
 def test_warm_start_needs_the_upstreams_processes(mid_run):

@@ -2,10 +2,10 @@
 few in their real layout (shard_NNNNN.parquet with one string column `text` in row groups of 1024,
 zstd, as upstream's dev/repackage_data_reference.py writes them), serves them from a real HTTP
 server on 127.0.0.1 under the mirror's climbmix/ directory, and runs the download stage, the shard
-listing and the pretraining loader over them."""
+listing and the pretraining loader over them; MMLU's auxiliary_train, which the GPU presets download
+beside it for chat_sft, is written in its layout too."""
 
 import json
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,26 +15,26 @@ from nanochat import dataset, shards, sources, stage, storage
 from nanochat.dataloader import PretrainLoader, pretrain_loader
 from nanochat.stages import download as download_stage
 from nanochat.tokenizer import Tokenizer
+from tasks.mmlu import MMLU
 from tests.support.httpserver import serve
+from tests.support.mirrors import task_mirror
 
 CLIMBMIX = sources.CORPORA["climbmix"]
 SHARDS = 4  # 0..2 train, 3 validation
 DOCS = 1100  # two row groups of upstream's 1024 rows
+MMLU_QUESTIONS = 12
 
 
 @pytest.fixture(scope="module")
 def mirror(shared_data, tmp_path_factory):
-    """A mirror holding the ClimbMix shards made here, and copies of the shared eval bundle and task
-    files (the download stage fetches them too; the server serves nothing outside its root)."""
-    root = tmp_path_factory.mktemp("climbmix-mirror")
+    """A mirror holding the ClimbMix shards and MMLU's auxiliary_train made here, and the shared eval
+    bundle and task files (the download stage fetches them too)."""
+    root = task_mirror(shared_data, tmp_path_factory.mktemp("climbmix-mirror"), mmlu_questions=MMLU_QUESTIONS)
     (root / CLIMBMIX.dir).mkdir()
     for i in range(SHARDS):
         docs = [f"document {j} of climbmix shard {i}." for j in range(DOCS)]
         pq.write_table(pa.table({"text": docs}), root / CLIMBMIX.relpath(i), row_group_size=1024,
                        use_dictionary=False, compression="zstd", compression_level=3, write_statistics=False)
-    for relpath in sources.GROUPS["eval"] + sources.GROUPS["tasks"]:
-        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared_data / relpath, root / relpath)
     return root
 
 
@@ -62,7 +62,8 @@ def test_the_registered_facts(monkeypatch):
         sources.corpus("fineweb")
 
 
-def test_download_stage_and_the_run_read_climbmix(mirror, tmp_path, monkeypatch):
+def test_download_stage_and_the_run_read_climbmix_and_mmlu_train(mirror, tmp_path, monkeypatch):
+    """As a GPU preset downloads: ClimbMix shards, and MMLU's auxiliary_train (--mmlu-train) for chat_sft."""
     store = str(tmp_path / "storage")
     run = storage.normalize(str(tmp_path / "run"))
 
@@ -75,7 +76,7 @@ def test_download_stage_and_the_run_read_climbmix(mirror, tmp_path, monkeypatch)
         download("--source", "climb-mix", "--data-mirror", str(mirror))  # before any request
 
     with serve(mirror) as server:
-        download("--source", "climbmix", "--data-mirror", server.url)
+        download("--source", "climbmix", "--mmlu-train", "--data-mirror", server.url)
     committed = json.loads((tmp_path / "run" / "download" / "stage.json").read_text())
     assert committed["config"]["source"] == "climbmix"  # in stage.json, so in every downstream key
     files = storage.read_json(committed["outputs"]["files"]["uri"])
@@ -95,6 +96,8 @@ def test_download_stage_and_the_run_read_climbmix(mirror, tmp_path, monkeypatch)
     stage.declare_data(run)
     assert dataset.pretrain_shards(-1) == dataset.pretrain_shards(-1, source="climbmix") == (uris[:2], uris[2])
     assert dataset.shard_split("train") == uris[:2]
+    mmlu_train = MMLU("auxiliary_train")
+    assert mmlu_train.uri == files[sources.GROUPS["mmlu_train"][0]]["uri"] and len(mmlu_train) == MMLU_QUESTIONS
     with pytest.raises(stage.StageError, match="the run's download fetched climbmix shards .*, not fineweb-edu"):
         dataset.pretrain_shards(-1, source="fineweb-edu")
     val = text_of(pretrain_loader(byte_tokenizer(), 4, 64, "val", storage_uri=store))

@@ -14,7 +14,7 @@ from tests.support.stagerun import stage as run_stage
 
 SHARDS = ["pretrain/shard_00000.parquet", "pretrain/shard_00001.parquet", "pretrain/shard_00023.parquet"]
 TASK_FILE = "hf/openai/gsm8k/main/train-00000-of-00001.parquet"  # read by mid_train's mixture
-OPTIONAL = sources.OPTIONAL_SOURCES[0].relpath  # registered, but not something download fetches
+OPTIONAL = sources.GROUPS["mmlu_train"][0]  # registered, but fetched only with --mmlu-train
 READS_DATA = [s.name for s in pipeline.PIPELINE if "download" in s.needs]
 
 

@@ -9,7 +9,6 @@ from nanochat import pipeline, presets, training_options
 from nanochat.stage import StageError, parse_args
 
 PROCESSES = {"tiny": (1, 2), "cpu": (1, 2), "d20": (8,), "d24": (8,), "d26": (8,), "d32": (8,)}
-GPU_VOCAB = presets.TOKENIZER_GPU["vocab_size"]
 
 
 def base_train_horizon(preset):
@@ -38,6 +37,32 @@ def test_batches_split_into_whole_passes(preset):
             row = (cfg["max_seq_len"] or base["max_seq_len"]) + 1
             assert cfg["total_batch_size"] % (cfg["device_batch_size"] * row * world) == 0, name
         assert presets.get(preset, "chat_rl")["examples_per_step"] % world == 0
+
+
+def test_d24_is_upstreams_speedrun():
+    """runs/speedrun.sh at 92d63d4 (depth 24, ratio 8, FP8, vocabulary 32,768), as scripts/base_train.py
+    sizes it: 5,568 steps of 1,048,576 tokens, learning rates times sqrt(2), weight decay 0.28 scaled to
+    0.0597; chat_sft as scripts/chat_sft.py runs after it."""
+    horizon = base_train_horizon("d24")
+    assert (horizon.total_batch_size, horizon.num_steps) == (2**20, 5568)
+    assert horizon.lr_scale == pytest.approx(2**0.5) and horizon.weight_decay == pytest.approx(0.0597, abs=5e-5)
+    base, sft = presets.get("d24", "base_train"), presets.get("d24", "chat_sft")
+    assert (base["fp8"], base["param_data_ratio"], presets.get("d24", "tok_train")["vocab_size"]) == (True, 8.0, 32768)
+    assert {k: sft[k] for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")} == \
+        {k: base[k] for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")}  # inherited, unscaled
+    assert (sft["init_lr_frac"], sft["warmdown_ratio"], sft["weight_decay"], sft["num_steps"]) == (0.8, 0.5, 0.0, -1)
+    assert (sft["mmlu_weight"], sft["gsm8k_weight"], sft["smoltalk_weight"]) == (3, 4, 1)
+    assert presets.get("d24", "download")["mmlu_train"]  # the file the mixture's MMLU reads
+
+
+@pytest.mark.parametrize("preset", sorted(presets.GPU_PRESETS))
+def test_gpu_chat_sft_inherits_pretrainings_batch(preset):
+    """As upstream's chat_sft: the device batch and the total batch of pretraining (automatic at the
+    depth), the rows one token longer (T + 1), so the same passes and accumulation."""
+    base, sft = presets.get(preset, "base_train"), presets.get(preset, "chat_sft")
+    batch = base_train_horizon(preset).total_batch_size
+    assert sft["device_batch_size"] == base["device_batch_size"]
+    assert sft["total_batch_size"] == batch // base["max_seq_len"] * (base["max_seq_len"] + 1)
 
 
 @pytest.mark.parametrize("preset", sorted(presets.PRESETS))

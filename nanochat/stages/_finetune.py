@@ -7,8 +7,10 @@ Options beyond training's own: which stage's final model to start from (`--from-
 the one the pipeline table names; a run that skips mid_train starts chat_sft from base_train's, as
 upstream's 2026 speedrun does), how rows are made (`--rows`: conversations packed best-fit, or one
 per row padded), a warm start from the optimizer state the upstream stage ended with, as upstream's
-chat_sft does (`--warm-start-optimizer`), and ChatCORE measured on the first problems of each of
-chat_eval's tasks every `--chatcore-every` steps (metrics.jsonl, as base_train's CORE)."""
+chat_sft does (`--warm-start-optimizer`), ChatCORE measured on the first problems of each of
+chat_eval's tasks every `--chatcore-every` steps (metrics.jsonl, as base_train's CORE), and, as
+upstream's 2026 chat_sft, one pass over the mixture (`--num-steps -1`), MMLU's auxiliary_train in it
+(`--mmlu-weight`) and the learning rates at a fraction of the options' (`--init-lr-frac`)."""
 
 import argparse
 import itertools
@@ -22,6 +24,7 @@ from tasks.common import TaskDataError
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
 from tasks.mixtures import TaskMixture
+from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SpellingBee
 
@@ -45,6 +48,10 @@ def finetune_parser(stage_name, doc):
     a("--smoltalk-max-chars", type=positive, help="leave out SmolTalk conversations longer than this many characters "
       "(a small model imitates long replies by never ending its own)")
     a("--gsm8k-weight", type=weight, help="epochs of GSM8K in the mixture (a fraction: a fixed random share)")
+    a("--mmlu-weight", type=weight, help="epochs of MMLU's auxiliary_train split (100k multiple-choice questions) in "
+      "the mixture, as upstream's chat_sft trains 3; 0 leaves it out (the download stage fetches it with --mmlu-train)")
+    a("--init-lr-frac", type=float, help="every parameter group's learning rate times this (upstream's chat_sft starts "
+      "at 0.8 of pretraining's rates)")
     a("--rows", choices=["pack", "pad"], help="pack: whole conversations best-fit into full rows (padded only where no "
       "buffered conversation fits); pad: one conversation per row, each batch padded to its longest")
     a("--warm-start-optimizer", action=argparse.BooleanOptionalAction, help="start from the optimizer state "
@@ -57,7 +64,7 @@ def finetune_parser(stage_name, doc):
     a("--chatcore-max-new-tokens", type=int, help="tokens sampled per generative answer in those evaluations")
     training_options.add_options(p)
     p.set_defaults(rows="pack", warm_start_optimizer=False, chatcore_every=-1, chatcore_max_problems=-1,
-                   chatcore_max_generative=24, chatcore_max_new_tokens=512)
+                   chatcore_max_generative=24, chatcore_max_new_tokens=512, mmlu_weight=0.0, init_lr_frac=1.0)
     return p
 
 
@@ -79,11 +86,14 @@ def positive(text):
 
 def conversation_mixture(args, seed, extra=()):
     """The fixed shuffled mixture of mid_train and chat_sft, as the options of finetune_parser set
-    it: SmolTalk, the `extra` tasks (one epoch each), GSM8K, SpellingBee and the identity
-    conversations (nanochat's, or the user's --identity file instead), each weighted in epochs."""
+    it: SmolTalk, the `extra` tasks (one epoch each), GSM8K, SpellingBee, the identity conversations
+    (nanochat's, or the user's --identity file instead) and, with --mmlu-weight, MMLU's
+    auxiliary_train, each weighted in epochs."""
     weighted = [(SmolTalk(split="train", max_chars=args.smoltalk_max_chars), args.smoltalk_weight),
                 *((task, 1) for task in extra), (GSM8K(split="train"), args.gsm8k_weight),
                 (SpellingBee(size=args.spelling_size), 1), (CustomJSON(path=args.identity), args.identity_weight)]
+    if args.mmlu_weight > 0:  # last, so a mixture without it is the same as before the option
+        weighted.append((MMLU(split="auxiliary_train"), args.mmlu_weight))
     tasks, weights = zip(*weighted)
     return TaskMixture(tasks, weights=weights, seed=seed)
 
@@ -110,8 +120,13 @@ def finetune(args, stage_name, train_task):
     T = args.max_seq_len or model.config.sequence_len
     world = trainer.compute.world_size
     accum = training_options.grad_accum(args.total_batch_size, args.device_batch_size, T + 1, world)
-    plan = training_options.Plan(args.num_steps, accum)
+    if args.num_steps < 1 and args.num_steps != -1:
+        raise stage.StageError(f"--num-steps must be -1 (one pass over the mixture) or positive, got {args.num_steps}")
+    num_steps = args.num_steps if args.num_steps > 0 else epoch_steps(tokenizer, train_task, args, T, accum, trainer.device)
+    plan = training_options.Plan(num_steps, accum)
     optimizer = trainer.optimizer(model)
+    for group in optimizer.param_groups:  # as upstream's --init-lr-frac: every group, the fixed-rate gates too
+        group["lr"] = group["initial_lr"] = group["lr"] * args.init_lr_frac
     state = trainer.resume(model, optimizer)
     if state is None and args.warm_start_optimizer:
         warm_start(optimizer, source, trainer.compute.rank, world)
@@ -139,6 +154,26 @@ def finetune(args, stage_name, train_task):
     log.info("done: validation %.4f bits per byte of assistant text; checkpoint %s", val_bpb, final)
     trainer.close()
     return metrics
+
+
+def epoch_steps(tokenizer, task, args, T, accum, device):
+    """The optimizer steps of one pass over `task` as this stage's loader makes its rows (--num-steps
+    -1; upstream's chat_sft trains one epoch): the most batches any process's share fills, `accum`
+    batches a step. It renders every conversation an extra time, before training."""
+    import torch
+    import torch.distributed as dist
+
+    from nanochat.dataloader import ConversationLoader
+
+    batches = sum(1 for _ in ConversationLoader(tokenizer, task, args.device_batch_size, T, mode=args.rows, epochs=1))
+    if dist.is_initialized():
+        most = torch.tensor(batches, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        batches = int(most)
+    steps = math.ceil(batches / accum)
+    log.info("one pass over the mixture: %d batches of %d rows on the busiest process, %d steps", batches,
+             args.device_batch_size, steps)
+    return steps
 
 
 def read_tasks(*tasks):

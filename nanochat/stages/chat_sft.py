@@ -6,11 +6,14 @@
 Starts from mid_train's final checkpoint in the same run (or --from-stage's: base_train in a run
 that skips mid_train, as upstream's 2026 speedrun does; or --checkpoint), with its optimizer state
 too if --warm-start-optimizer. Trains on a fixed, shuffled mixture of SmolTalk, GSM8K (with tool
-calls), SpellingBee and the identity conversations (nanochat's, or your own --identity file
-instead), each task weighted in epochs: --identity-weight passes over the identity conversations,
---smoltalk-weight and --gsm8k-weight over SmolTalk (optionally without its conversations over
---smoltalk-max-chars) and GSM8K, a fraction being a fixed random share of one pass. Conversations
-are packed best-fit into full rows (--rows pad: one per row); the loss covers assistant tokens only.
+calls), SpellingBee, the identity conversations (nanochat's, or your own --identity file instead)
+and, with --mmlu-weight, MMLU's auxiliary_train, each task weighted in epochs: --identity-weight
+passes over the identity conversations, --smoltalk-weight, --gsm8k-weight and --mmlu-weight over
+SmolTalk (optionally without its conversations over --smoltalk-max-chars), GSM8K and MMLU, a
+fraction being a fixed random share of one pass. --num-steps -1 trains one pass over the mixture,
+and --init-lr-frac scales every learning rate, as upstream's 2026 chat_sft (the GPU presets).
+Conversations are packed best-fit into full rows (--rows pad: one per row); the loss covers
+assistant tokens only.
 ChatCORE every --chatcore-every steps, validation, checkpoints, exact resume and outputs as in
 mid_train.
 """

@@ -12,11 +12,13 @@ or, as a path or URI (anything with a "/"), a folder of your own `.parquet` file
 column `text`, the last in name order validation: checked and declared where they are, not copied.
 The stages after this one read the shards it declares, so the whole run, tokenizer included,
 trains on them. `-n` training shards (-1: all) plus the validation shard, which is fetched first;
-then the eval bundle (also extracted to <storage>/data/eval_bundle/) and the task files. Files
+then the eval bundle (also extracted to <storage>/data/eval_bundle/) and the task files, and with
+`--mmlu-train` MMLU's auxiliary_train split (100k questions; chat_sft's `--mmlu-weight`). Files
 already in the cache are not fetched again. Writes <run>/download/files.json (relpath, URI, bytes,
 sha256 of every file), then stage.json.
 """
 
+import argparse
 import time
 
 from nanochat import dataset, shards, sources, stage, storage
@@ -37,6 +39,9 @@ def build_parser():
     p.add_argument("--retries", type=int, default=5, help="consecutive failed attempts without progress before giving up on a file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a connection counts as failed")
     p.add_argument("--verify", action="store_true", help="re-hash the files already cached and re-fetch any that do not match")
+    p.add_argument("--mmlu-train", action=argparse.BooleanOptionalAction, default=False,
+                   help="also fetch MMLU's auxiliary_train split (100k multiple-choice questions), which chat_sft trains "
+                        "on with --mmlu-weight, as upstream's does (the GPU presets)")
     return p
 
 
@@ -56,8 +61,9 @@ def main(args):
             text = f"{len(train)} {corpus.name} training shards + the validation shard, fetched"
     except (sources.SourceError, shards.ShardError) as e:
         raise stage.StageError(str(e)) from None
-    relpaths = pretraining + sources.GROUPS["eval"] + sources.GROUPS["tasks"]
-    log.info("pretraining on %s; the eval bundle and %d task files from %s", text, len(sources.GROUPS["tasks"]),
+    tasks = sources.GROUPS["tasks"] + (sources.GROUPS["mmlu_train"] if args.mmlu_train else [])
+    relpaths = pretraining + sources.GROUPS["eval"] + tasks
+    log.info("pretraining on %s; the eval bundle and %d task files from %s", text, len(tasks),
              sources.mirror_root(args.data_mirror) or "the real sources")
     downloader = dataset.Downloader(args.storage, args.data_mirror, workers=args.workers, retries=args.retries,
                                     timeout=args.timeout, verify=args.verify)
