@@ -121,9 +121,10 @@ def gpu_preset(depth, device_batch_size, num_shards, batch, **base):
     sft_batch = batch * (BASE_TRAIN["max_seq_len"] + 1) // BASE_TRAIN["max_seq_len"]
     return {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000},
             "download": {"num_shards": num_shards, "source": "climbmix", "mmlu_train": True},  # ClimbMix: README leaderboard, 2.76 -> 2.02 h
-            "base_train": base_train(**{**GPU_COMPILE, **RECIPE_2026, "depth": depth,
+            # validation tokens: scripts/base_train.py --eval-tokens, scripts/base_eval.py --split-tokens
+            "base_train": base_train(**{**GPU_COMPILE, **RECIPE_2026, "depth": depth, "eval_tokens": 80 * 524288,
                                         "device_batch_size": device_batch_size, "num_shards": num_shards, **base}),
-            "base_eval": base_eval(device_batch_size=device_batch_size, num_shards=num_shards),
+            "base_eval": base_eval(device_batch_size=device_batch_size, num_shards=num_shards, eval_tokens=40 * 524288),
             "mid_train": mid_train(**GPU_COMPILE, optimizer_recipe="2026", device_batch_size=device_batch_size,
                                    total_batch_size=524544, num_steps=800),
             "chat_sft": chat_sft(**GPU_COMPILE, **SFT_2026, optimizer_recipe="2026", device_batch_size=device_batch_size,
