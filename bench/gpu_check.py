@@ -18,6 +18,9 @@
 - Flash attention, where a build of it runs on this GPU (else the check is skipped): it agrees with
   SDPA, and a model attends through it in every layer, with bf16 weights (inference) and with fp32
   weights under bf16 autocast (training); the engine of that fp32 model decodes under autocast.
+- FlexAttention, which a compiled model's sliding windows use where no flash attention runs: it
+  agrees with SDPA under a window mask at d20's shapes (forward and backward, compiled), with the
+  times of both; without flash attention, a compiled model calls it in its windowed layers.
 - The training loss at d20's sizes: nanochat.loss's fused one agrees with F.cross_entropy of the
   capped logits compiled (upstream's formulation), and the times of both (forward and backward).
 - Serving: `nanochat serve` of the d20 model on the GPU answers a chat completion and a streamed one
@@ -319,6 +322,53 @@ def flash_attention_check():
     return {"kernel": function.__module__, "max_abs_diff_vs_sdpa": worst}
 
 
+def flex_attention_check(batch=8, heads=10, context=2048, head_dim=128, window=512, repeats=5):
+    """FlexAttention, which a compiled model's sliding-window layers attend with where no flash
+    attention runs: at d20's shapes (a window of 512 of 2,048 positions, heads of 128) in bf16, forward
+    and backward compiled, it agrees with SDPA under the window's mask, and the times of both; and
+    without flash attention, a compiled model's windowed layers, and only they, call it."""
+    import torch
+
+    from nanochat import flash_attention, gpt, presets
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad_out = (torch.randn(batch, heads, context, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                         for _ in range(4))
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    ways = {"flex": (torch.compile(flash_attention.flex, dynamic=False), flash_attention.window_block_mask(window, context, "cuda")),
+            "sdpa_mask": (torch.compile(gpt.causal_attention, dynamic=False), gpt.window_mask(window, context, context, device="cuda"))}
+    results = {}
+    for name, (fn, mask) in ways.items():
+        times = []
+        for _ in range(repeats + 1):  # the first compiles and warms up
+            for t in inputs:
+                t.grad = None
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = fn(q, k, v, mask)
+            out.backward(grad_out)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        results[name] = ([out.detach(), *(t.grad.clone() for t in inputs)], statistics.median(times[1:]))
+    (flex, flex_s), (sdpa, sdpa_s) = results["flex"], results["sdpa_mask"]
+    worst = max((a.float() - b.float()).abs().max().item() / b.float().abs().max().item() for a, b in zip(flex, sdpa))
+    if worst > 0.02:  # bf16 outputs and gradients: their last place is 0.4% of their magnitude
+        raise CheckFailed(f"FlexAttention's output or gradients differ from SDPA's by up to {worst:.3g} of their largest")
+    figures = {"flex_ms": round(flex_s * 1e3, 2), "sdpa_mask_ms": round(sdpa_s * 1e3, 2),
+               "sdpa_mask_over_flex": round(sdpa_s / flex_s, 2)}
+    if flash_attention.for_device(torch.device("cuda")) is None:
+        config = gpt.GPTConfig(sequence_len=512, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
+                               **presets.MODEL_2026)
+        with torch.device("cuda"):
+            model = gpt.GPT(config)
+        windowed = sum(1 for w in config.windows if not gpt.reaches_back(w, config.sequence_len))
+        calls = flash_attention_calls(torch.compile(model, dynamic=False), torch.autocast("cuda", torch.bfloat16), "flex")
+        if calls != windowed:
+            raise CheckFailed(f"the compiled model called FlexAttention in {calls} layers, not its {windowed} windowed ones")
+        figures["model_flex_layers"] = calls
+    return figures
+
+
 def fused_loss_against_compiled(tokens=32_768, width=1280, repeats=5):
     """The training loss at d20's sizes (--device-batch-size 16 rows of 2,048), forward and backward
     under bf16 autocast: nanochat.loss's fused, chunked one (kept out of compiled graphs) against
@@ -365,19 +415,20 @@ def fused_loss_against_compiled(tokens=32_768, width=1280, repeats=5):
             "fused_over_compiled": round(fused_s / plain_s, 2)}
 
 
-def flash_attention_calls(model, context):
-    """How many times one forward of `model` in `context` calls nanochat.flash_attention.attention."""
+def flash_attention_calls(model, context, function="attention"):
+    """How many times one forward of `model` in `context` calls nanochat.flash_attention.<function>
+    (a compiled model: while it is traced)."""
     import torch
 
     from nanochat import flash_attention
 
-    attention, calls = flash_attention.attention, []
-    flash_attention.attention = lambda *a, **kw: calls.append(1) or attention(*a, **kw)
+    original, calls = getattr(flash_attention, function), []
+    setattr(flash_attention, function, lambda *a, **kw: calls.append(1) or original(*a, **kw))
     try:
         with torch.no_grad(), context:
             model(torch.randint(0, model.config.vocab_size, (2, model.config.sequence_len), device="cuda"))
     finally:
-        flash_attention.attention = attention
+        setattr(flash_attention, function, original)
     return len(calls)
 
 
@@ -487,6 +538,7 @@ def main():
             figures = dict.fromkeys(RUNS)
         checked(results, "engine cached = uncached", cached_equals_uncached)
         checked(results, "flash attention", flash_attention_check)
+        checked(results, "flex attention", flex_attention_check)
         checked(results, "fused loss vs compiled", fused_loss_against_compiled)
         checked(results, "served model decoding", served_decoding, workdir / SERVED_RUN)  # base_train bf16's model
         torch.cuda.empty_cache()

@@ -6,9 +6,14 @@ them, and on every other device or dtype, the model attends with SDPA (nanochat.
 Both take a sliding window as window_size=(left, right): a query at position i sees the keys
 i - left .. i + right, so a window of N admits N + 1 keys, as nanochat.gpt's window masks do. With
 causal=True and fewer queries than keys, the queries are the last ones (a cached prefix before them).
+
+Without either, a model compiled on a GPU attends through its sliding windows with FlexAttention,
+torch's own: compiled, it skips the blocks of keys outside the window, where SDPA with a mask would
+compute every score (`flex`).
 """
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 try:
     from flash_attn_interface import flash_attn_func as fa3
@@ -20,6 +25,9 @@ except ImportError:
     fa2 = None
 
 HALF = (torch.float16, torch.bfloat16)
+# Where a compiled model's sliding windows go to FlexAttention when no flash attention runs: eager,
+# FlexAttention computes every score, and on a CPU SDPA with a mask is the tuned path.
+FLEX_DEVICES = ("cuda",)
 
 
 def for_device(device):
@@ -51,3 +59,23 @@ def attention(function, q, k, v, window=None):
     if isinstance(out, tuple):  # FA3 builds before 2025 also return the softmax's log-sum-exp
         out = out[0]
     return out.transpose(1, 2)
+
+
+def flex_applies(q, k):
+    """Whether FlexAttention runs a sliding window over q and k: training rows (as many queries as
+    keys) on a FLEX_DEVICES device, inside a graph torch is compiling."""
+    return q.device.type in FLEX_DEVICES and q.size(2) == k.size(2) and torch.compiler.is_compiling()
+
+
+def window_block_mask(window, T, device):
+    """FlexAttention's block mask of a causal sliding window over T positions: each query sees
+    itself and the `window` keys before it, as window_size=(window, 0) and nanochat.gpt's masks."""
+    def in_window(batch, head, query, key):
+        return (key <= query) & (query - key <= window)
+
+    return create_block_mask(in_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def flex(q, k, v, block_mask):
+    """Attention of q (B, H, T, D) over k, v (B, Hkv, T, D) within `block_mask` (window_block_mask)."""
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))

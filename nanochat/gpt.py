@@ -150,15 +150,30 @@ class AttentionMasks:
     the first layer of that window asks for it and shared by the others."""
 
     def __init__(self, pos=0, base=None):
-        self.pos, self.base, self.windowed = pos, base, {}
+        self.pos, self.base, self.windowed, self.blocks = pos, base, {}, {}
 
     def get(self, window, Tq, Tk, device):
         """The mask of a layer of `window` (None: full context) for causal_attention."""
-        if window is None or window >= Tk - 1:  # the window reaches back past the first key
+        if reaches_back(window, Tk):
             return self.base
         if window not in self.windowed:
             self.windowed[window] = window_mask(window, Tq, Tk, self.pos, self.base, device)
         return self.windowed[window]
+
+    def block(self, window, T, device):
+        """FlexAttention's block mask of a layer of `window` over T training positions, or None for
+        a full-context layer (flash_attention.window_block_mask)."""
+        if reaches_back(window, T):
+            return None
+        if window not in self.blocks:
+            self.blocks[window] = flash_attention.window_block_mask(window, T, device)
+        return self.blocks[window]
+
+
+def reaches_back(window, Tk):
+    """Whether a layer of `window` (None: full context) sees every one of Tk keys: its window
+    reaches back past the first key."""
+    return window is None or window >= Tk - 1
 
 
 def softcap(logits):
@@ -196,6 +211,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         if masks.base is None and (flash := flash_attention.kernel(q, k, v)) is not None:
             y = flash_attention.attention(flash, q, k, v, self.window)
+        elif masks.base is None and flash_attention.flex_applies(q, k) and (block := masks.block(self.window, T, q.device)):
+            y = flash_attention.flex(q, k, v, block)
         else:
             y = causal_attention(q, k, v, masks.get(self.window, T, k.size(2), q.device))
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))

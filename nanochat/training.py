@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from nanochat import checkpoint, common, flash_attention, stage, storage, training_options
 from nanochat.common import log
+from nanochat.gpt import reaches_back
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers, weight_decay_multiplier
 
 
@@ -118,10 +119,14 @@ class Training:
         (inputs, targets, ...) with targets -1 where nothing is trained; `loss(model, batch)` is
         the loss of one batch (default: the model's cross-entropy of (inputs, targets))."""
         args = self.args
-        windows = [w for w in model.config.windows if w is not None and w < model.config.sequence_len - 1]
+        windows = [w for w in model.config.windows if not reaches_back(w, model.config.sequence_len)]
         if self.master and windows and self.device.type == "cuda" and flash_attention.for_device(self.device) is None:
-            log.warning("no flash attention for this GPU (FA3 on Hopper, FA2 on Ampere or newer; nanochat installs "
-                        "neither): the sliding-window layers attend with SDPA and a mask, computing every key")
+            if args.compile:
+                log.info("no flash attention for this GPU: the sliding-window layers attend with FlexAttention")
+            else:
+                log.warning("no flash attention for this GPU (FA3 on Hopper, FA2 on Ampere or newer; nanochat installs "
+                            "neither) and no --compile for FlexAttention: the sliding-window layers attend with SDPA "
+                            "and a mask, computing every key")
         train_model = torch.compile(model, dynamic=False) if args.compile else model
         # MFU per token/s: training FLOPs per token over the matmul peak of all processes, measured now
         peak = common.measure_matmul_flops(self.device, self.dtype)

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from nanochat import checkpoint, flash_attention, inference, storage
 from nanochat.engine import CacheView, RowCache
@@ -189,7 +190,7 @@ def test_windows_per_layer():
             dataclasses.replace(RECIPE, **{field: value})
 
 
-def test_compiled_training_step_equals_eager(monkeypatch):
+def test_compiled_training_step_equals_eager():
     """What the GPU presets run (`--compile`): torch.compile of the model with every option on, short
     windows shorter than the sequence, traced by dynamo and AOT autograd as on a GPU (the aot_eager
     backend runs the traced graphs with eager kernels: inductor's code generation is the only part
@@ -204,8 +205,27 @@ def test_compiled_training_step_equals_eager(monkeypatch):
     torch.testing.assert_close(loss, eager(idx, targets).detach(), rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    step(tokens(B=1, T=256, seed=3), targets).backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # (monkeypatch's undo would delete the setting)
+        step(tokens(B=1, T=256, seed=3), targets).backward()
+
+
+def test_a_compiled_model_without_flash_attention_attends_through_windows_with_flex(monkeypatch):
+    """On a GPU without flash attention, a compiled model's windowed layers, and only they, attend
+    through FlexAttention with their block masks; the CPU stands in for the GPU here, forward only
+    (torch 2.13 has no FlexAttention backward on a CPU: bench/gpu_check.py compares the gradients on a
+    GPU). The loss equals the eager model's, whose windows are SDPA masks."""
+    blocks = []
+    monkeypatch.setattr(flash_attention, "FLEX_DEVICES", ("cpu",))
+    monkeypatch.setattr(flash_attention, "flex", lambda q, k, v, block: blocks.append(block) or flex_attention(
+        q, k, v, block_mask=block, enable_gqa=True))
+    model, idx, targets = randomized(RECIPE), tokens(B=1, T=256), tokens(B=1, T=256, seed=2)
+    with torch.no_grad():
+        expected = model(idx, targets)
+        assert blocks == []  # eager: SDPA
+        loss = torch.compile(model, backend="aot_eager", dynamic=False)(idx, targets)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    windowed = [w for w in RECIPE.windows if w is not None and w < 255]
+    assert len(blocks) == len(windowed) == 3 and all(block.shape[-2:] == (256, 256) for block in blocks)
 
 
 # the largest difference allowed, and a fifth of it on average: bf16 rounds each of q, k, v to 8 bits, which moves
