@@ -338,6 +338,12 @@ class GPTConfig:
                    n_kv_head=n_kv_head or n_head, n_embd=n_embd, **options)
 
 
+def embedding(num, dim):
+    """An nn.Embedding whose weight is left empty for init_weights: its own init, normal_ on the meta
+    device, would import torch._dynamo (1.2 s) into every process that builds a model."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class GPT(nn.Module):
     cap = staticmethod(softcap)  # hook: the soft cap of forward's logits; an instance may set its own
     norm = staticmethod(norm)  # hook: the RMSNorm of the embeddings and of the last hidden states (GPT.use_norms)
@@ -349,13 +355,13 @@ class GPT(nn.Module):
         device = torch.get_default_device()
         with torch.device("meta"):  # skip the layers' own init: the weights depend on init_weights only
             self.transformer = nn.ModuleDict({
-                "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+                "wte": embedding(self.padded_vocab_size, config.n_embd),
                 "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             })
             self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
             # the options' parameters exist only where the option is on
             kv_dim = config.n_kv_head * config.head_dim
-            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+            self.value_embeds = nn.ModuleDict({str(i): embedding(self.padded_vocab_size, kv_dim)
                                                for i in config.value_embed_layers})
             if config.lambdas:
                 self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
@@ -370,7 +376,8 @@ class GPT(nn.Module):
             self.register_buffer("cos", torch.empty(rotary_len, config.head_dim // 2), persistent=False)
             self.register_buffer("sin", torch.empty(rotary_len, config.head_dim // 2), persistent=False)
         self.to_empty(device=device)
-        self.init_weights()
+        if device.type != "meta":  # nothing to draw there (and normal_ on meta imports torch._dynamo)
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):

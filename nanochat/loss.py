@@ -96,10 +96,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None
 
 
-@torch.compiler.disable  # already fused by hand; traced, its chunk loop would unroll into a long compile
 def cross_entropy(x, w, targets, reduction, chunks, cap):
     """F.cross_entropy(cap * tanh(x @ w.T / cap), targets, ignore_index=-1, reduction=reduction),
     fused and chunked (`chunks`: see chunk_sizes); 'none' gives 0 for ignored tokens."""
+    if torch.compiler.is_compiling():
+        # already fused by hand (traced, its chunk loop would unroll into a long compile): the graph
+        # breaks here and the call runs eagerly. Disabled only when traced, as a decorator would
+        # import torch._dynamo (1.2 s) into every process that imports the model.
+        return torch.compiler.disable(cross_entropy)(x, w, targets, reduction, chunks, cap)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return LinearCrossEntropy.apply(x, w, targets, reduction, chunks, cap)
     dtype = matmul_dtype(x)

@@ -77,3 +77,23 @@ def test_flows_never_import_torch():
     found = [f"{path.relative_to(REPO)}:{line}" for path in sorted((REPO / "flows").rglob("*.py"))
              for line, m in imports(path) if within(m, "torch")]
     assert found == []
+
+
+def test_a_training_step_does_not_load_the_compiler():
+    """Building a model with every option (on the meta device, then its weights drawn, as the stages
+    do) and a training step, forward and backward through the fused loss, leave torch._dynamo
+    unimported: importing it costs every stage process, `nanochat chat` and `serve` about a second."""
+    out = subprocess.run([sys.executable, "-c", """
+import sys, torch
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.presets import MODEL_2026
+with torch.device("meta"):
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, **MODEL_2026))
+model.to_empty(device="cpu")
+model.init_weights()
+idx = torch.randint(0, 300, (2, 64))
+model(idx, idx).backward()
+print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+"""], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "[]"

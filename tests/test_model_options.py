@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from nanochat import checkpoint, flash_attention, inference, storage
+from nanochat import checkpoint, flash_attention, inference, loss, storage
 from nanochat.engine import CacheView, RowCache
 from nanochat.gpt import GPT, AttentionMasks, GPTConfig, causal_attention, window_mask
 from nanochat.presets import MODEL_2026
@@ -190,23 +190,29 @@ def test_windows_per_layer():
             dataclasses.replace(RECIPE, **{field: value})
 
 
-def test_compiled_training_step_equals_eager():
+def test_compiled_training_step_equals_eager(monkeypatch):
     """What the GPU presets run (`--compile`): torch.compile of the model with every option on, short
     windows shorter than the sequence, traced by dynamo and AOT autograd as on a GPU (the aot_eager
     backend runs the traced graphs with eager kernels: inductor's code generation is the only part
-    left out). Loss and gradients equal eager's, and a second step of the same shape does not recompile."""
+    left out). Loss and gradients equal eager's, the fused loss runs outside the graphs (eagerly), and
+    a second step of the same shape does not recompile."""
+    traced = []
+    chunked = loss.chunked_cross_entropy
+    monkeypatch.setattr(loss, "chunked_cross_entropy",
+                        lambda *a, **kw: traced.append(torch.compiler.is_compiling()) or chunked(*a, **kw))
     eager = randomized(RECIPE).train()
     compiled = copy.deepcopy(eager)
     idx, targets = tokens(B=1, T=256), tokens(B=1, T=256, seed=2)
     eager(idx, targets).backward()
     step = torch.compile(compiled, backend="aot_eager", dynamic=False)
-    loss = step(idx, targets)
-    loss.backward()
-    torch.testing.assert_close(loss, eager(idx, targets).detach(), rtol=1e-5, atol=1e-5)
+    value = step(idx, targets)
+    value.backward()
+    torch.testing.assert_close(value, eager(idx, targets).detach(), rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
     with torch._dynamo.config.patch(error_on_recompile=True):  # (monkeypatch's undo would delete the setting)
         step(tokens(B=1, T=256, seed=3), targets).backward()
+    assert traced == [False] * 4  # eager twice (the second computing the expected loss), compiled twice
 
 
 def test_a_compiled_model_without_flash_attention_attends_through_windows_with_flex(monkeypatch):
@@ -222,8 +228,8 @@ def test_a_compiled_model_without_flash_attention_attends_through_windows_with_f
     with torch.no_grad():
         expected = model(idx, targets)
         assert blocks == []  # eager: SDPA
-        loss = torch.compile(model, backend="aot_eager", dynamic=False)(idx, targets)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        value = torch.compile(model, backend="aot_eager", dynamic=False)(idx, targets)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
     windowed = [w for w in RECIPE.windows if w is not None and w < 255]
     assert len(blocks) == len(windowed) == 3 and all(block.shape[-2:] == (256, 256) for block in blocks)
 
