@@ -120,9 +120,9 @@ def finetune(args, stage_name, train_task):
     T = args.max_seq_len or model.config.sequence_len
     world = trainer.compute.world_size
     accum = training_options.grad_accum(args.total_batch_size, args.device_batch_size, T + 1, world)
-    if args.num_steps < 1 and args.num_steps != -1:
-        raise stage.StageError(f"--num-steps must be -1 (one pass over the mixture) or positive, got {args.num_steps}")
-    num_steps = args.num_steps if args.num_steps > 0 else epoch_steps(tokenizer, train_task, args, T, accum, trainer.device)
+    if args.num_steps < -1:
+        raise stage.StageError(f"--num-steps must be -1 (one pass over the mixture) or >= 0, got {args.num_steps}")
+    num_steps = args.num_steps if args.num_steps >= 0 else epoch_steps(tokenizer, train_task, args, T, accum, trainer.device)
     plan = training_options.Plan(num_steps, accum)
     optimizer = trainer.optimizer(model)
     for group in optimizer.param_groups:  # as upstream's --init-lr-frac: every group, the fixed-rate gates too
