@@ -340,7 +340,7 @@ class GPTConfig:
 
 def embedding(num, dim):
     """An nn.Embedding whose weight is left empty for init_weights: its own init, normal_ on the meta
-    device, would import torch._dynamo (1.2 s) into every process that builds a model."""
+    device, would import torch._dynamo (about a second) into every process that builds a model."""
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 

@@ -102,7 +102,7 @@ def cross_entropy(x, w, targets, reduction, chunks, cap):
     if torch.compiler.is_compiling():
         # already fused by hand (traced, its chunk loop would unroll into a long compile): the graph
         # breaks here and the call runs eagerly. Disabled only when traced, as a decorator would
-        # import torch._dynamo (1.2 s) into every process that imports the model.
+        # import torch._dynamo (about a second) into every process that imports the model.
         return torch.compiler.disable(cross_entropy)(x, w, targets, reduction, chunks, cap)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return LinearCrossEntropy.apply(x, w, targets, reduction, chunks, cap)

@@ -120,7 +120,8 @@ def gpu_preset(depth, device_batch_size, num_shards, batch, **base):
     which chat_sft inherits as upstream's does, in rows of max_seq_len + 1 tokens."""
     sft_batch = batch * (BASE_TRAIN["max_seq_len"] + 1) // BASE_TRAIN["max_seq_len"]
     return {"tok_train": TOKENIZER_GPU, "tok_eval": {"max_docs": 10_000},
-            "download": {"num_shards": num_shards, "source": "climbmix", "mmlu_train": True},  # ClimbMix: README leaderboard, 2.76 -> 2.02 h
+            # ClimbMix: README leaderboard, 2.76 -> 2.02 h; MMLU's auxiliary_train for chat_sft
+            "download": {"num_shards": num_shards, "source": "climbmix", "mmlu_train": True},
             # validation tokens: scripts/base_train.py --eval-tokens, scripts/base_eval.py --split-tokens
             "base_train": base_train(**{**GPU_COMPILE, **RECIPE_2026, "depth": depth, "eval_tokens": 80 * 524288,
                                         "device_batch_size": device_batch_size, "num_shards": num_shards, **base}),
