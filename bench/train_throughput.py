@@ -3,12 +3,14 @@
     .venv/bin/python bench/train_throughput.py [--modes fp32,bf16,fp32+compile,bf16+compile] [--steps 8]
     .venv/bin/python bench/train_throughput.py --preset cpu --modes fp32,bf16
     .venv/bin/python bench/train_throughput.py --preset cpu --modes bf16,bf16+classic --steps 30
+    .venv/bin/python bench/train_throughput.py --preset cpu --modes fp32,fp32+malloc-defaults
 
 The upstream-equivalent CPU config: depth 4 (width 256, 2 heads of 128), vocabulary 65,536, sequence
 512, batch 4 x 512, the real MuonAdamW; with --preset, that preset's base_train model (its sizes and
 model options) and device batch instead (cpu: depth 4, heads of 64, vocabulary 8,192, batch 8 x 512).
 A mode with "+classic" trains the same sizes with the classic model options: the step cost of the
-2026 options against the model they replace, in one run. Each mode runs in its
+2026 options against the model they replace, in one run. Every mode keeps freed memory as the
+stages do (common.keep_freed_memory), but one with "+malloc-defaults", which shows what that saves. Each mode runs in its
 own process, so its peak RSS is its own: random tokens, --warmup steps (compilation included),
 then the median of --steps step times. The matmul peak of the mode's dtype
 (nanochat.common.measure_matmul_flops) is measured in the same process before and after the steps,
@@ -48,10 +50,12 @@ def run_mode(mode, steps, warmup, config=None, batch=BATCH):
     `config` (default: the upstream-equivalent one) and `batch` rows; returns a dict."""
     import torch
 
-    from nanochat.common import autocast_context, measure_matmul_flops
+    from nanochat.common import autocast_context, keep_freed_memory, measure_matmul_flops
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import setup_optimizers
 
+    if "+malloc-defaults" not in mode:  # as a stage's compute_init does on the CPU
+        keep_freed_memory()
     dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
     device = torch.device("cpu")
     autocast = autocast_context(device.type, dtype)
@@ -124,9 +128,9 @@ def main():
             print(f"{mode} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{'mode':<14}{'tok/s':>8}{'MFU':>8}{'peak TFLOP/s':>14}{'ms/step':>9}{'RSS GiB':>9}", file=sys.stderr)
+    print(f"{'mode':<22}{'tok/s':>8}{'MFU':>8}{'peak TFLOP/s':>14}{'ms/step':>9}{'RSS GiB':>9}", file=sys.stderr)
     for r in results:
-        print(f"{r['mode']:<14}{r['tok_per_s']:>8,.0f}{r['mfu']:>8.1%}{r['peak_tflops']:>14.3f}{r['step_ms_median']:>9.0f}"
+        print(f"{r['mode']:<22}{r['tok_per_s']:>8,.0f}{r['mfu']:>8.1%}{r['peak_tflops']:>14.3f}{r['step_ms_median']:>9.0f}"
               f"{r['peak_rss_gib']:>9.2f}", file=sys.stderr)
     best = max(results, key=lambda r: r["tok_per_s"])
     out = {"bench": "train_throughput", "device": "cpu", "commit": git_commit(),
@@ -134,13 +138,15 @@ def main():
     if args.preset:  # upstream has no such model: no reference
         out["config"] = {"preset": args.preset, "depth": config.n_layer, "width": config.n_embd,
                          "vocab_size": config.vocab_size, "sequence_len": config.sequence_len, "batch": batch}
-        by_mode = {r["mode"]: r["tok_per_s"] for r in results}
-        out["ratio_vs_classic"] = {mode: round(tok / by_mode[mode + "+classic"], 3) for mode, tok in by_mode.items()
-                                   if mode + "+classic" in by_mode}
     else:
         out["config"] = {"depth": DEPTH, "vocab_size": VOCAB, "sequence_len": SEQ_LEN, "batch": BATCH}
         out["reference_upstream_fp32_tok_per_s"] = UPSTREAM_TOK_PER_S
         out["ratio_best_vs_upstream_compiled"] = round(best["tok_per_s"] / UPSTREAM_TOK_PER_S["compiled"], 2)
+    by_mode = {r["mode"]: r["tok_per_s"] for r in results}
+    for variant in ("+classic", "+malloc-defaults"):  # each mode against its variant measured in this run
+        ratios = {mode: round(tok / by_mode[mode + variant], 3) for mode, tok in by_mode.items() if mode + variant in by_mode}
+        if ratios:
+            out[f"ratio_vs_{variant[1:].replace('-', '_')}"] = ratios
     print(json.dumps(out))
 
 

@@ -211,7 +211,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         if masks.base is None and (flash := flash_attention.kernel(q, k, v)) is not None:
             y = flash_attention.attention(flash, q, k, v, self.window)
-        elif masks.base is None and flash_attention.flex_applies(q, k) and (block := masks.block(self.window, T, q.device)):
+        elif masks.base is None and flash_attention.flex_applies(q, k) and (block := masks.block(self.window, T, q.device)) is not None:
             y = flash_attention.flex(q, k, v, block)
         else:
             y = causal_attention(q, k, v, masks.get(self.window, T, k.size(2), q.device))
