@@ -208,16 +208,9 @@ def cached_equals_uncached(device="cuda"):
     import torch
 
     from nanochat.engine import Engine, Request, SamplingParams
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.presets import MODEL_2026
-    from nanochat.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
-    config = GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                       **MODEL_2026)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(config).eval()
+    tokenizer, model = recipe_model(n_embd=64, device=device)
+    model.eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
@@ -281,9 +274,8 @@ def flash_attention_check():
     autocast; and the engine of such an fp32 model under autocast (its cache fp32) decodes."""
     import torch
 
-    from nanochat import flash_attention, gpt, presets
+    from nanochat import flash_attention, gpt
     from nanochat.engine import Engine, SamplingParams
-    from nanochat.tokenizer import Tokenizer
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, heads, 256, 64, device="cuda", generator=g, dtype=torch.bfloat16) for heads in (8, 2, 2))
@@ -301,11 +293,8 @@ def flash_attention_check():
     if worst > 0.02:  # outputs of magnitude ~1 in bf16, whose last place there is 0.008
         raise CheckFailed(f"flash attention differs from SDPA by up to {worst:.3g}")
 
-    tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
-    config = gpt.GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=4, n_head=4, n_kv_head=2,
-                           n_embd=256, **presets.MODEL_2026)
-    with torch.device("cuda"):
-        model = gpt.GPT(config)
+    tokenizer, model = recipe_model(n_embd=256)
+    config = model.config
     # as inference runs it (bf16 weights) and as training does (fp32 weights, bf16 autocast: a query
     # or key that autocast left in fp32 would send every layer to SDPA)
     for weights, dtype, context in (("bf16", torch.bfloat16, contextlib.nullcontext()),
@@ -329,7 +318,7 @@ def flex_attention_check(batch=8, heads=10, context=2048, head_dim=128, window=5
     without flash attention, a compiled model's windowed layers, and only they, call it."""
     import torch
 
-    from nanochat import flash_attention, gpt, presets
+    from nanochat import flash_attention, gpt
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, grad_out = (torch.randn(batch, heads, context, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -357,10 +346,8 @@ def flex_attention_check(batch=8, heads=10, context=2048, head_dim=128, window=5
     figures = {"flex_ms": round(flex_s * 1e3, 2), "sdpa_mask_ms": round(sdpa_s * 1e3, 2),
                "sdpa_mask_over_flex": round(sdpa_s / flex_s, 2)}
     if flash_attention.for_device(torch.device("cuda")) is None:
-        config = gpt.GPTConfig(sequence_len=512, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
-                               **presets.MODEL_2026)
-        with torch.device("cuda"):
-            model = gpt.GPT(config)
+        _, model = recipe_model(n_embd=256)
+        config = model.config
         windowed = sum(1 for w in config.windows if not gpt.reaches_back(w, config.sequence_len))
         calls = flash_attention_calls(torch.compile(model, dynamic=False), torch.autocast("cuda", torch.bfloat16), "flex")
         if calls != windowed:
@@ -413,6 +400,23 @@ def fused_loss_against_compiled(tokens=32_768, width=1280, repeats=5):
                           "of their largest")
     return {"fused_ms": round(fused_s * 1e3, 1), "compiled_ms": round(plain_s * 1e3, 1),
             "fused_over_compiled": round(fused_s / plain_s, 2)}
+
+
+def recipe_model(n_embd, device="cuda"):
+    """(byte tokenizer, a seeded 4-layer GPT of width `n_embd` on `device`) with every option of the
+    2026 recipe: a context of 256, three layers of short windows (128), grouped-query heads."""
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.presets import MODEL_2026
+    from nanochat.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
+    config = GPTConfig(sequence_len=256, vocab_size=tokenizer.vocab_size, n_layer=4, n_head=4, n_kv_head=2,
+                       n_embd=n_embd, **MODEL_2026)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return tokenizer, GPT(config)
 
 
 def flash_attention_calls(model, context, function="attention"):

@@ -105,8 +105,7 @@ GPU_COMPILE = {"compile": True}
 # --load-optimizer 1, ChatCORE every 200 steps on up to 24 problems of each generative task (and
 # every categorical one), 512 new tokens. Ours besides: SpellingBee and the identity conversations
 # (x2, as upstream had them until its 950a1dc dropped both).
-SFT_2026 = {"matrix_lr": OPTIMIZER_2026["matrix_lr"], "embedding_lr": OPTIMIZER_2026["embedding_lr"],
-            "unembedding_lr": OPTIMIZER_2026["unembedding_lr"], "scalar_lr": OPTIMIZER_2026["scalar_lr"],
+SFT_2026 = {**{k: OPTIMIZER_2026[k] for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")},
             "init_lr_frac": 0.8, "weight_decay": 0.0, "warmdown_ratio": 0.5, "final_lr_frac": 0.0, "num_steps": -1,
             "smoltalk_weight": 1.0, "mmlu_weight": 3.0, "gsm8k_weight": 4.0, "eval_every": 200, "warm_start_optimizer": True,
             "chatcore_every": 200, "chatcore_max_problems": -1, "chatcore_max_generative": 24, "chatcore_max_new_tokens": 512}

@@ -17,6 +17,8 @@ from torch import nn
 from nanochat import checkpoint, common
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import (
+    MUON_2026,
+    MUON_REFINEMENTS,
     RECIPES,
     MuonAdamW,
     equilibrate_rows,
@@ -289,8 +291,9 @@ def test_muoneq_equalises_rows_and_keeps_the_norm():
 
 
 def muon_group(params, recipe, **fields):
-    refinements = dict(muoneq=recipe == "2026", muon_plus=recipe == "2026", cautious=recipe == "2026",
-                       normuon_beta2=0.9 if recipe == "2026" else None, polar_margin=1.01 if recipe == "2026" else 1.02)
+    """A Muon group with `recipe`'s fields (test_groups_and_adamw_equal_upstream_hyperparameters checks
+    their values), overridden by `fields`."""
+    refinements = MUON_2026 if recipe == "2026" else MUON_REFINEMENTS
     return {**dict(kind="muon", params=params, lr=0.02, momentum=0.95, ns_steps=5, weight_decay=0.0),
             **refinements, **fields}
 
@@ -333,8 +336,7 @@ def test_convergence_needs_muon_plus_on_a_rank_one_gradient():
     """The 2026 recipe (and Muon+ alone) halves the distance in 50 steps; classic Muon cannot: the
     polar factor of a rank-1 gradient has Frobenius norm 1, so each step moves a matrix at most
     lr * sqrt(max(1, rows/cols)) = 0.02 or 0.028, about 1.0-1.4 in 50 steps of a 4.5 distance."""
-    new = dict(muoneq=True, muon_plus=True, normuon_beta2=0.9, cautious=True, polar_margin=1.01)
-    full = distance_to_target(new)
+    full = distance_to_target(MUON_2026)
     assert all(r < 0.5 for r in full), full
     assert all(r < 0.5 for r in distance_to_target(dict(muon_plus=True))[1:])
     classic = distance_to_target({})
