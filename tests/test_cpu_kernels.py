@@ -67,50 +67,57 @@ def test_softcap_keeps_nan(kernel_calls):
     assert kernel_calls == {"softcap": 1, "softcap_bf16": 1}
 
 
-def test_rms_norm_equals_torch(kernel_calls):
-    """bf16 activations as the model norms them: the residual stream (B, 1, C), and queries and keys
-    (B, H, 1, D) as a view of the fused projection's heads; a width with a tail after the 8-float
-    vectors, rows of zeros, of large and of tiny values, and a NaN, which spreads over its row as
-    in torch. The results are torch's to the bit (both compute in fp32 and round to nearest even)."""
+# bf16 results are torch's to the bit (both compute in fp32 and round to nearest even); fp32 ones
+# to fp32's rounding (the kernel sums the squares in another order)
+NORM_TOLERANCE = {torch.bfloat16: {"rtol": 0, "atol": 0}, torch.float32: {"rtol": 1e-6, "atol": 1e-6}}
+
+
+@pytest.mark.parametrize("dtype", NORM_TOLERANCE, ids=["bf16", "fp32"])
+def test_rms_norm_equals_torch(dtype, kernel_calls):
+    """bf16 and fp32 activations as the model norms them: the residual stream (B, 1, C), and queries
+    and keys (B, H, 1, D) as a view of the fused projection's heads; a width with a tail after the
+    8-float vectors, rows of zeros, of large and of tiny values, and a NaN, which spreads over its
+    row as in torch. Other dtypes and activations with a gradient take torch's."""
     torch.manual_seed(0)
-    stream = (torch.randn(8, 1, 256) * torch.logspace(-3, 3, 8)[:, None, None]).bfloat16()
+    stream = (torch.randn(8, 1, 256) * torch.logspace(-3, 3, 8)[:, None, None]).to(dtype)
     stream[2] = 0
     stream[5, 0, 7] = float("nan")
-    heads = torch.randn(8, 1, 6, 128).bfloat16().transpose(1, 2)[:, :4]  # a view with strides
-    tail = torch.randn(3, 1003).bfloat16()
+    heads = torch.randn(8, 1, 6, 128).to(dtype).transpose(1, 2)[:, :4]  # a view with strides
+    tail = torch.randn(3, 1003).to(dtype)
     for x in (stream, heads, tail):
         got = ops.rms_norm(x)
-        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        assert got.dtype == dtype and got.shape == x.shape
         assert torch.equal(got.isnan(), gpt.norm(x).isnan()) and got.isnan().sum() == (x is stream) * 256
-        torch.testing.assert_close(got, gpt.norm(x), rtol=0, atol=0, equal_nan=True)
-    fp32, trained = torch.randn(4, 64), torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
-    torch.testing.assert_close(ops.rms_norm(fp32), gpt.norm(fp32), rtol=0, atol=0)  # torch's, not counted
+        torch.testing.assert_close(got, gpt.norm(x), **NORM_TOLERANCE[dtype], equal_nan=True)
+    fp16, trained = torch.randn(4, 64, dtype=torch.float16), torch.randn(4, 64, dtype=dtype, requires_grad=True)
+    torch.testing.assert_close(ops.rms_norm(fp16), gpt.norm(fp16), rtol=0, atol=0)  # torch's, not counted
     torch.testing.assert_close(ops.rms_norm(trained), gpt.norm(trained), rtol=0, atol=0)
     assert ops.rms_norm(trained).requires_grad
-    assert kernel_calls == {"rms_norm_bf16": 3}
+    assert kernel_calls == {kernels.NORM_KERNELS["rms_norm"][dtype]: 3}
 
 
-def test_rotary_norm_equals_torch(kernel_calls):
+@pytest.mark.parametrize("dtype", NORM_TOLERANCE, ids=["bf16", "fp32"])
+def test_rotary_norm_equals_torch(dtype, kernel_calls):
     """Decoding's queries and keys, (B, heads, 1, dim) as a view of the fused projection's heads, with
     the angles of one position for every row and of a position per row (rows at different lengths),
-    bf16 as a bf16 model holds its tables; a NaN spreads over its head. The results are torch's to
-    the bit (every product and sum rounded to bf16 as torch's bf16 ops round them). More than one
-    position (a prefill) or a gradient takes torch's."""
+    in the model's dtype as the model holds its tables; a NaN spreads over its head. In bf16 every
+    product and sum is rounded as torch's bf16 ops round them. More than one position (a prefill) or
+    a gradient takes torch's."""
     torch.manual_seed(0)
-    qkv = (torch.randn(8, 1, 6 * 128) * 3).bfloat16()
+    qkv = (torch.randn(8, 1, 6 * 128) * 3).to(dtype)
     qkv[5, 0, 130] = float("nan")  # row 5, head 1
     x = qkv.view(8, 1, -1, 128).transpose(1, 2)[:, :4]
-    cos, sin = (table.bfloat16() for table in gpt.rotary_tables(300, 128, 10000.0))
+    cos, sin = (table.to(dtype) for table in gpt.rotary_tables(300, 128, 10000.0))
     positions = torch.randint(0, 300, (8, 1))
     for angles in [(cos[37:38], sin[37:38]), (cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))]:
         got, expected = ops.rotary_norm(x, *angles), gpt.rotary_norm(x, *angles)
         assert got.shape == expected.shape and got.isnan().sum() == 128
-        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
-    prefill = torch.randn(2, 4, 3, 128).bfloat16()
+        torch.testing.assert_close(got, expected, **NORM_TOLERANCE[dtype], equal_nan=True)
+    prefill = torch.randn(2, 4, 3, 128).to(dtype)
     torch.testing.assert_close(ops.rotary_norm(prefill, cos[:3], sin[:3]), gpt.rotary_norm(prefill, cos[:3], sin[:3]), rtol=0, atol=0)
     trained = x.detach().clone().requires_grad_()
     assert ops.rotary_norm(trained, cos[:1], sin[:1]).requires_grad
-    assert kernel_calls == {"rotary_norm_bf16": 2}
+    assert kernel_calls == {kernels.NORM_KERNELS["rotary_norm"][dtype]: 2}
 
 
 @pytest.mark.parametrize("rows,n", [(1, 65536), (8, 65536), (3, 1003), (5, 7)])

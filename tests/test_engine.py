@@ -131,7 +131,7 @@ def test_bf16_served_greedy_equals_the_bf16_model_uncached(model, tokenizer, fas
         engine.step()
     for request in requests:
         assert_matches_oracle(plain, engine, request, 16)
-    assert kernel_calls["rms_norm_bf16"] > 0 and kernel_calls["rotary_norm_bf16"] > 0
+    assert all(kernel_calls[norm[torch.bfloat16]] > 0 for norm in kernels.NORM_KERNELS.values())
     assert kernel_calls["amx_matmul" if kernels.has_amx() else "softcap_bf16"] > 0
 
 

@@ -1,5 +1,6 @@
-/* nanochat's fp32 kernels for CPU inference, with AVX2 and FMA: the matmul y = x @ W.T, and the
-   passes of sampling over the logits (soft cap, softmax weights, argmax).
+/* nanochat's kernels for CPU inference, with AVX2 and FMA: the fp32 matmul y = x @ W.T, the model's
+   RMSNorms (bf16 or fp32), and the passes of sampling over the logits (soft cap, softmax weights,
+   argmax).
 
    The weight W (n, k) is packed once into panels of PANEL output features: panel p holds
    W[PANEL*p : PANEL*(p+1), :] transposed, a contiguous (k, PANEL) block. A tile of up to TILE rows
@@ -178,36 +179,6 @@ static inline unsigned short float_bf16(float f)
     return out[0];
 }
 
-/* out (rows, n) bf16, contiguous = RMSNorm of bf16 x (a row's `n` values `ld` apart) as torch's
-   rms_norm computes it for bf16: in fp32, x * (1 / sqrt(mean(x^2) + eps)), rounded to bf16. A call on a
-   few rows (decoding) stays on the calling thread: a parallel region would cost more than the rows. */
-void rms_norm_bf16(const unsigned short *x, int rows, int n, long ld, unsigned short *out, float eps, int threads)
-{
-#pragma omp parallel for num_threads(threads) schedule(static) if ((long)rows * n >= 65536)
-    for (int r = 0; r < rows; r++) {
-        const unsigned short *row = x + r * ld;
-        unsigned short *normed = out + (long)r * n;
-        __m256 squares = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 8 <= n; i += 8) {
-            __m256 v = bf16x8_float(row + i);
-            squares = _mm256_fmadd_ps(v, v, squares);
-        }
-        float lanes[8], sum = 0;
-        _mm256_storeu_ps(lanes, squares);
-        for (int j = 0; j < 8; j++)
-            sum += lanes[j];
-        for (int j = i; j < n; j++)
-            sum += bf16_float(row[j]) * bf16_float(row[j]);
-        float scale = 1.0f / sqrtf(sum / n + eps);
-        __m256 vs = _mm256_set1_ps(scale);
-        for (i = 0; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i *)(normed + i), float_bf16x8(_mm256_mul_ps(bf16x8_float(row + i), vs)));
-        for (; i < n; i++)
-            normed[i] = float_bf16(bf16_float(row[i]) * scale);
-    }
-}
-
 void softcap_bf16_avx512(const unsigned short *x, int rows, int n, long ld, float *out, float cap, int threads);
 
 /* out (rows, n) fp32, contiguous = cap tanh(x / cap) of bf16 x (a row's `n` values `ld` apart): the
@@ -239,46 +210,129 @@ void softcap_bf16(const unsigned short *x, int rows, int n, long ld, float *out,
         softcap_bf16_avx2(x, rows, n, ld, out, cap, threads);
 }
 
-static inline __m256 round_bf16(__m256 f) /* f rounded to bf16, as a float */
+/* The norms below take bf16 or fp32 activations: `bf16` is a constant where they are inlined, so
+   each exported function is its dtype's own code. fp32 values pass through round_to unchanged. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m256 load8(const void *x, long i, int bf16)
 {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(float_bf16x8(f)), 16));
+    return bf16 ? bf16x8_float((const unsigned short *)x + i) : _mm256_loadu_ps((const float *)x + i);
 }
 
-/* out (rows, heads, dim) bf16, contiguous = RMSNorm(rotary(x)) of bf16 x, one position per row (the
-   queries and keys of decoding), as GPT's rotary_norm computes them in bf16: the rotation
-   (x1 cos - x2 sin, x1 sin + x2 cos) of the halves of each head with every product, sum and
-   difference rounded to bf16 as torch's bf16 ops round them, then rms_norm_bf16's norm. Head h of
-   row r is at x + r * x_row + h * x_head; the row's angles at cos + r * angle_row (0: every row
+INLINE float load1(const void *x, long i, int bf16)
+{
+    return bf16 ? bf16_float(((const unsigned short *)x)[i]) : ((const float *)x)[i];
+}
+
+INLINE void store8(void *out, long i, __m256 v, int bf16)
+{
+    if (bf16)
+        _mm_storeu_si128((__m128i *)((unsigned short *)out + i), float_bf16x8(v));
+    else
+        _mm256_storeu_ps((float *)out + i, v);
+}
+
+INLINE void store1(void *out, long i, float v, int bf16)
+{
+    if (bf16)
+        ((unsigned short *)out)[i] = float_bf16(v);
+    else
+        ((float *)out)[i] = v;
+}
+
+INLINE __m256 round_to(__m256 f, int bf16) /* f rounded to the activations' dtype, as a float */
+{
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(float_bf16x8(f)), 16)) : f;
+}
+
+INLINE float sum8(__m256 v)
+{
+    float lanes[8], sum = 0;
+    _mm256_storeu_ps(lanes, v);
+    for (int j = 0; j < 8; j++)
+        sum += lanes[j];
+    return sum;
+}
+
+/* out (rows, n), contiguous = RMSNorm of x (a row's `n` values `ld` apart) as torch's rms_norm computes
+   it: in fp32, x * (1 / sqrt(mean(x^2) + eps)), rounded to x's dtype (in fp32 equal up to the order
+   of the sum of squares). A call on a few rows (decoding) stays on the calling thread: a parallel
+   region would cost more than the rows. */
+INLINE void rms_norm_rows(const void *x, int rows, int n, long ld, void *out, float eps, int threads, int bf16)
+{
+#pragma omp parallel for num_threads(threads) schedule(static) if ((long)rows * n >= 65536)
+    for (int r = 0; r < rows; r++) {
+        long row = r * ld, normed = (long)r * n;
+        __m256 squares = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = load8(x, row + i, bf16);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        float sum = sum8(squares);
+        for (int j = i; j < n; j++)
+            sum += load1(x, row + j, bf16) * load1(x, row + j, bf16);
+        float scale = 1.0f / sqrtf(sum / n + eps);
+        __m256 vs = _mm256_set1_ps(scale);
+        for (i = 0; i + 8 <= n; i += 8)
+            store8(out, normed + i, _mm256_mul_ps(load8(x, row + i, bf16), vs), bf16);
+        for (; i < n; i++)
+            store1(out, normed + i, load1(x, row + i, bf16) * scale, bf16);
+    }
+}
+
+void rms_norm_bf16(const unsigned short *x, int rows, int n, long ld, unsigned short *out, float eps, int threads)
+{
+    rms_norm_rows(x, rows, n, ld, out, eps, threads, 1);
+}
+
+void rms_norm_f32(const float *x, int rows, int n, long ld, float *out, float eps, int threads)
+{
+    rms_norm_rows(x, rows, n, ld, out, eps, threads, 0);
+}
+
+/* out (rows, heads, dim), contiguous = RMSNorm(rotary(x)), one position per row (the queries and
+   keys of decoding), as GPT's rotary_norm computes them: the rotation (x1 cos - x2 sin,
+   x1 sin + x2 cos) of the halves of each head with every product, sum and difference rounded to
+   x's dtype as torch's ops round them, then rms_norm_rows' norm. Head h of row r is at
+   x + r * x_row + h * x_head; the row's angles (x's dtype) at cos + r * angle_row (0: every row
    alike), dim / 2 of each. dim a multiple of 16, at most 1024. */
-void rotary_norm_bf16(const unsigned short *x, int rows, int heads, int dim, long x_row, long x_head,
-                      const unsigned short *cos, const unsigned short *sin, long angle_row,
-                      unsigned short *out, float eps, int threads)
+INLINE void rotary_norm_rows(const void *x, int rows, int heads, int dim, long x_row, long x_head, const void *cos,
+                             const void *sin, long angle_row, void *out, float eps, int threads, int bf16)
 {
     int half = dim / 2;
 #pragma omp parallel for num_threads(threads) schedule(static) if ((long)rows * heads * dim >= 65536)
     for (int rh = 0; rh < rows * heads; rh++) {
         int r = rh / heads, h = rh % heads;
-        const unsigned short *head = x + r * x_row + h * x_head, *c = cos + r * angle_row, *s = sin + r * angle_row;
+        long head = r * x_row + h * x_head, angles = r * angle_row;
         float rotated[1024];
         __m256 squares = _mm256_setzero_ps();
         for (int i = 0; i < half; i += 8) {
-            __m256 x1 = bf16x8_float(head + i), x2 = bf16x8_float(head + half + i);
-            __m256 vc = bf16x8_float(c + i), vs = bf16x8_float(s + i);
-            __m256 y1 = round_bf16(_mm256_sub_ps(round_bf16(_mm256_mul_ps(x1, vc)), round_bf16(_mm256_mul_ps(x2, vs))));
-            __m256 y2 = round_bf16(_mm256_add_ps(round_bf16(_mm256_mul_ps(x1, vs)), round_bf16(_mm256_mul_ps(x2, vc))));
+            __m256 x1 = load8(x, head + i, bf16), x2 = load8(x, head + half + i, bf16);
+            __m256 vc = load8(cos, angles + i, bf16), vs = load8(sin, angles + i, bf16);
+            __m256 y1 = round_to(_mm256_sub_ps(round_to(_mm256_mul_ps(x1, vc), bf16), round_to(_mm256_mul_ps(x2, vs), bf16)), bf16);
+            __m256 y2 = round_to(_mm256_add_ps(round_to(_mm256_mul_ps(x1, vs), bf16), round_to(_mm256_mul_ps(x2, vc), bf16)), bf16);
             _mm256_storeu_ps(rotated + i, y1);
             _mm256_storeu_ps(rotated + half + i, y2);
             squares = _mm256_fmadd_ps(y1, y1, _mm256_fmadd_ps(y2, y2, squares));
         }
-        float lanes[8], sum = 0;
-        _mm256_storeu_ps(lanes, squares);
-        for (int j = 0; j < 8; j++)
-            sum += lanes[j];
-        __m256 scale = _mm256_set1_ps(1.0f / sqrtf(sum / dim + eps));
-        unsigned short *normed = out + (long)rh * dim;
+        __m256 scale = _mm256_set1_ps(1.0f / sqrtf(sum8(squares) / dim + eps));
         for (int i = 0; i < dim; i += 8)
-            _mm_storeu_si128((__m128i *)(normed + i), float_bf16x8(_mm256_mul_ps(_mm256_loadu_ps(rotated + i), scale)));
+            store8(out, (long)rh * dim + i, _mm256_mul_ps(_mm256_loadu_ps(rotated + i), scale), bf16);
     }
+}
+
+void rotary_norm_bf16(const unsigned short *x, int rows, int heads, int dim, long x_row, long x_head,
+                      const unsigned short *cos, const unsigned short *sin, long angle_row,
+                      unsigned short *out, float eps, int threads)
+{
+    rotary_norm_rows(x, rows, heads, dim, x_row, x_head, cos, sin, angle_row, out, eps, threads, 1);
+}
+
+void rotary_norm_f32(const float *x, int rows, int heads, int dim, long x_row, long x_head, const float *cos,
+                     const float *sin, long angle_row, float *out, float eps, int threads)
+{
+    rotary_norm_rows(x, rows, heads, dim, x_row, x_head, cos, sin, angle_row, out, eps, threads, 0);
 }
 
 /* Per row r: out = exp((x - max of the row) * scale[r]), softmax's unnormalized weights; out is

@@ -3,8 +3,8 @@ AMX where the CPU has them (avx512.c):
 - x @ W.T, the weight packed once into panels: in fp32 faster than torch's matmul (MKL) at the
   sizes decoding uses (figures in docs/ARCHITECTURE.md, "CPU kernels"); in bf16 on AMX, where a
   call costs a few microseconds against oneDNN's 25-40 through torch;
-- the model's RMSNorm of bf16 rows, in one call where torch's takes seven ops, and its rotary and
-  RMSNorm of decoding's queries and keys, in one call where torch's take fifteen;
+- the model's RMSNorm of bf16 or fp32 rows, in one call where torch's takes seven ops, and its
+  rotary and RMSNorm of decoding's queries and keys, in one call where torch's take fifteen;
 - sampling's passes over (rows, vocab) logits: the soft cap (in place, or from bf16 logits into fp32
   ones in the same pass), softmax weights and the argmax.
 
@@ -33,6 +33,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]  # avx512.c t
 PANEL = 16  # output features per panel, as in kernels.c and avx512.c
 AMX_FLAGS = {"amx_tile", "amx_bf16", "avx512_bf16"}  # what avx512.c's AMX matmul needs of the CPU
 AMX_DEPTH = 32  # input features per AMX tile: amx_matmul takes multiples of it
+NORM_KERNELS = {norm: {torch.bfloat16: f"{norm}_bf16", torch.float32: f"{norm}_f32"} for norm in ("rms_norm", "rotary_norm")}
 
 LIBRARY = None  # the loaded kernels (a ctypes library) once build() has loaded them
 
@@ -81,9 +82,10 @@ def load():
                            "softcap": [*rows, ctypes.c_float, ctypes.c_int],
                            "softcap_bf16": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
                            "softcap_bf16_avx2": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
-                           "rms_norm_bf16": [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
-                           "rotary_norm_bf16": [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2
-                                               + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
+                           **dict.fromkeys(NORM_KERNELS["rms_norm"].values(), [*rows, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]),
+                           **dict.fromkeys(NORM_KERNELS["rotary_norm"].values(),
+                                           [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2
+                                           + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]),
                            "softmax_weights": [*rows, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
                            "argmax": [*rows, ctypes.c_void_p, ctypes.c_int],
                            "amx_matmul": [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long, ctypes.c_int, ctypes.c_void_p]
@@ -177,21 +179,24 @@ def softcap_bf16(x, cap):
     return out
 
 
-def rms_norm_bf16(x, eps):
-    """RMSNorm of each row of bf16 x (as `takes(x, torch.bfloat16)` wants it) in a new bf16 tensor."""
-    out = torch.empty(x.shape, dtype=torch.bfloat16)
-    LIBRARY.rms_norm_bf16(x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr(), eps, torch.get_num_threads())
+def rms_norm(x, eps):
+    """RMSNorm of each row of bf16 or fp32 x (as `takes(x, x.dtype)` wants it) in a new tensor of its dtype."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    kernel = getattr(LIBRARY, NORM_KERNELS["rms_norm"][x.dtype])
+    kernel(x.data_ptr(), x.size(0), x.size(1), x.stride(0), out.data_ptr(), eps, torch.get_num_threads())
     return out
 
 
-def rotary_norm_bf16(x, cos, sin, eps):
-    """RMSNorm(rotary(x)) of bf16 x (rows, heads, dim), each head contiguous, by the angles cos, sin
-    (rows or 1, dim / 2; bf16, each row contiguous), in a new (rows, heads, dim) bf16 tensor."""
+def rotary_norm(x, cos, sin, eps):
+    """RMSNorm(rotary(x)) of bf16 or fp32 x (rows, heads, dim), each head contiguous, by the angles
+    cos, sin (rows or 1, dim / 2; x's dtype, each row contiguous), in a new (rows, heads, dim) tensor
+    of x's dtype."""
     rows, heads, dim = x.shape
-    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    out = torch.empty(x.shape, dtype=x.dtype)
     angle_row = cos.stride(0) if cos.size(0) > 1 else 0
-    LIBRARY.rotary_norm_bf16(x.data_ptr(), rows, heads, dim, x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
-                             angle_row, out.data_ptr(), eps, torch.get_num_threads())
+    kernel = getattr(LIBRARY, NORM_KERNELS["rotary_norm"][x.dtype])
+    kernel(x.data_ptr(), rows, heads, dim, x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), angle_row,
+           out.data_ptr(), eps, torch.get_num_threads())
     return out
 
 

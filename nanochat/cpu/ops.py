@@ -12,26 +12,28 @@ from nanochat.cpu.linears import AmxLinear
 
 # torch's rms_norm of bf16 computes in fp32, with fp32's epsilon (tests/test_cpu_kernels.py holds it to that)
 NORM_EPS = torch.finfo(torch.float32).eps
+NORM_DTYPES = kernels.NORM_KERNELS["rms_norm"].keys()  # the dtypes the norm kernels take
 
 
 def rms_norm(x):
-    """GPT.norm on CPU: bf16 activations without a gradient by the kernel (a new tensor); else gpt.norm."""
+    """GPT.norm on CPU: bf16 or fp32 activations without a gradient by the kernel (a new tensor);
+    else gpt.norm."""
     rows = x.reshape(-1, x.size(-1))
-    if x.requires_grad or not kernels.takes(rows, torch.bfloat16):
+    if x.requires_grad or x.dtype not in NORM_DTYPES or not kernels.takes(rows, x.dtype):
         return gpt.norm(x)
-    return kernels.rms_norm_bf16(rows, NORM_EPS).view(x.shape)
+    return kernels.rms_norm(rows, NORM_EPS).view(x.shape)
 
 
 def rotary_norm(x, cos, sin):
-    """An attention's rotary_norm on CPU: bf16 queries or keys of one position per row (B, heads, 1,
-    dim), without a gradient, by the kernel (a new tensor); else gpt.rotary_norm."""
+    """An attention's rotary_norm on CPU: bf16 or fp32 queries or keys of one position per row (B,
+    heads, 1, dim), without a gradient, by the kernel (a new tensor); else gpt.rotary_norm."""
     dim = x.size(-1)
-    if x.size(2) != 1 or x.requires_grad or x.dtype != torch.bfloat16 or x.stride(-1) != 1 or dim % 16 or dim > 1024:
+    if x.size(2) != 1 or x.requires_grad or x.dtype not in NORM_DTYPES or x.stride(-1) != 1 or dim % 16 or dim > 1024:
         return gpt.rotary_norm(x, cos, sin)
     angles = [a.reshape(-1, dim // 2) for a in (cos, sin)]  # (1, dim / 2), or a row for each row of x
-    if not all(kernels.takes(a, torch.bfloat16) for a in angles) or angles[0].stride() != angles[1].stride():
+    if not all(kernels.takes(a, x.dtype) for a in angles) or angles[0].stride() != angles[1].stride():
         return gpt.rotary_norm(x, cos, sin)
-    return kernels.rotary_norm_bf16(x[:, :, 0], *angles, NORM_EPS).view(x.shape)
+    return kernels.rotary_norm(x[:, :, 0], *angles, NORM_EPS).view(x.shape)
 
 
 def softcap(logits):
