@@ -8,6 +8,7 @@ Interactive commands: `/clear` starts a new conversation, `/quit` (or Ctrl-D) le
 """
 
 import argparse
+import math
 import sys
 
 from nanochat import pipeline
@@ -36,8 +37,8 @@ def generation_config(values, where):
         if name == "top_k" and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
-                or (least is not None and value < least):
-            wanted = ("a number" if kind is float else "an integer") + (f" of at least {least}" if least is not None else "")
+                or not math.isfinite(value) or (least is not None and value < least):
+            wanted = ("a finite number" if kind is float else "an integer") + (f" of at least {least}" if least is not None else "")
             raise ValueError(f"{where}: generation field {name} must be {wanted}, not {value!r}")
     return {**GENERATION, **values}
 
@@ -50,7 +51,7 @@ def build_parser():
     p.add_argument("-p", "--prompt", help="answer this one message and exit")
     # the sampling options default to the model's generation config (GENERATION for a model we trained)
     p.add_argument("--temperature", type=float, help=f"0: greedy (default: the model's, else {GENERATION['temperature']})")
-    p.add_argument("--top-k", type=int, help=f"(default: the model's, else {GENERATION['top_k']})")
+    p.add_argument("--top-k", type=int, help=f"-1: every token (default: the model's, else {GENERATION['top_k']})")
     p.add_argument("--max-tokens", type=int, help=f"(default: the model's, else {GENERATION['max_tokens']})")
     p.add_argument("--frequency-penalty", type=float,
                    help="a token's logit drops by this much per time it already occurs in the reply "
@@ -86,7 +87,13 @@ def main(argv=None):
         print(f"nanochat chat: {e}", file=sys.stderr)
         return 1
     given = {name: getattr(args, name) for name in GENERATION if getattr(args, name) is not None}
-    params = SamplingParams(**{**engine.generation, **given}, seed=args.seed, presence_penalty=args.presence_penalty)
+    if given.get("top_k") == -1:  # as the API's top_k
+        given["top_k"] = None
+    try:
+        params = SamplingParams(**{**engine.generation, **given}, seed=args.seed, presence_penalty=args.presence_penalty)
+    except ValueError as e:
+        print(f"nanochat chat: {e}", file=sys.stderr)
+        return 2
     if args.prompt is not None:
         reply(engine, [{"role": "user", "content": args.prompt}], params, sys.stdout)
         return 0

@@ -324,11 +324,13 @@ def build_model(config, model_state, device="cpu"):
 def find_checkpoint(target, source=None):
     """(checkpoint directory URI, source) of a checkpoint URI, or of a run (name or URI): its
     `source` stage's final checkpoint (pipeline.SOURCES), by default the newest model source done
-    (rl, then sft, mid, base)."""
+    (rl, then sft, mid, base). A source with a checkpoint URI is a ValueError."""
     uri = storage.normalize(target) if "://" in target or target.startswith(("/", ".", "~")) else None
     if uri is not None:
         uri = uri.removesuffix("/" + MANIFEST)
         if storage.exists(storage.join(uri, MANIFEST)):
+            if source:
+                raise ValueError(f"{target} is a checkpoint, which is one model: a source ({source}) picks a stage of a run")
             return uri, None
     run = storage.run_uri(target)
     newest_first = [source] if source else list(reversed(pipeline.SOURCES))

@@ -28,6 +28,7 @@ on CPU).
 
 import codecs
 import concurrent.futures
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +42,19 @@ from nanochat.execution import calculator
 TOOL_WORKERS = 4  # tool calls evaluated at once (each in its own sandbox process)
 MAX_ROWS = 16  # default batch capacity: sequences decoded together
 DRAW_BLOCK = 256  # sampling's inverse CDF goes block by block over longer vectors
+
+
+# What each SamplingParams field must be: (test, what it says when it fails).
+SAMPLING_RULES = {
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number of at least 0"),
+    "top_k": (lambda v: v is None or v >= 1, "at least 1, or None (every token)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "max_tokens": (lambda v: v >= 0, "at least 0"),
+    "frequency_penalty": (math.isfinite, "a finite number"),
+    "presence_penalty": (math.isfinite, "a finite number"),
+    "logprobs": (lambda v: v is None or v >= 0, "at least 0, or None (off)"),
+    "prompt_logprobs": (lambda v: v is None or v >= 0, "at least 0, or None (off)"),
+}
 
 
 @dataclass
@@ -57,6 +71,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logprobs: int | None = None  # k: each generated token's TokenLogprob with the k most likely tokens (None: off)
     prompt_logprobs: int | None = None  # k: the same for each prompt token after the first (None: off)
+
+    def __post_init__(self):
+        """A value the sampling passes cannot take is a ValueError naming its field: torch would fail
+        deep inside a step, and a NaN temperature would decode greedily without a word."""
+        for name, (holds, wanted) in SAMPLING_RULES.items():
+            if not holds(getattr(self, name)):
+                raise ValueError(f"{name} must be {wanted}, not {getattr(self, name)!r}")
 
     @property
     def penalizes(self):
@@ -277,6 +298,10 @@ class ContextTooLong(ValueError):
     """A prompt longer than the engine's context (the server's `context_length_exceeded`)."""
 
 
+class TooManySamples(ValueError):
+    """A request's n beyond the rows the engine decodes at once (the server's 400 naming n)."""
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_rows=MAX_ROWS, max_len=None, ops=None):
         self.model, self.tokenizer = model, tokenizer
@@ -302,11 +327,11 @@ class Engine:
         return self.max_rows - len(self.rows)
 
     def check(self, request):
-        """Raises ValueError (ContextTooLong for its prompt) if the request can never run here."""
+        """Raises ContextTooLong (its prompt) or TooManySamples (its n) if the request can never run here."""
         if len(request.prompt_ids) > self.max_len:  # a prompt that fills the context still gets its one next token
             raise ContextTooLong(f"the prompt has {len(request.prompt_ids)} tokens; the context holds {self.max_len}")
         if request.n > self.max_rows:
-            raise ValueError(f"n={request.n} is more than the {self.max_rows} rows this engine decodes at once")
+            raise TooManySamples(f"n={request.n} is more than the {self.max_rows} rows this engine decodes at once")
 
     @torch.inference_mode()
     def add(self, *requests):

@@ -183,7 +183,10 @@ def export(run, to, source=None, dtype="float32", force=False):
     from nanochat import checkpoint
     from nanochat.gpt import GPTConfig
 
-    target, source = checkpoint.find_checkpoint(run, source)
+    try:
+        target, source = checkpoint.find_checkpoint(run, source)
+    except ValueError as e:  # a source with a checkpoint URI
+        raise ExportError(str(e)) from None
     to = storage.normalize(to)
     if storage.listdir(to) and not force:  # before the work; publish checks again
         raise ExportError(f"{storage.redact(to)} is not empty: pass --force to replace it")

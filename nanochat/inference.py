@@ -16,14 +16,26 @@ from nanochat.engine import MAX_ROWS, Engine, SamplingOps
 def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
     """The Engine of a checkpoint or a run's model (see checkpoint.find_checkpoint), its weights in the
     dtype the device multiplies fastest (bf16 on CUDA and AMX/AVX512-BF16 CPUs). Its `generation` is
-    the model's sampling defaults (checkpoint.generation), from the meta.json read for the weights."""
+    the model's sampling defaults (checkpoint.generation), from the meta.json read for the weights.
+    A device this torch cannot use is a ValueError (usable_device), before any weights load."""
     directory, _ = find_checkpoint(target, source)
-    device = torch.device(device)
+    device = usable_device(device)
     model, tokenizer, meta = load_model(directory, device)
     model.to(autocast_dtype(device.type))
     engine = Engine(model, tokenizer, max_rows, ops=prepare(model))
     engine.generation = generation(directory, meta)
     return engine
+
+
+def usable_device(name):
+    """torch.device(name) where this torch can put a tensor on it; else a ValueError naming it (torch's
+    own error, for cuda on a CPU build, is an AssertionError from deep inside)."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {name!r} cannot be used here: {e}") from None
+    return device
 
 
 def check_switch():

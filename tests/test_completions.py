@@ -118,6 +118,22 @@ def test_openai_client_echo_logprobs_equal_our_log_softmax(request, run, fastpat
         assert token.startswith("bytes:") or choice.text[start:start + len(token)] == token
 
 
+def test_echo_offsets_when_the_prompt_ends_inside_a_character(server):
+    """A prompt of token ids whose last token is the first byte of a two-byte character: the echo is
+    the prompt decoded on its own (that byte a U+FFFD), the completion follows it, and text_offset
+    puts each completion token after the echo."""
+    lead = 0xC3  # a byte-level BPE's first 256 ids are the bytes
+    assert post(server, "/detokenize", {"tokens": [lead, 0xA9]}).json()["prompt"] == "\u00e9"
+    ids = [*tokenize(server, "The capital of France is"), lead]
+    response = httpx.post(server + "/v1/completions", headers=AUTH, timeout=60, json={
+        "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 4, "temperature": 0, "frequency_penalty": 0}).json()
+    choice = response["choices"][0]
+    echo = post(server, "/detokenize", {"tokens": ids}).json()["prompt"]
+    assert echo.endswith("is\ufffd") and choice["text"].startswith(echo)
+    offsets = choice["logprobs"]["text_offset"]
+    assert len(offsets) == len(ids) + response["usage"]["completion_tokens"] and offsets[len(ids)] == len(echo)
+
+
 def token_counters(server):
     """/metrics' (prompt tokens, completion tokens) counters."""
     text = httpx.get(server + "/metrics", headers=AUTH).text

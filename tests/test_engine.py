@@ -247,6 +247,18 @@ def test_sampling_parameters(model, tokenizer, sampling_ops, request):
     assert kernel_calls is None or kernel_calls["argmax"] > 0 and kernel_calls["softmax_weights"] > 0
 
 
+@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("temperature", float("nan")), ("top_k", 0),
+                                         ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("max_tokens", -1),
+                                         ("frequency_penalty", float("inf")), ("presence_penalty", float("nan")),
+                                         ("logprobs", -1), ("prompt_logprobs", -2)])
+def test_sampling_values_the_passes_cannot_take_are_refused_by_name(field, value):
+    """Every caller (the API, nanochat chat, the stages) meets one check, at construction: before it,
+    top_k 0 failed inside torch.topk mid-step and a NaN temperature decoded greedily."""
+    with pytest.raises(ValueError, match=f"^{field} must be .*, not {value!r}$"):
+        SamplingParams(**{field: value})
+    SamplingParams(temperature=0, top_k=1, top_p=1.0, max_tokens=0, frequency_penalty=-2, logprobs=0)  # the edges pass
+
+
 @pytest.mark.parametrize("top_k,top_p", [(None, 1.0), (4, 1.0), (None, 0.7)])
 def test_sampled_tokens_follow_the_distribution(top_k, top_p):
     """Oracle: the frequencies of 40,000 draws match softmax(logits / T) cut to the top-k / top-p

@@ -149,6 +149,12 @@ def test_find_checkpoint_takes_the_newest_source_done_in_the_table(tmp_path):
         assert checkpoint.find_checkpoint(str(run)) == (manifest.rsplit("/", 1)[0], source)
     for source, name in pipeline.SOURCES.items():
         assert checkpoint.find_checkpoint(str(run), source)[0].endswith(f"/{name}/checkpoints/final")
+    final = run / "chat_sft" / "checkpoints" / "final"  # a checkpoint URI is one model: a source cannot pick another
+    final.mkdir(parents=True)
+    (final / "manifest.json").write_text("{}")
+    assert checkpoint.find_checkpoint(str(final)) == (f"file://{final}", None)
+    with pytest.raises(ValueError, match="is a checkpoint, which is one model: a source .base. picks a stage of a run"):
+        checkpoint.find_checkpoint(str(final), "base")
 
 
 def test_a_row_whose_module_is_missing_fails_the_flow_before_any_stage_runs(tmp_path, monkeypatch):

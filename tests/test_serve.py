@@ -151,6 +151,11 @@ def test_concurrent_streaming_clients_get_complete_answers(client):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "3"}, "max_tokens"),  # strict JSON types, as OpenAI
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2.0}, "n"),
+    ({"messages": [{"role": "user", "content": 7}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": [{"role": "tool", "content": "hi"}]}, "messages.0.role"),
     ({"messages": []}, "messages"),
@@ -257,7 +262,8 @@ def test_readme_parameter_table_is_the_servers():
 
 def test_malformed_json_is_400(server, client):
     response = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    error = assert_openai_error(response, 400)
+    assert error["param"] is None and error["message"].startswith("the body is not valid JSON (at character 1): ")
     with pytest.raises(openai.BadRequestError):
         ask(client, "hi", temperature=-1)
 
@@ -368,6 +374,19 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     assert session.stdout.count("nanochat> ") == 2 and session.stdout.startswith("you> ")
     missing = subprocess.run([*cli, "--source", "rl", "-p", "x"], env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "chat_rl" in missing.stderr
+    # -1 is every token, as in the API; what sampling cannot take, or a device torch cannot use, is one line
+    every = subprocess.run([*cli, "--top-k", "-1", "-p", "Count with me."], env=env, capture_output=True, text=True, timeout=120)
+    greedy = ask(client, "Count with me.", max_tokens=8, temperature=0).choices[0].message.content
+    assert every.returncode == 0 and every.stdout == greedy + "\n"
+    for option, code, says in [(["--top-k", "0"], 2, "top_k must be at least 1"), (["--temperature", "nan"], 2, "temperature must be"),
+                               (["--device", "cuda:99"], 1, "device 'cuda:99' cannot be used here")]:
+        refused = subprocess.run([*cli, *option, "-p", "x"], env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == code and refused.stderr.startswith(f"nanochat chat: {says}"), refused.stderr
+        assert len(refused.stderr.splitlines()) == 1 and not refused.stdout
+    serve = subprocess.run([sys.executable, "-m", "nanochat.cli", "serve", "--run", "no-such-run"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert serve.returncode == 1 and serve.stderr.strip().splitlines() == [
+        "nanochat serve: no-such-run: neither a checkpoint nor a run with chat_rl or chat_sft or mid_train or base_train done"]
 
 
 
@@ -428,7 +447,7 @@ STREAMING = "(a => a && a.dataset.done !== 'true' ? a.textContent : null)([...do
 def test_web_ui_streams_the_answer_and_stop_cancels_it(slow_server, tmp_path):
     """With the engine slowed (slow_server), the answer is seen growing between two reads while it
     streams; Stop ends it, keeps its text as the conversation's last turn, and the server cancels
-    the request."""
+    the request. New chat during an answer leaves that answer out of the new conversation."""
     cancelled = httpx.get(slow_server + "/health").json()["cancelled_requests"]
     with chromium_tab(tmp_path) as tab:
         tab.open(slow_server + "/")
@@ -443,5 +462,15 @@ def test_web_ui_streams_the_answer_and_stop_cancels_it(slow_server, tmp_path):
         assert stopped.startswith(grown) and not tab.js("!!document.querySelector('.error')")
         assert tab.js("request().messages.at(-1)") == {"role": "assistant", "content": stopped}
         assert tab.js("[document.getElementById('send').disabled, document.getElementById('stop').disabled]") == [False, True]
+        # New chat while an answer streams: the cut answer joins no conversation, and the next one starts clean
+        tab.js("document.getElementById('input').value = 'Another story.'; document.getElementById('form').requestSubmit()")
+        until(lambda: tab.js(STREAMING), 30, "the second answer's first text while it streams")
+        tab.js("document.getElementById('clear').click()")
+        tab.wait_for("controller === null")  # the cut answer has finished
+        assert tab.js("request().messages") == []
+        tab.js("document.getElementById('input').value = 'Hi'; document.getElementById('form').requestSubmit()")
+        tab.js("document.getElementById('stop').click()")
+        tab.wait_for("controller === null")
+        assert tab.js("request().messages.map(m => m.role)") == ["user", "assistant"] and not tab.js("!!document.querySelector('.error')")
     until(lambda: httpx.get(slow_server + "/health").json()["cancelled_requests"], 30, "the server to cancel the request",
           done=lambda n: n > cancelled)

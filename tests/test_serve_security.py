@@ -62,7 +62,8 @@ def test_openai_client_works_with_any_configured_key(keyed_server):
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
                                      {"Authorization": f"Bearer {KEY}x"}, {"Authorization": "Bearer"}])
-@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", CHAT), ("GET", "/v1/unknown"), ("GET", "/metrics")])
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", CHAT), ("GET", "/v1/unknown"), ("GET", "/metrics"),
+                                          ("GET", "/docs"), ("GET", "/openapi.json")])
 def test_v1_without_a_valid_key_is_401(keyed_server, headers, method, path):
     response = httpx.request(method, keyed_server + path, headers=headers, json=HELLO if method == "POST" else None)
     error = assert_openai_error(response, 401)
@@ -156,12 +157,12 @@ def test_limits_per_key_body_and_request(run):
     """Each limit set to a value other than its default, and crossed: requests in progress and
     requests per minute are counted per key (another key is not affected), the rate limit's 429
     says exactly when the next request may go; bodies over the size limit are refused before
-    parsing, also when chunked; a request's messages, their length and its stop strings are
-    refused one past their limits and served at them."""
+    parsing, also when chunked; a request's messages, their length, its stop strings and its n (over
+    the engine's rows) are refused one past their limits and served at them."""
     keys = ["sk-a", "sk-b", "sk-c", "sk-d"]
     options = [a for k in keys for a in ("--api-key", k)]
     with serving(run, *options, "--max-concurrent", "2", "--rate-limit", str(RATE), "--max-body-bytes", "4096",
-                 "--max-messages", "3", "--max-message-chars", "100", "--max-stop", "1") as url:
+                 "--max-messages", "3", "--max-message-chars", "100", "--max-stop", "1", "--max-rows", "2") as url:
         def get(key):
             return httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
 
@@ -207,8 +208,10 @@ def test_limits_per_key_body_and_request(run):
         for messages, stop, param in (([hi] * 4, None, "messages"), ([{"role": "user", "content": "x" * 101}], None,
                                       "messages.0.content"), ([hi], ["a", "b"], "stop")):
             assert assert_openai_error(chat(messages, stop=stop), 400)["param"] == param
-        at_the_limits = chat([hi] * 3, stop=["a"]), chat([{"role": "user", "content": "x" * 100}])
-        assert [r.status_code for r in at_the_limits] == [200, 200], [r.text for r in at_the_limits]
+        rows = assert_openai_error(chat([hi], n=3), 400)  # more samples than the engine's rows
+        assert rows["param"] == "n" and rows["message"] == "n=3 is more than the 2 rows this engine decodes at once"
+        at_the_limits = chat([hi] * 3, stop=["a"]), chat([{"role": "user", "content": "x" * 100}]), chat([hi], n=2)
+        assert [r.status_code for r in at_the_limits] == [200, 200, 200], [r.text for r in at_the_limits]
 
 
 def test_wall_time_limit_keeps_the_text_and_ends_the_stream(slow_server):

@@ -88,7 +88,10 @@ def main(argv=None):
         if args.devices != 1:
             raise SystemExit(f"--devices {args.devices}: several engines need several GPUs (device type {device_type})")
         devices = [device_type]
-    directory, source = find_checkpoint(args.run, args.source)
+    try:
+        directory, source = find_checkpoint(args.run, args.source)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"nanochat serve: {e}") from None
     limits = Limits(**{f.name: getattr(args, f.name) for f in LIMITS}, max_requests=1 if args.one_at_a_time else None)
     app = create_app(lambda device: load_engine(directory, device=device, max_rows=args.max_rows), limits, devices,
                      model_name=f"nanochat-{source or 'checkpoint'}", api_keys=keys, cors_origins=args.cors_origin)

@@ -132,12 +132,13 @@ def parameter_table():
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # name, refusal, ...
+    model_config = ConfigDict(extra="ignore", strict=True)  # extra: name, refusal, ...
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -157,8 +158,10 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """The honoured fields of OpenAI's chat completions request (CHAT_FIELDS); the others arrive as
-    extras and are checked by `refusals`. Every optional field may be null: not given."""
-    model_config = ConfigDict(extra="allow")
+    extras and are checked by `refusals`. Every optional field may be null: not given. Strict, as
+    every request model here: a value of another JSON type is a 400 naming its field, as OpenAI's
+    (no "3" or true for 3)."""
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -175,6 +178,21 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+def field_path(loc, body):
+    """The request field (e.g. messages.0.content) a validation error's `loc` names: its first part
+    (which may be missing from the request), then the parts that lead on through the request `body`;
+    pydantic goes on to the union member it tried (messages.0.content.str), which is no field."""
+    parts, value = [], body
+    for part in loc:
+        inside = (isinstance(value, dict) and part in value) or \
+            (isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value))
+        if parts and not inside:
+            break
+        parts.append(str(part))
+        value = value[part] if inside else None
+    return ".".join(parts)
 
 
 def refusals(body):
@@ -256,7 +274,9 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALI
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e):
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        if first["type"] == "json_invalid":  # its loc is ("body", the character where parsing stopped), not a field
+            return error_response(400, f"the body is not valid JSON (at character {first['loc'][-1]}): {first['msg']}", None)
+        where = field_path([p for p in first["loc"] if p != "body"], e.body)
         return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], where or None)
 
     @app.exception_handler(HTTPException)

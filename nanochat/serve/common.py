@@ -1,9 +1,9 @@
 """What the chat and the legacy completions endpoints share: the error a request is refused with,
 the sampling fields' defaults, limits and checks, submitting to a worker, and the stream's headers."""
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from nanochat.engine import ContextTooLong, SamplingParams
+from nanochat.engine import ContextTooLong, SamplingParams, TooManySamples
 from nanochat.serve.guard import error_response
 from nanochat.serve.worker import QueueFull
 
@@ -28,14 +28,17 @@ async def api_error(request, e):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool | None = None
 
 
 def sampling_params(body, limits, generation, max_tokens, **fields):
     """The engine's SamplingParams of a validated chat or completions request, after the checks both
-    endpoints make (n, stop, max_tokens, top_k). A sampling field the request leaves out (or sends as
+    endpoints make (stream_options, n, stop, max_tokens, top_k). A sampling field the request leaves out (or sends as
     null) takes the model's generation default (`generation`), else DEFAULTS. `max_tokens`: the
     request's (None: not given); `fields`: the endpoint's own SamplingParams fields (logprobs)."""
+    if body.stream_options is not None and not body.stream:  # OpenAI refuses it too
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     if (body.n or 1) > limits.max_n:
         raise APIError(400, f"n must be at most {limits.max_n}", "n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -61,8 +64,8 @@ def sampling_params(body, limits, generation, max_tokens, **fields):
 
 def submit(worker, requests, limits, param):
     """Queues all the requests, or none (a refusal cancels those already in): one that can never run
-    is a 400 naming `param` (with code context_length_exceeded for a prompt longer than the
-    context), a full queue a 429."""
+    is a 400 naming n for an n beyond the engine's rows, else `param` (the prompt's field; with code
+    context_length_exceeded for a prompt longer than the context), a full queue a 429."""
     try:
         for request in requests:
             worker.submit(request)
@@ -72,6 +75,8 @@ def submit(worker, requests, limits, param):
         if isinstance(e, QueueFull):
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(limits.retry_after)}) from None
+        if isinstance(e, TooManySamples):
+            raise APIError(400, str(e), "n") from None
         raise APIError(400, str(e), param, code="context_length_exceeded" if isinstance(e, ContextTooLong) else None) from None
 
 

@@ -63,7 +63,7 @@ FIELDS = {
 
 class CompletionRequest(BaseModel):
     """OpenAI's legacy completions request; null means not given; an unknown field is refused."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)
@@ -86,13 +86,13 @@ class CompletionRequest(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # vLLM's other options (model, return_token_strs) change nothing here
+    model_config = ConfigDict(extra="ignore", strict=True)  # vLLM's other options (model, return_token_strs) change nothing here
     prompt: str
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     tokens: list[int]
 
 
@@ -171,6 +171,8 @@ class LegacyLogprobs:
             top = {token_text(self.tokenizer.id_to_bytes(t)): lp for t, lp in entry.top}
             top.setdefault(out["tokens"][-1], entry.logprob)
             out["top_logprobs"].append(top)
+        if tokens is not None:  # an echoed prompt is decoded on its own (Choices.piece), as the engine decodes the completion
+            self.offset += len(self.decoder.decode(b"", final=True))  # a character it ends inside of: one U+FFFD
         return out
 
 

@@ -1,6 +1,6 @@
 """Who may call the API, and how much: API keys, requests in progress and requests per minute per
 client, body size and body read time. `Guard` is a plain ASGI middleware in front of every /v1/
-route, /metrics and vLLM's tokenizer endpoints (GUARDED), so a refused request costs no body read
+route, /metrics, vLLM's tokenizer endpoints and the API's schema pages (GUARDED), so a refused request costs no body read
 and no JSON parsing. Refusals are OpenAI-style error bodies and close the connection (a client that
 kept sending would otherwise hold it)."""
 
@@ -13,8 +13,9 @@ from collections import Counter
 from fastapi.responses import JSONResponse
 
 MAX_HEADER_BYTES = 16 * 1024  # h11 refuses larger headers only when they arrive over several reads
-# path prefixes behind the keys and limits (a path P counts as P + "/"); the last three: vLLM's tokenizer endpoints
-GUARDED = ("/v1/", "/metrics/", "/tokenizer_info/", "/tokenize/", "/detokenize/")
+# path prefixes behind the keys and limits (a path P counts as P + "/"): the API, its metrics, vLLM's tokenizer
+# endpoints, and FastAPI's pages that describe the API (its schema is the API's, not the web UI's)
+GUARDED = ("/v1/", "/metrics/", "/tokenizer_info/", "/tokenize/", "/detokenize/", "/docs/", "/redoc/", "/openapi.json/")
 
 def error_response(status, message, param=None, type="invalid_request_error", code=None, headers=None):
     """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
@@ -63,7 +64,7 @@ class RateLimit:
 
 class Guard:
     """ASGI middleware: headers over MAX_HEADER_BYTES get 431; then for the GUARDED paths (/v1/,
-    /metrics and the tokenizer endpoints): the API key (if any are configured), the client's requests
+    /metrics, the tokenizer endpoints and the schema pages): the API key (if any are configured), the client's requests
     in progress and rate, then the body (read whole here, within its size and time limits, and
     handed on). A client is its API key, or its IP address when the server has no keys."""
 
