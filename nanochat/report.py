@@ -10,8 +10,10 @@ import argparse
 import base64
 import io
 import json
+import math
 import os
 import platform
+import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -28,9 +30,21 @@ COLUMNS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "S
            "val bpb")
 
 
+class ReportError(ValueError):
+    """A report that cannot be built: a run with no finished stage, a bad NANOCHAT_HOURLY_USD."""
+
+
 def hourly_usd():
-    """The machine's price per hour for cost estimates (default: one 8xH100 node, as upstream)."""
-    return float(os.environ.get("NANOCHAT_HOURLY_USD", "24"))
+    """The machine's price per hour for cost estimates (default: one 8xH100 node, as upstream);
+    checked here, where it is read, so that a typo is not printed as a price."""
+    text = os.environ.get("NANOCHAT_HOURLY_USD", "24")
+    try:
+        usd = float(text)
+        if math.isfinite(usd) and usd >= 0:
+            return usd
+    except ValueError:
+        pass
+    raise ReportError(f"NANOCHAT_HOURLY_USD={text!r}: expected the price of an hour in USD, a number >= 0")
 
 
 def load(run):
@@ -153,13 +167,15 @@ def samples(summary):
 
 
 def build(run):
-    """The report card of `run` as markdown."""
+    """The report card of `run` as markdown; a run with no finished stage (a typo in its name)
+    has none."""
     summaries = load(run)
+    if not summaries:
+        raise ReportError(f"{storage.redact(run)}: no stage has finished in this run (no <stage>/{SUMMARY})")
     lines = ["# nanochat report card", "", f"Run `{run}`, generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", ""]
     lines += ["## System", "", *system_info()]
-    if summaries:
-        code = next(iter(summaries.values()))["code"]
-        lines += [f"- code: nanochat {code['version']}, commit {code['commit']}, sources {code['source_sha256'][:12]}"]
+    code = next(iter(summaries.values()))["code"]
+    lines += [f"- code: nanochat {code['version']}, commit {code['commit']}, sources {code['source_sha256'][:12]}"]
 
     if "download" in summaries:
         m, source = summaries["download"]["metrics"], summaries["download"]["config"].get("source")
@@ -200,13 +216,20 @@ def write(run):
 
 
 def main(argv=None):
+    """The command; returns its exit code (1 with one line on stderr when there is no report)."""
     p = argparse.ArgumentParser(prog="python -m nanochat.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run URI, path, or name (a name X means <storage>/runs/X)")
     p.add_argument("--storage", default=None, help="storage root (default: $NANOCHAT_STORAGE)")
     args = p.parse_args(argv)
-    print(storage.redact(write(storage.run_uri(args.run, args.storage))[0]))
+    try:
+        uri, _ = write(storage.run_uri(args.run, args.storage))
+    except ReportError as e:
+        print(f"nanochat report: error: {e}", file=sys.stderr)
+        return 1
+    print(storage.redact(uri))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
