@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -230,18 +231,36 @@ def commit(run, stage, args, inputs, outputs, metrics, started, imported=None):
     return summary
 
 
+FAULT_FORMAT = "<stage>[:<step>][:hang][@<attempt>]"
+FAULT_SPEC = re.compile(r"(?P<stage>\w+)(?::(?P<step>\d+))?(?P<hang>:hang)?(?:@(?P<attempt>[1-9]\d*))?")
+
+
+def fault_spec():
+    """NANOCHAT_FAULT as (stage, step or None, hang, attempt or None), None when unset; a typo is a
+    ValueError, not a test whose fault silently never happens. <stage> is a stage program's name
+    (chat_eval for each of its rows), the name it calls `fault` with."""
+    value = os.environ.get("NANOCHAT_FAULT", "")
+    if not value:
+        return None
+    match = FAULT_SPEC.fullmatch(value)
+    programs = sorted({s.module for s in pipeline.PIPELINE})
+    if not match or match["stage"] not in programs:
+        raise ValueError(f"NANOCHAT_FAULT={value!r}: expected {FAULT_FORMAT}, <stage> one of {', '.join(programs)}")
+    step = None if match["step"] is None else int(match["step"])
+    return match["stage"], step, bool(match["hang"]), match["attempt"]
+
+
 def fault(stage, step=None):
     """Fault injection for fail-and-resume tests: `NANOCHAT_FAULT=<stage>[:<step>][:hang][@<attempt>]`
     makes `stage` crash (exit code 3) or hang at its start, or right after step <step> for a training
     loop that calls `fault(STAGE, step)` once a step (and its checkpoint) is done; with `@<attempt>`,
     only in that attempt (NANOCHAT_ATTEMPT, which the flow's launcher sets; 1 when unset), so a
     retry of the stage runs clean."""
-    spec, _, attempt = os.environ.get("NANOCHAT_FAULT", "").partition("@")
-    if attempt and attempt != os.environ.get("NANOCHAT_ATTEMPT", "1"):
+    spec = fault_spec()
+    if spec is None:
         return
-    hang = spec.endswith(":hang")
-    name, _, at = spec.removesuffix(":hang").partition(":")
-    if name != stage or at != ("" if step is None else str(step)):
+    name, at, hang, attempt = spec
+    if name != stage or at != step or attempt and attempt != os.environ.get("NANOCHAT_ATTEMPT", "1"):
         return
     where = "start" if step is None else f"step {step}"
     # one write: ranks share the unbuffered pipe, and print() writes the newline apart

@@ -1,10 +1,11 @@
 """The speedrun flow through a real Prefect API (one test harness per session) on the tiny preset,
 with the real stages as child processes: two concurrent runs execute each stage once, a re-run is
 all cache hits, a stage that fails once resumes on Prefect's retry from its checkpoint to the same
-weights, s3:// storage, the stage launcher leaves no torchrun worker behind, one stage at a time
-when asked, a run that skips mid_train (chat_sft trains on the base model), the whole DAG end to end
-with the report card's full table, and never two torchrun stages at once on the node, in one run or
-in two. (The cache's invalidation: tests/test_cache.py.)"""
+weights (and a NANOCHAT_FAULT with a typo is refused, not ignored), s3:// storage, the stage
+launcher leaves no torchrun worker behind, one stage at a time when asked, a run that skips
+mid_train (chat_sft trains on the base model), the whole DAG end to end with the report card's full
+table, and never two torchrun stages at once on the node, in one run or in two. (The cache's
+invalidation: tests/test_cache.py.)"""
 
 import concurrent.futures
 import dataclasses
@@ -28,6 +29,7 @@ from prefect.client.schemas.filters import (
 from flows import launch, slots, stages
 from flows.speedrun import speedrun, with_identity
 from nanochat import pipeline, storage
+from nanochat.stage import fault
 from tests.support.flowruns import logs, task_runs, task_states
 from tests.support.waiting import processes, until
 
@@ -179,6 +181,17 @@ def test_failed_stage_resumes_from_its_checkpoint(finished, prefect_api, shared_
     assert any("injected fault at step 3" in line for line in lines)
     assert any("resumed at step 2" in line for line in lines)
     assert final_weights_sha(storage.run_uri("r", str(tmp_path))) == final_weights_sha(reference)  # as if it never failed
+
+
+@pytest.mark.parametrize("spec", ["tok_eval:abc", "tok_eval@x", "@1", "tok_eval:", "tok_eval@0", "tok_eval:hang:3",
+                                  "tok_evl", "chat_eval_mid"])
+def test_a_fault_spec_with_a_typo_is_refused(monkeypatch, spec):
+    """A malformed NANOCHAT_FAULT or an unknown stage would otherwise inject nothing, and a test of
+    failure and resume would pass without any failure."""
+    monkeypatch.setenv("NANOCHAT_FAULT", spec)
+    with pytest.raises(ValueError, match=r"NANOCHAT_FAULT=.*expected <stage>\[:<step>\]\[:hang\]\[@<attempt>\], "
+                                         r"<stage> one of .*chat_eval, .*tok_eval"):
+        fault("download")  # not the stage named: the old parser returned without injecting
 
 
 def test_s3_storage(prefect_api, shared_data, s3_root):
