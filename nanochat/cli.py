@@ -10,12 +10,14 @@
     nanochat version                                 package version, git commit and source hash
 """
 
+import argparse
 import importlib
 import json
 import pkgutil
 import sys
 
 import nanochat.stages
+from nanochat.common import code_version
 
 
 def stage_names():
@@ -27,6 +29,15 @@ def usage():
     return f"{__doc__}\nstages:\n{stages}\n"
 
 
+def version(argv):
+    """`nanochat version`: a parser of its own, though it takes no options, so that --help explains
+    and anything else is a usage error instead of being ignored."""
+    argparse.ArgumentParser(prog="nanochat version",
+                            description="Prints, as JSON, the package version, git commit and source hash").parse_args(argv)
+    print(json.dumps(code_version(), indent=2))
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -34,10 +45,7 @@ def main(argv=None):
         return 0
     command, rest = argv[0], argv[1:]
     if command == "version":
-        from nanochat.common import code_version
-
-        print(json.dumps(code_version(), indent=2))
-        return 0
+        return version(rest)
     if command == "chat":
         from nanochat.chat import main as chat
 
