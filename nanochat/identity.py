@@ -247,9 +247,13 @@ class Output:
 
     def __init__(self, path, p):
         self.path, self.keys, self.count = path, set(), 0
-        if os.path.exists(path):
-            self._read(p)
-        self.file = open(path, "a", encoding="utf-8")
+        try:
+            if os.path.exists(path):
+                self._read(p)
+            self.file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            # no directory is made for it: as with a shell's `>`, a typo in the directory is an error, not a new tree
+            raise IdentityError(f"--out {path}: cannot write it ({e.strerror})") from None
 
     def __enter__(self):
         return self

@@ -159,6 +159,14 @@ def test_persona_file_errors_name_the_file_and_field(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_an_out_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys):
+    """Its directory is not made: a typo there is an error, as in a shell's `>`."""
+    out = tmp_path / "no" / "such" / "q.jsonl"
+    assert identity.main(["--persona", str(write_persona(tmp_path)), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"nanochat identity: --out {out}: cannot write it (No such file or directory)\n"
+    assert not (tmp_path / "no").exists()
+
+
 def test_the_checks_refuse_bad_shapes_missing_facts_and_contradictions(tmp_path):
     quill = persona.load(write_persona(tmp_path))
     ok = "I'm Quill, made by the Lantern Lab."
