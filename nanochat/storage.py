@@ -29,6 +29,9 @@ import fsspec
 from nanochat.common import log
 
 DEFAULT_STORAGE = "file://~/.cache/nanochat"
+# The schemes used on purpose (http and https for reading: data sources and mirrors); of a chained
+# URI (`simplecache::s3://...`, the tests' `faulty::file://...`) the one of the link with the path.
+SCHEMES = ("file", "s3", "http", "https")
 CHUNK = 1 << 20
 # Attempts per operation and the first backoff (seconds, doubling up to RETRY_MAX_DELAY); the
 # defaults ride out about a minute of outage. NANOCHAT_STORAGE_RETRIES / _RETRY_DELAY override them.
@@ -59,12 +62,18 @@ def data_root(storage=None):
 
 
 def normalize(uri):
-    """Canonical form of a URI: plain paths become absolute file:// URIs, `~` is expanded."""
+    """Canonical form of a URI: plain paths become absolute file:// URIs, `~` is expanded. Every URI
+    passes here, so an unsupported scheme is a ValueError naming it rather than a network error deep
+    in fsspec (ftp://x/y: socket.gaierror)."""
     uri = os.fspath(uri)
     if "://" not in uri:
         return "file://" + os.path.abspath(os.path.expanduser(uri))
     if uri.startswith("file://"):
         return "file://" + os.path.abspath(os.path.expanduser(uri[len("file://"):]))
+    scheme = uri.split("://", 1)[0].rsplit("::", 1)[-1]
+    if scheme not in SCHEMES:
+        raise ValueError(f"{redact(uri)}: unsupported storage scheme {scheme!r}; supported: a path or "
+                         f"{', '.join(s + '://' for s in SCHEMES)} (http(s) for reading)")
     return uri.rstrip("/")
 
 

@@ -22,6 +22,16 @@ def test_normalize_and_run_uri(tmp_path, monkeypatch):
         storage.run_uri("..")
 
 
+def test_an_unsupported_scheme_is_refused_naming_the_uri_and_the_schemes(monkeypatch):
+    """Not a socket.gaierror from deep in fsspec; credentials stay out of the message."""
+    monkeypatch.setenv("NANOCHAT_STORAGE", "ftp://user:pw@x/y")
+    with pytest.raises(ValueError, match=r"^ftp://\*\*\*@x/y: unsupported storage scheme 'ftp'; supported: a path or "
+                                         r"file://, s3://, http://, https://"):
+        storage.run_uri("r")
+    assert storage.normalize("simplecache::s3://b/x/") == "simplecache::s3://b/x"  # a chain: its path's scheme
+    assert storage.normalize("http://[::1]:8000/x") == "http://[::1]:8000/x"
+
+
 def test_roundtrip(root):
     uri = storage.join(root, "a", "b.json")
     assert not storage.exists(uri)
