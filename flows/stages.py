@@ -45,7 +45,10 @@ def holds(stage, spec, record):
     uri = summary_uri(stage.name, spec)
     if not storage.exists(uri):
         return False
-    summary = storage.read_json(uri)
+    try:
+        summary = storage.read_json(uri)
+    except ValueError:  # a damaged stage.json: the stage runs again and writes it anew
+        return False
     if ResultRecord.deserialize(storage.read_bytes(record)).result != summary:
         return False
     outputs = summary["outputs"].values()

@@ -1,7 +1,7 @@
 """`nanochat chat`: talk to a run's model in the terminal, the answer streaming as it is generated.
 
     nanochat chat --run myrun                        interactive, multi-turn (newest of rl -> sft -> mid -> base)
-    nanochat chat --run myrun --source base -p "The capital of France is"
+    nanochat chat --run myrun --source base -p "The capital of France is"   a base model continues the text
     nanochat chat --run file:///path/to/checkpoints/step_000100 --temperature 0
 
 Interactive commands: `/clear` starts a new conversation, `/quit` (or Ctrl-D) leaves.
@@ -63,9 +63,12 @@ def build_parser():
     return p
 
 
-def reply(engine, messages, params, out):
-    """Streams the assistant's answer to `messages` to `out`; returns its text."""
-    prompt = engine.tokenizer.render_for_completion(messages)
+def reply(engine, messages, params, out, completing=False):
+    """Streams the assistant's answer to `messages` to `out`; returns its text. `completing` (a base
+    model, which has learned no chat format): the continuation of the last message's text instead."""
+    tokenizer = engine.tokenizer
+    last = messages[-1]["content"]
+    prompt = tokenizer.encode(last, prepend="<|bos|>") if completing else tokenizer.render_for_completion(messages)
     pieces = []
     for piece in engine.stream(prompt, params):
         out.write(piece)
@@ -76,14 +79,16 @@ def reply(engine, messages, params, out):
 
 
 def main(argv=None):
+    from nanochat.checkpoint import CheckpointError, find_checkpoint
     from nanochat.common import autodetect_device_type
     from nanochat.engine import SamplingParams
     from nanochat.inference import load_engine
 
     args = build_parser().parse_args(argv)
     try:
-        engine = load_engine(args.run, args.source, device=args.device or autodetect_device_type(), max_rows=1)
-    except (FileNotFoundError, ValueError) as e:  # ValueError: e.g. a bad NANOCHAT_CPU_FASTPATHS
+        directory, source = find_checkpoint(args.run, args.source)
+        engine = load_engine(directory, device=args.device or autodetect_device_type(), max_rows=1)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:  # ValueError: e.g. a bad NANOCHAT_CPU_FASTPATHS
         print(f"nanochat chat: {e}", file=sys.stderr)
         return 1
     given = {name: getattr(args, name) for name in GENERATION if getattr(args, name) is not None}
@@ -94,9 +99,12 @@ def main(argv=None):
     except ValueError as e:
         print(f"nanochat chat: {e}", file=sys.stderr)
         return 2
+    completing = source == "base"
     if args.prompt is not None:
-        reply(engine, [{"role": "user", "content": args.prompt}], params, sys.stdout)
+        reply(engine, [{"role": "user", "content": args.prompt}], params, sys.stdout, completing)
         return 0
+    if completing:
+        print("(a base model: each line you type is continued as text, not answered)", file=sys.stderr)
     messages = []
     while True:
         try:
@@ -111,10 +119,12 @@ def main(argv=None):
             continue
         if not text:
             continue
+        if completing:  # no conversation: each line on its own
+            messages = []
         messages.append({"role": "user", "content": text})
         sys.stdout.write("nanochat> ")
         try:
-            messages.append({"role": "assistant", "content": reply(engine, messages, params, sys.stdout)})
+            messages.append({"role": "assistant", "content": reply(engine, messages, params, sys.stdout, completing)})
         except KeyboardInterrupt:  # stops this answer, keeps the conversation
             print()
             messages.pop()

@@ -306,9 +306,24 @@ def load_model(target, device="cpu"):
     return build_model(GPTConfig(**meta["model_config"]), model_state, device), load_tokenizer(meta), meta
 
 
+def tokenizer_meta(uri):
+    """The meta.json fields of a checkpoint trained with the tokenizer whose tokenizer.json is at `uri`:
+    that URI, and the file's sha256, which load_tokenizer checks. A run's tokenizer can be replaced in
+    place (tok_train run again, or a stage imported again with --force); without it, its models would
+    decode their ids into other text without a word."""
+    return {"tokenizer": uri, "tokenizer_sha256": hashlib.sha256(storage.read_bytes(uri)).hexdigest()}
+
+
 def load_tokenizer(meta):
-    """The tokenizer a checkpoint's meta.json names (its tokenizer.json, in a tokenizer directory)."""
-    return Tokenizer.load(meta["tokenizer"].rsplit("/", 1)[0])
+    """The tokenizer a checkpoint's meta.json names (its tokenizer.json, in a tokenizer directory); a
+    CheckpointError if that file is no longer the one the model was trained with (checkpoints from
+    before tokenizer_meta carry no sha256 to check)."""
+    uri, trained_with = meta["tokenizer"], meta.get("tokenizer_sha256")
+    if trained_with and hashlib.sha256(storage.read_bytes(uri)).hexdigest() != trained_with:
+        raise CheckpointError(f"{storage.redact(uri)} is not the tokenizer this model was trained with (its sha256 differs from "
+                              "the checkpoint's meta.json): the run's tokenizer was replaced since (tok_train run again, or a "
+                              "stage imported over); train the model again, or bring the tokenizer it was trained with back")
+    return Tokenizer.load(uri.rsplit("/", 1)[0])
 
 
 def build_model(config, model_state, device="cpu"):

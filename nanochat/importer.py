@@ -102,7 +102,7 @@ def import_model(args):
     clear_stage(args.run, name, args.force)
     tokenizer = model.tokenizer.save(stage.stage_uri(args.run, name, "tokenizer"))["tokenizer"]
     imported = {"format": model.format, "source": src, "step": model.step, **model.details}
-    meta = {"model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, "imported": imported,
+    meta = {"model_config": dataclasses.asdict(model.config), **checkpoint.tokenizer_meta(tokenizer), "imported": imported,
             **({"generation": model.generation} if model.generation else {})}
     target = checkpoint.save_weights(stage.stage_uri(args.run, name, "checkpoints"), model.step, model.state, meta)
     parameters = sum(t.numel() for t in model.state.values())

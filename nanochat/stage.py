@@ -28,7 +28,7 @@ import sys
 import time
 
 from nanochat import pipeline, presets, sources, storage
-from nanochat.common import code_version, compute_cleanup, setup_logging
+from nanochat.common import code_version, compute_cleanup, log, setup_logging
 
 SUMMARY = "stage.json"
 DOWNLOAD = "download"  # the stage whose `files` output (files.json) declares a run's data
@@ -36,6 +36,10 @@ DOWNLOAD = "download"  # the stage whose `files` output (files.json) declares a 
 
 class StageError(Exception):
     """A stage cannot run: bad arguments or missing/invalid inputs. Reported as one line."""
+
+
+class SummaryError(StageError, ValueError):
+    """A stage.json that is not a stage's summary (a ValueError too, for the commands that read runs)."""
 
 
 def parser(stage, doc):
@@ -94,7 +98,24 @@ def read_summary(run, stage):
     uri = stage_uri(run, stage, SUMMARY)
     if not storage.exists(uri):
         raise StageError(f"stage {stage!r} has not completed in run {run} (no {uri}); run it first")
-    return storage.read_json(uri)
+    return checked_summary(uri)
+
+
+def checked_summary(uri):
+    """The stage.json at `uri`; a SummaryError naming it unless it is a JSON object whose outputs map
+    names to objects with a uri (what the stages after it read)."""
+    damaged = f"{storage.redact(uri)}: not a stage summary ({{}}): run the stage again, or remove its folder"
+    try:
+        summary = json.loads(storage.read_bytes(uri))
+    except json.JSONDecodeError as e:
+        raise SummaryError(damaged.format(f"invalid JSON: {e}")) from None
+    outputs = summary.get("outputs") if isinstance(summary, dict) else None
+    if not isinstance(outputs, dict):
+        raise SummaryError(damaged.format("no 'outputs' object"))
+    for name, output in outputs.items():
+        if not (isinstance(output, dict) and isinstance(output.get("uri"), str)):
+            raise SummaryError(damaged.format(f"output {name!r} has no 'uri'"))
+    return summary
 
 
 def upstream_output(run, upstream, name):
@@ -116,9 +137,14 @@ def upstream_checkpoint(run, upstream):
 
 
 def imported(run, stage):
-    """The `imported` entry of stage `stage`'s stage.json in `run`, or None (not done, or trained here)."""
+    """The `imported` entry of stage `stage`'s stage.json in `run`, or None (not done, trained here, or
+    a damaged stage.json, which running the stage again replaces)."""
     uri = stage_uri(run, stage, SUMMARY)
-    return storage.read_json(uri).get("imported") if storage.exists(uri) else None
+    try:
+        return checked_summary(uri).get("imported") if storage.exists(uri) else None
+    except SummaryError as e:
+        log.warning("%s", e)
+        return None
 
 
 def imported_stages(run):

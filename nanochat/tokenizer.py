@@ -61,10 +61,14 @@ class Tokenizer:
         bpe.train_from_iterator(texts, n_merges_vocab, pattern=pattern)
         return cls(dict(bpe.get_mergeable_ranks()), pattern)
 
+    def ranks_file(self):
+        """The contents of ranks.tiktoken: a base64 token and its rank per line, by rank."""
+        lines = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        return b"".join(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n" for tok, rank in lines)
+
     def save(self, directory):
         """Writes ranks.tiktoken, then tokenizer.json (last) under `directory`; returns their URIs."""
-        lines = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
-        ranks = b"".join(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n" for tok, rank in lines)
+        ranks = self.ranks_file()
         ranks_uri, meta_uri = storage.join(directory, RANKS_FILE), storage.join(directory, META_FILE)
         storage.write_bytes(ranks_uri, ranks)
         storage.write_json(meta_uri, {

@@ -255,19 +255,25 @@ def progress_bar(enabled, desc, step, num_steps):
 
 class MetricsLog:
     """metrics.jsonl of the stage, rewritten whole (atomically) on flush. On resume, records after
-    the resumed step are dropped, so a retried step is never counted twice."""
+    the resumed step are dropped, so a retried step is never counted twice; a measurement made again
+    at a step (the final evaluation of a finished stage run again) replaces the one there."""
 
     def __init__(self, uri, resumed_step, enabled):
         self.uri, self.enabled = uri, enabled
         self.records = []
         if enabled and resumed_step > 0 and storage.exists(uri):
-            records = [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
-            self.records = [r for r in records if r["step"] <= resumed_step]
+            self.records = [r for r in read_records(uri) if r["step"] <= resumed_step]
         self.last_flush = time.time()
 
     def add(self, record, quiet=False):
         if not self.enabled:
             return
+        for i in range(len(self.records) - 1, -1, -1):  # the records of this step are the last ones
+            if self.records[i]["step"] != record["step"]:
+                break
+            if self.records[i].keys() == record.keys():
+                del self.records[i]
+                break
         self.records.append(record)
         if not quiet:
             log.info("step %d: %s", record["step"], ", ".join(f"{k} {fmt(v)}" for k, v in record.items() if k != "step"))
@@ -281,6 +287,22 @@ class MetricsLog:
         if self.enabled:
             storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in self.records))
             self.last_flush = time.time()
+
+
+def read_records(uri):
+    """The records of a metrics.jsonl (written whole, so every line is one); a StageError naming the
+    file and line where one is not a JSON object with a step."""
+    records = []
+    for number, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise stage.StageError(f"{storage.redact(uri)}: line {number} is not JSON ({e}): restore the file, or remove the "
+                                   "stage's folder to train it again") from None
+        if record is not None and not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise stage.StageError(f"{storage.redact(uri)}: line {number} is not a record with a step")
+        records += [record] if record is not None else []
+    return records
 
 
 def fmt(value):

@@ -4,27 +4,45 @@ in `nanochat/training.py`."""
 
 import argparse
 import dataclasses
+import math
 
 from nanochat import presets, stage
 from nanochat.common import log
 
 
+def number(kind, least, most=math.inf):
+    """An argparse type: a finite `kind` (int or float) from `least` to `most`, else argparse's usage
+    error naming the option (a zero batch would divide by zero later, a negative rate train backwards)."""
+    def parse(text):
+        value = kind(text)  # not a number: argparse says "invalid <kind> value"
+        if not (math.isfinite(value) and least <= value <= most):
+            raise argparse.ArgumentTypeError(f"{text}: expected {'a number' if kind is float else 'an integer'} "
+                                             f"from {least}" + (f" to {most}" if most < math.inf else " up"))
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, RATE, FRACTION = number(int, 1), number(float, 0), number(float, 0, 1)
+
+
 def add_options(p):
     """The options of every training stage."""
     a = p.add_argument
-    a("--device-batch-size", type=int, help="rows per forward pass on each process")
+    a("--device-batch-size", type=COUNT, help="rows per forward pass on each process")
     a("--num-steps", type=int, help="optimizer steps")
-    a("--matrix-lr", type=float, help="Muon learning rate of the transformer matrices")
-    a("--embedding-lr", type=float, help="AdamW learning rate of the embedding (at width 768; scaled as 1/sqrt(width))")
-    a("--unembedding-lr", type=float, help="AdamW learning rate of lm_head (at width 768; scaled as 1/sqrt(width))")
-    a("--scalar-lr", type=float, help="AdamW learning rate of the per-layer scalars (--lambdas), as upstream's")
-    a("--weight-decay", type=float, help="Muon weight decay")
+    a("--matrix-lr", type=RATE, help="Muon learning rate of the transformer matrices")
+    a("--embedding-lr", type=RATE, help="AdamW learning rate of the embedding (at width 768; scaled as 1/sqrt(width))")
+    a("--unembedding-lr", type=RATE, help="AdamW learning rate of lm_head (at width 768; scaled as 1/sqrt(width))")
+    a("--scalar-lr", type=RATE, help="AdamW learning rate of the per-layer scalars (--lambdas), as upstream's")
+    a("--weight-decay", type=RATE, help="Muon weight decay")
     a("--optimizer-recipe", choices=["classic", "2026"],
       help="classic: Muon and AdamW as nanochat had them in 2025; 2026: NorMuon variance reduction, cautious weight "
            "decay, MuonEq, Muon+ and upstream's per-group AdamW betas and weight decays")
-    a("--warmup-steps", type=int, help="steps warming the learning rate up linearly")
-    a("--warmdown-ratio", type=float, help="fraction of steps decaying the learning rate at the end")
-    a("--final-lr-frac", type=float, help="the learning rate at the end of the warm-down, as a fraction of its peak")
+    a("--warmup-steps", type=number(int, 0), help="steps warming the learning rate up linearly")
+    a("--warmdown-ratio", type=FRACTION, help="fraction of steps decaying the learning rate at the end")
+    a("--final-lr-frac", type=FRACTION, help="the learning rate at the end of the warm-down, as a fraction of its peak")
     a("--momentum-schedule", choices=["classic", "2026"],
       help="Muon momentum: classic 0.85 -> 0.95 over 300 steps; 2026 0.85 -> 0.97 over 400 steps, then to 0.90 "
            "over the warm-down")
@@ -32,7 +50,7 @@ def add_options(p):
       "or cosine-decayed to 0")
     a("--eval-every", type=int, help="steps between validation evaluations (-1: only at the end)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (-1: only at the end)")
-    a("--keep-last", type=int, help="checkpoints kept (older ones are deleted)")
+    a("--keep-last", type=COUNT, help="checkpoints kept (older ones are deleted)")
     a("--compile", action=argparse.BooleanOptionalAction, help="compile the model with PyTorch's compiler")
     a("--deterministic", action="store_true", help="deterministic kernels, for bit-identical resumes")
     a("--seed", type=int, help="seed of the weights' init and of sampling")

@@ -239,3 +239,26 @@ def test_wandb_offline_logs_without_a_network(run, shared_data, tmp_path):
     logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1
     assert b"lr_multiplier" in logs[0].read_bytes()  # the step records reached the run's log
+
+
+def test_metrics_log_resumed_keeps_one_record_per_measurement_and_names_a_damaged_line(tmp_path):
+    """A finished stage run again resumes at its last step and evaluates once more: that evaluation
+    replaces the one at that step instead of repeating it (the report would count it twice), and the
+    step records stay. A line of metrics.jsonl that is not a record stops the resume, naming the file
+    and line."""
+    from nanochat.training import MetricsLog
+
+    uri = storage.normalize(str(tmp_path / "metrics.jsonl"))
+    first = MetricsLog(uri, 0, True)
+    for step in (1, 2, 3):
+        first.add({"step": step, "loss": 5.0 - step}, quiet=True)
+    first.add({"step": 3, "val_bpb": 2.5}, quiet=True)
+    first.flush()
+    again = MetricsLog(uri, 3, True)
+    again.add({"step": 3, "val_bpb": 2.4}, quiet=True)
+    again.flush()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.0}, {"step": 3, "loss": 2.0}, {"step": 3, "val_bpb": 2.4}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n{"step": 2, "lo\n')
+    with pytest.raises(contract.StageError, match=r"metrics.jsonl: line 2 is not JSON"):
+        MetricsLog(uri, 2, True)

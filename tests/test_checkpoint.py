@@ -112,3 +112,27 @@ def test_state_roundtrip_preserves_structure():
     back = checkpoint.join_state(json.loads(json.dumps(skeleton)), tensors)
     assert back["groups"] == state["groups"]
     assert torch.equal(back["state"][0]["buf"], state["state"][0]["buf"]) and 0 in back["state"]
+
+
+def test_a_model_refuses_a_tokenizer_replaced_since_it_trained(tmp_path):
+    """A checkpoint names its tokenizer by URI and by sha256 (checkpoint.tokenizer_meta): a tokenizer
+    trained again in its place (another vocabulary) is refused with the reason, where it used to
+    decode the model's ids into other text; the same tokenizer loads, and so does a checkpoint from
+    before the sha256 was recorded."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+
+    texts = ["the quick brown fox jumps over the lazy dog " * 50, "pack my box with five dozen liquor jugs " * 50]
+    folder = storage.normalize(str(tmp_path / "tokenizer"))
+    uri = Tokenizer.train(iter(texts), 300).save(folder)["tokenizer"]
+    config = GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+    state = GPT(config).state_dict()
+    meta = {"model_config": config.__dict__, **checkpoint.tokenizer_meta(uri)}
+    trained = checkpoint.save_weights(storage.normalize(str(tmp_path / "checkpoints")), 1, state, meta)
+    before = checkpoint.save_weights(storage.normalize(str(tmp_path / "old")), 1, state, {"model_config": config.__dict__,
+                                                                                          "tokenizer": uri})
+    assert checkpoint.load_model(trained)[1].vocab_size == 300
+    Tokenizer.train(iter(texts), 290).save(folder)  # tok_train again, in place
+    with pytest.raises(checkpoint.CheckpointError, match="is not the tokenizer this model was trained with"):
+        checkpoint.load_model(trained)
+    assert checkpoint.load_model(before)[1].vocab_size == 290  # no sha256 to check

@@ -60,7 +60,7 @@ def test_a_transformers_model_imports_with_its_logits_and_greedy_tokens(theirs, 
     code, err = import_(capsys, directory, "--run", tmp_path / "run")
     assert code == 1 and "give --as" in err  # nothing says which model it is
     code, err = import_(capsys, hot, "--run", tmp_path / "run", "--as", "sft")
-    assert code == 1 and "generation_config.json: generation field temperature must be a number" in err
+    assert code == 1 and "generation_config.json: generation field temperature must be a finite number" in err
     summary = json.loads((run / "chat_sft" / "stage.json").read_text())
     assert summary["imported"]["format"] == "transformers" and summary["imported"]["model_type"] == "nanochat"
     ours, tokenizer, _ = checkpoint.load_model(checkpoint.find_checkpoint(str(run))[0])

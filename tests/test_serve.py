@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from nanochat.chat import GENERATION
+from nanochat.serve import build_parser
 from nanochat.serve.app import CHAT_FIELDS, ChatCompletionRequest, parameter_table
 from nanochat.serve.worker import Worker
 from tests.support.serving import ask, assert_openai_error, chromium_tab, healthy, openai_client, start_server, stop_server, streamed
@@ -43,6 +44,15 @@ def server(served):
 @pytest.fixture
 def client(server):
     return openai_client(server)
+
+
+def test_help_states_every_options_default():
+    """`nanochat serve --help` shows each default (--port's 8000 among them), as the README says."""
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0 and not action.required:  # not --help, flags or --run
+            assert "default" in (action.help or ""), f"{action.option_strings[0]}: its help states no default"
+    assert "(default: 8000)" in " ".join(parser.format_help().split())
 
 
 def test_models_health_and_binding(server, client):
@@ -359,16 +369,20 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     chat = [sys.executable, "-m", "nanochat.cli", "chat", "--run", name]
     cli = [*chat, "--max-tokens", "8", "--temperature", "0"]
     # one shot, with one set of generation defaults: the CLI's, and the API's for the fields a request
-    # leaves out (seeded sampling)
+    # leaves out (seeded sampling). The run's model is a base model: the CLI continues the text, as the
+    # completions endpoint does, where a chat model answers (test_hf_import)
     defaults = subprocess.run([*chat, "--seed", "5", "--max-tokens", "24", "-p", "Count with me."], env=env,
                               capture_output=True, text=True, check=True, timeout=120)
-    omitted = ask(client, "Count with me.", seed=5, max_tokens=24).choices[0].message.content
-    explicit = ask(client, "Count with me.", seed=5, max_tokens=24, temperature=GENERATION["temperature"],
-                   frequency_penalty=GENERATION["frequency_penalty"], extra_body={"top_k": GENERATION["top_k"]})
-    openai_defaults = ask(client, "Count with me.", seed=5, max_tokens=24, temperature=1, frequency_penalty=0,
-                          extra_body={"top_k": -1})
-    assert defaults.stdout == omitted + "\n" and omitted == explicit.choices[0].message.content
-    assert openai_defaults.choices[0].message.content != omitted
+
+    def continued(**fields):
+        return client.completions.create(model="nanochat", prompt="Count with me.", **fields).choices[0].text
+
+    omitted = continued(seed=5, max_tokens=24)
+    explicit = continued(seed=5, max_tokens=24, temperature=GENERATION["temperature"], frequency_penalty=GENERATION["frequency_penalty"],
+                         extra_body={"top_k": GENERATION["top_k"]})
+    openai_defaults = continued(seed=5, max_tokens=24, temperature=1, frequency_penalty=0, extra_body={"top_k": -1})
+    assert defaults.stdout == omitted + "\n" and omitted == explicit and openai_defaults != omitted
+    assert omitted != ask(client, "Count with me.", seed=5, max_tokens=24).choices[0].message.content  # not a chat answer
     session = subprocess.run(cli, input="Hello\n/clear\nAgain\n/quit\n", env=env, capture_output=True, text=True, check=True,
                              timeout=120)
     assert session.stdout.count("nanochat> ") == 2 and session.stdout.startswith("you> ")
@@ -376,8 +390,7 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     assert missing.returncode == 1 and "chat_rl" in missing.stderr
     # -1 is every token, as in the API; what sampling cannot take, or a device torch cannot use, is one line
     every = subprocess.run([*cli, "--top-k", "-1", "-p", "Count with me."], env=env, capture_output=True, text=True, timeout=120)
-    greedy = ask(client, "Count with me.", max_tokens=8, temperature=0).choices[0].message.content
-    assert every.returncode == 0 and every.stdout == greedy + "\n"
+    assert every.returncode == 0 and every.stdout == continued(max_tokens=8, temperature=0) + "\n"
     for option, code, says in [(["--top-k", "0"], 2, "top_k must be at least 1"), (["--temperature", "nan"], 2, "temperature must be"),
                                (["--device", "cuda:99"], 1, "device 'cuda:99' cannot be used here")]:
         refused = subprocess.run([*cli, *option, "-p", "x"], env=env, capture_output=True, text=True, timeout=120)

@@ -25,7 +25,7 @@ def fuzzed(run):
     """The server under fuzzing (short completions, at most 2 a request: the fuzz is after errors, not
     text; no rate limit); prints the requests it got."""
     with serving(run, "--api-key", KEY, "--max-tokens", "8", "--max-n", "2", "--rate-limit", "0") as url:
-        assert httpx.get(url + "/openapi.json").json() == SPEC
+        assert httpx.get(url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json() == SPEC
         yield url
     for operation, statuses in sorted(STATUSES.items()):
         print(f"fuzz: {operation}: {sum(statuses.values())} requests, by status {dict(sorted(statuses.items()))}")

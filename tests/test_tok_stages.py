@@ -34,6 +34,27 @@ def test_tok_train_then_eval(shared_data, tmp_path):
     assert 2.5 < metrics["compression"]["validation"]["bytes_per_token"] < 5
     assert "| validation |" in metrics["table"]
 
+    # a damaged stage.json is named by the stage that reads it
+    summary_file = tmp_path / "run" / "tok_train" / "stage.json"
+    kept = summary_file.read_text()
+    summary_file.write_text("{}")
+    damaged = run_stage("tok_eval", "--run", run, "--preset", "tiny", "--data", data)
+    assert damaged.returncode == 1 and damaged.stderr.strip().splitlines()[-1] == (
+        f"tok_eval: error: file://{summary_file}: not a stage summary (no 'outputs' object): run the stage again, or remove its folder")
+    summary_file.write_text(kept)
+
+    # once base_train trained on the tokenizer, another one is refused and the first one kept
+    tokenizer_json = tmp_path / "run" / "tok_train" / "tokenizer" / "tokenizer.json"
+    (tmp_path / "run" / "base_train").mkdir()
+    (tmp_path / "run" / "base_train" / "stage.json").write_text(json.dumps({"outputs": {"tokenizer": {"uri": f"file://{tokenizer_json}"}}}))
+    before = tokenizer_json.read_bytes()
+    other = run_stage("tok_train", "--run", run, "--preset", "tiny", "--max-chars", "2000000", "--data", data, "--vocab-size", "1024")
+    assert other.returncode == 1 and "base_train trained on the tokenizer at" in other.stderr.strip().splitlines()[-1]
+    assert tokenizer_json.read_bytes() == before
+    again = run_stage("tok_train", "--run", run, "--preset", "tiny", "--max-chars", "2000000", "--data", data)
+    assert again.returncode == 0, again.stderr  # the same text and settings: the same tokenizer
+    assert tokenizer_json.read_bytes() == before
+
 
 def test_bad_arguments_fail_before_work_with_one_line(tmp_path, shared_data):
     run = str(tmp_path / "run")

@@ -147,7 +147,7 @@ def finetune(args, stage_name, train_task):
     if trainer.step == 0 and args.eval_every > 0:
         evaluate(0)
     hooks = [(args.eval_every, evaluate), (args.chatcore_every, chatcore_hook(args, trainer, model, tokenizer, chat_tasks))]
-    final = trainer.train(model, optimizer, batches, plan, hooks, meta={"tokenizer": meta["tokenizer"]})
+    final = trainer.train(model, optimizer, batches, plan, hooks, meta=checkpoint.tokenizer_meta(meta["tokenizer"]))
     val_bpb = evaluate(trainer.step)
     metrics = {"val_bpb": val_bpb, "conversations": n_conversations, "epochs_started": batches.epoch + 1}
     metrics = trainer.commit({"checkpoint": storage.join(source, checkpoint.MANIFEST)}, final, metrics, started)

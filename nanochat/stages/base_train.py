@@ -45,10 +45,10 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 def build_parser():
     p = stage.parser(STAGE, __doc__)
     a = p.add_argument
-    a("--depth", type=int, help="transformer layers; the width is 64 x depth, rounded to whole heads")
-    a("--head-dim", type=int, help="attention head size")
-    a("--n-kv-head", type=int, help="key/value heads (GQA); default: one per query head")
-    a("--max-seq-len", type=int, help="tokens per training row")
+    a("--depth", type=training_options.COUNT, help="transformer layers; the width is 64 x depth, rounded to whole heads")
+    a("--head-dim", type=training_options.COUNT, help="attention head size")
+    a("--n-kv-head", type=training_options.COUNT, help="key/value heads (GQA); default: one per query head")
+    a("--max-seq-len", type=training_options.COUNT, help="tokens per training row")
     a("--window-pattern", help="attention windows tiled over the layers: L the whole context, S a quarter of it "
       "(rounded up to 128); the last layer is always L (upstream: SSSL)")
     a("--value-embeds", action=argparse.BooleanOptionalAction, help="value embeddings on alternating layers, gated")
@@ -67,7 +67,7 @@ def build_parser():
     a("--target-flops", type=float, help="training FLOPs when --num-steps is -1 (-1: use --param-data-ratio)")
     a("--param-data-ratio", type=float, help="training tokens per scaling parameter (block matrices and lm_head) "
       "when --num-steps and --target-flops are -1")
-    a("--eval-tokens", type=int, help="validation tokens per evaluation")
+    a("--eval-tokens", type=training_options.COUNT, help="validation tokens per evaluation")
     a("--core-every", type=int, help="steps between CORE evaluations on a subset of each task (-1: never)")
     a("--core-max-per-task", type=int, help="examples per CORE task in those evaluations")
     a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's, else the data cache's)")
@@ -82,7 +82,7 @@ def build_parser():
 def main(args):
     import torch
 
-    from nanochat import fp8, training
+    from nanochat import checkpoint, fp8, training
     from nanochat.evaluation import core
     from nanochat.evaluation.bpb import bits_per_byte, model_losses
     from nanochat.gpt import GPT
@@ -149,7 +149,7 @@ def main(args):
     if trainer.step == 0 and args.eval_every > 0:
         evaluate(0)
     hooks = [(args.eval_every, evaluate), (args.core_every, evaluate_core), (args.sample_every, samples)]
-    final = trainer.train(model, optimizer, batches, plan, hooks, meta={"tokenizer": tokenizer_uri})
+    final = trainer.train(model, optimizer, batches, plan, hooks, meta=checkpoint.tokenizer_meta(tokenizer_uri))
     val_bpb = evaluate(trainer.step)
     with fp8.disabled(model):
         samples_text = print_samples(model, tokenizer) if trainer.master else None
@@ -166,8 +166,11 @@ def model_config(args, vocab_size, depth=None):
     """The GPTConfig the options ask for (at `depth` instead of --depth if given)."""
     from nanochat.gpt import GPTConfig
 
-    return GPTConfig.from_depth(depth or args.depth, vocab_size, args.max_seq_len, head_dim=args.head_dim,
-                                n_kv_head=args.n_kv_head, **{name: getattr(args, name) for name in MODEL_OPTIONS})
+    try:
+        return GPTConfig.from_depth(depth or args.depth, vocab_size, args.max_seq_len, head_dim=args.head_dim,
+                                    n_kv_head=args.n_kv_head, **{name: getattr(args, name) for name in MODEL_OPTIONS})
+    except ValueError as e:  # e.g. a window pattern of other letters, a qk_scale of 0
+        raise stage.StageError(f"the model the options ask for: {e}") from None
 
 
 @dataclasses.dataclass

@@ -88,7 +88,7 @@ def main(args):
     if trainer.step == 0 and args.eval_every > 0:
         evaluate(0)
     final = trainer.train(model, optimizer, rollouts, plan, [(args.eval_every, evaluate)],
-                          meta={"tokenizer": meta["tokenizer"]}, loss=policy_gradient_loss)
+                          meta=checkpoint.tokenizer_meta(meta["tokenizer"]), loss=policy_gradient_loss)
     score = evaluate(trainer.step)
     metrics = {"pass@k": score, "k": args.num_samples, "mean_reward": rollouts.mean_reward()}
     metrics = trainer.commit({"checkpoint": storage.join(source, checkpoint.MANIFEST)}, final, metrics, started)

@@ -6,17 +6,19 @@
 
 Reads the run's shards (those download declared in files.json; without a download stage in the
 run, those of the data cache, <storage>/data/pretrain) unless --data names another directory URI.
-Writes <run>/tok_train/tokenizer/{ranks.tiktoken,tokenizer.json}, then stage.json.
+Writes <run>/tok_train/tokenizer/{ranks.tiktoken,tokenizer.json}, then stage.json. A run whose
+base_train trained on the tokenizer here keeps it: a different one is refused (a new run takes it).
 """
 
+import hashlib
 import sys
 import time
 
 from tqdm import tqdm
 
-from nanochat import dataset, shards, stage
+from nanochat import dataset, shards, stage, storage
 from nanochat.common import log
-from nanochat.tokenizer import Tokenizer
+from nanochat.tokenizer import META_FILE, Tokenizer
 
 STAGE = "tok_train"
 
@@ -60,6 +62,7 @@ def main(args):
     tokenizer = Tokenizer.train(texts(), args.vocab_size)
     train_time = time.time() - t0
     bar.close()
+    check_replacement(args.run, tokenizer)
     out = tokenizer.save(stage.stage_uri(args.run, STAGE, "tokenizer"))
     metrics = {
         "vocab_size": tokenizer.vocab_size,
@@ -70,6 +73,22 @@ def main(args):
     }
     log.info("trained %d tokens on %s chars in %.1fs", tokenizer.vocab_size, f"{counted['chars']:,}", train_time)
     return stage.commit(args.run, STAGE, args, {}, out, metrics, started)
+
+
+def check_replacement(run, tokenizer):
+    """A StageError if base_train trained the run's model on the tokenizer this stage wrote before and
+    `tokenizer` differs from it: replacing it would leave every model of the run reading its ids as
+    other text (checkpoint.load_tokenizer would refuse them). The same tokenizer again (the same text
+    and settings) is written as before."""
+    uri = stage.stage_uri(run, STAGE, "tokenizer", META_FILE)
+    if not (storage.exists(uri) and storage.exists(stage.stage_uri(run, "base_train", stage.SUMMARY))):
+        return
+    if stage.upstream_output(run, "base_train", "tokenizer") != uri:  # an imported base model brought its own
+        return
+    if storage.read_json(uri)["ranks_sha256"] != hashlib.sha256(tokenizer.ranks_file()).hexdigest():
+        raise stage.StageError(f"run {run}: base_train trained on the tokenizer at {storage.redact(uri)}, and this one differs "
+                               "(other text or settings): replacing it would leave the run's models unreadable. Train it in a "
+                               "new run, or remove the run's training stages first")
 
 
 if __name__ == "__main__":
