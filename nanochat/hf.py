@@ -257,8 +257,11 @@ def export_generation(generation):
 
 def import_generation(theirs):
     """The fields of our generation config that a generation_config.json (a dict) gives, unchecked
-    (chat.generation_config checks them); transformers' top_k 0 is every token (None)."""
+    (chat.generation_config checks them); transformers' top_k 0 is every token (None), and do_sample
+    false is greedy decoding (transformers' generate ignores the temperature then): temperature 0."""
     given = {ours: theirs[name] for ours, name in GENERATION_FIELDS.items() if theirs.get(name) is not None}
     if given.get("top_k") == 0:
         given["top_k"] = None
+    if theirs.get("do_sample") is False:
+        given["temperature"] = 0.0
     return given

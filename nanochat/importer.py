@@ -117,6 +117,9 @@ def read_source(src, args):
     if not names:
         raise FileNotFoundError(f"{src}: no such directory, or it is empty")
     if "config.json" in names and names & {"model.safetensors", SHARD_INDEX}:
+        if args.step is not None or args.tokenizer:  # it holds one model, with its own tokenizer
+            raise stage.StageError(f"{src} is a transformers model directory: --step and --tokenizer apply to an "
+                                   "upstream checkpoint folder")
         return read_transformers(src, names)
     return read_upstream(src, args, names)
 

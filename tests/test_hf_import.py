@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from nanochat import chat, checkpoint, export, hf_tokenizer
+from nanochat import chat, checkpoint, export, hf, hf_tokenizer
 from nanochat.engine import Engine, SamplingParams
 from tests.support.hf import randomize, require_transformers
 from tests.support.serving import ask, openai_client, serving
@@ -59,6 +59,8 @@ def test_a_transformers_model_imports_with_its_logits_and_greedy_tokens(theirs, 
     (hot / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
     code, err = import_(capsys, directory, "--run", tmp_path / "run")
     assert code == 1 and "give --as" in err  # nothing says which model it is
+    code, err = import_(capsys, directory, "--run", tmp_path / "run", "--as", "sft", "--step", "3")
+    assert code == 1 and "is a transformers model directory: --step and --tokenizer apply to an upstream" in err
     code, err = import_(capsys, hot, "--run", tmp_path / "run", "--as", "sft")
     assert code == 1 and "generation_config.json: generation field temperature must be a finite number" in err
     summary = json.loads((run / "chat_sft" / "stage.json").read_text())
@@ -100,3 +102,12 @@ def test_its_generation_config_is_the_cli_and_api_default_and_exports_back(impor
     export.export(str(run), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (config["do_sample"], config["temperature"], config["top_k"], config["max_new_tokens"]) == (False, 0.0, 1, 24)
+
+
+def test_a_greedy_generation_config_imports_greedy():
+    """do_sample false is greedy decoding in transformers (temperature ignored): the import keeps it
+    greedy (temperature 0) instead of taking our sampling default; without do_sample, or with it
+    true, the temperature given is kept; top_k 0 is every token."""
+    assert hf.import_generation({"do_sample": False, "top_k": 50}) == {"temperature": 0.0, "top_k": 50}
+    assert hf.import_generation({"do_sample": True, "temperature": 0.7}) == {"temperature": 0.7}
+    assert hf.import_generation({"temperature": 0.7, "top_k": 0}) == {"temperature": 0.7, "top_k": None}
