@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from nanochat import dataset, storage
 from nanochat import shards as shardlib
+from nanochat.stage import StageError
 from nanochat.tokenizer import ConversationError
 
 STATE_VERSION = 1
@@ -103,12 +104,15 @@ def _batch_tensors(rows, targets, device):
 
 
 def _check_state(state, kind, expected):
+    """A StageError (one line, the stage's own) unless a checkpoint's loader `state` is one this loader
+    continues exactly: a stage resumed with other data options would train on another token stream."""
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("kind") != kind:
-        raise ValueError(f"not a {kind} loader state (version {STATE_VERSION}): {str(state)[:200]}")
+        raise StageError(f"not a {kind} loader state (version {STATE_VERSION}): {str(state)[:200]}")
     for key, value in expected.items():
         if state.get(key) != value:
-            raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has {value!r}; "
-                             "resuming would not reproduce the same token stream")
+            raise StageError(f"the checkpoint's data loader has {key}={state.get(key)!r}, and the options now give "
+                             f"{value!r}: resuming would not reproduce the same token stream; resume with the options the "
+                             "stage started with, or remove its folder to train it again")
 
 
 class PretrainLoader:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from nanochat import shards, storage
 from nanochat.dataloader import BestFitBuffer, ConversationLoader, PretrainLoader
+from nanochat.stage import StageError
 from nanochat.tokenizer import Tokenizer
 
 MARK = re.compile(r"^<(\d{4})>")
@@ -117,9 +118,9 @@ def test_resume_checks_compatibility(tok, shard_dir):
     loader = PretrainLoader(tok, 2, 40, shard_dir, rank=0, world_size=2)
     next(loader)
     state = loader.state_dict()
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(StageError, match="world_size=2, and the options now give 1"):  # the stage's one-line error
         PretrainLoader(tok, 2, 40, shard_dir, rank=0, world_size=1, state=state)
-    with pytest.raises(ValueError, match="T=40"):
+    with pytest.raises(StageError, match="T=40"):
         PretrainLoader(tok, 2, 48, shard_dir, rank=0, world_size=2, state=state)
     # B may change: rows are a function of T only
     resumed = PretrainLoader(tok, 4, 40, shard_dir, rank=0, world_size=2, state=state)
