@@ -232,11 +232,13 @@ def utc(seconds):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"
 
 
-def commit(run, stage, args, inputs, outputs, metrics, started, imported=None):
+def commit(run, stage, args, inputs, outputs, metrics, started, imported=None, earlier_wall_s=0.0):
     """Writes stage.json last, recording everything needed to trust and reuse the outputs (storage
     retries transient errors; if it gives up, the stage is not done and a rerun commits it). The
     inputs include the declared data the stage resolved (files.json and each file, see
-    DeclaredData), after `inputs`. `imported`: what an import brought in (see the module docstring)."""
+    DeclaredData), after `inputs`. `imported`: what an import brought in (see the module docstring).
+    wall_time_s is this attempt's since `started` plus `earlier_wall_s`: a training stage's earlier
+    attempts, up to the checkpoint this one resumed from (what the report's cost counts)."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in ("run", "storage")}
     declared = _declared.inputs() if _declared is not None else {}
     summary = {
@@ -246,7 +248,7 @@ def commit(run, stage, args, inputs, outputs, metrics, started, imported=None):
         "inputs": {**{name: artifact(uri) for name, uri in inputs.items()}, **declared},
         "outputs": {name: artifact(uri) for name, uri in outputs.items()},
         "metrics": metrics,
-        "wall_time_s": round(time.time() - started, 3),
+        "wall_time_s": round(time.time() - started + earlier_wall_s, 3),
         "started_at": utc(started),
         "finished_at": utc(time.time()),
         "code": code_version(),

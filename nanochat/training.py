@@ -61,6 +61,8 @@ class Training:
         self.recent_step_times = collections.deque(maxlen=10)  # of this process's steps, for the ETA
         # over every run that led to the current step (kept in checkpoints)
         self.totals = {"tokens": 0, "train_time_s": 0.0, "batch_time_s": 0.0}
+        # the wall time of the attempts before this one, up to the checkpoint this one resumed from
+        self.started, self.earlier_wall_s = time.time(), 0.0
 
     @property
     def master(self):
@@ -96,6 +98,7 @@ class Training:
             self.rng = checkpoint.rng_state()  # as load_latest restored it
             self.step, loader_state = meta["step"], meta["loader_states"][self.compute.rank]
             self.totals.update({k: meta[k] for k in self.totals if k in meta})
+            self.earlier_wall_s = meta.get("wall_time_s", 0.0)
             log.info("resumed at step %d from %s", self.step, self.ckpt_dir)
             if missing := [k for k in self.totals if k not in meta]:  # a checkpoint from before they were kept
                 log.warning("the checkpoint has no running %s: the totals count from step %d", ", ".join(missing), self.step)
@@ -107,7 +110,7 @@ class Training:
         are written first, so a run killed once the checkpoint exists resumes with all its steps' records."""
         self.metrics.flush()
         meta = {**meta, "model_config": dataclasses.asdict(model.config), "loader_states": gather(loader.state_dict()),
-                **self.totals}
+                **self.totals, "wall_time_s": self.earlier_wall_s + time.time() - self.started}
         if self.scaler is not None:
             meta["grad_scaler"] = self.scaler.state_dict()
         return checkpoint.save(self.ckpt_dir, self.step, model.state_dict(), optimizer.state_dict(), meta,
@@ -224,7 +227,7 @@ class Training:
         metrics = {**metrics, **self.summary()}
         if self.master:
             outputs = {"checkpoint": storage.join(checkpoint_dir, checkpoint.MANIFEST), "metrics": self.metrics.uri}
-            stage.commit(self.args.run, self.stage, self.args, inputs, outputs, metrics, started)
+            stage.commit(self.args.run, self.stage, self.args, inputs, outputs, metrics, started, earlier_wall_s=self.earlier_wall_s)
         return metrics
 
     def close(self):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,12 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     resumed = base_train(run, shared_data)
     assert "resumed at step 10" in resumed.stderr
     assert_same_final_checkpoint(run, reference, "base_train")
+    # the stage's wall time is this attempt's plus the killed one's up to its checkpoint (the report's cost)
+    _, _, killed = load(step_dir(storage.normalize(str(ckpts)), 10), load_optimizer=False)
+    resumed_summary = json.loads((run / "base_train" / "stage.json").read_text())
+    this_attempt = (datetime.fromisoformat(resumed_summary["finished_at"]) - datetime.fromisoformat(resumed_summary["started_at"]))
+    assert killed["wall_time_s"] > 1 and resumed_summary["wall_time_s"] - this_attempt.total_seconds() == pytest.approx(
+        killed["wall_time_s"], abs=0.01)
     resumed_metrics = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed_metrics if "loss" in m] == list(range(1, 21))  # no step counted twice
     assert [m["loss"] for m in resumed_metrics if "loss" in m] == losses

@@ -12,7 +12,7 @@ import psutil
 from nanochat import checkpoint, storage
 from tests.support.waiting import end, until
 
-TIMES = ("train_time_s", "batch_time_s")  # meta.json's running totals of wall-clock time
+TIMES = ("train_time_s", "batch_time_s", "wall_time_s")  # meta.json's running totals of wall-clock time
 
 
 def kill_after_checkpoint(proc, checkpoints, step, timeout=300):
