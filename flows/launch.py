@@ -15,7 +15,9 @@ from), so a worker whose Python belongs elsewhere runs the deployed code with it
 
 import collections
 import dataclasses
+import functools
 import hashlib
+import importlib
 import os
 import shlex
 import subprocess
@@ -54,23 +56,34 @@ class RunSpec:
         return {**presets.get(self.preset, stage.module), **self.overrides.get(stage.name, {})}
 
 
-def options(overrides):
-    """{"num_steps": 10, "verify": True} -> ["--num-steps", "10", "--verify"]."""
+def options(overrides, negatable=()):
+    """{"num_steps": 10, "verify": True, "fp8": False} -> ["--num-steps", "10", "--verify", "--no-fp8"]:
+    False is --no-<name> where the stage has that flag (`negatable`: its --no- options, which may turn
+    off what its preset turns on), else left out (a plain flag's default); None is left out."""
     out = []
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             out.append(flag)
-        elif value is not False and value is not None:
+        elif value is False:
+            out += ["--no-" + flag[2:]] if "--no-" + flag[2:] in negatable else []
+        elif value is not None:
             out += [flag, str(value)]
     return out
+
+
+@functools.cache
+def negatable_options(module):
+    """The --no-<name> options of stage program `module` (its argparse BooleanOptionalActions)."""
+    parser = importlib.import_module(f"nanochat.stages.{module}").build_parser()
+    return frozenset(o for action in parser._actions for o in action.option_strings if o.startswith("--no-"))
 
 
 def arguments(stage, spec):
     """What the stage program is given: the run, preset and storage, the row's own arguments, then
     the run's overrides for it as options."""
     return ["--run", spec.run, "--preset", spec.preset, "--storage", spec.storage, *stage.args,
-            *options(spec.overrides.get(stage.name, {}))]
+            *options(spec.overrides.get(stage.name, {}), negatable_options(stage.module))]
 
 
 def command(stage, spec, attempt=1):

@@ -24,7 +24,7 @@ from prefect.futures import wait
 import nanochat.storage
 from flows import launch, stages
 from nanochat import pipeline, presets, report
-from nanochat.stage import imported_stages
+from nanochat.stage import SUMMARY, imported_stages
 
 # The final artifact: the output of the last stage run that trains a model, else the tokenizer.
 FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
@@ -32,6 +32,14 @@ RUN_RECORD = "run.json"  # what the speedrun flow ran the run with: the stage fl
 
 
 def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes, overrides):
+    """The run's RunSpec; an unknown preset or an override for a stage the pipeline lacks is a
+    ValueError before anything runs or is recorded (a typo would otherwise fail every stage's cache
+    key, or be ignored)."""
+    if preset not in presets.PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(sorted(presets.PRESETS))}")
+    if unknown := sorted(set(overrides or {}) - set(pipeline.STAGES)):
+        raise ValueError(f"overrides for {', '.join(map(repr, unknown))}, which the pipeline has no stage of; its stages: "
+                         f"{', '.join(pipeline.STAGES)}")
     root = nanochat.storage.storage_root(storage_root)
     return launch.RunSpec(run=nanochat.storage.run_uri(run_name or f"speedrun-{preset}", root), preset=preset,
                           storage=root, data_mirror=data_mirror, nproc_per_node=nproc_per_node or default_nproc(preset),
@@ -178,6 +186,7 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
     # a PipelineError here, before any stage runs; imported stages are done and need nothing
     selected = pipeline.select(only, skip, done=imported_stages(spec.run))
+    check_skip(spec.run, skip)
     record_run(spec, skip)
     if parallel is None:
         parallel = preset not in presets.ONE_STAGE_AT_A_TIME
@@ -192,6 +201,17 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     publish_report(spec.run)
     final = next((name for name in FINAL if name in summaries), list(summaries)[-1])
     return summaries[final]["outputs"].get("checkpoint", {}).get("uri") or nanochat.storage.join(spec.run, final)
+
+
+def check_skip(run, skip):
+    """A ValueError if the run holds a finished stage that `skip` leaves out: it would stay beside the
+    models trained without it (`nanochat chat` would take its model, the report would show it)."""
+    kept = {row.name for row in pipeline.select(skip=skip)}
+    held = [row.name for row in pipeline.PIPELINE
+            if row.name not in kept and nanochat.storage.exists(nanochat.storage.join(run, row.name, SUMMARY))]
+    if held:
+        raise ValueError(f"run {run} holds {', '.join(held)}, which skip={list(skip)} leaves out: train this one in a new run, "
+                         "or remove those stages' folders first")
 
 
 def with_identity(overrides, identity, weight):
@@ -222,7 +242,7 @@ def one_stage(name: str, run_name: str, preset: str | None = None, storage: str 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m flows.speedrun", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS))
     p.add_argument("--run", default=None, help="run name or URI (default: speedrun-<preset>)")
     p.add_argument("--storage", default=None, help="storage root (default: $NANOCHAT_STORAGE or file://~/.cache/nanochat)")
     p.add_argument("--data-mirror", default=None, help="mirror of the data sources (default: $NANOCHAT_DATA_MIRROR)")

@@ -34,6 +34,8 @@ from nanochat.stage import SUMMARY
 
 # Caching
 
+WORK_RECORD = "flow_work.json"  # in a stage's folder: the work the flow last ran the stage for (clear_other_work)
+
 def summary_uri(name, spec):
     return storage.join(spec.run, name, SUMMARY)
 
@@ -88,20 +90,55 @@ class StageCache(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         stage, spec = inputs["stage"], inputs["spec"]
-        config = spec.config(stage)
-        key = {
-            "stage": [stage.name, stage.module, *arguments(stage, spec)],
-            "config": config,
-            "named": named_contents(config),
-            "processes": [spec.nproc_per_node, spec.nnodes],
-            "inputs": {name: upstream_sha256(summary_uri(name, spec)) for name in stage.needs},
-            "code": code_version(commit=False),  # version + source hash
-        }
+        key = {**asked(stage, spec), "inputs": {name: upstream_sha256(summary_uri(name, spec)) for name in stage.needs},
+               "code": code_version(commit=False)}  # version + source hash
         key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         record = storage.join(results_uri(spec.run), key)
         if storage.exists(record) and not holds(stage, spec, record):
             storage.remove(record)
         return key
+
+
+def asked(stage, spec):
+    """What the stage is asked for in the run: its command line's arguments, its resolved config, what
+    the files that config names hold, and its processes (the cache key adds its upstream stages'
+    stage.json and the code version)."""
+    config = spec.config(stage)
+    return {"stage": [stage.name, stage.module, *arguments(stage, spec)], "config": config, "named": named_contents(config),
+            "processes": [spec.nproc_per_node, spec.nnodes]}
+
+
+def made(name, spec):
+    """What upstream stage `name` made in the run, by content: each output's sha256 but its metrics',
+    a checkpoint by its weights (its meta.json, and so its manifest, change whenever the same model
+    is saved again); None where it is not done."""
+    uri = summary_uri(name, spec)
+    if not storage.exists(uri):
+        return None
+    out = {}
+    for output, entry in storage.read_json(uri)["outputs"].items():
+        if output == "checkpoint":
+            out[output] = storage.read_json(entry["uri"])["files"]["model.safetensors"]["sha256"]
+        elif output != "metrics":
+            out[output] = entry["sha256"]
+    return out
+
+
+def clear_other_work(stage, spec, logger):
+    """Makes the stage's folder hold only this work (`asked` and what its upstream stages `made`):
+    where the flow last ran the stage for other work (an option or override changed, a file it names
+    changed in place, an upstream stage made another model), a training stage would resume that
+    work's checkpoints as this one's and train nothing, so the folder goes first. The same work (a
+    retry, a lost output, new code, an upstream stage committed again with the same results)
+    resumes from it. Records the work, in WORK_RECORD, before the stage starts."""
+    work = {**asked(stage, spec), "upstream": {name: made(name, spec) for name in stage.needs}}
+    digest = hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()
+    folder = storage.join(spec.run, stage.name)
+    record = storage.join(folder, WORK_RECORD)
+    if storage.exists(record) and storage.read_json(record).get("work") != digest:
+        logger.info("stage %s: the run holds it for other options or inputs; it starts again from nothing", stage.name)
+        storage.remove(folder, recursive=True)
+    storage.write_json(record, {"work": digest})
 
 
 def named_contents(config):
@@ -190,6 +227,7 @@ def run_stage(stage: Stage, spec: RunSpec) -> dict:
     logger = get_run_logger()
     if done := imported_summary(stage, spec, logger):
         return done
+    clear_other_work(stage, spec, logger)
     attempt = task_run.run_count  # part of a multi-node rendezvous id; injected faults may name it
     cmd = command(stage, spec, attempt)
     progress = Progress(stage, spec)
