@@ -36,6 +36,8 @@ IDENTITY ?=
 # `make server` listens here; beyond loopback only with PREFECT_SERVER_API_AUTH_STRING set
 HOST ?= 127.0.0.1
 PORT ?= 4200
+# a value as one shell word, whatever it holds (a run name with a space, or a `;`)
+quote = '$(subst ','\'',$(1))'
 
 .PHONY: help setup dev speedrun test lint bench server worker deploy deploy-k8s clean
 
@@ -74,10 +76,13 @@ $(VENV)/.dev: $(VENV)/.setup
 	touch $@
 
 speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d24|d26|d32, RUN=name, NPROC=processes, SKIP=mid_train,chat_rl, IDENTITY=my.jsonl)
-	$(PY) -m flows.speedrun --preset $(PRESET) --run $(RUN) $(if $(NPROC),--nproc-per-node $(NPROC)) $(if $(SKIP),--skip $(SKIP)) \
-	  $(if $(IDENTITY),--identity $(if $(findstring ://,$(IDENTITY)),$(IDENTITY),$(abspath $(IDENTITY))))
+	@# the flow's temporary Prefect server gets 2 minutes to start (Prefect's 20 s is short for a first start on busy cores)
+	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120} \
+	$(PY) -m flows.speedrun --preset $(call quote,$(PRESET)) --run $(call quote,$(RUN)) $(if $(NPROC),--nproc-per-node $(call quote,$(NPROC))) \
+	  $(if $(SKIP),--skip $(call quote,$(SKIP))) \
+	  $(if $(IDENTITY),--identity $(call quote,$(if $(findstring ://,$(IDENTITY)),$(IDENTITY),$(abspath $(IDENTITY)))))
 
-server: setup  ## Prefect server and UI on http://$(HOST):$(PORT) (SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL)
+server: setup  ## Prefect server and UI on http://HOST:PORT, 127.0.0.1:4200 by default (SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL)
 	@case "$(HOST)" in 127.0.0.1|localhost|::1) ;; *) [ -n "$${PREFECT_SERVER_API_AUTH_STRING:-}" ] || { \
 	  echo "make server HOST=$(HOST): a server beyond loopback needs PREFECT_SERVER_API_AUTH_STRING=user:password" \
 	       "(workers and clients then set PREFECT_API_AUTH_STRING to the same)" >&2; exit 2; } ;; esac

@@ -290,10 +290,10 @@ def test_templates_need_only_the_persona(quill_templates, tmp_path):
 def test_make_speedrun_identity_reaches_the_flow():
     dry = subprocess.run(["make", "-n", "speedrun", "PRESET=cpu", "IDENTITY=my.jsonl"], cwd=REPO, capture_output=True,
                          text=True, check=True, timeout=60)
-    assert f"--identity {REPO / 'my.jsonl'}" in dry.stdout  # absolute: the stages run elsewhere
+    assert f"--identity '{REPO / 'my.jsonl'}'" in dry.stdout  # absolute: the stages run elsewhere
     dry = subprocess.run(["make", "-n", "speedrun", "IDENTITY=s3://bucket/me.jsonl"], cwd=REPO, capture_output=True,
                          text=True, check=True, timeout=60)
-    assert "--identity s3://bucket/me.jsonl" in dry.stdout
+    assert "--identity 's3://bucket/me.jsonl'" in dry.stdout
     dry = subprocess.run(["make", "-n", "speedrun"], cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
     assert "--identity" not in dry.stdout
 

@@ -6,6 +6,7 @@ and the code version that keys every stage's cache, which covers every file the 
 import dataclasses
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -101,7 +102,11 @@ def test_only_optional_stages_may_be_skipped(tmp_path):
     assert flows.speedrun.run_stage_row(str(run), "chat_sft").args == ("--from-stage", "base_train")
     dry = subprocess.run(["make", "-n", "speedrun", "SKIP=mid_train,chat_rl"], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=60)
-    assert " --skip mid_train,chat_rl" in dry.stdout
+    assert " --skip 'mid_train,chat_rl'" in dry.stdout
+    # every value one shell word, whatever it holds
+    dry = subprocess.run(["make", "-n", "speedrun", "RUN=it's a;run"], cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
+    words = shlex.split(" ".join(line.rstrip("\\") for line in dry.stdout.splitlines() if not line.startswith("#")))
+    assert words[words.index("--run") + 1] == "it's a;run"
     assert flows.speedrun.build_parser().parse_args(["--skip", "mid_train,chat_rl"]).skip == ["mid_train", "chat_rl"]
     with pytest.raises(SystemExit):
         flows.speedrun.build_parser().parse_args(["--skip", "mid_train,chat_sft"])
