@@ -265,7 +265,7 @@ FAULT_SPEC = re.compile(r"(?P<stage>\w+)(?::(?P<step>\d+))?(?P<hang>:hang)?(?:@(
 
 def fault_spec():
     """NANOCHAT_FAULT as (stage, step or None, hang, attempt or None), None when unset; a typo is a
-    ValueError, not a test whose fault silently never happens. <stage> is a stage program's name
+    StageError (the stage's one line), not a test whose fault silently never happens. <stage> is a stage program's name
     (chat_eval for each of its rows), the name it calls `fault` with."""
     value = os.environ.get("NANOCHAT_FAULT", "")
     if not value:
@@ -273,7 +273,7 @@ def fault_spec():
     match = FAULT_SPEC.fullmatch(value)
     programs = sorted({s.module for s in pipeline.PIPELINE})
     if not match or match["stage"] not in programs:
-        raise ValueError(f"NANOCHAT_FAULT={value!r}: expected {FAULT_FORMAT}, <stage> one of {', '.join(programs)}")
+        raise StageError(f"NANOCHAT_FAULT={value!r}: expected {FAULT_FORMAT}, <stage> one of {', '.join(programs)}")
     step = None if match["step"] is None else int(match["step"])
     return match["stage"], step, bool(match["hang"]), match["attempt"]
 
@@ -306,8 +306,8 @@ def run_main(main, p, stage, argv=None):
     setup_logging()
     redact_logs()
     args = parse_args(p, stage, argv)
-    fault(stage)
     try:
+        fault(stage)
         if done := imported(args.run, stage):
             raise StageError(f"stage {stage!r} of run {args.run} was imported from {done['source']}: it is done "
                              "(`nanochat import --force` replaces it; train in another run)")

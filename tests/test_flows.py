@@ -29,7 +29,7 @@ from prefect.client.schemas.filters import (
 from flows import launch, slots, stages
 from flows.speedrun import speedrun, with_identity
 from nanochat import pipeline, storage
-from nanochat.stage import fault
+from nanochat.stage import StageError, fault
 from tests.support.flowruns import logs, task_runs, task_states
 from tests.support.waiting import processes, until
 
@@ -189,7 +189,7 @@ def test_a_fault_spec_with_a_typo_is_refused(monkeypatch, spec):
     """A malformed NANOCHAT_FAULT or an unknown stage would otherwise inject nothing, and a test of
     failure and resume would pass without any failure."""
     monkeypatch.setenv("NANOCHAT_FAULT", spec)
-    with pytest.raises(ValueError, match=r"NANOCHAT_FAULT=.*expected <stage>\[:<step>\]\[:hang\]\[@<attempt>\], "
+    with pytest.raises(StageError, match=r"NANOCHAT_FAULT=.*expected <stage>\[:<step>\]\[:hang\]\[@<attempt>\], "
                                          r"<stage> one of .*chat_eval, .*tok_eval"):
         fault("download")  # not the stage named: the old parser returned without injecting
 
