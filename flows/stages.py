@@ -30,7 +30,7 @@ from flows.slots import node_slot
 from nanochat import presets, storage
 from nanochat.common import code_version
 from nanochat.pipeline import Stage
-from nanochat.stage import SUMMARY
+from nanochat.stage import SUMMARY, checked_summary
 
 # Caching
 
@@ -116,7 +116,7 @@ def made(name, spec):
     if not storage.exists(uri):
         return None
     out = {}
-    for output, entry in storage.read_json(uri)["outputs"].items():
+    for output, entry in checked_summary(uri)["outputs"].items():
         if output == "checkpoint":
             out[output] = storage.read_json(entry["uri"])["files"]["model.safetensors"]["sha256"]
         elif output != "metrics":
