@@ -92,7 +92,7 @@ def test_gpu_presets_run_one_process_per_gpu(monkeypatch):
     assert (default_nproc("cpu"), default_nproc("tiny")) == (2, 1)
     dry = subprocess.run(["make", "-n", "speedrun", "PRESET=d20"], cwd=REPO, capture_output=True, text=True, check=True,
                          timeout=60)
-    assert "--preset d20" in dry.stdout and "--nproc-per-node" not in dry.stdout  # the flow decides
+    assert "--preset 'd20'" in dry.stdout and "--nproc-per-node" not in dry.stdout  # the flow decides
 
 
 def test_make_server_beyond_loopback_needs_an_auth_string(tmp_path):
