@@ -46,7 +46,8 @@ def test_tok_train_then_eval(shared_data, tmp_path):
     # once base_train trained on the tokenizer, another one is refused and the first one kept
     tokenizer_json = tmp_path / "run" / "tok_train" / "tokenizer" / "tokenizer.json"
     (tmp_path / "run" / "base_train").mkdir()
-    (tmp_path / "run" / "base_train" / "stage.json").write_text(json.dumps({"outputs": {"tokenizer": {"uri": f"file://{tokenizer_json}"}}}))
+    base_summary = {"inputs": {"tokenizer": {"uri": f"file://{tokenizer_json}"}}, "outputs": {}}  # as base_train commits it
+    (tmp_path / "run" / "base_train" / "stage.json").write_text(json.dumps(base_summary))
     before = tokenizer_json.read_bytes()
     other = run_stage("tok_train", "--run", run, "--preset", "tiny", "--max-chars", "2000000", "--data", data, "--vocab-size", "1024")
     assert other.returncode == 1 and "base_train trained on the tokenizer at" in other.stderr.strip().splitlines()[-1]

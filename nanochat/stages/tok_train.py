@@ -83,7 +83,8 @@ def check_replacement(run, tokenizer):
     uri = stage.stage_uri(run, STAGE, "tokenizer", META_FILE)
     if not (storage.exists(uri) and storage.exists(stage.stage_uri(run, "base_train", stage.SUMMARY))):
         return
-    if stage.upstream_output(run, "base_train", "tokenizer") != uri:  # an imported base model brought its own
+    trained_on = stage.read_summary(run, "base_train")["inputs"].get("tokenizer", {}).get("uri")
+    if trained_on != uri:  # an imported base model brought its own
         return
     if storage.read_json(uri)["ranks_sha256"] != hashlib.sha256(tokenizer.ranks_file()).hexdigest():
         raise stage.StageError(f"run {run}: base_train trained on the tokenizer at {storage.redact(uri)}, and this one differs "
