@@ -47,6 +47,8 @@ def task(spec, split, known=None):
         return cls(split)
     except TypeError as e:  # most often a constructor that does not take the split
         raise UnknownTask(f"{spec!r}: {cls.__name__}({split!r}) failed: {e} (a task's constructor takes the split)") from None
+    except Exception as e:  # noqa: BLE001 - the user's own code: whatever it raises, one line naming it
+        raise UnknownTask(f"{spec!r}: {cls.__name__}({split!r}) failed: {type(e).__name__}: {e}") from None
 
 
 def task_class(spec, known=None):
@@ -63,6 +65,8 @@ def task_class(spec, known=None):
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise UnknownTask(f"{spec!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - importing the user's module ran its code (a SyntaxError, a raise)
+        raise UnknownTask(f"{spec!r}: importing {module} failed: {type(e).__name__}: {e}") from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise UnknownTask(f"{spec!r} is not a Task subclass (tasks.common.Task)")
     missing = [method for method in NEEDED if getattr(cls, method) is getattr(Task, method)]

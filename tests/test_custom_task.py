@@ -116,6 +116,22 @@ BAD_TASKS = textwrap.dedent("""
 
         def evaluate(self, conversation, completion):
             return False
+
+
+    class Raises(Task):
+        eval_type = "generative"
+
+        def __init__(self, split):
+            raise FileNotFoundError(f"capitals_{split}.jsonl")
+
+        def num_examples(self):
+            return 1
+
+        def get_example(self, index):
+            return {}
+
+        def evaluate(self, conversation, completion):
+            return False
 """)
 
 
@@ -125,14 +141,31 @@ BAD_TASKS = textwrap.dedent("""
     ("badtasks:NotATask", "is not a Task subclass (tasks.common.Task)"),
     ("badtasks:Unfinished", "lacks what a task needs: get_example, evaluate, eval_type ('categorical' or 'generative', not None)"),
     ("badtasks:NoSplit", "takes 1 positional argument but 2 were given (a task's constructor takes the split)"),
+    ("badtasks:Raises", "Raises('SPLIT') failed: FileNotFoundError: capitals_SPLIT.jsonl"),
+    ("broken:Task", "importing broken failed: SyntaxError: "),
 ])
 def test_a_task_that_cannot_work_is_refused_naming_what_it_lacks(module_dir, tmp_path, spec, error):
     """chat_eval refuses it before any work (there is no run, no model); chat_rl's --task, resolved
     by the same function, the same way."""
     (module_dir / "badtasks.py").write_text(BAD_TASKS)
+    (module_dir / "broken.py").write_text("def broken(:\n")  # a module whose import fails as it runs
     args = contract.parse_args(chat_eval.build_parser(), "chat_eval",
                                ["--run", str(tmp_path / "none"), "--preset", "tiny", "--source", "sft", "-a", f"ARC-Easy,{spec}"])
-    with pytest.raises(contract.StageError, match=f"^-a: '{spec}'.*{re.escape(error)}$"):
+    with pytest.raises(contract.StageError, match=f"^-a: '{spec}'.*{re.escape(error.replace('SPLIT', 'test'))}"):
         chat_eval.main(args)
-    with pytest.raises(contract.StageError, match=f"^--task '{spec}'.*{re.escape(error)}$"):
+    with pytest.raises(contract.StageError, match=f"^--task '{spec}'.*{re.escape(error.replace('SPLIT', 'train'))}"):
         chat_rl.load_task(spec, "train")
+
+
+def test_a_task_without_examples_is_refused_naming_it():
+    """Its accuracy would be 0 / 0: the evaluation names the task instead (it divided by zero)."""
+    from tasks.common import Task
+
+    class Empty(Task):
+        eval_type = "generative"
+
+        def num_examples(self):
+            return 0
+
+    with pytest.raises(contract.StageError, match="task Empty has no examples to evaluate"):
+        chatcore.evaluate(Empty(), model=None, tokenizer=None, engine=None, device="cpu", autocast=None)

@@ -17,6 +17,7 @@ import torch
 
 from nanochat.common import pad_right, sum_over_ranks
 from nanochat.engine import Request
+from nanochat.stage import StageError
 
 log = logging.getLogger("nanochat")
 
@@ -68,8 +69,11 @@ def generative_correct(engine, tokenizer, task, indices, params, autocast):
 
 def evaluate(task, model, tokenizer, engine, device, autocast, max_problems=-1, batch_size=8, params=None,
              rank=0, world_size=1):
-    """(accuracy, problems) on `task` (its first max_problems; -1: all), problems spread over ranks."""
+    """(accuracy, problems) on `task` (its first max_problems; -1: all), problems spread over ranks. A
+    task with no examples is a StageError naming it (a task of one's own, `chat_eval -a`)."""
     n = len(task) if max_problems < 0 else min(max_problems, len(task))
+    if n == 0:
+        raise StageError(f"task {type(task).__name__} has no examples to evaluate ({type(task).__module__})")
     indices = list(range(rank, n, world_size))
     if task.eval_type == "categorical":
         correct = categorical_correct(model, tokenizer, task, indices, device, autocast, batch_size)
