@@ -118,20 +118,9 @@ BAD_TASKS = textwrap.dedent("""
             return False
 
 
-    class Raises(Task):
-        eval_type = "generative"
-
+    class Raises(NoSplit):
         def __init__(self, split):
             raise FileNotFoundError(f"capitals_{split}.jsonl")
-
-        def num_examples(self):
-            return 1
-
-        def get_example(self, index):
-            return {}
-
-        def evaluate(self, conversation, completion):
-            return False
 """)
 
 
