@@ -67,8 +67,10 @@ def reply(engine, messages, params, out, completing=False):
     """Streams the assistant's answer to `messages` to `out`; returns its text. `completing` (a base
     model, which has learned no chat format): the continuation of the last message's text instead."""
     tokenizer = engine.tokenizer
-    last = messages[-1]["content"]
-    prompt = tokenizer.encode(last, prepend="<|bos|>") if completing else tokenizer.render_for_completion(messages)
+    if completing:
+        prompt = tokenizer.encode(messages[-1]["content"], prepend="<|bos|>")
+    else:
+        prompt = tokenizer.render_for_completion(messages)
     pieces = []
     for piece in engine.stream(prompt, params):
         out.write(piece)
