@@ -81,16 +81,16 @@ def reply(engine, messages, params, out, completing=False):
 
 
 def main(argv=None):
-    from nanochat.checkpoint import CheckpointError, find_checkpoint
+    from nanochat.checkpoint import find_checkpoint
     from nanochat.common import autodetect_device_type
     from nanochat.engine import SamplingParams
-    from nanochat.inference import load_engine
+    from nanochat.inference import LOAD_ERRORS, load_engine
 
     args = build_parser().parse_args(argv)
     try:
         directory, source = find_checkpoint(args.run, args.source)
         engine = load_engine(directory, device=args.device or autodetect_device_type(), max_rows=1)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:  # ValueError: e.g. a bad NANOCHAT_CPU_FASTPATHS
+    except LOAD_ERRORS as e:
         print(f"nanochat chat: {e}", file=sys.stderr)
         return 1
     given = {name: getattr(args, name) for name in GENERATION if getattr(args, name) is not None}

@@ -8,9 +8,13 @@ one place they are applied; NANOCHAT_CPU_FASTPATHS=0 turns them off).
 import torch
 
 from nanochat import cpu
-from nanochat.checkpoint import find_checkpoint, generation, load_model
+from nanochat.checkpoint import CheckpointError, find_checkpoint, generation, load_model
 from nanochat.common import autocast_dtype
 from nanochat.engine import MAX_ROWS, Engine, SamplingOps
+
+# what load_engine raises for a model that cannot load, as opposed to a bug: a missing or corrupt
+# checkpoint, a device this torch cannot use, a bad NANOCHAT_CPU_FASTPATHS
+LOAD_ERRORS = (FileNotFoundError, ValueError, CheckpointError)
 
 
 def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):

@@ -5,6 +5,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -401,6 +402,23 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     assert serve.returncode == 1 and serve.stderr.strip().splitlines() == [
         "nanochat serve: no-such-run: neither a checkpoint nor a run with chat_rl or chat_sft or mid_train or base_train done"]
 
+
+
+def test_a_corrupt_checkpoint_is_one_line_from_serve_and_chat(run, tmp_path):
+    storage, name = run
+    step = sorted((storage / "runs" / name / "base_train" / "checkpoints").glob("step_*"))[-1]
+    corrupt = tmp_path / step.name
+    shutil.copytree(step, corrupt)
+    with open(corrupt / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    says = f"cannot load the model: file://{corrupt}/model.safetensors: does not match its manifest (corrupt or partial)"
+    serve = subprocess.run([sys.executable, "-m", "nanochat.cli", "serve", "--run", str(corrupt), "--port", "0"],
+                           capture_output=True, text=True, timeout=120)
+    assert serve.returncode != 0 and "Traceback" not in serve.stderr, serve.stderr
+    assert f"nanochat serve: {says}" in serve.stderr.splitlines()[0], serve.stderr
+    chat = subprocess.run([sys.executable, "-m", "nanochat.cli", "chat", "--run", str(corrupt), "-p", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 1 and chat.stderr.strip().splitlines() == [f"nanochat chat: {says.split(': ', 1)[1]}"]
 
 
 def test_web_ui_in_headless_chromium(server, tmp_path):

@@ -37,7 +37,7 @@ from nanochat.engine import Request as GenerationRequest
 from nanochat.serve import common, completions
 from nanochat.serve.common import MAX_LOGPROBS, STREAM_HEADERS, APIError, StreamOptions, api_error, usage
 from nanochat.serve.guard import Guard, error_response
-from nanochat.serve.ops import AccessLog, Metrics
+from nanochat.serve.ops import AccessLog, Metrics, StartupFailure
 from nanochat.serve.worker import Worker, finished
 from nanochat.tokenizer import ConversationError
 
@@ -259,6 +259,7 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALI
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(AccessLog, metrics=metrics)
+    app.add_middleware(StartupFailure)
     created = int(time.time())
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}
 

@@ -6,10 +6,13 @@ and two histograms do not need a client library."""
 
 import logging
 import signal
+import sys
 import time
 from collections import Counter
 
 import uvicorn
+
+from nanochat.inference import LOAD_ERRORS
 
 access_log = logging.getLogger("nanochat.access")
 
@@ -99,6 +102,27 @@ class AccessLog:
             client = scope["client"][0] if scope.get("client") else "-"
             access_log.info("%s %s %s %d %.3fs", client, scope["method"], scope["path"], status or 499,
                             time.monotonic() - start)
+
+
+class StartupFailure:
+    """ASGI middleware: a model that cannot load (a corrupt checkpoint, a device this torch lacks) ends
+    the server with one line saying why, where uvicorn would log the whole traceback Starlette sends
+    with lifespan.startup.failed. Any other failure (a bug) keeps its traceback."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_short(message):
+            error = sys.exc_info()[1]  # Starlette sends the failure from inside its except block
+            if message["type"] == "lifespan.startup.failed" and isinstance(error, LOAD_ERRORS):
+                message = {**message, "message": f"nanochat serve: cannot load the model: {error}"}
+            await send(message)
+
+        await self.app(scope, receive, send_short)
 
 
 class Server(uvicorn.Server):
