@@ -158,3 +158,25 @@ def test_a_task_without_examples_is_refused_naming_it():
 
     with pytest.raises(contract.StageError, match="task Empty has no examples to evaluate"):
         chatcore.evaluate(Empty(), model=None, tokenizer=None, engine=None, device="cpu", autocast=None)
+
+
+def test_a_categorical_task_without_letters_is_refused_naming_the_example():
+    """chat_eval compares the logits of a categorical conversation's `letters`; one built by hand
+    without them is a StageError naming the task and example, before any model runs (a KeyError)."""
+    from tasks.common import Task, mc_conversation
+
+    class Hand(Task):
+        eval_type = "categorical"
+
+        def num_examples(self):
+            return 2
+
+        def get_example(self, index):
+            conversation = mc_conversation("2 + 2?", ["3", "4"], 1)
+            return conversation if index == 0 else {"messages": conversation["messages"]}
+
+        def evaluate(self, conversation, completion):
+            return completion == "B"
+
+    with pytest.raises(contract.StageError, match=r"task Hand \(.*\) example 1: a categorical task's conversation needs 'letters'"):
+        chatcore.evaluate(Hand(), model=None, tokenizer=None, engine=None, device="cpu", autocast=None)

@@ -26,8 +26,9 @@ log = logging.getLogger("nanochat")
 def categorical_correct(model, tokenizer, task, indices, device, autocast, batch_size):
     """How many of the task's conversations `indices` the model answers right, by letter logits.
     Prompts are batched in order of length, so a batch pads little."""
-    max_len = model.config.sequence_len
     conversations = [task[i] for i in indices]
+    choices = [answer_letters(task, i, c) for i, c in zip(indices, conversations)]
+    max_len = model.config.sequence_len
     prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
     correct = 0
@@ -38,10 +39,21 @@ def categorical_correct(model, tokenizer, task, indices, device, autocast, batch
             logits = model(pad_right([prompts[k] for k in batch], tokenizer.bos_token_id).to(device),
                            positions=answer_positions)
         for row, k in enumerate(batch):
-            letters = conversations[k]["letters"]
+            letters = choices[k]
             letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
             correct += task.evaluate(conversations[k], letters[int(logits[row, letter_ids].argmax())])
     return correct
+
+
+def answer_letters(task, index, conversation):
+    """The options of a categorical task's conversation; a StageError naming the task and example
+    where they are missing (a task of one's own that builds its conversations by hand)."""
+    letters = conversation.get("letters")
+    if not (isinstance(letters, list) and letters and all(isinstance(x, str) and x for x in letters)):
+        raise StageError(f"task {type(task).__name__} ({type(task).__module__}) example {index}: a categorical task's "
+                         f"conversation needs 'letters', a list of its answer options (tasks.common.mc_conversation sets it), "
+                         f"not {letters!r}")
+    return letters
 
 
 def generative_correct(engine, tokenizer, task, indices, params, autocast):
