@@ -354,8 +354,9 @@ def pretrain_shards(num_shards, storage_uri=None, mirror=None, source=None):
     if (declared := stage.declared_data()) is not None:
         *train, val = _declared_shards(declared, source)
         if num_shards != -1 and num_shards > len(train):
+            more = "" if sources.source_of(val) == sources.OWN else "download more (-n) or "
             raise stage.StageError(f"{num_shards} training shards wanted, but {declared.uri} declares {len(train)}; "
-                                   f"download more (-n) or ask for fewer (--num-shards)")
+                                   f"{more}ask for fewer (--num-shards; -1: all)")
         train = train if num_shards == -1 else train[:num_shards]
         return [declared.resolve(r) for r in train], declared.resolve(val)
     c = _corpus(source)
@@ -402,12 +403,12 @@ def _declared_shards(declared, source=None):
 
 def own_text(folder, num_shards=-1):
     """The files.json entries of your own pretraining text (`sources.own_text_plan`'s files), each
-    checked to be parquet with a string `text` column (a ShardError naming the file) and hashed;
-    declared where they are, never copied."""
+    checked to be parquet with a string `text` column, no null and some text (`shards.check_texts`: a
+    ShardError naming the file) and hashed; declared where they are, never copied."""
     train, val = sources.own_text_plan(folder, num_shards)
     entries = []
     for uri in [*train, val]:
-        shards.open_shard(uri).close(force=True)
+        shards.check_texts(uri)
         entries.append({"relpath": f"{sources.OWN}/{uri.rsplit('/', 1)[-1]}", "uri": uri, "url": uri,
                         "bytes": storage.size(uri), "sha256": storage.sha256(uri), "fetched": 0})
     return entries

@@ -7,6 +7,7 @@ Files are read through fsspec, one row group at a time, so memory stays bounded 
 
 import re
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nanochat import storage
@@ -47,6 +48,26 @@ def open_shard(uri):
     if str(field.type) not in ("string", "large_string"):
         raise ShardError(f"{uri}: column 'text' has type {field.type}, expected string")
     return pf
+
+
+def check_texts(uri):
+    """Checks a file of your own text whole, where download declares it: a string `text` column, no
+    null document, and some text (an empty file would pass until a stage found nothing to train on,
+    or trained a tokenizer of bytes alone). One row group in memory at a time."""
+    pf = open_shard(uri)
+    try:
+        longest = 0
+        for index in range(pf.num_row_groups):
+            texts = pf.read_row_group(index, columns=["text"]).column("text")
+            if texts.null_count:
+                row = pc.index(pc.is_null(texts), True).as_py()
+                raise ShardError(f"{uri}: row group {index}, row {row}: 'text' is null")
+            longest = max(longest, pc.max(pc.utf8_length(texts)).as_py() or 0)
+        rows = pf.metadata.num_rows
+    finally:
+        pf.close(force=True)
+    if longest == 0:
+        raise ShardError(f"{uri}: no text ({rows} rows, all empty)" if rows else f"{uri}: no rows")
 
 
 def read_row_group(pf, uri, index):

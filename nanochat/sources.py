@@ -242,7 +242,7 @@ def pretrain_plan(num_shards, mirror=None, source=None):
 def own_text_plan(folder, num_shards):
     """(train file URIs, validation file URI) of your own text: the `.parquet` files directly in
     `folder` (a path or URI) in name order, the last one validation, and the first `num_shards` of
-    the others (-1: all) training."""
+    the others (-1: all) training; fewer than `num_shards` is a SourceError."""
     _check_count(num_shards)
     root = storage.normalize(folder)
     try:
@@ -250,6 +250,10 @@ def own_text_plan(folder, num_shards):
     except Exception as e:  # noqa: BLE001 - any filesystem error means the folder is unusable
         raise SourceError(f"your text {root} is not a readable folder ({type(e).__name__}: {e})") from None
     files = [storage.join(root, name) for name in names if name.endswith(".parquet")]
+    if len(files) >= 2 and num_shards > len(files) - 1:  # a corpus is clamped to what it has; your files are all there is
+        raise SourceError(f"your text {root} has {len(files) - 1} training file(s) besides the validation file, fewer than "
+                          f"the {num_shards} asked for (-n); add files, or take them all: -n -1 here, and --num-shards -1 "
+                          f"for base_train and base_eval")
     return _split(files, num_shards, f"your text {root} has {len(files)} .parquet file(s)")
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import report, stage, storage
+from nanochat import dataset, report, stage, storage
 from nanochat.dataloader import pretrain_loader
 from nanochat.stages import download as download_stage
 from nanochat.tokenizer import Tokenizer
@@ -28,6 +28,14 @@ def write_texts(folder):
         pq.write_table(pa.table({"text": docs[name]}), folder / name, row_group_size=20)
     (folder / "README.txt").write_text("not a parquet file: left out")
     return docs
+
+
+def write_files(folder, validation, **options):
+    """Two training files of good text (as many as the tiny preset asks for), and `validation` as the
+    validation file."""
+    for name in "ab":
+        pq.write_table(pa.table({"text": ["some text"]}), folder / f"{name}.parquet")
+    pq.write_table(validation, folder / "c.parquet", **options)
 
 
 def download(run, source, shared_data, store, *options):
@@ -75,14 +83,25 @@ def test_the_run_trains_on_your_text(tmp_path, shared_data, tiny_env, monkeypatc
     val = tokenizer.decode([t for x, _ in pretrain_loader(tokenizer, 4, 128, "val") for t in x.flatten().tolist()])
     assert "alpha apricot" in train and "charlie" not in train
     assert "charlie cherry" in val and not {"alpha", "bravo"} & set(val.split())
+    # more training files than the run declared: there is nothing more to download
+    with pytest.raises(stage.StageError, match=r"3 training shards wanted, but .*files.json declares 2; "
+                                               r"ask for fewer \(--num-shards; -1: all\)$"):
+        dataset.pretrain_shards(3)
 
 
 @pytest.mark.parametrize("make, error", [
     (lambda folder: None, "your text {folder} has 0 .parquet file(s); need at least 2 (train + validation)"),
-    (lambda folder: [pq.write_table(pa.table({"body": ["x"]}), folder / f"{n}.parquet") for n in "ab"],
+    (lambda folder: [pq.write_table(pa.table({"body": ["x"]}), folder / f"{n}.parquet") for n in "abc"],
      "{folder}/a.parquet: no 'text' column (columns: body)"),
-    (lambda folder: [pq.write_table(pa.table({"text": [1]}), folder / f"{n}.parquet") for n in "ab"],
+    (lambda folder: [pq.write_table(pa.table({"text": [1]}), folder / f"{n}.parquet") for n in "abc"],
      "{folder}/a.parquet: column 'text' has type int64, expected string"),
+    (lambda folder: write_files(folder, pa.table({"text": pa.array([], pa.string())})), "{folder}/c.parquet: no rows"),
+    (lambda folder: write_files(folder, pa.table({"text": ["", ""]})), "{folder}/c.parquet: no text (2 rows, all empty)"),
+    (lambda folder: write_files(folder, pa.table({"text": ["x", "y", None]}), row_group_size=2),
+     "{folder}/c.parquet: row group 1, row 0: 'text' is null"),
+    (lambda folder: [pq.write_table(pa.table({"text": ["x"]}), folder / f"{n}.parquet") for n in "ab"],  # the preset's -n 2
+     "your text {folder} has 1 training file(s) besides the validation file, fewer than the 2 asked for (-n); add files, or "
+     "take them all: -n -1 here, and --num-shards -1 for base_train and base_eval"),
 ])
 def test_a_folder_that_cannot_serve_is_refused_naming_it(tmp_path, shared_data, make, error):
     folder = tmp_path / "texts"
