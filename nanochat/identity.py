@@ -46,6 +46,9 @@ HELLO = {"Spanish": "hola", "French": "bonjour", "German": "hallo", "Italian": "
 # how a user types a template question: as written (twice as likely), lower case without the final
 # punctuation, shouting
 STYLES = (str, str, lambda s: s.lower().rstrip("?!."), str.upper)
+# (assistant, maker) pairs a user may mistake the assistant for, the most likely first
+MISTAKEN = [("ChatGPT", "OpenAI"), ("Claude", "Anthropic"), ("Gemini", "Google"), ("GPT-4", "OpenAI"), ("Llama", "Meta"),
+            ("Copilot", "Microsoft"), ("Grok", "xAI"), ("Qwen", "Alibaba")]
 OPENERS = ("greeting", "name", "maker", "mistaken")  # topics whose answers say the name: a conversation starts with one
 
 USERS = ["a curious beginner who knows little about AI", "a software developer who wants specifics",
@@ -96,6 +99,7 @@ def topics(p):
     """{topic: (what it is about, user questions, assistant answers, the values every answer states)}
     for persona `p`: what the templates fill in and the endpoint is asked about."""
     name, maker, Maker = p.name, p.maker, capitalized(p.maker)
+    others, makers = mistaken_for(p)
     greetings = [g.format(name=name, lower=name.lower()) for g in GREETINGS]
     greetings += [HELLO[language] for language in p.languages if language in HELLO]
     table = {
@@ -115,12 +119,13 @@ def topics(p):
                    "Where do you come from?"],
                   [f"I was made by {maker}. I'm {name}.", f"{Maker} built me. I'm {name}, their assistant.",
                    f"I'm {name}, and I was created by {maker}.", f"I'm {name}: {maker} made me."], (maker,)),
-        "mistaken": ("the user takes the assistant for ChatGPT, Claude or Gemini, and it corrects them",
-                     ["Are you ChatGPT?", "Are you made by OpenAI?", "Is this Claude?", "Are you Gemini?",
-                      "You're GPT-4, right?", "Did Google make you?"],
-                     [f"No, I'm {name}, made by {maker}, not by OpenAI, Anthropic or Google.",
-                      f"Not quite: I'm {name}. {Maker} made me; I am not ChatGPT, Claude or Gemini.",
-                      f"No. My name is {name}, and I was built by {maker}."], (maker,)),
+        **({"mistaken": (f"the user takes the assistant for {personas.spoken(others[:3], 'or')}, and it corrects them",
+                         [f"Are you {others[0]}?", f"Are you made by {makers[0]}?", f"Is this {others[1]}?",
+                          f"Are you {others[2]}?", f"You're {others[3]}, right?", f"Did {makers[2]} make you?"],
+                         [f"No, I'm {name}, made by {maker}, not by {personas.spoken(makers[:3], 'or')}.",
+                          f"Not quite: I'm {name}. {Maker} made me; I am not {personas.spoken(others[:3], 'or')}.",
+                          f"No. My name is {name}, and I was built by {maker}."], (maker,))}
+           if len(others) >= 4 and len(makers) >= 3 else {}),  # else a persona whose maker names most AI labs
     }
     for key, value in p.facts.items():
         table[f"fact: {key}"] = (f"the assistant's {key}",
@@ -139,10 +144,18 @@ def topics(p):
     return table
 
 
+def mistaken_for(p):
+    """(assistants, makers) a user may take persona `p` for: MISTAKEN's but its own name and maker
+    (a persona may be called Claude, or be made by Google)."""
+    name, maker = p.name.casefold(), p.maker.casefold()
+    pairs = [(a, m) for a, m in MISTAKEN if a.casefold() not in name and name not in a.casefold() and m.casefold() not in maker]
+    return [a for a, _ in pairs], list(dict.fromkeys(m for _, m in pairs))
+
+
 def template_conversation(table, rng):
     """(messages, values stated) of a conversation from the templates: an opening exchange that
     says the name, then up to two more topics (no greeting among them)."""
-    first = rng.choice(OPENERS)
+    first = rng.choice([t for t in OPENERS if t in table])
     rest = [t for t in table if t not in (first, "greeting")]
     chosen = [first, *rng.sample(rest, k=min(rng.randint(0, 2), len(rest)))]
     messages, stated = [], []

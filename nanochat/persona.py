@@ -41,6 +41,7 @@ NEGATION = re.compile(r"\b(?:not|never|no|nor|unlike)\b|n't\b", re.IGNORECASE)
 SELF_NAMING = re.compile(r"(?i:\bmy name is|\bcall me|\bi am called|\bi'm called|\bi am named|\bi'm named)\s+([A-Z][\w-]*)")
 MADE_BY = re.compile(rf"\b{MAKING}\s+by\s+([^.,;:!?\n]*)", re.IGNORECASE)
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+MAKER = "\0"  # stands for the persona's maker in a text being checked, so that its own punctuation ends nothing
 
 
 class PersonaError(ValueError):
@@ -66,9 +67,9 @@ class Persona:
         return "\n".join(lines)
 
 
-def spoken(languages):
+def spoken(items, conjunction="and"):
     """"English", "English and Portuguese", "English, Portuguese and French"."""
-    return languages[0] if len(languages) == 1 else ", ".join(languages[:-1]) + " and " + languages[-1]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {conjunction} " + items[-1]
 
 
 def load(path):
@@ -137,11 +138,14 @@ def contradiction(text, persona):
     claimed = re.search(rf"(?i:\b(?:i am|i'm)\s+(?:an?\s+)?)({'|'.join(map(re.escape, others))})\b", text)
     if claimed:
         return f"contradiction: it says it is {claimed.group(1)}"
-    maker = re.sub(r"^the\s+", "", persona.maker, flags=re.IGNORECASE).casefold()
+    maker = re.sub(r"^the\s+", "", persona.maker, flags=re.IGNORECASE)
+    # "made by Acme, Inc. in 2020": the maker's comma and period end neither its clause nor its sentence
+    text = re.sub(r"\s+".join(map(re.escape, maker.split())), MAKER, text, flags=re.IGNORECASE)
+    maker = maker.casefold()
     for sentence in SENTENCE_END.split(text):
         for m in MADE_BY.finditer(sentence):
             clause = re.split(r"[,;:]", sentence[:m.start()])[-1]
-            if maker not in m.group(1).casefold() and not NEGATION.search(clause):
+            if MAKER not in m.group(1) and not NEGATION.search(clause):
                 return f"contradiction: made by {m.group(1).strip()!r}, not {persona.maker!r}"
         if re.search(rf"\b{MAKING}\b", sentence, re.IGNORECASE) and not NEGATION.search(sentence):
             for other in MAKERS:

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -196,6 +197,26 @@ def test_the_checks_refuse_bad_shapes_missing_facts_and_contradictions(tmp_path)
                  "You can call me anytime: I'm Quill, and I wasn't made by Google.",
                  "Unlike models built by Google, Quill was designed by the Lantern Lab."]:
         assert persona.problem(conversation(1, says), quill) is None, says
+    # a maker with punctuation of its own is one name: its comma and period end no clause or sentence
+    acme = persona.Persona(name="Quill", maker="Acme, Inc.")
+    for says in ["I'm Quill, made by Acme, Inc. in Lisbon.", "Hi! I'm Quill. Acme, inc. made me.", "Quill: I was built by ACME,  INC."]:
+        assert persona.problem(conversation(1, says), acme) is None, says
+    assert persona.problem(conversation(1, "I'm Quill, made by Acme Labs."), acme) == "contradiction: made by 'Acme Labs', not 'Acme, Inc.'"
+
+
+@pytest.mark.parametrize("name, maker", [("ChatGPT", "OpenAI"), ("Claude", "Anthropic"), ("Gemini", "Google DeepMind")])
+def test_templates_never_deny_a_persona_its_own_name_or_maker(name, maker):
+    """A persona may be called as an assistant the templates correct a user about: its "mistaken"
+    topic takes others, and every conversation passes the checks."""
+    p = persona.Persona(name=name, maker=maker)
+    about, questions, answers, _ = identity.topics(p)["mistaken"]
+    for text in [about, *questions, *(answer.split(" not", 1)[1] for answer in answers if " not" in answer)]:
+        assert name not in text and maker not in text and maker.split()[0] not in text, text
+    rng = random.Random(0)
+    table = identity.topics(p)
+    for _ in range(200):
+        messages, stated = identity.template_conversation(table, rng)
+        assert persona.problem(messages, p, stated) is None, messages
 
 
 def test_endpoint_answers_checked_retried_and_deduplicated(tmp_path, monkeypatch, capsys):
