@@ -232,6 +232,11 @@ def utc(seconds):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"
 
 
+def recorded_config(args):
+    """A stage's options as its stage.json records them (credentials redacted)."""
+    return storage.redact(json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in ("run", "storage")})))
+
+
 def commit(run, stage, args, inputs, outputs, metrics, started, imported=None, earlier_wall_s=0.0):
     """Writes stage.json last, recording everything needed to trust and reuse the outputs (storage
     retries transient errors; if it gives up, the stage is not done and a rerun commits it). The
@@ -239,7 +244,7 @@ def commit(run, stage, args, inputs, outputs, metrics, started, imported=None, e
     DeclaredData), after `inputs`. `imported`: what an import brought in (see the module docstring).
     wall_time_s is this attempt's since `started` plus `earlier_wall_s`: a training stage's earlier
     attempts, up to the checkpoint this one resumed from (what the report's cost counts)."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in ("run", "storage")}
+    config = recorded_config(args)
     declared = _declared.inputs() if _declared is not None else {}
     summary = {
         "stage": stage,

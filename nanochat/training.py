@@ -135,6 +135,7 @@ class Training:
         peak = common.measure_matmul_flops(self.device, self.dtype)
         log.info("matmul peak %.3g TFLOP/s per process in %s (MFU's denominator)", peak / 1e12, str(self.dtype).removeprefix("torch."))
         mfu_per_tok_s = model.estimate_flops() / (peak * self.compute.world_size)
+        self.check_same_work(plan)
         bar = progress_bar(self.master, self.stage, self.step, plan.num_steps)
         if self.rng is not None:  # what the stage drew since resuming (the matmul peak's inputs, say), an
             checkpoint.set_rng_state(self.rng)  # uninterrupted run drew before its first step
@@ -176,6 +177,24 @@ class Training:
             stage.fault(self.stage, self.step)
         bar.close()
         return self.save(model, optimizer, batches, meta or {})
+
+    def check_same_work(self, plan):
+        """A finished stage run again by hand with other options would train no step (its final
+        checkpoint is at plan.num_steps) yet record them as its own: a StageError naming them. (The
+        flow clears the folder of other work first: flows.stages.clear_other_work.)"""
+        uri = stage.stage_uri(self.args.run, self.stage, stage.SUMMARY)
+        if self.step < plan.num_steps or not storage.exists(uri):
+            return
+        try:
+            before = stage.checked_summary(uri).get("config", {})
+        except stage.SummaryError:  # damaged: this run replaces it
+            return
+        now = stage.recorded_config(self.args)
+        if changed := [f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in sorted(before.keys() | now.keys())
+                       if before.get(k) != now.get(k)]:
+            raise stage.StageError(f"{self.stage} is done in {storage.redact(self.args.run)} (step {self.step}) with other options "
+                                   f"({'; '.join(changed)}): it would train nothing under these; use another run, or remove "
+                                   f"{storage.redact(stage.stage_uri(self.args.run, self.stage))} to train it again")
 
     def scaled(self, loss):
         """The loss to differentiate: under fp16, multiplied by the gradient scaler's scale."""

@@ -180,6 +180,26 @@ def test_periodic_core_and_resume_with_another_model_or_world_size_is_refused(ru
     assert "resume it with --nproc_per_node 2" in done.stderr
 
 
+def test_a_finished_stage_run_again_by_hand_with_other_options_is_refused(tiny_base_run, shared_data, tmp_path):
+    """It would resume its final checkpoint, train no step and record the new options as its own
+    (the flow clears such a folder itself; a stage run by hand names the options instead)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base_run, run)
+    summary = run / "base_train" / "stage.json"
+    before = json.loads(summary.read_text())
+    argv = ["--run", str(run), "--preset", "tiny", "--data", str(shared_data / "pretrain"), "--num-steps", "6", "--eval-every", "-1"]
+
+    def base_train_again(*options):
+        return base_train_stage.main(contract.parse_args(base_train_stage.build_parser(), "base_train", [*argv, *options]))
+
+    with pytest.raises(contract.StageError, match=rf"^base_train is done in file://{run} \(step 6\) with other options \(matrix_lr: "
+                                                  r"\S+ then, 0.05 now\): it would train nothing under these; use another run"):
+        base_train_again("--matrix-lr", "0.05")
+    assert json.loads(summary.read_text()) == before
+    base_train_again()  # the same work: committed again, as a flow's retry does
+    assert json.loads(summary.read_text())["config"] == before["config"]
+
+
 def refusal(run, shared_data, *options):
     """The StageError base_train stops with on `options`, before any checkpoint. It runs in this
     process: what a StageError becomes (exit status 1, one `<stage>: error:` line) is the stage
