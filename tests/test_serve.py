@@ -313,10 +313,11 @@ def test_full_queue_is_429_and_a_disconnect_cancels(run):
         stop_server(proc)
 
 
-def test_sigterm_cuts_what_outlasts_the_shutdown_deadline(run):
-    """Requests still decoding (or queued) when --shutdown-timeout runs out are cut: their streams
-    end without [DONE], the server says so, and the process exits instead of waiting for them."""
-    proc, url = start_server(run, "--one-at-a-time", "--max-pending", "4", "--shutdown-timeout", "0.2")
+def test_sigterm_ends_what_would_outlast_the_shutdown_deadline_whole(run):
+    """Requests still decoding (or queued) as --shutdown-timeout runs out end a little before it, as
+    --max-seconds ends them: every choice with finish_reason "length", every stream with [DONE],
+    the process exiting instead of waiting for them, and nothing left for uvicorn to cancel."""
+    proc, url = start_server(run, "--one-at-a-time", "--max-pending", "4", "--shutdown-timeout", "2")
     body = {"messages": [{"role": "user", "content": "Go on forever."}], "n": 8, "max_tokens": 512, "stream": True,
             "frequency_penalty": 0}
     started = threading.Barrier(5, timeout=60)  # the four streams' first lines, and the signal
@@ -325,13 +326,10 @@ def test_sigterm_cuts_what_outlasts_the_shutdown_deadline(run):
         with httpx.Client(timeout=120) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200  # admitted: decoding or queued
             lines = []
-            try:
-                for line in response.iter_lines():
-                    lines.append(line)
-                    if len(lines) == 1:
-                        started.wait()
-            except httpx.RemoteProtocolError:  # the connection closed mid-stream
-                pass
+            for line in response.iter_lines():
+                lines.append(line)
+                if len(lines) == 1:
+                    started.wait()
             return [line for line in lines if line]
 
     try:
@@ -339,10 +337,14 @@ def test_sigterm_cuts_what_outlasts_the_shutdown_deadline(run):
             streams = [pool.submit(stream) for _ in range(4)]
             started.wait()  # all four connected: one decoding, the others queued (4 x 8 answers of up to a context each)
             proc.send_signal(signal.SIGTERM)
-            ends = [f.result()[-1:] for f in streams]
-        assert any(end != ["data: [DONE]"] for end in ends), ends
+            events = [f.result() for f in streams]
+        assert all(lines[-1] == "data: [DONE]" for lines in events), [lines[-1:] for lines in events]
+        for lines in events:
+            chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+            ends = {c["index"]: c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]}
+            assert ends == dict.fromkeys(range(8), "length")
         assert proc.wait(timeout=60) == -signal.SIGTERM
-        assert "timeout graceful shutdown exceeded" in os.pread(proc.log.fileno(), 1 << 24, 0).decode()
+        assert "timeout graceful shutdown exceeded" not in os.pread(proc.log.fileno(), 1 << 24, 0).decode()
     finally:
         stop_server(proc)
 

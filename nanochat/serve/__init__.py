@@ -6,7 +6,8 @@
     NANOCHAT_API_KEY=k1,k2 nanochat serve --run myrun --host 0.0.0.0   on the network: /v1/ needs a key
 
 On SIGTERM (or Ctrl-C) the server takes no new connections, gives the requests in progress up to
---shutdown-timeout seconds to finish, then exits. Every request is one line of the log (never its text).
+--shutdown-timeout seconds to finish (those still running then end a second before it, with
+finish_reason "length"), then exits. Every request is one line of the log (never its text).
 """
 
 import argparse
@@ -36,7 +37,8 @@ def build_parser():
                    "<key>` (repeatable; also NANOCHAT_API_KEY, comma-separated; default: none, /v1/ is open)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds the requests in progress get to "
-                   "finish on SIGTERM (default: %(default)s)")
+                   "finish on SIGTERM; a second before, any still running end with finish_reason length (default: "
+                   "%(default)s)")
     p.add_argument("--cors-origin", action="append", default=[], help="a web origin (https://host:port) whose pages "
                    "may call the API (repeatable; default: none)")
     for f in LIMITS:
@@ -101,4 +103,4 @@ def main(argv=None):
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", http="h11", server_header=False,
                             timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    Server(config, app.state.in_progress).run()
+    Server(config, app.state.in_progress, app.state.finish_by).run()

@@ -254,6 +254,7 @@ def create_app(engine_factory, limits=Limits(), devices=("cpu",), model_name=ALI
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.state.in_progress = lambda: sum(w.load for w in workers)
+    app.state.finish_by = lambda deadline: [w.finish_by(deadline) for w in workers]
     app.add_middleware(Guard, keys=api_keys, limits=limits)
     if cors_origins:  # outside the guard, so that preflight requests and refusals get CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],

@@ -16,6 +16,7 @@ from nanochat.inference import LOAD_ERRORS
 
 access_log = logging.getLogger("nanochat.access")
 
+SHUTDOWN_MARGIN = 1.0  # seconds before the shutdown deadline that the engines end their answers (at most half of it)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # seconds to the first token
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)  # seconds per later token
 
@@ -127,14 +128,19 @@ class StartupFailure:
 
 class Server(uvicorn.Server):
     """uvicorn's server (which on SIGTERM or SIGINT closes its sockets, lets the requests in progress
-    finish within config.timeout_graceful_shutdown, then stops the app), saying so when told to stop."""
+    finish within config.timeout_graceful_shutdown, then cancels what is left and stops the app),
+    saying so when told to stop. The engines end what is still running a little before that deadline
+    (`finish_by`), with finish_reason "length", so that their streams end whole, [DONE] included."""
 
-    def __init__(self, config, in_progress):
+    def __init__(self, config, in_progress, finish_by):
         super().__init__(config)
         self.in_progress = in_progress  # () -> requests queued or decoding
+        self.finish_by = finish_by  # (time.monotonic() deadline) -> None
 
     def handle_exit(self, sig, frame):
         if not self.should_exit:
+            timeout = self.config.timeout_graceful_shutdown
             print(f"nanochat: {signal.Signals(sig).name}: taking no new requests; {self.in_progress()} in progress "
-                  f"get up to {self.config.timeout_graceful_shutdown:g} s to finish", flush=True)
+                  f"get up to {timeout:g} s to finish", flush=True)
+            self.finish_by(time.monotonic() + timeout - min(SHUTDOWN_MARGIN, timeout / 2))
         super().handle_exit(sig, frame)

@@ -61,6 +61,7 @@ class Worker:
         self.pending = deque()
         self.active = []
         self.deadlines = {}  # request (queued or decoding) -> time.monotonic() when it is cut short
+        self.last_deadline = float("inf")  # no request runs past it (finish_by)
         self.wakeup = threading.Condition()
         self.stopped = False
         self.cancelled = 0  # requests whose client went away before they finished
@@ -84,7 +85,17 @@ class Worker:
             if len(self.pending) >= self.max_pending:
                 raise QueueFull(f"{len(self.pending)} requests are waiting; try again shortly")
             self.pending.append(request)
-            self.deadlines[request] = time.monotonic() + self.max_seconds
+            self.deadlines[request] = min(time.monotonic() + self.max_seconds, self.last_deadline)
+            self.wakeup.notify()
+
+    def finish_by(self, deadline):
+        """Ends every request, queued or decoding or submitted later, by `deadline` (time.monotonic())
+        at the latest, as --max-seconds does: a stopping server's answers end whole, with their
+        finish_reason, rather than cut off mid-stream when its shutdown deadline passes."""
+        with self.wakeup:
+            self.last_deadline = min(self.last_deadline, deadline)
+            for request, due in self.deadlines.items():
+                self.deadlines[request] = min(due, deadline)
             self.wakeup.notify()
 
     def stop(self):
