@@ -122,6 +122,7 @@ class Training:
         (inputs, targets, ...) with targets -1 where nothing is trained; `loss(model, batch)` is
         the loss of one batch (default: the model's cross-entropy of (inputs, targets))."""
         args = self.args
+        self.check_same_work(plan)
         windows = [w for w in model.config.windows if not reaches_back(w, model.config.sequence_len)]
         if self.master and windows and self.device.type == "cuda" and flash_attention.for_device(self.device) is None:
             if args.compile:
@@ -135,7 +136,6 @@ class Training:
         peak = common.measure_matmul_flops(self.device, self.dtype)
         log.info("matmul peak %.3g TFLOP/s per process in %s (MFU's denominator)", peak / 1e12, str(self.dtype).removeprefix("torch."))
         mfu_per_tok_s = model.estimate_flops() / (peak * self.compute.world_size)
-        self.check_same_work(plan)
         bar = progress_bar(self.master, self.stage, self.step, plan.num_steps)
         if self.rng is not None:  # what the stage drew since resuming (the matmul peak's inputs, say), an
             checkpoint.set_rng_state(self.rng)  # uninterrupted run drew before its first step
@@ -181,7 +181,8 @@ class Training:
     def check_same_work(self, plan):
         """A finished stage run again by hand with other options would train no step (its final
         checkpoint is at plan.num_steps) yet record them as its own: a StageError naming them. (The
-        flow clears the folder of other work first: flows.stages.clear_other_work.)"""
+        flow clears the folder of other work first: flows.stages.clear_other_work.) Options that one
+        of the two versions of the code lacks are not compared: new code runs a finished stage again."""
         uri = stage.stage_uri(self.args.run, self.stage, stage.SUMMARY)
         if self.step < plan.num_steps or not storage.exists(uri):
             return
@@ -190,7 +191,7 @@ class Training:
         except stage.SummaryError:  # damaged: this run replaces it
             return
         now = stage.recorded_config(self.args)
-        if changed := [f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in sorted(before.keys() | now.keys())
+        if changed := [f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in sorted(before.keys() & now.keys())
                        if before.get(k) != now.get(k)]:
             raise stage.StageError(f"{self.stage} is done in {storage.redact(self.args.run)} (step {self.step}) with other options "
                                    f"({'; '.join(changed)}): it would train nothing under these; use another run, or remove "

@@ -196,7 +196,11 @@ def test_a_finished_stage_run_again_by_hand_with_other_options_is_refused(tiny_b
                                                   r"\S+ then, 0.05 now\): it would train nothing under these; use another run"):
         base_train_again("--matrix-lr", "0.05")
     assert json.loads(summary.read_text()) == before
-    base_train_again()  # the same work: committed again, as a flow's retry does
+    # the same work (a stage.json of older code: an option it lacked, one since removed), committed
+    # again, as the flow does after a code change
+    older = {k: v for k, v in before["config"].items() if k != "smear"}
+    summary.write_text(json.dumps({**before, "config": {**older, "an_option_since_removed": 1}}))
+    base_train_again()
     assert json.loads(summary.read_text())["config"] == before["config"]
 
 
