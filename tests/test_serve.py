@@ -161,6 +161,7 @@ def test_concurrent_streaming_clients_get_complete_answers(client):
     ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -3}, "presence_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "max_completion_tokens": 10**6}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "3"}, "max_tokens"),  # strict JSON types, as OpenAI
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, "max_tokens"),
@@ -182,6 +183,17 @@ def test_bad_requests_are_400_with_openai_errors(server, body, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server):
+    """What today's openai client sends, alone or beside the older field."""
+    def tokens(**fields):
+        body = {"messages": [{"role": "user", "content": "Count with me."}], "seed": 1, **fields}
+        usage = httpx.post(server + "/v1/chat/completions", json=body, timeout=60).json()["usage"]
+        return usage["completion_tokens"]
+
+    assert tokens(max_completion_tokens=5) == tokens(max_tokens=1, max_completion_tokens=5) == 5
+    assert tokens(max_tokens=5, max_completion_tokens=2) == 2
 
 
 def test_an_image_part_is_refused_by_name(server):

@@ -218,7 +218,8 @@ def sampling_params(body, limits, generation):
             raise APIError(400, f"message {i} is longer than {limits.max_message_chars} characters", f"messages.{i}.content")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    return common.sampling_params(body, limits, generation, body.max_completion_tokens or body.max_tokens,
+    field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # which wins
+    return common.sampling_params(body, limits, generation, getattr(body, field), field,
                                   logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 

@@ -32,11 +32,12 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-def sampling_params(body, limits, generation, max_tokens, **fields):
+def sampling_params(body, limits, generation, max_tokens, max_tokens_field="max_tokens", **fields):
     """The engine's SamplingParams of a validated chat or completions request, after the checks both
     endpoints make (stream_options, n, stop, max_tokens, top_k). A sampling field the request leaves out (or sends as
     null) takes the model's generation default (`generation`), else DEFAULTS. `max_tokens`: the
-    request's (None: not given); `fields`: the endpoint's own SamplingParams fields (logprobs)."""
+    request's (None: not given), from its field `max_tokens_field` (what an error names); `fields`: the
+    endpoint's own SamplingParams fields (logprobs)."""
     if body.stream_options is not None and not body.stream:  # OpenAI refuses it too
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     if (body.n or 1) > limits.max_n:
@@ -45,7 +46,7 @@ def sampling_params(body, limits, generation, max_tokens, **fields):
     if len(stop) > limits.max_stop or not all(stop):
         raise APIError(400, f"stop takes at most {limits.max_stop} non-empty strings", "stop")
     if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
+        raise APIError(400, f"{max_tokens_field} must be at most {limits.max_tokens}", max_tokens_field)
     if body.top_k == 0:
         raise APIError(400, "top_k must be at least 1 (or -1: all tokens)", "top_k")
     defaults = {**DEFAULTS, **generation}
