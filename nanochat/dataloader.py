@@ -231,8 +231,9 @@ class PretrainLoader:
         while True:
             if c["shard"] == len(self.shards):
                 if c["global_row_group"] <= self.rank:
-                    raise ValueError(f"rank {self.rank} of {self.world_size} gets no row groups: the split "
-                                     f"has {c['global_row_group']} ({len(self.shards)} shards)")
+                    raise StageError(f"{', '.join(map(storage.redact, self.shards))}: {c['global_row_group']} row group(s) "
+                                     f"for {self.world_size} processes, and each reads its own: write the file with more "
+                                     f"row groups (pyarrow's row_group_size) or run fewer processes")
                 if self.epochs is not None and c["epoch"] + 1 >= self.epochs:
                     return None
                 c.update(epoch=c["epoch"] + 1, shard=0, row_group=0, global_row_group=0)

@@ -202,6 +202,8 @@ def test_a_finished_stage_run_again_by_hand_with_other_options_is_refused(tiny_b
     summary.write_text(json.dumps({**before, "config": {**older, "an_option_since_removed": 1}}))
     base_train_again()
     assert json.loads(summary.read_text())["config"] == before["config"]
+    base_train_again("--num-steps", "8")  # more steps: it trains on to them
+    assert json.loads(summary.read_text())["metrics"]["steps"] == 8
 
 
 def refusal(run, shared_data, *options):

@@ -253,6 +253,16 @@ def test_bad_shards_name_the_file(tok, tmp_path):
                 next(loader)
 
 
+def test_a_process_without_a_row_group_names_the_file(tok, tmp_path):
+    """Each process reads its own row groups: a one-row-group file (pyarrow's default for a small
+    table) cannot feed two; the second says so, naming it (it was a ValueError traceback)."""
+    path = tmp_path / "val.parquet"
+    write_shard(path, make_docs(20, 8, 60, seed=1), 20)
+    next(PretrainLoader(tok, 1, 40, [str(path)], rank=0, world_size=2, buffer_docs=2))
+    with pytest.raises(StageError, match=rf"^file://{path}: 1 row group\(s\) for 2 processes, and each reads its own"):
+        next(PretrainLoader(tok, 1, 40, [str(path)], rank=1, world_size=2, buffer_docs=2))
+
+
 def test_corrupt_row_group_names_file_and_row_group(tok, tmp_path):
     path = tmp_path / "shard_00000.parquet"
     pq.write_table(pa.table({"text": make_docs(40, 200, 400, seed=2)}), str(path), row_group_size=10,
