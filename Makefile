@@ -95,10 +95,13 @@ worker: setup  ## a process worker on work pool "gpu" (creates the pool from dep
 
 # The deployments are read from this tree, but workers run its commit: the two must be the same.
 deploy: setup  ## register prefect.yaml's deployments (speedrun, one per stage); workers run HEAD, cloned from GIT_URL
-	@git diff --quiet HEAD || { echo "make deploy: uncommitted changes, which workers would not run; commit them" >&2; exit 2; }
-	@[ '$(GIT_URL)' = '$(CURDIR)' ] || [ -n "$$(git branch -r --contains HEAD)" ] || { echo "make deploy: HEAD is on" \
-	  "no remote branch, so workers cloning $(GIT_URL) would not find it: push it (or GIT_URL=$(CURDIR) for a" \
-	  "worker on this machine)" >&2; exit 2; }
+	@[ -z "$$(git status --porcelain)" ] || { echo "make deploy: changes that are not committed, which workers" \
+	  "would not run (new files too): commit them" >&2; git status --short >&2; exit 2; }
+	@# pushed: HEAD is in the history of a branch or tag that GIT_URL has now (not a stale remote-tracking ref)
+	@[ '$(GIT_URL)' = '$(CURDIR)' ] || git ls-remote --heads --tags $(call quote,$(GIT_URL)) | cut -f1 | \
+	  while read -r sha; do git merge-base --is-ancestor HEAD "$$sha" 2>/dev/null && echo pushed; done | grep -q pushed || \
+	  { echo "make deploy: HEAD is on no branch or tag of $(GIT_URL), so workers cloning it would not find it:" \
+	  "push it (or GIT_URL=$(CURDIR) for a worker on this machine)" >&2; exit 2; }
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create gpu --type process \
 	  --base-job-template deployments/gpu-pool.json --overwrite
 	# pool gpu-slurm (the slurm deployment's) as deployments/slurm/worker.sbatch creates it, if no worker has yet

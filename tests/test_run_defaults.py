@@ -125,3 +125,27 @@ def status(url, auth=None):
         return e.code
     except OSError:  # refused, or reset while the server starts
         return None
+
+
+def test_make_deploy_refuses_what_workers_would_not_find(tmp_path):
+    """Workers clone the commit `make deploy` records from GIT_URL: a file not committed (a new task
+    module too) or a commit that GIT_URL has on no branch is refused before anything is deployed."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", REPO, str(clone)], check=True)  # origin: this repository
+
+    def deploy():  # this checkout's Makefile; its checks come first, setup (-o: taken as done) is never run
+        return subprocess.run(["make", "-f", f"{REPO}/Makefile", "-o", "setup", "deploy", f"VENV={REPO}/.venv",
+                               "PREFECT_API=http://127.0.0.1:9/api"],
+                              cwd=clone, capture_output=True, text=True, timeout=60)
+
+    (clone / "tasks" / "mytasks.py").write_text("# a task module of one's own, not added yet\n")
+    refused = deploy()
+    assert refused.returncode == 2 and "make deploy: changes that are not committed" in refused.stderr
+    assert "?? tasks/mytasks.py" in refused.stderr
+    subprocess.run(["git", "add", "tasks/mytasks.py"], cwd=clone, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "mine"], cwd=clone, check=True)
+    refused = deploy()
+    assert refused.returncode == 2 and f"make deploy: HEAD is on no branch or tag of {REPO}" in refused.stderr
+    subprocess.run(["git", "reset", "--hard", "-q", "HEAD~1"], cwd=clone, check=True)  # back on what origin has
+    passed = deploy()
+    assert "make deploy:" not in passed.stderr and "prefect" in passed.stdout  # on to Prefect (unreachable here)
