@@ -24,7 +24,7 @@ from prefect.futures import wait
 import nanochat.storage
 from flows import launch, stages
 from nanochat import pipeline, presets, report
-from nanochat.stage import SUMMARY, imported_stages
+from nanochat.stage import SUMMARY, imported_stages, read_summary
 
 # The final artifact: the output of the last stage run that trains a model, else the tokenizer.
 FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
@@ -51,12 +51,22 @@ def recorded_spec(run_name, storage_root, data_mirror, preset, nproc_per_node, n
     d20 run re-runs as d20 with the run's overrides."""
     run = nanochat.storage.run_uri(run_name, nanochat.storage.storage_root(storage_root))
     record = read_record(run)
-    if preset is None and "preset" not in record:
+    preset = preset or record.get("preset") or imported_preset(run)
+    if preset is None:
         uri = nanochat.storage.join(run, RUN_RECORD)
-        raise ValueError(f"{nanochat.storage.redact(uri)} does not exist (the speedrun flow writes it): give the preset")
-    return run_spec(preset or record["preset"], run, storage_root, data_mirror,
+        raise ValueError(f"{nanochat.storage.redact(uri)} does not exist (the speedrun flow writes it, `nanochat import "
+                         "--preset` records one): give the preset")
+    return run_spec(preset, run, storage_root, data_mirror,
                     nproc_per_node or record.get("nproc_per_node"), nnodes or record.get("nnodes", 1),
                     record.get("overrides") if overrides is None else overrides)
+
+
+def imported_preset(run):
+    """The preset `nanochat import --preset` recorded for the run's later stages, or None."""
+    for name in sorted(imported_stages(run)):
+        if preset := read_summary(run, name)["config"].get("preset"):
+            return preset
+    return None
 
 
 def spec_from_parameters(flow_name, parameters):
