@@ -195,17 +195,18 @@ def test_the_source_hash_covers_every_file_the_packages_load(tmp_path):
     before = source_hash(root=tmp_path)
     others = [tmp_path / relative for relative in shipped() if not relative.endswith(".py")]
     assert {".c", ".html", ".rs", ".toml"} <= {p.suffix for p in others}
-    for path in [*others, tmp_path / "nanochat" / "pipeline.py"]:
+    for path in [*others, tmp_path / "nanochat" / "pipeline.py", tmp_path / "tasks" / "arc.py"]:
         data = path.read_bytes()
         path.write_bytes(data + b"\n")
         assert source_hash(root=tmp_path) != before, path.relative_to(tmp_path)
         path.write_bytes(data)
     assert source_hash(root=tmp_path) == before
 
-    new = tmp_path / "nanochat" / "serve" / "favicon.svg"  # a data file that did not exist
-    new.write_text("<svg/>")
-    assert source_hash(root=tmp_path) != before
-    new.unlink()
+    for new, text in [(tmp_path / "nanochat" / "serve" / "favicon.svg", "<svg/>"),  # a data file that did not exist
+                      (tmp_path / "tasks" / "mytasks.py", "# a task of one's own (README: Your own evaluation task)")]:
+        new.write_text(text)
+        assert source_hash(root=tmp_path) != before, new.relative_to(tmp_path)
+        new.unlink()
 
     for built in ("nanochat/__pycache__/gpt.cpython-311.pyc", "rustbpe/_native/lib_native.so", "rustbpe/target/release/x"):
         (tmp_path / built).parent.mkdir(parents=True, exist_ok=True)
