@@ -5,6 +5,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import psutil
 import pytest
 
 from nanochat.chat import GENERATION
-from nanochat.serve import build_parser
+from nanochat.serve import LIMITS, build_parser
 from nanochat.serve.app import CHAT_FIELDS, ChatCompletionRequest, parameter_table
 from nanochat.serve.worker import Worker
 from tests.support.serving import ask, assert_openai_error, chromium_tab, healthy, openai_client, start_server, stop_server, streamed
@@ -26,6 +27,7 @@ from tests.support.waiting import until
 
 pytest_plugins = ["tests.support.serving"]
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
@@ -54,6 +56,19 @@ def test_help_states_every_options_default():
         if action.option_strings and action.nargs != 0 and not action.required:  # not --help, flags or --run
             assert "default" in (action.help or ""), f"{action.option_strings[0]}: its help states no default"
     assert "(default: 8000)" in " ".join(parser.format_help().split())
+
+
+def test_readme_limits_table_states_the_defaults():
+    """Each row of README's limits table gives its options' defaults (a number each, in order)."""
+    table = README.read_text().split("| option | default | over it |", 1)[1].split("\n\n", 1)[0]
+    defaults = {action.option_strings[0]: action.default for action in build_parser()._actions if action.option_strings}
+    stated = {}
+    for row in table.strip().splitlines()[1:]:
+        options, values = row.split("|")[1:3]
+        options = re.findall(r"`(--[\w-]+)`", options)
+        stated.update(zip(options, map(float, re.findall(r"\d+(?:\.\d+)?", values)[:len(options)])))
+    assert set(stated) == {"--" + f.name.replace("_", "-") for f in LIMITS}
+    assert {o: defaults[o] for o in stated} == stated
 
 
 def test_models_health_and_binding(server, client):
