@@ -11,9 +11,10 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors import safe_open
 
 from nanochat import cli, hf, hf_tokenizer, storage
-from nanochat.checkpoint import find_checkpoint, load_model
+from nanochat.checkpoint import find_checkpoint, generation, load_model
 from nanochat.engine import Engine, SamplingParams
 from nanochat.export import write_model_dir
 from nanochat.gpt import GPT, GPTConfig
@@ -121,6 +122,32 @@ def test_greedy_generation_equals_our_engine(exported):
         with torch.no_grad():
             out = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24)
         assert out[0, len(prompt):].tolist() == ours
+
+
+def tensor_dtypes(path):
+    with safe_open(str(path), "pt") as f:
+        return {f.get_tensor(name).dtype for name in f.keys()}
+
+
+def test_our_export_imports_back_as_the_stage_it_came_from(trained, tiny_base_run, tmp_path, texts, capsys):
+    """`nanochat import` of what `nanochat export` wrote: the source its nanochat.json names (no
+    --as), the same logits, the frequency penalty back among the generation defaults; fp32 unless
+    --dtype bfloat16, whose weights come back as their bf16 values."""
+    model, tokenizer, _, _, directory = trained
+    idx = torch.tensor([ids[:200] for ids in tokenizer.encode(texts[:2], prepend="<|bos|>")])
+    half = tmp_path / "bf16"
+    assert cli.main(["export", "--run", str(tiny_base_run), "--to", str(half), "--dtype", "bfloat16"]) == 0
+    assert (tensor_dtypes(directory / "model.safetensors"), tensor_dtypes(half / "model.safetensors")) == (
+        {torch.float32}, {torch.bfloat16})
+    for exported, weights in [(directory, model.state_dict()), (half, {k: v.bfloat16().float() for k, v in model.state_dict().items()})]:
+        run = tmp_path / f"back-{exported.name}"
+        assert cli.main(["import", str(exported), "--run", str(run)]) == 0, capsys.readouterr().err
+        target, source = find_checkpoint(str(run))
+        back, _, _ = load_model(target)
+        assert source == "base" and generation(target)["frequency_penalty"] == 0.5
+        assert all(torch.equal(back.state_dict()[k].float(), v) for k, v in weights.items())
+        with torch.no_grad():
+            assert (back(idx) - model(idx)).abs().max().item() <= (1e-5 if exported == directory else 0.5)
 
 
 def test_chat_template_renders_as_our_tokenizer(classic):
