@@ -77,6 +77,8 @@ class Scripted(BaseHTTPRequestHandler):
         content = {"bad-json": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assis',
                    "contradiction": json.dumps({"messages": conversation(n, SAYS + " Really I was trained by OpenAI.")}),
                    "same": json.dumps({"messages": conversation("again")}),
+                   # the same conversation, but for case and spacing
+                   "same-shouted": json.dumps({"messages": conversation("AGAIN ", "  " + SAYS.upper().replace(" ", "  "))}),
                    "fenced": "Here it is:\n```json\n" + json.dumps({"messages": conversation(n)}) + "\n```"
                    }.get(action, json.dumps({"messages": conversation(n)}))
         self.answer(200, {"id": f"chatcmpl-{n}", "object": "chat.completion", "model": body["model"],
@@ -225,14 +227,14 @@ def test_endpoint_answers_checked_retried_and_deduplicated(tmp_path, monkeypatch
     Exactly the requests needed are made: 3 retried, 5 answers from the script, then 4 good ones."""
     out = tmp_path / "quill.jsonl"
     monkeypatch.setenv("QUILL_KEY", "sk-test")
-    with scripted_endpoint("429", "500", "stall", "bad-json", "contradiction", "same", "same", "fenced") as server:
+    with scripted_endpoint("429", "500", "stall", "bad-json", "contradiction", "same", "same-shouted", "fenced") as server:
         assert identity.main([*endpoint_options(server, out, write_persona(tmp_path), 6), "--api-key-env", "QUILL_KEY"]) == 0
     err = capsys.readouterr().err
     rows = CustomJSON(path=str(out)).rows
     assert len(rows) == 6 and len({identity.key(messages) for messages in rows}) == 6
     assert conversation("again") in rows and rows.count(conversation("again")) == 1
     assert sorted(action for action, _, _ in server.requests) == sorted(
-        ["429", "500", "stall", "bad-json", "contradiction", "same", "same", "fenced", *["good"] * 4])
+        ["429", "500", "stall", "bad-json", "contradiction", "same", "same-shouted", "fenced", *["good"] * 4])
     for _, body, auth in server.requests:
         assert auth == "Bearer sk-test" and body["model"] == "scripted"
         assert body["response_format"]["json_schema"]["schema"]["required"] == ["messages"]

@@ -63,7 +63,7 @@ def test_openai_client_works_with_any_configured_key(keyed_server):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
                                      {"Authorization": f"Bearer {KEY}x"}, {"Authorization": "Bearer"}])
 @pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", CHAT), ("GET", "/v1/unknown"), ("GET", "/metrics"),
-                                          ("GET", "/docs"), ("GET", "/openapi.json")])
+                                          ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")])
 def test_v1_without_a_valid_key_is_401(keyed_server, headers, method, path):
     response = httpx.request(method, keyed_server + path, headers=headers, json=HELLO if method == "POST" else None)
     error = assert_openai_error(response, 401)
