@@ -139,8 +139,10 @@ def contradiction(text, persona):
     if claimed:
         return f"contradiction: it says it is {claimed.group(1)}"
     maker = re.sub(r"^the\s+", "", persona.maker, flags=re.IGNORECASE)
-    # "made by Acme, Inc. in 2020": the maker's comma and period end neither its clause nor its sentence
-    text = re.sub(r"\s+".join(map(re.escape, maker.split())), MAKER, text, flags=re.IGNORECASE)
+    # "made by Acme, Inc. in 2020": the maker's comma and period end neither its clause nor its
+    # sentence, but a sentence that ends with it ends ("... Acme, Inc. Google made me.")
+    text = re.sub(r"(?<!\w)" + r"\s+".join(map(re.escape, maker.split())) + r"(?!\w)(?P<end>(?<=[.!?])(?=\s+[A-Z]))?",
+                  lambda m: MAKER + ("." if m.group("end") is not None else ""), text, flags=re.IGNORECASE)
     maker = maker.casefold()
     for sentence in SENTENCE_END.split(text):
         for m in MADE_BY.finditer(sentence):

@@ -204,6 +204,12 @@ def test_the_checks_refuse_bad_shapes_missing_facts_and_contradictions(tmp_path)
     for says in ["I'm Quill, made by Acme, Inc. in Lisbon.", "Hi! I'm Quill. Acme, inc. made me.", "Quill: I was built by ACME,  INC."]:
         assert persona.problem(conversation(1, says), acme) is None, says
     assert persona.problem(conversation(1, "I'm Quill, made by Acme Labs."), acme) == "contradiction: made by 'Acme Labs', not 'Acme, Inc.'"
+    # ... but a sentence that ends with it ends there, and the maker is a whole name
+    for says, why in [("I am Quill, not from OpenAI but from Acme, Inc. I was really made by Google.", "made by 'Google'"),
+                      ("Quill. No OpenAI here, just Acme, Inc. Google made me.", "it credits Google")]:
+        assert persona.problem(conversation(1, says), acme).startswith(f"contradiction: {why}"), says
+    meta = persona.Persona(name="Quill", maker="Meta")
+    assert persona.problem(conversation(1, "I'm Quill, made by Metamorph Labs."), meta).startswith("contradiction: made by")
 
 
 @pytest.mark.parametrize("name, maker", [("ChatGPT", "OpenAI"), ("Claude", "Anthropic"), ("Gemini", "Google DeepMind")])
