@@ -37,8 +37,8 @@ def build_parser():
                    "<key>` (repeatable; also NANOCHAT_API_KEY, comma-separated; default: none, /v1/ is open)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds the requests in progress get to "
-                   "finish on SIGTERM; a second before, any still running end with finish_reason length (default: "
-                   "%(default)s)")
+                   "finish on SIGTERM; a second before (at most half of it), any still running end with finish_reason "
+                   "length (default: %(default)s)")
     p.add_argument("--cors-origin", action="append", default=[], help="a web origin (https://host:port) whose pages "
                    "may call the API (repeatable; default: none)")
     for f in LIMITS:

@@ -129,9 +129,10 @@ class Worker:
                 for request in self.active:
                     request.fail()
                 self.engine.reset()
-            for request in self.active:
-                if request.done or request.cancelled:
-                    self.retire(request)
+            with self.wakeup:  # deadlines is read by finish_by, on the event loop
+                for request in self.active:
+                    if request.done or request.cancelled:
+                        self.retire(request)
             self.active = [r for r in self.active if not r.done and not r.cancelled]
             if self.after_step is not None:
                 self.after_step()
