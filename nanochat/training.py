@@ -179,23 +179,25 @@ class Training:
         return self.save(model, optimizer, batches, meta or {})
 
     def check_same_work(self, plan):
-        """A finished stage run again by hand with other options would train no step (its final
-        checkpoint is at plan.num_steps) yet record them as its own: a StageError naming them. (The
-        flow clears the folder of other work first: flows.stages.clear_other_work.) Options that one
-        of the two versions of the code lacks are not compared: new code runs a finished stage again."""
+        """A finished stage run again by hand with other options would resume checkpoints trained
+        under the old ones (or train nothing at all) and record the new ones as its own: a StageError
+        naming them. More --num-steps alone trains on. (The flow clears the folder of other work
+        first: flows.stages.clear_other_work.) Options that one of the two versions of the code lacks
+        are not compared: new code runs a finished stage again."""
         uri = stage.stage_uri(self.args.run, self.stage, stage.SUMMARY)
-        if self.step < plan.num_steps or not storage.exists(uri):
+        if self.step == 0 or not storage.exists(uri):
             return
         try:
             before = stage.checked_summary(uri).get("config", {})
         except stage.SummaryError:  # damaged: this run replaces it
             return
         now = stage.recorded_config(self.args)
-        if changed := [f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in sorted(before.keys() & now.keys())
-                       if before.get(k) != now.get(k)]:
+        trains_on = ("num_steps",) if self.step < plan.num_steps else ()
+        if changed := [f"{k}: {before[k]!r} then, {now[k]!r} now" for k in sorted(before.keys() & now.keys())
+                       if before[k] != now[k] and k not in trains_on]:
             raise stage.StageError(f"{self.stage} is done in {storage.redact(self.args.run)} (step {self.step}) with other options "
-                                   f"({'; '.join(changed)}): it would train nothing under these; use another run, or remove "
-                                   f"{storage.redact(stage.stage_uri(self.args.run, self.stage))} to train it again")
+                                   f"({'; '.join(changed)}): its checkpoints hold that work, not this; use another run, or "
+                                   f"remove {storage.redact(stage.stage_uri(self.args.run, self.stage))} to train it again")
 
     def scaled(self, loss):
         """The loss to differentiate: under fp16, multiplied by the gradient scaler's scale."""

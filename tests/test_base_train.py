@@ -181,8 +181,9 @@ def test_periodic_core_and_resume_with_another_model_or_world_size_is_refused(ru
 
 
 def test_a_finished_stage_run_again_by_hand_with_other_options_is_refused(tiny_base_run, shared_data, tmp_path):
-    """It would resume its final checkpoint, train no step and record the new options as its own
-    (the flow clears such a folder itself; a stage run by hand names the options instead)."""
+    """It would resume checkpoints trained under the old options (its final one: train no step) and
+    record the new ones as its own (the flow clears such a folder itself; a stage run by hand names the
+    options instead); more --num-steps alone trains on."""
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
     summary = run / "base_train" / "stage.json"
@@ -193,8 +194,10 @@ def test_a_finished_stage_run_again_by_hand_with_other_options_is_refused(tiny_b
         return base_train_stage.main(contract.parse_args(base_train_stage.build_parser(), "base_train", [*argv, *options]))
 
     with pytest.raises(contract.StageError, match=rf"^base_train is done in file://{run} \(step 6\) with other options \(matrix_lr: "
-                                                  r"\S+ then, 0.05 now\): it would train nothing under these; use another run"):
+                                                  r"\S+ then, 0.05 now\): its checkpoints hold that work, not this; use another run"):
         base_train_again("--matrix-lr", "0.05")
+    with pytest.raises(contract.StageError, match=r"with other options \(matrix_lr: \S+ then, 0.05 now\)"):
+        base_train_again("--matrix-lr", "0.05", "--num-steps", "8")  # more steps, but under other options
     assert json.loads(summary.read_text()) == before
     # the same work (a stage.json of older code: an option it lacked, one since removed), committed
     # again, as the flow does after a code change
