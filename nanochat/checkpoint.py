@@ -20,6 +20,7 @@ complete one. Tensors are only ever read as safetensors and the rest is JSON: no
 so a checkpoint from an untrusted URI cannot run code.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -303,7 +304,17 @@ def load_model(target, device="cpu"):
     """The GPT of a checkpoint directory, weights verified, in eval mode, and the tokenizer it was
     trained with: (model, tokenizer, meta)."""
     model_state, _, meta = load(target, device=device, load_optimizer=False)
-    return build_model(GPTConfig(**meta["model_config"]), model_state, device), load_tokenizer(meta), meta
+    return build_model(model_config(meta, target), model_state, device), load_tokenizer(meta), meta
+
+
+def model_config(meta, target):
+    """The GPTConfig a checkpoint's meta.json records (fields it lacks take their defaults: an older
+    checkpoint); a CheckpointError naming the fields this code does not know (a newer one's)."""
+    unknown = sorted(set(meta["model_config"]) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        raise CheckpointError(f"{storage.join(target, 'meta.json')}: model options this code does not know: "
+                              f"{', '.join(unknown)} (a checkpoint of newer nanochat code: update it)")
+    return GPTConfig(**meta["model_config"])
 
 
 def tokenizer_meta(uri):

@@ -181,7 +181,6 @@ def run_metrics(run):
 def export(run, to, source=None, dtype="float32", force=False):
     """Exports a run's model (or a checkpoint URI's) to `to`; returns the export's nanochat.json provenance."""
     from nanochat import checkpoint
-    from nanochat.gpt import GPTConfig
 
     try:
         target, source = checkpoint.find_checkpoint(run, source)
@@ -193,9 +192,9 @@ def export(run, to, source=None, dtype="float32", force=False):
     try:
         model_state, _, meta = checkpoint.load(target, load_optimizer=False)
         generation = checkpoint.generation(target, meta)
+        config = checkpoint.model_config(meta, target)
     except (checkpoint.CheckpointError, ValueError) as e:
         raise ExportError(str(e)) from None
-    config = GPTConfig(**meta["model_config"])
     tokenizer = checkpoint.load_tokenizer(meta)
     run_uri = None if source is None else storage.run_uri(run)
     provenance = {"run": storage.redact(run) if source else None, "source": source, "step": meta.get("step"),

@@ -11,10 +11,12 @@ from nanochat import cpu
 from nanochat.checkpoint import CheckpointError, find_checkpoint, generation, load_model
 from nanochat.common import autocast_dtype
 from nanochat.engine import MAX_ROWS, Engine, SamplingOps
+from nanochat.stage import StageError
 
-# what load_engine raises for a model that cannot load, as opposed to a bug: a missing or corrupt
-# checkpoint, a device this torch cannot use, a bad NANOCHAT_CPU_FASTPATHS
-LOAD_ERRORS = (FileNotFoundError, ValueError, CheckpointError)
+# what finding and loading a model raise where it cannot load, as opposed to a bug: a missing or
+# corrupt checkpoint or one of newer code, a run without a model, a device this torch cannot use, a
+# bad NANOCHAT_CPU_FASTPATHS
+LOAD_ERRORS = (FileNotFoundError, ValueError, CheckpointError, StageError)
 
 
 def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):

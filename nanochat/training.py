@@ -84,7 +84,10 @@ class Training:
         loader_state = None
         if loaded is not None:
             model_state, optim_state, meta = loaded
-            saved = dataclasses.asdict(type(model.config)(**meta["model_config"]))  # fields it lacks: their defaults
+            try:
+                saved = dataclasses.asdict(checkpoint.model_config(meta, checkpoint.step_dir(self.ckpt_dir, meta["step"])))
+            except checkpoint.CheckpointError as e:
+                raise stage.StageError(str(e)) from None
             if differences := config_differences(saved, dataclasses.asdict(model.config)):
                 raise stage.StageError(f"the checkpoint in {self.ckpt_dir} is of another model ({differences}); "
                                        "use another run, or the options it was started with")

@@ -22,6 +22,7 @@ from nanochat.chat import GENERATION
 from nanochat.serve import LIMITS, build_parser
 from nanochat.serve.app import CHAT_FIELDS, ChatCompletionRequest, parameter_table
 from nanochat.serve.worker import Worker
+from tests.support.resume import edit_meta
 from tests.support.serving import ask, assert_openai_error, chromium_tab, healthy, openai_client, start_server, stop_server, streamed
 from tests.support.waiting import until
 
@@ -448,6 +449,14 @@ def test_a_corrupt_checkpoint_is_one_line_from_serve_and_chat(run, tmp_path):
     chat = subprocess.run([sys.executable, "-m", "nanochat.cli", "chat", "--run", str(corrupt), "-p", "x"],
                           capture_output=True, text=True, timeout=120)
     assert chat.returncode == 1 and chat.stderr.strip().splitlines() == [f"nanochat chat: {says.split(': ', 1)[1]}"]
+    newer = tmp_path / "newer"  # a checkpoint of newer code: a model option this code lacks
+    shutil.copytree(step, newer)
+    edit_meta(newer, lambda meta: meta["model_config"].update(future_option=1))
+    chat = subprocess.run([sys.executable, "-m", "nanochat.cli", "chat", "--run", str(newer), "-p", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 1 and chat.stderr.strip().splitlines() == [
+        f"nanochat chat: file://{newer}/meta.json: model options this code does not know: future_option (a checkpoint of "
+        "newer nanochat code: update it)"]
 
 
 def test_web_ui_in_headless_chromium(server, tmp_path):

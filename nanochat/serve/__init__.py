@@ -68,7 +68,7 @@ def main(argv=None):
 
     from nanochat.checkpoint import find_checkpoint
     from nanochat.common import autodetect_device_type, setup_logging
-    from nanochat.inference import check_switch, load_engine
+    from nanochat.inference import LOAD_ERRORS, check_switch, load_engine
     from nanochat.serve.ops import Server
 
     args = build_parser().parse_args(argv)
@@ -92,7 +92,7 @@ def main(argv=None):
         devices = [device_type]
     try:
         directory, source = find_checkpoint(args.run, args.source)
-    except (FileNotFoundError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise SystemExit(f"nanochat serve: {e}") from None
     limits = Limits(**{f.name: getattr(args, f.name) for f in LIMITS}, max_requests=1 if args.one_at_a_time else None)
     app = create_app(lambda device: load_engine(directory, device=device, max_rows=args.max_rows), limits, devices,
