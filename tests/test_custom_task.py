@@ -160,23 +160,27 @@ def test_a_task_without_examples_is_refused_naming_it():
         chatcore.evaluate(Empty(), model=None, tokenizer=None, engine=None, device="cpu", autocast=None)
 
 
-def test_a_categorical_task_without_letters_is_refused_naming_the_example():
-    """chat_eval compares the logits of a categorical conversation's `letters`; one built by hand
-    without them is a StageError naming the task and example, before any model runs (a KeyError)."""
+@pytest.mark.parametrize("letters, error", [(None, "a categorical task's conversation needs 'letters'"),
+                                            (["(A)", "(B)"], r"its letters \['\(A\)', '\(B\)'\] do not each begin with a token")])
+def test_categorical_letters_that_cannot_work_are_refused_naming_the_example(tiny_tokenizer, letters, error):
+    """chat_eval compares the logits of the first token of each of a categorical conversation's
+    `letters`: one built by hand without them (a KeyError), or whose letters begin alike (the first
+    always won), is a StageError naming the task and example, before any model runs. A tuple or a
+    string of letters serves as a list does."""
     from tasks.common import Task, mc_conversation
 
     class Hand(Task):
         eval_type = "categorical"
 
         def num_examples(self):
-            return 2
+            return 3
 
         def get_example(self, index):
             conversation = mc_conversation("2 + 2?", ["3", "4"], 1)
-            return conversation if index == 0 else {"messages": conversation["messages"]}
+            return {**conversation, "letters": [("A", "B"), "AB", letters][index]}
 
         def evaluate(self, conversation, completion):
             return completion == "B"
 
-    with pytest.raises(contract.StageError, match=r"task Hand \(.*\) example 1: a categorical task's conversation needs 'letters'"):
-        chatcore.evaluate(Hand(), model=None, tokenizer=None, engine=None, device="cpu", autocast=None)
+    with pytest.raises(contract.StageError, match=rf"task Hand \(.*\) example 2: {error}"):
+        chatcore.evaluate(Hand(), model=None, tokenizer=tiny_tokenizer, engine=None, device="cpu", autocast=None)

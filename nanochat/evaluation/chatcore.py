@@ -27,7 +27,7 @@ def categorical_correct(model, tokenizer, task, indices, device, autocast, batch
     """How many of the task's conversations `indices` the model answers right, by letter logits.
     Prompts are batched in order of length, so a batch pads little."""
     conversations = [task[i] for i in indices]
-    choices = [answer_letters(task, i, c) for i, c in zip(indices, conversations)]
+    choices = [answer_letters(task, i, c, tokenizer) for i, c in zip(indices, conversations)]
     max_len = model.config.sequence_len
     prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
@@ -39,21 +39,24 @@ def categorical_correct(model, tokenizer, task, indices, device, autocast, batch
             logits = model(pad_right([prompts[k] for k in batch], tokenizer.bos_token_id).to(device),
                            positions=answer_positions)
         for row, k in enumerate(batch):
-            letters = choices[k]
-            letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
+            letters, letter_ids = choices[k]
             correct += task.evaluate(conversations[k], letters[int(logits[row, letter_ids].argmax())])
     return correct
 
 
-def answer_letters(task, index, conversation):
-    """The options of a categorical task's conversation; a StageError naming the task and example
-    where they are missing (a task of one's own that builds its conversations by hand)."""
-    letters = conversation.get("letters")
-    if not (isinstance(letters, list) and letters and all(isinstance(x, str) and x for x in letters)):
-        raise StageError(f"task {type(task).__name__} ({type(task).__module__}) example {index}: a categorical task's "
-                         f"conversation needs 'letters', a list of its answer options (tasks.common.mc_conversation sets it), "
-                         f"not {letters!r}")
-    return letters
+def answer_letters(task, index, conversation, tokenizer):
+    """(the options of a categorical task's conversation, the token id each begins with: what the
+    logits compare); a StageError naming the task and example where they are missing, or where two
+    begin with the same token (the first would always win): a task of one's own, built by hand."""
+    letters, where = conversation.get("letters"), f"task {type(task).__name__} ({type(task).__module__}) example {index}"
+    if not (isinstance(letters, (list, tuple, str)) and letters and all(isinstance(x, str) and x for x in letters)):
+        raise StageError(f"{where}: a categorical task's conversation needs 'letters', a list of its answer options "
+                         f"(tasks.common.mc_conversation sets it), not {letters!r}")
+    ids = [tokenizer.encode(letter)[0] for letter in letters]
+    if len(set(ids)) < len(ids):
+        raise StageError(f"{where}: its letters {list(letters)} do not each begin with a token of their own, so their "
+                         f"logits cannot tell them apart")
+    return list(letters), ids
 
 
 def generative_correct(engine, tokenizer, task, indices, params, autocast):
