@@ -7,6 +7,7 @@ Files are read through fsspec, one row group at a time, so memory stays bounded 
 
 import re
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -62,12 +63,16 @@ def check_texts(uri):
             if texts.null_count:
                 row = pc.index(pc.is_null(texts), True).as_py()
                 raise ShardError(f"{uri}: row group {index}, row {row}: 'text' is null")
-            longest = max(longest, pc.max(pc.utf8_length(texts)).as_py() or 0)
+            try:
+                texts.validate(full=True)
+            except pa.ArrowInvalid as e:  # bytes that are not UTF-8, written as a string column
+                raise ShardError(f"{uri}: row group {index}: 'text' is not valid UTF-8 ({e})") from None
+            longest = max(longest, pc.max(pc.utf8_length(pc.utf8_trim_whitespace(texts))).as_py() or 0)
         rows = pf.metadata.num_rows
     finally:
         pf.close(force=True)
     if longest == 0:
-        raise ShardError(f"{uri}: no text ({rows} rows, all empty)" if rows else f"{uri}: no rows")
+        raise ShardError(f"{uri}: no text ({rows} rows, all empty or white space)" if rows else f"{uri}: no rows")
 
 
 def read_row_group(pf, uri, index):

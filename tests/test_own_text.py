@@ -96,7 +96,10 @@ def test_the_run_trains_on_your_text(tmp_path, shared_data, tiny_env, monkeypatc
     (lambda folder: [pq.write_table(pa.table({"text": [1]}), folder / f"{n}.parquet") for n in "abc"],
      "{folder}/a.parquet: column 'text' has type int64, expected string"),
     (lambda folder: write_files(folder, pa.table({"text": pa.array([], pa.string())})), "{folder}/c.parquet: no rows"),
-    (lambda folder: write_files(folder, pa.table({"text": ["", ""]})), "{folder}/c.parquet: no text (2 rows, all empty)"),
+    (lambda folder: write_files(folder, pa.table({"text": ["", " \n\t"]})),
+     "{folder}/c.parquet: no text (2 rows, all empty or white space)"),
+    (lambda folder: write_files(folder, pa.table({"text": pa.array([b"ok", b"\xff ok"]).view(pa.string())})),
+     "{folder}/c.parquet: row group 0: 'text' is not valid UTF-8 (In chunk 0: Invalid: Invalid UTF8 sequence at string index 1)"),
     (lambda folder: write_files(folder, pa.table({"text": ["x", "y", None]}), row_group_size=2),
      "{folder}/c.parquet: row group 1, row 0: 'text' is null"),
     (lambda folder: [pq.write_table(pa.table({"text": ["x"]}), folder / f"{n}.parquet") for n in "ab"],  # the preset's -n 2
