@@ -57,6 +57,10 @@ def test_help_states_every_options_default():
         if action.option_strings and action.nargs != 0 and not action.required:  # not --help, flags or --run
             assert "default" in (action.help or ""), f"{action.option_strings[0]}: its help states no default"
     assert "(default: 8000)" in " ".join(parser.format_help().split())
+    for bad in (["--max-rows", "0"], ["--max-n", "-1"], ["--body-timeout", "-1"], ["--port", "70000"], ["--devices", "0"]):
+        with pytest.raises(SystemExit):  # argparse's usage error, naming the option (a traceback at startup, or a server
+            parser.parse_args(["--run", "r", *bad])  # that never answers)
+    assert parser.parse_args(["--run", "r", "--rate-limit", "0"]).rate_limit == 0  # no rate limit
 
 
 def test_readme_limits_table_states_the_defaults():

@@ -18,6 +18,7 @@ from dataclasses import fields
 from nanochat import pipeline
 from nanochat.serve.app import Limits, create_app
 from nanochat.serve.guard import MAX_HEADER_BYTES
+from nanochat.training_options import COUNT, RATE, number
 
 __all__ = ["Limits", "create_app", "main"]
 LIMITS = [f for f in fields(Limits) if "help" in f.metadata]  # the limits that are options
@@ -29,20 +30,21 @@ def build_parser():
     p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
     p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    p.add_argument("--devices", type=int, default=1, help="engines, one per GPU (cuda:0..N-1); 1 on CPU (default: %(default)s)")
-    p.add_argument("--max-rows", type=int, default=16, help="sequences each engine decodes together (default: %(default)s)")
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--devices", type=COUNT, default=1, help="engines, one per GPU (cuda:0..N-1); 1 on CPU (default: %(default)s)")
+    p.add_argument("--max-rows", type=COUNT, default=16, help="sequences each engine decodes together (default: %(default)s)")
     p.add_argument("--one-at-a-time", action="store_true", help="no batching: one request per engine at a time")
     p.add_argument("--api-key", action="append", default=[], help="a key that /v1/ accepts as `Authorization: Bearer "
                    "<key>` (repeatable; also NANOCHAT_API_KEY, comma-separated; default: none, /v1/ is open)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds the requests in progress get to "
+    p.add_argument("--shutdown-timeout", type=RATE, default=30.0, help="seconds the requests in progress get to "
                    "finish on SIGTERM; a second before (at most half of it), any still running end with finish_reason "
                    "length (default: %(default)s)")
     p.add_argument("--cors-origin", action="append", default=[], help="a web origin (https://host:port) whose pages "
                    "may call the API (repeatable; default: none)")
     for f in LIMITS:
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+        least = 0 if isinstance(f.default, float) or f.name == "rate_limit" else 1  # rate limit 0: none
+        p.add_argument("--" + f.name.replace("_", "-"), type=number(type(f.default), least), default=f.default,
                        help=f"{f.metadata['help']} (default: %(default)s)")
     return p
 
