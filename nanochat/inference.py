@@ -40,7 +40,9 @@ def usable_device(name):
         device = torch.device(name)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {name!r} cannot be used here: {e}") from None
+        raise ValueError(f"device {name!r} cannot be used here: {str(e).splitlines()[0]}") from None
+    if device.type == "meta":
+        raise ValueError("device 'meta' cannot be used here: it holds no data")
     return device
 
 

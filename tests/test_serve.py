@@ -427,7 +427,8 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     every = subprocess.run([*cli, "--top-k", "-1", "-p", "Count with me."], env=env, capture_output=True, text=True, timeout=120)
     assert every.returncode == 0 and every.stdout == continued(max_tokens=8, temperature=0) + "\n"
     for option, code, says in [(["--top-k", "0"], 2, "top_k must be at least 1"), (["--temperature", "nan"], 2, "temperature must be"),
-                               (["--device", "cuda:99"], 1, "device 'cuda:99' cannot be used here")]:
+                               (["--device", "cuda:99"], 1, "device 'cuda:99' cannot be used here"),
+                               (["--device", "meta"], 1, "device 'meta' cannot be used here: it holds no data")]:
         refused = subprocess.run([*cli, *option, "-p", "x"], env=env, capture_output=True, text=True, timeout=120)
         assert refused.returncode == code and refused.stderr.startswith(f"nanochat chat: {says}"), refused.stderr
         assert len(refused.stderr.splitlines()) == 1 and not refused.stdout
