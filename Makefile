@@ -127,9 +127,14 @@ TEST_UNSET := MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES MAKE_TERMOUT MAKE_TERMERR
   $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))) \
   $(if $(filter file,$(origin NANOCHAT_DATA_MIRROR)),NANOCHAT_DATA_MIRROR)
 
+# Two pytest-xdist workers: much of the suite waits (servers starting, stages' processes, Prefect),
+# so two share 2 cores well (tests/conftest.py keeps the full tiny run's tests on one of them);
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: dev  ## run the whole test suite (Rust and Python)
 	cargo test --quiet --release --manifest-path rustbpe/Cargo.toml
-	env $(addprefix -u ,$(TEST_UNSET)) $(PY) -m pytest
+	env $(addprefix -u ,$(TEST_UNSET)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: dev  ## ruff over the whole tree (configured in pyproject.toml)
 	$(VENV)/bin/ruff check .

@@ -21,13 +21,19 @@ FULL_RUN_TIMEOUT = 840
 WANTS_FULL_RUN = pytest.StashKey[bool]()
 DATA = Path(os.environ.get("NANOCHAT_TEST_DATA") or REPO.parent / "shared" / "data").resolve()  # the real datasets
 HAVE_DATA = (DATA / "pretrain").is_dir()
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # this process is a pytest-xdist worker (`make test`)
 
 
 def pytest_collection_modifyitems(items):
-    """A test that asks for full_tiny_run may be the one that makes it: it gets the run's time too."""
+    """A test that asks for full_tiny_run may be the one that makes it: it gets the run's time too.
+    Under pytest-xdist they are one group (`--dist loadgroup`: one worker makes the run and runs
+    them) that comes first, so that the run starts with the session as it does without workers."""
     for item in items:
         if "full_tiny_run" in item.fixturenames:
             item.add_marker(pytest.mark.timeout(FULL_RUN_TIMEOUT + 120))
+            item.add_marker(pytest.mark.xdist_group("full_tiny_run"))
+    if XDIST_WORKER:
+        items.sort(key=lambda item: "full_tiny_run" not in item.fixturenames)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
@@ -122,8 +128,9 @@ def pytest_collection_finish(session):
 def full_tiny_run_started(request, tmp_path_factory):
     """Starts the full_tiny_run with the session when a test that will run asks for it: it takes a few
     minutes, mostly on one core (pip, then single-process stages), and the other tests run beside it.
-    Without the real data it is not started (full_tiny_run then skips, or fails under CI)."""
-    if not (request.config.stash.get(WANTS_FULL_RUN, False) and HAVE_DATA):
+    Without the real data it is not started (full_tiny_run then skips, or fails under CI); under
+    pytest-xdist the worker that runs the tests asking for it makes it, first (see above)."""
+    if not (request.config.stash.get(WANTS_FULL_RUN, False) and HAVE_DATA) or XDIST_WORKER:
         yield None
         return
     api = request.getfixturevalue("prefect_api")
@@ -132,7 +139,10 @@ def full_tiny_run_started(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def full_tiny_run(full_tiny_run_started, shared_data):
+def full_tiny_run(full_tiny_run_started, shared_data, request, tmp_path_factory):
     """The whole tiny DAG, download to chat_eval_rl, as a user on a cluster runs it (a TinyRun, see
     tests/support/deployed.py): tests/test_deploy_elsewhere.py, test_flows.py and test_data_inputs.py share it."""
+    if full_tiny_run_started is None:  # a pytest-xdist worker
+        return deployed.full_tiny_run(request.getfixturevalue("prefect_api"), DATA, tmp_path_factory.mktemp("elsewhere"),
+                                      FULL_RUN_TIMEOUT)
     return full_tiny_run_started.result(timeout=FULL_RUN_TIMEOUT + 60)

@@ -58,7 +58,8 @@ def test_a_stage_rerun_takes_the_runs_preset_and_overrides(recorded, shared_data
 
 def test_a_stage_rerun_without_a_recorded_run_needs_a_preset(prefect_api, tmp_path):
     state = one_stage("download", run_name="never", storage=str(tmp_path), retries=0, return_state=True)
-    assert state.is_failed() and "run.json does not exist (the speedrun flow writes it): give the preset" in state.message
+    assert state.is_failed() and "run.json does not exist (the speedrun flow writes it, `nanochat import --preset` records " \
+        "one): give the preset" in state.message
 
 
 def test_run_names_say_preset_and_run_and_tags_say_stage(recorded, shared_data):
