@@ -14,9 +14,9 @@ from nanochat.engine import MAX_ROWS, Engine, SamplingOps
 from nanochat.stage import StageError
 
 # what finding and loading a model raise where it cannot load, as opposed to a bug: a missing or
-# corrupt checkpoint or one of newer code, a run without a model, a device this torch cannot use, a
-# bad NANOCHAT_CPU_FASTPATHS
-LOAD_ERRORS = (FileNotFoundError, ValueError, CheckpointError, StageError)
+# corrupt checkpoint or one of newer code, a run without a model, a device this torch cannot use or
+# whose memory the model does not fit (CUDA's out of memory), a bad NANOCHAT_CPU_FASTPATHS
+LOAD_ERRORS = (FileNotFoundError, ValueError, CheckpointError, StageError, torch.OutOfMemoryError)
 
 
 def load_engine(target, source=None, device="cpu", max_rows=MAX_ROWS):
