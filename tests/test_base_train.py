@@ -145,7 +145,9 @@ def test_a_checkpoint_from_before_the_2026_recipe_resumes_as_classic(run, shared
 def test_fp16_trains_with_a_loss_scaler_whose_state_resumes(run, shared_data, tmp_path):
     """--dtype float16 (what GPUs without bf16 get by default) scales the loss, and its scaler's state
     is checkpointed and resumed: a step-2 checkpoint whose scale is set to 8 resumes at scale 8."""
-    options = ("--dtype", "float16", "--num-steps", "4", "--checkpoint-every", "2", "--eval-every", "-1")
+    # a quarter of the tiny preset's batch and its validation tokens: fp16 without fp16 units multiplies slowly
+    options = ("--dtype", "float16", "--num-steps", "4", "--checkpoint-every", "2", "--eval-every", "-1",
+               "--device-batch-size", "2", "--total-batch-size", "256", "--eval-tokens", "1024")
     reference = tmp_path / "reference"
     shutil.copytree(run, reference)
     base_train(reference, shared_data, 1, *options)
