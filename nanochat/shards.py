@@ -52,9 +52,10 @@ def open_shard(uri):
 
 
 def check_texts(uri):
-    """Checks a file of your own text whole, where download declares it: a string `text` column, no
-    null document, and some text (an empty file would pass until a stage found nothing to train on,
-    or trained a tokenizer of bytes alone). One row group in memory at a time."""
+    """Checks a file of your own text whole, where download declares it: a string `text` column of
+    valid UTF-8, no null document, and some text besides white space (an empty file would pass until
+    a stage found nothing to train on, or trained a tokenizer of bytes alone). A ShardError names the
+    file (and the row group); one row group is in memory at a time."""
     pf = open_shard(uri)
     try:
         longest = 0
