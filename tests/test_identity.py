@@ -252,7 +252,7 @@ def test_endpoint_answers_checked_retried_and_deduplicated(tmp_path, monkeypatch
         assert said in err, said
 
 
-def test_an_interrupted_run_continues_without_duplicates(tmp_path, capsys):
+def test_an_interrupted_run_continues_without_duplicates(tmp_path, capsys, monkeypatch):
     """Killed while it waits for its third answer, the command is run again: the file keeps its
     lines, a line cut by a kill is dropped, a repeat of a line already there is refused, and the run
     ends with the number asked for. The second endpoint refuses response_format (as nanochat serve):
@@ -274,12 +274,15 @@ def test_an_interrupted_run_continues_without_duplicates(tmp_path, capsys):
             f.write('[{"role": "user", "content": "hello')  # a line cut in the middle
         server.refuse_format, server.script = True, ["429", "same"]
         sent = len(server.requests)
+        assert all(auth is None for _, _, auth in server.requests)  # no key, no Authorization header
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-default")  # the variable read without --api-key-env
         assert identity.main([*endpoint_options(server, out, persona_file, 5, 1), "--retry-delay", "1000"]) == 0
     after = out.read_text()
     assert after.startswith(before) and len(CustomJSON(path=str(out)).rows) == 5
     assert len({identity.key(messages) for messages in lines(out)}) == 5
     second = server.requests[sent:]
     assert [action for action, _, _ in second] == ["refuse-format", "429", "same", "good", "good", "good"]
+    assert {auth for _, _, auth in second} == {"Bearer sk-default"}
     assert "response_format" in second[0][1] and not any("response_format" in body for _, body, _ in second[1:])
     err = capsys.readouterr().err
     assert "dropping its unfinished last line" in err and "refuses response_format" in err
