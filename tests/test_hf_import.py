@@ -4,6 +4,7 @@ drawn so that attention and MLP matter) becomes a finished stage whose logits an
 are transformers', and whose generation config (greedy, in its generation_config.json) is the
 default of the CLI and the API and goes back out with `nanochat export`."""
 
+import io
 import json
 import shutil
 
@@ -83,7 +84,7 @@ def test_a_transformers_model_imports_with_its_logits_and_greedy_tokens(theirs, 
         assert out[0, len(prompt):].tolist() == greedy and len(set(greedy)) > 3
 
 
-def test_its_generation_config_is_the_cli_and_api_default_and_exports_back(imported, tmp_path, capsys):
+def test_its_generation_config_is_the_cli_and_api_default_and_exports_back(imported, tmp_path, capsys, monkeypatch):
     run = imported
     greedy = {"temperature": 0.0, "top_k": 1, "max_tokens": 24, "frequency_penalty": chat.GENERATION["frequency_penalty"]}
     assert checkpoint.generation(checkpoint.find_checkpoint(str(run))[0]) == greedy
@@ -98,6 +99,16 @@ def test_its_generation_config_is_the_cli_and_api_default_and_exports_back(impor
         assert httpx.get(url + "/health").json()["generation"] == greedy  # what the web UI shows
     assert omitted.choices[0].message.content == explicit.choices[0].message.content
     assert from_cli == omitted.choices[0].message.content + "\n" and omitted.usage.completion_tokens <= 24
+
+    # a chat model keeps the conversation until /clear: after it, the same answer as a first message gets
+    def session(lines):
+        monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+        assert chat.main(["--run", str(run)]) == 0
+        return [answer.split("\nyou> ")[0] for answer in capsys.readouterr().out.split("nanochat> ")[1:]]
+
+    first, kept = session([question, "And then?"])
+    assert first == from_cli.rstrip("\n") and kept != session(["And then?"])[0]  # the history changes the answer
+    assert session([question, "/clear", "And then?"]) == [first, session(["And then?"])[0]]
 
     export.export(str(run), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
