@@ -131,3 +131,8 @@ def test_every_stage_has_a_timeout_and_a_collective_timeout(preset):
     for row in pipeline.PIPELINE:
         assert presets.stage_timeout(preset, row.module) >= 600
     assert 10 <= presets.collective_timeout(preset) <= 1800  # under torch's 30-minute gloo default
+    # as README says: 60 s on tiny, 15 min on the GPU presets; a d20 base_train gets 12 h
+    if preset == "tiny" or preset.startswith("d"):
+        assert presets.collective_timeout(preset) == (60 if preset == "tiny" else 15 * 60)
+    if preset == "d20":
+        assert presets.stage_timeout(preset, "base_train") == 12 * 3600
