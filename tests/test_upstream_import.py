@@ -321,3 +321,15 @@ def test_crafted_weights_run_nothing(base_2026, tiny_tokenizer, marker, tmp_path
     code, err = import_(capsys, folder, "--run", tmp_path / "run")
     assert code == 1 and f"model_{STEP:06d}.pt: not a torch.save file of tensors" in err
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_folder_elsewhere_is_named_with_tokenizer(base_2026, tiny_tokenizer, tmp_path, capsys):
+    """tokenizer.pkl neither in SRC nor in SRC/../../tokenizer/ (upstream's layout) is refused naming
+    where it looked; --tokenizer DIR names its folder."""
+    _, source = base_2026
+    src = write_upstream(tmp_path / "checkpoints" / "d2", source, tiny_tokenizer, tokenizer_dir=tmp_path / "elsewhere")
+    code, err = import_(capsys, src, "--run", tmp_path / "run", "--as", "base")
+    assert code == 1 and "tokenizer.pkl" in err and not (tmp_path / "run").exists()
+    assert import_(capsys, src, "--run", tmp_path / "run", "--as", "base", "--tokenizer", tmp_path / "elsewhere")[0] == 0
+    model, tokenizer, _ = checkpoint.load_model(checkpoint.find_checkpoint(str(tmp_path / "run"))[0])
+    assert tokenizer.mergeable_ranks == tiny_tokenizer.mergeable_ranks
