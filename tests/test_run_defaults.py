@@ -79,6 +79,8 @@ def test_runs_elsewhere_refuse_the_workers_local_disk(prefect_api, tmp_path, mon
     monkeypatch.delenv("NANOCHAT_STORAGE", raising=False)
     state = speedrun(preset="tiny", run_name="far", nnodes=2, retries=0, only=["download"], return_state=True)
     assert state.is_failed() and "a run on 2 nodes needs storage every node reaches" in state.message
+    state = speedrun(preset="tiny", run_name="far", stage_deployments=True, retries=0, only=["download"], return_state=True)
+    assert state.is_failed() and "a run on stage deployments needs storage every node reaches" in state.message
     monkeypatch.setattr(speedrun_module, "work_pool_type", lambda: "kubernetes")
     state = one_stage("download", run_name="far", preset="tiny", retries=0, return_state=True)
     assert state.is_failed() and "a run on a kubernetes work pool needs storage every node reaches" in state.message
