@@ -24,6 +24,7 @@ HAVE_DATA = (DATA / "pretrain").is_dir()
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # this process is a pytest-xdist worker (`make test`)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(items):
     """A test that asks for full_tiny_run may be the one that makes it: it gets the run's time too.
     Under pytest-xdist they are one group (`--dist loadgroup`: one worker makes the run and runs
