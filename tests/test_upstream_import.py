@@ -210,13 +210,12 @@ def test_sft_trains_on_an_imported_base_model(imported_run, tiny_env, tmp_path):
     assert checkpoint.find_checkpoint(str(run)) == (checkpoint.find_checkpoint(str(run), "sft")[0], "sft")
 
 
-def test_the_flow_takes_an_imported_stage_as_done(imported_run, prefect_api, tmp_path):
+def test_the_flow_takes_an_imported_stage_as_done(imported_run, base_2026, prefect_api, tmp_path):
     """A flow run asking for base_train runs nothing (tok_train, download are not pulled in) and
     returns the import; the stage flow, which forces a re-run, returns it untouched too, with the
     preset the import recorded when none is given (no speedrun flow has run it)."""
     before = summary(imported_run, "base_train")
-    fresh = tmp_path / "fresh"
-    shutil.copytree(imported_run, fresh)
+    fresh = imported_into(tmp_path / "fresh", base_2026[0], "--preset", "tiny")  # (imported_run was imported again since)
     assert flows.speedrun.one_stage("base_train", run_name=str(fresh), retries=0) == summary(fresh, "base_train")
     final = flows.speedrun.speedrun(preset="tiny", run_name=str(imported_run), only=["base_train"], retries=0)
     assert final == before["outputs"]["checkpoint"]["uri"]
