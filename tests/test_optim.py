@@ -30,7 +30,6 @@ from nanochat.optim import (
     setup_optimizers,
     weight_decay_multiplier,
 )
-from tests.support.s3server import free_port
 
 # 3 layers: every Muon group holds 3 matrices, so 2 ranks own 2 and 1 (a zero-padded slot)
 CONFIG = GPTConfig(sequence_len=16, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
@@ -413,9 +412,11 @@ def train(world_size, rank=0, reduce_scatter=True, recipe="classic", save_to=Non
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def worker(rank, port, out_dir):
+def worker(rank, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a file rendezvous: a port picked free and then bound can be taken between the two by another
+    # process (the suite's other worker), and gloo aborts
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     try:
         for recipe in RECIPES:
             for reduce_scatter in (True, False):
@@ -433,7 +434,7 @@ def two_process_runs(tmp_path_factory):
     """Both recipes on 2 gloo processes, with both ways of sharing gradients (reduce_scatter, and
     the all_reduce fallback), and each run resumed from its checkpoint; the directory of results."""
     out = tmp_path_factory.mktemp("two_process_optim")
-    context = mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=False)
+    context = mp.spawn(worker, args=(str(out),), nprocs=2, join=False)
     try:
         for _ in range(18):  # 3 minutes at most, rather than a hang
             if context.join(timeout=10):
