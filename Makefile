@@ -39,7 +39,7 @@ PORT ?= 4200
 # a value as one shell word, whatever it holds (a run name with a space, or a `;`)
 quote = '$(subst ','\'',$(1))'
 
-.PHONY: help setup dev speedrun test lint bench server worker deploy deploy-k8s clean
+.PHONY: help setup dev speedrun test lint bench gpu-wheels server worker deploy deploy-k8s clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | expand -t 12
@@ -141,6 +141,19 @@ lint: dev  ## ruff over the whole tree (configured in pyproject.toml)
 
 bench: dev  ## run every benchmark in bench/ (each prints one JSON line)
 	for b in bench/*.py; do $(PY) $$b; done
+
+# What a GPU machine's own torch image commonly lacks for bench/gpu_check.py (rustbpe's cffi, the
+# server, the openai client), as wheels at this venv's versions for that image's Python.
+GPU_WHEELS := cffi fastapi starlette pydantic pydantic-core annotated-types typing-inspection opentelemetry-api \
+  uvicorn openai httpx2 httpcore2 truststore jiter sniffio distro
+GPU_PYTHON ?= 3.12
+
+gpu-wheels: setup  ## wheels into .whl/ for a GPU machine without this venv (see bench/gpu_check.py), GPU_PYTHON=3.12
+	rm -rf .whl
+	$(PIP) download -q --no-deps --only-binary=:all: -d .whl --python-version $(GPU_PYTHON) --implementation cp \
+	  $(addprefix --platform manylinux_2_,17_x86_64 27_x86_64 28_x86_64 34_x86_64) --platform manylinux2014_x86_64 \
+	  $$($(PY) -c 'import sys, importlib.metadata as m; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS)) $(QUIET_PIP)
+	du -sh .whl
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf rustbpe/target rustbpe/_native .pytest_cache

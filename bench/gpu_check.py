@@ -1,71 +1,130 @@
-"""Every claim of the project that only a CUDA GPU can check, on one GPU in under 10 minutes (H100):
+"""Every claim of the project that only a CUDA GPU can check, on one GPU, in one command of under
+10 minutes (an H100):
 
-    .venv/bin/python bench/gpu_check.py [--steps 8] [--device-batch-size 16]
+    .venv/bin/python bench/gpu_check.py [--deadline 540] [--only KEY ...] [--out DIR]
 
-- Training: the base_train stage itself at preset d20, --steps steps of --device-batch-size rows of
-  2,048 tokens, on shards of synthetic text written here and the preset's tokenizer (32,768 tokens) trained on
-  them (tok_train): bf16 eager and compiled, FP8 eager and compiled, fp16 with its gradient scaler.
-  Each must learn (its last loss below its first, every loss finite) in the dtype asked for; FP8 must
-  have converted layers, fp16 must have checkpointed its scaler. And a small bf16 run crashed after
-  a checkpoint resumes from it on the GPU. tok/s and MFU are the medians of
-  the steps after the first two (compilation, warm-up); MFU is against the bf16 matmul peak measured
-  by the stage, FP8's too (as upstream counts it).
-- Decoding on CUDA: the engine's cached, batched greedy decoding equals uncached greedy decoding of
-  a random GPT with every option of the 2026 recipe (sliding windows, grouped-query attention; fp32,
-  weights large enough that no choice is a near tie), rows joining at different steps and positions;
-  and the bf16 run's d20 model as load_engine serves it on the GPU runs torch's attention and
-  sampling (nanochat.cpu is for CPUs), with its decode tok/s at batch 1 and 8.
-- Flash attention, where a build of it runs on this GPU (else the check is skipped): it agrees with
-  SDPA, and a model attends through it in every layer, with bf16 weights (inference) and with fp32
-  weights under bf16 autocast (training); the engine of that fp32 model decodes under autocast.
-- FlexAttention, which a compiled model's sliding windows use where no flash attention runs: it
-  agrees with SDPA under a window mask at d20's shapes (forward and backward, compiled), with the
-  times of both; without flash attention, a compiled model calls it in its windowed layers.
-- The training loss at d20's sizes: nanochat.loss's fused one agrees with F.cross_entropy of the
+On a GPU machine whose own python3 holds torch but not this project (the device tool's machines),
+`make gpu-wheels` here first (the packages such an image lacks, into .whl/), carry `.whl` and
+`rustbpe/_native`, and run there:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+      PYTHONPATH=/tmp/site python3 bench/gpu_check.py --out $OUT
+
+Checks, by key, in the order they run (the claims a GPU user meets first, so that the deadline
+cuts the extras):
+- engine: the engine's cached, batched greedy decoding equals uncached greedy decoding of a random
+  GPT with every option of the 2026 recipe (sliding windows past position 128, grouped-query
+  attention; fp32, weights large enough that no choice is a near tie), rows joining at different
+  steps and positions.
+- prep: shards of synthetic text written here and the preset's tokenizer (d20: 32,768 tokens)
+  trained on them (tok_train), which every training check copies.
+- bf16, bf16+compile, fp8+compile, fp8, fp16+scaler: the base_train stage itself, --steps steps of
+  16 rows of 2,048 tokens (8 rows a pass, two passes), with no warm-up and no batch scaling of the
+  learning rate, so that 8 steps show the loss falling. bf16 and the compiled runs at d20; fp8 and
+  fp16+scaler, correctness checks, at depth 8. Each must learn (its last loss below its first,
+  every loss finite) in the dtype asked for; FP8 must have converted layers, fp16 must have
+  checkpointed its scaler. tok/s and MFU are the medians of the steps after the first two
+  (compilation, warm-up); MFU's denominator is the bf16 matmul rate the stage measured on this GPU
+  (`peak_tflops`), FP8's too, as upstream counts it.
+- decode: bf16's d20 model as load_engine serves it on the GPU: bf16 weights, torch's attention and
+  sampling (nanochat.cpu is for CPUs), and its decode tok/s at batch 1 and 8.
+- serve: `nanochat serve` of bf16's model answers a chat completion and a streamed one through the
+  official openai client.
+- resume: a small bf16 base_train crashed after its step-2 checkpoint resumes there on the GPU.
+- loss: nanochat.loss's fused training loss at d20's sizes agrees with F.cross_entropy of the
   capped logits compiled (upstream's formulation), and the times of both (forward and backward).
-- Serving: `nanochat serve` of the d20 model on the GPU answers a chat completion and a streamed one
-  through the official openai client.
+- flex: FlexAttention, which a compiled model's sliding windows use where no flash attention runs,
+  agrees with SDPA under a window mask at d20's shapes (forward and backward, compiled), with the
+  times of both; without flash attention, a compiled model calls it in its windowed layers alone.
+- flash: where a build of flash attention runs on this GPU (else skipped), it agrees with SDPA, a
+  model attends through it in every layer (bf16 weights, and fp32 ones under bf16 autocast), and
+  the engine of that fp32 model decodes under autocast.
 
-Without a CUDA device it says so and exits with status 1 before any work. Prints a table of the
-checks (pass, FAIL or skip, seconds, figures), then one JSON line (the GPU, the commit, each check,
-and FP8's speed-up over bf16, both compiled, measured in the same run); exits with status 1 if a
-check failed.
+Each check runs in a process of its own (its own CUDA context: a device fault or a hang ends that
+check alone, killed at its time limit or the deadline), on /dev/shm where it has room for d20's
+checkpoints. A check whose prerequisite did not pass is skipped. Each check's row is printed as it
+ends, and a JSON line appended to DIR/gpu_check.jsonl with --out; at the end, one JSON line (the
+GPU, the commit, each check, FP8's speed-up over bf16, both compiled, in this run). Exits with
+status 1 if a check failed or was not reached before the deadline, naming the --only to run them.
+
+Without a CUDA device it says so and exits with status 1 before any work. `--device cpu` runs the
+checks a CPU can at the tiny preset, as a test of this script (tests/test_gpu_check.py).
 """
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PRESET, SEQ_LEN = "d20", 2048  # d20's rows are 2,048 tokens
+sys.path.insert(0, str(REPO))  # a GPU machine's own python runs this without the project installed
+
 WARMUP_STEPS = 2  # left out of the tok/s and MFU medians
-TRAIN_CHARS = 8_000_000  # about 1.3M tokens: each run reads the first --steps x batch of them
-# base_train's options per run, and the seconds it may take (compiling d20 takes a minute or two)
+SHM_NEEDED = 48e9  # bytes free on /dev/shm to hold the work directory there (d20 checkpoints: ~10 GB each)
+SERVED_RUN = "bf16"  # whose model the decode and serve checks load
+# every training check trains only: no evaluation, CORE or samples between steps; and no warm-up or
+# batch-scaled learning rate, so that a few steps show the loss falling
+TRAINING_ONLY = ["--eval-every", "-1", "--core-every", "-1", "--sample-every", "-1", "--warmup-steps", "0",
+                 "--no-batch-lr-scaling", "--checkpoint-every", "-1", "--keep-last", "1"]
+# base_train's options per training check, and whether it runs at the preset's depth (else Scale.small_depth)
 RUNS = {
-    "bf16": (["--dtype", "bfloat16", "--no-compile", "--no-fp8"], 180),
-    "bf16+compile": (["--dtype", "bfloat16", "--compile", "--no-fp8"], 300),
-    "fp8": (["--dtype", "bfloat16", "--no-compile", "--fp8"], 180),
-    "fp8+compile": (["--dtype", "bfloat16", "--compile", "--fp8"], 300),
-    "fp16+scaler": (["--dtype", "float16", "--no-compile", "--no-fp8"], 180),
+    "bf16": (["--dtype", "bfloat16", "--no-compile", "--no-fp8"], True),
+    "bf16+compile": (["--dtype", "bfloat16", "--compile", "--no-fp8"], True),
+    "fp8+compile": (["--dtype", "bfloat16", "--compile", "--fp8"], True),
+    "fp8": (["--dtype", "bfloat16", "--no-compile", "--fp8"], False),
+    "fp16+scaler": (["--dtype", "float16", "--no-compile", "--no-fp8"], False),
 }
-SERVED_RUN = "bf16"  # whose model the decoding and serving checks load
-# every check's base_train trains only: no evaluation, CORE or samples between steps
-TRAINING_ONLY = ["--eval-every", "-1", "--core-every", "-1", "--sample-every", "-1"]
 FP8_LOG = re.compile(r"FP8 training: (\d+) of (\d+) linear layers converted")  # nanochat.fp8.convert_linears
+PEAK_LOG = re.compile(r"matmul peak (\S+) TFLOP/s")  # nanochat.training: MFU's denominator
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How large the checks run on a kind of device."""
+
+    preset: str
+    train_chars: int  # synthetic text; each training check reads the first steps x rows x passes rows of it
+    rows: int  # base_train's --device-batch-size
+    passes: int  # forward/backward passes per step (gradient accumulation)
+    steps: int
+    small_depth: int  # the correctness runs': fp8, fp16+scaler, resume
+
+
+SCALES = {"cuda": Scale("d20", 8_000_000, rows=8, passes=2, steps=8, small_depth=8),  # eager d20 at 16 rows may not fit 80 GB
+          "cpu": Scale("tiny", 400_000, rows=2, passes=1, steps=3, small_depth=2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every check is given: the shared work directory, the device and the scale."""
+
+    workdir: Path
+    device: str
+    scale: Scale
+
+    @property
+    def seq_len(self):
+        from nanochat import presets
+
+        return presets.get(self.scale.preset, "base_train")["max_seq_len"]
 
 
 class CheckFailed(Exception):
@@ -79,6 +138,9 @@ class Skipped(Exception):
 def write_shards(directory, train_chars, seed=0):
     """Two shards of synthetic documents (the last is validation): Zipf-distributed pseudo-words, so
     BPE finds the preset's 32,768 tokens in them and the model has something to learn."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     rng = random.Random(seed)
     consonants, vowels = "bcdfghjklmnprstvwz", "aeiou"
     words = set()
@@ -95,62 +157,63 @@ def write_shards(directory, train_chars, seed=0):
             total += len(doc)
             yield doc
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     directory.mkdir(parents=True)
     for index, chars in enumerate((train_chars, train_chars // 16)):
         pq.write_table(pa.table({"text": list(documents(chars))}), directory / f"shard_{index:05d}.parquet")
 
 
-def prepare(data, tokenizer_run):
-    """The shards and a run holding the tokenizer trained on them, which every training run copies."""
-    write_shards(data, TRAIN_CHARS)
-    stage("tok_train", tokenizer_run, "--data", str(data), timeout=300)
-    return {"train_chars": TRAIN_CHARS}
+def prepare(setup):
+    """The shards and a run holding the tokenizer trained on them, which every training check copies."""
+    write_shards(setup.workdir / "data", setup.scale.train_chars)
+    stage(setup, "tok_train", setup.workdir / "tokenizer", "--data", str(setup.workdir / "data"))
+    return {"train_chars": setup.scale.train_chars}
 
 
-def stage(module, run, *options, timeout, fault=None):
-    """Runs nanochat.stages.<module> on `run` at the preset; the completed process, or CheckFailed
-    with the end of its output. With `fault` (a NANOCHAT_FAULT spec) it must crash there (exit 3)."""
-    cmd = [sys.executable, "-m", f"nanochat.stages.{module}", "--run", str(run), "--preset", PRESET, *options]
+def stage(setup, module, run, *options, fault=None):
+    """Runs nanochat.stages.<module> on `run` at the scale's preset; the completed process, or
+    CheckFailed with the end of its output. With `fault` (a NANOCHAT_FAULT spec) it must crash there
+    (exit 3). No time limit: the check's own process is killed at its limit, this one with it."""
+    cmd = [sys.executable, "-m", f"nanochat.stages.{module}", "--run", str(run), "--preset", setup.scale.preset, *options]
     env = {**os.environ, **({"NANOCHAT_FAULT": fault} if fault else {})}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-    except subprocess.TimeoutExpired:
-        raise CheckFailed(f"{module} ran past {timeout} s") from None
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if done.returncode != (3 if fault else 0):
         raise CheckFailed(f"{module} {f'with the fault {fault} ' if fault else ''}ended with {done.returncode}: "
                           f"{done.stderr[-1500:]}")
     return done
 
 
-def train(name, tokenizer_run, data, workdir, args):
+def training_options(setup):
+    """base_train's options for `setup`'s device and batch: rows of the preset's context, in passes."""
+    rows, passes = setup.scale.rows, setup.scale.passes
+    return ["--data", str(setup.workdir / "data"), "--device-type", setup.device, "--device-batch-size", str(rows),
+            "--total-batch-size", str(rows * passes * setup.seq_len), "--eval-tokens", str(rows * setup.seq_len), *TRAINING_ONLY]
+
+
+def train(name, setup):
     """One base_train run of RUNS; its figures, or CheckFailed naming what is wrong."""
-    options, timeout = RUNS[name]
-    run = workdir / name
-    shutil.copytree(tokenizer_run, run)
+    options, full_depth = RUNS[name]
+    run = setup.workdir / name
+    shutil.copytree(setup.workdir / "tokenizer", run)
+    depth = [] if full_depth else ["--depth", str(setup.scale.small_depth)]
     try:
-        return check_training(run, options, timeout, data, args)
+        return check_training(setup, run, [*options, *depth])
     finally:
         if name != SERVED_RUN:
-            shutil.rmtree(run)  # a d20 checkpoint with its optimizer state is some 5 GB
+            shutil.rmtree(run)  # a d20 checkpoint with its optimizer state is some 10 GB
 
 
-def check_training(run, options, timeout, data, args):
+def check_training(setup, run, options):
     """base_train with `options` in `run`, and what it recorded checked; its figures."""
     from nanochat import storage
 
-    rows = args.device_batch_size * SEQ_LEN
-    done = stage("base_train", run, "--data", str(data), "--num-steps", str(args.steps), "--device-batch-size",
-                 str(args.device_batch_size), "--total-batch-size", str(rows), *TRAINING_ONLY, "--eval-tokens", str(rows),
-                 "--checkpoint-every", "-1", "--keep-last", "1", *options, timeout=timeout)
+    done = stage(setup, "base_train", run, *training_options(setup), "--num-steps", str(setup.scale.steps), *options)
     summary = json.loads((run / "base_train" / "stage.json").read_text())
     records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     timed = [r for r in steps if r["step"] > WARMUP_STEPS] or steps
+    peak = PEAK_LOG.search(done.stderr)
     figures = {"tok_per_s": statistics.median(r["tok_per_s"] for r in timed),
-               "mfu": statistics.median(r["mfu"] for r in timed),
+               "mfu": statistics.median(r["mfu"] for r in timed), "peak_tflops": float(peak[1]) if peak else None,
                "first_loss": steps[0]["loss"], "final_loss": steps[-1]["loss"], "dtype": summary["metrics"]["dtype"]}
     problems = []
     if not all(math.isfinite(r["loss"]) for r in steps):
@@ -174,18 +237,19 @@ def check_training(run, options, timeout, data, args):
     return figures
 
 
-def resumed_training(tokenizer_run, data, workdir):
+def resumed_training(setup):
     """base_train crashed right after its step-2 checkpoint resumes there and ends: the optimizer
     state, read on the CPU, goes back to the GPU (the fused AdamW kernel takes nothing else). A
-    depth-4 model, bf16: the resume is what is checked, not the size."""
-    run = workdir / "resumed"
-    shutil.copytree(tokenizer_run, run)
-    options = ["--data", str(data), "--depth", "4", "--num-steps", "4", "--checkpoint-every", "2", "--device-batch-size",
-               "4", "--total-batch-size", str(4 * SEQ_LEN), *TRAINING_ONLY, "--dtype", "bfloat16", "--no-compile", "--no-fp8"]
-    stage("base_train", run, *options, timeout=180, fault="base_train:2")
-    done = stage("base_train", run, *options, timeout=180)
+    small model in bf16: the resume is what is checked, not the size."""
+    run = setup.workdir / "resumed"
+    shutil.copytree(setup.workdir / "tokenizer", run)
+    options = [*training_options(setup), "--depth", str(setup.scale.small_depth), "--num-steps", "4", "--checkpoint-every", "2",
+               "--dtype", "bfloat16", "--no-compile", "--no-fp8"]
+    stage(setup, "base_train", run, *options, fault="base_train:2")
+    done = stage(setup, "base_train", run, *options)
     records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r and r["step"] > 2]
+    shutil.rmtree(run)
     if "resumed at step 2" not in done.stderr or len(losses) != 2 or not all(map(math.isfinite, losses)):
         raise CheckFailed(f"losses after the resume {losses}: {done.stderr[-1500:]}")
     return {"resumed_at": 2, "losses_after": len(losses)}
@@ -201,7 +265,7 @@ def greedy_uncached(model, prompt, num_tokens):
     return ids[len(prompt):]
 
 
-def cached_equals_uncached(device="cuda"):
+def cached_equals_uncached(setup):
     """The engine on CUDA: requests joining a running batch at different steps, each row at its own
     position (the masked SDPA path), decode as uncached greedy decoding does, token for token, with
     every model option of the 2026 recipe on (past position 128, the sliding windows)."""
@@ -209,7 +273,7 @@ def cached_equals_uncached(device="cuda"):
 
     from nanochat.engine import Engine, Request, SamplingParams
 
-    tokenizer, model = recipe_model(n_embd=64, device=device)
+    tokenizer, model = recipe_model(n_embd=64, device=setup.device)
     model.eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -234,7 +298,7 @@ def cached_equals_uncached(device="cuda"):
     return {"rows": rows, "tokens": greedy.max_tokens}
 
 
-def served_decoding(run, device="cuda"):
+def served_decoding(setup):
     """The run's model as load_engine serves it on CUDA: bf16, SDPA and torch's sampling (no hook of
     nanochat.cpu set), and its decode speed."""
     import torch
@@ -242,7 +306,7 @@ def served_decoding(run, device="cuda"):
     from nanochat.engine import SamplingOps, SamplingParams
     from nanochat.inference import load_engine
 
-    engine = load_engine(str(run), "base", device)
+    engine = load_engine(str(setup.workdir / SERVED_RUN), "base", setup.device)
     model = engine.model
     problems = []
     if engine.ops != SamplingOps():
@@ -267,7 +331,7 @@ def served_decoding(run, device="cuda"):
     return figures
 
 
-def flash_attention_check():
+def flash_attention_check(setup):
     """Where a flash attention build runs on this GPU: it agrees with SDPA (whole context and a
     sliding window; all queries, and the last few after a cached prefix; grouped-query heads), and a
     model's attention goes through it in every layer, with bf16 weights and with fp32 ones under bf16
@@ -311,7 +375,7 @@ def flash_attention_check():
     return {"kernel": function.__module__, "max_abs_diff_vs_sdpa": worst}
 
 
-def flex_attention_check(batch=8, heads=10, context=2048, head_dim=128, window=512, repeats=5):
+def flex_attention_check(setup, batch=8, heads=10, context=2048, head_dim=128, window=512, repeats=5):
     """FlexAttention, which a compiled model's sliding-window layers attend with where no flash
     attention runs: at d20's shapes (a window of 512 of 2,048 positions, heads of 128) in bf16, forward
     and backward compiled, it agrees with SDPA under the window's mask, and the times of both; and
@@ -356,7 +420,7 @@ def flex_attention_check(batch=8, heads=10, context=2048, head_dim=128, window=5
     return figures
 
 
-def fused_loss_against_compiled(tokens=32_768, width=1280, repeats=5):
+def fused_loss_against_compiled(setup, tokens=32_768, width=1280, repeats=5):
     """The training loss at d20's sizes (--device-batch-size 16 rows of 2,048), forward and backward
     under bf16 autocast: nanochat.loss's fused, chunked one (kept out of compiled graphs) against
     F.cross_entropy of the capped logits compiled (upstream's formulation). They must agree; their
@@ -366,7 +430,7 @@ def fused_loss_against_compiled(tokens=32_768, width=1280, repeats=5):
 
     from nanochat import gpt, loss, presets
 
-    vocab = presets.get(PRESET, "tok_train")["vocab_size"]
+    vocab = presets.get(SCALES["cuda"].preset, "tok_train")["vocab_size"]
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, width, device="cuda", generator=g).requires_grad_()
     w = (torch.randn(vocab, width, device="cuda", generator=g) * width**-0.5).requires_grad_()
@@ -450,7 +514,7 @@ def health(url):
         return None
 
 
-def serving(run, timeout=180):
+def serving(setup, timeout=180):
     """`nanochat serve` of the run's base model on the GPU: a chat completion and a streamed one
     through the openai client."""
     try:
@@ -460,8 +524,9 @@ def serving(run, timeout=180):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", str(run), "--source", "base",
-                                   "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        server = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", str(setup.workdir / SERVED_RUN),
+                                   "--source", "base", "--port", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         try:
             deadline = time.monotonic() + timeout
             while (status := health(url)) is None:
@@ -493,67 +558,176 @@ def serving(run, timeout=180):
     return {"completion_tokens": reply.usage.completion_tokens}
 
 
-def checked(results, name, fn, *args):
-    """Runs one check, recording it as passed with its figures or failed with why; returns the figures."""
-    print(f"{name} ...", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    figures, result, why = None, "pass", None
+@dataclasses.dataclass(frozen=True)
+class Check:
+    key: str
+    title: str
+    run: object  # (Setup) -> its figures, or CheckFailed / Skipped
+    seconds: int  # its time limit on a GPU (compiling d20 takes a minute or two)
+    needs: tuple = ()  # checks that must pass first
+    cuda_only: bool = False  # skipped by --device cpu
+
+
+CHECKS = [
+    Check("engine", "engine cached = uncached", cached_equals_uncached, 90),
+    Check("prep", "shards and tok_train", prepare, 120),
+    Check("bf16", "base_train bf16", functools.partial(train, "bf16"), 240, ("prep",)),
+    Check("decode", "served model decoding", served_decoding, 120, ("bf16",), cuda_only=True),
+    Check("serve", "nanochat serve + openai", serving, 180, ("bf16",)),
+    *(Check(name, f"base_train {name}", functools.partial(train, name), 300 if "compile" in name else 150, ("prep",),
+            cuda_only=name != "fp16+scaler") for name in ("bf16+compile", "fp8+compile", "fp8", "fp16+scaler")),
+    Check("resume", "base_train resumed", resumed_training, 150, ("prep",)),
+    Check("loss", "fused loss vs compiled", fused_loss_against_compiled, 150, cuda_only=True),
+    Check("flex", "flex attention", flex_attention_check, 180, cuda_only=True),
+    Check("flash", "flash attention", flash_attention_check, 90, cuda_only=True),
+]
+BY_KEY = {check.key: check for check in CHECKS}
+MIN_START = 15  # seconds: a check is not started with less of the deadline left
+
+
+def with_prerequisites(keys):
+    """The checks of `keys` and those they need, in CHECKS' order."""
+    wanted, stack = set(), list(keys)
+    while stack:
+        key = stack.pop()
+        if key not in wanted:
+            wanted.add(key)
+            stack += BY_KEY[key].needs
+    return [check for check in CHECKS if check.key in wanted]
+
+
+def run_check(check, setup, steps_option, left):
+    """Runs one check in a process of its own, killed (with its stages) after its limit or what is left of
+    the deadline; {result: pass | FAIL | skip | not run, seconds, figures or why}."""
+    limit = min(check.seconds, left)
+    result_file, log_file = setup.workdir / f"{check.key}.result.json", setup.workdir / f"{check.key}.log"
+    cmd = [sys.executable, __file__, "--child", check.key, "--workdir", str(setup.workdir), "--device", setup.device,
+           *steps_option]
+    started = time.monotonic()
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        try:
+            process.wait(limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    seconds = round(time.monotonic() - started, 1)
+    if result_file.exists():
+        return {**json.loads(result_file.read_text()), "seconds": seconds}
+    if process.returncode == -signal.SIGKILL:
+        if limit < check.seconds:
+            return {"result": "not run", "seconds": seconds, "why": f"cut at the deadline after {seconds:.0f} s"}
+        return {"result": "FAIL", "seconds": seconds, "why": f"ran past its {limit} s: {log_tail(log_file)}"}
+    return {"result": "FAIL", "seconds": seconds, "why": f"its process ended with {process.returncode}: {log_tail(log_file)}"}
+
+
+def log_tail(path, chars=1500):
+    return path.read_text(errors="replace")[-chars:]
+
+
+def child(key, setup):
+    """The body of one check's process: runs it and writes its outcome where run_check reads it."""
     try:
-        figures = fn(*args)
+        outcome = {"result": "pass", "figures": BY_KEY[key].run(setup)}
     except Skipped as e:
-        result, why = "skip", str(e)
-    except Exception as e:  # one failed check must not hide the others
-        result, why = "FAIL", str(e) if isinstance(e, CheckFailed) else f"{type(e).__name__}: {e}"
-    results.append({"check": name, "result": result, "seconds": round(time.perf_counter() - started, 1),
-                    **({"figures": figures} if figures else {}), **({"why": why} if why else {})})
-    return figures
+        outcome = {"result": "skip", "why": str(e)}
+    except CheckFailed as e:
+        outcome = {"result": "FAIL", "why": str(e)}
+    except Exception as e:  # a bug or a device error: its traceback's end says where
+        outcome = {"result": "FAIL", "why": f"{type(e).__name__}: {e} at {''.join(traceback.format_tb(e.__traceback__)[-2:])}"}
+    path = setup.workdir / f"{key}.result.json"
+    path.with_suffix(".tmp").write_text(json.dumps(outcome))
+    path.with_suffix(".tmp").rename(path)
 
 
-def print_table(results):
-    print(f"{'check':<28}{'result':<8}{'seconds':>8}  figures", file=sys.stderr)
-    for r in results:
-        figures = r.get("figures") or {}
-        shown = ", ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
-        print(f"{r['check']:<28}{r['result']:<8}{r['seconds']:>8.0f}  {shown or r['why'][:300]}", file=sys.stderr)
+def print_row(row):
+    figures = row.get("figures") or {}
+    shown = ", ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+    why = " ".join(row.get("why", "").split())  # one line: a failure's end says most
+    print(f"{row['check']:<28}{row['result']:<8}{row['seconds']:>8.0f}  {shown or why[-300:]}", file=sys.stderr, flush=True)
+
+
+def work_directory(device):
+    """Where the checks write: /dev/shm on a GPU machine with room there (d20's checkpoints write and
+    hash in seconds), else the temporary directory."""
+    if device == "cuda" and os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free >= SHM_NEEDED:
+        return "/dev/shm"
+    return None
+
+
+def device_facts(device):
+    import torch
+
+    if device != "cuda":
+        return {"device": platform.processor() or platform.machine(), "torch": torch.__version__}
+    return {"device": torch.cuda.get_device_name(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+            "torch": torch.__version__}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="base_train steps per run (default: %(default)s)")
-    parser.add_argument("--device-batch-size", type=int, default=16, help="rows of 2,048 tokens per step, in every "
-                        "run (default: %(default)s, half of d20's: the eager runs keep more activations)")
+    parser.add_argument("--only", nargs="+", choices=list(BY_KEY), metavar="KEY",
+                        help=f"run these checks and those they need (default: all): {', '.join(BY_KEY)}")
+    parser.add_argument("--deadline", type=float, default=540, help="seconds for all the checks: one not reached by "
+                        "then is reported as not run (default: %(default)s, inside a 10-minute command)")
+    parser.add_argument("--steps", type=int, help="base_train steps per training check (default: 8 on a GPU)")
+    parser.add_argument("--out", help="a directory to append each check's JSON line to (gpu_check.jsonl) as it ends "
+                        "(default: $OUT where set)", default=os.environ.get("OUT"))
+    parser.add_argument("--device", choices=list(SCALES), default="cuda",
+                        help="cpu: the checks a CPU can run, at the tiny preset (a test of this script)")
+    parser.add_argument("--child", choices=list(BY_KEY), help=argparse.SUPPRESS)  # one check's own process
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    scale = SCALES[args.device]
+    if args.steps:
+        scale = dataclasses.replace(scale, steps=args.steps)
+    if args.child:
+        return child(args.child, Setup(Path(args.workdir), args.device, scale))
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is false): every check needs one GPU; "
                  "nothing was run")
     from nanochat.common import git_commit
 
-    results = []
-    with tempfile.TemporaryDirectory(prefix="nanochat-gpu-check-") as tmp:
-        workdir = Path(tmp)
-        data, tokenizer_run = workdir / "data", workdir / "tokenizer"
-        if checked(results, "shards and tok_train", prepare, data, tokenizer_run):
-            figures = {name: checked(results, f"base_train {name}", train, name, tokenizer_run, data, workdir, args)
-                       for name in RUNS}
-            checked(results, "base_train resumed", resumed_training, tokenizer_run, data, workdir)
-        else:
-            figures = dict.fromkeys(RUNS)
-        checked(results, "engine cached = uncached", cached_equals_uncached)
-        checked(results, "flash attention", flash_attention_check)
-        checked(results, "flex attention", flex_attention_check)
-        checked(results, "fused loss vs compiled", fused_loss_against_compiled)
-        checked(results, "served model decoding", served_decoding, workdir / SERVED_RUN)  # base_train bf16's model
-        torch.cuda.empty_cache()
-        checked(results, "nanochat serve + openai", serving, workdir / SERVED_RUN)
-    print_table(results)
-    bf16, fp8 = figures["bf16+compile"], figures["fp8+compile"]
-    print(json.dumps({"bench": "gpu_check", "device": torch.cuda.get_device_name(),
-                      "capability": ".".join(map(str, torch.cuda.get_device_capability())), "torch": torch.__version__,
-                      "commit": git_commit(), "checks": results, "reference": "base_train bf16+compile, this run",
-                      "fp8_speedup": round(fp8["tok_per_s"] / bf16["tok_per_s"], 3) if bf16 and fp8 else None}))
-    sys.exit(1 if any(r["result"] == "FAIL" for r in results) else 0)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # eager d20 close to the GPU's memory
+    deadline = time.monotonic() + args.deadline
+    jsonl = Path(args.out) / "gpu_check.jsonl" if args.out else None
+    rows = []
+    print(f"{'check':<28}{'result':<8}{'seconds':>8}  figures", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="nanochat-gpu-check-", dir=work_directory(args.device)) as tmp:
+        setup = Setup(Path(tmp), args.device, scale)
+        passed = set()
+        for check in with_prerequisites(args.only or BY_KEY):
+            left = deadline - time.monotonic()
+            missing = [key for key in check.needs if key not in passed]
+            if check.cuda_only and args.device != "cuda":
+                row = {"result": "skip", "seconds": 0, "why": "needs CUDA"}
+            elif missing:
+                row = {"result": "skip", "seconds": 0, "why": f"needs {', '.join(missing)}, which did not pass"}
+            elif left < MIN_START:
+                row = {"result": "not run", "seconds": 0, "why": f"{max(left, 0):.0f} s of the deadline left"}
+            else:
+                row = run_check(check, setup, ["--steps", str(scale.steps)], left)
+            row = {"check": check.title, "key": check.key, **row}
+            passed |= {check.key} if row["result"] == "pass" else set()
+            rows.append(row)
+            print_row(row)
+            if jsonl:
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    figures = {row["key"]: row.get("figures") for row in rows}
+    bf16, fp8 = figures.get("bf16+compile"), figures.get("fp8+compile")
+    summary = {"bench": "gpu_check", **device_facts(args.device), "commit": git_commit(), "deadline_s": args.deadline,
+               "checks": rows, "reference": "base_train bf16+compile, this run",
+               "fp8_speedup": round(fp8["tok_per_s"] / bf16["tok_per_s"], 3) if bf16 and fp8 else None}
+    print(json.dumps(summary), flush=True)
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(summary) + "\n")
+    again = [row["key"] for row in rows if row["result"] in ("FAIL", "not run")]
+    if again:
+        sys.exit(f"gpu_check: failed or not reached: {', '.join(again)}; again: bench/gpu_check.py --only {' '.join(again)}")
 
 
 if __name__ == "__main__":
