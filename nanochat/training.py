@@ -185,8 +185,10 @@ class Training:
         """A finished stage run again by hand with other options would resume checkpoints trained
         under the old ones (or train nothing at all) and record the new ones as its own: a StageError
         naming them. More --num-steps alone trains on. (The flow clears the folder of other work
-        first: flows.stages.clear_other_work.) Options that one of the two versions of the code lacks
-        are not compared: new code runs a finished stage again."""
+        first: flows.stages.clear_other_work.) Not compared: options that one of the two versions of
+        the code lacks (new code runs a finished stage again), and those of how it runs, not what it
+        trains (training_options.EXECUTION_OPTIONS: a finished stage on a smaller GPU fits another
+        device batch)."""
         uri = stage.stage_uri(self.args.run, self.stage, stage.SUMMARY)
         if self.step == 0 or not storage.exists(uri):
             return
@@ -195,9 +197,9 @@ class Training:
         except stage.SummaryError:  # damaged: this run replaces it
             return
         now = stage.recorded_config(self.args)
-        trains_on = ("num_steps",) if self.step < plan.num_steps else ()
+        ignored = training_options.EXECUTION_OPTIONS | ({"num_steps"} if self.step < plan.num_steps else set())
         if changed := [f"{k}: {before[k]!r} then, {now[k]!r} now" for k in sorted(before.keys() & now.keys())
-                       if before[k] != now[k] and k not in trains_on]:
+                       if before[k] != now[k] and k not in ignored]:
             raise stage.StageError(f"{self.stage} is done in {storage.redact(self.args.run)} (step {self.step}) with other options "
                                    f"({'; '.join(changed)}): its checkpoints hold that work, not this; use another run, or "
                                    f"remove {storage.redact(stage.stage_uri(self.args.run, self.stage))} to train it again")

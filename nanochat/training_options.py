@@ -27,6 +27,17 @@ def number(kind, least, most=math.inf):
 COUNT, RATE, FRACTION = number(int, 1), number(float, 0), number(float, 0, 1)
 
 
+# Options that change how a training stage runs or what it reports, never what it trains: a finished
+# stage run again with other values of these (a smaller GPU's device batch, another dtype, evaluations
+# more often) is the same work (training.Training.check_same_work). Every training stage's are here.
+EXECUTION_OPTIONS = frozenset({
+    "device_batch_size", "eval_every", "checkpoint_every", "keep_last", "compile", "deterministic", "wandb", "dtype",
+    "device_type",
+    "eval_tokens", "core_every", "core_max_per_task", "eval_bundle", "sample_every",  # base_train's
+    "chatcore_every", "chatcore_max_problems", "chatcore_max_generative", "chatcore_max_new_tokens",  # mid_train's, chat_sft's
+})
+
+
 def add_options(p):
     """The options of every training stage."""
     a = p.add_argument

@@ -207,6 +207,9 @@ def test_a_finished_stage_run_again_by_hand_with_other_options_is_refused(tiny_b
     summary.write_text(json.dumps({**before, "config": {**older, "an_option_since_removed": 1}}))
     base_train_again()
     assert json.loads(summary.read_text())["config"] == before["config"]
+    # other options of how it runs, not what it trains (a smaller GPU fits another device batch): the same work
+    base_train_again("--device-batch-size", "1", "--dtype", "float32", "--keep-last", "1", "--sample-every", "-1")
+    assert json.loads(summary.read_text())["config"]["device_batch_size"] == 1
     base_train_again("--num-steps", "8")  # more steps: it trains on to them
     assert json.loads(summary.read_text())["metrics"]["steps"] == 8
 
