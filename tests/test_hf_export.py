@@ -96,7 +96,9 @@ def test_the_directory_is_transformers_own_type_or_carries_its_code(classic, tra
     config = json.loads((trained[4] / "config.json").read_text())
     assert config["auto_map"] == hf.REMOTE_AUTO_MAP and config["window_pattern"] == "SSSL" and config["smear"]
     generation = json.loads((trained[4] / "generation_config.json").read_text())
-    assert (generation["temperature"], generation["top_k"], generation["max_new_tokens"]) == (0.6, 50, 512)
+    # at most the context's new tokens (128): transformers' generate would go on past it
+    assert config["max_position_embeddings"] == 128
+    assert (generation["temperature"], generation["top_k"], generation["max_new_tokens"]) == (0.6, 50, 128)
     meta = json.loads((trained[4] / "nanochat.json").read_text())
     assert meta["source"] == "base" and meta["frequency_penalty"] == 0.5
     card = (trained[4] / "README.md").read_text()
