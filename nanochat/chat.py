@@ -83,7 +83,7 @@ def reply(engine, messages, params, out, completing=False):
 def main(argv=None):
     from nanochat.checkpoint import find_checkpoint
     from nanochat.common import autodetect_device_type
-    from nanochat.engine import SamplingParams
+    from nanochat.engine import ContextTooLong, SamplingParams
     from nanochat.inference import LOAD_ERRORS, load_engine
 
     args = build_parser().parse_args(argv)
@@ -103,7 +103,11 @@ def main(argv=None):
         return 2
     completing = source == "base"
     if args.prompt is not None:
-        reply(engine, [{"role": "user", "content": args.prompt}], params, sys.stdout, completing)
+        try:
+            reply(engine, [{"role": "user", "content": args.prompt}], params, sys.stdout, completing)
+        except ContextTooLong as e:
+            print(f"nanochat chat: {e}", file=sys.stderr)
+            return 1
         return 0
     if completing:
         print("(a base model: each line you type is continued as text, not answered)", file=sys.stderr)
@@ -129,4 +133,7 @@ def main(argv=None):
             messages.append({"role": "assistant", "content": reply(engine, messages, params, sys.stdout, completing)})
         except KeyboardInterrupt:  # stops this answer, keeps the conversation
             print()
+            messages.pop()
+        except ContextTooLong as e:  # the conversation outgrew the model: say so, and keep the session
+            print(f"\n({e}: {'a shorter line' if completing else '/clear starts a new conversation'})", file=sys.stderr)
             messages.pop()

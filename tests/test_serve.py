@@ -421,6 +421,15 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     session = subprocess.run(cli, input="Hello\n/clear\nAgain\n/quit\n", env=env, capture_output=True, text=True, check=True,
                              timeout=120)
     assert session.stdout.count("nanochat> ") == 2 and session.stdout.startswith("you> ")
+    # a prompt over the model's context (128 tokens): one line, and an interactive session goes on
+    too_long = "count with me " * 100
+    refused = subprocess.run([*cli, "-p", too_long], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and not refused.stdout
+    assert re.fullmatch(r"nanochat chat: the prompt has \d+ tokens; the context holds 128\n", refused.stderr), refused.stderr
+    session = subprocess.run(cli, input=f"{too_long}\nCount with me.\n", env=env, capture_output=True, text=True, check=True, timeout=120)
+    greedy = continued(max_tokens=8, temperature=0)
+    assert session.stdout.count("nanochat> ") == 2 and session.stdout.endswith(f"nanochat> {greedy}\nyou> \n")
+    assert "the context holds 128: a shorter line)" in session.stderr
     missing = subprocess.run([*cli, "--source", "rl", "-p", "x"], env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "chat_rl" in missing.stderr
     # -1 is every token, as in the API; what sampling cannot take, or a device torch cannot use, is one line
