@@ -14,6 +14,7 @@ one resumes from its checkpoints.
 import argparse
 import os
 import subprocess
+import sys
 
 from prefect import flow, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -191,12 +192,8 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     in <run>/run.json, the stage flow's defaults. Returns the URI of the final artifact: the last
     training stage's `checkpoint` output; else the directory of tok_train or, in a run of stages
     that produce neither (only=["download"]), of the last stage."""
-    check_storage(storage, nnodes, stage_deployments)
-    overrides = with_identity(overrides, identity, identity_weight)
-    spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides)
-    # a PipelineError here, before any stage runs; imported stages are done and need nothing
-    selected = pipeline.select(only, skip, done=imported_stages(spec.run))
-    check_skip(spec.run, skip)
+    spec, selected = plan(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides, only, identity,
+                          identity_weight, stage_deployments, skip)
     record_run(spec, skip)
     if parallel is None:
         parallel = preset not in presets.ONE_STAGE_AT_A_TIME
@@ -211,6 +208,22 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
     publish_report(spec.run)
     final = next((name for name in FINAL if name in summaries), list(summaries)[-1])
     return summaries[final]["outputs"].get("checkpoint", {}).get("uri") or nanochat.storage.join(spec.run, final)
+
+
+def plan(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides, only, identity, identity_weight,
+         stage_deployments, skip):
+    """(the run's RunSpec, the stages to run), or what the flow refuses before any stage runs, as a
+    ValueError or PipelineError: storage other machines cannot reach, an identity file that is not
+    there (mid_train would find out after base_train), an unknown preset or override, stages that
+    `only` and `skip` cannot select, a skip the run's finished stages contradict."""
+    check_storage(storage, nnodes, stage_deployments)
+    if identity and not nanochat.storage.exists(identity):
+        raise ValueError(f"identity {identity}: no such file (your conversations for mid_train and chat_sft)")
+    spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, with_identity(overrides, identity, identity_weight))
+    # imported stages are done and need nothing
+    selected = pipeline.select(only, skip, done=imported_stages(spec.run))
+    check_skip(spec.run, skip)
+    return spec, selected
 
 
 def check_skip(run, skip):
@@ -279,6 +292,11 @@ def skippable(text):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    try:  # what the flow would refuse, in one line, before a Prefect server starts
+        plan(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes, None, None, args.identity,
+             args.identity_weight, False, args.skip)
+    except (ValueError, pipeline.PipelineError) as e:
+        sys.exit(f"python -m flows.speedrun: {e}")
     final = speedrun(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes,
                      identity=args.identity, identity_weight=args.identity_weight, skip=args.skip)
     run = nanochat.storage.run_uri(args.run or f"speedrun-{args.preset}", nanochat.storage.storage_root(args.storage))

@@ -11,7 +11,7 @@ import pytest
 
 from flows import stages
 from flows.launch import RunSpec, arguments
-from flows.speedrun import build_parser, check_skip, run_spec
+from flows.speedrun import build_parser, check_skip, main, run_spec
 from nanochat import pipeline, stage, storage
 from nanochat.stages import base_train
 
@@ -48,6 +48,25 @@ def test_a_skip_that_leaves_out_a_finished_stage_of_the_run_is_refused(tmp_path)
     with pytest.raises(ValueError, match=r"holds mid_train, which skip=\['mid_train'\] leaves out"):
         check_skip(run, ["mid_train"])
     check_skip(run, ["chat_rl"])
+
+
+def test_the_command_refuses_in_one_line_before_a_prefect_server_starts(tmp_path):
+    """What the flow refuses before any stage runs, `make speedrun` says in one line, before a Prefect
+    server starts: an identity file that is not there (mid_train found out, after base_train, in a
+    torchrun traceback), a skip of a stage the run holds (a Prefect traceback and a runpy one)."""
+    argv = ["--preset", "tiny", "--run", "r", "--storage", str(tmp_path)]
+    missing = tmp_path / "nothere.jsonl"
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--identity", str(missing)])
+    assert refused.value.code == (f"python -m flows.speedrun: identity {missing}: no such file (your conversations "
+                                  "for mid_train and chat_sft)")
+    (tmp_path / "runs" / "r" / "mid_train").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "mid_train" / "stage.json").write_text("{}")
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--skip", "mid_train"])
+    said = refused.value.code
+    assert said.startswith("python -m flows.speedrun: run file://") and "which skip=['mid_train'] leaves out" in said
+    assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == ["mid_train"]  # no run.json recorded
 
 
 def test_the_flow_clears_a_stage_folder_of_other_work_before_it_runs(tmp_path):
