@@ -75,9 +75,11 @@ $(VENV)/.dev: $(VENV)/.setup
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/upstream-rustbpe rustbpe==0.1.0 $(QUIET_PIP)
 	touch $@
 
-# The flow's temporary Prefect server gets 2 minutes to start (Prefect's 20 s is short for a first start on busy cores).
+# The flow's temporary Prefect server gets 2 minutes to start (Prefect's 20 s is short for a first start on busy cores),
+# and sends Prefect no usage telemetry (offline, each attempt logged an ERROR line).
 speedrun: setup  ## run the pipeline flow now, no server needed (PRESET=tiny|cpu|d20|d24|d26|d32, RUN=name, NPROC=processes, SKIP=mid_train,chat_rl, IDENTITY=my.jsonl)
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120} \
+	PREFECT_SERVER_ANALYTICS_ENABLED=$${PREFECT_SERVER_ANALYTICS_ENABLED:-false} \
 	$(PY) -m flows.speedrun --preset $(call quote,$(PRESET)) --run $(call quote,$(RUN)) $(if $(NPROC),--nproc-per-node $(call quote,$(NPROC))) \
 	  $(if $(SKIP),--skip $(call quote,$(SKIP))) \
 	  $(if $(IDENTITY),--identity $(call quote,$(if $(findstring ://,$(IDENTITY)),$(IDENTITY),$(abspath $(IDENTITY)))))
