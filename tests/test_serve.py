@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -446,6 +447,18 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     assert serve.returncode == 1 and serve.stderr.strip().splitlines() == [
         "nanochat serve: no-such-run: neither a checkpoint nor a run with chat_rl or chat_sft or mid_train or base_train done"]
 
+
+
+def test_a_port_in_use_is_one_line_before_serve_says_it_serves(run):
+    storage, name = run
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = subprocess.run([sys.executable, "-m", "nanochat.cli", "serve", "--run", name, "--port", str(port)],
+                               env={**os.environ, "NANOCHAT_STORAGE": str(storage)}, capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 1 and serve.stdout == ""  # it never said "serving on"
+    assert serve.stderr.splitlines() == [f"nanochat serve: cannot listen on 127.0.0.1:{port}: Address already in use"]
 
 
 def test_a_corrupt_checkpoint_is_one_line_from_serve_and_chat(run, tmp_path):

@@ -13,6 +13,7 @@ finish_reason "length"), then exits. Every request is one line of the log (never
 import argparse
 import ipaddress
 import os
+import socket
 from dataclasses import fields
 
 from nanochat import pipeline
@@ -64,6 +65,20 @@ def is_loopback(host):
         return False
 
 
+def listening_socket(host, port):
+    """The server's socket, bound before the server says where it serves: a port in use is one line
+    (uvicorn said so after "serving on"). Port 0 takes a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"nanochat serve: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def main(argv=None):
     import torch
     import uvicorn
@@ -99,10 +114,12 @@ def main(argv=None):
     limits = Limits(**{f.name: getattr(args, f.name) for f in LIMITS}, max_requests=1 if args.one_at_a_time else None)
     app = create_app(lambda device: load_engine(directory, device=device, max_rows=args.max_rows), limits, devices,
                      model_name=f"nanochat-{source or 'checkpoint'}", api_keys=keys, cors_origins=args.cors_origin)
-    print(f"nanochat: serving {directory} on http://{args.host}:{args.port}"
+    sock = listening_socket(args.host, args.port)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"nanochat: serving {directory} on http://{host}:{sock.getsockname()[1]}"
           f" ({'API key required' if keys else 'no API key'})", flush=True)
     # an idle keep-alive connection is closed after 5 s; h11 answers incomplete headers over its limit with 400
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", http="h11", server_header=False,
                             timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    Server(config, app.state.in_progress, app.state.finish_by).run()
+    Server(config, app.state.in_progress, app.state.finish_by).run(sockets=[sock])
