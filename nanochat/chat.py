@@ -45,7 +45,7 @@ def generation_config(values, where):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="nanochat chat", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
     p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
     p.add_argument("-p", "--prompt", help="answer this one message and exit")

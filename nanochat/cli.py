@@ -70,7 +70,9 @@ def main(argv=None):
         from nanochat import stage
 
         module = importlib.import_module(f"nanochat.stages.{command}")
-        stage.run_main(module.main, module.build_parser(), command, rest)
+        parser = module.build_parser()
+        parser.prog = f"nanochat {command}"  # its usage and errors name the command typed
+        stage.run_main(module.main, parser, command, rest)
         return 0
     print(f"nanochat: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     return 2

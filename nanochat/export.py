@@ -44,7 +44,7 @@ class ExportError(Exception):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="nanochat export", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
     p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
     p.add_argument("--to", required=True, metavar="DIR", help="the directory to write: a path or any storage URI")

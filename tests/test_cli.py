@@ -20,3 +20,12 @@ def test_version_with_an_argument_is_a_usage_error(capsys):
         cli.main(["version", "junk"])
     assert e.value.code == 2
     assert capsys.readouterr().err.endswith("nanochat version: error: unrecognized arguments: junk\n")
+
+
+def test_a_stage_through_the_command_names_the_command_in_its_usage_and_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["tok_train", "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: nanochat tok_train [-h] --run RUN --preset")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["chat_eval", "--run", "r", "--preset", "tiny", "--source", "nosuch"])
+    assert e.value.code == 2 and "\nnanochat chat_eval: error: argument --source: invalid choice: 'nosuch'" in capsys.readouterr().err

@@ -27,7 +27,7 @@ LIMITS = [f for f in fields(Limits) if "help" in f.metadata]  # the limits that 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="nanochat serve", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
     p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine only)")
