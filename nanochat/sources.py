@@ -246,9 +246,11 @@ def own_text_plan(folder, num_shards):
     _check_count(num_shards)
     root = storage.normalize(folder)
     try:
-        names = storage.listdir(root)
+        names = storage.listdir(root) if storage.isdir(root) else None
     except Exception as e:  # noqa: BLE001 - any filesystem error means the folder is unusable
         raise SourceError(f"your text {root} is not a readable folder ({type(e).__name__}: {e})") from None
+    if names is None:
+        raise SourceError(f"your text {root}: no such folder")
     files = [storage.join(root, name) for name in names if name.endswith(".parquet")]
     if len(files) >= 2 and num_shards > len(files) - 1:  # a corpus is clamped to what it has; your files are all there is
         raise SourceError(f"your text {root} has {len(files) - 1} training file(s) besides the validation file, fewer than "

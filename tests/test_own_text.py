@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset, report, stage, storage
+from nanochat import dataset, report, sources, stage, storage
 from nanochat.dataloader import pretrain_loader
 from nanochat.stages import download as download_stage
 from nanochat.tokenizer import Tokenizer
@@ -91,6 +91,7 @@ def test_the_run_trains_on_your_text(tmp_path, shared_data, tiny_env, monkeypatc
 
 @pytest.mark.parametrize("make, error", [
     (lambda folder: None, "your text {folder} has 0 .parquet file(s); need at least 2 (train + validation)"),
+    (lambda folder: folder.rmdir(), "your text {folder}: no such folder"),  # (it said 0 .parquet files)
     (lambda folder: [pq.write_table(pa.table({"body": ["x"]}), folder / f"{n}.parquet") for n in "abc"],
      "{folder}/a.parquet: no 'text' column (columns: body)"),
     (lambda folder: [pq.write_table(pa.table({"text": [1]}), folder / f"{n}.parquet") for n in "abc"],
@@ -113,3 +114,15 @@ def test_a_folder_that_cannot_serve_is_refused_naming_it(tmp_path, shared_data, 
     with pytest.raises(stage.StageError, match="^" + re.escape(error.format(folder=storage.normalize(str(folder)))) + "$"):
         download(tmp_path / "run", f"{folder}/", shared_data, str(tmp_path / "storage"))
     assert not (tmp_path / "storage").exists()  # refused before anything was fetched
+
+
+def test_a_folder_in_a_bucket_is_planned_as_a_local_one(s3_root, tmp_path):
+    """own_text_plan on an object store: a prefix holding the files is a folder (one holding none is
+    "no such folder", as a path that does not exist)."""
+    write_files(tmp_path, pa.table({"text": ["x"]}))
+    for path in sorted(tmp_path.glob("*.parquet")):
+        storage.write_bytes(f"{s3_root}/texts/{path.name}", path.read_bytes())
+    train, val = sources.own_text_plan(f"{s3_root}/texts/", -1)
+    assert train == [f"{s3_root}/texts/a.parquet", f"{s3_root}/texts/b.parquet"] and val == f"{s3_root}/texts/c.parquet"
+    with pytest.raises(sources.SourceError, match=f"^your text {s3_root}/nothing: no such folder$"):
+        sources.own_text_plan(f"{s3_root}/nothing/", -1)
