@@ -100,7 +100,9 @@ def load(path):
     languages = data.get("languages", [])
     if not isinstance(languages, list):
         raise PersonaError(f"{path}: field 'languages' must be a list of strings, got {type(languages).__name__}")
-    return Persona(name=text(data.get("name"), "name"), maker=text(data.get("maker"), "maker"),
+    if missing := [name for name in ("name", "maker") if name not in data]:
+        raise PersonaError(f"{path}: field {missing[0]!r} is missing (a persona needs {', '.join(FIELDS[:2])})")
+    return Persona(name=text(data["name"], "name"), maker=text(data["maker"], "maker"),
                    facts={text(key, f"facts key {key!r}"): text(value, f"facts.{key}") for key, value in facts.items()},
                    tone=text(data.get("tone"), "tone", required=False),
                    languages=tuple(text(x, f"languages[{i}]") for i, x in enumerate(languages)))

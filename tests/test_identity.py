@@ -145,7 +145,9 @@ def test_persona_file_errors_name_the_file_and_field(tmp_path, capsys):
     assert (good.name, good.maker, good.facts["home"], good.languages) == ("Quill", "the Lantern Lab", "Lisbon",
                                                                           ("English", "Portuguese"))
     bad = tmp_path / "bad.json"
-    for data, message in [({"maker": "x"}, "field 'name' must be a non-empty string, got None"),
+    for data, message in [({"maker": "x"}, "field 'name' is missing (a persona needs name, maker)"),
+                          ({"name": "Q"}, "field 'maker' is missing (a persona needs name, maker)"),
+                          ({**QUILL, "name": None}, "field 'name' must be a non-empty string, got None"),
                           ({**QUILL, "maker": " "}, "field 'maker' must be a non-empty string"),
                           ({**QUILL, "nmae": "Q"}, "unknown field 'nmae' (known: name, maker, facts, tone, languages)"),
                           ({**QUILL, "facts": ["Lisbon"]}, "field 'facts' must be an object of key -> value, got list"),
