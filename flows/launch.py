@@ -132,9 +132,10 @@ def child_env(spec, attempt=1):
 LAUNCH_TAG = "NANOCHAT_LAUNCH"  # in the environment of every process one launch starts
 
 
-def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0):
+def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0, keep_fds=()):
     """Runs `cmd` as a child in this process group (not a new session: a signal to the group, as a
-    worker cancelling a flow run sends, reaches it too), passing each output line to `log`. Returns
+    worker cancelling a flow run sends, reaches it too), passing each output line to `log`; the child
+    inherits `keep_fds` (the node's slot, which it then holds while it runs). Returns
     (exit code, last lines). However this call ends, no process of the child's tree outlives it:
     torchrun's workers live in sessions of their own, so they are tracked while they run, and found
     at the end by a tag in their environment (a worker born since the last look, orphaned when the
@@ -142,7 +143,7 @@ def launch(cmd, env, log, tick=None, tail_lines=40, grace=10.0):
     tag = uuid.uuid4().hex
     tail = collections.deque(maxlen=tail_lines)
     proc = subprocess.Popen(cmd, env={**env, LAUNCH_TAG: tag}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace")
+                            stderr=subprocess.STDOUT, text=True, errors="replace", pass_fds=keep_fds)
     reader = threading.Thread(target=pump, args=(proc.stdout, log, tail), daemon=True)
     reader.start()
     tree = {proc.pid: psutil.Process(proc.pid)}

@@ -1,44 +1,54 @@
-"""One GPU job at a time per node: every torchrun stage holds its host's slot, a Prefect global
-concurrency limit of one named after the host, while it runs. Stages of one run (base_eval beside
-mid_train) and of runs submitted together never share a node's accelerators; CPU-only stages
-(download, the tokenizer's, the report) run beside them. Hosts have slots of their own, so N
-single-node workers on one pool still run N stages at once.
+"""One GPU job at a time per node: every torchrun stage holds its node's slot, an exclusive lock
+(flock) on a file in the node's temporary directory, while its processes run. Stages of one run
+(base_eval beside mid_train) and of runs on one node, whichever Prefect server or worker started
+them, never share its accelerators; CPU-only stages (download, the tokenizer's, the report) run
+beside them. A node is what shares the temporary directory: a machine, or a container.
 
-The slot is a lease the holder renews: a flow run killed outright frees it when the lease expires.
+The kernel frees the lock once no process holds it: a flow run killed outright (Ctrl-C, SIGKILL, a
+lost worker) frees it, and the stage's processes, which inherit it, keep it while they still run.
+(A Prefect global concurrency limit held the slot before: a killed run left it taken for good, as
+a temporary server never revokes an expired lease.) NANOCHAT_NODE_LOCK names another lock file.
 """
 
-import socket
-from contextlib import contextmanager
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-
-def slot_name(host=None):
-    return f"nanochat-node-{host or socket.gethostname()}"
+LOCK_FILE = "nanochat-node.lock"
+POLL_SECONDS = 1.0  # a waiting task looks again this often (a blocking flock could not be cancelled)
 
 
-def ensure_slot(name):
-    """Creates the limit (one slot) unless it exists, so `make speedrun` on a temporary server is
-    covered as well as a deployment's server. A limit someone widened is left as it is."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # another run created it meanwhile
-                pass
+def lock_path():
+    return os.environ.get("NANOCHAT_NODE_LOCK") or os.path.join(tempfile.gettempdir(), LOCK_FILE)
 
 
-@contextmanager
+@contextlib.contextmanager
 def node_slot(log):
-    """Holds this host's slot for the duration of the block, waiting for it if taken."""
-    name = slot_name()
-    ensure_slot(name)
-    log("waiting for %s (one GPU job at a time on this node)", name)
-    with concurrency(name, occupy=1, strict=True):
-        log("holding %s", name)
-        yield
+    """Holds this node's slot for the block, waiting for it if taken; yields the lock's file
+    descriptor, for the stage's processes to inherit (launch's `keep_fds`)."""
+    path = lock_path()
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's lock file serves too
+    try:
+        with contextlib.suppress(PermissionError):  # runs of other users on the node take turns as well
+            os.fchmod(fd, 0o666)
+        log("waiting for the node's slot %s (one GPU job at a time on this node)", path)
+        started, said = time.monotonic(), False
+        while not try_lock(fd):
+            if not said and time.monotonic() - started > 10 * POLL_SECONDS:
+                log("%s is held by another GPU job on this node (`fuser %s` names its processes)", path, path)
+                said = True
+            time.sleep(POLL_SECONDS)
+        log("holding the node's slot %s", path)
+        yield fd
+    finally:
+        os.close(fd)  # frees the lock, unless the stage's processes still hold it
+
+
+def try_lock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

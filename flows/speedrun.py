@@ -12,10 +12,13 @@ one resumes from its checkpoints.
 """
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
+import psutil
 from prefect import flow, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
@@ -290,8 +293,26 @@ def skippable(text):
     return names
 
 
+def stop_on_interrupt(signum, frame):
+    """Ctrl-C (or SIGTERM) of `python -m flows.speedrun`: ends the running stages' processes, then this
+    one. Prefect's engine would go on for minutes, retrying its stages against the temporary server
+    that the same Ctrl-C ended. Finished stages are kept, and the same command resumes the rest."""
+    print(f"\npython -m flows.speedrun: {signal.Signals(signum).name}: stopping; finished stages are kept, and the same "
+          "command resumes the rest", file=sys.stderr, flush=True)
+    children = psutil.Process().children(recursive=True)  # the stages (torchrun and its workers), the server
+    for p in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    for p in psutil.wait_procs(children, timeout=10)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    os._exit(128 + signum)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGINT, stop_on_interrupt)
+    signal.signal(signal.SIGTERM, stop_on_interrupt)
     try:  # what the flow would refuse, in one line, before a Prefect server starts
         plan(args.preset, args.run, args.storage, args.data_mirror, args.nproc_per_node, args.nnodes, None, None, args.identity,
              args.identity_weight, False, args.skip)

@@ -231,10 +231,11 @@ def run_stage(stage: Stage, spec: RunSpec) -> dict:
     attempt = task_run.run_count  # part of a multi-node rendezvous id; injected faults may name it
     cmd = command(stage, spec, attempt)
     progress = Progress(stage, spec)
-    with node_slot(logger.info) if stage.torchrun else contextlib.nullcontext():
+    with node_slot(logger.info) if stage.torchrun else contextlib.nullcontext() as slot:
         logger.info("$ %s", storage.redact(shlex.join(cmd)))
         deadline = Deadline(stage, spec)
-        code, tail = launch(cmd, child_env(spec, attempt), logger.info, tick=lambda: (progress.update(), deadline.check()))
+        code, tail = launch(cmd, child_env(spec, attempt), logger.info, tick=lambda: (progress.update(), deadline.check()),
+                            keep_fds=() if slot is None else (slot,))
     if code != 0:
         raise StageFailed(f"stage {stage.name} exited with code {code}; last output:\n{tail}")
     progress.update(final=True)

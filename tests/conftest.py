@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -22,6 +23,14 @@ WANTS_FULL_RUN = pytest.StashKey[bool]()
 DATA = Path(os.environ.get("NANOCHAT_TEST_DATA") or REPO.parent / "shared" / "data").resolve()  # the real datasets
 HAVE_DATA = (DATA / "pretrain").is_dir()
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # this process is a pytest-xdist worker (`make test`)
+# Each pytest process is a node of its own to flows/slots.py, as it has a Prefect server of its own:
+# the flows of two workers take no turns with each other, nor with GPU jobs of this machine.
+NODE_LOCK = Path(tempfile.gettempdir()) / f"nanochat-node-test-{os.getpid()}.lock"
+os.environ.setdefault("NANOCHAT_NODE_LOCK", str(NODE_LOCK))
+
+
+def pytest_unconfigure(config):
+    NODE_LOCK.unlink(missing_ok=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups

@@ -1,0 +1,99 @@
+"""The node's slot (flows/slots.py): one GPU job at a time, freed by the kernel when its holders end,
+however they end. A Prefect concurrency limit held it before, and a flow run killed outright left it
+taken for every later run on a temporary server (the flow hung at "waiting for" for good). And
+Ctrl-C of `python -m flows.speedrun` (`make speedrun`) ends it, its stages with it (it retried its
+stages for minutes against the temporary server the same Ctrl-C had ended)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import psutil
+
+from flows import slots
+from tests.support.waiting import end, processes, until
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a flow's task as flows.stages runs one: it holds the slot and starts a stage that inherits it
+HOLDER = textwrap.dedent("""
+    import subprocess, sys, time
+    from flows import slots
+    with slots.node_slot(lambda *a: print(a[0] % a[1:], flush=True)) as fd:
+        stage = subprocess.Popen(["sleep", "120"], pass_fds=(fd,))
+        print("stage", stage.pid, flush=True)
+        time.sleep(120)
+""")
+
+
+def holder(env):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline() for _ in range(3)]
+    assert lines[1].startswith("holding the node's slot") and lines[2].startswith("stage "), lines
+    return proc, psutil.Process(int(lines[2].split()[1]))
+
+
+def free(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return slots.try_lock(fd)
+    finally:
+        os.close(fd)
+
+
+def test_one_holder_at_a_time_and_a_killed_one_frees_the_slot_once_its_stage_ends(tmp_path):
+    path = tmp_path / "node.lock"
+    env = {**os.environ, "NANOCHAT_NODE_LOCK": str(path)}
+    proc, stage = holder(env)
+    assert not free(path)
+    proc.send_signal(signal.SIGKILL)  # the flow process killed outright, its stage orphaned
+    proc.wait()
+    assert not free(path)  # the stage still runs on the GPU: it holds the slot
+    stage.kill()
+    stage.wait()
+    assert free(path)
+
+
+def test_a_waiting_task_takes_the_slot_when_the_holder_ends(tmp_path, monkeypatch):
+    path = tmp_path / "node.lock"
+    monkeypatch.setenv("NANOCHAT_NODE_LOCK", str(path))
+    proc, stage = holder(dict(os.environ))
+    said, held = [], threading.Event()
+
+    def second_task():
+        with slots.node_slot(lambda *a: said.append(a[0] % a[1:])):
+            held.set()
+
+    thread = threading.Thread(target=second_task, daemon=True)
+    thread.start()
+    until(lambda: said, 30, "the second task to wait")
+    assert not held.wait(2 * slots.POLL_SECONDS) and said == [f"waiting for the node's slot {path} (one GPU job at a time on this node)"]
+    for p in (proc, stage):
+        p.kill()
+        p.wait()
+    assert held.wait(10 * slots.POLL_SECONDS) and said[-1] == f"holding the node's slot {path}"
+    thread.join(10)
+
+
+def test_ctrl_c_of_make_speedrun_ends_it_and_its_stages_and_frees_the_slot(shared_data, tmp_path):
+    lock, storage = tmp_path / "node.lock", tmp_path / "storage"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "NANOCHAT_NODE_LOCK": str(lock), "OMP_NUM_THREADS": "1",
+           "NANOCHAT_FAULT": "base_train:hang", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # its own temporary server, as `make speedrun` starts
+    log = tmp_path / "speedrun.log"
+    cmd = [sys.executable, "-m", "flows.speedrun", "--preset", "tiny", "--run", "r", "--storage", str(storage),
+           "--data-mirror", str(shared_data)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        until(lambda: "holding the node's slot" in log.read_text() and processes(f"{storage}/runs/r --preset tiny"), 240,
+              "base_train to start, holding the slot", procs=[proc])
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        assert proc.wait(60) == 128 + signal.SIGINT
+    finally:
+        end(proc)
+    assert "SIGINT: stopping; finished stages are kept, and the same command resumes the rest" in log.read_text()
+    assert not processes(str(storage)) and free(lock)
+    assert (storage / "runs" / "r" / "tok_train" / "stage.json").exists()  # kept
