@@ -73,6 +73,13 @@ def options(overrides, negatable=()):
 
 
 @functools.cache
+def option_names(module):
+    """The options of stage program `module` that an override may set, by name (--num-steps is
+    num_steps); the run, preset and storage are the flow's own."""
+    parser = importlib.import_module(f"nanochat.stages.{module}").build_parser()
+    return frozenset(a.dest for a in parser._actions if a.option_strings) - {"help", "run", "preset", "storage"}
+
+
 def negatable_options(module):
     """The --no-<name> options of stage program `module` (its argparse BooleanOptionalActions)."""
     parser = importlib.import_module(f"nanochat.stages.{module}").build_parser()

@@ -36,14 +36,19 @@ RUN_RECORD = "run.json"  # what the speedrun flow ran the run with: the stage fl
 
 
 def run_spec(preset, run_name, storage_root, data_mirror, nproc_per_node, nnodes, overrides):
-    """The run's RunSpec; an unknown preset or an override for a stage the pipeline lacks is a
-    ValueError before anything runs or is recorded (a typo would otherwise fail every stage's cache
-    key, or be ignored)."""
+    """The run's RunSpec; an unknown preset, an override for a stage the pipeline lacks or of an
+    option the stage lacks is a ValueError before anything runs or is recorded (a typo would
+    otherwise fail every stage's cache key or its stage, or be ignored)."""
     if preset not in presets.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(sorted(presets.PRESETS))}")
     if unknown := sorted(set(overrides or {}) - set(pipeline.STAGES)):
         raise ValueError(f"overrides for {', '.join(map(repr, unknown))}, which the pipeline has no stage of; its stages: "
                          f"{', '.join(pipeline.STAGES)}")
+    for name, options in (overrides or {}).items():  # a misspelt option failed the stage, after those before it
+        known = launch.option_names(pipeline.STAGES[name].module)
+        if unknown := sorted(set(options) - known):
+            raise ValueError(f"overrides for {name}: it has no option {', '.join(map(repr, unknown))}; its options: "
+                             f"{', '.join(sorted(known))}")
     root = nanochat.storage.storage_root(storage_root)
     return launch.RunSpec(run=nanochat.storage.run_uri(run_name or f"speedrun-{preset}", root), preset=preset,
                           storage=root, data_mirror=data_mirror, nproc_per_node=nproc_per_node or default_nproc(preset),

@@ -33,6 +33,10 @@ def test_an_unknown_preset_or_override_stage_is_refused_before_anything_runs(tmp
         run_spec("nosuch", "r", str(tmp_path), None, None, 1, {})
     with pytest.raises(ValueError, match="overrides for 'base_trian', which the pipeline has no stage of"):
         run_spec("tiny", "r", str(tmp_path), None, None, 1, {"base_trian": {"num_steps": 1}})
+    for misspelt in ("num_stepz", "run"):  # (the run is the flow's own)
+        with pytest.raises(ValueError, match=f"^overrides for base_train: it has no option '{misspelt}'; its options: .*, num_steps, "):
+            run_spec("tiny", "r", str(tmp_path), None, None, 1, {"base_train": {"num_steps": 1, misspelt: 12}})
+    run_spec("tiny", "r", str(tmp_path), None, None, 1, {"base_train": {"num_steps": 1, "value_embeds": False}})
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--preset", "nosuch"])
     assert not list(tmp_path.iterdir())  # nothing recorded
