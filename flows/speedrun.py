@@ -221,13 +221,17 @@ def speedrun(preset: str = "tiny", run_name: str | None = None, storage: str | N
 def plan(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrides, only, identity, identity_weight,
          stage_deployments, skip):
     """(the run's RunSpec, the stages to run), or what the flow refuses before any stage runs, as a
-    ValueError or PipelineError: storage other machines cannot reach, an identity file that is not
+    ValueError or PipelineError: storage this machine or others cannot reach, an identity file that is not
     there (mid_train would find out after base_train), an unknown preset or override, stages that
     `only` and `skip` cannot select, a skip the run's finished stages contradict."""
     check_storage(storage, nnodes, stage_deployments)
     if identity and not nanochat.storage.exists(identity):
         raise ValueError(f"identity {identity}: no such file (your conversations for mid_train and chat_sft)")
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, with_identity(overrides, identity, identity_weight))
+    try:  # (a bucket without credentials was a traceback of some 200 lines)
+        nanochat.storage.exists(nanochat.storage.join(spec.run, RUN_RECORD))
+    except Exception as e:  # noqa: BLE001 - whatever the filesystem raises, the run cannot use it
+        raise ValueError(f"storage {nanochat.storage.redact(spec.storage)}: cannot reach it ({type(e).__name__}: {e})") from None
     # imported stages are done and need nothing
     selected = pipeline.select(only, skip, done=imported_stages(spec.run))
     check_skip(spec.run, skip)

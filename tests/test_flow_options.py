@@ -73,6 +73,22 @@ def test_the_command_refuses_in_one_line_before_a_prefect_server_starts(tmp_path
     assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == ["mid_train"]  # no run.json recorded
 
 
+def test_storage_it_cannot_reach_is_one_line_before_anything_runs(s3_endpoint, tmp_path, monkeypatch):
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(SystemExit) as refused:
+        main(["--preset", "tiny", "--run", "r", "--storage", "s3://bucket/x"])
+    assert refused.value.code.startswith("python -m flows.speedrun: storage s3://bucket/x: cannot reach it (NoCredentialsError")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_the_flow_clears_a_stage_folder_of_other_work_before_it_runs(tmp_path):
     """A finished stage asked for other work (an override changed, or what its upstream stage made) is
     trained again from nothing: its folder, whose checkpoints it would otherwise resume and train
