@@ -80,6 +80,7 @@ def option_names(module):
     return frozenset(a.dest for a in parser._actions if a.option_strings) - {"help", "run", "preset", "storage"}
 
 
+@functools.cache
 def negatable_options(module):
     """The --no-<name> options of stage program `module` (its argparse BooleanOptionalActions)."""
     parser = importlib.import_module(f"nanochat.stages.{module}").build_parser()
