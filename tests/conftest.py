@@ -26,7 +26,7 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # this process is a pytest
 # Each pytest process is a node of its own to flows/slots.py, as it has a Prefect server of its own:
 # the flows of two workers take no turns with each other, nor with GPU jobs of this machine.
 NODE_LOCK = Path(tempfile.gettempdir()) / f"nanochat-node-test-{os.getpid()}.lock"
-os.environ.setdefault("NANOCHAT_NODE_LOCK", str(NODE_LOCK))
+os.environ["NANOCHAT_NODE_LOCK"] = str(NODE_LOCK)  # (not the xdist controller's, which its workers inherit)
 
 
 def pytest_unconfigure(config):
