@@ -29,7 +29,10 @@ def node_slot(log):
     """Holds this node's slot for the block, waiting for it if taken; yields the lock's file
     descriptor, for the stage's processes to inherit (launch's `keep_fds`)."""
     path = lock_path()
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's lock file serves too
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's lock file serves too
+    except OSError as e:
+        raise OSError(f"the node's slot {path}: {e.strerror} (NANOCHAT_NODE_LOCK names the lock file)") from None
     try:
         with contextlib.suppress(PermissionError):  # runs of other users on the node take turns as well
             os.fchmod(fd, 0o666)

@@ -12,6 +12,7 @@ import textwrap
 import threading
 
 import psutil
+import pytest
 
 from flows import slots
 from tests.support.waiting import end, processes, until
@@ -97,3 +98,11 @@ def test_ctrl_c_of_make_speedrun_ends_it_and_its_stages_and_frees_the_slot(share
     assert "SIGINT: stopping; finished stages are kept, and the same command resumes the rest" in log.read_text()
     assert not processes(str(storage)) and free(lock)
     assert (storage / "runs" / "r" / "tok_train" / "stage.json").exists()  # kept
+
+
+def test_a_lock_file_that_cannot_be_made_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_NODE_LOCK", str(tmp_path / "no-such-folder" / "node.lock"))
+    with pytest.raises(OSError, match=f"^the node's slot {tmp_path}/no-such-folder/node.lock: No such file or directory "
+                                      r"\(NANOCHAT_NODE_LOCK names the lock file\)$"):
+        with slots.node_slot(print):
+            pass
