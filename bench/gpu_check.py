@@ -182,7 +182,7 @@ def stage(setup, module, run, *options, fault=None):
     return done
 
 
-def training_options(setup):
+def base_train_options(setup):
     """base_train's options for `setup`'s device and batch: rows of the preset's context, in passes."""
     rows, passes = setup.scale.rows, setup.scale.passes
     return ["--data", str(setup.workdir / "data"), "--device-type", setup.device, "--device-batch-size", str(rows),
@@ -206,7 +206,7 @@ def check_training(setup, run, options):
     """base_train with `options` in `run`, and what it recorded checked; its figures."""
     from nanochat import storage
 
-    done = stage(setup, "base_train", run, *training_options(setup), "--num-steps", str(setup.scale.steps), *options)
+    done = stage(setup, "base_train", run, *base_train_options(setup), "--num-steps", str(setup.scale.steps), *options)
     summary = json.loads((run / "base_train" / "stage.json").read_text())
     records = [json.loads(line) for line in (run / "base_train" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -243,7 +243,7 @@ def resumed_training(setup):
     small model in bf16: the resume is what is checked, not the size."""
     run = setup.workdir / "resumed"
     shutil.copytree(setup.workdir / "tokenizer", run)
-    options = [*training_options(setup), "--depth", str(setup.scale.small_depth), "--num-steps", "4", "--checkpoint-every", "2",
+    options = [*base_train_options(setup), "--depth", str(setup.scale.small_depth), "--num-steps", "4", "--checkpoint-every", "2",
                "--dtype", "bfloat16", "--no-compile", "--no-fp8"]
     stage(setup, "base_train", run, *options, fault="base_train:2")
     done = stage(setup, "base_train", run, *options)
@@ -635,9 +635,9 @@ def child(key, setup):
         outcome = {"result": "FAIL", "why": str(e)}
     except Exception as e:  # a bug or a device error: its traceback's end says where
         outcome = {"result": "FAIL", "why": f"{type(e).__name__}: {e} at {''.join(traceback.format_tb(e.__traceback__)[-2:])}"}
-    path = setup.workdir / f"{key}.result.json"
-    path.with_suffix(".tmp").write_text(json.dumps(outcome))
-    path.with_suffix(".tmp").rename(path)
+    from nanochat import storage
+
+    storage.write_json(str(setup.workdir / f"{key}.result.json"), outcome)  # whole, or not there
 
 
 def print_row(row):

@@ -12,7 +12,6 @@ one resumes from its checkpoints.
 """
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
@@ -228,12 +227,11 @@ def plan(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrid
     if identity and not nanochat.storage.exists(identity):
         raise ValueError(f"identity {identity}: no such file (your conversations for mid_train and chat_sft)")
     spec = run_spec(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, with_identity(overrides, identity, identity_weight))
-    try:  # (a bucket without credentials was a traceback of some 200 lines)
-        nanochat.storage.exists(nanochat.storage.join(spec.run, RUN_RECORD))
+    try:  # the run's first read of its storage (a bucket without credentials was a traceback of some 200 lines)
+        imported = imported_stages(spec.run)
     except Exception as e:  # noqa: BLE001 - whatever the filesystem raises, the run cannot use it
         raise ValueError(f"storage {nanochat.storage.redact(spec.storage)}: cannot reach it ({type(e).__name__}: {e})") from None
-    # imported stages are done and need nothing
-    selected = pipeline.select(only, skip, done=imported_stages(spec.run))
+    selected = pipeline.select(only, skip, done=imported)  # imported stages are done and need nothing
     check_skip(spec.run, skip)
     return spec, selected
 
@@ -308,13 +306,7 @@ def stop_on_interrupt(signum, frame):
     that the same Ctrl-C ended. Finished stages are kept, and the same command resumes the rest."""
     print(f"\npython -m flows.speedrun: {signal.Signals(signum).name}: stopping; finished stages are kept, and the same "
           "command resumes the rest", file=sys.stderr, flush=True)
-    children = psutil.Process().children(recursive=True)  # the stages (torchrun and its workers), the server
-    for p in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    for p in psutil.wait_procs(children, timeout=10)[1]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+    launch.kill_tree(psutil.Process().children(recursive=True), grace=10)  # the stages (torchrun, its workers), the server
     os._exit(128 + signum)
 
 

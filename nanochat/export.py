@@ -53,18 +53,14 @@ def build_parser():
     return p
 
 
-def generation_config(tokenizer, remote, generation, context):
+def generation_config(tokenizer, remote, generation):
     """generation_config.json: the model's generation config (`generation`, which `nanochat chat` and
-    `nanochat serve` use) as transformers reads it (hf.export_generation), stopping where our engine
-    stops: at an end token, and after at most `context` new tokens (our engine stops at the model's
-    context; transformers' generate would go on past the positions the model was trained on)."""
+    `nanochat serve` use) as transformers reads it (hf.export_generation), stopping where our engine stops."""
     from nanochat import hf
 
     ids = tokenizer.special_ids
-    sampling = hf.export_generation(generation)
     return {"bos_token_id": ids["<|bos|>"], "eos_token_id": [ids["<|assistant_end|>"], ids["<|bos|>"]],
-            "pad_token_id": ids["<|assistant_end|>"], **sampling,
-            "max_new_tokens": min(sampling["max_new_tokens"], context), "use_cache": not remote}
+            "pad_token_id": ids["<|assistant_end|>"], **hf.export_generation(generation), "use_cache": not remote}
 
 
 def model_card(config, provenance, metrics, remote, generation):
@@ -98,8 +94,8 @@ def model_card(config, provenance, metrics, remote, generation):
         "`tokenizer(text)` starts with `<|bos|>`, as the training documents did; the chat template adds its own.", "",
         "## Differences from `nanochat chat`", "",
         f"- generation_config.json has its temperature ({generation['temperature']}), top-k ({generation['top_k'] or 'off'}) "
-        f"and maximum new tokens ({min(generation['max_tokens'], config.sequence_len)}: at most the model's context, "
-        f"{config.sequence_len} tokens, where `nanochat chat` stops). Its frequency penalty "
+        f"and maximum new tokens ({generation['max_tokens']}: at most the model's context, {config.sequence_len} tokens, "
+        "where `nanochat chat` stops). Its frequency penalty "
         f"({generation['frequency_penalty']}, subtracted from a token's "
         "logit per earlier occurrence) has no transformers equivalent (repetition_penalty is multiplicative): it is "
         "only in nanochat.json.",
@@ -124,14 +120,17 @@ def write_model_dir(directory, model_state, config, tokenizer, provenance=None, 
     from nanochat import hf, hf_tokenizer
     from nanochat.common import code_version
 
-    provenance, generation = dict(provenance or {}), generation or chat.GENERATION
+    provenance, generation = dict(provenance or {}), dict(generation or chat.GENERATION)
+    # at most the context's new tokens: our engine stops there, transformers' generate would go on
+    # past the positions the model was trained on
+    generation["max_tokens"] = min(generation["max_tokens"], config.sequence_len)
     remote = not hf.native(config)
     tensors = hf.export_state(model_state, config, getattr(torch, dtype))
     with open(os.path.join(directory, "model.safetensors"), "wb") as f:  # save_file would make it 0600 whatever the umask
         f.write(save(tensors, metadata={"format": "pt"}))
     files = {
         "config.json": hf.hf_config(config, tokenizer, getattr(torch, dtype)),
-        "generation_config.json": generation_config(tokenizer, remote, generation, config.sequence_len),
+        "generation_config.json": generation_config(tokenizer, remote, generation),
         "tokenizer.json": hf_tokenizer.tokenizer_json(tokenizer),
         "tokenizer_config.json": hf_tokenizer.tokenizer_config(config.sequence_len),
         "nanochat.json": {"format": FORMAT, **provenance, "model_config": provenance.get("model_config") or dataclasses.asdict(config),
