@@ -6,7 +6,6 @@ NANOCHAT_CPU_FASTPATHS=0 (a server and an oracle on torch's ops, as on a CPU wit
 fast paths)."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from nanochat import cpu
 from nanochat.inference import load_engine
 from nanochat.serve.completions import FIELDS, CompletionRequest
-from tests.support.serving import KEY, assert_openai_error, openai_client, start_server, stop_server
+from tests.support.serving import KEY, assert_openai_error, openai_client, output, start_server, stop_server
 
 pytest_plugins = ["tests.support.serving", "tests.support.cpupaths"]
 
@@ -88,7 +87,7 @@ def test_openai_client_echo_logprobs_equal_our_log_softmax(request, run, fastpat
     else:
         proc, server = request.getfixturevalue("torch_ops_server")
         if not torch.cuda.is_available():  # where the server's model is on the CPU, which the switch is about
-            assert f"CPU fast paths off ({cpu.SWITCH}=0)" in os.pread(proc.log.fileno(), 1 << 24, 0).decode()
+            assert f"CPU fast paths off ({cpu.SWITCH}=0)" in output(proc)
         oracle = oracle_of(run)  # fastpaths set the switch in this process
     client = openai_client(server, api_key=KEY)
     prompt = "The capital of France is"

@@ -24,7 +24,17 @@ from nanochat.serve import LIMITS, build_parser
 from nanochat.serve.app import CHAT_FIELDS, ChatCompletionRequest, parameter_table
 from nanochat.serve.worker import Worker
 from tests.support.resume import edit_meta
-from tests.support.serving import ask, assert_openai_error, chromium_tab, healthy, openai_client, start_server, stop_server, streamed
+from tests.support.serving import (
+    ask,
+    assert_openai_error,
+    chromium_tab,
+    healthy,
+    openai_client,
+    output,
+    start_server,
+    stop_server,
+    streamed,
+)
 from tests.support.waiting import until
 
 pytest_plugins = ["tests.support.serving"]
@@ -291,7 +301,7 @@ def test_metrics_and_access_log(served):
     metrics = until(samples, 30, "/metrics to count the request", done=lambda m: m.get('nanochat_requests_total{status="200"}'))
     assert metrics["nanochat_prompt_tokens_total"] > 0 and metrics["nanochat_completion_tokens_total"] > 0
     assert metrics["nanochat_time_to_first_token_seconds_count"] > 0 and "nanochat_queued_requests" in metrics
-    log = until(lambda: os.pread(proc.log.fileno(), 1 << 24, 0).decode(), 30, "the access log line",
+    log = until(lambda: output(proc), 30, "the access log line",
                 done=lambda text: "POST /v1/chat/completions 200" in text)
     assert secret not in log
 
@@ -341,7 +351,7 @@ def test_full_queue_is_429_and_a_disconnect_cancels(run):
         assert rest[-1] == "data: [DONE]"
         assert sorted(c["index"] for line in rest[:-1] for c in json.loads(line[6:])["choices"] if c["finish_reason"]) == [0]
         assert proc.wait(timeout=60) == -signal.SIGTERM  # uvicorn raises the signal again once it has shut down
-        assert "SIGTERM: taking no new requests; 1 in progress" in os.pread(proc.log.fileno(), 1 << 24, 0).decode()
+        assert "SIGTERM: taking no new requests; 1 in progress" in output(proc)
     finally:
         stop_server(proc)
 
@@ -380,7 +390,7 @@ def test_sigterm_ends_what_would_outlast_the_shutdown_deadline_whole(run):
             reasons += ends.values()
         assert reasons.count("length") >= 3 * 8  # the queued requests at least were cut
         assert proc.wait(timeout=60) == -signal.SIGTERM
-        assert "timeout graceful shutdown exceeded" not in os.pread(proc.log.fileno(), 1 << 24, 0).decode()
+        assert "timeout graceful shutdown exceeded" not in output(proc)
     finally:
         stop_server(proc)
 

@@ -11,9 +11,8 @@ import pytest
 
 from flows import launch
 from tests.support import serving, waiting
-from tests.support.s3server import free_port
 
-# A stand-in that never listens, never writes a port file, never ends: it sleeps, and so does its child.
+# A stand-in that never names a port, never listens, never writes a port file, never ends: it sleeps, and so does its child.
 NEVER = "sleep 600 & exec sleep 600"
 
 
@@ -30,17 +29,23 @@ def left(tag):
     return [p for p in launch.tagged(tag) if p.pid != os.getpid()]
 
 
+def test_a_server_that_never_names_its_port_is_ended_with_an_error(tag):
+    with pytest.raises(RuntimeError, match=r"waited 0.5 s for the server to name its port"):
+        serving.start_listening(["sh", "-c", NEVER], dict(os.environ), timeout=0.5)
+    assert left(tag) == []
+
+
 def test_a_server_that_never_answers_is_ended_with_an_error(tag):
-    port = free_port()
-    with pytest.raises(RuntimeError, match=rf"waited 0.5 s for http://127.0.0.1:{port}/health to answer 200"):
-        serving.start_listening(["sh", "-c", NEVER], port, dict(os.environ), timeout=0.5)
+    names_port_1 = f"echo 'nanochat: serving /a/model on http://127.0.0.1:1 (no API key)'; {NEVER}"  # nothing listens on port 1
+    with pytest.raises(RuntimeError, match=r"waited [0-9.]+ s for http://127.0.0.1:1/health to answer 200"):
+        serving.start_listening(["sh", "-c", names_port_1], dict(os.environ), timeout=2)
     assert left(tag) == []
 
 
 def test_a_server_that_exits_is_an_error_with_its_output(tag):
     crash = [sys.executable, "-c", "import sys; sys.exit('no model here')"]
-    with pytest.raises(RuntimeError, match="exited \\(1\\) while waiting for .*/health.*\n.*no model here"):
-        serving.start_listening(crash, free_port(), dict(os.environ), timeout=60)
+    with pytest.raises(RuntimeError, match="exited \\(1\\) while waiting for the server to name its port.*\n.*no model here"):
+        serving.start_listening(crash, dict(os.environ), timeout=60)
     assert left(tag) == []
 
 

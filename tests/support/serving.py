@@ -7,6 +7,7 @@ modules also import it, before pytest could rewrite its asserts: PYTEST_DONT_REW
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,12 +19,12 @@ import openai
 import pytest
 
 from nanochat.serve.worker import STEP_DELAY
-from tests.support.s3server import free_port
 from tests.support.stagerun import missing
 from tests.support.waiting import end, until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "sk-test-0123456789"  # the API key of the servers that need one
+SERVING_ON = re.compile(r"^nanochat: serving .+ on http://\S+:(\d+) ", re.MULTILINE)  # the line naming the port
 SLOW_STEP, SLOW_MAX_SECONDS = 0.1, 5  # slow_server's: 50 tokens, at most, before a request is cut
 
 
@@ -45,32 +46,41 @@ def slow_server(run):
 
 
 def start_server(run, *options, env=None, timeout=120):
-    """`nanochat serve` on a free port of 127.0.0.1, once it answers: (process, base URL)."""
+    """`nanochat serve` on 127.0.0.1, once it answers: (process, base URL). It binds a free port
+    itself (--port 0) and names it: a port picked here first could be taken by another process (the
+    other test worker's server, say) before the server binds it, or answer in its place."""
     storage, name = run
-    port = free_port()
-    cmd = [sys.executable, "-m", "nanochat.cli", "serve", "--run", name, "--port", str(port), *options]
-    return start_listening(cmd, port, {**os.environ, "NANOCHAT_STORAGE": str(storage), **(env or {})}, timeout)
+    cmd = [sys.executable, "-m", "nanochat.cli", "serve", "--run", name, "--port", "0", *options]
+    return start_listening(cmd, {**os.environ, "NANOCHAT_STORAGE": str(storage), **(env or {})}, timeout)
 
 
-def start_listening(cmd, port, env, timeout):
-    """Starts a server and waits until GET /health on 127.0.0.1:`port` answers 200: (process, base
-    URL). Its output goes to a file (`proc.log`): a pipe nobody reads would stall the server once
-    full. A server that exits first, or does not answer within `timeout` s, is ended and the error
-    carries its output."""
+def start_listening(cmd, env, timeout):
+    """Starts a server, reads the port it names ("nanochat: serving ... on http://HOST:PORT", as
+    `nanochat serve` says) and waits until GET /health on 127.0.0.1:PORT answers 200: (process,
+    base URL). Its output goes to a file (`proc.log`, read with `output`): a pipe nobody reads would
+    stall the server once full. A server that exits first, or does not answer within `timeout` s, is
+    ended and the error carries its output."""
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log
-    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
     try:
-        until(lambda: healthy(url), timeout, f"{url}/health to answer 200", procs=[proc])
+        port = until(lambda: SERVING_ON.search(output(proc)), timeout, "the server to name its port", procs=[proc]).group(1)
+        url = f"http://127.0.0.1:{port}"
+        until(lambda: healthy(url), max(0.0, deadline - time.monotonic()), f"{url}/health to answer 200", procs=[proc])
     except BaseException as e:
-        log.seek(0)
-        output = log.read()
+        text = output(proc)
         stop_server(proc)
         if not isinstance(e, Exception):  # pytest-timeout, Ctrl-C
             raise
-        raise RuntimeError(f"{e}; the server's output:\n{output[-3000:]}") from e
+        raise RuntimeError(f"{e}; the server's output:\n{text[-3000:]}") from e
     return proc, url
+
+
+def output(proc):
+    """What a server of start_listening has written so far. Read at an offset, as the server's own
+    writes move the file's shared position: a seek here would make the server write over its log."""
+    return os.pread(proc.log.fileno(), 1 << 24, 0).decode(errors="replace")
 
 
 def healthy(url):
