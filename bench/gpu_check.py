@@ -64,7 +64,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -500,12 +499,6 @@ def flash_attention_calls(model, context, function="attention"):
     return len(calls)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def health(url):
     try:
         with urllib.request.urlopen(url + "/health", timeout=5) as response:
@@ -521,18 +514,19 @@ def serving(setup, timeout=180):
         import openai
     except ImportError:
         raise CheckFailed("the openai package is missing (pip install -e '.[dev]')") from None
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.TemporaryFile("w+") as log:  # it binds a free port (--port 0) and names it: "serving ... on http://HOST:PORT"
         server = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", str(setup.workdir / SERVED_RUN),
-                                   "--source", "base", "--port", str(port)],
+                                   "--source", "base", "--port", "0"],
                                   stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         try:
-            deadline = time.monotonic() + timeout
-            while (status := health(url)) is None:
+            deadline, url = time.monotonic() + timeout, None
+            while not (status := url and health(url)):
+                output = os.pread(log.fileno(), 1 << 20, 0).decode(errors="replace")  # (a seek would move the server's writes)
+                if url is None and (named := re.search(r"^nanochat: serving .+ on http://\S+:(\d+) ", output, re.MULTILINE)):
+                    url = f"http://127.0.0.1:{named.group(1)}"
+                    continue
                 if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise CheckFailed(f"the server did not answer /health within {timeout} s: {log.read()[-1500:]}")
+                    raise CheckFailed(f"the server did not answer /health within {timeout} s: {output[-1500:]}")
                 time.sleep(0.5)
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
             messages = [{"role": "user", "content": "Why is the sky blue?"}]
