@@ -22,7 +22,7 @@ import pytest
 from nanochat.chat import GENERATION
 from nanochat.serve import LIMITS, build_parser
 from nanochat.serve.app import CHAT_FIELDS, ChatCompletionRequest, parameter_table
-from nanochat.serve.worker import Worker
+from nanochat.serve.worker import STEP_DELAY, Worker
 from tests.support.resume import edit_meta
 from tests.support.serving import (
     ask,
@@ -359,8 +359,10 @@ def test_full_queue_is_429_and_a_disconnect_cancels(run):
 def test_sigterm_ends_what_would_outlast_the_shutdown_deadline_whole(run):
     """Requests still decoding (or queued) as --shutdown-timeout runs out end a little before it, as
     --max-seconds ends them: every choice with finish_reason "length", every stream with [DONE],
-    the process exiting instead of waiting for them, and nothing left for uvicorn to cancel."""
-    proc, url = start_server(run, "--one-at-a-time", "--max-pending", "4", "--shutdown-timeout", "2")
+    the process exiting instead of waiting for them, and nothing left for uvicorn to cancel. Each
+    engine step sleeps (the worker's test-only delay), so that the answers, a context each, would
+    take seconds longer than the deadline on any machine."""
+    proc, url = start_server(run, "--one-at-a-time", "--max-pending", "4", "--shutdown-timeout", "2", env={STEP_DELAY: "0.05"})
     body = {"messages": [{"role": "user", "content": "Go on forever."}], "n": 8, "max_tokens": 512, "stream": True,
             "frequency_penalty": 0}
     started = threading.Barrier(5, timeout=60)  # the four streams' first lines, and the signal
