@@ -5,7 +5,8 @@ them, never share its accelerators; CPU-only stages (download, the tokenizer's, 
 beside them. A node is what shares the temporary directory: a machine, or a container.
 
 The kernel frees the lock once no process holds it: a flow run killed outright (Ctrl-C, SIGKILL, a
-lost worker) frees it, and the stage's processes, which inherit it, keep it while they still run.
+lost worker) frees it, but the stage it started, whose launcher (torchrun, which waits for its
+workers) inherits it, keeps it while it still runs.
 (A Prefect global concurrency limit held the slot before: a killed run left it taken for good, as
 a temporary server never revokes an expired lease.) NANOCHAT_NODE_LOCK names another lock file.
 """

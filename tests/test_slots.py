@@ -4,6 +4,7 @@ taken for every later run on a temporary server (the flow hung at "waiting for" 
 Ctrl-C of `python -m flows.speedrun` (`make speedrun`) ends it, its stages with it (it retried its
 stages for minutes against the temporary server the same Ctrl-C had ended)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,7 +79,9 @@ def test_a_waiting_task_takes_the_slot_when_the_holder_ends(tmp_path, monkeypatc
     thread.join(10)
 
 
-def test_ctrl_c_of_make_speedrun_ends_it_and_its_stages_and_frees_the_slot(shared_data, tmp_path):
+def speedrun_in_base_train(shared_data, tmp_path):
+    """`python -m flows.speedrun` (what `make speedrun` runs) on the tiny preset, in a session of its
+    own, once base_train (hanging by an injected fault) holds the slot: (process, lock file, storage, log)."""
     lock, storage = tmp_path / "node.lock", tmp_path / "storage"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "NANOCHAT_NODE_LOCK": str(lock), "OMP_NUM_THREADS": "1",
            "NANOCHAT_FAULT": "base_train:hang", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -91,6 +94,15 @@ def test_ctrl_c_of_make_speedrun_ends_it_and_its_stages_and_frees_the_slot(share
     try:
         until(lambda: "holding the node's slot" in log.read_text() and processes(f"{storage}/runs/r --preset tiny"), 240,
               "base_train to start, holding the slot", procs=[proc])
+    except BaseException:
+        end(proc)
+        raise
+    return proc, lock, storage, log
+
+
+def test_ctrl_c_of_make_speedrun_ends_it_and_its_stages_and_frees_the_slot(shared_data, tmp_path):
+    proc, lock, storage, log = speedrun_in_base_train(shared_data, tmp_path)
+    try:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
         assert proc.wait(60) == 128 + signal.SIGINT
     finally:
@@ -98,6 +110,23 @@ def test_ctrl_c_of_make_speedrun_ends_it_and_its_stages_and_frees_the_slot(share
     assert "SIGINT: stopping; finished stages are kept, and the same command resumes the rest" in log.read_text()
     assert not processes(str(storage)) and free(lock)
     assert (storage / "runs" / "r" / "tok_train" / "stage.json").exists()  # kept
+
+
+def test_a_flow_killed_outright_leaves_the_slot_to_its_stage_until_the_stage_ends(shared_data, tmp_path):
+    """SIGKILL of the flow's process alone (the OOM killer, a lost worker): base_train's torchrun,
+    started by flows.stages with the slot's descriptor, runs on and holds the slot while it does."""
+    proc, lock, storage, _ = speedrun_in_base_train(shared_data, tmp_path)
+    try:
+        proc.kill()
+        proc.wait()
+        assert processes(f"{storage}/runs/r --preset tiny") and not free(lock)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of its group: torchrun, the temporary Prefect server
+        for p in processes(str(storage)):  # torchrun's workers, in sessions of their own
+            p.kill()
+    until(lambda: not processes(str(storage)), 30, "the stage's processes to end")
+    assert free(lock)
 
 
 def test_a_lock_file_that_cannot_be_made_is_named(tmp_path, monkeypatch):
