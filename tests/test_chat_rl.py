@@ -3,6 +3,7 @@ one of a set that starts out with about a third of the model's probability. Kill
 started again, it ends in the uninterrupted run's state. Its metrics count the sampled tokens it
 trained on and keep sampling time apart; it samples under the training autocast."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,9 +14,10 @@ import torch
 
 from nanochat import checkpoint, gpt
 from nanochat import stage as contract
-from nanochat.engine import Engine
-from nanochat.rollouts import sampled_mask
+from nanochat.engine import Engine, SamplingParams
+from nanochat.rollouts import Rollouts, sampled_mask
 from nanochat.stages import chat_rl
+from nanochat.tokenizer import Tokenizer
 from tasks.common import Task
 from tests.support.resume import assert_same_final_checkpoint, final_checkpoint, kill_after_checkpoint
 from tests.support.stagerun import stage
@@ -61,6 +63,35 @@ def step_losses(run):
 def test_sampled_mask_leaves_out_tool_output():
     # 5 = <|output_start|>, 6 = <|output_end|>: what lies between was forced, not sampled
     assert sampled_mask([1, 2, 5, 3, 4, 6, 7], 5, 6) == [1, 1, 0, 0, 0, 0, 1]
+
+
+class Lengths(Vowel):
+    """An answer's reward is its length in characters (one question's samples get different rewards),
+    each one kept in `given`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.given = []
+
+    def reward(self, conversation, completion):
+        self.given.append(float(len(completion)))
+        return self.given[-1]
+
+
+def test_advantages_are_the_rewards_less_their_questions_mean():
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)})
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    task = Lengths()
+    rollouts = Rollouts(Engine(model.eval(), tokenizer, max_len=64), tokenizer, task, SamplingParams(max_tokens=8), num_samples=6,
+                        rank=0, world_size=1, device=torch.device("cpu"), seed=0, autocast=contextlib.nullcontext)
+    _, _, advantages = next(rollouts)
+    rewards = torch.tensor(task.given)
+    assert len(rewards) == 6 and len(set(task.given)) > 1, task.given
+    assert torch.allclose(advantages, rewards - rewards.mean())
 
 
 @pytest.fixture(scope="module")

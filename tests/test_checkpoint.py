@@ -94,6 +94,26 @@ def test_retention_keeps_last_n(tmp_path):
     assert checkpoint.list_steps(root) == [(3, True), (4, True)]
 
 
+
+def test_a_prune_cut_short_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    """Pruning deletes a checkpoint's manifest first: when deleting the rest fails (storage gone
+    mid-way), the step is incomplete, never a complete-looking checkpoint with files missing."""
+    root = storage.normalize(str(tmp_path))
+    model, opt = make_model_and_optimizer()
+    for step in (1, 2):
+        save(root, model, opt, step=step)
+    remove = storage.remove
+
+    def fails_on_folders(uri, recursive=False):
+        if recursive:
+            raise OSError(f"{uri}: storage went away")
+        return remove(uri, recursive=recursive)
+
+    monkeypatch.setattr(storage, "remove", fails_on_folders)
+    with pytest.raises(OSError, match="storage went away"):
+        checkpoint.prune(root, keep_last=1)
+    assert checkpoint.list_steps(root) == [(1, False), (2, True)]
+
 def test_manifest_covers_every_file(tmp_path):
     root = storage.normalize(str(tmp_path))
     model, opt = make_model_and_optimizer()

@@ -44,3 +44,15 @@ def test_a_bad_hourly_price_is_an_error_naming_the_variable(tmp_path, monkeypatc
     monkeypatch.setenv("NANOCHAT_HOURLY_USD", "0.5")
     assert report.main(["--run", run]) == 0
     assert "Cost estimate at $0.5/h" in (tmp_path / "run" / report.REPORT).read_text()
+
+
+def test_each_stage_costs_its_wall_time_at_the_hourly_price(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    for name, hours in (("demo", 3), ("other", 1)):
+        stage.commit(run, name, argparse.Namespace(), {}, {}, {"loss": 1.0}, time.time() - hours * 3600)
+    monkeypatch.setenv("NANOCHAT_HOURLY_USD", "0.5")
+    assert report.main(["--run", run]) == 0
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in (tmp_path / "run" / report.REPORT).read_text().splitlines() if line.startswith("| ")]
+    costs = {row[0]: row[3] for row in rows if len(row) == 5}  # the Stages table: stage, finished, wall time, cost, config
+    assert (costs["demo"], costs["other"], costs["total"]) == ("$1.50", "$0.50", "$2.00")

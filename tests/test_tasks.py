@@ -282,6 +282,8 @@ def test_sequence_and_mixture(data):
     got = ids(TaskMixture([a, c], weights=[0.5, 3], seed=1))
     from_a = [i for i in got if i < 30]
     assert len(from_a) == len(set(from_a)) == 15  # a fixed random half of a
+    other_seed = [i for i in ids(TaskMixture([a, c], weights=[0.5, 3], seed=2)) if i < 30]
+    assert sorted(from_a) not in (list(range(15)), sorted(other_seed))  # a random half, the seed's: not the first
     assert sorted(i for i in got if i >= 30) == [30] * 3 + [31] * 3 + [32] * 3
     assert got == ids(TaskMixture([a, c], weights=[0.5, 3], seed=1))
     assert sorted(ids(TaskMixture([a, c, c], seed=4))) == sorted(ids(TaskMixture([a, c], weights=[1, 2], seed=4)))
