@@ -67,9 +67,10 @@ $(VENV)/.dev: $(VENV)/.setup
 	# Chromium for the web UI test (Debian's package), installed when missing.
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
-	# Slurm for the Slurm test (Debian's: slurmctld, slurmd, the client commands, munge), when missing.
-	command -v slurmctld >/dev/null || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends slurm-wlm >/dev/null; }
+	# Slurm for the Slurm test (Debian's: slurmctld, slurmd, the client commands, munge), when missing;
+	# as root only, as that test runs the daemons as root (a normal user's PATH lacks /usr/sbin, where they are).
+	[ "$$(id -u)" != 0 ] || command -v slurmctld >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm >/dev/null; }
 	# The upstream PyPI rustbpe, an oracle for ours: same import name, so it lives apart and
 	# tests drive it in a subprocess.
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/upstream-rustbpe rustbpe==0.1.0 $(QUIET_PIP)

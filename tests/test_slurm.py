@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def cluster(tmp_path):
+    if os.geteuid() != 0:  # (and make dev installs Slurm as root only)
+        missing("the Slurm test runs slurmctld and slurmd as root (as CI does)")
     if not all(shutil.which(name) for name in (*DAEMONS, "sbatch", "srun")):
         missing("Slurm is not installed (make dev installs it: apt-get install slurm-wlm)")
-    if os.geteuid() != 0:
-        missing("the Slurm test runs slurmctld and slurmd as root (as CI does)")
     with slurm_cluster(tmp_path / "slurm") as cluster:
         yield cluster
 
