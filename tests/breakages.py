@@ -297,6 +297,12 @@ BREAKAGES = [
     Breakage("model-qk-scale", "qk_scale scales both queries and keys (the scores by its square)", "nanochat/gpt.py",
              "q, k = q * self.qk_scale, k * self.qk_scale", "q, k = q * self.qk_scale, k",
              ("tests/test_model_options.py::test_each_option_computes_upstreams_formulas",)),
+    Breakage("core-mean-loss", "a CORE choice wins by its mean loss per token, not its total", "nanochat/evaluation/core.py",
+             "losses[i, start - 1:end - 1].mean().item()", "losses[i, start - 1:end - 1].sum().item()",
+             ("tests/test_core_eval.py::test_a_choice_wins_by_its_mean_loss_per_token_not_its_total",)),
+    Breakage("gsm8k-first-marker", "GSM8K reads the number after the completion's first ####", "tasks/common.py",
+             "    m = FINAL_RE.search(text)\n", "    m = ([None, *FINAL_RE.finditer(text)])[-1]\n",
+             ("tests/test_tasks.py::test_gsm8k_number_normalisation",)),
     # order independence and layout
     Breakage("make-test-env", "`make test` and a plain pytest see the same environment", "Makefile",
              "\tenv $(addprefix -u ,$(TEST_UNSET)) $(PY) -m pytest", "\t$(PY) -m pytest", ("tests/test_make_test.py",)),

@@ -71,6 +71,30 @@ def test_choice_scoring_picks_the_lowest_loss(tasks, tiny_tokenizer, label):
             assert core.evaluate_example(model, tiny_tokenizer, task, i, CPU, contextlib.nullcontext, 4096) == (picked == gold)
 
 
+class WrongBy(torch.nn.Module):
+    """A stand-in model wrong everywhere, by a margin of each row's own: its logits put `margins[row]`
+    on a wrong next token, so each token of the row costs about that much loss."""
+
+    def __init__(self, vocab_size, margins):
+        super().__init__()
+        self.vocab_size, self.margins = vocab_size, torch.tensor(margins)
+
+    def forward(self, ids):
+        wrong = (torch.roll(ids, -1, dims=1) + 1) % self.vocab_size
+        return torch.nn.functional.one_hot(wrong, self.vocab_size).float() * self.margins[:, None, None]
+
+
+def test_a_choice_wins_by_its_mean_loss_per_token_not_its_total(tiny_tokenizer):
+    """The long choice costs less per token, the one-token choice less in all: the long one wins (a
+    total would favour short answers, whatever they say)."""
+    choices = ["Red", "a colour between blue and green, like the sea on a clear day"]
+    task = {"type": "multiple_choice", "delimiter": " ", "num_fewshot": 0,
+            "examples": [{"query": "Name a colour.", "choices": choices, "gold": 1}]}
+    short, long = (len(tiny_tokenizer.encode(" " + choice)) for choice in choices)
+    assert 30 * long > 40 * short  # the totals: the short choice would win on them
+    model = WrongBy(tiny_tokenizer.vocab_size, [40.0, 30.0])
+    assert core.evaluate_example(model, tiny_tokenizer, task, 0, CPU, contextlib.nullcontext, 4096)
+
 @pytest.mark.parametrize("label", ["lambada_openai", "jeopardy", "bigbench_operators"])
 def test_language_modeling_needs_exactly_the_continuation(tasks, tiny_tokenizer, label):
     task = tasks[0][label]

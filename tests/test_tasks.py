@@ -163,9 +163,9 @@ def test_gsm8k_evaluate_against_the_dataset(data, split):
 def test_gsm8k_number_normalisation(data):
     task = GSM8K("test")
     conversation = next(c for c in task if c["messages"][1]["content"][-1]["text"].endswith("#### 1000"))
-    for good in ["#### 1,000", "#### 1000.00", "#### $1,000", "#### 1000 dollars", "####1000"]:
+    for good in ["#### 1,000", "#### 1000.00", "#### $1,000", "#### 1000 dollars", "####1000", "#### 1000\n#### 5"]:
         assert task.evaluate(conversation, good), good
-    for bad in ["#### 100", "#### -1000", "#### ", "1000", "#### 10,001"]:
+    for bad in ["#### 100", "#### -1000", "#### ", "1000", "#### 10,001", "#### 5\n#### 1000"]:  # the first #### counts
         assert not task.evaluate(conversation, bad), bad
 
 
