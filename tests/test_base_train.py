@@ -16,7 +16,7 @@ from nanochat import presets, storage
 from nanochat import stage as contract
 from nanochat.checkpoint import load, step_dir
 from nanochat.common import measure_matmul_flops
-from nanochat.optim import polar_dtype
+from nanochat.optim import lr_multiplier, muon_momentum, polar_dtype, weight_decay_multiplier
 from nanochat.stages import base_train as base_train_stage
 from tests.support.resume import TIMES, assert_same_final_checkpoint, edit_meta, final_checkpoint, kill_after_checkpoint
 from tests.support.stagerun import missing, stage
@@ -90,6 +90,23 @@ def test_trains_and_resumes_bit_identical_after_kill_9(trained, run, shared_data
     _, _, meta = load(step_dir(storage.normalize(str(ckpts)), 20), load_optimizer=False)
     assert len(meta["loader_states"]) == 2
 
+
+
+def test_the_presets_schedules_drive_the_optimizer(trained):
+    """The tiny preset's schedules (upstream's 2026 ones), as nanochat.optim defines them, are what the
+    run trained with: each step's LR multiplier (metrics.jsonl), and the Muon groups' momentum and
+    weight decay as the last step set them (the final checkpoint's optimizer state)."""
+    options = presets.get("tiny", "base_train")
+    metrics = [json.loads(line) for line in (trained / "base_train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr_multiplier"] for m in metrics if "loss" in m] == [
+        lr_multiplier(step, 20, options["warmup_steps"], options["warmdown_ratio"], options["final_lr_frac"]) for step in range(20)]
+    _, optimizer, _ = load(step_dir(storage.normalize(str(trained / "base_train" / "checkpoints")), 20))
+    muon = [group for group in optimizer["param_groups"] if group["kind"] == "muon"]
+    momentum = muon_momentum(19, 20, options["momentum_schedule"], options["warmdown_ratio"])
+    decay = weight_decay_multiplier(19, 20, options["weight_decay_schedule"])
+    assert muon and momentum != 0.97 and decay < 0.01  # in the warm-down, near the cosine's end
+    for group in muon:
+        assert group["momentum"] == momentum and group["weight_decay"] == pytest.approx(group["initial_weight_decay"] * decay)
 
 def test_a_checkpoint_from_before_the_running_totals_resumes(trained, run, shared_data):
     """A checkpoint saved before meta.json kept the running totals (commit 24ea7e6 and earlier)

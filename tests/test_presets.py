@@ -11,19 +11,34 @@ from nanochat.stage import StageError, parse_args
 PROCESSES = {"tiny": (1, 2), "cpu": (1, 2), "d20": (8,), "d24": (8,), "d26": (8,), "d32": (8,)}
 
 
-def base_train_horizon(preset):
-    """The base_train horizon of `preset` (its total batch resolved when the preset leaves it to
-    the depth), for a model of the preset's vocabulary."""
+def base_train_model(preset, *options):
+    """(base_train's arguments, its model on the meta device) under `preset` and `options`, for a
+    model of the preset's vocabulary."""
     import torch
 
     from nanochat.gpt import GPT
     from nanochat.stages import base_train
 
-    args = parse_args(base_train.build_parser(), "base_train", ["--run", "/tmp/x", "--preset", preset])
+    args = parse_args(base_train.build_parser(), "base_train", ["--run", "/tmp/x", "--preset", preset, *options])
     vocab = presets.get(preset, "tok_train")["vocab_size"]
     with torch.device("meta"):
-        model = GPT(base_train.model_config(args, vocab))
-    return base_train.training_horizon(args, model)
+        return args, GPT(base_train.model_config(args, vocab))
+
+
+def base_train_horizon(preset, *options):
+    """The base_train horizon of `preset` (its total batch resolved when the preset leaves it to
+    the depth)."""
+    from nanochat.stages import base_train
+
+    return base_train.training_horizon(*base_train_model(preset, *options))
+
+
+def test_a_flops_target_is_the_steps_that_spend_it():
+    """--target-flops F: F / (the model's FLOPs per token x the tokens of a step) steps, rounded."""
+    _, model = base_train_model("d20", "--num-steps", "-1", "--target-flops", "1e19")
+    horizon = base_train_horizon("d20", "--num-steps", "-1", "--target-flops", "1e19")
+    assert horizon.num_steps == round(1e19 / (model.estimate_flops() * horizon.total_batch_size)) > 1
+    assert horizon.num_steps != base_train_horizon("d20").num_steps  # not the preset's ratio
 
 
 @pytest.mark.parametrize("preset", sorted(presets.PRESETS))

@@ -137,11 +137,16 @@ def test_storage_down_fails_naming_the_file_then_comes_back(faulty_root, caplog)
     assert checkpoint.load_latest(faulty_root)[2]["step"] == 2
 
 
-def test_redact():
+def test_redact(monkeypatch):
     assert storage.redact("https://user:pw@host:8/a?X-Amz-Signature=abc&part=1") == \
         "https://***@host:8/a?X-Amz-Signature=***&part=1"
     assert storage.redact({"u": ["s3://k:s@b/p", 3]}) == {"u": ["s3://***@b/p", 3]}
     assert storage.redact("s3://bucket/a@b/c") == "s3://bucket/a@b/c"
+    # the values of secret-looking variables, wherever they appear; short ones would match everywhere
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh123")
+    monkeypatch.setenv("MY_API_KEY", "k3y")
+    monkeypatch.setenv("NANOCHAT_RUN_LABEL", "hf_abcdefgh999")
+    assert storage.redact(["token hf_abcdefgh123 used", "k3y", "hf_abcdefgh999"]) == ["token *** used", "k3y", "hf_abcdefgh999"]
 
 
 def bucket_files(endpoint, bucket):
