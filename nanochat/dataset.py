@@ -90,6 +90,15 @@ class Manifest:
             storage.write_json(self.uri, self._entries)
 
 
+def users_partial_folder():
+    """This user's folder under the temp dir for the partial files of a remote cache (mode 700): one
+    shared by all would belong to whichever user made it first, and the others could not write there."""
+    path = os.path.join(tempfile.gettempdir(), f"nanochat-partial-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_uid != os.getuid():
+        raise DownloadError(f"{path}: the folder for this user's partial downloads belongs to another user")
+    return path
+
 @contextlib.contextmanager
 def _partial_file(data_root, dest, relpath):
     """The local path where `relpath` is assembled, held under an exclusive lock. On a local
@@ -97,8 +106,7 @@ def _partial_file(data_root, dest, relpath):
     cache a stable path under the temp dir, so that a later run still resumes it."""
     local_root = storage.local_path(data_root)
     if local_root is None:
-        key = hashlib.sha256(dest.encode()).hexdigest()[:16]
-        local_root = os.path.join(tempfile.gettempdir(), "nanochat-partial", key)
+        local_root = os.path.join(users_partial_folder(), hashlib.sha256(dest.encode()).hexdigest()[:16])
     path = os.path.join(local_root, ".partial", relpath)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "w") as lock:

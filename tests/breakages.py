@@ -342,6 +342,9 @@ BREAKAGES = [
     Breakage("redact-secret-env", "the values of secret-looking environment variables (HF_TOKEN, ...) are redacted",
              "nanochat/storage.py", "        if len(secret) >= 8 and SECRET_ENV.search(name):", "        if False:",
              ("tests/test_storage_faults.py::test_redact",)),
+    Breakage("partial-per-user", "a remote cache's partial downloads wait in a temp folder of the user's own", "nanochat/dataset.py",
+             'f"nanochat-partial-{os.getuid()}"', '"nanochat-partial"',
+             ("tests/test_download.py::test_a_remote_caches_partial_files_are_in_a_folder_of_the_users_own",)),
     # order independence and layout
     Breakage("make-test-env", "`make test` and a plain pytest see the same environment", "Makefile",
              "\tenv $(addprefix -u ,$(TEST_UNSET)) $(PY) -m pytest", "\t$(PY) -m pytest", ("tests/test_make_test.py",)),

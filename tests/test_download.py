@@ -3,9 +3,13 @@ each ends in a correct file or a clear one-line error, never a corrupt file in t
 
 import hashlib
 import json
+import os
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -226,3 +230,18 @@ def test_a_later_run_resumes_the_partial_file_of_the_same_version_only(server, s
     entry = downloader(tmp_path, server.url).download([SHARD])[0]
     assert server.gets("/" + SHARD) == [("bytes=1000000-", 200, entry["bytes"])]
     assert sha256(tmp_path / "storage" / "data" / SHARD) == sha256(shared_data / SHARD)
+
+
+def test_a_remote_caches_partial_files_are_in_a_folder_of_the_users_own(tmp_path, monkeypatch):
+    """Partial downloads for a remote cache wait in the temp dir, in a folder of this user's own
+    (mode 700); one of that name another user made is refused rather than written into."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"nanochat-partial-{os.getuid()}"
+    with dataset._partial_file("s3://bucket/data", "s3://bucket/data/a.parquet", "a.parquet") as path:
+        assert Path(path).is_relative_to(folder) and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    if os.getuid() != 0:
+        return  # (only root can make a folder that another user owns)
+    os.chown(folder, 65534, 65534)
+    with pytest.raises(dataset.DownloadError, match="belongs to another user"):
+        with dataset._partial_file("s3://bucket/data", "s3://bucket/data/a.parquet", "a.parquet"):
+            pass
