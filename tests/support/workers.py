@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.waiting import end
+from tests.support.waiting import end, until
 
 PREFECT = [sys.executable, "-m", "prefect"]
 POOL_TEMPLATE = Path(__file__).resolve().parents[2] / "deployments" / "gpu-pool.json"
@@ -26,12 +26,17 @@ def deploy(*args, env, cwd):
 
 @contextlib.contextmanager
 def process_worker(pool, env, cwd, log_path):
-    """`prefect worker start --pool POOL` in `cwd`, its output in `log_path`; yields its process, and
-    kills its whole tree at the end."""
+    """`prefect worker start --pool POOL` in `cwd`, its output in `log_path`; yields its process once
+    it says it started (one that exits first is an error with its output: a test would wait for its
+    flow runs for good), and kills its whole tree at the end."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool], env=env, cwd=cwd, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
+            try:
+                until(lambda: "started!" in Path(log_path).read_text(), 120, f"the worker of pool {pool} to start", procs=[proc])
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}:\n{Path(log_path).read_text()[-3000:]}") from None
             yield proc
         finally:
             end(proc)
