@@ -66,6 +66,8 @@ def start_listening(cmd, env, timeout):
     deadline = time.monotonic() + timeout
     try:
         port = until(lambda: SERVING_ON.search(output(proc)), timeout, "the server to name its port", procs=[proc]).group(1)
+        if port == "0":
+            raise RuntimeError("the server named port 0, not the port it took")
         url = f"http://127.0.0.1:{port}"
         until(lambda: healthy(url), max(0.0, deadline - time.monotonic()), f"{url}/health to answer 200", procs=[proc])
     except BaseException as e:
