@@ -187,8 +187,9 @@ def test_forked_sleepers_die_with_the_program(sandbox):
                "def leave():\n    try:\n        os.setsid()\n    except OSError:\n        pass\n"
                "for _ in range(3):\n    if os.fork() == 0:\n        leave()\n        time.sleep(60)\n"
                "print('parent done', flush=True)\nleave()\ntime.sleep(60)")
-    result = sandbox.run(program, timeout=0.5)
-    assert result.stdout == "parent done\n" and result.timed_out and result.error == "timed out after 0.5 s"
+    # 2 s: the program must start and print first (under a busy machine's load, 0.5 s once was too little)
+    result = sandbox.run(program, timeout=2.0)
+    assert result.stdout == "parent done\n" and result.timed_out and result.error == "timed out after 2 s"
     assert result.returncode is None and not result.success  # the fixture then checks that no sleeper survived
 
 
