@@ -514,6 +514,8 @@ def serving(setup, timeout=180):
         import openai
     except ImportError:
         raise CheckFailed("the openai package is missing (pip install -e '.[dev]')") from None
+    from nanochat.serve import SERVING_ON
+
     with tempfile.TemporaryFile("w+") as log:  # it binds a free port (--port 0) and names it: "serving ... on http://HOST:PORT"
         server = subprocess.Popen([sys.executable, "-m", "nanochat.cli", "serve", "--run", str(setup.workdir / SERVED_RUN),
                                    "--source", "base", "--port", "0"],
@@ -522,7 +524,7 @@ def serving(setup, timeout=180):
             deadline, url = time.monotonic() + timeout, None
             while not (status := url and health(url)):
                 output = os.pread(log.fileno(), 1 << 20, 0).decode(errors="replace")  # (a seek would move the server's writes)
-                if url is None and (named := re.search(r"^nanochat: serving .+ on http://\S+:(\d+) ", output, re.MULTILINE)):
+                if url is None and (named := SERVING_ON.search(output)):
                     url = f"http://127.0.0.1:{named.group(1)}"
                     continue
                 if server.poll() is not None or time.monotonic() > deadline:

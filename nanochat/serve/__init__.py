@@ -13,6 +13,7 @@ finish_reason "length"), then exits. Every request is one line of the log (never
 import argparse
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import fields
 
@@ -21,7 +22,9 @@ from nanochat.serve.app import Limits, create_app
 from nanochat.serve.guard import MAX_HEADER_BYTES
 from nanochat.training_options import COUNT, RATE, number
 
-__all__ = ["Limits", "create_app", "main"]
+__all__ = ["Limits", "SERVING_ON", "create_app", "main"]
+# the line main prints once it listens, as a program that started it with --port 0 finds the port: group 1
+SERVING_ON = re.compile(r"^nanochat: serving .+ on http://\S+:(\d+) ", re.MULTILINE)
 LIMITS = [f for f in fields(Limits) if "help" in f.metadata]  # the limits that are options
 
 

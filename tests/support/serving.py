@@ -7,7 +7,6 @@ modules also import it, before pytest could rewrite its asserts: PYTEST_DONT_REW
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,13 +17,13 @@ import httpx
 import openai
 import pytest
 
+from nanochat.serve import SERVING_ON
 from nanochat.serve.worker import STEP_DELAY
 from tests.support.stagerun import missing
 from tests.support.waiting import end, until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "sk-test-0123456789"  # the API key of the servers that need one
-SERVING_ON = re.compile(r"^nanochat: serving .+ on http://\S+:(\d+) ", re.MULTILINE)  # the line naming the port
 SLOW_STEP, SLOW_MAX_SECONDS = 0.1, 5  # slow_server's: 50 tokens, at most, before a request is cut
 
 
