@@ -6,7 +6,8 @@ code are shared with the reference, so it is faster than upstream would be where
 runs the model as `load_engine` serves it (nanochat.inference.prepare): in the dtype the CPU
 multiplies fastest, its query, key and value layers fused, and nanochat.cpu applied (its linear
 layers in the form that dtype multiplies fastest; in fp32 on an AVX2 CPU nanochat's own kernels,
-nanochat/cpu/kernels.c, which also take the soft cap and the engine's argmax).
+nanochat/cpu/kernels.c, on the weights held in bf16, which also take the soft cap and the engine's
+argmax).
 
     python bench/inference.py [--repeats 3]
 
@@ -59,11 +60,15 @@ def synthetic_tokenizer(vocab_size):
 
 def random_model():
     """The d4 model with seeded random weights, its logits trained-like: no early <|assistant_end|>,
-    no near-ties."""
+    no near-ties. Each weight is a bf16 value (kept in fp32), so that every form that holds them
+    multiplies the same weights: fp32 ones, bf16 ones, and the bf16 panels an fp32 model's linear
+    layers take on a CPU without bf16 arithmetic (nanochat.cpu.linears.PanelLinear)."""
     torch.manual_seed(0)
     model = GPT(CONFIG).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.05)
+        for p in model.parameters():
+            p.copy_(p.bfloat16())
     return model
 
 

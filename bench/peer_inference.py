@@ -13,7 +13,11 @@ CPU multiplies bf16 in hardware (AMX or AVX512-BF16), in bf16.
 - ours: nanochat.engine.Engine as `nanochat serve` builds it (nanochat.inference.load_engine): the
   model cast to the dtype, then nanochat.inference.prepare (fused query/key/value layers and
   nanochat.cpu's fast paths: in bf16 nanochat's AMX matmul, RMSNorm, rotary and cap kernels where
-  the CPU has AMX, else oneDNN-packed linear layers; in fp32 nanochat's AVX2 kernels).
+  the CPU has AMX, else oneDNN-packed linear layers; in fp32 nanochat's AVX2 kernels, the linear
+  layers' weights held in bf16 and multiplied in fp32).
+
+The weights are bf16 values (bench/inference.py's random_model), so in fp32 both sides multiply
+the same numbers: transformers holds them in fp32, ours in bf16, half the bytes to read.
 
 The fp32 runs must give the same batch-1 greedy tokens, or the bench fails (a fast wrong answer
 proves nothing); every run reports the share of tokens the two sides agree on (in bf16 they may

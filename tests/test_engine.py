@@ -17,7 +17,7 @@ from nanochat.engine import DRAW_BLOCK, Engine, Request, SamplingOps, SamplingPa
 from nanochat.execution import calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from tests.support.cpupaths import kernels_here
+from tests.support.cpupaths import kernels_here, panel_weights
 
 pytest_plugins = ["tests.support.cpupaths"]
 
@@ -54,8 +54,19 @@ def greedy_uncached(model, prompt, num_tokens, frequency_penalty=0.0, presence_p
     return ids[len(prompt):]
 
 
+def as_multiplied(model, engine):
+    """The model whose uncached decoding the engine's must equal: `model`, or where the engine's
+    model multiplies by PanelLinear (fp32 activations, weights rounded to bf16: every linear layer,
+    checked) a copy with those weights rounded."""
+    served = list(engine.model.modules())
+    if not any(isinstance(m, PanelLinear) for m in served):
+        return model
+    assert not any(isinstance(m, torch.nn.Linear) for m in served)
+    return panel_weights(model)
+
+
 def assert_matches_oracle(model, engine, request, max_tokens):
-    expected = greedy_uncached(model, request.prompt_ids, max_tokens)
+    expected = greedy_uncached(as_multiplied(model, engine), request.prompt_ids, max_tokens)
     for completion in request.completions:
         got = completion.token_ids
         assert got == expected[:len(got)]
@@ -63,7 +74,8 @@ def assert_matches_oracle(model, engine, request, max_tokens):
 
 
 # The model as trained ("plain"); fused, with its linear layers in one of the CPU's forms ("packed" for
-# oneDNN, "panel" for nanochat's kernel); and as load_engine serves it on CPU (inference.prepare),
+# oneDNN, "panel" for nanochat's kernel, whose bf16 weights as_multiplied gives the oracle); and as
+# load_engine serves it on CPU (inference.prepare),
 # with nanochat.cpu's fast paths (the form this machine's dtype takes, the CPU hooks and sampling ops)
 # and with NANOCHAT_CPU_FASTPATHS=0 (fused on torch's ops: as a CPU without them, or a GPU, serves it).
 # Only "served" reads the switch, so only it runs both ways.
@@ -381,9 +393,10 @@ def test_logprobs_are_the_log_softmax_of_the_capped_logits(model, tokenizer, for
     engine.add(greedy, sampled, scored_only, plain)
     while engine.rows:
         engine.step()
+    multiplied = as_multiplied(model, engine)
     with torch.inference_mode():
         def oracle(ids):
-            return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+            return torch.log_softmax(multiplied(torch.tensor([ids]))[0].float(), dim=-1)
 
         prompt_rows = oracle(prompt)[:-1]
         for request, k in ((greedy, 3), (sampled, 0)):

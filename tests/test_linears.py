@@ -18,7 +18,7 @@ from nanochat.common import cpu_flags, cpu_has_fast_bf16
 from nanochat.cpu import kernels, linears
 from nanochat.cpu.linears import AmxLinear, AmxMLP, PackedLinear, PanelLinear
 from nanochat.gpt import GPTConfig
-from tests.support.cpupaths import kernels_here
+from tests.support.cpupaths import kernels_here, panel_weights
 from tests.support.stagerun import missing
 from tests.test_gpt import random_model
 
@@ -43,7 +43,9 @@ def amx_here():
 @pytest.mark.parametrize("shape", [(1, 64), (2, 64), (8, 64), (3, 5, 64), (8, 1, 64)])
 def test_forms_equal_nn_linear(form, shape):
     """Same values and shape as nn.Linear, and the output reshapes as the model reshapes it; AmxLinear
-    in bf16, where its values are nn.Linear's (oneDNN's) to the bit."""
+    in bf16, where its values are nn.Linear's (oneDNN's) to the bit; PanelLinear of its weight
+    rounded to bf16 (to nearest even: a weight cut short instead would be off by far more than the
+    tolerance)."""
     dtype, tolerance = torch.float32, 1e-5
     if form is PanelLinear:
         kernels_here()
@@ -55,7 +57,7 @@ def test_forms_equal_nn_linear(form, shape):
     linear = torch.nn.Linear(64, 96, bias=False).to(dtype)
     x = torch.randn(shape, dtype=dtype)
     with torch.inference_mode():
-        expected, got = linear(x), form(linear)(x)
+        expected, got = (panel_weights(linear) if form is PanelLinear else linear)(x), form(linear)(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(got.reshape(-1, 4, 24), expected.reshape(-1, 4, 24), rtol=tolerance, atol=tolerance)
@@ -87,8 +89,19 @@ def test_panel_matmul_equals_float64_matmul(rows, in_features):
     kernels_here()
     torch.manual_seed(rows)
     weight, x = torch.randn(48, in_features), torch.randn(rows, in_features)
-    expected = (x.double() @ weight.double().T).float()
+    expected = (x.double() @ weight.bfloat16().double().T).float()  # of the weight rounded to bf16, in fp32
     torch.testing.assert_close(kernels.panel_matmul(x, kernels.pack(weight)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_panel_linear_holds_its_weight_in_half_the_bytes():
+    """The panels are the weight in bf16, and the layer keeps no fp32 copy: a served model's linear
+    layers take half the memory they took in fp32."""
+    kernels_here()
+    linear = torch.nn.Linear(64, 32, bias=False)
+    panel = PanelLinear(linear)
+    assert panel.panels.dtype == torch.bfloat16 and panel.panels.nbytes == linear.weight.nbytes // 2
+    assert not any(t.dtype == torch.float32 for t in (*panel.parameters(), *panel.buffers(), *vars(panel).values())
+                   if isinstance(t, torch.Tensor))
 
 
 def test_panel_linear_takes_a_strided_input():
@@ -98,22 +111,24 @@ def test_panel_linear_takes_a_strided_input():
     linear = torch.nn.Linear(64, 32, bias=False)
     x = torch.randn(64, 10).T[::2]
     with torch.inference_mode():
-        torch.testing.assert_close(PanelLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(PanelLinear(linear)(x), panel_weights(linear)(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
     """Each attention's query, key and value layers become one; fp32 weights go into panels for
     nanochat's kernel where this machine can build it, bf16 ones into AMX panels where the CPU has
-    AMX (each MLP an AmxMLP), else are packed for oneDNN where it multiplies bf16 fast, else they stay nn.Linear, as they
-    all do with NANOCHAT_CPU_FASTPATHS=0; one form for all, and the logits are those of the model before."""
+    AMX (each MLP an AmxMLP), else are packed for oneDNN where it multiplies bf16 fast, else they
+    stay nn.Linear, as they all do with NANOCHAT_CPU_FASTPATHS=0; one form for all, and the logits
+    are those of the model before (for panels, of its weights rounded to bf16)."""
     # every weight random (at init the output projections are zero, which would hide the attention)
     model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)).eval()
     ids = torch.randint(0, 300, (2, 7))
     with torch.inference_mode():
-        model.to(dtype)
+        model.to(dtype).fuse_qkv()
         expected = model(ids)
-        cpu.apply(model.fuse_qkv())
+        before = panel_weights(model) if dtype == torch.float32 else None
+        cpu.apply(model)
         got = model(ids)
     if not fastpaths:
         wanted = torch.nn.Linear
@@ -126,6 +141,9 @@ def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
         wanted = PackedLinear if cpu_has_fast_bf16() else torch.nn.Linear
     assert {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, *FORMS))} == {wanted}
     assert all(isinstance(block.attn.c_qkv, wanted) and not hasattr(block.attn, "c_q") for block in model.transformer.h)
+    if wanted is PanelLinear:  # of the weights rounded to bf16
+        with torch.inference_mode():
+            expected = before(ids)
     tolerance = 1e-5 if dtype == torch.float32 else 0.1  # bf16: logits up to 15, where an ulp is 1/16
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
@@ -133,13 +151,14 @@ def test_apply_picks_the_form_for_the_dtype(dtype, fastpaths):
 @pytest.mark.parametrize("fastpaths", [True], ids=["fastpaths"], indirect=True)  # whatever the switch says outside
 def test_layers_the_kernel_cannot_take_stay_nn_linear(fastpaths):
     """Layers whose outputs do not fill whole panels of 16 (width 40: the attention's and MLP's
-    output projections) stay nn.Linear beside the panel ones, with the logits unchanged."""
+    output projections) stay nn.Linear beside the panel ones, with the logits of the model whose
+    panel layers' weights are rounded to bf16 and whose others are not."""
     kernels_here()
     model = random_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=1, n_embd=40)).eval()
     ids = torch.randint(0, 300, (2, 7))
     with torch.inference_mode():
-        expected = model(ids)
-        cpu.apply(model.fuse_qkv())
+        expected = panel_weights(model.fuse_qkv())(ids)  # the panels' weights rounded to bf16, c_proj's not
+        cpu.apply(model)
         got = model(ids)
     block = model.transformer.h[0]
     assert [type(m) for m in (block.attn.c_qkv, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj, model.lm_head)] == \

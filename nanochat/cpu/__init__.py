@@ -2,8 +2,8 @@
 nanochat.inference.load_engine when the device is the CPU); the model and the engine run torch's
 ops everywhere else, and on a CPU where NANOCHAT_CPU_FASTPATHS=0.
 
-- kernels.c, avx512.c / kernels.py: nanochat's C kernels (fp32 matmul in AVX2, bf16 matmul on AMX,
-  RMSNorm, rotary, soft cap, softmax weights, argmax), compiled and loaded once, here.
+- kernels.c, avx512.c / kernels.py: nanochat's C kernels (fp32 matmul of bf16 weights in AVX2, bf16
+  matmul on AMX, RMSNorm, rotary, soft cap, softmax weights, argmax), compiled and loaded once, here.
 - linears.py: linear layers in the form their dtype multiplies fastest on this CPU.
 - ops.py: the CPU form of the model's RMSNorms, logit cap and head and of the engine's sampling
   passes, each falling back to the torch function beside it. (Attention stays the model's SDPA: in

@@ -1,34 +1,43 @@
-/* nanochat's kernels for CPU inference, with AVX2 and FMA: the fp32 matmul y = x @ W.T, the model's
-   RMSNorms (bf16 or fp32), and the passes of sampling over the logits (soft cap, softmax weights,
-   argmax).
+/* nanochat's kernels for CPU inference, with AVX2 and FMA: the matmul y = x @ W.T of fp32 x and a
+   bf16 W, in fp32; the model's RMSNorms (bf16 or fp32), and the passes of sampling over the logits
+   (soft cap, softmax weights, argmax).
 
    The weight W (n, k) is packed once into panels of PANEL output features: panel p holds
-   W[PANEL*p : PANEL*(p+1), :] transposed, a contiguous (k, PANEL) block. A tile of up to TILE rows
-   of x against one panel keeps its 2*TILE accumulators in registers: each step reads one row of the
-   panel (two vectors), broadcasts one element of each x row and does two FMAs per row. The weight
-   streams from memory once per call, in order, and the threads split the panels between them.
+   W[PANEL*p : PANEL*(p+1), :] transposed, a contiguous (k, PANEL) block of bf16. A tile of up to
+   TILE rows of x against one panel keeps its 2*TILE accumulators in registers: each step reads one
+   row of the panel (16 bf16, widened to two fp32 vectors), broadcasts one element of each x row and
+   does two FMAs per row. The weight streams from memory once per call, in order, and the threads
+   split the panels between them. At decode sizes that stream is the cost, so bf16 weights (half the
+   bytes of fp32) are what makes a CPU without bf16 arithmetic decode fast.
 
    Built and loaded by kernels.py, which compiles it with -fopenmp: loaded after torch, it
    shares torch's OpenMP runtime (the same libgomp.so.1), so its threads are torch's threads. */
 
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 
 #define PANEL 16 /* output features per panel: two 8-float vectors */
 #define TILE 6   /* rows of x per tile: 12 accumulators, enough to keep both FMA units busy
                     (last_rows has a case for each smaller count) */
 #define BLOCK_FLOATS 65536 /* x's elements per block of rows: 256 KB, within a core's L2 */
 
+/* 8 bf16 as 8 fp32: a bf16 is the top half of the fp32 of the same value. */
+static inline __attribute__((always_inline)) __m256 widen(const uint16_t *w)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+
 /* y[r, 0:PANEL] = x[r, :] @ panel for rows r < rows (at most TILE); rows is a constant where
    this is inlined, so the loops over it unroll. */
-static inline __attribute__((always_inline)) void tile(const float *panel, const float *x, float *y,
+static inline __attribute__((always_inline)) void tile(const uint16_t *panel, const float *x, float *y,
                                                        int rows, int k, int n)
 {
     __m256 lo[TILE], hi[TILE];
     for (int r = 0; r < rows; r++)
         lo[r] = hi[r] = _mm256_setzero_ps();
     for (int d = 0; d < k; d++) {
-        __m256 w_lo = _mm256_loadu_ps(panel + d * PANEL), w_hi = _mm256_loadu_ps(panel + d * PANEL + 8);
+        __m256 w_lo = widen(panel + d * PANEL), w_hi = widen(panel + d * PANEL + 8);
         for (int r = 0; r < rows; r++) {
             __m256 xd = _mm256_broadcast_ss(x + (long)r * k + d);
             lo[r] = _mm256_fmadd_ps(xd, w_lo, lo[r]);
@@ -42,7 +51,7 @@ static inline __attribute__((always_inline)) void tile(const float *panel, const
 }
 
 /* tile() for the few rows left after whole tiles (fewer than TILE), each count its own unrolled copy. */
-static void last_rows(const float *panel, const float *x, float *y, int rows, int k, int n)
+static void last_rows(const uint16_t *panel, const float *x, float *y, int rows, int k, int n)
 {
     switch (rows) {
     case 5: tile(panel, x, y, 5, k, n); break;
@@ -53,11 +62,11 @@ static void last_rows(const float *panel, const float *x, float *y, int rows, in
     }
 }
 
-/* y (rows, n) = x (rows, k) @ W.T, W as n / PANEL panels (n a multiple of PANEL), on `threads`
-   OpenMP threads. All arrays are fp32 and contiguous. Many rows go in blocks of about BLOCK_FLOATS
+/* y (rows, n) = x (rows, k) @ W.T, W as n / PANEL panels of bf16 (n a multiple of PANEL), on
+   `threads` OpenMP threads. x and y are fp32; all arrays are contiguous. Many rows go in blocks of about BLOCK_FLOATS
    elements of x, so that the block stays in cache while every panel passes over it. Whole tiles
    call tile() directly: reached through last_rows' switch, GCC 12 compiled them several times slower. */
-void panel_matmul(const float *panels, const float *x, float *y, int rows, int k, int n, int threads)
+void panel_matmul(const uint16_t *panels, const float *x, float *y, int rows, int k, int n, int threads)
 {
     int block = BLOCK_FLOATS / k / TILE * TILE;
     if (block < TILE)
@@ -67,7 +76,7 @@ void panel_matmul(const float *panels, const float *x, float *y, int rows, int k
         int end = start + block < rows ? start + block : rows;
 #pragma omp for schedule(static)
         for (int p = 0; p < n / PANEL; p++) {
-            const float *panel = panels + (long)p * k * PANEL;
+            const uint16_t *panel = panels + (long)p * k * PANEL;
             int r = start;
             for (; r + TILE <= end; r += TILE)
                 tile(panel, x + (long)r * k, y + (long)r * n + p * PANEL, TILE, k, n);

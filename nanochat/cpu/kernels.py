@@ -1,8 +1,9 @@
 """nanochat's C kernels for inference on x86 CPUs with AVX2 and FMA (kernels.c), and with AVX-512 and
 AMX where the CPU has them (avx512.c):
-- x @ W.T, the weight packed once into panels: in fp32 faster than torch's matmul (MKL) at the
-  sizes decoding uses (figures in docs/ARCHITECTURE.md, "CPU kernels"); in bf16 on AMX, where a
-  call costs a few microseconds against oneDNN's 25-40 through torch;
+- x @ W.T, the weight packed once into panels: for fp32 x, of the weight rounded to bf16 and
+  multiplied in fp32, which at the sizes decoding uses reads half the bytes of torch's fp32 matmul
+  (figures in docs/ARCHITECTURE.md, "CPU kernels"); in bf16 on AMX, where a call costs a few
+  microseconds against oneDNN's 25-40 through torch;
 - the model's RMSNorm of bf16 or fp32 rows, in one call where torch's takes seven ops, and its
   rotary and RMSNorm of decoding's queries and keys, in one call where torch's take fifteen;
 - sampling's passes over (rows, vocab) logits: the soft cap (in place, or from bf16 logits into fp32
@@ -122,17 +123,18 @@ def compiled(compiler):
 
 
 def pack(weight):
-    """An fp32 weight (n, k), n a multiple of PANEL, as panel_matmul takes it: (n / PANEL, k, PANEL)."""
+    """An fp32 weight (n, k), n a multiple of PANEL, rounded to bf16 (to nearest even, as torch
+    rounds) and packed as panel_matmul takes it: (n / PANEL, k, PANEL)."""
     n, k = weight.shape
     assert weight.dtype == torch.float32 and n % PANEL == 0, (weight.dtype, weight.shape)
-    return weight.detach().view(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+    return weight.detach().to(torch.bfloat16).view(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
 
 
 def panel_matmul(x, panels):
-    """x (rows, k) @ W.T for W packed by `pack`: a new (rows, n) fp32 tensor, row-major."""
+    """fp32 x (rows, k) @ W.T for W packed by `pack`, in fp32: a new (rows, n) fp32 tensor, row-major."""
     x = x.contiguous()
     groups, k, _ = panels.shape
-    assert x.dtype == torch.float32 and x.size(1) == k, (x.dtype, x.shape, panels.shape)
+    assert x.dtype == torch.float32 and x.size(1) == k and panels.dtype == torch.bfloat16, (x.dtype, x.shape, panels.dtype)
     y = torch.empty(x.size(0), groups * PANEL)
     LIBRARY.panel_matmul(panels.data_ptr(), x.data_ptr(), y.data_ptr(), x.size(0), k, groups * PANEL,
                          torch.get_num_threads())

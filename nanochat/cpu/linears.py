@@ -1,6 +1,7 @@
 """Linear layers for CPU inference: each bias-free nn.Linear of an inference model held in the form
 its matmul runs fastest at decode sizes (a few rows of activations against a large weight). Each
-form computes what nn.Linear computes, up to rounding (tests/test_linears.py).
+form computes what nn.Linear computes, up to rounding, PanelLinear of its weight rounded to bf16
+(tests/test_linears.py).
 
 - bf16 weights, on a CPU with AMX where nanochat's kernels are loaded: `AmxLinear`, nanochat's AMX
   matmul (avx512.c) on the weight packed into panels of 16 outputs; at decode sizes a call through
@@ -9,8 +10,11 @@ form computes what nn.Linear computes, up to rounding (tests/test_linears.py).
   multiplies bf16 fast (AVX512-BF16): `PackedLinear`, the weight reordered once into oneDNN's
   blocked layout (as torch.compile's freezing does) rather than on every call.
 - fp32 weights, where nanochat's kernels are loaded: `PanelLinear`, nanochat's AVX2 matmul
-  (kernels.c) on the weight packed into panels of 16 outputs; MKL takes slow paths at these sizes on
-  AVX2-only CPUs. A layer whose outputs do not fill whole panels stays nn.Linear.
+  (kernels.c) on the weight rounded to bf16 and packed into panels of 16 outputs, multiplied in
+  fp32. A decode step's matmuls stream their weights from memory, so half the bytes is up to half
+  the time (and half the memory); bf16 weights are what every other device serves (CUDA, and CPUs
+  with bf16 arithmetic, round the activations to bf16 too). A layer whose outputs do not fill whole
+  panels stays nn.Linear.
 - elsewhere every layer stays nn.Linear.
 """
 
@@ -71,8 +75,8 @@ class AmxMLP(torch.nn.Module):
 
 
 class PanelLinear(torch.nn.Module):
-    """A bias-free fp32 nn.Linear computed by nanochat's AVX2 kernel, its weight packed once into
-    panels of 16 output features. The output is row-major."""
+    """A bias-free fp32 nn.Linear computed by nanochat's AVX2 kernel, its weight rounded to bf16 and
+    packed once into panels of 16 output features; fp32 inputs, sums and output (row-major)."""
 
     def __init__(self, linear):
         super().__init__()

@@ -5,8 +5,10 @@ A pytest plugin: a test module that takes the fixtures lists it in `pytest_plugi
 before pytest could rewrite its asserts: PYTEST_DONT_REWRITE."""
 
 import collections
+import copy
 
 import pytest
+import torch
 
 from nanochat import cpu
 from nanochat.cpu import kernels
@@ -19,6 +21,18 @@ def fastpaths(request, monkeypatch):
     paths (True) and as on a CPU without them (False). A test may pick one by indirect parametrization."""
     monkeypatch.setenv(cpu.SWITCH, "1" if request.param else "0")
     return request.param
+
+
+def panel_weights(model):
+    """A copy of an fp32 model (or layer) with the weight of each linear layer that PanelLinear takes
+    (bias-free, its outputs in whole panels) rounded to bf16 and kept in fp32: what the model
+    multiplies once nanochat.cpu has put those layers in panels, and so the oracle of its outputs."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in rounded.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is None and m.out_features % kernels.PANEL == 0:
+                m.weight.copy_(m.weight.bfloat16())
+    return rounded
 
 
 def needs_kernels():
