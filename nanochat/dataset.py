@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import hashlib
 import http.client
+import math
 import os
 import random
 import re
@@ -45,6 +46,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat import shards, sources, stage, storage
+from nanochat.common import log
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -409,17 +411,46 @@ def _declared_shards(declared, source=None):
     return relpaths
 
 
-def own_text(folder, num_shards=-1):
-    """The files.json entries of your own pretraining text (`sources.own_text_plan`'s files), each
+def own_text(folder, num_shards=-1, min_chars=None):
+    """The files.json entries of your own pretraining text (`sources.own_text_plan`'s files; with
+    `min_chars`, only the first training files that hold that much text, see enough_text), each
     checked to be parquet with a string `text` column, no null and some text (`shards.check_texts`: a
     ShardError naming the file) and hashed; declared where they are, never copied."""
     train, val = sources.own_text_plan(folder, num_shards)
-    entries = []
-    for uri in [*train, val]:
-        shards.check_texts(uri)
-        entries.append({"relpath": f"{sources.OWN}/{uri.rsplit('/', 1)[-1]}", "uri": uri, "url": uri,
-                        "bytes": storage.size(uri), "sha256": storage.sha256(uri), "fetched": 0})
-    return entries
+    checked = {}
+
+    def check(uris):
+        for uri in uris:
+            checked[uri] = shards.check_texts(uri)
+        return [checked[uri] for uri in uris]
+
+    train = enough_text(train, min_chars, check)
+    check([uri for uri in [*train, val] if uri not in checked])
+    return [{"relpath": f"{sources.OWN}/{uri.rsplit('/', 1)[-1]}", "uri": uri, "url": uri, "bytes": storage.size(uri),
+             "sha256": storage.sha256(uri), "fetched": 0} for uri in [*train, val]]
+
+
+def enough_text(candidates, min_chars, count):
+    """The first of `candidates` (training shards or files, in order) that together hold at least
+    `min_chars` characters of text, or all of them where they hold less (the log says so); with
+    `min_chars` None all of them, none counted. `count(batch)` gives each one's characters, fetching
+    it first where it must: one candidate, then at once as many more as the average so far says are
+    missing, until they hold enough. So a preset can ask for the text it trains on, whatever the size
+    of a source's shards (a real FineWeb-EDU shard holds about 250M characters, a mirror's fewer)."""
+    if min_chars is None:
+        return candidates
+    taken = chars = 0
+    while chars < min_chars and taken < len(candidates):
+        more = 1 if taken == 0 else math.ceil((min_chars - chars) * taken / max(chars, 1))
+        batch = candidates[taken:taken + more]
+        chars += sum(count(batch))
+        taken += len(batch)
+    if chars < min_chars:
+        log.info("all %d training shards hold %s characters, fewer than the %s asked for (--min-chars): "
+                    "taking them all", taken, f"{chars:,}", f"{min_chars:,}")
+    else:
+        log.info("the first %d training shards hold %s characters (--min-chars %s)", taken, f"{chars:,}", f"{min_chars:,}")
+    return candidates[:taken]
 
 
 def shard_waiter(storage_uri=None, mirror=None, source=None):

@@ -157,7 +157,9 @@ PRESETS = {
     "cpu": {  # docs/cpu-preset.md: how these were chosen (bench/cpu_sweep.py, bench/learner_run.py)
         "tok_train": {"vocab_size": 8192, "max_chars": 200_000_000, "doc_cap": 10_000},
         "tok_eval": {"max_docs": 2000},
-        "download": {"num_shards": -1},
+        # text enough for tok_train's 200M characters (base_train's 17M tokens take about 70M): one real
+        # FineWeb-EDU shard of about 250M, or all of a smaller mirror's (../shared/data: 178M in 23)
+        "download": {"num_shards": -1, "min_chars": 200_000_000},
         # the 2026 model and schedules with the classic optimizer and horizon: the best arm of
         # docs/recipe-ablation.md (its Muon rate doubled won there, lost over the 2,070 steps: same page);
         # 2,070 steps take the time 2,000 classic ones did (1.89 vs 1.96 CPU-s a step)

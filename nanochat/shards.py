@@ -52,13 +52,13 @@ def open_shard(uri):
 
 
 def check_texts(uri):
-    """Checks a file of your own text whole, where download declares it: a string `text` column of
-    valid UTF-8, no null document, and some text besides white space (an empty file would pass until
-    a stage found nothing to train on, or trained a tokenizer of bytes alone). A ShardError names the
-    file (and the row group); one row group is in memory at a time."""
+    """Checks a file of text whole, where download declares it, and returns its characters: a string
+    `text` column of valid UTF-8, no null document, and some text besides white space (an empty file
+    would pass until a stage found nothing to train on, or trained a tokenizer of bytes alone). A
+    ShardError names the file (and the row group); one row group is in memory at a time."""
     pf = open_shard(uri)
     try:
-        longest = 0
+        longest = chars = 0
         for index in range(pf.num_row_groups):
             texts = pf.read_row_group(index, columns=["text"]).column("text")
             if texts.null_count:
@@ -69,11 +69,13 @@ def check_texts(uri):
             except pa.ArrowInvalid as e:  # bytes that are not UTF-8, written as a string column
                 raise ShardError(f"{uri}: row group {index}: 'text' is not valid UTF-8 ({e})") from None
             longest = max(longest, pc.max(pc.utf8_length(pc.utf8_trim_whitespace(texts))).as_py() or 0)
+            chars += pc.sum(pc.utf8_length(texts)).as_py() or 0
         rows = pf.metadata.num_rows
     finally:
         pf.close(force=True)
     if longest == 0:
         raise ShardError(f"{uri}: no text ({rows} rows, all empty or white space)" if rows else f"{uri}: no rows")
+    return chars
 
 
 def read_row_group(pf, uri, index):

@@ -245,3 +245,42 @@ def test_a_remote_caches_partial_files_are_in_a_folder_of_the_users_own(tmp_path
     with pytest.raises(dataset.DownloadError, match="belongs to another user"):
         with dataset._partial_file("s3://bucket/data", "s3://bucket/data/a.parquet", "a.parquet"):
             pass
+
+
+def characters(path):
+    """The characters of a shard's documents, by pyarrow's reader (the oracle of the stage's count)."""
+    return sum(len(text) for text in pq.read_table(path, columns=["text"]).column("text").to_pylist())
+
+
+def test_min_chars_fetches_only_the_first_shards_that_hold_that_much_text(server, shared_data, tmp_path):
+    """--min-chars between the first two shards' characters and the first three's: the stage fetches
+    shard 0 alone, then the two more its count says are missing, and no other pretraining shard; the
+    later stages read the three it declares. Past all the text a cap (-n) allows, it takes those and
+    says so."""
+    chars = [characters(shared_data / f"pretrain/shard_{i:05d}.parquet") for i in range(3)]
+    args = ["--run", str(tmp_path / "run"), "--preset", "tiny", "--storage", str(tmp_path / "storage"),
+            "--data-mirror", server.url, "--num-shards=-1", "--min-chars", str(chars[0] + chars[1] + 1)]
+    done = run_stage(*args)
+    assert done.returncode == 0, done.stderr
+    files = json.loads((tmp_path / "run" / "download" / "files.json").read_text())
+    shards = ["pretrain/shard_00000.parquet", "pretrain/shard_00001.parquet", "pretrain/shard_00002.parquet"]
+    assert sorted(r for r in files if r.startswith("pretrain/")) == [*shards, "pretrain/shard_00023.parquet"]
+    server.gets()  # (once every body has gone)
+    fetched = {path for method, path, *_ in server.requests if method == "GET" and path.endswith(".parquet")}
+    assert fetched >= {f"/{r}" for r in shards} and not {p for p in fetched if p.startswith("/pretrain/")} - {
+        f"/{r}" for r in [*shards, "pretrain/shard_00023.parquet"]}
+    assert f"the first 3 training shards hold {sum(chars):,} characters" in done.stderr
+    metrics = json.loads((tmp_path / "run" / "download" / "stage.json").read_text())["metrics"]
+    assert metrics["fetched_bytes"] == metrics["bytes"] and metrics["train_shards"] == 3  # the shards counted first too
+
+    capped = run_stage(*args[:-3], "--num-shards=2", "--min-chars", str(10**12), "--run", str(tmp_path / "capped"))
+    assert capped.returncode == 0, capped.stderr
+    files = json.loads((tmp_path / "capped" / "download" / "files.json").read_text())
+    assert sorted(r for r in files if r.startswith("pretrain/")) == [*shards[:2], "pretrain/shard_00023.parquet"]
+    assert f"all 2 training shards hold {sum(chars[:2]):,} characters, fewer than the {10**12:,} asked for" in capped.stderr
+
+
+def test_min_chars_below_one_is_refused(tmp_path):
+    done = run_stage("--run", str(tmp_path / "run"), "--preset", "tiny", "--min-chars", "0")
+    assert done.returncode != 0 and "--min-chars must be >= 1, not 0" in done.stderr
+    assert "Traceback" not in done.stderr

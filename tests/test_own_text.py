@@ -126,3 +126,17 @@ def test_a_folder_in_a_bucket_is_planned_as_a_local_one(s3_root, tmp_path):
     assert train == [f"{s3_root}/texts/a.parquet", f"{s3_root}/texts/b.parquet"] and val == f"{s3_root}/texts/c.parquet"
     with pytest.raises(sources.SourceError, match=f"^your text {s3_root}/nothing: no such folder$"):
         sources.own_text_plan(f"{s3_root}/nothing/", -1)
+
+
+def test_min_chars_declares_only_the_first_files_that_hold_that_much(tmp_path, shared_data):
+    """--min-chars with your own text: the first training files that hold that many characters (a's
+    alone, then a and b), with the validation file; the files left out are never read."""
+    docs = write_texts(tmp_path / "texts")
+    store = str(tmp_path / "storage")
+    for min_chars, declared in ((1, "ac"), (sum(map(len, docs["a.parquet"])) + 1, "abc")):
+        run = tmp_path / f"run-{min_chars}"
+        download(run, f"{tmp_path}/texts/", shared_data, store, "--min-chars", str(min_chars))
+        files = storage.read_json(summary(run, "download")["outputs"]["files"]["uri"])
+        assert sorted(r for r in files if r.startswith("own/")) == [f"own/{n}.parquet" for n in declared]
+    (tmp_path / "texts" / "b.parquet").write_bytes(b"not parquet")  # were it read, the stage would refuse it
+    download(tmp_path / "run-again", f"{tmp_path}/texts/", shared_data, store, "--min-chars", "1")
