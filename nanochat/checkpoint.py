@@ -34,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from nanochat import chat, pipeline, stage, storage
-from nanochat.common import log
+from nanochat.common import InputError, log
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
@@ -42,7 +42,7 @@ MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(InputError):
     """A checkpoint is missing, partial or corrupt; the message names the file (credentials redacted)."""
 
     def __init__(self, message):

@@ -20,6 +20,11 @@ REPO_ROOT = PACKAGE_ROOT.parent
 log = logging.getLogger("nanochat")
 
 
+class InputError(Exception):
+    """Input that cannot be used (a checkpoint, a shard, a file to fetch, a data source), the message
+    one line naming it; a stage reports it as that line (stage.run_main), not as a traceback."""
+
+
 def setup_logging(level=logging.INFO):
     """One-line log records on stderr, tagged with the rank under torchrun."""
     rank = os.environ.get("RANK")

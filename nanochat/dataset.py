@@ -46,14 +46,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat import shards, sources, stage, storage
-from nanochat.common import log
+from nanochat.common import InputError, log
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(InputError, RuntimeError):
     """A file could not be fetched; the message is one line naming the URL and the reason."""
 
 

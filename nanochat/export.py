@@ -221,6 +221,11 @@ def export(run, to, source=None, dtype="float32", force=False):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        storage.normalize(args.to)
+    except ValueError as e:  # a URI of a scheme storage cannot write, refused before anything is read
+        print(f"nanochat export: --to {e}", file=sys.stderr)
+        return 1
+    try:
         provenance = export(args.run, args.to, args.source, args.dtype, args.force)
     except (ExportError, FileNotFoundError) as e:
         print(f"nanochat export: {e}", file=sys.stderr)

@@ -12,11 +12,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nanochat import storage
+from nanochat.common import InputError
 
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 
 
-class ShardError(ValueError):
+class ShardError(InputError, ValueError):
     """A shard is unreadable or does not have the expected schema; the message names the file."""
 
 

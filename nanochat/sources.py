@@ -47,13 +47,14 @@ import urllib.error
 import urllib.request
 
 from nanochat import storage
+from nanochat.common import InputError
 
 HF = "https://huggingface.co/datasets"
 KARPATHY_S3 = "https://karpathy-public.s3.us-west-2.amazonaws.com"
 EVAL_BUNDLE = "eval_bundle.zip"
 
 
-class SourceError(ValueError):
+class SourceError(InputError, ValueError):
     """An unknown data file, or a mirror that cannot serve the sources; the message names it."""
 
 
@@ -165,7 +166,10 @@ def get(relpath):
 def mirror_root(mirror=None):
     """The mirror URI: the argument, else NANOCHAT_DATA_MIRROR, else None (the real sources)."""
     mirror = mirror or os.environ.get("NANOCHAT_DATA_MIRROR") or None
-    return storage.normalize(mirror) if mirror else None
+    try:
+        return storage.normalize(mirror) if mirror else None
+    except ValueError as e:  # a scheme storage does not know
+        raise SourceError(f"data mirror {e} (NANOCHAT_DATA_MIRROR / --data-mirror)") from None
 
 
 def url(source, mirror=None):

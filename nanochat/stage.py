@@ -28,7 +28,7 @@ import sys
 import time
 
 from nanochat import pipeline, presets, sources, storage
-from nanochat.common import code_version, compute_cleanup, log, setup_logging
+from nanochat.common import InputError, code_version, compute_cleanup, log, setup_logging
 
 SUMMARY = "stage.json"
 DOWNLOAD = "download"  # the stage whose `files` output (files.json) declares a run's data
@@ -77,7 +77,10 @@ def parse_args(p, stage, argv=None):
     known, _ = p.parse_known_args(argv)
     p.set_defaults(**presets.get(known.preset, stage))
     args = p.parse_args(argv)
-    args.run = storage.run_uri(args.run, args.storage)
+    try:
+        args.run = storage.run_uri(args.run, args.storage)
+    except ValueError as e:  # a run name or storage URI that cannot be (e.g. an unknown scheme)
+        p.error(str(e))
     return args
 
 
@@ -306,7 +309,8 @@ def fault(stage, step=None):
 
 def run_main(main, p, stage, argv=None):
     """Entry point for `python -m nanochat.stages.X`: one-line reason on stderr and exit 1 on a
-    StageError or on storage that kept failing (a rerun resumes), exit 0 when done; the process
+    StageError, an InputError (a checkpoint, shard, source or download that cannot be used) or on
+    storage that kept failing (a rerun resumes), exit 0 when done; the process
     group, if main joined one, is destroyed either way."""
     setup_logging()
     redact_logs()
@@ -319,7 +323,7 @@ def run_main(main, p, stage, argv=None):
         if reads_data(stage):
             declare_data(args.run)
         main(args)
-    except (StageError, storage.StorageError) as e:
+    except (StageError, InputError, storage.StorageError) as e:
         print(storage.redact(f"{stage}: error: {e}"), file=sys.stderr)
         sys.exit(1)
     finally:

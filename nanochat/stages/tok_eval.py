@@ -58,7 +58,10 @@ def markdown_table(rows):
 def main(args):
     started = time.time()
     tok_dir = args.tokenizer or stage.upstream_dir(args.run, "tok_train", "tokenizer")
-    tokenizer = Tokenizer.load(tok_dir)
+    try:
+        tokenizer = Tokenizer.load(tok_dir)
+    except FileNotFoundError as e:  # (--tokenizer names no tokenizer)
+        raise stage.StageError(str(e)) from None
     try:
         if args.data:
             val_shard = shards.split_shards(shards.list_shards(args.data), "val")
