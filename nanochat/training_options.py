@@ -10,14 +10,16 @@ from nanochat import presets, stage
 from nanochat.common import log
 
 
-def number(kind, least, most=math.inf):
-    """An argparse type: a finite `kind` (int or float) from `least` to `most`, else argparse's usage
-    error naming the option (a zero batch would divide by zero later, a negative rate train backwards)."""
+def number(kind, least, most=math.inf, also=None):
+    """An argparse type: a finite `kind` (int or float) from `least` to `most`, or `also` (-1: all, or
+    never), else argparse's usage error naming the option (a zero batch would divide by zero later,
+    a negative rate train backwards, a negative count take nothing)."""
     def parse(text):
         value = kind(text)  # not a number: argparse says "invalid <kind> value"
-        if not (math.isfinite(value) and least <= value <= most):
-            raise argparse.ArgumentTypeError(f"{text}: expected {'a number' if kind is float else 'an integer'} "
-                                             f"from {least}" + (f" to {most}" if most < math.inf else " up"))
+        if value != also and not (math.isfinite(value) and least <= value <= most):
+            raise argparse.ArgumentTypeError(f"{text}: expected " + (f"{also} or " if also is not None else "")
+                                             + f"{'a number' if kind is float else 'an integer'} from {least}"
+                                             + (f" to {most}" if most < math.inf else " up"))
         return value
 
     parse.__name__ = kind.__name__
@@ -25,6 +27,7 @@ def number(kind, least, most=math.inf):
 
 
 COUNT, RATE, FRACTION = number(int, 1), number(float, 0), number(float, 0, 1)
+SIZE, COUNT_OR_ALL = number(int, 0), number(int, 1, also=-1)  # SIZE may be 0 (none); COUNT_OR_ALL -1 (all)
 
 
 # Options that change how a training stage runs or what it reports, never what it trains: a finished
@@ -85,8 +88,8 @@ class Plan:
 def grad_accum(total_batch_size, device_batch_size, seq_len, world_size):
     """Passes per step so that a step sees total_batch_size tokens; a clear error if it cannot."""
     per_pass = device_batch_size * seq_len * world_size
-    if total_batch_size % per_pass:
-        raise stage.StageError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x sequence "
+    if total_batch_size < 1 or total_batch_size % per_pass:
+        raise stage.StageError(f"--total-batch-size {total_batch_size} is not a positive multiple of device batch x sequence "
                                f"x processes = {device_batch_size} x {seq_len} x {world_size}")
     return total_batch_size // per_pass
 

@@ -1,13 +1,16 @@
 """A stage given input it cannot use ends with one line naming it, never a traceback: a run or
-storage of no known scheme (a usage error, exit 2), a checkpoint, tokenizer, shard folder or data
-mirror that is not there or cannot be read (exit 1). Each stage process is real; none gets as far
-as training."""
+storage of no known scheme, or a number out of its range (usage errors, exit 2), a checkpoint,
+tokenizer, shard folder or data mirror that is not there or cannot be read (exit 1). Each stage
+process is real; none gets as far as training."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+
+from nanochat import training_options
+from nanochat.stage import StageError
 
 
 @pytest.mark.parametrize("stage, options, code, line", [
@@ -27,3 +30,32 @@ def test_input_a_stage_cannot_use_is_one_line(tmp_path, shared_data, stage, opti
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == code and last.startswith(line), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("stage, option, value, expected", [
+    ("tok_train", "--max-chars", "-1", "an integer from 1 up"),
+    ("tok_train", "--doc-cap", "0", "an integer from 1 up"),
+    ("tok_eval", "--max-docs", "-3", "an integer from 1 up"),
+    ("base_eval", "--eval-tokens", "-5", "an integer from 1 up"),
+    ("base_eval", "--max-per-task", "0", "-1 or an integer from 1 up"),
+    ("chat_eval", "--batch-size", "0", "an integer from 1 up"),
+    ("chat_eval", "--temperature", "-1", "a number from 0 up"),
+    ("chat_rl", "--num-samples", "0", "an integer from 1 up"),
+    ("chat_sft", "--init-lr-frac", "-1", "a number from 0 up"),
+    ("chat_sft", "--spelling-size", "-5", "an integer from 1 up"),
+    ("mid_train", "--chatcore-every", "0", "-1 or an integer from 1 up"),
+    ("mid_train", "--identity-weight", "-1", "a number from 0 up"),
+])
+def test_a_number_out_of_range_is_a_usage_error_naming_the_option(tmp_path, stage, option, value, expected):
+    """Refused as the options are read (exit 2), before anything runs: values that would train on
+    nothing, divide by zero or crash later (a zero batch, a negative count or rate)."""
+    argv = ["--run", "run", "--preset", "tiny", *(["--source", "sft"] if stage == "chat_eval" else []), f"{option}={value}"]
+    done = subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", *argv], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "NANOCHAT_STORAGE": str(tmp_path)}, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: argument {option}: {value}: expected {expected}" in done.stderr, done.stderr[-500:]
+
+
+def test_a_total_batch_of_zero_is_refused():
+    with pytest.raises(StageError, match=r"^--total-batch-size 0 is not a positive multiple of device batch"):
+        training_options.grad_accum(0, 4, 64, 1)

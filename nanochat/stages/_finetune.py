@@ -19,6 +19,7 @@ import time
 
 from nanochat import pipeline, stage, storage, training_options
 from nanochat.common import log
+from nanochat.training_options import COUNT, COUNT_OR_ALL, RATE
 from tasks import catalog
 from tasks.common import TaskDataError
 from tasks.customjson import CustomJSON
@@ -33,55 +34,39 @@ def finetune_parser(stage_name, doc):
     """The parser of a stage that continues training a checkpoint on conversations."""
     p = stage.parser(stage_name, doc)
     a = p.add_argument
-    a("--spelling-size", type=int, help="SpellingBee examples in the mixture")
+    a("--spelling-size", type=COUNT, help="SpellingBee examples in the mixture")
     a("--from-stage", default=pipeline.STAGES[stage_name].trains_on, choices=pipeline.models_before(stage_name),
       help="start from this stage's final checkpoint in the run")
     a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: --from-stage's final one)")
-    a("--total-batch-size", type=int, help="row tokens (T+1 capacity, padding included) per optimizer step over all processes")
-    a("--max-seq-len", type=int, help="tokens per row (default: the model's training length)")
-    a("--eval-conversations", type=int, help="held-out conversations for the validation loss")
+    a("--total-batch-size", type=COUNT, help="row tokens (T+1 capacity, padding included) per optimizer step over all processes")
+    a("--max-seq-len", type=COUNT, help="tokens per row (default: the model's training length)")
+    a("--eval-conversations", type=COUNT, help="held-out conversations for the validation loss")
     a("--identity", default=None, help="a JSONL file of your own identity/personality conversations, replacing "
       "nanochat's identity conversations")
-    a("--identity-weight", type=weight, help="epochs of the identity conversations in the mixture: how many times "
+    a("--identity-weight", type=RATE, help="epochs of the identity conversations in the mixture: how many times "
       "each is in it (a fraction: a fixed random share of one pass)")
-    a("--smoltalk-weight", type=weight, help="epochs of SmolTalk in the mixture (a fraction: a fixed random share)")
-    a("--smoltalk-max-chars", type=positive, help="leave out SmolTalk conversations longer than this many characters "
+    a("--smoltalk-weight", type=RATE, help="epochs of SmolTalk in the mixture (a fraction: a fixed random share)")
+    a("--smoltalk-max-chars", type=COUNT, help="leave out SmolTalk conversations longer than this many characters "
       "(a small model imitates long replies by never ending its own)")
-    a("--gsm8k-weight", type=weight, help="epochs of GSM8K in the mixture (a fraction: a fixed random share)")
-    a("--mmlu-weight", type=weight, help="epochs of MMLU's auxiliary_train split (100k multiple-choice questions) in "
+    a("--gsm8k-weight", type=RATE, help="epochs of GSM8K in the mixture (a fraction: a fixed random share)")
+    a("--mmlu-weight", type=RATE, help="epochs of MMLU's auxiliary_train split (100k multiple-choice questions) in "
       "the mixture, as upstream's chat_sft trains 3; 0 leaves it out (the download stage fetches it with --mmlu-train)")
-    a("--init-lr-frac", type=float, help="every parameter group's learning rate times this (upstream's chat_sft starts "
+    a("--init-lr-frac", type=RATE, help="every parameter group's learning rate times this (upstream's chat_sft starts "
       "at 0.8 of pretraining's rates)")
     a("--rows", choices=["pack", "pad"], help="pack: whole conversations best-fit into full rows (padded only where no "
       "buffered conversation fits); pad: one conversation per row, each batch padded to its longest")
     a("--warm-start-optimizer", action=argparse.BooleanOptionalAction, help="start from the optimizer state "
       "(momentum, Adam moments) the upstream checkpoint ended with; this stage's learning rates and schedule stay its "
       "own. Needs the upstream's number of processes")
-    a("--chatcore-every", type=int, help="steps between ChatCORE evaluations on the first problems of each of "
+    a("--chatcore-every", type=COUNT_OR_ALL, help="steps between ChatCORE evaluations on the first problems of each of "
       "chat_eval's tasks (-1: never)")
-    a("--chatcore-max-problems", type=int, help="problems per categorical task in those evaluations (-1: all)")
-    a("--chatcore-max-generative", type=int, help="problems per generative task in those evaluations (-1: all)")
-    a("--chatcore-max-new-tokens", type=int, help="tokens sampled per generative answer in those evaluations")
+    a("--chatcore-max-problems", type=COUNT_OR_ALL, help="problems per categorical task in those evaluations (-1: all)")
+    a("--chatcore-max-generative", type=COUNT_OR_ALL, help="problems per generative task in those evaluations (-1: all)")
+    a("--chatcore-max-new-tokens", type=COUNT, help="tokens sampled per generative answer in those evaluations")
     training_options.add_options(p)
     p.set_defaults(rows="pack", warm_start_optimizer=False, chatcore_every=-1, chatcore_max_problems=-1,
                    chatcore_max_generative=24, chatcore_max_new_tokens=512, mmlu_weight=0.0, init_lr_frac=1.0)
     return p
-
-
-def weight(text):
-    """argparse type of a mixture weight, in epochs: a finite number >= 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"a weight (epochs) is a number >= 0, got {text}")
-    return value
-
-
-def positive(text):
-    """argparse type of a count: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def conversation_mixture(args, seed, extra=()):

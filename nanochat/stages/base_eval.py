@@ -16,6 +16,7 @@ import time
 
 from nanochat import stage, storage, training_options
 from nanochat.common import log
+from nanochat.training_options import COUNT, COUNT_OR_ALL
 
 STAGE = "base_eval"
 
@@ -23,14 +24,14 @@ STAGE = "base_eval"
 def build_parser():
     p = stage.parser(STAGE, __doc__)
     a = p.add_argument
-    a("--max-per-task", type=int, help="examples per CORE task (a fixed random subset; -1: all)")
-    a("--eval-tokens", type=int, help="validation tokens for bits per byte")
-    a("--unigram-tokens", type=int, help="training tokens counted for the unigram baseline of bits per byte")
-    a("--device-batch-size", type=int, help="rows per forward pass for bits per byte")
+    a("--max-per-task", type=COUNT_OR_ALL, help="examples per CORE task (a fixed random subset; -1: all)")
+    a("--eval-tokens", type=COUNT, help="validation tokens for bits per byte")
+    a("--unigram-tokens", type=COUNT, help="training tokens counted for the unigram baseline of bits per byte")
+    a("--device-batch-size", type=COUNT, help="rows per forward pass for bits per byte")
     a("--checkpoint", default=None, help="checkpoint directory URI (default: base_train's final checkpoint)")
     a("--eval-bundle", default=None, help="directory URI of the unpacked eval bundle (default: the run's, else the data cache's)")
     a("--data", default=None, help="a directory URI of shard_NNNNN.parquet files (the last is validation)")
-    a("--num-shards", type=int, help="training shards for the unigram baseline (the first of the run's, else of the data cache)")
+    a("--num-shards", type=COUNT_OR_ALL, help="training shards for the unigram baseline (the first of the run's, else of the data cache)")
     stage.add_source_option(p)
     stage.add_compute_options(p)
     return p

@@ -20,6 +20,7 @@ import time
 
 from nanochat import pipeline, stage, storage
 from nanochat.common import log
+from nanochat.training_options import COUNT, COUNT_OR_ALL, RATE
 from tasks import catalog
 
 
@@ -29,12 +30,12 @@ def build_parser():
     a("--source", choices=pipeline.CHAT_SOURCES, required=True, help="which stage's model to evaluate")
     a("-a", "--tasks", default=",".join(catalog.BASELINES),
       help="comma-separated tasks, built-in or module:Class of your own (default: all built-in)")
-    a("--max-problems", type=int, help="problems per categorical task (-1: all)")
-    a("--max-generative", type=int, help="problems per generative task, each sampled (-1: all)")
-    a("--batch-size", type=int, help="conversations per forward pass for categorical tasks")
-    a("--max-new-tokens", type=int, help="tokens sampled per generative answer")
-    a("--temperature", type=float, help="0: greedy")
-    a("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    a("--max-problems", type=COUNT_OR_ALL, help="problems per categorical task (-1: all)")
+    a("--max-generative", type=COUNT_OR_ALL, help="problems per generative task, each sampled (-1: all)")
+    a("--batch-size", type=COUNT, help="conversations per forward pass for categorical tasks")
+    a("--max-new-tokens", type=COUNT, help="tokens sampled per generative answer")
+    a("--temperature", type=RATE, help="0: greedy")
+    a("--top-k", type=COUNT, default=None, help="sample among the k most likely tokens")
     stage.add_compute_options(p)
     return p
 

@@ -22,6 +22,7 @@ import time
 
 from nanochat import pipeline, stage, storage, training_options
 from nanochat.common import log
+from nanochat.training_options import COUNT, RATE
 from tasks import catalog
 from tasks.gsm8k import GSM8K
 
@@ -35,12 +36,12 @@ def build_parser():
       help="start from this stage's final checkpoint in the run")
     a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: --from-stage's final one)")
     a("--task", default="GSM8K", help="GSM8K, or module:Class of your own task")
-    a("--examples-per-step", type=int, help="questions per optimizer step over all processes")
-    a("--num-samples", type=int, help="answers sampled per question (the group whose mean is the baseline)")
-    a("--max-new-tokens", type=int, help="tokens sampled per answer")
-    a("--temperature", type=float, help="sampling temperature")
-    a("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    a("--eval-examples", type=int, help="held-out questions for pass@k")
+    a("--examples-per-step", type=COUNT, help="questions per optimizer step over all processes")
+    a("--num-samples", type=COUNT, help="answers sampled per question (the group whose mean is the baseline)")
+    a("--max-new-tokens", type=COUNT, help="tokens sampled per answer")
+    a("--temperature", type=RATE, help="sampling temperature")
+    a("--top-k", type=COUNT, default=None, help="sample among the k most likely tokens")
+    a("--eval-examples", type=COUNT, help="held-out questions for pass@k")
     training_options.add_options(p)
     return p
 

@@ -14,6 +14,7 @@ import time
 from nanochat import dataset, shards, stage, storage
 from nanochat.common import log
 from nanochat.tokenizer import Tokenizer
+from nanochat.training_options import COUNT
 
 STAGE = "tok_eval"
 
@@ -34,7 +35,7 @@ SAMPLES = {
 
 def build_parser():
     p = stage.parser(STAGE, __doc__)
-    p.add_argument("--max-docs", type=int, help="validation documents to encode")
+    p.add_argument("--max-docs", type=COUNT, help="validation documents to encode")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory URI (default: tok_train's in the run)")
     p.add_argument("--data", default=None,
                    help="directory URI of shard_NNNNN.parquet files (default: the run's shards, else the data cache's)")

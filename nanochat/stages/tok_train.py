@@ -19,15 +19,16 @@ from tqdm import tqdm
 from nanochat import dataset, shards, stage, storage
 from nanochat.common import log
 from nanochat.tokenizer import META_FILE, Tokenizer
+from nanochat.training_options import COUNT
 
 STAGE = "tok_train"
 
 
 def build_parser():
     p = stage.parser(STAGE, __doc__)
-    p.add_argument("--vocab-size", type=int, help="vocabulary size including the special tokens")
-    p.add_argument("--max-chars", type=int, help="train on at most this many characters")
-    p.add_argument("--doc-cap", type=int, help="cut each document to this many characters")
+    p.add_argument("--vocab-size", type=COUNT, help="vocabulary size including the special tokens")
+    p.add_argument("--max-chars", type=COUNT, help="train on at most this many characters")
+    p.add_argument("--doc-cap", type=COUNT, help="cut each document to this many characters")
     p.add_argument("--data", default=None,
                    help="directory URI of shard_NNNNN.parquet files (default: the run's shards, else the data cache's)")
     stage.add_source_option(p)
