@@ -142,8 +142,13 @@ test: dev  ## run the whole test suite (Rust and Python)
 lint: dev  ## ruff over the whole tree (configured in pyproject.toml)
 	$(VENV)/bin/ruff check .
 
-bench: dev  ## run every benchmark in bench/ (each prints one JSON line)
-	for b in bench/*.py; do $(PY) $$b; done
+# The benchmarks that take minutes; learner_run, recipe_ablation and cpu_sweep take an hour or more,
+# compare.py takes two commits and gpu_check.py a GPU: run those by hand (docs/ARCHITECTURE.md, "Benchmarks").
+QUICK_BENCHES := inference peer_inference serve_load serve_soak train_throughput train_distributed dataloader \
+  tokenizer_train orchestration
+
+bench: dev  ## run the benchmarks that take minutes (each prints one JSON line), going on past any that fails
+	for b in $(QUICK_BENCHES); do $(PY) bench/$$b.py || echo "bench/$$b.py failed" >&2; done
 
 # What a GPU machine's own torch image commonly lacks for bench/gpu_check.py (rustbpe's cffi, the
 # server, the openai client), as wheels at this venv's versions for that image's Python.

@@ -1,7 +1,7 @@
 """Soak: 64 concurrent streaming clients against `nanochat serve` (API key on) for a bounded time,
 watching the server process for failures and leaks.
 
-    python bench/serve_soak.py                   trains a tiny run first (tiny preset, ../shared/data)
+    python bench/serve_soak.py                   the d4 model of bench/inference.py (random weights)
     python bench/serve_soak.py --run myrun --seconds 600
 
 Each client sends streaming requests one after another over its own keep-alive connection until
@@ -21,16 +21,14 @@ import os
 import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import psutil
-from serve_load import serve, train_tiny_run  # bench/ is on sys.path: this file runs as a script
+from serve_load import save_d4_checkpoint, serve  # bench/ is on sys.path: this file runs as a script
 
 from nanochat.common import git_commit
 from nanochat.engine import TOOL_WORKERS  # threads of the engine's tool pool, started as the model calls tools
 
-REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-soak"
 MAX_TOKENS = 48
 RSS_GROWTH = 1.10  # allowed end RSS / first-minute RSS
@@ -109,16 +107,14 @@ def soak(url, server, clients, seconds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="run name or URI (default: train a tiny run in a temp dir)")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pretrain"))
+    parser.add_argument("--run", help="run name or URI (default: the d4 model of bench/inference.py, saved in a temp dir)")
     parser.add_argument("--seconds", type=float, default=120, help="how long the clients keep sending (default 120)")
     parser.add_argument("--clients", type=int, default=64, help="concurrent streaming clients (default 64)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "NANOCHAT_API_KEY": KEY}
         if args.run is None:
-            env["NANOCHAT_STORAGE"] = tmp
-            args.run = train_tiny_run(tmp, args.data)
+            args.run = save_d4_checkpoint(tmp)
         proc, url = serve(args.run, env, "--max-concurrent", str(args.clients), "--rate-limit", "0")
         try:
             figures = soak(url, psutil.Process(proc.pid), args.clients, args.seconds)
