@@ -28,6 +28,7 @@ import nanochat.storage
 from flows import launch, stages
 from nanochat import pipeline, presets, report
 from nanochat.stage import SUMMARY, imported_stages, read_summary
+from nanochat.training_options import COUNT, RATE
 
 # The final artifact: the output of the last stage run that trains a model, else the tokenizer.
 FINAL = (*reversed(pipeline.SOURCES.values()), "tok_train")
@@ -221,8 +222,14 @@ def plan(preset, run_name, storage, data_mirror, nproc_per_node, nnodes, overrid
          stage_deployments, skip):
     """(the run's RunSpec, the stages to run), or what the flow refuses before any stage runs, as a
     ValueError or PipelineError: storage this machine or others cannot reach, an identity file that is not
-    there (mid_train would find out after base_train), an unknown preset or override, stages that
-    `only` and `skip` cannot select, a skip the run's finished stages contradict."""
+    there (mid_train would find out after base_train), a count of nodes or processes below 1 or a
+    negative identity weight (the stages would find out, the weight after base_train), an unknown
+    preset or override, stages that `only` and `skip` cannot select, a skip the run's finished
+    stages contradict."""
+    if nnodes < 1 or (nproc_per_node is not None and nproc_per_node < 1):
+        raise ValueError(f"nnodes {nnodes} and nproc_per_node {nproc_per_node}: each must be at least 1")
+    if identity_weight is not None and not identity_weight >= 0:
+        raise ValueError(f"identity_weight {identity_weight}: epochs of your conversations, a number from 0 up")
     check_storage(storage, nnodes, stage_deployments)
     if identity and not nanochat.storage.exists(identity):
         raise ValueError(f"identity {identity}: no such file (your conversations for mid_train and chat_sft)")
@@ -275,14 +282,14 @@ def one_stage(name: str, run_name: str, preset: str | None = None, storage: str 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m flows.speedrun", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS), help="the stages' defaults (default: tiny)")
     p.add_argument("--run", default=None, help="run name or URI (default: speedrun-<preset>)")
     p.add_argument("--storage", default=None, help="storage root (default: $NANOCHAT_STORAGE or file://~/.cache/nanochat)")
     p.add_argument("--data-mirror", default=None, help="mirror of the data sources (default: $NANOCHAT_DATA_MIRROR)")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: one per GPU on GPU presets)")
-    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=COUNT, default=None, help="processes per node (default: one per GPU on GPU presets)")
+    p.add_argument("--nnodes", type=COUNT, default=1, help="machines the torchrun stages span (default: 1)")
     p.add_argument("--identity", default=None, help="JSONL of your own conversations to mix into mid_train and chat_sft")
-    p.add_argument("--identity-weight", type=float, default=None, help="times the identity conversations are repeated")
+    p.add_argument("--identity-weight", type=RATE, default=None, help="times the identity conversations are repeated")
     p.add_argument("--skip", default=None, type=skippable,
                    help=f"comma-separated stages to leave out, of {', '.join(pipeline.SKIPPABLE)} "
                         "(mid_train,chat_rl: upstream's 2026 speedrun, SFT straight from the base model)")

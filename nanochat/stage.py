@@ -85,11 +85,17 @@ def parse_args(p, stage, argv=None):
 
 
 def show_preset_defaults(p, stage):
-    """Appends each option's value under every preset to its --help text."""
+    """Appends each option's value under every preset to its --help text, and the default it has
+    where a preset does not set it (unless the text says it already)."""
     for action in p._actions:
+        if not action.help:
+            continue
         values = {name: presets.get(name, stage).get(action.dest) for name in sorted(presets.PRESETS)}
-        if any(v is not None for v in values.values()) and action.help:
-            action.help += " [" + ", ".join(f"{k}: {v}" for k, v in values.items() if v is not None) + "]"
+        shown = [f"{k}: {v}" for k, v in values.items() if v is not None]
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in action.help and len(shown) < len(values):
+            shown.append(f"{'otherwise' if shown else 'default'}: {action.default}")
+        if shown:
+            action.help += " [" + ", ".join(shown) + "]"
 
 
 def stage_uri(run, stage, *parts):

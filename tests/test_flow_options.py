@@ -11,7 +11,7 @@ import pytest
 
 from flows import stages
 from flows.launch import RunSpec, arguments
-from flows.speedrun import build_parser, check_skip, main, run_spec
+from flows.speedrun import build_parser, check_skip, main, plan, run_spec
 from nanochat import pipeline, stage, storage
 from nanochat.stages import base_train
 
@@ -40,6 +40,19 @@ def test_an_unknown_preset_or_override_stage_is_refused_before_anything_runs(tmp
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--preset", "nosuch"])
     assert not list(tmp_path.iterdir())  # nothing recorded
+
+
+@pytest.mark.parametrize("nproc_per_node, nnodes, identity_weight, error", [
+    (None, 0, None, "nnodes 0 and nproc_per_node None: each must be at least 1"),
+    (0, 1, None, "nnodes 1 and nproc_per_node 0: each must be at least 1"),
+    (None, 1, -1.0, "identity_weight -1.0: epochs of your conversations, a number from 0 up"),
+])
+def test_counts_and_weights_out_of_range_are_refused_before_anything_runs(tmp_path, nproc_per_node, nnodes, identity_weight, error):
+    """As deployment parameters (`prefect deployment run ... -p nnodes=0`), which no parser reads: the
+    flow refuses them at once (a stage would fail, the identity weight only after base_train)."""
+    with pytest.raises(ValueError, match="^" + error.replace("(", r"\(") + "$"):
+        plan("tiny", "r", str(tmp_path), None, nproc_per_node, nnodes, {}, None, None, identity_weight, False, ())
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_skip_that_leaves_out_a_finished_stage_of_the_run_is_refused(tmp_path):

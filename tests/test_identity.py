@@ -164,6 +164,13 @@ def test_persona_file_errors_name_the_file_and_field(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_base_url_that_is_not_http_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        identity.main(["--persona", str(write_persona(tmp_path)), "--out", str(tmp_path / "o.jsonl"),
+                       "--base-url", "notaurl", "--model", "m"])
+    assert e.value.code == 2 and "--base-url 'notaurl': expected an http:// or https:// URL" in capsys.readouterr().err
+
+
 def test_an_out_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys):
     """Its directory is not made: a typo there is an error, as in a shell's `>`."""
     out = tmp_path / "no" / "such" / "q.jsonl"

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from nanochat import pipeline, presets, training_options
+from nanochat import pipeline, presets, stage, training_options
 from nanochat.stage import StageError, parse_args
 
 PROCESSES = {"tiny": (1, 2), "cpu": (1, 2), "d20": (8,), "d24": (8,), "d26": (8,), "d32": (8,)}
@@ -151,3 +151,13 @@ def test_every_stage_has_a_timeout_and_a_collective_timeout(preset):
         assert presets.collective_timeout(preset) == (60 if preset == "tiny" else 15 * 60)
     if preset == "d20":
         assert presets.stage_timeout(preset, "base_train") == 12 * 3600
+
+
+def test_a_stages_help_gives_each_options_value_under_each_preset_and_otherwise():
+    """--help shows what a run would use: the presets' values of an option, and its own default where
+    a preset leaves it (the 2026 chat_sft's learning-rate fraction, the seed no preset sets)."""
+    p = importlib.import_module("nanochat.stages.chat_sft").build_parser()
+    stage.show_preset_defaults(p, "chat_sft")
+    text = " ".join(p.format_help().split())
+    assert "[d20: 0.8, d24: 0.8, d26: 0.8, d32: 0.8, otherwise: 1.0]" in text
+    assert "seed of the weights' init and of sampling [default: 42]" in text
