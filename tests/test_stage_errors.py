@@ -42,7 +42,7 @@ def test_input_a_stage_cannot_use_is_one_line(tmp_path, shared_data, stage, opti
     ("chat_eval", "--temperature", "-1", "a number from 0 up"),
     ("chat_rl", "--num-samples", "0", "an integer from 1 up"),
     ("chat_sft", "--init-lr-frac", "-1", "a number from 0 up"),
-    ("chat_sft", "--spelling-size", "-5", "an integer from 1 up"),
+    ("chat_sft", "--spelling-size", "-5", "an integer from 0 up"),
     ("mid_train", "--chatcore-every", "0", "-1 or an integer from 1 up"),
     ("mid_train", "--identity-weight", "-1", "a number from 0 up"),
 ])

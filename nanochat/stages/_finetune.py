@@ -19,7 +19,7 @@ import time
 
 from nanochat import pipeline, stage, storage, training_options
 from nanochat.common import log
-from nanochat.training_options import COUNT, COUNT_OR_ALL, RATE
+from nanochat.training_options import COUNT, COUNT_OR_ALL, RATE, SIZE
 from tasks import catalog
 from tasks.common import TaskDataError
 from tasks.customjson import CustomJSON
@@ -34,7 +34,7 @@ def finetune_parser(stage_name, doc):
     """The parser of a stage that continues training a checkpoint on conversations."""
     p = stage.parser(stage_name, doc)
     a = p.add_argument
-    a("--spelling-size", type=COUNT, help="SpellingBee examples in the mixture")
+    a("--spelling-size", type=SIZE, help="SpellingBee examples in the mixture (0: none)")
     a("--from-stage", default=pipeline.STAGES[stage_name].trains_on, choices=pipeline.models_before(stage_name),
       help="start from this stage's final checkpoint in the run")
     a("--checkpoint", default=None, help="checkpoint directory URI to start from (default: --from-stage's final one)")

@@ -25,6 +25,7 @@ import time
 
 from nanochat import dataset, shards, sources, stage, storage
 from nanochat.common import log
+from nanochat.training_options import COUNT, SIZE
 
 STAGE = "download"
 
@@ -35,13 +36,13 @@ def build_parser():
                    help=f"pretraining corpus, one of: {', '.join(sorted(sources.CORPORA))}; or a folder (path or URI, "
                         "with a '/') of your own .parquet files with a `text` column, the last one validation")
     p.add_argument("-n", "--num-shards", type=int, help="training shards to fetch (-1: all); the validation shard comes too")
-    p.add_argument("--min-chars", type=int, default=None,
+    p.add_argument("--min-chars", type=COUNT, default=None,
                    help="fetch only the first of those training shards that hold this many characters of text "
                         "(default: no limit, all -n of them); your own text's files are taken the same way")
     p.add_argument("--data-mirror", default=None,
                    help="mirror root laid out like ../shared/data (default: $NANOCHAT_DATA_MIRROR, else the real sources)")
-    p.add_argument("--workers", type=int, default=4, help="files fetched at once")
-    p.add_argument("--retries", type=int, default=5, help="consecutive failed attempts without progress before giving up on a file")
+    p.add_argument("--workers", type=COUNT, default=4, help="files fetched at once")
+    p.add_argument("--retries", type=SIZE, default=5, help="consecutive failed attempts without progress before giving up on a file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a connection counts as failed")
     p.add_argument("--verify", action="store_true", help="re-hash the files already cached and re-fetch any that do not match")
     p.add_argument("--mmlu-train", action=argparse.BooleanOptionalAction, default=False,
@@ -52,10 +53,8 @@ def build_parser():
 
 def main(args):
     started = time.time()
-    if args.workers < 1 or args.retries < 0 or args.timeout <= 0:
-        raise stage.StageError("--workers must be >= 1, --retries >= 0 and --timeout > 0")
-    if args.min_chars is not None and args.min_chars < 1:
-        raise stage.StageError(f"--min-chars must be >= 1, not {args.min_chars}")
+    if args.timeout <= 0:
+        raise stage.StageError(f"--timeout must be above 0 seconds, not {args.timeout}")
     downloader = dataset.Downloader(args.storage, args.data_mirror, workers=args.workers, retries=args.retries,
                                     timeout=args.timeout, verify=args.verify)
     early = []  # entries of the shards fetched before the rest (--min-chars), whose bytes count as fetched
