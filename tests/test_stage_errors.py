@@ -13,6 +13,13 @@ from nanochat import training_options
 from nanochat.stage import StageError
 
 
+def run_stage(tmp_path, stage, *options, **env):
+    """The stage's process on run "run" of the tiny preset in storage tmp_path (a later --run wins)."""
+    argv = [sys.executable, "-m", f"nanochat.stages.{stage}", "--run", "run", "--preset", "tiny", *options]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "NANOCHAT_STORAGE": str(tmp_path), **env})
+
+
 @pytest.mark.parametrize("stage, options, code, line", [
     ("tok_train", ["--storage", "bogus://foo"], 2,
      "python -m nanochat.stages.tok_train: error: bogus://foo: unsupported storage scheme 'bogus'"),
@@ -23,10 +30,7 @@ from nanochat.stage import StageError
     ("download", ["--data-mirror", "bogus://x"], 1, "download: error: data mirror bogus://x: unsupported storage scheme 'bogus'"),
 ])
 def test_input_a_stage_cannot_use_is_one_line(tmp_path, shared_data, stage, options, code, line):
-    argv = ["--run", "run", "--preset", "tiny", *options]  # a later --run wins
-    env = {**os.environ, "NANOCHAT_STORAGE": str(tmp_path), "NANOCHAT_DATA_MIRROR": str(shared_data)}
-    done = subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", *argv], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=tmp_path)
+    done = run_stage(tmp_path, stage, *options, NANOCHAT_DATA_MIRROR=str(shared_data))
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == code and last.startswith(line), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
@@ -49,9 +53,7 @@ def test_input_a_stage_cannot_use_is_one_line(tmp_path, shared_data, stage, opti
 def test_a_number_out_of_range_is_a_usage_error_naming_the_option(tmp_path, stage, option, value, expected):
     """Refused as the options are read (exit 2), before anything runs: values that would train on
     nothing, divide by zero or crash later (a zero batch, a negative count or rate)."""
-    argv = ["--run", "run", "--preset", "tiny", *(["--source", "sft"] if stage == "chat_eval" else []), f"{option}={value}"]
-    done = subprocess.run([sys.executable, "-m", f"nanochat.stages.{stage}", *argv], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "NANOCHAT_STORAGE": str(tmp_path)}, cwd=tmp_path)
+    done = run_stage(tmp_path, stage, *(["--source", "sft"] if stage == "chat_eval" else []), f"{option}={value}")
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"error: argument {option}: {value}: expected {expected}" in done.stderr, done.stderr[-500:]
 
