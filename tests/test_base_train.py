@@ -243,7 +243,7 @@ def refusal(run, shared_data, *options):
 
 
 def test_bad_batch_size_fails_before_work(run, shared_data):
-    assert "--total-batch-size 1000 is not a multiple of" in refusal(run, shared_data, "--total-batch-size", "1000")
+    assert "--total-batch-size 1000 is not a positive multiple of" in refusal(run, shared_data, "--total-batch-size", "1000")
 
 
 def test_backout_at_depth_2_is_refused(run, shared_data):
