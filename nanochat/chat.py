@@ -46,8 +46,7 @@ def generation_config(values, where):
 def build_parser():
     p = argparse.ArgumentParser(prog="nanochat chat", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
-    p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
+    pipeline.add_model_options(p)
     p.add_argument("-p", "--prompt", help="answer this one message and exit")
     # the sampling options default to the model's generation config (GENERATION for a model we trained)
     p.add_argument("--temperature", type=float, help=f"0: greedy (default: the model's, else {GENERATION['temperature']})")
@@ -88,7 +87,7 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     try:
-        directory, source = find_checkpoint(args.run, args.source)
+        directory, source = find_checkpoint(args.run, args.source, args.storage)
         engine = load_engine(directory, device=args.device or autodetect_device_type(), max_rows=1)
     except LOAD_ERRORS as e:
         print(f"nanochat chat: {e}", file=sys.stderr)

@@ -347,8 +347,9 @@ def build_model(config, model_state, device="cpu"):
     return model.eval()
 
 
-def find_checkpoint(target, source=None):
-    """(checkpoint directory URI, source) of a checkpoint URI, or of a run (name or URI): its
+def find_checkpoint(target, source=None, storage_root=None):
+    """(checkpoint directory URI, source) of a checkpoint URI, or of a run (name, in `storage_root`
+    or the default storage, or URI): its
     `source` stage's final checkpoint (pipeline.SOURCES), by default the newest model source done
     (rl, then sft, mid, base). A source with a checkpoint URI is a ValueError."""
     uri = storage.normalize(target) if "://" in target or target.startswith(("/", ".", "~")) else None
@@ -358,7 +359,7 @@ def find_checkpoint(target, source=None):
             if source:
                 raise ValueError(f"{target} is a checkpoint, which is one model: a source ({source}) picks a stage of a run")
             return uri, None
-    run = storage.run_uri(target)
+    run = storage.run_uri(target, storage_root)
     newest_first = [source] if source else list(reversed(pipeline.SOURCES))
     for name in newest_first:
         if storage.exists(storage.join(run, pipeline.SOURCES[name], stage.SUMMARY)):

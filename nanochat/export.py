@@ -45,8 +45,7 @@ class ExportError(Exception):
 def build_parser():
     p = argparse.ArgumentParser(prog="nanochat export", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
-    p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
+    pipeline.add_model_options(p)
     p.add_argument("--to", required=True, metavar="DIR", help="the directory to write: a path or any storage URI")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the saved weights (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace DIR if it is not empty")
@@ -182,12 +181,13 @@ def run_metrics(run):
         return None
 
 
-def export(run, to, source=None, dtype="float32", force=False):
-    """Exports a run's model (or a checkpoint URI's) to `to`; returns the export's nanochat.json provenance."""
+def export(run, to, source=None, dtype="float32", force=False, storage_root=None):
+    """Exports a run's model (or a checkpoint URI's; a run name in `storage_root`) to `to`; returns
+    the export's nanochat.json provenance."""
     from nanochat import checkpoint
 
     try:
-        target, source = checkpoint.find_checkpoint(run, source)
+        target, source = checkpoint.find_checkpoint(run, source, storage_root)
     except ValueError as e:  # a source with a checkpoint URI
         raise ExportError(str(e)) from None
     to = storage.normalize(to)
@@ -226,7 +226,7 @@ def main(argv=None):
         print(f"nanochat export: --to {e}", file=sys.stderr)
         return 1
     try:
-        provenance = export(args.run, args.to, args.source, args.dtype, args.force)
+        provenance = export(args.run, args.to, args.source, args.dtype, args.force, args.storage)
     except (ExportError, FileNotFoundError) as e:
         print(f"nanochat export: {e}", file=sys.stderr)
         return 1

@@ -80,6 +80,15 @@ class PipelineError(Exception):
     selection asks for what the table cannot do (an unknown stage, skipping a stage it needs)."""
 
 
+def add_model_options(p):
+    """--run, --source and --storage: the model a command that loads one takes (chat, serve, export;
+    checkpoint.find_checkpoint resolves them)."""
+    p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
+    p.add_argument("--source", choices=list(SOURCES), help="which stage's model (default: the newest done)")
+    p.add_argument("--storage", default=None, help="storage root for run names (default: $NANOCHAT_STORAGE or "
+                   "file://~/.cache/nanochat)")
+
+
 def check():
     """Raises PipelineError naming every row whose module is missing, whose upstream stage is not
     an earlier row, that trains on what is not a model it needs, or that is optional without

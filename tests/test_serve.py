@@ -451,6 +451,10 @@ def test_chat_cli_one_shot_and_interactive(run, client):
     # -1 is every token, as in the API; what sampling cannot take, or a device torch cannot use, is one line
     every = subprocess.run([*cli, "--top-k", "-1", "-p", "Count with me."], env=env, capture_output=True, text=True, timeout=120)
     assert every.returncode == 0 and every.stdout == continued(max_tokens=8, temperature=0) + "\n"
+    # a run name in the storage --storage names, as the stages take it, where $NANOCHAT_STORAGE says another
+    named = subprocess.run([*cli, "--storage", str(storage), "-p", "Count with me."], capture_output=True, text=True,
+                           env={**env, "NANOCHAT_STORAGE": str(storage / "elsewhere")}, timeout=120)
+    assert named.returncode == 0 and named.stdout == every.stdout
     for option, code, says in [(["--top-k", "0"], 2, "top_k must be at least 1"), (["--temperature", "nan"], 2, "temperature must be"),
                                (["--device", "cuda:99"], 1, "device 'cuda:99' cannot be used here"),
                                (["--device", "meta"], 1, "device 'meta' cannot be used here: it holds no data")]:

@@ -31,8 +31,7 @@ LIMITS = [f for f in fields(Limits) if "help" in f.metadata]  # the limits that 
 def build_parser():
     p = argparse.ArgumentParser(prog="nanochat serve", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--run", required=True, help="run name or URI, or a checkpoint URI")
-    p.add_argument("--source", choices=list(pipeline.SOURCES), help="which stage's model (default: the newest done)")
+    pipeline.add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--devices", type=COUNT, default=1, help="engines, one per GPU (cuda:0..N-1); 1 on CPU (default: %(default)s)")
@@ -111,7 +110,7 @@ def main(argv=None):
             raise SystemExit(f"--devices {args.devices}: several engines need several GPUs (device type {device_type})")
         devices = [device_type]
     try:
-        directory, source = find_checkpoint(args.run, args.source)
+        directory, source = find_checkpoint(args.run, args.source, args.storage)
     except LOAD_ERRORS as e:
         raise SystemExit(f"nanochat serve: {e}") from None
     limits = Limits(**{f.name: getattr(args, f.name) for f in LIMITS}, max_requests=1 if args.one_at_a_time else None)
