@@ -447,7 +447,7 @@ def enough_text(candidates, min_chars, count):
         taken += len(batch)
     if chars < min_chars:
         log.info("all %d training shards hold %s characters, fewer than the %s asked for (--min-chars): "
-                    "taking them all", taken, f"{chars:,}", f"{min_chars:,}")
+                 "taking them all", taken, f"{chars:,}", f"{min_chars:,}")
     else:
         log.info("the first %d training shards hold %s characters (--min-chars %s)", taken, f"{chars:,}", f"{min_chars:,}")
     return candidates[:taken]

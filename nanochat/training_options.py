@@ -27,7 +27,7 @@ def number(kind, least, most=math.inf, also=None):
 
 
 COUNT, RATE, FRACTION = number(int, 1), number(float, 0), number(float, 0, 1)
-SIZE, COUNT_OR_ALL = number(int, 0), number(int, 1, also=-1)  # SIZE may be 0 (none); COUNT_OR_ALL -1 (all)
+SIZE, COUNT_OR_ALL = number(int, 0), number(int, 1, also=-1)  # SIZE may be 0 (none); COUNT_OR_ALL -1 (all, or never)
 
 
 # Options that change how a training stage runs or what it reports, never what it trains: a finished
