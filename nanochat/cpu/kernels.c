@@ -63,9 +63,10 @@ static void last_rows(const uint16_t *panel, const float *x, float *y, int rows,
 }
 
 /* y (rows, n) = x (rows, k) @ W.T, W as n / PANEL panels of bf16 (n a multiple of PANEL), on
-   `threads` OpenMP threads. x and y are fp32; all arrays are contiguous. Many rows go in blocks of about BLOCK_FLOATS
-   elements of x, so that the block stays in cache while every panel passes over it. Whole tiles
-   call tile() directly: reached through last_rows' switch, GCC 12 compiled them several times slower. */
+   `threads` OpenMP threads. x and y are fp32; all arrays are contiguous. Many rows go in blocks of
+   about BLOCK_FLOATS elements of x, so that the block stays in cache while every panel passes over
+   it. Whole tiles call tile() directly: reached through last_rows' switch, GCC 12 compiled them
+   several times slower. */
 void panel_matmul(const uint16_t *panels, const float *x, float *y, int rows, int k, int n, int threads)
 {
     int block = BLOCK_FLOATS / k / TILE * TILE;
