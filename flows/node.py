@@ -12,6 +12,7 @@ fails while node 0 still runs it; the launch ends as soon as node 0 has left tha
 once the flow run is final: 0 if it completed, 1 otherwise.
 """
 
+import argparse
 import os
 import shlex
 import sys
@@ -71,6 +72,8 @@ def follow(flow_run_id, spec, name, attempt):
 
 
 def main():
+    argparse.ArgumentParser(prog="python -m flows.node", description=__doc__.splitlines()[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1]).parse_args()
     flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
     if not flow_run_id:
         sys.exit("python -m flows.node: PREFECT__FLOW_RUN_ID is not set (a worker sets it in every node's environment)")

@@ -5,6 +5,7 @@ retries the stage, node 1 comes back, and the weights end bit-identical to a 2-p
 node. Also: every launch meets under its own rendezvous id, and a silent peer ends a collective
 after the collective timeout."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -183,3 +184,15 @@ def test_two_nodes_lose_one_and_end_as_one_node_would(prefect_api, tiny_env, tmp
                       for line in log.read_text().splitlines() if line.startswith("$ ")]
     assert len(node0_commands) == 2 and set(node1_commands) == set(node0_commands)
     assert len({rdzv_id(cmd.split()) for cmd in node0_commands}) == 2
+
+
+def test_the_node_follower_explains_itself_and_says_what_it_lacks():
+    """`python -m flows.node --help` prints its usage and what it is for; run bare, outside a worker,
+    it names the variable it needs in one line."""
+    helped = subprocess.run([sys.executable, "-m", "flows.node", "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m flows.node")
+    assert "Every node of a multi-node flow run but the first" in helped.stdout
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT__FLOW_RUN_ID"}
+    bare = subprocess.run([sys.executable, "-m", "flows.node"], capture_output=True, text=True, timeout=120, env=env)
+    assert bare.returncode == 1 and bare.stderr.strip().splitlines() == [
+        "python -m flows.node: PREFECT__FLOW_RUN_ID is not set (a worker sets it in every node's environment)"]

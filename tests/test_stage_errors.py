@@ -28,6 +28,7 @@ def run_stage(tmp_path, stage, *options, **env):
     ("base_eval", ["--checkpoint", "/nonexistent"], 1, "base_eval: error: /nonexistent: no manifest.json (an incomplete checkpoint)"),
     ("tok_train", ["--data", "/nonexistent/dir"], 1, "tok_train: error: "),
     ("download", ["--data-mirror", "bogus://x"], 1, "download: error: data mirror bogus://x: unsupported storage scheme 'bogus'"),
+    ("mid_train", ["--identity", "/nonexistent.jsonl"], 1, "mid_train: error: --identity /nonexistent.jsonl: no such file"),
 ])
 def test_input_a_stage_cannot_use_is_one_line(tmp_path, shared_data, stage, options, code, line):
     done = run_stage(tmp_path, stage, *options, NANOCHAT_DATA_MIRROR=str(shared_data))

@@ -95,6 +95,8 @@ def finetune(args, stage_name, train_task):
     from nanochat.evaluation.bpb import bits_per_byte, model_losses
 
     started = time.time()
+    if args.identity and not storage.exists(args.identity):
+        raise stage.StageError(f"--identity {args.identity}: no such file (your identity conversations, JSONL)")
     source = args.checkpoint or stage.upstream_checkpoint(args.run, args.from_stage)
     val_task = SmolTalk(split="test", stop=args.eval_conversations)
     chat_tasks = {name: catalog.eval_task(name) for name in catalog.BASELINES} if args.chatcore_every > 0 else {}
