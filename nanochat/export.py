@@ -187,10 +187,13 @@ def export(run, to, source=None, dtype="float32", force=False, storage_root=None
     from nanochat import checkpoint
 
     try:
+        to = storage.normalize(to)
+    except ValueError as e:  # a scheme storage cannot write, refused before anything is read
+        raise ExportError(f"--to {e}") from None
+    try:
         target, source = checkpoint.find_checkpoint(run, source, storage_root)
     except ValueError as e:  # a source with a checkpoint URI
         raise ExportError(str(e)) from None
-    to = storage.normalize(to)
     if storage.listdir(to) and not force:  # before the work; publish checks again
         raise ExportError(f"{storage.redact(to)} is not empty: pass --force to replace it")
     try:
@@ -220,11 +223,6 @@ def export(run, to, source=None, dtype="float32", force=False, storage_root=None
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        storage.normalize(args.to)
-    except ValueError as e:  # a URI of a scheme storage cannot write, refused before anything is read
-        print(f"nanochat export: --to {e}", file=sys.stderr)
-        return 1
     try:
         provenance = export(args.run, args.to, args.source, args.dtype, args.force, args.storage)
     except (ExportError, FileNotFoundError) as e:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from nanochat import training_options
+from nanochat.export import ExportError, export
 from nanochat.stage import StageError
 
 
@@ -62,3 +63,9 @@ def test_a_number_out_of_range_is_a_usage_error_naming_the_option(tmp_path, stag
 def test_a_total_batch_of_zero_is_refused():
     with pytest.raises(StageError, match=r"^--total-batch-size 0 is not a positive multiple of device batch"):
         training_options.grad_accum(0, 4, 64, 1)
+
+
+def test_export_to_a_uri_of_no_known_scheme_is_refused_before_anything_is_read(tmp_path):
+    """export() refuses it itself (the command prints the one line), before looking for the run."""
+    with pytest.raises(ExportError, match=r"^--to bogus://x: unsupported storage scheme 'bogus'"):
+        export(str(tmp_path / "no-such-run"), "bogus://x")
